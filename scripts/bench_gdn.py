@@ -1,0 +1,212 @@
+"""Gated delta rule benchmark: Pallas kernel vs the jnp chunked reference (jit) vs FLA 0.6.0 (torch), same GPU, same run.
+
+Shapes are Qwen3.5-35B-A3B linear attention: Hk 16, Hv 32, dk = dv = 128, bf16 q/k/v/beta, fp32 g, l2norm in kernel.
+  1) B 1, T 8192, 4 packed documents (segment_ids for JAX, cu_seqlens for FLA);  2) B 4, T 4096.
+Prints forward and forward+backward medians, peak memory and ratios, and a correctness line per shape (relative error
+of the Pallas output and gradients against the fp32 jnp reference, and whether two runs agree bit for bit).
+
+FLA 0.6.0 refuses its gated backward on Hopper with Triton < 3.7.1 (a Triton miscompile, FLA issue 640); for timing
+only, `--fla-bypass-guard` (default on) flips that version flag. Its backward values are then not trusted.
+
+Usage: PYTHONPATH=. python scripts/bench_gdn.py [--iters 20] [--no-fla] [--no-reference] [--skip-check]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import time
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+
+from xorl_jax.kernels.gdn.pallas import gated_delta_rule_pallas
+from xorl_jax.kernels.gdn.reference import gated_delta_rule_chunked
+
+HK, HV, DK, DV = 16, 32, 128, 128
+GIB = 2**30
+
+
+def make_inputs(B, T, seed=0):
+    ks = jax.random.split(jax.random.key(seed), 6)
+    q = jax.random.normal(ks[0], (B, T, HK, DK), jnp.bfloat16)
+    k = jax.random.normal(ks[1], (B, T, HK, DK), jnp.bfloat16)
+    v = jax.random.normal(ks[2], (B, T, HV, DV), jnp.bfloat16)
+    g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (B, T, HV)) + 2.0)  # decays mostly near 1, as trained models
+    beta = jax.nn.sigmoid(jax.random.normal(ks[4], (B, T, HV))).astype(jnp.bfloat16)
+    do = jax.random.normal(ks[5], (B, T, HV, DV), jnp.bfloat16)
+    return q, k, v, g, beta, do
+
+
+def segments_for(B, T, doc_lengths):
+    if doc_lengths is None:
+        return None, None
+    assert B == 1 and sum(doc_lengths) == T
+    seg = np.concatenate([np.full(n, i + 1, np.int32) for i, n in enumerate(doc_lengths)])[None]
+    cu = np.concatenate([[0], np.cumsum(doc_lengths)]).astype(np.int64)
+    return jnp.asarray(seg), cu
+
+
+def time_jax(fn, args, iters):
+    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def jax_peak_gib(fn, args):
+    m = fn.lower(*args).compile().memory_analysis()
+    if m is None:
+        return float("nan")
+    return (m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes) / GIB
+
+
+def jax_fns(impl, seg):
+    def fwd(q, k, v, g, beta):
+        return impl(q, k, v, g, beta, segment_ids=seg, use_qk_l2norm=True)[0]
+
+    def fwd_bwd(q, k, v, g, beta, do):
+        o, vjp = jax.vjp(fwd, q, k, v, g, beta)
+        return vjp(do)
+
+    return jax.jit(fwd), jax.jit(fwd_bwd)
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def check(B, T, seg, q, k, v, g, beta, do):
+    pallas_fwd, pallas_fb = jax_fns(gated_delta_rule_pallas, seg)
+    with jax.default_matmul_precision("float32"):
+        ref_fwd, ref_fb = jax_fns(gated_delta_rule_chunked, seg)
+        f32 = [x.astype(jnp.float32) for x in (q, k, v, g, beta, do)]
+        o_ref, g_ref = ref_fwd(*f32[:5]), ref_fb(*f32)
+    o1, o2 = pallas_fwd(q, k, v, g, beta), pallas_fwd(q, k, v, g, beta)
+    g1, g2 = pallas_fb(q, k, v, g, beta, do), pallas_fb(q, k, v, g, beta, do)
+    same = bool(np.array_equal(np.asarray(o1, np.float32), np.asarray(o2, np.float32))) and all(
+        np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32)) for a, b in zip(g1, g2))
+    errs = {"o": rel(o1, o_ref)} | {f"d{n}": rel(a, b) for n, a, b in zip(["q", "k", "v", "g", "beta"], g1, g_ref)}
+    finite = all(np.all(np.isfinite(np.asarray(x, np.float32))) for x in (o1, *g1))
+    return errs, same, finite
+
+
+def fla_bench(B, T, cu, q, k, v, g, beta, do, iters):
+    import torch
+    import triton
+    import fla.ops.common.chunk_o as fla_chunk_o
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+    fla_chunk_o.TRITON_ABOVE_3_7_1 = True  # bypass the Hopper guard: timing only, values not trusted on Triton 3.6
+    dev = "cuda"
+    t = lambda x: torch.from_numpy(np.array(x.astype(jnp.float32))).to(dev)
+    tq, tk, tv, tdo = (t(x).to(torch.bfloat16) for x in (q, k, v, do))
+    tg, tb = t(g), t(beta).to(torch.bfloat16)
+    cu_t = None if cu is None else torch.from_numpy(cu).to(dev)
+    if cu is not None:  # FLA varlen takes B = 1 already
+        assert B == 1
+    leaves = [x.requires_grad_(True) for x in (tq, tk, tv, tg, tb)]
+
+    def fwd():
+        with torch.no_grad():
+            return chunk_gated_delta_rule(tq, tk, tv, tg, tb, cu_seqlens=cu_t, use_qk_l2norm_in_kernel=True)[0]
+
+    def fwd_bwd():
+        o = chunk_gated_delta_rule(*leaves, cu_seqlens=cu_t, use_qk_l2norm_in_kernel=True)[0]
+        o.backward(tdo)
+        for x in leaves:
+            x.grad = None
+
+    f = triton.testing.do_bench(fwd, warmup=25, rep=max(iters, 20) * 5, return_mode="median")
+    fb = triton.testing.do_bench(fwd_bwd, warmup=25, rep=max(iters, 20) * 10, return_mode="median")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fwd_bwd()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() / GIB
+    return f, fb, peak
+
+
+def breakdown(B, T, seg, q, k, v, g, beta, iters):
+    """The Pallas path's four kernels on their own (inputs of the right shapes, not the exact upstream values)."""
+    from xorl_jax.kernels.gdn import pallas as P
+
+    C, N, H = 64, T // 64, HV
+    doc = jnp.zeros((B, T), jnp.int32) if seg is None else jnp.cumsum(
+        jnp.concatenate([jnp.zeros((B, 1), jnp.int32), (seg[:, 1:] != seg[:, :-1]).astype(jnp.int32)], 1), 1)
+    carry = jnp.ones((B, T), jnp.int32)
+    gam = jnp.cumsum(g.reshape(B, N, C, H), axis=2).reshape(B, T, H)
+    b32 = beta.astype(jnp.float32)
+    intra_f = jax.jit(lambda *a: P._intra_fwd_call(*a, C=C, interpret=False))
+    u, w, Pm, qd, ke, X = intra_f(q, k, v, gam, b32, doc, carry)
+    ed = jnp.ones((B, H, N), jnp.float32)
+    h0 = jnp.zeros((B, H, DK, DV), jnp.float32)
+    state_f = jax.jit(lambda *a: P._scan_fwd_call(*a, C=C, interpret=False))
+    state_b = jax.jit(lambda *a: P._scan_bwd_call(*a, C=C, interpret=False))
+    intra_b = jax.jit(lambda *a: P._intra_bwd_call(*a, C=C, interpret=False))
+    do = u
+    f32 = lambda x: x.astype(jnp.float32)
+    t = [time_jax(intra_f, (q, k, v, gam, b32, doc, carry), iters),
+         time_jax(state_f, (u, w, Pm, qd, ke, ed, h0), iters),
+         time_jax(state_b, (do, w, Pm, qd, ke, ed, h0), iters),
+         time_jax(intra_b, (q, k, v, gam, b32, doc, carry, X, f32(u), f32(w), f32(Pm), f32(qd), f32(ke)), iters)]
+    print(f"[breakdown B{B} T{T}] intra fwd {t[0]:.3f} ms | state fwd {t[1]:.3f} ms | state bwd {t[2]:.3f} ms | "
+          f"intra bwd {t[3]:.3f} ms", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--no-fla", action="store_true")
+    ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--shapes", default="packed,batch")
+    ap.add_argument("--breakdown", action="store_true", help="also time the Pallas path's pieces")
+    args = ap.parse_args()
+    print("device:", jax.devices()[0].device_kind, "| jax", jax.__version__)
+    shapes = {"packed": (1, 8192, [1500, 3000, 2500, 1192]), "batch": (4, 4096, None)}
+    rows = []
+    for name in args.shapes.split(","):
+        B, T, docs = shapes[name]
+        seg, cu = segments_for(B, T, docs)
+        q, k, v, g, beta, do = make_inputs(B, T)
+        label = f"B{B} T{T}" + (f" {len(docs)} docs" if docs else "")
+        if not args.skip_check:
+            errs, same, finite = check(B, T, seg, q, k, v, g, beta, do)
+            print(f"[check {label}] rel err vs fp32 reference: "
+                  + " ".join(f"{n} {e:.2e}" for n, e in errs.items()) + f" | deterministic {same} | finite {finite}",
+                  flush=True)
+        res = {}
+        impls = [("pallas", functools.partial(gated_delta_rule_pallas, intra="pallas")),
+                 ("pal+xla", functools.partial(gated_delta_rule_pallas, intra="xla"))]
+        impls += [] if args.no_reference else [("jnp", gated_delta_rule_chunked)]
+        for impl_name, impl in impls:
+            fwd, fb = jax_fns(impl, seg)
+            res[impl_name] = (time_jax(fwd, (q, k, v, g, beta), args.iters),
+                              time_jax(fb, (q, k, v, g, beta, do), args.iters),
+                              jax_peak_gib(fb, (q, k, v, g, beta, do)))
+        if not args.no_fla:
+            try:
+                res["fla"] = fla_bench(B, T, cu, q, k, v, g, beta, do, args.iters)
+            except Exception as e:  # noqa: BLE001 - report and go on with the JAX numbers
+                print(f"[fla {label}] failed: {type(e).__name__}: {e}")
+        for impl_name, (f, fb, peak) in res.items():
+            rows.append((label, impl_name, f, fb, peak))
+            print(f"[time {label}] {impl_name}: fwd {f:.3f} ms, fwd+bwd {fb:.3f} ms, peak {peak:.2f} GiB", flush=True)
+        if args.breakdown:
+            breakdown(B, T, seg, q, k, v, g, beta, args.iters)
+    print(f"\n{'shape':<20}{'impl':<8}{'fwd ms':>9}{'f+b ms':>9}{'peak GiB':>10}{'f+b / best pallas':>19}")
+    for label, impl_name, f, fb, peak in rows:
+        base = min(r[3] for r in rows if r[0] == label and r[1] in ("pallas", "pal+xla"))
+        print(f"{label:<20}{impl_name:<8}{f:9.3f}{fb:9.3f}{peak:10.2f}{fb / base:18.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Attention backends: the jnp reference against per-document attention (CPU), cuDNN against the reference (GPU)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from xorl_jax.kernels.attention import attention, attention_reference, resolve_attn_implementation, segment_layout
+
+
+def _inputs(B=2, T=48, H=4, K=2, d=32, dtype=jnp.float32, seed=0):
+    ks = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(ks[0], (B, T, H, d), dtype)
+    k = jax.random.normal(ks[1], (B, T, K, d), dtype)
+    v = jax.random.normal(ks[2], (B, T, K, d), dtype)
+    return q, k, v
+
+
+def _segments(B, T, lengths_per_row):
+    seg = np.zeros((B, T), np.int32)
+    for b, lengths in enumerate(lengths_per_row):
+        start = 0
+        for i, n in enumerate(lengths):
+            seg[b, start:start + n] = i + 1
+            start += n
+    return jnp.asarray(seg)
+
+
+def test_reference_equals_per_document_attention():
+    q, k, v = _inputs(B=1, T=30)
+    seg = _segments(1, 30, [[7, 13, 10]])
+    packed = attention_reference(q, k, v, segment_ids=seg)
+    start = 0
+    for n in (7, 13, 10):
+        alone = attention_reference(q[:, start:start + n], k[:, start:start + n], v[:, start:start + n])
+        np.testing.assert_allclose(packed[:, start:start + n], alone, atol=1e-5)
+        start += n
+
+
+def test_segment_layout_counts_and_offsets():
+    seg = jnp.array([[1, 1, 1, 2, 2, 3, 0, 0]])
+    offsets, lengths, count = segment_layout(seg, 5)
+    assert offsets.tolist() == [[0, 3, 5, 6, -1, -1]]
+    assert lengths.tolist() == [[3, 2, 1, 2, -1]]
+    assert count.tolist() == [4]
+
+
+def test_cudnn_refused_without_gpu():
+    if jax.default_backend() == "gpu":
+        pytest.skip("has a GPU")
+    with pytest.raises(RuntimeError, match="not available on this device"):
+        resolve_attn_implementation("cudnn")
+    assert resolve_attn_implementation("auto") == "xla"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d,H,K", [(128, 16, 8), (256, 8, 2)])
+@pytest.mark.parametrize("layout", ["none", "packed", "overflow"])
+def test_cudnn_matches_reference_on_gpu(d, H, K, layout):
+    B, T = 2, 512
+    q, k, v = _inputs(B, T, H, K, d, jnp.bfloat16, seed=d + H)
+    seg = None
+    max_segments = 8
+    if layout == "packed":
+        seg = _segments(B, T, [[100, 250, 150], [512]])
+    elif layout == "overflow":  # more documents than max_segments: the masked fallback must take over
+        seg = _segments(B, T, [[40] * 12 + [32], [256, 256]])
+
+    def loss(fn, q, k, v):
+        return jnp.sum(fn(q, k, v).astype(jnp.float32) ** 2)
+
+    fast = lambda q, k, v: attention(q, k, v, segment_ids=seg, implementation="cudnn", max_segments=max_segments)
+    ref = lambda q, k, v: attention_reference(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+                                              segment_ids=seg)
+    out_fast, out_ref = jax.jit(fast)(q, k, v), jax.jit(ref)(q, k, v)
+    err = float(jnp.linalg.norm(out_fast.astype(jnp.float32) - out_ref) / jnp.linalg.norm(out_ref))
+    assert err < 2e-2, err
+    g_fast = jax.jit(jax.grad(lambda *a: loss(fast, *a), argnums=(0, 1, 2)))(q, k, v)
+    g_ref = jax.jit(jax.grad(lambda *a: loss(ref, *a), argnums=(0, 1, 2)))(q, k, v)
+    for a, b in zip(g_fast, g_ref):
+        rel = float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
+        assert rel < 3e-2, rel
+    again = jax.jit(fast)(q, k, v)
+    assert bool(jnp.array_equal(again, out_fast))

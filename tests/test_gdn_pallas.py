@@ -1,0 +1,111 @@
+"""Pallas gated delta rule: interpret mode on CPU against the jnp reference; GPU-marked checks on a real GPU."""
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import pytest
+
+from xorl_jax.kernels.gdn import gated_delta_rule
+from xorl_jax.kernels.gdn.pallas import gated_delta_rule_pallas
+from xorl_jax.kernels.gdn.reference import gated_delta_rule_chunked, gated_delta_rule_recurrent
+
+from test_gdn import make_inputs, random_segments
+
+
+def _loss_grads(fn, q, k, v, g, beta, h0, seg, seed=7):
+    B, T, Hv, V = v.shape
+    r_o = jax.random.normal(jax.random.key(seed), (B, T, Hv, V))
+    r_s = jax.random.normal(jax.random.key(seed + 1), h0.shape)
+
+    def loss(q, k, v, g, beta, h0):
+        o, s = fn(q, k, v, g, beta, segment_ids=seg, initial_state=h0, output_final_state=True)
+        return jnp.sum(o.astype(jnp.float32) * r_o) + jnp.sum(s * r_s)
+
+    return jax.jit(jax.grad(loss, argnums=tuple(range(6))))(q, k, v, g, beta, h0)
+
+
+INTERPRET_SHAPES = [  # B, T, Hk, Hv, K, V, chunk
+    (2, 37, 1, 2, 16, 32, 16),  # T not a multiple of the chunk, Hv != Hk
+    (1, 32, 2, 2, 16, 16, 16),  # T a multiple of the chunk
+]
+
+
+@pytest.mark.parametrize("shape", INTERPRET_SHAPES)
+def test_interpret_matches_reference_forward_and_grads(shape):
+    B, T, Hk, Hv, K, V, C = shape
+    q, k, v, g, beta, h0 = make_inputs(20, B, T, Hk, Hv, K, V)
+    seg = random_segments(21, B, T)
+    pallas = lambda *a, **kw: gated_delta_rule_pallas(*a, chunk_size=C, interpret=True, **kw)
+    o_p, s_p = jax.jit(lambda *a: pallas(*a[:5], segment_ids=seg, initial_state=a[5], output_final_state=True))(
+        q, k, v, g, beta, h0)
+    o_r, s_r = gated_delta_rule_recurrent(q, k, v, g, beta, segment_ids=seg, initial_state=h0, output_final_state=True)
+    np.testing.assert_allclose(o_p, o_r, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(s_p, s_r, atol=2e-5, rtol=2e-5)
+    g_p = _loss_grads(pallas, q, k, v, g, beta, h0, seg)
+    g_r = _loss_grads(lambda *a, **kw: gated_delta_rule_chunked(*a, chunk_size=C, **kw), q, k, v, g, beta, h0, seg)
+    for name, a, b in zip("q k v g beta h0".split(), g_p, g_r):
+        np.testing.assert_allclose(a, b, atol=5e-5, rtol=5e-5, err_msg=name)
+
+
+def test_interpret_packed_equals_per_document():
+    B, T, Hk, Hv, K, V, C = 1, 40, 1, 1, 16, 16, 16
+    q, k, v, g, beta, _ = make_inputs(22, B, T, Hk, Hv, K, V)
+    seg = jnp.asarray([[1] * 7 + [2] * 20 + [3] * 13])
+    run = jax.jit(lambda q, k, v, g, b, s: gated_delta_rule_pallas(q, k, v, g, b, segment_ids=s, chunk_size=C,
+                                                                   interpret=True)[0])
+    packed = run(q, k, v, g, beta, seg)
+    for s, e in [(0, 7), (7, 27), (27, 40)]:
+        alone = run(*(x[:, s:e] for x in (q, k, v, g, beta)), seg[:, s:e])
+        np.testing.assert_allclose(packed[:, s:e], alone, atol=2e-5)
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,intra", [(jnp.float32, "pallas"), (jnp.bfloat16, "pallas"), (jnp.bfloat16, "xla")])
+def test_gpu_matches_fp32_reference_and_is_deterministic(dtype, intra):
+    B, T, Hk, Hv, K, V = 2, 1000, 2, 4, 128, 128
+    q, k, v, g, beta, h0 = make_inputs(30, B, T, Hk, Hv, K, V)
+    seg = random_segments(31, B, T)
+    q, k, v, beta = (x.astype(dtype) for x in (q, k, v, beta))
+    pallas = lambda *a, **kw: gated_delta_rule_pallas(*a, interpret=False, intra=intra, **kw)
+    with jax.default_matmul_precision("float32"):
+        ref_inputs = [x.astype(jnp.float32) for x in (q, k, v, g, beta)]
+        o_r, s_r = jax.jit(lambda *a: gated_delta_rule_chunked(*a, segment_ids=seg, initial_state=h0,
+                                                               output_final_state=True))(*ref_inputs)
+        g_r = _loss_grads(gated_delta_rule_chunked, *ref_inputs, h0, seg)
+    run = jax.jit(lambda *a: pallas(*a, segment_ids=seg, initial_state=h0, output_final_state=True))
+    o_p, s_p = run(q, k, v, g, beta)
+    o_p2, s_p2 = run(q, k, v, g, beta)
+    tol = 2e-3 if dtype == jnp.float32 else 2e-2
+    assert np.all(np.isfinite(np.asarray(o_p, np.float32)))
+    assert _rel(o_p, o_r) < tol and _rel(s_p, s_r) < tol, (_rel(o_p, o_r), _rel(s_p, s_r))
+    np.testing.assert_array_equal(np.asarray(o_p, np.float32), np.asarray(o_p2, np.float32))
+    g_p = _loss_grads(pallas, q, k, v, g, beta, h0, seg)
+    g_p2 = _loss_grads(pallas, q, k, v, g, beta, h0, seg)
+    for name, a, a2, b in zip("q k v g beta h0".split(), g_p, g_p2, g_r):
+        assert _rel(a, b) < 2 * tol, (name, _rel(a, b))
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(a2, np.float32), err_msg=name)
+
+
+@pytest.mark.gpu
+def test_gpu_auto_dispatch_runs():
+    q, k, v, g, beta, _ = make_inputs(32, 1, 256, 1, 2, 128, 128)
+    o_auto, _ = gated_delta_rule(q, k, v, g, beta)
+    with jax.default_matmul_precision("float32"):
+        o_ref, _ = gated_delta_rule_chunked(q, k, v, g, beta)
+    assert _rel(o_auto, o_ref) < 2e-3
+
+
+def test_interpret_xla_intra_variant_matches_reference():
+    B, T, Hk, Hv, K, V, C = 1, 37, 1, 2, 16, 16, 16
+    q, k, v, g, beta, h0 = make_inputs(23, B, T, Hk, Hv, K, V)
+    seg = random_segments(24, B, T)
+    pallas = lambda *a, **kw: gated_delta_rule_pallas(*a, chunk_size=C, interpret=True, intra="xla", **kw)
+    g_p = _loss_grads(pallas, q, k, v, g, beta, h0, seg)
+    g_r = _loss_grads(gated_delta_rule_recurrent, q, k, v, g, beta, h0, seg)
+    for name, a, b in zip("q k v g beta h0".split(), g_p, g_r):
+        np.testing.assert_allclose(a, b, atol=5e-5, rtol=5e-5, err_msg=name)

@@ -1,0 +1,156 @@
+"""FLOPs per token on hand-computed cases, peak lookup, and the metrics logger (jsonl, TTY vs plain, process 0)."""
+
+import io
+import json
+import os
+
+import pytest
+
+from xorl_jax.metrics import (MetricsLogger, estimate_memory_per_device, flops_per_token, mfu,
+                              peak_flops_per_device)
+
+SMALL = dict(hidden=8, layers=2, heads=2, kv_heads=1, head_dim=4, intermediate=16, vocab=10, seq_len=6)
+
+
+def test_flops_dense_by_hand():
+    # per layer: q 8*8 + k,v 2*8*4 + o 8*8 = 192, mlp 3*8*16 = 384; head 10*8 = 80 -> 2*576 + 80 = 1232 params
+    # attention: 6 * H*d * T = 6 * 8 * 6 = 288 per layer
+    assert flops_per_token(**SMALL) == 6 * 1232 + 2 * 288
+    assert flops_per_token(**SMALL, tied=True) == flops_per_token(**SMALL)  # the head matmul runs either way
+    # gated q_proj (Qwen3.5) adds another 8*8 per layer
+    assert flops_per_token(**SMALL, gated_attention=True) == 6 * (1232 + 2 * 64) + 2 * 288
+
+
+def test_flops_moe_by_hand():
+    # MoE mlp: router 8*4 + top-2 * 3*8*8 = 32 + 384 = 416; shared expert 3*8*12 + gate 8 = 296
+    moe = dict(SMALL, moe_active_intermediate=8, n_active_experts=2, n_experts=4)
+    assert flops_per_token(**moe) == 6 * (80 + 2 * 192 + 2 * 416) + 2 * 288
+    assert flops_per_token(**moe, moe_layers=1) == 6 * (80 + 2 * 192 + 416 + 384) + 2 * 288
+    assert flops_per_token(**moe, shared_intermediate=12) == 6 * (80 + 2 * 192 + 2 * (416 + 296)) + 2 * 288
+
+
+def test_flops_gated_deltanet_by_hand():
+    dims = dict(key_heads=1, value_heads=2, key_dim=4, value_dim=4, conv_kernel=4, chunk=3)
+    # GDN params: qkvz 8*(2*4 + 2*8) = 192, a/b 8*2*2 = 32, out 8*8 = 64, conv (8 + 8)*4 = 64 -> 352
+    # chunk FLOPs per value head: 2*3*(12 + 8) + 6*16 + 2*9/3 = 120 + 96 + 6 = 222; x3 x 2 heads = 1332
+    got = flops_per_token(**SMALL, linear_attn_layers=1, linear_attn_dims=dims)
+    assert got == 6 * (80 + 192 + 352 + 2 * 384) + 288 + 1332
+
+
+def test_flops_rejects_inconsistent_arguments():
+    with pytest.raises(ValueError, match="linear_attn_dims"):
+        flops_per_token(**SMALL, linear_attn_layers=1)
+    with pytest.raises(ValueError, match="n_active_experts"):
+        flops_per_token(**SMALL, moe_active_intermediate=8)
+
+
+def test_peak_and_mfu():
+    assert peak_flops_per_device("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops_per_device("NVIDIA H200") == 989e12
+    assert peak_flops_per_device("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops_per_device("TPU v5 lite") is None
+    assert peak_flops_per_device() is None  # CPU in tests
+    assert mfu(1000.0, 989e9, 2, 989e12) == pytest.approx(0.5)
+    assert mfu(1000.0, 1e9, 1, None) is None
+
+
+def test_memory_estimate():
+    class T:
+        optimizer, optimizer_dtype = "adamw", "bfloat16"
+
+    assert estimate_memory_per_device(1000, 4) == 1000 * 16 / 4
+    assert estimate_memory_per_device(1000, 1, T()) == 1000 * 12
+
+
+class FakeTTY(io.StringIO):
+    def isatty(self):
+        return True
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def _train_metrics(i):
+    return {"loss": 2.0 - 0.1 * i, "lr": 1e-4, "grad_norm": 0.5, "tokens_per_s": 12345.0, "mfu": 0.4}
+
+
+def test_jsonl_rows_and_plain_lines_every_log_steps(tmp_path):
+    out, clock = io.StringIO(), Clock()
+    logger = MetricsLogger(str(tmp_path), log_steps=2, total_steps=5, process_index=0, use_tensorboard=False,
+                           stream=out, clock=clock)
+    for step in range(1, 6):
+        clock.t = 10.0 * step
+        logger.log_train(step, _train_metrics(step))
+    logger.log_eval(5, {"eval_loss": 1.25, "eval_tokens": 99})
+    logger.close()
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [(r["split"], r["step"]) for r in rows] == [("train", s) for s in range(1, 6)] + [("eval", 5)]
+    assert rows[2]["loss"] == pytest.approx(1.7) and rows[-1]["eval_tokens"] == 99
+    text = out.getvalue()
+    assert "\r" not in text
+    lines = text.splitlines()
+    assert [ln.split(" | ")[0] for ln in lines] == ["step 2/5", "step 4/5", "step 5/5", "eval step 5"]
+    # 10 s per step after the first call: at step 2, 3 steps remain.
+    assert lines[0] == "step 2/5 | loss 1.8000 | lr 1.00e-04 | gnorm 0.500 | 12,345 tok/s | MFU 40.0% | ETA 0:00:30"
+    assert "eval_loss 1.2500" in lines[-1]
+
+
+def test_tty_rewrites_the_line_in_place(tmp_path):
+    out = FakeTTY()
+    logger = MetricsLogger(str(tmp_path), log_steps=100, total_steps=3, process_index=0, use_tensorboard=False,
+                           stream=out, clock=Clock())
+    logger.log_train(1, _train_metrics(1))
+    logger.log_train(2, _train_metrics(2))
+    logger.info("a message")
+    logger.log_train(3, _train_metrics(3))
+    logger.close()
+    text = out.getvalue()
+    assert text.count("\r") == 3  # every step, despite log_steps=100
+    assert "\na message\n" in text  # messages start on a fresh line
+    assert text.endswith("ETA 0:00:00\n")
+    assert text.count("\n") == 3  # after step 2's line, the message, after the last step
+
+
+def test_other_processes_write_nothing(tmp_path):
+    out = io.StringIO()
+    logger = MetricsLogger(str(tmp_path / "run"), process_index=1, total_steps=2, stream=out)
+    logger.info("hello")
+    logger.log_train(1, _train_metrics(1))
+    logger.log_eval(1, {"eval_loss": 1.0})
+    logger.close()
+    assert out.getvalue() == ""
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_missing_tensorboardx_is_one_line(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tbx(name, *a, **kw):
+        if name == "tensorboardX":
+            raise ImportError(name)
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_tbx)
+    out = io.StringIO()
+    logger = MetricsLogger(str(tmp_path), process_index=0, stream=out)
+    logger.log_train(1, _train_metrics(1))
+    logger.close()
+    assert out.getvalue().count("tensorboardX is not installed") == 1
+    assert not os.path.exists(tmp_path / "tensorboard")
+
+
+def test_tensorboard_events_written(tmp_path):
+    pytest.importorskip("tensorboardX")
+    logger = MetricsLogger(str(tmp_path), process_index=0, stream=io.StringIO())
+    logger.log_train(1, _train_metrics(1))
+    logger.close()
+    events = os.listdir(tmp_path / "tensorboard")
+    assert any(name.startswith("events.out.tfevents") for name in events)
+    assert os.path.getsize(tmp_path / "tensorboard" / events[0]) > 100

@@ -1,0 +1,13 @@
+"""xorl_jax: train the Qwen3 family with JAX/XLA."""
+
+__version__ = "0.1.0"
+
+
+def from_pretrained(path, dtype="float32", mesh=None, **kwargs):
+    """Load a Hugging Face (safetensors) or xorl_jax checkpoint directory as a ready-to-call model."""
+    from xorl_jax.models.loading import from_pretrained as _from_pretrained
+
+    return _from_pretrained(path, dtype=dtype, mesh=mesh, **kwargs)
+
+
+__all__ = ["from_pretrained", "__version__"]

@@ -1,0 +1,197 @@
+"""Streaming HF <-> xorl_jax tensor conversion, one parameter at a time, built on the family key maps.
+
+`loading.iter_our_tensors` stacks a whole scan group at once; the converters here build one parameter (all its
+layers) at a time, and each device shard of it from only the layers and slices that shard owns, so host memory
+stays near one parameter however large the model is. With several processes, each host reads only the layers its
+devices hold.
+
+Also: the plan of which HF tensors make which parameter (with the unknown/missing-tensor checks), atomic output
+directories, and the copying of config/tokenizer files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import uuid
+
+import numpy as np
+
+from xorl_jax.checkpoint.hf import CheckpointError
+
+# Files that travel with the weights (tokenizer, chat template, generation defaults).
+SIDE_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json", "generation_config.json",
+    "preprocessor_config.json", "video_preprocessor_config.json",
+)
+
+
+@dataclasses.dataclass
+class ParamSource:
+    """Where one of our parameters comes from: per layer (stacked params) or once (globals)."""
+
+    path: tuple
+    entries: list  # [(TensorMap, full HF keys)], one per stacked layer, or a single entry for a global
+    stacked: bool
+
+
+def plan(model, keymap) -> dict:
+    """{our path: ParamSource} for every parameter the key map fills."""
+    sources = {}
+    for tm in keymap.globals:
+        sources[tm.ours] = ParamSource(tm.ours, [(tm, tuple(tm.hf))], stacked=False)
+    stack = model.layers
+    p = len(stack.pattern)
+    for r in range(stack.repeats):
+        for j in range(p):
+            i = r * p + j
+            prefix = f"{keymap.layer_prefix}.{i}."
+            for tm in keymap.layer_maps(i):
+                path = ("layers", "groups", j) + tm.ours
+                src = sources.setdefault(path, ParamSource(path, [], stacked=True))
+                src.entries.append((tm, tuple(prefix + k for k in tm.hf)))
+    return sources
+
+
+def check_keys(sources: dict, available: set, keymap, where: str, family: str) -> None:
+    """Fail early (before writing anything) on tensors missing from, or unknown to, the key map."""
+    wanted = {k for src in sources.values() for _, keys in src.entries for k in keys}
+    missing = sorted(wanted - available)
+    if missing:
+        raise CheckpointError(f"{where}: {len(missing)} tensors the {family} key map needs are missing, e.g. "
+                              f"{missing[:5]}; the checkpoint is incomplete or config.json does not match it")
+    skipped = keymap.skipped_prefixes or ("\0",)
+    extra = sorted(k for k in available - wanted if not k.startswith(skipped))
+    if extra:
+        raise CheckpointError(f"{where}: {len(extra)} tensors the {family} key map does not know, e.g. {extra[:5]}; "
+                              f"is model_type in config.json right?")
+
+
+def _sliced_shape(shape, index) -> tuple:
+    return tuple(len(range(n)[s]) for n, s in zip(shape, index))
+
+
+def _normalize(index, ndim) -> tuple:
+    index = tuple(index) if index is not None else ()
+    return index + (slice(None),) * (ndim - len(index))
+
+
+def host_slice_fn(src: ParamSource, shape, dtype, read, name: str):
+    """index -> numpy array of that slice of the parameter, built from the HF tensors it needs (cast to dtype)."""
+    dtype = np.dtype(dtype)
+
+    def one(entry, expect):
+        tm, keys = entry
+        try:
+            value = tm.to_ours([read(k) for k in keys])
+        except (ValueError, IndexError) as e:
+            raise CheckpointError(f"{keys[0]}: cannot be mapped to {name} with the shapes config.json implies ({e}); "
+                                  f"the weights and config.json do not match") from None
+        if tuple(value.shape) != tuple(expect):
+            raise CheckpointError(f"{keys[0]} gives shape {tuple(value.shape)} for {name}, expected {tuple(expect)} "
+                                  f"from config.json; the weights and config.json do not match")
+        return value
+
+    def build(index):
+        index = _normalize(index, len(shape))
+        if not src.stacked:
+            return np.ascontiguousarray(np.asarray(one(src.entries[0], shape)[index]).astype(dtype, copy=False))
+        layers = range(shape[0])[index[0]]
+        out = np.empty((len(layers),) + _sliced_shape(shape[1:], index[1:]), dtype)
+        for n, r in enumerate(layers):
+            out[n] = one(src.entries[r], shape[1:])[index[1:]]
+        return out
+
+    return build
+
+
+def make_array(src: ParamSource, shape, dtype, sharding, read, name: str):
+    """A jax.Array with `sharding`, each addressable shard built from only the HF data it holds."""
+    import jax
+
+    build = host_slice_fn(src, shape, dtype, read, name)
+    if sharding is None:
+        return jax.device_put(build(None))
+    if len(sharding.device_set) == 1 or sharding.is_fully_replicated:
+        full = build(None)  # one build serves every device
+        return jax.make_array_from_callback(tuple(shape), sharding, lambda idx: full[idx])
+    return jax.make_array_from_callback(tuple(shape), sharding, build)
+
+
+def iter_hf_from_params(params: dict, sources: dict, fetch, dtype=None):
+    """Yield (HF key, numpy array) in checkpoint order: globals, then layer 0, 1, ...
+
+    `params` maps our path -> array (jax or numpy); `fetch(array, layer or None)` returns a numpy copy of the whole
+    parameter or of one stacked layer (so a multi-host array can be gathered layer by layer).
+    """
+    stacked = [src for src in sources.values() if src.stacked]
+    period = 1 + max((src.path[2] for src in stacked), default=0)
+    by_layer = {}
+    for path, src in sources.items():
+        if not src.stacked:
+            tm, keys = src.entries[0]
+            for key, arr in zip(keys, tm.to_hf(fetch(params[path], None))):
+                yield key, _cast(arr, dtype)
+        else:
+            for r, entry in enumerate(src.entries):
+                by_layer.setdefault(r * period + src.path[2], []).append((path, r, entry))
+    for layer in sorted(by_layer):
+        for path, r, (tm, keys) in by_layer[layer]:
+            for key, arr in zip(keys, tm.to_hf(fetch(params[path], r))):
+                yield key, _cast(arr, dtype)
+
+
+def _cast(arr, dtype):
+    arr = np.asarray(arr)
+    return arr if dtype is None or arr.dtype == np.dtype(dtype) else arr.astype(dtype)
+
+
+# ------------------------------------------------------------------------------------------------ directories
+def check_output(output: str, inputs, *, overwrite: bool) -> None:
+    out = os.path.realpath(output)
+    for src in inputs:
+        if src is None:
+            continue
+        s = os.path.realpath(src)
+        if out == s or out.startswith(s.rstrip(os.sep) + os.sep):
+            raise CheckpointError(f"output {output} is inside the input {src}; choose an output outside it")
+    if os.path.exists(output):
+        if not os.path.isdir(output):
+            raise CheckpointError(f"output {output} exists and is a file; choose another path")
+        if os.listdir(output) and not overwrite:
+            raise CheckpointError(f"output {output} is not empty; pass --overwrite to replace it")
+
+
+def temp_dir_for(output: str) -> str:
+    """A fresh sibling of `output` that a crash leaves clearly unfinished (`.<name>.incomplete-<id>`)."""
+    parent, name = os.path.split(os.path.abspath(output.rstrip(os.sep)))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{name}.incomplete-{uuid.uuid4().hex[:8]}")
+    os.makedirs(tmp)
+    return tmp
+
+
+def commit_dir(tmp: str, output: str) -> None:
+    """Replace `output` by the finished `tmp` (rename; an old output is moved aside first, then removed)."""
+    output = os.path.abspath(output.rstrip(os.sep))
+    old = None
+    if os.path.exists(output):
+        old = tmp + ".old"
+        os.replace(output, old)
+    os.replace(tmp, output)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def copy_side_files(src_dir: str | None, dst_dir: str) -> list:
+    copied = []
+    if not src_dir or not os.path.isdir(src_dir):
+        return copied
+    for name in SIDE_FILES:
+        p = os.path.join(src_dir, name)
+        if os.path.isfile(p):
+            shutil.copy2(p, os.path.join(dst_dir, name))
+            copied.append(name)
+    return copied

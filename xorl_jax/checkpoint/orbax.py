@@ -1,0 +1,651 @@
+"""The parameter checkpoint format shared by `convert`, the trainer and `from_pretrained`, plus HF import/export.
+
+An Orbax model directory:
+    DIR/params/        Orbax checkpoint of the parameters (pure dict tree, sharded arrays), either one Orbax
+                       checkpoint, or, when written by the streaming converter, `parts.json` + `part-NNNNN/` Orbax
+                       checkpoints each holding a subset of the tree (so only one part is ever in host memory)
+    DIR/xorl_jax.json  metadata: model_type, family, expert layout and dtype of the HF source, stored dtype, root
+    DIR/config.json    the HF config, plus tokenizer and generation files copied from the source
+A training step directory (`<output_dir>/checkpoints/<step>`) has `params/` in the same format and `meta/` (the
+trainer's JSON item, holding `hf_config`); `to-hf` reads both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from xorl_jax.checkpoint import convert_ops as ops
+from xorl_jax.checkpoint.hf import CheckpointError
+
+METADATA_NAME = "xorl_jax.json"
+PARAMS_DIR = "params"
+PARTS_INDEX = "parts.json"
+PART_BYTES = 256 * 2**20  # parameters grouped into Orbax saves of about this size
+
+
+# ------------------------------------------------------------------------------------------- tree helpers
+def _flat(tree) -> dict:
+    """Nested dict -> {path tuple: leaf}."""
+    out = {}
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, prefix + (k,))
+        else:
+            out[prefix] = node
+
+    walk(tree, ())
+    return out
+
+
+def _nest(flat: dict) -> dict:
+    root = {}
+    for path, leaf in flat.items():
+        node = root
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = leaf
+    return root
+
+
+def _pure(params_state) -> dict:
+    from flax import nnx
+
+    if isinstance(params_state, nnx.State):
+        return nnx.to_pure_dict(params_state)
+    return params_state
+
+
+def _checkpointer():
+    import orbax.checkpoint as ocp
+
+    return ocp.StandardCheckpointer()
+
+
+def _abstract_leaf(x, sharding=None):
+    import jax
+
+    sharding = sharding if sharding is not None else getattr(x, "sharding", None)
+    return jax.ShapeDtypeStruct(tuple(x.shape), x.dtype, sharding=sharding)
+
+
+# ----------------------------------------------------------------------------------------------- contract
+def save_params(directory, params_state, *, metadata: dict) -> None:
+    """Write `directory/params` (one Orbax checkpoint) and `directory/xorl_jax.json`. All processes call it."""
+    import jax
+
+    tree = _pure(params_state)
+    directory = os.path.abspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    ckptr = _checkpointer()
+    ckptr.save(os.path.join(directory, PARAMS_DIR), tree)
+    ckptr.wait_until_finished()
+    if jax.process_index() == 0:
+        _write_json(os.path.join(directory, METADATA_NAME), metadata)
+
+
+def load_params(directory, abstract_params_state, shardings=None) -> dict:
+    """The parameters as a pure dict of jax.Array, placed on `shardings` (a matching tree or {path: sharding})."""
+    abstract = _flat(_pure(abstract_params_state))
+    if shardings is not None:
+        sh = shardings if isinstance(shardings, dict) and all(isinstance(k, tuple) for k in shardings) else _flat(
+            _pure(shardings))
+        abstract = {p: _abstract_leaf(a, sh.get(p)) for p, a in abstract.items()}
+    else:
+        abstract = {p: _abstract_leaf(a) for p, a in abstract.items()}
+    params_dir = os.path.join(os.path.abspath(directory), PARAMS_DIR)
+    if not os.path.isdir(params_dir):
+        raise CheckpointError(f"{directory}: no {PARAMS_DIR}/ directory; not an xorl_jax checkpoint")
+    ckptr = _checkpointer()
+    index_path = os.path.join(params_dir, PARTS_INDEX)
+    if not os.path.exists(index_path):
+        restored = _flat(ckptr.restore(params_dir, _nest(abstract)))
+    else:
+        with open(index_path) as f:
+            parts = json.load(f)["parts"]
+        by_name = {_name(p): p for p in abstract}
+        restored, split = {}, {}
+        for part in parts:
+            unknown = [n for n in part["params"] if n not in by_name]
+            if unknown:
+                raise CheckpointError(f"{directory}: parameters {unknown[:5]} are not in this model; "
+                                      f"the checkpoint and config.json do not match")
+            layers = part.get("layers", {})
+            sub = {}
+            for n in part["params"]:
+                a = abstract[by_name[n]]
+                if n in layers:
+                    r0, r1 = layers[n]
+                    a = _piece_abstract(a, r1 - r0)
+                sub[by_name[n]] = a
+            got = _flat(ckptr.restore(os.path.join(params_dir, part["dir"]), _nest(sub)))
+            for p, arr in got.items():
+                if _name(p) in layers:
+                    split.setdefault(p, []).append((layers[_name(p)][0], arr))
+                else:
+                    restored[p] = arr
+        for p, runs in split.items():
+            restored[p] = _concat_layers([a for _, a in sorted(runs, key=lambda t: t[0])], abstract[p])
+    missing = [_name(p) for p in abstract if p not in restored]
+    if missing:
+        raise CheckpointError(f"{directory}: parameters missing from the checkpoint: {missing[:5]}")
+    return _nest({p: restored[p] for p in abstract})
+
+
+def _piece_abstract(like, layers: int):
+    import jax
+
+    return jax.ShapeDtypeStruct((layers,) + tuple(like.shape[1:]), like.dtype, sharding=like.sharding)
+
+
+def _concat_layers(runs, like):
+    """Join runs of layers back into one parameter, on the parameter's own sharding."""
+    import jax
+    import jax.numpy as jnp
+
+    if sum(r.shape[0] for r in runs) != like.shape[0]:
+        raise CheckpointError(f"split parameter has {sum(r.shape[0] for r in runs)} layers, expected {like.shape[0]}")
+    sharding = like.sharding if like.sharding is not None else runs[0].sharding
+    out = jax.jit(lambda *xs: jnp.concatenate(xs, axis=0), out_shardings=sharding)(*runs)
+    for r in runs:
+        r.delete()
+    return out
+
+
+def is_orbax_model_dir(path) -> bool:
+    return bool(path) and os.path.isdir(os.path.join(path, PARAMS_DIR)) and (
+        os.path.isfile(os.path.join(path, METADATA_NAME)) or os.path.isdir(os.path.join(path, "meta")))
+
+
+def read_metadata(directory) -> dict:
+    """xorl_jax.json, or for a training step directory what its `meta` item says (with defaults)."""
+    p = os.path.join(directory, METADATA_NAME)
+    if os.path.isfile(p):
+        with open(p) as f:
+            return json.load(f)
+    meta = _training_meta(directory)
+    if meta is None:
+        raise CheckpointError(f"{directory}: neither {METADATA_NAME} nor a training `meta` item; not an xorl_jax "
+                              f"checkpoint")
+    hf = meta.get("hf_config") or {}
+    source = meta.get("model_path") or ((meta.get("config") or {}).get("model") or {}).get("model_path")
+    out = {"model_type": hf.get("model_type"), "expert_layout": meta.get("expert_layout", "fused"),
+           "root": meta.get("root"), "source_dtype": meta.get("source_dtype"), "dtype": None,
+           "source_path": source, "hf_config": hf}
+    if source and os.path.isdir(source):  # the run's source still exists: take its layout and root from it
+        try:
+            src_meta = _export_source(source)[0]
+            out.update({k: src_meta[k] for k in ("expert_layout", "root") if src_meta.get(k)})
+        except (CheckpointError, ValueError, OSError):
+            pass
+    return out
+
+
+def _training_meta(directory):
+    meta_dir = os.path.join(directory, "meta")
+    if not os.path.isdir(meta_dir):
+        return None
+    for name in sorted(os.listdir(meta_dir)):
+        p = os.path.join(meta_dir, name)
+        if os.path.isfile(p):
+            try:
+                with open(p) as f:
+                    data = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            if isinstance(data, dict) and "hf_config" in data:
+                return data
+    return None
+
+
+def hf_config_of(directory) -> dict:
+    p = os.path.join(directory, "config.json")
+    if os.path.isfile(p):
+        with open(p) as f:
+            return json.load(f)
+    hf = read_metadata(directory).get("hf_config")
+    if not hf:
+        raise CheckpointError(f"{directory}: no config.json and no hf_config in its metadata")
+    return hf
+
+
+def _name(path) -> str:
+    return ".".join(str(k) for k in path)
+
+
+def _write_json(path, data) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _version() -> str:
+    from xorl_jax import __version__
+
+    return __version__
+
+
+# ------------------------------------------------------------------------------------------- shardings
+def param_shardings_for(model, mesh, rules=None) -> dict:
+    """{our path: NamedSharding} from the logical `axes` of each parameter, through the project's rules table."""
+    try:
+        from xorl_jax.parallel.rules import param_shardings
+    except ImportError:
+        param_shardings = None
+    if param_shardings is not None:
+        from flax import nnx
+
+        got = param_shardings(model, mesh, rules)
+        if isinstance(got, nnx.State):
+            return {tuple(p): getattr(v, "value", v) for p, v in nnx.to_flat_state(got)}
+        return _flat(_pure(got)) if not (isinstance(got, dict) and all(isinstance(k, tuple) for k in got)) else got
+    return logical_shardings(model, mesh, rules if isinstance(rules, dict) else DEFAULT_AXIS_RULES)
+
+
+# Used only until the project's rules table (parallel/rules.py) is importable: FSDP over `fsdp`, experts over
+# `expert`, heads and MLP width over `tensor`.
+DEFAULT_AXIS_RULES = {"embed": "fsdp", "vocab": "tensor", "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor",
+                      "expert": "expert", "expert_mlp": "tensor", "gdn_heads": "tensor"}
+
+
+def logical_shardings(model, mesh, axis_rules: dict) -> dict:
+    """{our path: NamedSharding} with `axis_rules` {logical axis: mesh axis or None}; unknown axes replicate."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from xorl_jax.models.loading import param_paths
+
+    out = {}
+    for path, var in param_paths(model).items():
+        axes = var.get_metadata().get("axes") or (None,) * len(var.shape)
+        spec, used = [], set()
+        for ax, n in zip(axes, var.shape):
+            m = axis_rules.get(ax)
+            if m is not None and (m in used or n % mesh.shape[m]):
+                m = None  # a mesh axis used twice, or a dimension it does not divide: replicate that dimension
+            used.add(m)
+            spec.append(m)
+        out[path] = NamedSharding(mesh, PartitionSpec(*spec))
+    return out
+
+
+# ------------------------------------------------------------------------------------- HF -> our arrays
+def _open_hf(model_path, options=None, dtype=None, config_path=None):
+    from xorl_jax.checkpoint.hf import SafetensorsReader
+    from xorl_jax.models.common import ModelOptions
+    from xorl_jax.models.loading import abstract_model, build_config, detect_layout, read_hf_config
+
+    hf_config = read_hf_config(config_path or model_path)
+    cls, cfg = build_config(hf_config)
+    reader = SafetensorsReader(model_path)
+    root, layout = detect_layout(reader.keys())
+    keymap = cls.hf_key_map(cfg, expert_layout=layout, root=root)
+    source_dtype = _source_dtype(reader)
+    if options is None:
+        name = _np_dtype(dtype).name if dtype else source_dtype
+        options = ModelOptions(dtype=name, param_dtype=name)
+    model = abstract_model(cls, cfg, options)
+    sources = ops.plan(model, keymap)
+    ops.check_keys(sources, reader.keys(), keymap, model_path, cls.__name__)
+    info = {"model_type": hf_config.get("model_type"), "family": cls.__name__, "expert_layout": layout,
+            "root": root, "source_dtype": source_dtype}
+    return hf_config, model, reader, sources, info
+
+
+def _source_dtype(reader) -> str:
+    counts = {}
+    for k in reader.keys():
+        dt = reader.dtype(k)
+        counts[dt.name] = counts.get(dt.name, 0) + int(np.prod(reader.shape(k)))
+    return max(counts, key=counts.get) if counts else "float32"
+
+
+def _iter_arrays(model, reader, sources, param_dtype, shardings, read=None, max_piece_bytes=None):
+    """Yield (our path, layer range or None, jax.Array), one parameter (or one run of its layers) at a time.
+
+    With `max_piece_bytes`, a layer-stacked parameter larger than that (and not sharded over its layer axis)
+    comes as several pieces along the layer axis, so only one piece is ever in host memory.
+    """
+    from xorl_jax.models.loading import param_paths
+
+    read = read or reader.read
+    params = param_paths(model)
+    unset = [p for p in params if p not in sources]
+    if unset:
+        raise AssertionError(f"key map leaves parameters unset: {unset[:5]}")
+    itemsize = np.dtype(param_dtype).itemsize
+    for path, src in sources.items():
+        shape = tuple(params[path].shape)
+        sharding = shardings.get(path) if shardings else None
+        layer_bytes = int(np.prod(shape[1:])) * itemsize
+        splittable = src.stacked and (sharding is None or _axis_unsharded(sharding, 0))
+        if max_piece_bytes and splittable and layer_bytes * shape[0] > max_piece_bytes:
+            step = max(1, max_piece_bytes // max(layer_bytes, 1))
+            for r0 in range(0, shape[0], step):
+                r1 = min(shape[0], r0 + step)
+                piece = ops.ParamSource(path, src.entries[r0:r1], stacked=True)
+                yield path, (r0, r1), ops.make_array(piece, (r1 - r0,) + shape[1:], param_dtype, sharding, read,
+                                                     _name(path))
+        else:
+            yield path, None, ops.make_array(src, shape, param_dtype, sharding, read, _name(path))
+
+
+def _axis_unsharded(sharding, axis) -> bool:
+    spec = getattr(sharding, "spec", None)
+    return spec is None or len(spec) <= axis or spec[axis] is None
+
+
+def load_model(path, options, mesh=None, rules=None, *, config_path=None, shardings=None):
+    """A model from an HF directory (converted on the fly) or an Orbax model directory, sharded over `mesh`."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from xorl_jax.models.loading import abstract_model, build_config
+
+    if is_orbax_model_dir(path):
+        hf_config = hf_config_of(path) if not config_path else _read_config(config_path)
+        cls, cfg = build_config(hf_config)
+        model = abstract_model(cls, cfg, options)
+        if shardings is None and mesh is not None:
+            shardings = param_shardings_for(model, mesh, rules)
+        graphdef, abstract_state = nnx.split(model)
+        want = jnp.dtype(options.param_dtype)
+        abstract = {p: _retyped(a, want) for p, a in _flat(nnx.to_pure_dict(abstract_state)).items()}
+        params = _flat(load_params(path, _nest(abstract), shardings))
+        nnx.replace_by_pure_dict(abstract_state, _nest(params))
+        return nnx.merge(graphdef, abstract_state)
+    _, model, reader, sources, _ = _open_hf(path, options=options, config_path=config_path)
+    if shardings is None and mesh is not None:
+        shardings = param_shardings_for(model, mesh, rules)
+    from xorl_jax.models.loading import param_paths
+
+    params = param_paths(model)
+    for p, _, arr in _iter_arrays(model, reader, sources, jnp.dtype(options.param_dtype), shardings):
+        params[p].set_value(arr)
+    return model
+
+
+def _retyped(a, dtype):
+    import jax
+
+    return jax.ShapeDtypeStruct(a.shape, dtype)
+
+
+def _read_config(p):
+    from xorl_jax.models.loading import read_hf_config
+
+    return read_hf_config(p)
+
+
+def convert_hf_to_orbax(model_path, output, *, dtype=None, mesh=None, rules=None, shardings=None,
+                        overwrite=False, part_bytes=PART_BYTES) -> dict:
+    """HF safetensors directory -> Orbax model directory, one parameter (and one part) in memory at a time."""
+    import jax
+
+    ops.check_output(output, [model_path], overwrite=overwrite)
+    _prefer_mmap_allocations()
+    hf_config, model, reader, sources, info = _open_hf(model_path, dtype=dtype)
+    if shardings is None and mesh is not None:
+        shardings = param_shardings_for(model, mesh, rules)
+    param_dtype = np.dtype(model.options.param_dtype) if dtype is None else _np_dtype(dtype)
+    main = jax.process_index() == 0
+    tmp = ops.temp_dir_for(output) if main else None
+    tmp = _broadcast_path(tmp)
+    try:
+        params_dir = os.path.join(tmp, PARAMS_DIR)
+        if main:
+            os.makedirs(params_dir, exist_ok=True)
+        ckptr = _checkpointer()
+        parts, pending, pending_bytes = [], {}, 0
+
+        pieces = {}
+
+        def flush():
+            nonlocal pending, pending_bytes, pieces
+            if not pending:
+                return
+            name = f"part-{len(parts):05d}"
+            ckptr.save(os.path.join(params_dir, name), _nest(pending))
+            ckptr.wait_until_finished()
+            entry = {"dir": name, "params": [_name(p) for p in pending]}
+            if pieces:
+                entry["layers"] = pieces  # {param name: [first, end)} for a run of a split parameter's layers
+            parts.append(entry)
+            for a in pending.values():
+                a.delete()
+            pending, pending_bytes, pieces = {}, 0, {}
+            _release_host_memory()
+
+        total = 0
+        for path, layers, arr in _iter_arrays(model, reader, sources, param_dtype, shardings,
+                                              max_piece_bytes=part_bytes):
+            nbytes = arr.size * arr.dtype.itemsize
+            if pending and (pending_bytes + nbytes > part_bytes or path in pending):
+                flush()
+            pending[path] = arr
+            if layers is not None:
+                pieces[_name(path)] = list(layers)
+            pending_bytes += nbytes
+            total += nbytes
+        flush()
+        if main:
+            _write_json(os.path.join(params_dir, PARTS_INDEX), {"format": "xorl_jax.params.parts/1", "parts": parts})
+            meta = dict(info, dtype=np.dtype(param_dtype).name, xorl_jax_version=_version(),
+                        source_path=os.path.abspath(model_path), total_bytes=total)
+            _write_json(os.path.join(tmp, METADATA_NAME), meta)
+            _write_json(os.path.join(tmp, "config.json"), hf_config)
+            ops.copy_side_files(model_path, tmp)
+            ops.commit_dir(tmp, output)
+        _barrier("convert_hf_to_orbax_done")
+        return read_metadata(output)
+    except BaseException:
+        if main and tmp and os.path.isdir(tmp):
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _prefer_mmap_allocations() -> None:
+    """Serve large host buffers from mmap (returned to the OS on free) instead of the heap, where glibc's dynamic
+    threshold would keep tens of MB per converted tensor resident as fragmented free space."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB
+    except (OSError, AttributeError):
+        pass
+
+
+def _release_host_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise), so resident memory tracks live data."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to do
+
+
+def _np_dtype(dtype):
+    import jax.numpy as jnp
+
+    try:
+        dt = np.dtype(jnp.dtype(dtype))
+    except TypeError:
+        dt = None
+    if dt is None or dt.name not in ("float32", "bfloat16", "float16"):
+        raise CheckpointError(f"unsupported dtype {dtype!r}; use float32, bfloat16 or float16")
+    return dt
+
+
+def _broadcast_path(path):
+    import jax
+
+    if jax.process_count() == 1:
+        return path
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer((path or "").encode().ljust(1024, b"\0"), np.uint8)
+    got = multihost_utils.broadcast_one_to_all(raw)
+    return bytes(np.asarray(got)).rstrip(b"\0").decode()
+
+
+def _barrier(name):
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+# ------------------------------------------------------------------------------------------ our -> HF
+def export_hf(model, output_dir, *, source_dir_or_metadata, dtype=None, expert_layout=None, overwrite=False,
+              max_shard_bytes: int = 5 * 10**9) -> str:
+    """Write `model`'s weights as an HF safetensors directory (5 GB shards + index, config, tokenizer files).
+
+    `source_dir_or_metadata`: the HF or Orbax directory the model came from, or a metadata dict (read_metadata);
+    it gives config.json, tokenizer files, root prefix and the defaults for `dtype` and `expert_layout`.
+    """
+    import jax
+
+    from xorl_jax.checkpoint.hf import write_sharded
+    from xorl_jax.models.loading import param_paths
+
+    meta, hf_config, side_dir = _export_source(source_dir_or_metadata)
+    layout = expert_layout or meta.get("expert_layout") or "fused"
+    if layout not in ("fused", "per_expert"):
+        raise CheckpointError(f"expert layout {layout!r} is not one of fused, per_expert (per-expert)")
+    inputs = [side_dir] if side_dir else []
+    ops.check_output(output_dir, inputs, overwrite=overwrite)
+    cls = type(model)
+    keymap = cls.hf_key_map(model.config, expert_layout=layout, root=meta.get("root") or _root_for(hf_config))
+    sources = ops.plan(model, keymap)
+    params = {p: v[...] for p, v in param_paths(model).items()}
+    out_dtype = _np_dtype(dtype) if dtype else (
+        _np_dtype(meta["source_dtype"]) if meta.get("source_dtype") and not meta.get("dtype") else
+        _np_dtype(meta["dtype"]) if meta.get("dtype") else None)
+    main = jax.process_index() == 0
+    tmp = _broadcast_path(ops.temp_dir_for(output_dir) if main else None)
+
+    def fetch(arr, layer):
+        part = arr if layer is None else arr[layer]
+        if not getattr(part, "is_fully_addressable", True):
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(part, tiled=True))
+        return np.asarray(jax.device_get(part))
+
+    try:
+        tensors = ops.iter_hf_from_params(params, sources, fetch, out_dtype)
+        if main:
+            write_sharded(tmp, tensors, max_shard_bytes=max_shard_bytes)
+            config = dict(hf_config)
+            if out_dtype is not None:
+                name = np.dtype(out_dtype).name
+                for key in ("dtype", "torch_dtype"):
+                    if key in config or key == "dtype":
+                        config[key] = name
+            _write_json(os.path.join(tmp, "config.json"), config)
+            ops.copy_side_files(side_dir, tmp)
+            ops.commit_dir(tmp, output_dir)
+        else:
+            for _ in tensors:  # every process takes part in the gathers
+                pass
+        _barrier("export_hf_done")
+    except BaseException:
+        if main and os.path.isdir(tmp):
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def _root_for(hf_config) -> str:
+    return "model.language_model" if "text_config" in hf_config else "model"
+
+
+def _export_source(src):
+    """(metadata, hf_config, directory with tokenizer files) from an HF dir, an Orbax dir or a metadata dict."""
+    if isinstance(src, dict):
+        hf = src.get("hf_config") or {}
+        return src, hf, src.get("source_path")
+    if is_orbax_model_dir(src):
+        meta = read_metadata(src)
+        side = src if os.path.isfile(os.path.join(src, "config.json")) else meta.get("source_path")
+        return meta, hf_config_of(src), side
+    from xorl_jax.checkpoint.hf import SafetensorsReader
+    from xorl_jax.models.loading import detect_layout, read_hf_config
+
+    hf = read_hf_config(src)
+    meta = {"model_type": hf.get("model_type")}
+    try:
+        reader = SafetensorsReader(src)
+        meta["root"], meta["expert_layout"] = detect_layout(reader.keys())
+        meta["source_dtype"] = _source_dtype(reader)
+    except CheckpointError:
+        pass  # a config-only directory: defaults apply
+    return meta, hf, src
+
+
+def convert_checkpoint_to_hf(checkpoint, output, *, dtype=None, expert_layout=None, overwrite=False) -> str:
+    """Orbax model directory or training step directory -> HF safetensors directory."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from xorl_jax.models.common import ModelOptions
+    from xorl_jax.models.loading import abstract_model, build_config
+
+    if not is_orbax_model_dir(checkpoint):
+        raise CheckpointError(f"{checkpoint}: not an xorl_jax checkpoint (expected {PARAMS_DIR}/ and "
+                              f"{METADATA_NAME} or meta/); convert HF directories with to-orbax")
+    ops.check_output(output, [checkpoint], overwrite=overwrite)
+    meta = read_metadata(checkpoint)
+    hf_config = hf_config_of(checkpoint)
+    cls, cfg = build_config(hf_config)
+    model = abstract_model(cls, cfg, ModelOptions())
+    graphdef, abstract_state = nnx.split(model)
+    stored = _stored_dtypes(checkpoint)
+    abstract = {p: _retyped(a, jnp.dtype(stored.get(_name(p), a.dtype)))
+                for p, a in _flat(nnx.to_pure_dict(abstract_state)).items()}
+    import jax
+
+    host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])  # host RAM, not an accelerator
+    params = load_params(checkpoint, _nest(abstract), {p: host for p in abstract})
+    nnx.replace_by_pure_dict(abstract_state, params)
+    model = nnx.merge(graphdef, abstract_state)
+    meta = dict(meta, hf_config=hf_config)
+    if not meta.get("dtype"):
+        meta["dtype"] = next(iter(stored.values()), None)
+    side = checkpoint if os.path.isfile(os.path.join(checkpoint, "config.json")) else meta.get("source_path")
+    meta["source_path"] = side
+    return export_hf(model, output, source_dir_or_metadata=meta, dtype=dtype, expert_layout=expert_layout,
+                     overwrite=overwrite)
+
+
+def _stored_dtypes(checkpoint) -> dict:
+    """{param name: dtype name} as stored, read from the Orbax metadata (no array data is read)."""
+    params_dir = os.path.join(checkpoint, PARAMS_DIR)
+    dirs = [params_dir]
+    index = os.path.join(params_dir, PARTS_INDEX)
+    if os.path.exists(index):
+        with open(index) as f:
+            dirs = [os.path.join(params_dir, p["dir"]) for p in json.load(f)["parts"]]
+    out = {}
+    ckptr = _checkpointer()
+    for d in dirs:
+        md = ckptr.metadata(d)
+        tree = getattr(md, "item_metadata", md)
+        tree = getattr(tree, "tree", tree)
+        for path, leaf in _flat(dict(tree) if not isinstance(tree, dict) else tree).items():
+            if hasattr(leaf, "dtype"):
+                out[_name(path)] = np.dtype(leaf.dtype).name
+    return out

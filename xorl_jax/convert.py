@@ -1,0 +1,98 @@
+"""Checkpoint conversion CLI.
+
+    python -m xorl_jax.convert to-orbax --model-path HF_DIR --output DIR [--dtype bfloat16] [mesh options]
+    python -m xorl_jax.convert to-hf --checkpoint DIR --output HF_DIR [--dtype D] [--expert-layout per-expert|fused]
+
+Exit codes: 0 done, 2 bad input (one line on stderr). JAX is imported only after the arguments parse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m xorl_jax.convert", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    o = sub.add_parser("to-orbax", help="HF safetensors directory -> sharded Orbax model directory")
+    o.add_argument("--model-path", required=True, help="HF directory (config.json + safetensors)")
+    o.add_argument("--output", required=True)
+    o.add_argument("--dtype", default=None, help="stored dtype (default: the source's)")
+    o.add_argument("--data-parallel-replicate-size", default=1)
+    o.add_argument("--data-parallel-shard-size", default=-1)
+    o.add_argument("--expert-parallel-size", default=1)
+    o.add_argument("--tensor-parallel-size", default=1)
+    o.add_argument("--no-mesh", action="store_true", help="store unsharded arrays from one device")
+    o.add_argument("--overwrite", action="store_true")
+    h = sub.add_parser("to-hf", help="Orbax model directory or training step directory -> HF safetensors")
+    h.add_argument("--checkpoint", required=True)
+    h.add_argument("--output", required=True)
+    h.add_argument("--dtype", default=None, help="output dtype (default: the checkpoint's)")
+    h.add_argument("--expert-layout", choices=("per-expert", "fused"), default=None,
+                   help="MoE expert tensors (default: the layout of the original HF checkpoint)")
+    h.add_argument("--overwrite", action="store_true")
+    return p
+
+
+def _mesh(args):
+    from types import SimpleNamespace
+
+    from xorl_jax.parallel import mesh as mesh_lib
+
+    train = SimpleNamespace(
+        data_parallel_replicate_size=args.data_parallel_replicate_size,
+        data_parallel_shard_size=args.data_parallel_shard_size,
+        expert_parallel_size=args.expert_parallel_size,
+        tensor_parallel_size=args.tensor_parallel_size,
+    )
+    try:
+        return mesh_lib.build_mesh(train), train
+    except TypeError:
+        return mesh_lib.build_mesh(train, model_config=None), train
+
+
+def _rules(train):
+    try:
+        from xorl_jax.parallel import rules as rules_lib
+    except ImportError:
+        return None
+    try:
+        return rules_lib.rules_for(train)
+    except Exception:  # noqa: BLE001 - a rules table that needs more config fields: fall back to its default
+        return None
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        from xorl_jax.checkpoint.hf import CheckpointError
+        from xorl_jax.checkpoint import orbax as ckpt
+    except ImportError as e:  # pragma: no cover - broken install
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    t0 = time.time()
+    try:
+        if args.command == "to-orbax":
+            mesh = rules = None
+            if not args.no_mesh:
+                mesh, train = _mesh(args)
+                rules = _rules(train)
+            meta = ckpt.convert_hf_to_orbax(args.model_path, args.output, dtype=args.dtype, mesh=mesh, rules=rules,
+                                            overwrite=args.overwrite)
+            print(f"wrote {args.output} ({meta.get('family')}, {meta.get('dtype')}, "
+                  f"{meta.get('total_bytes', 0) / 1e6:.1f} MB) in {time.time() - t0:.1f}s")
+        else:
+            layout = {"per-expert": "per_expert", "fused": "fused", None: None}[args.expert_layout]
+            ckpt.convert_checkpoint_to_hf(args.checkpoint, args.output, dtype=args.dtype, expert_layout=layout,
+                                          overwrite=args.overwrite)
+            print(f"wrote {args.output} in {time.time() - t0:.1f}s")
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

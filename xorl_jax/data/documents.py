@@ -1,0 +1,109 @@
+"""Rows to documents: token ids plus next-token targets (targets[t] = token to predict at t, -100 = no loss)."""
+from __future__ import annotations
+
+import numpy as np
+
+from xorl_jax.data.sources import DataError
+
+IGNORE = -100
+
+
+def _int_list(value, name: str) -> np.ndarray:
+    if value is None or isinstance(value, (str, bytes)):
+        raise DataError(f"column {name!r} must be a list of token ids")
+    try:
+        arr = np.asarray(value, dtype=np.int64)
+    except (TypeError, ValueError):
+        raise DataError(f"column {name!r} must be a list of integers") from None
+    if arr.ndim != 1:
+        raise DataError(f"column {name!r} must be a flat list of token ids, got shape {arr.shape}")
+    return arr
+
+
+def shift_targets(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """target[t] = ids[t+1] where token t+1 is trainable, else -100; the last token has no target."""
+    targets = np.full(len(ids), IGNORE, np.int64)
+    targets[:-1] = np.where(mask[1:], ids[1:], IGNORE)
+    return targets
+
+
+def tokenized_doc(row: dict, vocab_size: int | None):
+    ids = _int_list(row.get("input_ids"), "input_ids")
+    if len(ids) == 0:
+        raise DataError("column 'input_ids' is empty")
+    if "labels" in row and row["labels"] is not None:
+        labels = _int_list(row["labels"], "labels")
+        if len(labels) != len(ids):
+            raise DataError(f"labels has {len(labels)} tokens but input_ids has {len(ids)}")
+        targets = np.full(len(ids), IGNORE, np.int64)
+        targets[:-1] = labels[1:]  # HF convention: unshifted labels; the shift happens here
+    else:
+        targets = shift_targets(ids, np.ones(len(ids), bool))
+    if vocab_size is not None and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise DataError(f"input_ids outside [0, {vocab_size}) (min {ids.min()}, max {ids.max()})")
+    return ids, targets
+
+
+def text_doc(row: dict, tokenizer):
+    text = row.get("text")
+    if not isinstance(text, str) or not text:
+        raise DataError("column 'text' must be a non-empty string")
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)  # the model learns where a document ends
+    ids = np.asarray(ids, np.int64)
+    return ids, shift_targets(ids, np.ones(len(ids), bool))
+
+
+def _check_messages(messages):
+    if not isinstance(messages, list) or not messages:
+        raise DataError("column 'messages' must be a non-empty list of {role, content}")
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError("every message needs a string 'role' and a string 'content'")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError("conversation has no assistant turn, so nothing to train on")
+
+
+def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def messages_doc(row: dict, tokenizer):
+    """Renders with the chat template; trainable = each assistant turn's text after the generation prompt,
+    up to and including its end-of-turn token (found by rendering growing prefixes of the conversation)."""
+    messages = row.get("messages")
+    _check_messages(messages)
+    full = _render(tokenizer, messages, False)
+    end_token = "<|im_end|>"
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = _render(tokenizer, messages[:i], True) if i else _render(tokenizer, [], True)
+        upto = _render(tokenizer, messages[: i + 1], False)
+        if not (full.startswith(upto) and upto.startswith(start)):
+            raise DataError("the chat template does not render conversations prefix by prefix, so assistant "
+                            "turns cannot be located; use a ChatML-like template or tokenized rows")
+        end = upto.rfind(end_token)
+        end = end + len(end_token) if end >= len(start) else len(upto.rstrip())
+        spans.append((len(start), end))
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = np.asarray(enc["input_ids"], np.int64)
+    starts = np.asarray([s for s, _ in enc["offset_mapping"]], np.int64)
+    mask = np.zeros(len(ids), bool)
+    for s, e in spans:
+        mask |= (starts >= s) & (starts < e)
+    return ids, shift_targets(ids, mask)
+
+
+def row_to_doc(row, kind: str, tokenizer, vocab_size: int | None = None):
+    if not isinstance(row, dict):
+        raise DataError(f"row must be a JSON object, got {type(row).__name__}")
+    if kind == "tokenized":
+        return tokenized_doc(row, vocab_size)
+    if kind == "messages":
+        return messages_doc(row, tokenizer)
+    if kind == "text":
+        return text_doc(row, tokenizer)
+    raise DataError(f"unknown dataset type {kind!r}; use tokenized, messages or text")

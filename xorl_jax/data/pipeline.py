@@ -1,0 +1,233 @@
+"""Train and eval iterators: documents from all datasets, shuffled per epoch, packed, split across processes.
+
+Every process tokenizes the documents and packs the same rows (packing is a pure function of the seed and
+the epoch), then keeps only its slice of each global batch: rows [p * B/P, (p + 1) * B/P) of batch b. The
+iterator position is (epoch, batch index), so resuming is exact. The last batch of an epoch is completed with
+all-padding rows, so every label token appears exactly once per epoch.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+
+from xorl_jax.data.documents import IGNORE, row_to_doc
+from xorl_jax.data.packing import build_row, pack_first_fit_decreasing, pack_sequential
+from xorl_jax.data.sources import DataError, iter_rows
+
+logger = logging.getLogger(__name__)
+
+DUMMY_DOCS = 1024
+
+
+def _get(obj, name, default=None):
+    if isinstance(obj, dict):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
+def load_tokenizer(path):
+    """A fast tokenizer from a model or tokenizer directory (local files only, no remote code)."""
+    from transformers import AutoTokenizer
+
+    if not path or not os.path.isdir(os.path.expanduser(str(path))):
+        raise DataError(f"tokenizer directory {path!r} not found; set model.tokenizer_path to a directory "
+                        "holding tokenizer.json")
+    return AutoTokenizer.from_pretrained(os.path.expanduser(str(path)), local_files_only=True,
+                                         trust_remote_code=False)
+
+
+class Documents:
+    """All documents of a list of dataset entries, tokenized, with long ones cut to their max length."""
+
+    def __init__(self, dataset_cfgs, tokenizer, data_cfg, *, seed: int = 0):
+        capacity = int(_get(data_cfg, "sample_packing_sequence_len"))
+        policy = _get(data_cfg, "long_sequence_policy", "truncate")
+        if policy not in ("truncate", "split"):
+            raise DataError(f"data.long_sequence_policy={policy!r}; use truncate or split")
+        skip_bad = bool(_get(data_cfg, "skip_bad_rows", False))
+        columns = _get(data_cfg, "select_columns")
+        vocab = len(tokenizer) if tokenizer is not None else None
+        self.ids: list[np.ndarray] = []
+        self.targets: list[np.ndarray] = []
+        self.rows_read = self.rows_skipped = self.docs_truncated = self.docs_split = 0
+        self.tokens_dropped = 0
+        if not dataset_cfgs:
+            raise DataError("data.datasets is empty; add at least one {path, type} entry")
+        for ds in dataset_cfgs:
+            path, kind = _get(ds, "path"), _get(ds, "type", "tokenized")
+            limit = min(int(_get(ds, "max_seq_len") or capacity), capacity)
+            if path == "dummy":
+                docs = self._dummy(vocab or 1024, limit, seed)
+            else:
+                docs = self._read(ds, path, kind, tokenizer, vocab, columns, skip_bad)
+            for ids, targets in docs:
+                self._add(ids, targets, limit, policy)
+        if not self.ids:
+            raise DataError(f"no documents read from {[_get(d, 'path') for d in dataset_cfgs]}")
+        self.lengths = np.asarray([len(x) for x in self.ids], np.int64)
+        msg = (f"data: {len(self.ids)} documents, {int(self.lengths.sum())} tokens from {self.rows_read} rows; "
+               f"{self.rows_skipped} bad rows skipped; {self.docs_truncated} documents truncated "
+               f"({self.tokens_dropped} tokens dropped), {self.docs_split} split (limit {capacity} tokens)")
+        logger.info(msg)
+
+    def _read(self, ds, path, kind, tokenizer, vocab, columns, skip_bad):
+        for where, row in iter_rows(path, split=_get(ds, "split", "train") or "train",
+                                    data_files=_get(ds, "data_files"), columns=columns):
+            self.rows_read += 1
+            try:
+                if isinstance(row, Exception):
+                    raise row
+                if columns and isinstance(row, dict):
+                    row = {k: v for k, v in row.items() if k in columns or k in ("input_ids", "labels")}
+                yield row_to_doc(row, kind, tokenizer, vocab)
+            except DataError as e:
+                text = str(e) if str(e).startswith(where) else f"{where}: {e}"
+                if not skip_bad:
+                    raise DataError(f"{text} (set data.skip_bad_rows: true to skip such rows)") from None
+                self.rows_skipped += 1
+                if self.rows_skipped <= 5:
+                    logger.warning(f"skipping bad row {text}")
+
+    @staticmethod
+    def _dummy(vocab: int, limit: int, seed: int):
+        rng = np.random.default_rng([seed, 12345])
+        for _ in range(DUMMY_DOCS):
+            n = int(rng.integers(max(2, limit // 8), limit + 1))
+            ids = rng.integers(0, vocab, n, dtype=np.int64)
+            targets = np.full(n, IGNORE, np.int64)
+            targets[:-1] = ids[1:]
+            yield ids, targets
+
+    def _add(self, ids, targets, limit, policy):
+        if len(ids) <= limit:
+            self.ids.append(ids)
+            self.targets.append(targets)
+        elif policy == "truncate":
+            self.docs_truncated += 1
+            self.tokens_dropped += len(ids) - limit
+            self.ids.append(ids[:limit])
+            self.targets.append(targets[:limit])
+        else:  # pieces keep their original targets: the label at a cut predicts the next piece's first token
+            self.docs_split += 1
+            for s in range(0, len(ids), limit):
+                self.ids.append(ids[s:s + limit])
+                self.targets.append(targets[s:s + limit])
+
+
+def _pack_epoch(docs: Documents, data_cfg, seed: int, epoch: int, shuffle: bool) -> list[list[int]]:
+    capacity = int(_get(data_cfg, "sample_packing_sequence_len"))
+    n = len(docs.ids)
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(n) if shuffle else np.arange(n)
+    method = _get(data_cfg, "sample_packing_method", "sequential")
+    if method == "sequential":
+        return pack_sequential(docs.lengths, order, capacity)
+    if method == "multipack":
+        rows = pack_first_fit_decreasing(docs.lengths, order, capacity)
+        if shuffle:  # FFD emits the longest documents first; mix the rows
+            rows = [rows[i] for i in rng.permutation(len(rows))]
+        return rows
+    raise DataError(f"data.sample_packing_method={method!r}; use sequential or multipack")
+
+
+class _Batcher:
+    def __init__(self, docs, data_cfg, global_batch_size, process_index, process_count):
+        if global_batch_size % process_count:
+            raise DataError(f"global batch of {global_batch_size} rows does not split over {process_count} "
+                            "processes; make it a multiple of the process count")
+        if not 0 <= process_index < process_count:
+            raise DataError(f"process_index {process_index} outside [0, {process_count})")
+        self.docs, self.cfg = docs, data_cfg
+        self.capacity = int(_get(data_cfg, "sample_packing_sequence_len"))
+        multiple = int(_get(data_cfg, "pad_to_multiple_of", 1) or 1)
+        if self.capacity % multiple:
+            raise DataError(f"data.sample_packing_sequence_len={self.capacity} is not a multiple of "
+                            f"data.pad_to_multiple_of={multiple}")
+        self.global_batch_size = global_batch_size
+        self.local_rows = global_batch_size // process_count
+        self.first = process_index * self.local_rows
+
+    def batches_in(self, rows) -> int:
+        return -(-len(rows) // self.global_batch_size)
+
+    def batch(self, rows, b: int) -> dict:
+        lo = b * self.global_batch_size + self.first
+        out = []
+        for r in range(lo, lo + self.local_rows):
+            members = rows[r] if r < len(rows) else []
+            out.append(build_row([(self.docs.ids[i], self.docs.targets[i]) for i in members], self.capacity))
+        return {k: np.stack([row[k] for row in out]) for k in out[0]}
+
+
+class TrainIterator:
+    """Endless packed batches (this process's rows), epochs reshuffled with (seed, epoch)."""
+
+    def __init__(self, docs: Documents, data_cfg, *, global_batch_size, process_index=0, process_count=1,
+                 seed=0):
+        self.docs = docs
+        self.cfg = data_cfg
+        self.seed = int(seed)
+        self.shuffle = bool(_get(data_cfg, "shuffle", True))
+        self._batcher = _Batcher(docs, data_cfg, global_batch_size, process_index, process_count)
+        self.epoch = 0
+        self.batch_index = 0
+        self._rows_epoch = None
+        self._rows = self._pack(0)
+        self.rows_per_epoch = len(self._rows)
+        self.documents = len(docs.ids)
+        self.documents_truncated = docs.docs_truncated
+        self.documents_split = docs.docs_split
+        self.rows_skipped = docs.rows_skipped
+        fill = float(docs.lengths.sum()) / max(1, self.rows_per_epoch * self._batcher.capacity)
+        logger.info(f"data: {self.rows_per_epoch} packed rows of {self._batcher.capacity} tokens per epoch "
+                    f"({_get(data_cfg, 'sample_packing_method', 'sequential')}, {fill:.1%} filled)")
+
+    def _pack(self, epoch):
+        if self._rows_epoch != epoch:
+            self._rows = _pack_epoch(self.docs, self.cfg, self.seed, epoch, self.shuffle)
+            self._rows_epoch = epoch
+        return self._rows
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self._batcher.batches_in(self._rows)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        rows = self._pack(self.epoch)
+        if self.batch_index >= self._batcher.batches_in(rows):
+            self.epoch += 1
+            self.batch_index = 0
+            rows = self._pack(self.epoch)
+        batch = self._batcher.batch(rows, self.batch_index)
+        self.batch_index += 1
+        return batch
+
+    def get_state(self) -> dict:
+        return {"epoch": int(self.epoch), "batch_index": int(self.batch_index), "seed": self.seed,
+                "documents": self.documents}
+
+    def set_state(self, state: dict):
+        if state.get("seed", self.seed) != self.seed or state.get("documents", self.documents) != self.documents:
+            logger.warning("data: resuming with a different seed or dataset than the checkpoint; the order differs")
+        self.epoch = int(state["epoch"])
+        self.batch_index = int(state["batch_index"])
+
+
+def build_train_iterator(data_cfg, tokenizer, *, global_batch_size, process_index=0, process_count=1, seed=None):
+    seed = _get(data_cfg, "seed", 0) if seed is None else seed
+    docs = Documents(_get(data_cfg, "datasets"), tokenizer, data_cfg, seed=seed)
+    return TrainIterator(docs, data_cfg, global_batch_size=global_batch_size, process_index=process_index,
+                         process_count=process_count, seed=seed)
+
+
+def build_eval_batches(data_cfg, tokenizer, *, global_batch_size, process_index=0, process_count=1) -> list:
+    """All eval documents once, in file order, packed the same way as training (no shuffle)."""
+    docs = Documents(_get(data_cfg, "eval_datasets"), tokenizer, data_cfg, seed=0)
+    rows = _pack_epoch(docs, data_cfg, 0, 0, shuffle=False)
+    batcher = _Batcher(docs, data_cfg, global_batch_size, process_index, process_count)
+    return [batcher.batch(rows, b) for b in range(batcher.batches_in(rows))]

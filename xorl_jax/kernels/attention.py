@@ -1,0 +1,110 @@
+"""Causal, document-masked (packed) multi-head attention with GQA.
+
+Backends (`attn_implementation`):
+- `xla`: the jnp reference below: fp32 scores and softmax, causal & same-segment mask. Runs everywhere.
+- `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")` (flash attention in cuDNN) on NVIDIA GPUs.
+- `auto`: cudnn on NVIDIA GPUs, xla elsewhere.
+
+Shapes: B batch, T tokens, H query heads, K kv heads (H % K == 0), d head dim.
+segment_ids [B, T] int32: tokens attend only to earlier tokens of the same segment (documents of a packed row).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+ATTN_IMPLEMENTATIONS = ("auto", "cudnn", "xla")
+
+
+def _on_nvidia_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def resolve_attn_implementation(name: str) -> str:
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation {name!r} is not one of {ATTN_IMPLEMENTATIONS}")
+    if name == "auto":
+        return "cudnn" if _on_nvidia_gpu() else "xla"
+    if name == "cudnn" and not _on_nvidia_gpu():
+        raise RuntimeError(
+            "attn_implementation 'cudnn' is not available on this device (no NVIDIA GPU); use 'xla' or 'auto'"
+        )
+    return name
+
+
+def _mask_BTT(segment_ids_BT, T):
+    causal = jnp.tril(jnp.ones((T, T), dtype=bool))[None]
+    if segment_ids_BT is None:
+        return causal
+    same = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+    return causal & same
+
+
+def attention_reference(q_BTHd, k_BTKd, v_BTKd, *, segment_ids=None, scale=None):
+    B, T, H, d = q_BTHd.shape
+    K = k_BTKd.shape[2]
+    scale = d**-0.5 if scale is None else scale
+    q = q_BTHd.reshape(B, T, K, H // K, d)  # query head h uses kv head h // (H/K)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_BTKd, preferred_element_type=jnp.float32) * scale
+    mask = _mask_BTT(segment_ids, T)[:, None, None]
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BTKd.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_BTKd)
+    return out.reshape(B, T, H, d)
+
+
+def segment_layout(segment_ids_BT, max_segments: int):
+    """cuDNN's packed ("ragged") layout of a row of contiguous documents.
+
+    Returns (offsets [B, M+1], lengths [B, M], count [B]): document start offsets and lengths, -1 past the last
+    document; count is the true number of documents per row (may exceed M: the caller must check).
+    """
+    B, T = segment_ids_BT.shape
+    is_start = jnp.concatenate(
+        [jnp.ones((B, 1), bool), segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1
+    )
+
+    def row(starts_T):
+        idx = jnp.nonzero(starts_T, size=max_segments, fill_value=T)[0].astype(jnp.int32)
+        nxt = jnp.concatenate([idx[1:], jnp.array([T], jnp.int32)])
+        valid = idx < T
+        lengths = jnp.where(valid, nxt - idx, -1)
+        offsets = jnp.concatenate([jnp.where(valid, idx, -1), jnp.array([-1], jnp.int32)])
+        return offsets, lengths
+
+    offsets, lengths = jax.vmap(row)(is_start)
+    return offsets, lengths, jnp.sum(is_start, axis=1)
+
+
+def _cudnn_packed(q, k, v, segment_ids, scale, max_segments):
+    from jax._src.cudnn.fused_attention_stablehlo import MaskType
+    from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
+
+    offsets, lengths, _ = segment_layout(segment_ids, max_segments)
+    return cudnn_attention(
+        q, k, v, None, None, lengths, lengths, offsets, offsets,
+        scale=scale, mask_type=MaskType.PADDING_CAUSAL, qkv_layout="BTNH",
+    )
+
+
+def attention(q_BTHd, k_BTKd, v_BTKd, *, segment_ids=None, scale=None, implementation="auto", max_segments=64):
+    impl = resolve_attn_implementation(implementation)
+    if impl == "xla":
+        return attention_reference(q_BTHd, k_BTKd, v_BTKd, segment_ids=segment_ids, scale=scale)
+    scale = q_BTHd.shape[-1] ** -0.5 if scale is None else scale
+    if segment_ids is None:
+        return jax.nn.dot_product_attention(q_BTHd, k_BTKd, v_BTKd, scale=scale, is_causal=True,
+                                            implementation="cudnn")
+    # Packed documents: cuDNN's ragged layout skips the cross-document blocks entirely. A row with more than
+    # `max_segments` documents falls back to an explicit mask (correct, slower) rather than dropping any.
+    _, _, count = segment_layout(segment_ids, max_segments)
+
+    def masked(q, k, v, seg):
+        mask = (seg[:, :, None] == seg[:, None, :])[:, None]
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True, implementation="cudnn")
+
+    def packed(q, k, v, seg):
+        return _cudnn_packed(q, k, v, seg, scale, max_segments)
+
+    return jax.lax.cond(jnp.all(count <= max_segments), packed, masked, q_BTHd, k_BTKd, v_BTKd, segment_ids)

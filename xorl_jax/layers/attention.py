@@ -1,0 +1,64 @@
+"""Self-attention of the Qwen family: q/k RMSNorm per head, then RoPE, GQA, optional sigmoid output gate.
+
+Qwen3: plain output. Qwen3.5 (`gated=True`): q_proj also yields a per-dimension gate (per head the first d outputs
+are the query, the next d the gate), `out * sigmoid(gate)` before o_proj, zero-centred q/k norms, partial rotary.
+Shapes: B batch, T tokens, D hidden, H query heads, K kv heads, d head dim.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from xorl_jax.kernels.attention import attention
+from xorl_jax.layers.linear import cast, param
+from xorl_jax.layers.norm import RMSNorm
+from xorl_jax.layers.rope import apply_rope
+
+
+class Attention(nnx.Module):
+    def __init__(
+        self,
+        *,
+        hidden: int,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        eps: float,
+        gated: bool = False,
+        zero_centered_norm: bool = False,
+        dtype=jnp.float32,
+        implementation: str = "auto",
+        rngs: nnx.Rngs,
+    ):
+        if heads % kv_heads:
+            raise ValueError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+        self.gated = gated
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.implementation = implementation
+        q_out = 2 * head_dim if gated else head_dim
+        self.q_proj = param(rngs, (hidden, heads, q_out), ("embed", "heads", "head_dim"))
+        self.k_proj = param(rngs, (hidden, kv_heads, head_dim), ("embed", "kv_heads", "head_dim"))
+        self.v_proj = param(rngs, (hidden, kv_heads, head_dim), ("embed", "kv_heads", "head_dim"))
+        self.o_proj = param(rngs, (heads, head_dim, hidden), ("heads", "head_dim", "embed"))
+        self.q_norm = RMSNorm(head_dim, eps, zero_centered=zero_centered_norm, rngs=rngs)
+        self.k_norm = RMSNorm(head_dim, eps, zero_centered=zero_centered_norm, rngs=rngs)
+
+    def __call__(self, x_BTD, cos, sin, segment_ids=None):
+        dt = self.dtype
+        x = x_BTD.astype(dt)
+        q = jnp.einsum("btd,dhe->bthe", x, cast(self.q_proj, dt))
+        gate = None
+        if self.gated:
+            q, gate = q[..., : self.head_dim], q[..., self.head_dim :]
+        k = jnp.einsum("btd,dke->btke", x, cast(self.k_proj, dt))
+        v = jnp.einsum("btd,dke->btke", x, cast(self.v_proj, dt))
+        # Norm first, RoPE second (the order Qwen3 uses; the parity tests catch a swap).
+        q = apply_rope(self.q_norm(q), cos, sin)
+        k = apply_rope(self.k_norm(k), cos, sin)
+        out = attention(q, k, v, segment_ids=segment_ids, implementation=self.implementation)
+        if gate is not None:
+            out = out * jax.nn.sigmoid(gate)
+        return jnp.einsum("bthe,hed->btd", out.astype(dt), cast(self.o_proj, dt))

@@ -1,0 +1,87 @@
+"""Gated DeltaNet token mixer of Qwen3.5 (the "linear_attention" layers).
+
+x -> in_proj_qkv -> causal depthwise conv + SiLU (reset at document starts) -> q | k | v heads;
+beta = sigmoid(in_proj_b x); g = -exp(A_log) * softplus(in_proj_a x + dt_bias) (fp32, <= 0);
+o = gated delta rule(q, k, v, g, beta) with the state reset at document starts; gated RMSNorm with silu(in_proj_z x);
+out_proj. Value head h reads key head h // (Hv / Hk).
+Shapes: B batch, T tokens, D hidden, C conv channels (2*Hk*dk + Hv*dv), Kc conv width,
+Hk/Hv key/value heads, dk/dv key/value head dims.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from xorl_jax.layers.conv import causal_conv1d_silu
+from xorl_jax.layers.linear import cast, param
+from xorl_jax.layers.norm import GatedRMSNorm
+
+
+GDN_IMPLEMENTATIONS = ("auto", "pallas", "chunked", "recurrent")
+
+
+def resolve_gdn_implementation(name: str) -> str:
+    """Validate the name; "auto" is resolved per device by the kernel dispatcher in `kernels.gdn`."""
+    if name not in GDN_IMPLEMENTATIONS:
+        raise ValueError(f"gdn_implementation {name!r} is not one of {GDN_IMPLEMENTATIONS}")
+    return name
+
+
+class GatedDeltaNet(nnx.Module):
+    def __init__(
+        self,
+        *,
+        hidden: int,
+        key_heads: int,
+        value_heads: int,
+        key_dim: int,
+        value_dim: int,
+        conv_kernel: int,
+        eps: float,
+        dtype=jnp.float32,
+        implementation: str = "auto",
+        rngs: nnx.Rngs,
+    ):
+        if value_heads % key_heads:
+            raise ValueError(f"linear_num_value_heads {value_heads} is not a multiple of linear_num_key_heads {key_heads}")
+        self.dtype = dtype
+        self.implementation = implementation
+        self.key_heads, self.value_heads = key_heads, value_heads
+        self.key_dim, self.value_dim = key_dim, value_dim
+        channels = 2 * key_heads * key_dim + value_heads * value_dim
+        self.in_proj_qkv = param(rngs, (hidden, channels), ("embed", "gdn_channels"))
+        self.in_proj_z = param(rngs, (hidden, value_heads, value_dim), ("embed", "gdn_heads", "head_dim"))
+        self.in_proj_b = param(rngs, (hidden, value_heads), ("embed", "gdn_heads"))
+        self.in_proj_a = param(rngs, (hidden, value_heads), ("embed", "gdn_heads"))
+        self.conv1d = param(rngs, (channels, conv_kernel), ("gdn_channels", None), std=0.3)
+        self.dt_bias = param(rngs, (value_heads,), ("gdn_heads",), init="ones")
+        self.A_log = nnx.Param(jnp.log(jnp.linspace(1.0, 16.0, value_heads)), axes=("gdn_heads",))
+        self.norm = GatedRMSNorm(value_dim, eps, rngs=rngs)
+        self.out_proj = param(rngs, (value_heads, value_dim, hidden), ("gdn_heads", "head_dim", "embed"))
+
+    def __call__(self, x_BTD, segment_ids=None, valid=None):
+        from xorl_jax.kernels.gdn import gated_delta_rule
+
+        dt = self.dtype
+        B, T, _ = x_BTD.shape
+        x = x_BTD.astype(dt)
+        if valid is not None:  # padding contributes nothing (as HF's padding mask does)
+            x = x * valid[..., None].astype(dt)
+        qkv = jnp.einsum("btd,dc->btc", x, cast(self.in_proj_qkv, dt))
+        qkv = causal_conv1d_silu(qkv, cast(self.conv1d, dt), segment_ids)
+        nk, nv = self.key_heads * self.key_dim, self.value_heads * self.value_dim
+        q = qkv[..., :nk].reshape(B, T, self.key_heads, self.key_dim)
+        k = qkv[..., nk : 2 * nk].reshape(B, T, self.key_heads, self.key_dim)
+        v = qkv[..., 2 * nk : 2 * nk + nv].reshape(B, T, self.value_heads, self.value_dim)
+        z = jnp.einsum("btd,dhe->bthe", x, cast(self.in_proj_z, dt))
+        beta = jax.nn.sigmoid(jnp.einsum("btd,dh->bth", x, cast(self.in_proj_b, dt)))
+        a = jnp.einsum("btd,dh->bth", x, cast(self.in_proj_a, dt))
+        g = -jnp.exp(self.A_log[...].astype(jnp.float32)) * jax.nn.softplus(
+            a.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32)
+        )
+        o, _ = gated_delta_rule(q, k, v, g, beta, segment_ids=segment_ids, use_qk_l2norm=True,
+                                implementation=self.implementation)
+        o = self.norm(o.astype(dt), z)
+        return jnp.einsum("bthe,hed->btd", o, cast(self.out_proj, dt))

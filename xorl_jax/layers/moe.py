@@ -1,0 +1,149 @@
+"""Sparse MoE block of Qwen3-MoE / Qwen3.5-MoE: softmax router (fp32) -> top-k -> optional renormalisation,
+dropless SwiGLU experts, optional shared expert with a per-token sigmoid gate (Qwen3.5-MoE).
+
+Expert weights are fused: `gate_up_proj` [E, D, 2, F] (index 0 = gate) and `down_proj` [E, F, D].
+`moe_implementation`:
+- `eager`: every expert on every token, weighted by a dense [N, E] combine matrix. The reference; tiny models only.
+- `native`: token copies sorted by expert, `jax.lax.ragged_dot` grouped GEMM (fine on CPU, very slow on GPU).
+- `triton`: the same sorted path with the jax-triton grouped GEMM kernel (NVIDIA GPUs).
+- `auto`: triton on NVIDIA GPUs when available, otherwise native.
+
+Shapes: N tokens, D hidden, E experts, F expert intermediate, k experts per token.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from xorl_jax.layers.linear import cast, param
+from xorl_jax.layers.mlp import MLP
+
+MOE_IMPLEMENTATIONS = ("auto", "triton", "native", "eager")
+
+
+def resolve_moe_implementation(name: str) -> str:
+    if name not in MOE_IMPLEMENTATIONS:
+        raise ValueError(f"moe_implementation {name!r} is not one of {MOE_IMPLEMENTATIONS}")
+    if name in ("auto", "triton"):
+        from xorl_jax.kernels.gmm import triton_available
+
+        if triton_available():
+            return "triton"
+        if name == "triton":
+            raise RuntimeError(
+                "moe_implementation 'triton' is not available on this device (needs an NVIDIA GPU and jax-triton); "
+                "use 'native' or 'eager'"
+            )
+        return "native"
+    return name
+
+
+def route(logits_NE, top_k: int, normalize: bool):
+    """Router probabilities (fp32), top-k expert ids and their weights (renormalised when `normalize`)."""
+    probs = jax.nn.softmax(logits_NE.astype(jnp.float32), axis=-1)
+    top_w, top_i = jax.lax.top_k(probs, top_k)
+    if normalize:
+        top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
+    return probs, top_w, top_i
+
+
+def experts_sorted(x_ND, top_i, top_w, w_gate_up_EDCF, w_down_EFD, implementation: str):
+    """Dropless experts through a grouped GEMM over token copies sorted by expert."""
+    from xorl_jax.kernels.gmm import gmm
+
+    N, D = x_ND.shape
+    E, _, _, F = w_gate_up_EDCF.shape
+    k = top_i.shape[-1]
+    flat_expert = top_i.reshape(-1)
+    order = jnp.argsort(flat_expert, stable=True)
+    group_sizes = jnp.bincount(flat_expert, length=E).astype(jnp.int32)
+    x_sorted = x_ND[order // k]
+    gmm_impl = "ragged_dot" if implementation == "native" else implementation
+    h = gmm(x_sorted, w_gate_up_EDCF.reshape(E, D, 2 * F), group_sizes, implementation=gmm_impl)
+    a = jax.nn.silu(h[:, :F]) * h[:, F:]
+    y_sorted = gmm(a, w_down_EFD, group_sizes, implementation=gmm_impl)
+    y_copies = y_sorted[jnp.argsort(order)].reshape(N, k, D)
+    return jnp.sum(y_copies * top_w[..., None].astype(y_copies.dtype), axis=1)
+
+
+def experts_dense(x_ND, top_i, top_w, w_gate_up_EDCF, w_down_EFD):
+    """Reference: each expert on every token, combined with a dense [N, E] weight matrix (zeros off the top-k)."""
+    N = x_ND.shape[0]
+    E = w_gate_up_EDCF.shape[0]
+    combine = jnp.zeros((N, E), top_w.dtype).at[jnp.arange(N)[:, None], top_i].set(top_w)
+    h = jnp.einsum("nd,edcf->necf", x_ND, w_gate_up_EDCF)
+    a = jax.nn.silu(h[:, :, 0]) * h[:, :, 1]
+    y = jnp.einsum("nef,efd->ned", a, w_down_EFD)
+    return jnp.einsum("ned,ne->nd", y, combine.astype(y.dtype))
+
+
+class MoE(nnx.Module):
+    def __init__(
+        self,
+        *,
+        hidden: int,
+        num_experts: int,
+        top_k: int,
+        intermediate: int,
+        norm_topk_prob: bool,
+        shared_intermediate: int = 0,
+        router_fp32: bool = True,
+        dtype=jnp.float32,
+        implementation: str = "auto",
+        rngs: nnx.Rngs,
+    ):
+        if top_k > num_experts:
+            raise ValueError(f"num_experts_per_tok {top_k} exceeds num_experts {num_experts}")
+        self.top_k = top_k
+        self.norm_topk_prob = norm_topk_prob
+        self.router_fp32 = router_fp32
+        self.dtype = dtype
+        self.implementation = implementation
+        self.router = param(rngs, (hidden, num_experts), ("embed", None))
+        self.gate_up_proj = param(rngs, (num_experts, hidden, 2, intermediate), ("expert", "embed", None, "expert_mlp"))
+        self.down_proj = param(rngs, (num_experts, intermediate, hidden), ("expert", "expert_mlp", "embed"))
+        self.has_shared_expert = bool(shared_intermediate)
+        if shared_intermediate:
+            self.shared_expert = MLP(hidden=hidden, intermediate=shared_intermediate, dtype=dtype, rngs=rngs)
+            self.shared_expert_gate = param(rngs, (hidden, 1), ("embed", None))
+
+    def __call__(self, x_BTD, valid_BT):
+        """Returns (y [B,T,D], stats [2, E]: masked top-k counts and masked router-probability sums)."""
+        B, T, D = x_BTD.shape
+        dt = self.dtype
+        x = x_BTD.reshape(B * T, D).astype(dt)
+        router_dt = jnp.float32 if self.router_fp32 else dt
+        logits = jnp.dot(x.astype(router_dt), cast(self.router, router_dt))
+        probs, top_w, top_i = route(logits, self.top_k, self.norm_topk_prob)
+        w_gu, w_down = cast(self.gate_up_proj, dt), cast(self.down_proj, dt)
+        from xorl_jax.parallel import rules as parallel_rules
+
+        ctx = parallel_rules.current()
+        if ctx is not None and ctx.axis_size("expert") > 1:  # expert parallelism: shard_map all-to-all path
+            from xorl_jax.parallel.expert import experts_ep
+
+            y = experts_ep(x, top_i, top_w.astype(dt), w_gu, w_down, mesh=ctx.mesh, implementation=self.implementation)
+        elif self.implementation == "eager":
+            y = experts_dense(x, top_i, top_w.astype(dt), w_gu, w_down)
+        else:
+            y = experts_sorted(x, top_i, top_w.astype(dt), w_gu, w_down, self.implementation)
+        if self.has_shared_expert:
+            shared = self.shared_expert(x[None])[0]
+            gate = jax.nn.sigmoid(jnp.dot(x, cast(self.shared_expert_gate, dt)))
+            y = y + gate * shared
+        valid = valid_BT.reshape(-1).astype(jnp.float32)
+        E = probs.shape[-1]
+        counts = jnp.zeros((E,), jnp.float32).at[top_i.reshape(-1)].add(jnp.repeat(valid, self.top_k))
+        prob_sum = jnp.sum(probs * valid[:, None], axis=0)
+        return y.reshape(B, T, D), jnp.stack([counts, prob_sum])
+
+
+def load_balancing_loss(stats_2E, num_moe_layers: int, n_valid_tokens):
+    """HF's `load_balancing_loss_func`: counts and probabilities pooled over all MoE layers, then E * sum(f * P)."""
+    E = stats_2E.shape[-1]
+    total = jnp.maximum(num_moe_layers * n_valid_tokens.astype(jnp.float32), 1.0)
+    f = stats_2E[0] / total
+    p = stats_2E[1] / total
+    return E * jnp.sum(f * p)

@@ -1,0 +1,117 @@
+"""Pieces every model family shares: runtime options, the scanned layer stack, the output type, HF config reading."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+    """How to run a model (not what it is): dtypes, kernel backends, rematerialisation."""
+
+    dtype: str = "float32"  # compute dtype of activations and matmuls
+    param_dtype: str = "float32"  # storage dtype of parameters
+    attn_implementation: str = "auto"  # auto | cudnn | xla
+    moe_implementation: str = "auto"  # auto | triton | native | eager
+    gdn_implementation: str = "auto"  # auto | pallas | chunked | recurrent
+    remat_policy: str = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
+    router_fp32: bool = True
+
+    def __post_init__(self):
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat policy {self.remat_policy!r} is not one of {REMAT_POLICIES}")
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+
+@struct.dataclass
+class ModelOutput:
+    logits: Any = None  # [B, T, V] (None when return_hidden=True)
+    hidden_states: Any = None  # [B, T, D] after the final norm (when return_hidden=True)
+    aux_loss: Any = None  # MoE load-balancing loss, unscaled (HF's `aux_loss`); 0 for dense models
+
+
+def checkpoint_policy(name: str):
+    if name == "full":
+        return None
+    return getattr(jax.checkpoint_policies, name)
+
+
+def repeat_period(kinds: Sequence) -> int:
+    """Smallest p dividing len(kinds) with kinds[i] == kinds[i % p]: the group of layers that the scan repeats."""
+    n = len(kinds)
+    for p in range(1, n + 1):
+        if n % p == 0 and all(kinds[i] == kinds[i % p] for i in range(n)):
+            return p
+    return n
+
+
+class LayerStack(nnx.Module):
+    """Layers stacked along a leading `layers` axis and applied with `lax.scan`, so compile time stays flat in depth.
+
+    `kinds[i]` names what layer i is (e.g. "dense"/"moe", "linear_attention"/"full_attention"). The smallest
+    repeating pattern of kinds forms one scan step; each parameter gets the logical axis "layers" prepended.
+    """
+
+    def __init__(self, kinds: Sequence, make_layer: Callable[[Any, nnx.Rngs], nnx.Module], *, rngs: nnx.Rngs):
+        period = repeat_period(kinds)
+        self.pattern = tuple(kinds[:period])
+        self.repeats = len(kinds) // period
+        pattern = self.pattern
+
+        @nnx.vmap(in_axes=0, out_axes=0)
+        def create(key):
+            layer_rngs = nnx.Rngs(params=key)
+            return nnx.List([make_layer(kind, layer_rngs) for kind in pattern])
+
+        self.groups = create(jax.random.split(rngs.params(), self.repeats))
+        for _, node in nnx.iter_graph(self.groups):
+            if isinstance(node, nnx.Variable):
+                node.set_metadata(axes=("layers",) + tuple(node.get_metadata()["axes"]))
+
+    def __call__(self, carry, *, remat_policy: str = "none", **ctx):
+        """carry -> carry through every layer; each layer is called as `layer(carry, **ctx) -> carry`."""
+        graphdef, state = nnx.split(self.groups)
+
+        def step(carry, group_state):
+            group = nnx.merge(graphdef, group_state)
+            for layer in group:
+                carry = layer(carry, **ctx)
+            return carry, None
+
+        if remat_policy != "none":
+            step = jax.checkpoint(step, policy=checkpoint_policy(remat_policy), prevent_cse=False)
+        carry, _ = jax.lax.scan(step, carry, state)
+        return carry
+
+
+def rope_theta(hf: dict) -> float:
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ("default", None):
+        raise ValueError(f"config.json: rope_type {rope_type!r} is not supported yet (only default RoPE)")
+    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def cast_params(model: nnx.Module, dtype) -> None:
+    """Store every parameter in `dtype` (e.g. bf16 weights for a frozen base model)."""
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Param):
+            node[...] = node[...].astype(dtype)
+
+
+def constrain(x, names):
+    """Shard activation `x` by its logical axis `names` (e.g. ("batch", "seq", "embed")) under the current mesh
+    and rules (`xorl_jax.parallel.rules.use_mesh`); a no-op without one."""
+    from xorl_jax.parallel.rules import constrain as constrain_by_rules
+
+    return constrain_by_rules(x, names)

@@ -1,0 +1,211 @@
+"""Optimizers (optax), learning-rate schedules and parameter masks (weight decay, frozen parameters).
+
+Everything works on any pytree of arrays, `nnx.State` included. Masks are pytrees of Python bools with the same
+structure as the parameters.
+
+Schedules follow xorl (`lr_warmup_ratio`, `lr_decay_style`, `lr_decay_ratio`, `lr_min`): the value for optimizer
+update k (k = 0 for the first update) is
+- warmup, k < W = int(total_steps * warmup_ratio): lr * k / W (the first update of a warmed-up run uses lr 0);
+- constant: lr;
+- linear: max(lr_min, lr * (E - k) / (E - W)) with E = int(total_steps * decay_ratio) (xorl's linear ignores
+  decay_ratio and floors at 1e-7; with decay_ratio 1.0 the two agree);
+- cosine: lr_min + (lr - lr_min) * (1 + cos(pi * (k - W) / (E - W))) / 2 until E, then lr_min.
+So decay_ratio < 1 reaches lr_min early (at fraction decay_ratio of training) and holds it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+DECAY_STYLES = ("constant", "linear", "cosine")
+OPTIMIZERS = ("adamw", "anyprecision_adamw", "sgd", "signsgd")
+_STATE_DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
+NO_DECAY_NAME_PARTS = ("norm", "bias")
+
+
+# ------------------------------------------------------------------------------------------------ schedules
+def build_schedule(*, lr: float, lr_min: float = 0.0, total_steps: int, warmup_ratio: float = 0.0,
+                   decay_style: str = "cosine", decay_ratio: float = 1.0) -> optax.Schedule:
+    """The learning rate as a function of the number of optimizer updates already applied (see module doc)."""
+    if decay_style not in DECAY_STYLES:
+        raise ValueError(f"lr_decay_style {decay_style!r} is not one of {DECAY_STYLES}")
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    if not 0.0 <= warmup_ratio <= 1.0:
+        raise ValueError(f"lr_warmup_ratio must be in [0, 1], got {warmup_ratio}")
+    if not 0.0 <= decay_ratio <= 1.0:
+        raise ValueError(f"lr_decay_ratio must be in [0, 1], got {decay_ratio}")
+    if lr_min > lr:
+        raise ValueError(f"lr_min ({lr_min}) is larger than lr ({lr})")
+    warmup = int(total_steps * warmup_ratio)
+    decay_end = int(total_steps * decay_ratio)
+    span = float(max(1, decay_end - warmup))
+
+    def schedule(count):
+        k = jnp.asarray(count, jnp.float32)
+        warm = lr * k / max(1, warmup)
+        if decay_style == "constant":
+            after = jnp.full_like(k, lr)
+        elif decay_style == "linear":
+            after = jnp.maximum(lr_min, lr * (decay_end - k) / span)
+        else:
+            progress = jnp.clip((k - warmup) / span, 0.0, 1.0)
+            after = lr_min + (lr - lr_min) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+            after = jnp.where(k > decay_end, lr_min, after)  # also when decay ends inside the warmup
+        return jnp.where(k < warmup, warm, after)
+
+    return schedule
+
+
+# ------------------------------------------------------------------------------------------------ masks
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def _key_name(key) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def map_params_with_path(fn: Callable[[tuple[str, ...], Any, tuple | None], Any], params) -> Any:
+    """Apply fn(path_names, array, logical_axes_or_None) to every parameter; returns a pytree with the exact
+    structure of `params` (nnx Variables keep their node, holding fn's result)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_variable)
+    out = []
+    for path, leaf in flat:
+        names = tuple(_key_name(k) for k in path)
+        if _is_variable(leaf):
+            axes = leaf.get_metadata().get("axes")
+            out.append(fn(names, leaf[...], tuple(axes) if axes is not None else None))
+        else:
+            out.append(fn(names, leaf, None))
+    return jax.tree.unflatten(jax.tree.structure(params), out)
+
+
+def default_decay_mask(params) -> Any:
+    """True where weight decay applies. Like HF Trainer: no decay on norms and biases (any path name containing
+    'norm' or 'bias'); embeddings, projections, routers decay. Also no decay on vectors (per-head scalars such
+    as Gated DeltaNet's A_log); the stacked `layers` axis of scanned layers does not count as a dimension."""
+
+    def decays(names, x, axes):
+        if any(part in name.lower() for name in names for part in NO_DECAY_NAME_PARTS):
+            return False
+        rank = len([a for a in axes if a != "layers"]) if axes is not None else jnp.ndim(x)
+        return rank >= 2
+
+    return map_params_with_path(decays, params)
+
+
+def global_grad_norm(grads, trainable_mask=None) -> jax.Array:
+    """L2 norm over all gradients (only the trainable ones when a mask is given), in fp32."""
+    if trainable_mask is not None:
+        grads = jax.tree.map(lambda g, m: g if m else jnp.zeros((), g.dtype), grads, trainable_mask)
+    leaves = jax.tree.leaves(grads)
+    if not leaves:
+        return jnp.zeros((), jnp.float32)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+
+
+# ------------------------------------------------------------------------------------------------ transforms
+def _stochastic_round_bf16(x32: jax.Array, key: jax.Array) -> jax.Array:
+    """fp32 -> bf16 rounding up or down with probability proportional to the distance (unbiased), so small
+    EMA updates (e.g. (1 - b2) with b2 = 0.999) are not lost to round-to-nearest."""
+    bits = jax.lax.bitcast_convert_type(x32, jnp.uint32)
+    noise = jax.random.bits(key, x32.shape, jnp.uint32) >> 16
+    rounded = (bits + noise) & jnp.uint32(0xFFFF0000)
+    out = jax.lax.bitcast_convert_type(rounded, jnp.float32)
+    return jnp.where(jnp.isfinite(x32), out, x32).astype(jnp.bfloat16)
+
+
+def scale_by_adam_low_precision(b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8, *,
+                                state_dtype=jnp.bfloat16, stochastic_rounding: bool = True,
+                                seed: int = 0) -> optax.GradientTransformation:
+    """Adam scaling with mu and nu stored in `state_dtype` (math in fp32). The state has optax's
+    ScaleByAdamState layout, so checkpoints look like the fp32 ones with smaller leaves."""
+
+    def init(params):
+        zeros = lambda p: jnp.zeros(jnp.shape(p), state_dtype)  # noqa: E731
+        return optax.ScaleByAdamState(count=jnp.zeros((), jnp.int32), mu=jax.tree.map(zeros, params),
+                                      nu=jax.tree.map(zeros, params))
+
+    def update(updates, state, params=None):
+        del params
+        count = optax.safe_int32_increment(state.count)
+        c = count.astype(jnp.float32)
+        leaves, treedef = jax.tree.flatten(updates)
+        mus, nus = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
+        step_key = jax.random.fold_in(jax.random.PRNGKey(seed), count)
+        out, new_mu, new_nu = [], [], []
+        for i, (g, mu, nu) in enumerate(zip(leaves, mus, nus)):
+            g32 = g.astype(jnp.float32)
+            mu32 = b1 * mu.astype(jnp.float32) + (1.0 - b1) * g32
+            nu32 = b2 * nu.astype(jnp.float32) + (1.0 - b2) * g32 * g32
+            mu_hat = mu32 / (1.0 - b1 ** c)
+            nu_hat = nu32 / (1.0 - b2 ** c)
+            out.append((mu_hat / (jnp.sqrt(nu_hat) + eps)).astype(g.dtype))
+            if stochastic_rounding and jnp.dtype(state_dtype) == jnp.bfloat16:
+                k_mu, k_nu = jax.random.split(jax.random.fold_in(step_key, i))
+                new_mu.append(_stochastic_round_bf16(mu32, k_mu))
+                new_nu.append(_stochastic_round_bf16(nu32, k_nu))
+            else:
+                new_mu.append(mu32.astype(state_dtype))
+                new_nu.append(nu32.astype(state_dtype))
+        return (treedef.unflatten(out),
+                optax.ScaleByAdamState(count=count, mu=treedef.unflatten(new_mu), nu=treedef.unflatten(new_nu)))
+
+    return optax.GradientTransformation(init, update)
+
+
+def build_optimizer(*, schedule: optax.Schedule | float, weight_decay: float = 0.0, b1: float = 0.9,
+                    b2: float = 0.95, eps: float = 1e-8, max_grad_norm: float | None = 1.0,
+                    optimizer: str = "adamw", optimizer_dtype: str = "float32", decay_mask=None,
+                    trainable_mask=None, momentum: float | None = None,
+                    stochastic_rounding: bool = True) -> optax.GradientTransformation:
+    """The optax chain: clip by global norm -> optimizer -> decoupled (AdamW) or L2 (SGD) weight decay -> lr.
+
+    optimizer: adamw | anyprecision_adamw (the same; xorl's name) | sgd (torch semantics: L2 decay added to the
+      gradient; momentum = `momentum`, or b1 when that is None, as the config's adam_beta1 documents; 0 = plain
+      SGD) | signsgd (sign of the gradient, decoupled decay).
+    optimizer_dtype: float32 | bfloat16 (also fp32 | bf16): storage of Adam's mu and nu; bf16 uses unbiased
+      stochastic rounding unless stochastic_rounding=False.
+    decay_mask: pytree of bool, True = decay (default: every parameter). Build one with `default_decay_mask`.
+    trainable_mask: pytree of bool, False = frozen: frozen parameters get zero updates and no optimizer state,
+      and gradient clipping sees only the trainable gradients.
+    """
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer {optimizer!r} is not supported; use one of {OPTIMIZERS}")
+    if optimizer_dtype not in _STATE_DTYPES:
+        raise ValueError(f"optimizer_dtype {optimizer_dtype!r} is not one of {sorted(_STATE_DTYPES)}")
+    state_dtype = _STATE_DTYPES[optimizer_dtype]
+    parts = []
+    if max_grad_norm is not None and max_grad_norm > 0:
+        parts.append(optax.clip_by_global_norm(max_grad_norm))
+    decay = [optax.add_decayed_weights(weight_decay, mask=decay_mask)] if weight_decay else []
+    if optimizer in ("adamw", "anyprecision_adamw"):
+        if state_dtype == jnp.float32:
+            parts.append(optax.scale_by_adam(b1=b1, b2=b2, eps=eps))
+        else:
+            parts.append(scale_by_adam_low_precision(b1, b2, eps, state_dtype=state_dtype,
+                                                     stochastic_rounding=stochastic_rounding))
+        parts += decay
+    elif optimizer == "sgd":
+        parts += decay
+        momentum = b1 if momentum is None else momentum
+        if momentum:
+            parts.append(optax.trace(decay=momentum, accumulator_dtype=state_dtype))
+    else:  # signsgd
+        parts.append(optax.scale_by_sign())
+        parts += decay
+    parts.append(optax.scale_by_learning_rate(schedule))
+    tx = optax.chain(*parts)
+    if trainable_mask is None:
+        return tx
+    labels = jax.tree.map(lambda m: "trainable" if bool(m) else "frozen", trainable_mask)
+    return optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)

@@ -1,0 +1,154 @@
+"""Dropless expert parallelism with `shard_map`: the only hand-written collectives of the MoE path.
+
+Per device (tokens split over data x fsdp x expert, experts split over `expert`):
+1. token copies (k per token) sorted by global expert id, which also groups them by destination expert rank;
+2. per (destination rank, local expert) counts exchanged with a small all-to-all;
+3. the copies exchanged with all-to-all: `padded` sends a fixed [R, N*k, D] buffer (each destination slot can hold
+   every local copy, so nothing is ever dropped); `ragged` sends only the real rows with `ragged_all_to_all`
+   (GPU/TPU only; XLA:CPU lacks it);
+4. received rows sorted by local expert, SwiGLU experts through the grouped GEMM, rows unsorted;
+5. the reverse exchange, then each token sums its k expert outputs times its router weights.
+Tensor parallelism inside experts: the intermediate dimension F is split over `tensor` and the down projection's
+partial sums are added with a psum. The backward pass is shard_map's autodiff (all-to-all transposes to the
+reverse all-to-all).
+
+Shapes: N local tokens, D hidden, E experts (El local), F expert intermediate (local share), k experts per token,
+R expert ranks, C = N*k copies per device.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+EXCHANGES = ("auto", "padded", "ragged")
+
+
+def _shard_map(f, mesh, in_specs, out_specs):
+    if hasattr(jax, "shard_map"):
+        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    from jax.experimental.shard_map import shard_map
+
+    return shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+
+
+def grouped_matmul(x_MK, w_GKN, group_sizes_G, implementation: str):
+    """Rows of x grouped consecutively by group_sizes (rows past their sum are padding) times per-group weights."""
+    if implementation in ("triton",):
+        from xorl_jax.kernels.gmm import gmm
+
+        return gmm(x_MK, w_GKN, group_sizes_G, implementation=implementation)
+    return jax.lax.ragged_dot(x_MK, w_GKN, group_sizes_G)
+
+
+def local_experts(x_MD, expert_M, num_local: int, w_gate_up_EDCF, w_down_EFD, implementation: str):
+    """SwiGLU experts on rows x with local expert ids (num_local marks padding rows, whose output is 0)."""
+    E, D, _, F = w_gate_up_EDCF.shape
+    order = jnp.argsort(expert_M, stable=True)
+    sizes = jnp.bincount(expert_M, length=num_local + 1)[:num_local].astype(jnp.int32)
+    xs = x_MD[order]
+    h = grouped_matmul(xs, w_gate_up_EDCF.reshape(E, D, 2 * F), sizes, implementation)
+    a = jax.nn.silu(h[:, :F]) * h[:, F:]
+    ys = grouped_matmul(a, w_down_EFD, sizes, implementation)
+    valid = (jnp.arange(xs.shape[0]) < jnp.sum(sizes))[:, None]
+    ys = jnp.where(valid, ys, 0)
+    return jnp.zeros_like(ys).at[order].set(ys)
+
+
+def _ep_body(x_ND, top_i, top_w, w_gu, w_down, *, num_experts: int, expert_axis: str, tensor_axis,
+             exchange: str, implementation: str):
+    N, D = x_ND.shape
+    k = top_i.shape[-1]
+    R = jax.lax.psum(1, expert_axis)
+    El = num_experts // R
+    C = N * k
+    flat_e = top_i.reshape(-1)
+    order = jnp.argsort(flat_e, stable=True)
+    e_sorted = flat_e[order]
+    x_sorted = x_ND[order // k]
+    dest = e_sorted // El
+    counts_RE = jnp.bincount(e_sorted, length=num_experts).reshape(R, El).astype(jnp.int32)
+    send_R = jnp.sum(counts_RE, axis=1)
+    send_start = jnp.cumsum(send_R) - send_R
+    pos = jnp.arange(C) - send_start[dest]  # slot within the destination's block
+    # recv_counts[r, e]: copies rank r sends me for my local expert e
+    recv_counts = jax.lax.all_to_all(counts_RE, expert_axis, 0, 0, tiled=True)
+    recv_R = jnp.sum(recv_counts, axis=1)
+
+    if exchange == "padded":
+        send = jnp.zeros((R, C, D), x_ND.dtype).at[dest, pos].set(x_sorted)
+        recv = jax.lax.all_to_all(send, expert_axis, 0, 0, tiled=True)  # [R, C, D]: block r from rank r
+        slot = jnp.arange(C)
+        ends = jnp.cumsum(recv_counts, axis=1)  # [R, El]
+        local_e = jax.vmap(lambda e: jnp.searchsorted(e, slot, side="right"))(ends)  # [R, C]; El = padding
+        local_e = jnp.where(slot[None] < recv_R[:, None], local_e, El)
+        y = local_experts(recv.reshape(R * C, D), local_e.reshape(-1), El, w_gu, w_down, implementation)
+        if tensor_axis is not None:
+            y = jax.lax.psum(y, tensor_axis)
+        back = jax.lax.all_to_all(y.reshape(R, C, D), expert_axis, 0, 0, tiled=True)
+        y_sorted = back[dest, pos]
+    elif exchange == "ragged":
+        me = jax.lax.axis_index(expert_axis)
+        all_send = jax.lax.all_gather(send_R, expert_axis)  # [src, dst]
+        out_off = jnp.sum(jnp.where(jnp.arange(R)[:, None] < me, all_send, 0), axis=0).astype(jnp.int32)
+        recv_start = (jnp.cumsum(recv_R) - recv_R).astype(jnp.int32)
+        buf = jnp.zeros((R * C, D), x_ND.dtype)
+        recv = jax.lax.ragged_all_to_all(x_sorted, buf, send_start.astype(jnp.int32), send_R, out_off, recv_R,
+                                         axis_name=expert_axis)
+        # received rows are source-major, each source block sorted by local expert
+        ends = (recv_start[:, None] + jnp.cumsum(recv_counts, axis=1)).reshape(-1)  # source-major boundaries
+        row = jnp.arange(R * C)
+        seg = jnp.searchsorted(ends, row, side="right")  # index over (source, local expert)
+        local_e = jnp.where(row < jnp.sum(recv_R), seg % El, El)
+        y = local_experts(recv, local_e, El, w_gu, w_down, implementation)
+        if tensor_axis is not None:
+            y = jax.lax.psum(y, tensor_axis)
+        # reverse: rows from source s return to s, at the offset where s kept its copies for me
+        back_off = jax.lax.all_to_all(send_start.astype(jnp.int32), expert_axis, 0, 0, tiled=True)
+        y_sorted = jax.lax.ragged_all_to_all(y, jnp.zeros((C, D), y.dtype), recv_start, recv_R, back_off, send_R,
+                                             axis_name=expert_axis)
+    else:
+        raise ValueError(f"expert exchange {exchange!r} is not one of {EXCHANGES}")
+
+    y_copies = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(N, k, D)
+    return jnp.sum(y_copies * top_w[..., None].astype(y_copies.dtype), axis=1)
+
+
+def resolve_exchange(exchange: str) -> str:
+    if exchange not in EXCHANGES:
+        raise ValueError(f"expert exchange {exchange!r} is not one of {EXCHANGES}")
+    if exchange == "auto":
+        return "padded"
+    if exchange == "ragged" and jax.default_backend() == "cpu":
+        raise ValueError("expert exchange 'ragged' needs GPU/TPU (XLA:CPU has no ragged-all-to-all); use 'padded'")
+    return exchange
+
+
+def experts_ep(x_ND, top_i, top_w, w_gate_up_EDCF, w_down_EFD, *, mesh, implementation: str = "native",
+               exchange: str = "auto", expert_axis: str = "expert", tensor_axis: str | None = "tensor",
+               batch_axes=("data", "fsdp", "expert")):
+    """Dropless expert-parallel MoE over global arrays (called under jit): x [N, D] with N split over
+    `batch_axes`, expert weights split over `expert_axis` (and F over `tensor_axis` when it divides)."""
+    E, D, _, F = w_gate_up_EDCF.shape
+    R = mesh.shape[expert_axis]
+    if E % R:
+        raise ValueError(f"num_experts {E} is not divisible by the expert axis size {R}; change expert_parallel_size")
+    tp = mesh.shape.get(tensor_axis, 1) if tensor_axis else 1
+    tensor = tensor_axis if tp > 1 and F % tp == 0 else None
+    batch = tuple(a for a in batch_axes if mesh.shape.get(a, 1) > 1)
+    n_batch = 1
+    for a in batch:
+        n_batch *= mesh.shape[a]
+    if x_ND.shape[0] % n_batch:
+        raise ValueError(f"{x_ND.shape[0]} tokens do not split over batch axes {batch} ({n_batch} ways)")
+    tok = P(batch or None, None)
+    body = functools.partial(_ep_body, num_experts=E, expert_axis=expert_axis, tensor_axis=tensor,
+                             exchange=resolve_exchange(exchange),
+                             implementation="native" if implementation == "eager" else implementation)
+    f = _shard_map(body, mesh,
+                   in_specs=(tok, tok, tok, P(expert_axis, None, None, tensor), P(expert_axis, tensor, None)),
+                   out_specs=tok)
+    return f(x_ND, top_i, top_w, w_gate_up_EDCF, w_down_EFD)

@@ -1,0 +1,144 @@
+"""The device mesh, built from xorl's parallel-size fields.
+
+Mesh axes, outermost first: `data` (replicas, HSDP's replicate dimension), `fsdp` (parameter shards that are
+not expert groups), `expert` (expert-parallel ranks), `tensor` (tensor-parallel ranks).
+
+xorl's `data_parallel_shard_size` counts every FSDP rank, expert ranks included: the expert axis is carved out of
+the FSDP group (dense parameters shard over `fsdp` x `expert`; expert weights put experts on `expert` and shard
+the rest over `fsdp`). So with 8 devices, `data_parallel_shard_size: 8, expert_parallel_size: 4` gives
+mesh {data: 1, fsdp: 2, expert: 4, tensor: 1}.
+
+Device order keeps `tensor` and `expert` (the innermost axes, which carry the most traffic) inside one process
+(one node), and spreads `data` then `fsdp` across processes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh
+
+AXES = ("data", "fsdp", "expert", "tensor")
+SIZE_FIELDS = ("data_parallel_replicate_size", "data_parallel_shard_size", "expert_parallel_size",
+               "tensor_parallel_size")
+
+
+class MeshError(ValueError):
+    """Parallel sizes that do not fit the devices or the model."""
+
+
+def _parse_size(name: str, value) -> int | None:
+    """An int >= 1, or None for 'fill the rest' (-1 / 'auto')."""
+    if value is None or value == -1 or (isinstance(value, str) and value.lower() == "auto"):
+        return None
+    try:
+        value = int(value)
+    except (TypeError, ValueError):
+        raise MeshError(f"train.{name} must be a positive integer, -1 or 'auto', got {value!r}") from None
+    if value < 1:
+        raise MeshError(f"train.{name} must be a positive integer, -1 or 'auto', got {value}")
+    return value
+
+
+def resolve_sizes(num_devices: int, *, data_parallel_replicate_size=1, data_parallel_shard_size=-1,
+                  expert_parallel_size=1, tensor_parallel_size=1) -> dict[str, int]:
+    """{mesh axis: size} from xorl's fields; at most one field may be -1/'auto' and takes what the others leave."""
+    raw = dict(data_parallel_replicate_size=data_parallel_replicate_size,
+               data_parallel_shard_size=data_parallel_shard_size,
+               expert_parallel_size=expert_parallel_size, tensor_parallel_size=tensor_parallel_size)
+    sizes = {k: _parse_size(k, v) for k, v in raw.items()}
+    auto = [k for k, v in sizes.items() if v is None]
+    if len(auto) > 1:
+        raise MeshError(f"only one of {auto} may be -1/'auto'; set the others to explicit sizes")
+    rep, tp = sizes["data_parallel_replicate_size"], sizes["tensor_parallel_size"]
+    shard, ep = sizes["data_parallel_shard_size"], sizes["expert_parallel_size"]
+    if auto == ["expert_parallel_size"]:
+        ep = shard  # experts spread over the whole FSDP group
+    elif auto:
+        known = math.prod(v for k, v in sizes.items() if v is not None and k != "expert_parallel_size")
+        if num_devices % known:
+            raise MeshError(f"{num_devices} devices are not divisible by the product of the fixed parallel sizes "
+                            f"({known}); change {', '.join(SIZE_FIELDS)}")
+        fill = num_devices // known
+        if auto == ["data_parallel_shard_size"]:
+            shard = fill
+        elif auto == ["data_parallel_replicate_size"]:
+            rep = fill
+        else:
+            tp = fill
+    if rep * shard * tp != num_devices:
+        raise MeshError(f"data_parallel_replicate_size {rep} x data_parallel_shard_size {shard} x "
+                        f"tensor_parallel_size {tp} = {rep * shard * tp}, but there are {num_devices} devices; "
+                        f"make the product equal the device count (or set one size to -1)")
+    if shard % ep:
+        raise MeshError(f"expert_parallel_size {ep} must divide data_parallel_shard_size {shard} "
+                        f"(expert ranks are carved out of the FSDP group)")
+    return {"data": rep, "fsdp": shard // ep, "expert": ep, "tensor": tp}
+
+
+def check_model_fits(sizes: dict[str, int], model_config: Any) -> None:
+    """Clear errors when experts or heads do not split evenly over the expert / tensor axes."""
+    if model_config is None:
+        return
+    ep, tp = sizes.get("expert", 1), sizes.get("tensor", 1)
+    experts = getattr(model_config, "num_experts", 0) or 0
+    if ep > 1 and not experts:
+        raise MeshError(f"expert_parallel_size {ep} > 1 but the model has no experts; set it to 1")
+    if ep > 1 and experts % ep:
+        raise MeshError(f"num_experts {experts} is not divisible by expert_parallel_size {ep}; "
+                        f"pick an expert_parallel_size that divides it")
+    if tp > 1:
+        for field in ("num_attention_heads", "num_key_value_heads", "linear_num_key_heads", "linear_num_value_heads"):
+            n = getattr(model_config, field, None)
+            if n and n % tp:
+                raise MeshError(f"{field} {n} is not divisible by tensor_parallel_size {tp}; "
+                                f"pick a tensor_parallel_size that divides it")
+
+
+def _device_array(shape: tuple[int, ...], devices) -> np.ndarray:
+    n_proc = len({d.process_index for d in devices})
+    if n_proc == 1:
+        return np.asarray(devices).reshape(shape) if devices[0].platform == "cpu" else \
+            mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
+    # Several processes: processes (nodes) go on the outer axes, data first then fsdp.
+    per_proc = len(devices) // n_proc
+    dcn = [1, 1, 1, 1]
+    left = n_proc
+    for i in (0, 1):  # data, fsdp
+        g = math.gcd(shape[i], left)
+        dcn[i], left = g, left // g
+    if left != 1:
+        raise MeshError(f"{n_proc} processes cannot be laid over data x fsdp = {shape[0]} x {shape[1]} with expert "
+                        f"and tensor groups inside one process ({per_proc} devices each); "
+                        f"make expert_parallel_size x tensor_parallel_size divide {per_proc}")
+    ici = [s // d for s, d in zip(shape, dcn)]
+    return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices, process_is_granule=True,
+                                                allow_split_physical_axes=True)
+
+
+def make_mesh(sizes: dict[str, int], devices=None) -> Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    shape = tuple(sizes[a] for a in AXES)
+    if math.prod(shape) != len(devices):
+        raise MeshError(f"mesh {dict(zip(AXES, shape))} needs {math.prod(shape)} devices, found {len(devices)}")
+    arr = _device_array(shape, devices)
+    try:
+        from jax.sharding import AxisType
+
+        return Mesh(arr, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+    except (ImportError, TypeError):
+        return Mesh(arr, AXES)
+
+
+def build_mesh(train_cfg: Any = None, *, model_config: Any = None, devices=None, **sizes) -> Mesh:
+    """The mesh for a `train` config section (or keyword sizes), checked against the model's experts and heads."""
+    fields = {k: getattr(train_cfg, k) for k in SIZE_FIELDS if train_cfg is not None and hasattr(train_cfg, k)}
+    fields.update(sizes)
+    devices = list(devices if devices is not None else jax.devices())
+    resolved = resolve_sizes(len(devices), **fields)
+    check_model_fits(resolved, model_config)
+    return make_mesh(resolved, devices)

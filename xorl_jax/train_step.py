@@ -1,0 +1,115 @@
+"""The jitted training and evaluation steps: micro-batch gradient accumulation inside one step, chunked
+cross-entropy normalised by the global count of valid label tokens, MoE aux loss, skip-on-non-finite updates.
+
+Batch arrays have shape [A, B, T]: A micro-batches of B rows (the global micro-batch) of T tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from xorl_jax.loss import chunked_cross_entropy
+
+IGNORE_INDEX = -100
+BATCH_KEYS = ("input_ids", "labels", "positions", "segment_ids")
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: number of optimizer updates applied
+    params: Any  # nnx.State of the trainable + frozen parameters
+    opt_state: Any
+    nonfinite_streak: jax.Array  # int32: updates skipped in a row because loss or gradients were not finite
+    skipped_total: jax.Array  # int32: all skipped updates
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    aux_loss_coef: float = 0.0
+    ce_chunk_size: int = 8192
+    compute_dtype: Any = jnp.bfloat16
+
+
+def forward_loss(graphdef, params, micro, loss_cfg: LossConfig):
+    """Sum of token cross-entropies of one micro-batch, its valid-token count and its aux loss."""
+    model = nnx.merge(graphdef, params)
+    out = model(micro["input_ids"], micro["positions"], micro["segment_ids"], return_hidden=True)
+    head = model.head_weight(loss_cfg.compute_dtype)
+    loss_sum, n_valid = chunked_cross_entropy(
+        out.hidden_states, head, micro["labels"], chunk_size=loss_cfg.ce_chunk_size, ignore_index=IGNORE_INDEX
+    )
+    return loss_sum, n_valid, out.aux_loss
+
+
+def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_cfg: LossConfig, *,
+                    max_grad_norm: float | None = None):
+    """train_step(state, batch) -> (state, metrics). Pure; jit it with shardings and donation."""
+
+    def train_step(state: TrainState, batch):
+        n_micro = batch["input_ids"].shape[0]
+        total_valid = jnp.maximum(jnp.sum(batch["labels"] != IGNORE_INDEX), 1).astype(jnp.float32)
+
+        def micro_objective(params, micro):
+            loss_sum, n_valid, aux = forward_loss(graphdef, params, micro, loss_cfg)
+            # Normalising each micro-batch by the count over the whole step makes accumulation exact:
+            # 4 x micro-batch 1 gives the same gradient as micro-batch 4.
+            objective = loss_sum / total_valid + loss_cfg.aux_loss_coef * aux / n_micro
+            return objective, (loss_sum, aux)
+
+        grad_fn = jax.value_and_grad(micro_objective, has_aux=True)
+
+        def accumulate(carry, micro):
+            grads_acc, loss_acc, aux_acc = carry
+            (_, (loss_sum, aux)), grads = grad_fn(state.params, micro)
+            grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+            return (grads_acc, loss_acc + loss_sum, aux_acc + aux), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        (grads, loss_sum, aux_sum), _ = jax.lax.scan(
+            accumulate, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)), batch
+        )
+        loss = loss_sum / total_valid
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        # A non-finite step changes nothing but the counters (the update is skipped, not applied).
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        state = TrainState(
+            step=state.step + finite.astype(jnp.int32),
+            params=keep(new_params, state.params),
+            opt_state=keep(new_opt_state, state.opt_state),
+            nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
+            skipped_total=state.skipped_total + (~finite).astype(jnp.int32),
+        )
+        metrics = {
+            "loss": loss,
+            "aux_loss": aux_sum / n_micro,
+            "grad_norm": grad_norm,
+            "valid_tokens": total_valid,
+            "finite": finite,
+        }
+        return state, metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef, loss_cfg: LossConfig):
+    """eval_step(params, micro) -> (loss_sum, n_valid) for one [B, T] batch."""
+
+    def eval_step(params, micro):
+        loss_sum, n_valid, _ = forward_loss(graphdef, params, micro, loss_cfg)
+        return loss_sum, n_valid
+
+    return eval_step
+
+
+def stack_micro_batches(rows: dict, n_micro: int) -> dict:
+    """[A*B, T] host arrays -> [A, B, T] (micro-batch major)."""
+    return {k: v.reshape(n_micro, v.shape[0] // n_micro, *v.shape[1:]) for k, v in rows.items() if k in BATCH_KEYS}

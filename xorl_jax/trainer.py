@@ -1,0 +1,333 @@
+"""The training loop: model + data + optimizer + mesh from a Config; steps, eval, checkpoints, resume, metrics.
+
+The trainer knows no model family: everything family-specific comes through the registry and the model object
+(its config, `hf_key_map`, `head_weight`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from xorl_jax.config import Config, ConfigError, config_to_dict
+from xorl_jax.models.common import ModelOptions
+from xorl_jax.models.loading import build_config, read_hf_config
+from xorl_jax.train_step import LossConfig, TrainState, make_eval_step, make_train_step, stack_micro_batches
+
+log = logging.getLogger("xorl_jax")
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose (e.g. too many non-finite steps); the last good checkpoint is intact."""
+
+
+def model_options(cfg: Config) -> ModelOptions:
+    m, t = cfg.model, cfg.train
+    remat = t.remat_policy if t.enable_gradient_checkpointing else "none"
+    return ModelOptions(
+        dtype=m.dtype if t.enable_mixed_precision else "float32",
+        param_dtype=m.param_dtype,
+        attn_implementation=m.attn_implementation,
+        moe_implementation=m.moe_implementation,
+        gdn_implementation=m.gdn_implementation,
+        remat_policy=remat,
+        router_fp32=m.router_fp32,
+    )
+
+
+def _count_params(params) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        from xorl_jax.parallel import distributed
+
+        distributed.initialize()
+        self.cfg = cfg
+        self.process_index, self.process_count = jax.process_index(), jax.process_count()
+        self.is_main = self.process_index == 0
+        self.output_dir = cfg.train.output_dir
+        if self.is_main:
+            os.makedirs(self.output_dir, exist_ok=True)
+        self._setup_model()
+        self._setup_data()
+        self._setup_optimizer()
+        self._setup_checkpointing()
+
+    # ----------------------------------------------------------------------------------------------- setup
+    def _setup_model(self):
+        from xorl_jax.checkpoint.orbax import load_model
+        from xorl_jax.parallel import mesh as mesh_lib
+        from xorl_jax.parallel import rules as rules_lib
+
+        cfg = self.cfg
+        source = cfg.model.config_path or cfg.model.model_path
+        if not source:
+            raise ConfigError("model.model_path is not set; point it at a HF checkpoint directory (or config dir)")
+        self.hf_config = read_hf_config(source)
+        self.model_cls, self.model_config = build_config(self.hf_config)
+        self.options = model_options(cfg)
+        self.mesh = mesh_lib.build_mesh(cfg.train, model_config=self.model_config)
+        self.rules = rules_lib.rules_for(cfg.train)
+        init_from = cfg.train.init_from
+        with rules_lib.use_mesh(self.mesh, self.rules):
+            if init_from == "scratch":
+                model = self._init_scratch()
+            else:
+                model = load_model(cfg.model.model_path, self.options, mesh=self.mesh, rules=self.rules,
+                                   config_path=cfg.model.config_path)
+        self.graphdef, params = nnx.split(model)
+        self.model = model
+        self.params = params
+        self.param_count = _count_params(params)
+        coef = cfg.train.router_aux_loss_coef
+        self.loss_cfg = LossConfig(
+            aux_loss_coef=float(getattr(self.model_config, "router_aux_loss_coef", 0.0) if coef is None else coef),
+            ce_chunk_size=cfg.train.ce_chunk_size,
+            compute_dtype=self.options.compute_dtype,
+        )
+
+    def _init_scratch(self):
+        from xorl_jax.models.loading import abstract_model
+        from xorl_jax.parallel.rules import param_shardings
+
+        abstract = abstract_model(self.model_cls, self.model_config, self.options)
+        shardings = param_shardings(abstract, self.mesh, self.rules)
+        graphdef = nnx.graphdef(abstract)
+        seed = self.cfg.train.seed
+        cls, mcfg, opts = self.model_cls, self.model_config, self.options
+
+        @jax.jit
+        def init():
+            state = nnx.state(cls(mcfg, opts, rngs=nnx.Rngs(seed)))
+            state = jax.tree.map(lambda x: x.astype(opts.param_dtype), state)
+            return jax.lax.with_sharding_constraint(state, shardings)
+
+        return nnx.merge(graphdef, init())
+
+    def _setup_data(self):
+        from xorl_jax.data import build_eval_batches, build_train_iterator, load_tokenizer
+        from xorl_jax.parallel.rules import data_parallel_size
+
+        cfg = self.cfg
+        tok_path = cfg.model.tokenizer_path or cfg.model.model_path
+        self.tokenizer = load_tokenizer(tok_path)
+        self.dp_size = data_parallel_size(self.mesh)
+        self.micro_rows = cfg.train.micro_batch_size * self.dp_size  # rows of one global micro-batch
+        self.accum = cfg.train.gradient_accumulation_steps
+        self.rows_per_step = self.micro_rows * self.accum
+        self.seq_len = cfg.data.sample_packing_sequence_len
+        self.train_iter = build_train_iterator(
+            cfg.data, self.tokenizer, global_batch_size=self.rows_per_step,
+            process_index=self.process_index, process_count=self.process_count, seed=cfg.data.seed,
+        )
+        self.eval_batches = None
+        if cfg.data.eval_datasets:
+            self.eval_batches = list(build_eval_batches(
+                cfg.data, self.tokenizer, global_batch_size=self.micro_rows,
+                process_index=self.process_index, process_count=self.process_count,
+            ))
+        rows_per_epoch = getattr(self.train_iter, "rows_per_epoch", None)
+        if cfg.train.max_steps and cfg.train.max_steps > 0:
+            self.total_steps = cfg.train.max_steps
+        elif rows_per_epoch:
+            self.total_steps = max(1, math.ceil(cfg.train.num_train_epochs * rows_per_epoch / self.rows_per_step))
+        else:
+            raise ConfigError("train.max_steps is not set and the dataset size is unknown; set train.max_steps")
+
+    def _setup_optimizer(self):
+        from xorl_jax.optim import build_optimizer, build_schedule, default_decay_mask
+
+        t = self.cfg.train
+        self.schedule = build_schedule(
+            lr=t.lr, lr_min=t.lr_min, total_steps=self.total_steps, warmup_ratio=t.lr_warmup_ratio,
+            decay_style=t.lr_decay_style, decay_ratio=t.lr_decay_ratio,
+        )
+        self.optimizer = build_optimizer(
+            schedule=self.schedule, weight_decay=t.weight_decay, b1=t.adam_beta1, b2=t.adam_beta2,
+            eps=t.adam_epsilon, max_grad_norm=t.max_grad_norm, optimizer=t.optimizer,
+            optimizer_dtype=t.optimizer_dtype, decay_mask=default_decay_mask(self.params),
+        )
+        opt_state = jax.jit(self.optimizer.init)(self.params)
+        zero = jnp.zeros((), jnp.int32)
+        self.state = TrainState(step=zero, params=self.params, opt_state=opt_state, nonfinite_streak=zero,
+                                skipped_total=zero)
+        self.params = None  # the state owns them from here on
+        train_step = make_train_step(self.graphdef, self.optimizer, self.loss_cfg)
+        self.train_step = jax.jit(train_step, donate_argnums=(0,))
+        self.eval_step = jax.jit(make_eval_step(self.graphdef, self.loss_cfg))
+
+    def _setup_checkpointing(self):
+        from xorl_jax.checkpoint.training import TrainCheckpointer
+
+        self.checkpointer = TrainCheckpointer(
+            os.path.join(self.output_dir, "checkpoints"),
+            keep=self.cfg.train.save_total_limit,
+            async_save=self.cfg.train.save_async,
+        )
+
+    # ----------------------------------------------------------------------------------------------- pieces
+    def tokens_per_step(self) -> int:
+        return self.rows_per_step * self.seq_len
+
+    def summary(self) -> str:
+        from xorl_jax.metrics import estimate_memory_per_device
+
+        lines = [
+            f"model     {self.hf_config.get('model_type')} ({type(self.model).__name__}), "
+            f"{self.param_count / 1e6:.1f}M parameters, init_from={self.cfg.train.init_from}",
+            f"backends  attention={self.options.attn_implementation}, moe={self.options.moe_implementation}, "
+            f"gdn={self.options.gdn_implementation}, dtype={self.options.dtype}, remat={self.options.remat_policy}",
+            f"mesh      {dict(self.mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
+            f"{self.process_count} process(es)",
+            f"batch     {self.cfg.train.micro_batch_size} rows/device x {self.dp_size} data-parallel x "
+            f"{self.accum} accumulation x {self.seq_len} tokens = {self.tokens_per_step():,} tokens/step",
+            f"steps     {self.total_steps} (lr {self.cfg.train.lr:g}, {self.cfg.train.lr_decay_style})",
+            f"memory    ~{estimate_memory_per_device(self.param_count, self.mesh.size, self.cfg.train) / 2**30:.2f} "
+            f"GiB/device for params + optimizer state (activations extra)",
+            f"output    {os.path.abspath(self.output_dir)}",
+        ]
+        return "\n".join(lines)
+
+    def _device_batch(self, rows: dict):
+        from xorl_jax.parallel.rules import batch_sharding
+
+        stacked = stack_micro_batches(rows, self.accum)
+        sharding = batch_sharding(self.mesh, leading_axes=1)
+        return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in stacked.items()}
+
+    def evaluate(self) -> dict | None:
+        if not self.eval_batches:
+            return None
+        from xorl_jax.parallel.rules import batch_sharding
+
+        sharding = batch_sharding(self.mesh, leading_axes=0)
+        total, count = 0.0, 0
+        for rows in self.eval_batches:
+            micro = {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+                     for k, v in rows.items() if k in ("input_ids", "labels", "positions", "segment_ids")}
+            loss_sum, n = self.eval_step(self.state.params, micro)
+            total += float(loss_sum)
+            count += int(n)
+        return {"eval_loss": total / max(count, 1), "eval_tokens": count}
+
+    def save(self, step: int, *, force: bool = False):
+        meta = {
+            "step": step,
+            "data_state": self.train_iter.get_state(),
+            "config": config_to_dict(self.cfg),
+            "hf_config": self.hf_config,
+            "skipped_total": int(self.state.skipped_total),
+        }
+        self.checkpointer.save(step, self.state, meta, force=force)
+
+    def maybe_resume(self) -> int:
+        path = self.cfg.train.load_checkpoint_path
+        if not path:
+            return 0
+        restored = self.checkpointer.restore(path, self.state)
+        if restored is None:
+            if path == "auto":
+                log.info("no checkpoint in %s yet: starting from step 0", self.checkpointer.directory)
+                return 0
+            raise ConfigError(f"train.load_checkpoint_path {path!r} holds no complete checkpoint")
+        self.state, meta = restored
+        self.train_iter.set_state(meta["data_state"])
+        log.info("resumed from step %d", meta["step"])
+        return int(meta["step"])
+
+    # ----------------------------------------------------------------------------------------------- loop
+    def train(self) -> dict:
+        from xorl_jax.metrics import MetricsLogger, peak_flops_per_device
+
+        t = self.cfg.train
+        if self.is_main:
+            print(self.summary(), flush=True)
+        start_step = self.maybe_resume()
+        logger = MetricsLogger(self.output_dir, log_steps=t.log_steps, total_steps=self.total_steps,
+                               process_index=self.process_index, use_tensorboard=t.use_tensorboard)
+        fpt = self.model_config.flops_per_token(self.seq_len)
+        peak = peak_flops_per_device()
+        step = start_step
+        last_metrics, eval_metrics = {}, None
+        t_last = time.perf_counter()
+        t_first = None
+        try:
+            while step < self.total_steps:
+                batch = self._device_batch(next(self.train_iter))
+                self.state, metrics = self.train_step(self.state, batch)
+                metrics = jax.device_get(metrics)
+                if t_first is None:
+                    t_first = time.perf_counter() - t_last
+                    logger.info(f"first step (compile included): {t_first:.1f}s")
+                    t_last = time.perf_counter()
+                    dt = t_first
+                else:
+                    now = time.perf_counter()
+                    dt, t_last = now - t_last, now
+                step = int(self.state.step)
+                if not metrics["finite"]:
+                    streak = int(self.state.nonfinite_streak)
+                    logger.info(f"non-finite loss or gradients: update skipped ({streak} in a row)")
+                    if streak >= t.max_nonfinite_steps:
+                        raise TrainingStopped(
+                            f"{streak} non-finite steps in a row; stopping with the last good checkpoint intact "
+                            "(lower train.lr or check the data)"
+                        )
+                    continue
+                tokens_s = self.tokens_per_step() / max(dt, 1e-9)
+                last_metrics = {
+                    "loss": float(metrics["loss"]),
+                    "aux_loss": float(metrics["aux_loss"]),
+                    "grad_norm": float(metrics["grad_norm"]),
+                    "lr": float(self.schedule(step - 1)),
+                    "tokens_per_s": tokens_s,
+                    "tokens_per_s_per_device": tokens_s / jax.device_count(),
+                    "step_time_s": dt,
+                    "skipped_steps": int(self.state.skipped_total),
+                }
+                if peak:
+                    last_metrics["mfu"] = tokens_s * fpt / (jax.device_count() * peak)
+                logger.log_train(step, last_metrics)
+                if t.eval_steps and step % t.eval_steps == 0 and step < self.total_steps:
+                    eval_metrics = self.evaluate()
+                    if eval_metrics:
+                        logger.log_eval(step, eval_metrics)
+                if t.save_steps and step % t.save_steps == 0 and step < self.total_steps:
+                    self.save(step)
+            eval_metrics = self.evaluate() or eval_metrics
+            if eval_metrics:
+                logger.log_eval(step, eval_metrics)
+            self.save(step, force=True)
+            self.checkpointer.wait()
+            if t.save_hf_weights:
+                self.export_hf(step)
+        finally:
+            self.checkpointer.wait()
+            logger.close()
+        return {"step": step, **last_metrics, **(eval_metrics or {}), "time_to_first_step_s": t_first}
+
+    def export_hf(self, step: int) -> str:
+        from xorl_jax.checkpoint.orbax import export_hf
+
+        out = os.path.join(self.output_dir, f"global_step_{step}", "hf_ckpt")
+        model = nnx.merge(self.graphdef, self.state.params)
+        export_hf(model, out, source_dir_or_metadata=self.cfg.model.model_path, overwrite=True)
+        if self.is_main:
+            print(f"exported HF weights to {out}", flush=True)
+        return out
+
+
+def run(cfg: Config) -> dict:
+    trainer = Trainer(cfg)
+    result = trainer.train()
+    return result
+
