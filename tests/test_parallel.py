@@ -158,7 +158,7 @@ def test_shard_model_places_params_and_flags_replicated():
     assert model.lm_head[...].sharding.spec == P(FSDP, None) if hasattr(model, "lm_head") else True
     for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         assert var[...].sharding.mesh.shape == mesh.shape
-    assert R.replicated_params(model, mesh, min_elements=1) == []
+    assert R.replicated_params(model, mesh, min_elements=1000) == []  # norms (128 elements) stay replicated
     no_embed = R.Rules(params={}, activations={}, name="empty")
     bad = R.replicated_params(model, mesh, no_embed, min_elements=1000)
     assert any("embed_tokens" in b for b in bad)
@@ -172,7 +172,7 @@ def test_constrain_is_noop_outside_mesh_and_shards_inside():
     mesh = build_mesh(data_parallel_shard_size=8)
     with R.use_mesh(mesh):
         y = jax.jit(lambda x: R.constrain(x * 2, ("batch", "seq", "embed")))(x)
-    assert y.sharding.spec == P(("fsdp",), None, None) or y.sharding.spec == P("fsdp", None, None)
+    assert y.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, P("fsdp", None, None)), 3), y.sharding
     assert R.current() is None
 
 

@@ -26,6 +26,18 @@ def _input_errors():
     return tuple(errors)
 
 
+def _quiet_library_logs():
+    """Orbax and absl log every checkpoint detail at INFO; keep the run's own output readable."""
+    try:
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    except ImportError:
+        pass
+    for name in ("absl", "orbax", "jax._src.xla_bridge"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv=None) -> int:
     from xorl_jax.config import ConfigError, parse_cli
 
@@ -36,6 +48,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _quiet_library_logs()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from xorl_jax.trainer import TrainingStopped, run
 

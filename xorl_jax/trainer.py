@@ -156,10 +156,20 @@ class Trainer:
             eps=t.adam_epsilon, max_grad_norm=t.max_grad_norm, optimizer=t.optimizer,
             optimizer_dtype=t.optimizer_dtype, decay_mask=default_decay_mask(self.params),
         )
-        opt_state = jax.jit(self.optimizer.init)(self.params)
-        zero = jnp.zeros((), jnp.int32)
-        self.state = TrainState(step=zero, params=self.params, opt_state=opt_state, nonfinite_streak=zero,
-                                skipped_total=zero)
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        # Moments take their parameter's sharding (jit would not infer it: zeros depend on no input), scalars
+        # such as Adam's count are replicated over the mesh.
+        import optax
+
+        param_shardings = jax.tree.map(lambda x: x.sharding, self.params)
+        abstract = jax.eval_shape(self.optimizer.init, self.params)
+        opt_shardings = optax.tree_map_params(self.optimizer, lambda _, s: s, abstract, param_shardings,
+                                              transform_non_params=lambda _: replicated)
+        opt_state = jax.jit(self.optimizer.init, out_shardings=opt_shardings)(self.params)
+        # Separate scalars: the step donates the whole state, and one buffer may not be donated twice.
+        counter = lambda: jax.device_put(jnp.zeros((), jnp.int32), replicated)  # noqa: E731
+        self.state = TrainState(step=counter(), params=self.params, opt_state=opt_state,
+                                nonfinite_streak=counter(), skipped_total=counter())
         self.params = None  # the state owns them from here on
         train_step = make_train_step(self.graphdef, self.optimizer, self.loss_cfg)
         self.train_step = jax.jit(train_step, donate_argnums=(0,))
@@ -320,7 +330,12 @@ class Trainer:
 
         out = os.path.join(self.output_dir, f"global_step_{step}", "hf_ckpt")
         model = nnx.merge(self.graphdef, self.state.params)
-        export_hf(model, out, source_dir_or_metadata=self.cfg.model.model_path, overwrite=True)
+        m = self.cfg.model
+        if m.model_path and self.cfg.train.init_from != "scratch":
+            source = m.model_path
+        else:  # trained from scratch: config.json from what built the model, tokenizer files from its directory
+            source = {"hf_config": self.hf_config, "source_path": m.tokenizer_path or m.config_path}
+        export_hf(model, out, source_dir_or_metadata=source, overwrite=True)
         if self.is_main:
             print(f"exported HF weights to {out}", flush=True)
         return out

@@ -21,9 +21,10 @@ log = logging.getLogger(__name__)
 
 def read_hf_config(path: str) -> dict:
     """config.json from a directory (or the file itself)."""
-    cfg_path = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    cfg_path = path if os.path.isfile(path) else os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
-        raise CheckpointError(f"{cfg_path} not found; set model.model_path (or model.config_path) to a HF model dir")
+        raise CheckpointError(f"{cfg_path} not found; set model.model_path (or model.config_path) to a HF model "
+                              "directory holding config.json")
     try:
         with open(cfg_path) as f:
             return json.load(f)

@@ -1,0 +1,156 @@
+"""The training loop end to end on CPU with the embedded demo (tiny Qwen3-MoE, arithmetic chat data): loss falls,
+gradient accumulation is exact, resume is bitwise, non-finite steps are skipped then stop the run, bad input
+exits 2 with one line."""
+
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from xorl_jax.config import load_config
+from xorl_jax.data.demo import DEMO_DIR
+from xorl_jax.models.common import ModelOptions
+from xorl_jax.models.qwen3 import Qwen3Config, Qwen3MoeForCausalLM
+from xorl_jax.train import main
+from xorl_jax.train_step import LossConfig, TrainState, make_train_step
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_CONFIG = os.path.join(ROOT, "configs", "demo_cpu.yaml")
+
+
+def demo_overrides(out_dir, **train):
+    base = {
+        "model.config_path": DEMO_DIR, "model.tokenizer_path": DEMO_DIR,
+        "data.datasets": f"[{{path: {DEMO_DIR}/train.jsonl, type: messages}}]",
+        "data.eval_datasets": f"[{{path: {DEMO_DIR}/eval.jsonl, type: messages}}]",
+        "data.sample_packing_sequence_len": 128, "train.output_dir": str(out_dir),
+        "train.micro_batch_size": 4, "train.gradient_accumulation_steps": 2, "train.max_steps": 6,
+        "train.save_steps": 0, "train.save_hf_weights": False, "train.log_steps": 1,
+    }
+    base.update({f"train.{k}": v for k, v in train.items()})
+    return [f"--{k}={v}" for k, v in base.items()]
+
+
+def make_trainer(out_dir, **train):
+    from xorl_jax.trainer import Trainer
+
+    return Trainer(load_config(DEMO_CONFIG, demo_overrides(out_dir, **train)))
+
+
+def flat_params(state):
+    return {path: np.asarray(v) for path, v in jax.tree_util.tree_leaves_with_path(state.params)}
+
+
+def test_demo_training_loss_falls_and_exports(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=12, save_hf_weights=True)
+    # Adam moments live where their parameter lives (8 fake devices here): never silently replicated.
+    mu = trainer.state.opt_state[1][0].mu if hasattr(trainer.state.opt_state[1][0], "mu") else None
+    if mu is not None:
+        for m, p in zip(jax.tree.leaves(mu), jax.tree.leaves(trainer.state.params)):
+            assert m.sharding.is_equivalent_to(p.sharding, p.ndim), (m.sharding, p.sharding)
+    result = trainer.train()
+    losses = [float(line.split('"loss": ')[1].split(",")[0])
+              for line in open(tmp_path / "metrics.jsonl") if '"loss": ' in line]
+    assert len(losses) == 12
+    assert losses[-1] < losses[0] - 1.0, losses
+    assert np.isfinite(result["eval_loss"]) and result["eval_tokens"] > 0
+    hf_dir = tmp_path / "global_step_12" / "hf_ckpt"
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(hf_dir))
+
+
+def test_resume_is_bitwise(tmp_path):
+    full = make_trainer(tmp_path / "full", save_steps=3, save_async=True)
+    full.train()
+    expected = flat_params(full.state)
+    # A second run that starts from the step-3 checkpoint of the first must end on the same bits.
+    resumed_dir = tmp_path / "resumed"
+    os.makedirs(resumed_dir / "checkpoints")
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "3", resumed_dir / "checkpoints" / "3")
+    resumed = make_trainer(resumed_dir, load_checkpoint_path="auto")
+    result = resumed.train()
+    assert result["step"] == 6
+    got = flat_params(resumed.state)
+    assert got.keys() == expected.keys()
+    for path in expected:
+        np.testing.assert_array_equal(got[path], expected[path], err_msg=jax.tree_util.keystr(path))
+
+
+def test_nonfinite_steps_stop_the_run_without_saving(tmp_path):
+    from xorl_jax.trainer import TrainingStopped
+
+    trainer = make_trainer(tmp_path, max_nonfinite_steps=2, save_steps=1)
+    poisoned = jax.tree.map(lambda x: x * jnp.nan, trainer.state.params)
+    trainer.state = trainer.state.replace(params=poisoned)
+    with pytest.raises(TrainingStopped, match="2 non-finite steps"):
+        trainer.train()
+    assert int(trainer.state.skipped_total) == 2 and int(trainer.state.step) == 0
+    assert not trainer.checkpointer.manager.all_steps()
+
+
+def tiny_moe():
+    cfg = Qwen3Config(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=16, intermediate_size=48, num_experts=4,
+                      num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True)
+    return Qwen3MoeForCausalLM(cfg, ModelOptions(dtype="float32", moe_implementation="eager"), rngs=nnx.Rngs(0))
+
+
+def packed_rows(rng, rows, length):
+    """Rows of two documents each with a loss on a random subset of tokens (uneven valid counts per row)."""
+    ids = rng.integers(0, 64, (rows, length)).astype(np.int32)
+    labels = np.where(rng.random((rows, length)) < 0.6, rng.integers(0, 64, (rows, length)), -100).astype(np.int32)
+    cut = length // 3
+    positions = np.concatenate([np.arange(cut), np.arange(length - cut)])[None].repeat(rows, 0).astype(np.int32)
+    segments = np.concatenate([np.ones(cut), 2 * np.ones(length - cut)])[None].repeat(rows, 0).astype(np.int32)
+    return {"input_ids": ids, "labels": labels, "positions": positions, "segment_ids": segments}
+
+
+def one_step(model, rows, n_micro, optimizer):
+    graphdef, params = nnx.split(model)
+    zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731
+    state = TrainState(step=zero(), params=params, opt_state=optimizer.init(params), nonfinite_streak=zero(),
+                       skipped_total=zero())
+    step = jax.jit(make_train_step(graphdef, optimizer, LossConfig(aux_loss_coef=0.0, ce_chunk_size=32,
+                                                                   compute_dtype=jnp.float32)))
+    batch = {k: jnp.asarray(v.reshape(n_micro, -1, *v.shape[1:])) for k, v in rows.items()}
+    return step(state, batch)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    rows = packed_rows(np.random.default_rng(0), 8, 24)
+    sgd = optax.sgd(1.0)
+    big, m_big = one_step(tiny_moe(), rows, 1, sgd)
+    acc, m_acc = one_step(tiny_moe(), rows, 4, sgd)
+    np.testing.assert_allclose(float(m_acc["loss"]), float(m_big["loss"]), rtol=1e-6)
+    np.testing.assert_allclose(float(m_acc["grad_norm"]), float(m_big["grad_norm"]), rtol=1e-5)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(acc.params), jax.tree.leaves(big.params)):
+        # Without the aux loss (a per-micro-batch statistic, as in HF) accumulation is exact up to fp32 order.
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def test_nonfinite_step_changes_only_counters():
+    rows = packed_rows(np.random.default_rng(1), 4, 16)
+    model = tiny_moe()
+    graphdef, params = nnx.split(model)
+    bad = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.inf) if x.ndim else x, params)
+    new, metrics = one_step(nnx.merge(graphdef, bad), rows, 2, optax.adamw(1e-3))
+    assert not bool(metrics["finite"])
+    assert int(new.step) == 0 and int(new.nonfinite_streak) == 1 and int(new.skipped_total) == 1
+    for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(bad)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--train.lerning_rate=1e-4"], "train.lerning_rate"),
+    (["--data.datasets=[{path: /nonexistent/train.jsonl, type: messages}]"], "/nonexistent/train.jsonl"),
+    (["--model.config_path=/nonexistent/model"], "/nonexistent/model"),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys, extra, needle):
+    assert main(["--config", DEMO_CONFIG, *demo_overrides(tmp_path), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
