@@ -1,0 +1,139 @@
+"""Data pipeline: chat loss masks, label shift, packing, per-process slicing, exact resume, bad rows."""
+
+import json
+
+import numpy as np
+import pytest
+
+from xorl_jax.config import DataConfig, DatasetConfig
+from xorl_jax.data import DataError, build_eval_batches, build_train_iterator, load_tokenizer
+from xorl_jax.data.demo import DEMO_DIR
+from xorl_jax.data.documents import IGNORE, row_to_doc
+from xorl_jax.data.packing import build_row, pack_first_fit_decreasing, pack_sequential
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(DEMO_DIR)
+
+
+def data_cfg(path, kind="messages", **kw):
+    kw.setdefault("sample_packing_sequence_len", 64)
+    return DataConfig(datasets=[DatasetConfig(path=str(path), type=kind)], **kw)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_messages_train_only_on_assistant_turns(tok):
+    conv = {"messages": [{"role": "user", "content": "What is 2 + 3?"},
+                         {"role": "assistant", "content": "2 + 3 = 5."},
+                         {"role": "user", "content": "And 4 - 1?"},
+                         {"role": "assistant", "content": "4 - 1 = 3."}]}
+    ids, targets = row_to_doc(conv, "messages", tok)
+    assert len(ids) == len(targets) and targets[-1] == IGNORE
+    trained = targets[targets != IGNORE]
+    assert tok.decode(trained.tolist()) == "2 + 3 = 5.<|im_end|>4 - 1 = 3.<|im_end|>"
+    # targets are next tokens: wherever there is a target it equals the following input token
+    where = np.nonzero(targets != IGNORE)[0]
+    np.testing.assert_array_equal(targets[where], ids[where + 1])
+
+
+def test_tokenized_rows_shift_labels_and_check_vocab():
+    ids, targets = row_to_doc({"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]}, "tokenized", None, 10)
+    np.testing.assert_array_equal(targets, [IGNORE, 7, 8, IGNORE])
+    ids, targets = row_to_doc({"input_ids": [1, 2, 3]}, "tokenized", None, 10)
+    np.testing.assert_array_equal(targets, [2, 3, IGNORE])
+    with pytest.raises(DataError, match=r"outside \[0, 10\)"):
+        row_to_doc({"input_ids": [1, 12]}, "tokenized", None, 10)
+    with pytest.raises(DataError, match="labels has 2 tokens but input_ids has 3"):
+        row_to_doc({"input_ids": [1, 2, 3], "labels": [1, 2]}, "tokenized", None, 10)
+
+
+@pytest.mark.parametrize("packer", [pack_sequential, pack_first_fit_decreasing])
+def test_packers_respect_capacity_and_keep_every_document_once(packer):
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 65, 300)
+    rows = packer(lengths, rng.permutation(300), 64)
+    assert sorted(i for r in rows for i in r) == list(range(300))
+    assert all(sum(lengths[i] for i in r) <= 64 for r in rows)
+    if packer is pack_first_fit_decreasing:  # FFD is within 11/9 OPT + 1 of the lower bound
+        assert len(rows) <= 11 / 9 * np.ceil(lengths.sum() / 64) + 1
+
+
+def test_build_row_restarts_positions_and_numbers_segments():
+    docs = [(np.array([1, 2, 3]), np.array([2, 3, IGNORE])), (np.array([4, 5]), np.array([5, IGNORE]))]
+    row = build_row(docs, 8)
+    np.testing.assert_array_equal(row["input_ids"], [1, 2, 3, 4, 5, 0, 0, 0])
+    np.testing.assert_array_equal(row["positions"], [0, 1, 2, 0, 1, 0, 0, 0])
+    np.testing.assert_array_equal(row["segment_ids"], [1, 1, 1, 2, 2, 0, 0, 0])
+    np.testing.assert_array_equal(row["labels"], [2, 3, IGNORE, 5, IGNORE, IGNORE, IGNORE, IGNORE])
+
+
+def test_every_label_appears_once_per_epoch_and_processes_split_rows(tok):
+    cfg = data_cfg(f"{DEMO_DIR}/eval.jsonl", sample_packing_method="multipack", shuffle=True)
+    single = build_train_iterator(cfg, tok, global_batch_size=4, seed=3)
+    n_batches = single.batches_per_epoch
+    batches = [next(single) for _ in range(n_batches)]
+    labels = sum(int((b["labels"] != IGNORE).sum()) for b in batches)
+    assert labels == sum(int((t != IGNORE).sum()) for t in single.docs.targets)
+    assert single.epoch == 0
+    for p in range(2):  # process p holds rows [2p, 2p + 2) of every global batch
+        part = build_train_iterator(cfg, tok, global_batch_size=4, process_index=p, process_count=2, seed=3)
+        for b in batches[:3]:
+            got = next(part)
+            np.testing.assert_array_equal(got["input_ids"], b["input_ids"][2 * p:2 * p + 2])
+
+
+def test_resume_continues_with_the_same_batches(tok):
+    cfg = data_cfg(f"{DEMO_DIR}/eval.jsonl")
+    it = build_train_iterator(cfg, tok, global_batch_size=2, seed=1)
+    for _ in range(it.batches_per_epoch + 2):  # cross an epoch boundary
+        next(it)
+    state = it.get_state()
+    expected = [next(it)["input_ids"] for _ in range(3)]
+    again = build_train_iterator(cfg, tok, global_batch_size=2, seed=1)
+    again.set_state(state)
+    for e in expected:
+        np.testing.assert_array_equal(next(again)["input_ids"], e)
+    assert state["epoch"] == 1
+
+
+def test_epochs_are_reshuffled(tok):
+    it = build_train_iterator(data_cfg(f"{DEMO_DIR}/eval.jsonl"), tok, global_batch_size=2, seed=1)
+    first = next(it)["input_ids"]
+    it.set_state({"epoch": 1, "batch_index": 0})
+    assert not np.array_equal(next(it)["input_ids"], first)
+
+
+def test_bad_row_names_file_and_line_or_is_skipped(tmp_path, tok):
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    path = write_jsonl(tmp_path / "chat.jsonl", [good, '{"messages": [{"role": "user"}]}', good, "{not json"])
+    with pytest.raises(DataError, match=r"chat.jsonl:2.*skip_bad_rows"):
+        build_train_iterator(data_cfg(path), tok, global_batch_size=1)
+    it = build_train_iterator(data_cfg(path, skip_bad_rows=True), tok, global_batch_size=1)
+    assert it.rows_skipped == 2 and it.documents == 2
+
+
+def test_long_documents_truncate_or_split(tmp_path):
+    path = write_jsonl(tmp_path / "tok.jsonl", [{"input_ids": list(range(1, 151))}])
+    cut = build_train_iterator(data_cfg(path, "tokenized"), None, global_batch_size=1)
+    assert cut.documents == 1 and cut.documents_truncated == 1
+    split = build_train_iterator(data_cfg(path, "tokenized", long_sequence_policy="split"), None,
+                                 global_batch_size=1, seed=0)
+    assert split.documents == 3 and split.documents_split == 1
+    labels = np.concatenate([t for t in split.docs.targets])
+    np.testing.assert_array_equal(labels[:-1], np.arange(2, 151))  # no label lost at the cuts
+
+
+def test_missing_dataset_and_eval_batches(tmp_path, tok):
+    with pytest.raises(DataError, match="nope.jsonl"):
+        build_train_iterator(data_cfg(tmp_path / "nope.jsonl"), tok, global_batch_size=1)
+    cfg = DataConfig(datasets=[DatasetConfig(path=f"{DEMO_DIR}/eval.jsonl", type="messages")],
+                     eval_datasets=[DatasetConfig(path=f"{DEMO_DIR}/eval.jsonl", type="messages")],
+                     sample_packing_sequence_len=128)
+    batches = build_eval_batches(cfg, tok, global_batch_size=4)
+    assert all(b["input_ids"].shape == (4, 128) for b in batches)
+    assert sum(int((b["segment_ids"] > 0).sum()) for b in batches) > 0
