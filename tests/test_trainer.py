@@ -155,3 +155,40 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, extra, needle):
     assert main(["--config", DEMO_CONFIG, *demo_overrides(tmp_path), *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+
+
+def test_sigkill_during_checkpoint_save_resumes_from_previous(tmp_path):
+    """Kill -9 the training process while a checkpoint is being written; the next run resumes from the last
+    complete checkpoint and finishes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    ckpt = out / "checkpoints"
+    cmd = [sys.executable, "-m", "xorl_jax.train", "--config", DEMO_CONFIG,
+           *demo_overrides(out, max_steps=400, save_steps=2, save_async=True, log_steps=100)]
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    try:
+        # Wait for one finished checkpoint, then for the next one to be mid-write (a temporary directory).
+        while time.time() < deadline and proc.poll() is None:
+            names = os.listdir(ckpt) if ckpt.is_dir() else []
+            if any(n.isdigit() for n in names) and any("tmp" in n for n in names):
+                break
+            time.sleep(0.005)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    complete = sorted(int(n) for n in os.listdir(ckpt) if n.isdigit())
+    assert complete, os.listdir(ckpt)
+    resumed = make_trainer(out, load_checkpoint_path="auto", max_steps=complete[-1] + 2)
+    assert resumed.maybe_resume() == complete[-1]
+    assert int(resumed.state.step) == complete[-1]
+    result = resumed.train()
+    assert result["step"] == complete[-1] + 2

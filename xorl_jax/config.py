@@ -181,6 +181,8 @@ class TrainConfig:
                                                     "complete one in output_dir, if any")
     eval_steps: int = _field(0, "evaluate on data.eval_datasets every N updates; 0 = only at the end")
     log_steps: int = _field(1, "log metrics every N updates")
+    sample_eval_prompts: int = _field(0, "after training, print greedy answers to the first N conversations of "
+                                         "data.eval_datasets (messages type); 0 = off")
     use_tensorboard: bool = _field(False, "write TensorBoard event files to output_dir")
     use_wandb: bool = _field(False, "Weights & Biases logging is not available: must stay false")
 
@@ -523,6 +525,7 @@ def validate(cfg: Config) -> Config:
           f"train.save_total_limit must be >= 1 (or null = keep all), got {t.save_total_limit}")
     _need(t.eval_steps >= 0, f"train.eval_steps must be >= 0 (0 = only at the end), got {t.eval_steps}")
     _need(t.log_steps >= 1, f"train.log_steps must be >= 1, got {t.log_steps}")
+    _need(t.sample_eval_prompts >= 0, f"train.sample_eval_prompts must be >= 0, got {t.sample_eval_prompts}")
     _need(bool(t.output_dir), "train.output_dir is empty; give a directory for checkpoints and metrics")
     _need(not t.use_wandb, "train.use_wandb: Weights & Biases is not available; set it false and use "
                            "train.use_tensorboard")

@@ -320,10 +320,38 @@ class Trainer:
             self.checkpointer.wait()
             if t.save_hf_weights:
                 self.export_hf(step)
+            if t.sample_eval_prompts:
+                self.print_samples(t.sample_eval_prompts)
         finally:
             self.checkpointer.wait()
             logger.close()
         return {"step": step, **last_metrics, **(eval_metrics or {}), "time_to_first_step_s": t_first}
+
+    def print_samples(self, n: int) -> list[tuple[str, str, str]]:
+        """Greedy answers to the first `n` held-out conversations: (question, expected, answer) triples."""
+        from xorl_jax.data.sources import iter_rows
+        from xorl_jax.generate import greedy_generate
+
+        ds = next((d for d in self.cfg.data.eval_datasets if d.type == "messages"), None)
+        if ds is None:
+            log.info("train.sample_eval_prompts: no messages-type eval dataset to take prompts from")
+            return []
+        convs = []
+        for _, row in iter_rows(ds.path, split=ds.split, data_files=ds.data_files):
+            msgs = row.get("messages") if isinstance(row, dict) else None
+            if msgs and msgs[-1].get("role") == "assistant":
+                convs.append(msgs)
+            if len(convs) == n:
+                break
+        model = nnx.merge(self.graphdef, self.state.params)
+        answers = greedy_generate(model, self.tokenizer, [c[:-1] for c in convs])
+        out = [(c[-2]["content"], c[-1]["content"], a) for c, a in zip(convs, answers)]
+        if self.is_main:
+            print("held-out questions, greedy answers:", flush=True)
+            for q, want, got in out:
+                mark = "ok " if got == want else "   "
+                print(f"  {mark}{q!r} -> {got!r} (reference {want!r})", flush=True)
+        return out
 
     def export_hf(self, step: int) -> str:
         from xorl_jax.checkpoint.orbax import export_hf
