@@ -80,7 +80,6 @@ def loss_and_grads(model, ids, aux_coef, mesh=None):
 CASES = [(f, m) for f in FAMILIES for m in MESHES if f != "qwen3" or not m.startswith("ep")]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("family,mesh_name", CASES)
 def test_sharded_loss_and_grads_equal_one_device(family, mesh_name):
     skew = family != "qwen3"

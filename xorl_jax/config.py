@@ -183,7 +183,7 @@ class TrainConfig:
     log_steps: int = _field(1, "log metrics every N updates")
     sample_eval_prompts: int = _field(0, "after training, print greedy answers to the first N conversations of "
                                          "data.eval_datasets (messages type); 0 = off")
-    use_tensorboard: bool = _field(False, "write TensorBoard event files to output_dir")
+    use_tensorboard: bool = _field(True, "write TensorBoard event files to output_dir")
     use_wandb: bool = _field(False, "Weights & Biases logging is not available: must stay false")
 
 

@@ -20,6 +20,7 @@ from xorl_jax.layers.norm import GatedRMSNorm
 
 
 GDN_IMPLEMENTATIONS = ("auto", "pallas", "chunked", "recurrent")
+_ROWS2, _ROWS3, _ROWS4 = ("batch", None), ("batch", None, None), ("batch", None, None, None)
 
 
 def resolve_gdn_implementation(name: str) -> str:
@@ -62,6 +63,8 @@ class GatedDeltaNet(nnx.Module):
         self.out_proj = param(rngs, (value_heads, value_dim, hidden), ("gdn_heads", "head_dim", "embed"))
 
     def __call__(self, x_BTD, segment_ids=None, valid=None):
+        from xorl_jax.parallel.rules import per_shard
+
         from xorl_jax.kernels.gdn import gated_delta_rule
 
         dt = self.dtype
@@ -81,7 +84,14 @@ class GatedDeltaNet(nnx.Module):
         g = -jnp.exp(self.A_log[...].astype(jnp.float32)) * jax.nn.softplus(
             a.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32)
         )
-        o, _ = gated_delta_rule(q, k, v, g, beta, segment_ids=segment_ids, use_qk_l2norm=True,
-                                implementation=self.implementation)
+        if segment_ids is None:
+            segment_ids = jnp.ones((B, T), jnp.int32)
+        impl = self.implementation
+        # Rows are independent: each device runs the recurrence on its own rows, so the kernel is never
+        # gathered and the chunk loop holds no collectives.
+        o = per_shard(lambda q, k, v, g, beta, seg: gated_delta_rule(q, k, v, g, beta, segment_ids=seg,
+                                                                     use_qk_l2norm=True, implementation=impl)[0],
+                      in_names=(_ROWS4, _ROWS4, _ROWS4, _ROWS3, _ROWS3, _ROWS2), out_names=_ROWS4,
+                      )(q, k, v, g, beta, segment_ids)
         o = self.norm(o.astype(dt), z)
         return jnp.einsum("bthe,hed->btd", o, cast(self.out_proj, dt))

@@ -24,15 +24,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from xorl_jax.parallel.rules import shard_map_compat
+
 EXCHANGES = ("auto", "padded", "ragged")
-
-
-def _shard_map(f, mesh, in_specs, out_specs):
-    if hasattr(jax, "shard_map"):
-        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
-    from jax.experimental.shard_map import shard_map
-
-    return shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
 
 
 def grouped_matmul(x_MK, w_GKN, group_sizes_G, implementation: str):
@@ -148,7 +142,7 @@ def experts_ep(x_ND, top_i, top_w, w_gate_up_EDCF, w_down_EFD, *, mesh, implemen
     body = functools.partial(_ep_body, num_experts=E, expert_axis=expert_axis, tensor_axis=tensor,
                              exchange=resolve_exchange(exchange),
                              implementation="native" if implementation == "eager" else implementation)
-    f = _shard_map(body, mesh,
+    f = shard_map_compat(body, mesh,
                    in_specs=(tok, tok, tok, P(expert_axis, None, None, tensor), P(expert_axis, tensor, None)),
                    out_specs=tok)
     return f(x_ND, top_i, top_w, w_gate_up_EDCF, w_down_EFD)

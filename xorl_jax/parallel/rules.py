@@ -201,6 +201,35 @@ def constrain(x, names):
     return jax.lax.with_sharding_constraint(x, NamedSharding(ctx.mesh, spec))
 
 
+def shard_map_compat(f, mesh, in_specs, out_specs):
+    """`jax.shard_map` where it exists (JAX >= 0.7), else the experimental one; replication checks off."""
+    if hasattr(jax, "shard_map"):
+        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    from jax.experimental.shard_map import shard_map
+
+    return shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+
+
+def per_shard(fn, in_names, out_names):  # one output, named like an input
+    """`fn` run on each device's shard of its arguments, split by logical activation names (None = replicated
+    argument); a plain call outside `use_mesh`. For kernels XLA cannot partition (Pallas, Triton: it would
+    gather their inputs onto every device) and for sequential loops that must not hold collectives."""
+
+    def wrapped(*args):
+        ctx = _CONTEXT.get()
+        if ctx is None or ctx.mesh.size == 1:
+            return fn(*args)
+        spec = lambda names, x: P() if names is None else logical_to_spec(names, ctx.rules.activations)  # noqa: E731
+        in_specs = tuple(spec(n, a) for n, a in zip(in_names, args))
+        for a, s in zip(args, in_specs):  # every split dimension must divide evenly, else run unsplit
+            for dim, axes in zip(a.shape, s):
+                if axes is not None and dim % int(np.prod([ctx.mesh.shape[x] for x in _as_tuple(axes)])):
+                    return fn(*args)
+        return shard_map_compat(fn, ctx.mesh, in_specs, spec(out_names, None))(*args)
+
+    return wrapped
+
+
 # ------------------------------------------------------------------------------------------------ batches
 def data_parallel_size(mesh: Mesh) -> int:
     """How many ways the batch is split (data x fsdp x expert)."""

@@ -106,10 +106,9 @@ def _chunk_intra(q_C, k_C, v_C, g_C, b_C, doc_C, carry_C):
 
     kk = jnp.einsum("...ik,...jk->...ij", k_C, k_C)
     strict = b_C[..., :, None] * kk * decay_CC * (1.0 - jnp.eye(C, dtype=jnp.float32))
-    system = strict + jnp.eye(C, dtype=jnp.float32)  # I + strictlower(diag(beta) K K^T * Gamma)
     state_gate = jnp.where(carry_C, jnp.exp(gamma), 0.0)  # e^{gamma_i} for tokens that read the carried state
     rhs = jnp.concatenate([b_C[..., None] * v_C, (b_C * state_gate)[..., None] * k_C], axis=-1)
-    sol = jax.lax.linalg.triangular_solve(system, rhs, left_side=True, lower=True, unit_diagonal=True)
+    sol = _mm(unit_lower_inverse(strict), rhs)  # (I + strictlower(diag(beta) K K^T * Gamma))^-1 rhs
     V = v_C.shape[-1]
     u, w = sol[..., :V], sol[..., V:]
 
@@ -120,6 +119,25 @@ def _chunk_intra(q_C, k_C, v_C, g_C, b_C, doc_C, carry_C):
     k_to_end = k_C * to_end[..., None]
     end_decay = jnp.where(carry_C[..., -1], jnp.exp(gamma[..., -1]), 0.0)
     return u, w, P, q_decayed, k_to_end, end_decay
+
+
+def _mm(a, b):
+    return jnp.einsum("...ij,...jk->...ik", a, b, precision=jax.lax.Precision.HIGHEST)
+
+
+def unit_lower_inverse(L):
+    """(I + L)^-1 for strictly lower-triangular L [..., C, C]: L is nilpotent, so the inverse is
+    prod_j (I + (-L)^(2^j)), about 2 log2(C) matrix products. Matmuls only, on purpose: a LAPACK triangular solve
+    on a CPU host with several fake devices can starve the collectives' thread pool (observed as a hang)."""
+    C = L.shape[-1]
+    M = -L
+    X = jnp.eye(C, dtype=L.dtype) + M
+    p = 1
+    while 2 * p < C:
+        M = _mm(M, M)
+        X = X + _mm(X, M)
+        p *= 2
+    return X
 
 
 def gated_delta_rule_chunked(q, k, v, g, beta, *, segment_ids=None, scale=None, use_qk_l2norm=True,
