@@ -2,8 +2,9 @@
 
 - Matmul parameters: 6 x (parameters a token multiplies through). MoE layers count the router, the top-k routed
   experts and the shared expert only (active parameters). The lm_head counts; the embedding lookup does not.
-- Causal softmax attention: each token attends to (T+1)/2 keys on average: 3 x (2 * 2 * H * d * (T+1)/2)
-  = 6 * H * d * (T+1)/2 per layer.
+- Causal softmax attention: each token attends to (T+1)/2 keys on average; Q K^T and P V are 2 * H * d flops per
+  key each, so forward 4 * H * d * (T+1)/2 and training 3 x that = 6 * H * d * (T+1) per layer (half of the
+  non-causal 12 * H * d * T that PaLM-style counts use).
 - Gated DeltaNet chunked form (chunk C): per token and value head, forward about 2 * (3*C*dk + 2*C*dv + 3*dk*dv)
   (K K^T, Q K^T, the W/U products, P V, and the state reads/writes), times 3 for training.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 
 def attention_flops(heads: int, head_dim: int, seq_len: int) -> float:
-    return 6.0 * heads * head_dim * (seq_len + 1) / 2
+    return 6.0 * heads * head_dim * (seq_len + 1)
 
 
 def gdn_flops(value_heads: int, dk: int, dv: int, chunk: int = 64) -> float:
