@@ -65,12 +65,12 @@ def slurm_coordinator_address(env) -> str:
 
 
 def _platforms(env) -> str:
-    """The platforms the user asked for ('' = JAX's default choice)."""
+    """The platforms the user asked for ('' = JAX's default choice): JAX_PLATFORMS, else jax.config's value."""
     try:
         configured = jax.config.jax_platforms or ""
     except AttributeError:
         configured = ""
-    return (configured or env.get("JAX_PLATFORMS", "") or env.get("JAX_PLATFORM_NAME", "")).lower()
+    return (env.get("JAX_PLATFORMS", "") or configured or env.get("JAX_PLATFORM_NAME", "")).lower()
 
 
 def use_cpu_collectives(env=None) -> bool:
