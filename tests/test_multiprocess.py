@@ -137,7 +137,7 @@ def runs(tmp_path_factory):
     finally:
         single.kill()
         multi.kill()
-    print("\nseconds: " + ", ".join(f"{k} {v.seconds:.1f}" for k, v in out.items() if k != "tmp"))
+    print("\nseconds until collected: " + ", ".join(f"{k} {v.seconds:.1f}" for k, v in out.items() if k != "tmp"))
     return out
 
 
