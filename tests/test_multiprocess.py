@@ -31,14 +31,14 @@ def free_port() -> int:
 
 def train_args(out_dir, **train):
     # Small and fast: 1 row per device, 128 tokens, no eval set, no HF export, no samples, no TensorBoard.
-    # gradient_accumulation_steps=1: with accumulation the micro-batches hold different rows for different
-    # process counts (see test_micro_batches_do_not_depend_on_the_process_count), which moves the MoE aux loss.
+    # Accumulation 2: micro-batch a must hold the same rows for any process count (the MoE aux loss is per
+    # micro-batch, so it would notice).
     base = {
         "model.config_path": DEMO_DIR, "model.tokenizer_path": DEMO_DIR,
         "data.datasets": f"[{{path: {DEMO_DIR}/train.jsonl, type: messages}}]",
         "data.eval_datasets": "[]",
         "data.sample_packing_sequence_len": 128,
-        "train.output_dir": str(out_dir), "train.micro_batch_size": 1, "train.gradient_accumulation_steps": 1,
+        "train.output_dir": str(out_dir), "train.micro_batch_size": 1, "train.gradient_accumulation_steps": 2,
         "train.max_steps": 3, "train.save_steps": 3, "train.log_steps": 1, "train.save_hf_weights": "false",
         "train.sample_eval_prompts": 0, "train.use_tensorboard": "false", "train.save_async": "false",
     }
@@ -213,11 +213,6 @@ def test_gloo_only_where_cpu_may_be_used(monkeypatch):
     assert hasattr(jax.config, "jax_cpu_collectives_implementation")
 
 
-# ----------------------------------------------------------------------------------------------- known issue
-@pytest.mark.xfail(strict=True, reason=(
-    "data pipeline slices each process's rows per step, not per micro-batch: with gradient accumulation the "
-    "micro-batches of a P-process run hold different rows than those of a 1-process run (the step's loss is the "
-    "same, the per-micro-batch MoE aux loss is not); fix in xorl_jax/data/pipeline.py _Batcher.batch"))
 def test_micro_batches_do_not_depend_on_the_process_count():
     import numpy as np
 
@@ -235,7 +230,7 @@ def test_micro_batches_do_not_depend_on_the_process_count():
         local = []
         for p in range(processes):
             it = build_train_iterator(cfg.data, tok, global_batch_size=micro_rows * accum, process_index=p,
-                                      process_count=processes, seed=cfg.data.seed)
+                                      process_count=processes, seed=cfg.data.seed, micro_batches=accum)
             local.append(stack_micro_batches(next(it), accum)["input_ids"])
         return np.concatenate(local, axis=1)
 

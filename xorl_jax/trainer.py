@@ -128,6 +128,7 @@ class Trainer:
         self.train_iter = build_train_iterator(
             cfg.data, self.tokenizer, global_batch_size=self.rows_per_step,
             process_index=self.process_index, process_count=self.process_count, seed=cfg.data.seed,
+            micro_batches=self.accum,
         )
         self.eval_batches = None
         if cfg.data.eval_datasets:
@@ -172,7 +173,9 @@ class Trainer:
                                 nonfinite_streak=counter(), skipped_total=counter())
         self.params = None  # the state owns them from here on
         train_step = make_train_step(self.graphdef, self.optimizer, self.loss_cfg)
-        self.train_step = jax.jit(train_step, donate_argnums=(0,))
+        # Fixed output shardings: the state comes back exactly as it went in, so step 2 does not compile again.
+        state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
+        self.train_step = jax.jit(train_step, donate_argnums=(0,), out_shardings=(state_shardings, replicated))
         self.eval_step = jax.jit(make_eval_step(self.graphdef, self.loss_cfg))
 
     def _setup_checkpointing(self):

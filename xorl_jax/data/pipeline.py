@@ -133,10 +133,10 @@ def _pack_epoch(docs: Documents, data_cfg, seed: int, epoch: int, shuffle: bool)
 
 
 class _Batcher:
-    def __init__(self, docs, data_cfg, global_batch_size, process_index, process_count):
-        if global_batch_size % process_count:
-            raise DataError(f"global batch of {global_batch_size} rows does not split over {process_count} "
-                            "processes; make it a multiple of the process count")
+    def __init__(self, docs, data_cfg, global_batch_size, process_index, process_count, micro_batches=1):
+        if global_batch_size % (process_count * micro_batches):
+            raise DataError(f"global batch of {global_batch_size} rows does not split into {micro_batches} "
+                            f"micro-batches over {process_count} processes; make it a multiple of their product")
         if not 0 <= process_index < process_count:
             raise DataError(f"process_index {process_index} outside [0, {process_count})")
         self.docs, self.cfg = docs, data_cfg
@@ -146,16 +146,20 @@ class _Batcher:
             raise DataError(f"data.sample_packing_sequence_len={self.capacity} is not a multiple of "
                             f"data.pad_to_multiple_of={multiple}")
         self.global_batch_size = global_batch_size
-        self.local_rows = global_batch_size // process_count
-        self.first = process_index * self.local_rows
+        self.micro_batches = micro_batches
+        self.micro_rows = global_batch_size // micro_batches  # rows of one global micro-batch
+        self.local_micro_rows = self.micro_rows // process_count
+        self.first = process_index * self.local_micro_rows
 
     def batches_in(self, rows) -> int:
         return -(-len(rows) // self.global_batch_size)
 
     def batch(self, rows, b: int) -> dict:
-        lo = b * self.global_batch_size + self.first
+        """This process's rows of global batch b, micro-batch major: its share of micro-batch 0, then of 1, ...
+        so micro-batch a holds the same rows whatever the process count."""
         out = []
-        for r in range(lo, lo + self.local_rows):
+        starts = (b * self.global_batch_size + a * self.micro_rows + self.first for a in range(self.micro_batches))
+        for r in (s + i for s in starts for i in range(self.local_micro_rows)):
             members = rows[r] if r < len(rows) else []
             out.append(build_row([(self.docs.ids[i], self.docs.targets[i]) for i in members], self.capacity))
         return {k: np.stack([row[k] for row in out]) for k in out[0]}
@@ -165,12 +169,12 @@ class TrainIterator:
     """Endless packed batches (this process's rows), epochs reshuffled with (seed, epoch)."""
 
     def __init__(self, docs: Documents, data_cfg, *, global_batch_size, process_index=0, process_count=1,
-                 seed=0):
+                 seed=0, micro_batches=1):
         self.docs = docs
         self.cfg = data_cfg
         self.seed = int(seed)
         self.shuffle = bool(_get(data_cfg, "shuffle", True))
-        self._batcher = _Batcher(docs, data_cfg, global_batch_size, process_index, process_count)
+        self._batcher = _Batcher(docs, data_cfg, global_batch_size, process_index, process_count, micro_batches)
         self.epoch = 0
         self.batch_index = 0
         self._rows_epoch = None
@@ -218,11 +222,12 @@ class TrainIterator:
         self.batch_index = int(state["batch_index"])
 
 
-def build_train_iterator(data_cfg, tokenizer, *, global_batch_size, process_index=0, process_count=1, seed=None):
+def build_train_iterator(data_cfg, tokenizer, *, global_batch_size, process_index=0, process_count=1, seed=None,
+                         micro_batches=1):
     seed = _get(data_cfg, "seed", 0) if seed is None else seed
     docs = Documents(_get(data_cfg, "datasets"), tokenizer, data_cfg, seed=seed)
     return TrainIterator(docs, data_cfg, global_batch_size=global_batch_size, process_index=process_index,
-                         process_count=process_count, seed=seed)
+                         process_count=process_count, seed=seed, micro_batches=micro_batches)
 
 
 def build_eval_batches(data_cfg, tokenizer, *, global_batch_size, process_index=0, process_count=1) -> list:
