@@ -192,3 +192,30 @@ def test_sigkill_during_checkpoint_save_resumes_from_previous(tmp_path):
     assert int(resumed.state.step) == complete[-1]
     result = resumed.train()
     assert result["step"] == complete[-1] + 2
+
+
+def test_qwen3_5_moe_demo_trains_and_exports_for_transformers(tmp_path):
+    """The hybrid family through the same loop: loss falls over a few steps and the export loads in transformers."""
+    import torch
+    import transformers
+
+    config = os.path.join(ROOT, "configs", "demo_qwen3_5_moe_cpu.yaml")
+    from xorl_jax.trainer import Trainer
+
+    overrides = demo_overrides(tmp_path, max_steps=6, save_hf_weights=True, gradient_accumulation_steps=1,
+                               micro_batch_size=1, lr=1e-2)
+    overrides[0] = f"--model.config_path={os.path.join(DEMO_DIR + '_qwen3_5_moe')}"
+    trainer = Trainer(load_config(config, overrides))
+    assert type(trainer.model).__name__ == "Qwen3_5MoeForCausalLM"
+    trainer.train()
+    losses = [float(line.split('"loss": ')[1].split(",")[0])
+              for line in open(tmp_path / "metrics.jsonl") if '"loss": ' in line]
+    assert losses[-1] < losses[0], losses
+    hf_dir = tmp_path / "global_step_6" / "hf_ckpt"
+    ours = nnx.merge(trainer.graphdef, trainer.state.params)
+    ids = np.asarray(next(trainer.train_iter)["input_ids"][:1, :64])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    with torch.no_grad():
+        want = hf(torch.as_tensor(ids, dtype=torch.long)).logits.numpy()
+    got = np.asarray(ours(jnp.asarray(ids)).logits)
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=2e-4)
