@@ -48,14 +48,20 @@ def forward_loss(graphdef, params, micro, loss_cfg: LossConfig):
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_cfg: LossConfig, *,
-                    max_grad_norm: float | None = None):
-    """train_step(state, batch) -> (state, metrics). Pure; jit it with shardings and donation."""
+                    max_grad_norm: float | None = None, merge_fn=None):
+    """train_step(state, batch) -> (state, metrics). Pure; jit it with shardings and donation.
 
-    def train_step(state: TrainState, batch):
+    With `merge_fn(trainable, frozen) -> full params` (LoRA), the step is train_step(state, batch, frozen):
+    `state.params` holds only the trainable tree (the only thing differentiated and updated), `frozen` is passed
+    through unchanged (not donated) and the model runs on merge_fn(state.params, frozen)."""
+
+    def train_step(state: TrainState, batch, frozen=None):
         n_micro = batch["input_ids"].shape[0]
         total_valid = jnp.maximum(jnp.sum(batch["labels"] != IGNORE_INDEX), 1).astype(jnp.float32)
 
         def micro_objective(params, micro):
+            if merge_fn is not None:
+                params = merge_fn(params, frozen)
             loss_sum, n_valid, aux = forward_loss(graphdef, params, micro, loss_cfg)
             # Normalising each micro-batch by the count over the whole step makes accumulation exact:
             # 4 x micro-batch 1 gives the same gradient as micro-batch 4.
@@ -100,10 +106,13 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_cfg:
     return train_step
 
 
-def make_eval_step(graphdef, loss_cfg: LossConfig):
-    """eval_step(params, micro) -> (loss_sum, n_valid) for one [B, T] batch."""
+def make_eval_step(graphdef, loss_cfg: LossConfig, *, merge_fn=None):
+    """eval_step(params, micro) -> (loss_sum, n_valid) for one [B, T] batch (with merge_fn, as in make_train_step:
+    eval_step(trainable, micro, frozen))."""
 
-    def eval_step(params, micro):
+    def eval_step(params, micro, frozen=None):
+        if merge_fn is not None:
+            params = merge_fn(params, frozen)
         loss_sum, n_valid, _ = forward_loss(graphdef, params, micro, loss_cfg)
         return loss_sum, n_valid
 

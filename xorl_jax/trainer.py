@@ -88,6 +88,18 @@ class Trainer:
         self.model = model
         self.params = params
         self.param_count = _count_params(params)
+        self.frozen = None  # LoRA: the frozen base parameters (self.state.params holds only the adapters)
+        if cfg.lora.enable_lora:
+            from xorl_jax import lora as lora_lib
+
+            self.lora_targets = lora_lib.lora_targets(params, cfg.lora)
+            self.lora_scale = lora_lib.lora_scale(cfg.lora)
+            self.frozen = params
+            self.params = lora_lib.init_lora(params, self.lora_targets, cfg.lora.lora_rank, seed=cfg.train.seed,
+                                             mesh=self.mesh, rules=self.rules)
+            log.info("LoRA: %d adapter parameters on %s (base %d parameters frozen)",
+                     lora_lib.count_lora_params(self.params),
+                     ", ".join(sorted({t.hf_name for t in self.lora_targets})), self.param_count)
         coef = cfg.train.router_aux_loss_coef
         self.loss_cfg = LossConfig(
             aux_loss_coef=float(getattr(self.model_config, "router_aux_loss_coef", 0.0) if coef is None else coef),
@@ -172,11 +184,31 @@ class Trainer:
         self.state = TrainState(step=counter(), params=self.params, opt_state=opt_state,
                                 nonfinite_streak=counter(), skipped_total=counter())
         self.params = None  # the state owns them from here on
-        train_step = make_train_step(self.graphdef, self.optimizer, self.loss_cfg)
+        merge_fn = self._merge_fn()
+        train_step = make_train_step(self.graphdef, self.optimizer, self.loss_cfg, merge_fn=merge_fn)
         # Fixed output shardings: the state comes back exactly as it went in, so step 2 does not compile again.
         state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
         self.train_step = jax.jit(train_step, donate_argnums=(0,), out_shardings=(state_shardings, replicated))
-        self.eval_step = jax.jit(make_eval_step(self.graphdef, self.loss_cfg))
+        self.eval_step = jax.jit(make_eval_step(self.graphdef, self.loss_cfg, merge_fn=merge_fn))
+        if merge_fn is not None:  # the frozen base goes in as an argument (never a baked-in constant, never donated)
+            step_jit, eval_jit = self.train_step, self.eval_step
+            self.train_step = lambda state, batch: step_jit(state, batch, self.frozen)
+            self.eval_step = lambda params, micro: eval_jit(params, micro, self.frozen)
+
+    def _merge_fn(self):
+        """LoRA: (adapters, frozen base) -> effective parameters; None without LoRA."""
+        if self.frozen is None:
+            return None
+        from xorl_jax.lora import merge_lora
+
+        targets, scale = self.lora_targets, self.lora_scale
+        return lambda lora, frozen: merge_lora(frozen, lora, targets, scale)
+
+    def full_params(self):
+        """The model's parameters as the forward pass sees them (LoRA: base + scale * A @ B)."""
+        if self.frozen is None:
+            return self.state.params
+        return jax.jit(self._merge_fn())(self.state.params, self.frozen)
 
     def _setup_checkpointing(self):
         from xorl_jax.checkpoint.training import TrainCheckpointer
@@ -346,7 +378,7 @@ class Trainer:
                 convs.append(msgs)
             if len(convs) == n:
                 break
-        model = nnx.merge(self.graphdef, self.state.params)
+        model = nnx.merge(self.graphdef, self.full_params())
         answers = greedy_generate(model, self.tokenizer, [c[:-1] for c in convs])
         out = [(c[-2]["content"], c[-1]["content"], a) for c, a in zip(convs, answers)]
         if self.is_main:
@@ -360,8 +392,15 @@ class Trainer:
         from xorl_jax.checkpoint.orbax import export_hf
 
         out = os.path.join(self.output_dir, f"global_step_{step}", "hf_ckpt")
-        model = nnx.merge(self.graphdef, self.state.params)
         m = self.cfg.model
+        if self.frozen is not None and self.cfg.lora.save_lora_only:
+            from xorl_jax import lora as lora_lib
+
+            if lora_lib.peft_exportable(self.lora_targets):
+                return self.export_lora_adapter(step)
+            log.warning("lora.save_lora_only: routed-expert adapters (lora_target_parameters) have no PEFT adapter "
+                        "export; exporting merged full weights instead")
+        model = nnx.merge(self.graphdef, self.full_params())
         if m.model_path and self.cfg.train.init_from != "scratch":
             source = m.model_path
         else:  # trained from scratch: config.json from what built the model, tokenizer files from its directory
@@ -369,6 +408,31 @@ class Trainer:
         export_hf(model, out, source_dir_or_metadata=source, overwrite=True)
         if self.is_main:
             print(f"exported HF weights to {out}", flush=True)
+        return out
+
+    def export_lora_adapter(self, step: int) -> str:
+        """A PEFT adapter directory (adapter_config.json + adapter_model.safetensors) for the HF base model."""
+        from xorl_jax import lora as lora_lib
+        from xorl_jax.checkpoint.orbax import _root_for
+
+        out = os.path.join(self.output_dir, f"global_step_{step}", "lora_adapter")
+        lo = self.cfg.lora
+
+        def fetch(x):  # every process takes part in gathering a shard held elsewhere
+            if not getattr(x, "is_fully_addressable", True):
+                from jax.experimental import multihost_utils
+
+                return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+            return np.asarray(jax.device_get(x))
+
+        host = jax.tree.map(fetch, self.state.params)
+        if self.is_main:
+            prefix = type(self.model).hf_key_map(self.model_config, root=_root_for(self.hf_config)).layer_prefix
+            lora_lib.export_peft_adapter(
+                out, host, self.lora_targets, rank=lo.lora_rank, alpha=lo.lora_alpha,
+                period=len(self.model.layers.pattern), repeats=self.model.layers.repeats, layer_prefix=prefix,
+                base_model_name_or_path=self.cfg.model.model_path)
+            print(f"exported the LoRA adapter (PEFT) to {out}", flush=True)
         return out
 
 

@@ -1,0 +1,280 @@
+"""LoRA (xorl_jax/lora.py): targets by HF name, step 0 equals the base model, only the adapters train (base frozen
+bitwise, optimizer state only for adapters), merged export equals W + (alpha/r) A B, PEFT adapters load in HF peft
+with our logits, checkpoints resume."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from xorl_jax import lora as L
+from xorl_jax.config import ConfigError, LoraConfig, load_config
+from xorl_jax.data.demo import DEMO_DIR
+from xorl_jax.models.common import ModelOptions
+from xorl_jax.models.loading import build_config, read_hf_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_CONFIG = os.path.join(ROOT, "configs", "demo_cpu.yaml")
+QWEN3_5_MOE_DIR = DEMO_DIR + "_qwen3_5_moe"
+TINY_QWEN3 = {
+    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 96, "hidden_size": 64,
+    "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "head_dim": 16, "hidden_act": "silu", "max_position_embeddings": 512, "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0, "tie_word_embeddings": False, "attention_bias": False, "torch_dtype": "float32",
+}
+
+
+def build(hf_config, seed=0):
+    cls, mc = build_config(hf_config)
+    return nnx.split(cls(mc, ModelOptions(), rngs=nnx.Rngs(seed)))
+
+
+def randomize_b(lora, seed=1, scale=0.05):
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(lora)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    out = [jax.random.normal(k, x.shape, x.dtype) * scale if "lora_B" in jax.tree_util.keystr(p) else x
+           for k, (p, x) in zip(keys, leaves)]
+    return jax.tree.unflatten(jax.tree.structure(lora), out)
+
+
+def flat(params):
+    return {n: np.asarray(x) for n, x, _ in L._flat(params)}
+
+
+ALL_QWEN3_5 = LoraConfig(
+    enable_lora=True, lora_rank=4, lora_alpha=8.0,
+    lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                         "linear_attn.in_proj_qkv", "linear_attn.in_proj_z", "linear_attn.out_proj"],
+    lora_target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+
+
+def test_targets_and_unknown_name_error():
+    _, params = build(read_hf_config(QWEN3_5_MOE_DIR))
+    names = {t.hf_name for t in L.lora_targets(params, ALL_QWEN3_5)}
+    assert names == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                     "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj",
+                     "linear_attn.in_proj_qkv", "linear_attn.in_proj_z", "linear_attn.out_proj",
+                     "mlp.experts.gate_up_proj", "mlp.experts.down_proj"}
+    with pytest.raises(ConfigError, match=r"'qproj' names no layer.*valid names: .*self_attn.q_proj"):
+        L.lora_targets(params, LoraConfig(enable_lora=True, lora_target_modules=["qproj"]))
+    with pytest.raises(ConfigError, match="lora_target_parameters: 'experts.up'"):
+        L.lora_targets(params, LoraConfig(enable_lora=True, lora_target_modules=["q_proj"],
+                                          lora_target_parameters=["experts.up"]))
+    with pytest.raises(ConfigError, match="lora_dropout"):
+        L.lora_targets(params, LoraConfig(enable_lora=True, lora_dropout=0.1))
+    # A dense-MLP name in a model whose layers are all MoE is skipped (the default target list stays usable).
+    _, moe = build(read_hf_config(DEMO_DIR))
+    assert {t.hf_name for t in L.lora_targets(moe, LoraConfig(enable_lora=True))} == {
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_step0_equals_base_with_frozen_base_dtype(dtype):
+    """B = 0: the adapted model's logits are exactly the base model's (bf16 base weights too, bf16 compute)."""
+    cls, mc = build_config(read_hf_config(QWEN3_5_MOE_DIR))
+    opts = ModelOptions(dtype=dtype, param_dtype=dtype)
+    model = cls(mc, opts, rngs=nnx.Rngs(0))
+    from xorl_jax.models.common import cast_params
+
+    cast_params(model, jnp.dtype(dtype))
+    graphdef, params = nnx.split(model)
+    targets = L.lora_targets(params, ALL_QWEN3_5)
+    lora = L.init_lora(params, targets, rank=4, seed=0)
+    ids = jnp.arange(24, dtype=jnp.int32).reshape(1, 24) * 7 % 700
+    base = nnx.merge(graphdef, params)(ids).logits
+    step0 = nnx.merge(graphdef, L.merge_lora(params, lora, targets, 2.0))(ids).logits
+    np.testing.assert_array_equal(np.asarray(step0), np.asarray(base))
+
+
+def test_step0_equals_base_and_merge_is_w_plus_ab():
+    graphdef, params = build(read_hf_config(QWEN3_5_MOE_DIR))
+    targets = L.lora_targets(params, ALL_QWEN3_5)
+    lora = L.init_lora(params, targets, rank=4, seed=0)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(lora))
+    ids = jnp.arange(24, dtype=jnp.int32).reshape(1, 24) % 700
+    base = nnx.merge(graphdef, params)(ids).logits
+    scale = L.lora_scale(ALL_QWEN3_5)
+    step0 = nnx.merge(graphdef, L.merge_lora(params, lora, targets, scale))(ids).logits
+    np.testing.assert_array_equal(np.asarray(step0), np.asarray(base))  # B = 0: exactly the base model
+
+    lora = randomize_b(lora)
+    merged, before = flat(L.merge_lora(params, lora, targets, scale)), flat(params)
+    def g(*keys):
+        node = lora
+        for k in keys:
+            node = node[k]
+        return {n: np.asarray(v) for n, v in node.items()}
+
+    # q_proj [L, D, H, e]: W + s * A B reshaped
+    p = g("g1", "self_attn", "q_proj")
+    w = before[("layers", "groups", "1", "self_attn", "q_proj")]
+    want = w + scale * np.einsum("lir,lro->lio", p["lora_A"], p["lora_B"]).reshape(w.shape)
+    np.testing.assert_allclose(merged[("layers", "groups", "1", "self_attn", "q_proj")], want, rtol=1e-6, atol=1e-6)
+    # o_proj [L, H, e, D]: input is (heads, head_dim)
+    p = g("g1", "self_attn", "o_proj")
+    w = before[("layers", "groups", "1", "self_attn", "o_proj")]
+    want = w + scale * np.einsum("lir,lro->lio", p["lora_A"], p["lora_B"]).reshape(w.shape)
+    np.testing.assert_allclose(merged[("layers", "groups", "1", "self_attn", "o_proj")], want, rtol=1e-6, atol=1e-6)
+    # fused shared-expert gate_up [L, D, 2, F]: gate and up pairs add into their halves
+    pg, pu = g("g0", "mlp", "shared_expert", "gate_proj"), g("g0", "mlp", "shared_expert", "up_proj")
+    key = ("layers", "groups", "0", "mlp", "shared_expert", "gate_up_proj")
+    want = before[key].copy()
+    want[:, :, 0] += scale * np.einsum("lir,lro->lio", pg["lora_A"], pg["lora_B"])
+    want[:, :, 1] += scale * np.einsum("lir,lro->lio", pu["lora_A"], pu["lora_B"])
+    np.testing.assert_allclose(merged[key], want, rtol=1e-6, atol=1e-6)
+    # routed experts [L, E, D, 2, F]: one pair per expert
+    p = g("g0", "mlp", "experts", "gate_up_proj")
+    key = ("layers", "groups", "0", "mlp", "gate_up_proj")
+    w = before[key]
+    want = w + scale * np.einsum("leir,lero->leio", p["lora_A"], p["lora_B"]).reshape(w.shape)
+    np.testing.assert_allclose(merged[key], want, rtol=1e-6, atol=1e-6)
+    # untouched parameters are the same arrays' values
+    np.testing.assert_array_equal(merged[("embed_tokens",)], before[("embed_tokens",)])
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen3_5_moe"])
+def test_peft_adapter_round_trip_matches_our_logits(tmp_path, family):
+    """Our merged LoRA model vs HF base + `peft.PeftModel.from_pretrained(adapter dir)`: the same logits."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    import transformers
+
+    from xorl_jax.checkpoint.orbax import export_hf
+
+    if family == "qwen3":
+        hf_config = dict(TINY_QWEN3)
+        cfg = LoraConfig(enable_lora=True, lora_rank=4, lora_alpha=8.0)  # q k v o gate up down
+    else:
+        hf_config = read_hf_config(QWEN3_5_MOE_DIR)
+        cfg = LoraConfig(enable_lora=True, lora_rank=4, lora_alpha=16.0, lora_target_modules=[
+            "q_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "in_proj_qkv", "in_proj_z",
+            "linear_attn.out_proj"])
+    graphdef, params = build(hf_config)
+    base_dir = str(tmp_path / "base")
+    export_hf(nnx.merge(graphdef, params), base_dir, source_dir_or_metadata={"hf_config": hf_config})
+    targets = L.lora_targets(params, cfg)
+    lora = randomize_b(L.init_lora(params, targets, cfg.lora_rank, seed=3), scale=0.1)
+    model = nnx.merge(graphdef, params)
+    adapter = L.export_peft_adapter(str(tmp_path / "adapter"), lora, targets, rank=cfg.lora_rank,
+                                    alpha=cfg.lora_alpha, period=len(model.layers.pattern),
+                                    repeats=model.layers.repeats, base_model_name_or_path=base_dir)
+    assert json.load(open(os.path.join(adapter, "adapter_config.json")))["r"] == cfg.lora_rank
+
+    ids = np.random.default_rng(0).integers(1, hf_config["vocab_size"], (2, 20))
+    ours = nnx.merge(graphdef, L.merge_lora(params, lora, targets, L.lora_scale(cfg)))
+    got = np.asarray(ours(jnp.asarray(ids)).logits)
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    with torch.no_grad():
+        plain = base(torch.as_tensor(ids)).logits.numpy()
+    hf = peft.PeftModel.from_pretrained(base, adapter)
+    hf.eval()
+    with torch.no_grad():
+        want = hf(torch.as_tensor(ids)).logits.numpy()
+    assert np.abs(want - plain).max() > 1e-3  # the adapter does something
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=2e-4)
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+@pytest.fixture(scope="module")
+def demo_base(tmp_path_factory):
+    """The demo Qwen3-MoE with random weights, saved as an HF directory (LoRA needs init_from hf)."""
+    from xorl_jax.checkpoint.orbax import export_hf
+
+    hf_config = read_hf_config(DEMO_DIR)
+    graphdef, params = build(hf_config, seed=5)
+    out = str(tmp_path_factory.mktemp("lora_base") / "hf")
+    export_hf(nnx.merge(graphdef, params), out, source_dir_or_metadata={"hf_config": hf_config,
+                                                                        "source_path": DEMO_DIR})
+    return out
+
+
+def make_lora_trainer(out_dir, base_dir, lora=None, model=None, **train):
+    from xorl_jax.trainer import Trainer
+
+    settings = {
+        "model.model_path": base_dir, "model.tokenizer_path": DEMO_DIR,
+        "data.datasets": f"[{{path: {DEMO_DIR}/train.jsonl, type: messages}}]",
+        "data.eval_datasets": f"[{{path: {DEMO_DIR}/eval.jsonl, type: messages}}]",
+        "data.sample_packing_sequence_len": 128, "train.output_dir": str(out_dir), "train.init_from": "hf",
+        "train.micro_batch_size": 1, "train.gradient_accumulation_steps": 2, "train.max_steps": 4,
+        "train.save_steps": 0, "train.save_hf_weights": False, "train.log_steps": 1, "train.lr": 1e-2,
+        "train.sample_eval_prompts": 0, "train.weight_decay": 0.01,
+        "lora.enable_lora": True, "lora.lora_rank": 4, "lora.lora_alpha": 8,
+        "lora.lora_target_modules": "[q_proj, k_proj, v_proj, o_proj]",
+        "lora.lora_target_parameters": "[mlp.experts.gate_up_proj, mlp.experts.down_proj]",
+    }
+    settings.update({f"train.{k}": v for k, v in train.items()})
+    settings.update({f"lora.{k}": v for k, v in (lora or {}).items()})
+    settings.update({f"model.{k}": v for k, v in (model or {}).items()})
+    cfg = load_config(DEMO_CONFIG, [f"--{k}={v}" for k, v in settings.items()])
+    cfg.model.config_path = None
+    return Trainer(cfg)
+
+
+def test_trainer_trains_only_adapters_and_exports_merged(tmp_path, demo_base):
+    trainer = make_lora_trainer(tmp_path, demo_base, save_hf_weights=True, lora={"save_lora_only": False})
+    base_before = flat(trainer.frozen)
+    lora_before = {k: np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(trainer.state.params)}
+    # optimizer state: only adapter-sized arrays (Adam mu and nu) plus scalars
+    lora_shapes = sorted(x.shape for x in jax.tree.leaves(trainer.state.params))
+    opt_arrays = [x for x in jax.tree.leaves(trainer.state.opt_state) if x.ndim > 0]
+    assert sorted(x.shape for x in opt_arrays) == sorted(lora_shapes * 2)
+    n_lora = L.count_lora_params(trainer.state.params)
+    assert sum(x.size for x in opt_arrays) == 2 * n_lora < trainer.param_count // 4
+    # step 0 == base model
+    ids = jnp.asarray(np.asarray(next(iter(trainer.eval_batches))["input_ids"][:1, :64]))
+    base_logits = nnx.merge(trainer.graphdef, trainer.frozen)(ids).logits
+    step0 = nnx.merge(trainer.graphdef, trainer.full_params())(ids).logits
+    np.testing.assert_array_equal(np.asarray(step0), np.asarray(base_logits))
+
+    result = trainer.train()
+    assert result["step"] == 4 and np.isfinite(result["loss"])
+    for k, v in flat(trainer.frozen).items():  # base bitwise unchanged
+        np.testing.assert_array_equal(v, base_before[k])
+    lora_after = {k: np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(trainer.state.params)}
+    changed = [k for k in lora_after if not np.array_equal(lora_after[k], lora_before[k])]
+    assert any("lora_B" in jax.tree_util.keystr(k) for k in changed) and len(changed) == len(lora_after)
+
+    # merged export (save_lora_only false) equals base + (alpha / r) A B, read back through our loader
+    from xorl_jax.checkpoint.orbax import load_model
+
+    exported = load_model(str(tmp_path / "global_step_4" / "hf_ckpt"), ModelOptions())
+    got = flat(nnx.state(exported, nnx.Param))
+    want = flat(L.merge_lora(trainer.frozen, trainer.state.params, trainer.lora_targets, 2.0))
+    assert got.keys() == want.keys()
+    changed_weights = 0
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-6)
+        changed_weights += not np.array_equal(want[k], base_before[k])
+    assert changed_weights == 6  # q k v o, experts gate_up and down
+
+
+def test_trainer_adapter_export_and_resume(tmp_path, demo_base):
+    bf16 = {"param_dtype": "bfloat16"}  # the frozen base stays in bf16, the adapters in fp32
+    full = make_lora_trainer(tmp_path / "full", demo_base, save_steps=2, model=bf16,
+                             lora={"lora_target_parameters": "[]"})
+    assert {x.dtype for x in jax.tree.leaves(full.frozen)} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(full.state.params)} == {jnp.dtype(jnp.float32)}
+    full.train()
+    expected = {k: np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(full.state.params)}
+    adapter = full.export_hf(4)  # save_lora_only (the default): a PEFT adapter directory
+    assert adapter.endswith("lora_adapter")
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(adapter))
+    cfg = json.load(open(os.path.join(adapter, "adapter_config.json")))
+    assert cfg["target_modules"] == ["self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj"]
+    import shutil
+
+    resumed_dir = tmp_path / "resumed"
+    os.makedirs(resumed_dir / "checkpoints")
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "2", resumed_dir / "checkpoints" / "2")
+    resumed = make_lora_trainer(resumed_dir, demo_base, load_checkpoint_path="auto", model=bf16,
+                                lora={"lora_target_parameters": "[]"})
+    assert resumed.train()["step"] == 4
+    got = {k: np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(resumed.state.params)}
+    assert got.keys() == expected.keys()
+    for k in expected:
+        np.testing.assert_array_equal(got[k], expected[k])
