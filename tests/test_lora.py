@@ -16,6 +16,7 @@ from xorl_jax.config import ConfigError, LoraConfig, load_config
 from xorl_jax.data.demo import DEMO_DIR
 from xorl_jax.models.common import ModelOptions
 from xorl_jax.models.loading import build_config, read_hf_config
+from xorl_jax.optim import params_with_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(ROOT, "configs", "demo_cpu.yaml")
@@ -42,7 +43,7 @@ def randomize_b(lora, seed=1, scale=0.05):
 
 
 def flat(params):
-    return {n: np.asarray(x) for n, x, _ in L._flat(params)}
+    return {n: np.asarray(x) for n, x, _ in params_with_path(params)}
 
 
 ALL_QWEN3_5 = LoraConfig(

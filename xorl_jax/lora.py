@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xorl_jax.config import ConfigError
-from xorl_jax.optim import _is_variable, _key_name, map_params_with_path
+from xorl_jax.optim import map_params_with_path, params_with_path
 
 log = logging.getLogger("xorl_jax")
 BATCH_AXES = ("layers", "expert")
@@ -73,25 +73,11 @@ def _layer_specs(rel: tuple, axes: tuple) -> list[tuple[str, int, int | None, bo
     return []
 
 
-def _flat(params) -> list[tuple[tuple, Any, tuple | None]]:
-    """[(path names, array, logical axes or None)] of every parameter."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_variable)
-    out = []
-    for path, leaf in flat:
-        names = tuple(_key_name(k) for k in path)
-        if _is_variable(leaf):
-            axes = leaf.get_metadata().get("axes")
-            out.append((names, leaf[...], tuple(axes) if axes is not None else None))
-        else:
-            out.append((names, leaf, None))
-    return out
-
-
 def available_targets(params) -> list[LoraTarget]:
     """Every LoRA-able weight of a model state (nnx.State of nnx.Param), in state order."""
     out = []
 
-    for names, x, axes in _flat(params):
+    for names, x, axes in params_with_path(params):
         if len(names) < 5 or names[:2] != ("layers", "groups") or axes is None:
             continue
         g, rel = int(names[2]), tuple(names[3:])
@@ -151,7 +137,7 @@ def lora_targets(params, lora_cfg) -> list[LoraTarget]:
 
 # ------------------------------------------------------------------------------------------------ shapes
 def _base_arrays(params) -> dict:
-    return {n: (x, a) for n, x, a in _flat(params)}
+    return {n: (x, a) for n, x, a in params_with_path(params)}
 
 
 def _dims(t: LoraTarget, shape: tuple) -> tuple[tuple, int, int]:
@@ -206,7 +192,7 @@ def init_lora(params, targets: list[LoraTarget], rank: int, seed: int = 0, mesh=
 
 def lora_deltas(lora: dict, targets: list[LoraTarget], params, scale: float) -> dict:
     """{param path: fp32 delta with the base weight's shape} (the gate and up halves of a fused weight summed)."""
-    shapes = {n: x.shape for n, x, _ in _flat(params)}
+    shapes = {n: x.shape for n, x, _ in params_with_path(params)}
     deltas: dict = {}
     for t in targets:
         shape = shapes[t.param_path]

@@ -74,18 +74,24 @@ def _key_name(key) -> str:
     return str(key)
 
 
-def map_params_with_path(fn: Callable[[tuple[str, ...], Any, tuple | None], Any], params) -> Any:
-    """Apply fn(path_names, array, logical_axes_or_None) to every parameter; returns a pytree with the exact
-    structure of `params` (nnx Variables keep their node, holding fn's result)."""
+def params_with_path(params) -> list[tuple[tuple[str, ...], Any, tuple | None]]:
+    """[(path names, array, logical axes or None)] of every parameter, in tree order."""
     flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_variable)
     out = []
     for path, leaf in flat:
         names = tuple(_key_name(k) for k in path)
         if _is_variable(leaf):
             axes = leaf.get_metadata().get("axes")
-            out.append(fn(names, leaf[...], tuple(axes) if axes is not None else None))
+            out.append((names, leaf[...], tuple(axes) if axes is not None else None))
         else:
-            out.append(fn(names, leaf, None))
+            out.append((names, leaf, None))
+    return out
+
+
+def map_params_with_path(fn: Callable[[tuple[str, ...], Any, tuple | None], Any], params) -> Any:
+    """Apply fn(path_names, array, logical_axes_or_None) to every parameter; returns a pytree with the exact
+    structure of `params` (nnx Variables keep their node, holding fn's result)."""
+    out = [fn(*entry) for entry in params_with_path(params)]
     return jax.tree.unflatten(jax.tree.structure(params), out)
 
 
