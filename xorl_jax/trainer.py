@@ -413,19 +413,11 @@ class Trainer:
     def export_lora_adapter(self, step: int) -> str:
         """A PEFT adapter directory (adapter_config.json + adapter_model.safetensors) for the HF base model."""
         from xorl_jax import lora as lora_lib
-        from xorl_jax.checkpoint.orbax import _root_for
+        from xorl_jax.checkpoint.orbax import _root_for, host_array
 
         out = os.path.join(self.output_dir, f"global_step_{step}", "lora_adapter")
         lo = self.cfg.lora
-
-        def fetch(x):  # every process takes part in gathering a shard held elsewhere
-            if not getattr(x, "is_fully_addressable", True):
-                from jax.experimental import multihost_utils
-
-                return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-            return np.asarray(jax.device_get(x))
-
-        host = jax.tree.map(fetch, self.state.params)
+        host = jax.tree.map(host_array, self.state.params)  # every process takes part in the gathers
         if self.is_main:
             prefix = type(self.model).hf_key_map(self.model_config, root=_root_for(self.hf_config)).layer_prefix
             lora_lib.export_peft_adapter(

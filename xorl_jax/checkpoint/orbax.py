@@ -507,6 +507,18 @@ def _barrier(name):
 
 
 # ------------------------------------------------------------------------------------------ our -> HF
+def host_array(x) -> np.ndarray:
+    """The whole of array `x` in host memory; a shard held by another process is gathered (every process must
+    call this for such an array)."""
+    import jax
+
+    if not getattr(x, "is_fully_addressable", True):
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
 def export_hf(model, output_dir, *, source_dir_or_metadata, dtype=None, expert_layout=None, overwrite=False,
               max_shard_bytes: int = 5 * 10**9) -> str:
     """Write `model`'s weights as an HF safetensors directory (5 GB shards + index, config, tokenizer files).
@@ -536,12 +548,7 @@ def export_hf(model, output_dir, *, source_dir_or_metadata, dtype=None, expert_l
     tmp = _broadcast_path(ops.temp_dir_for(output_dir) if main else None)
 
     def fetch(arr, layer):
-        part = arr if layer is None else arr[layer]
-        if not getattr(part, "is_fully_addressable", True):
-            from jax.experimental import multihost_utils
-
-            return np.asarray(multihost_utils.process_allgather(part, tiled=True))
-        return np.asarray(jax.device_get(part))
+        return host_array(arr if layer is None else arr[layer])
 
     try:
         tensors = ops.iter_hf_from_params(params, sources, fetch, out_dtype)

@@ -143,6 +143,6 @@ def experts_ep(x_ND, top_i, top_w, w_gate_up_EDCF, w_down_EFD, *, mesh, implemen
                              exchange=resolve_exchange(exchange),
                              implementation="native" if implementation == "eager" else implementation)
     f = shard_map_compat(body, mesh,
-                   in_specs=(tok, tok, tok, P(expert_axis, None, None, tensor), P(expert_axis, tensor, None)),
-                   out_specs=tok)
+                         in_specs=(tok, tok, tok, P(expert_axis, None, None, tensor), P(expert_axis, tensor, None)),
+                         out_specs=tok)
     return f(x_ND, top_i, top_w, w_gate_up_EDCF, w_down_EFD)

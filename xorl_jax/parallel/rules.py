@@ -219,13 +219,13 @@ def per_shard(fn, in_names, out_names):  # one output, named like an input
         ctx = _CONTEXT.get()
         if ctx is None or ctx.mesh.size == 1:
             return fn(*args)
-        spec = lambda names, x: P() if names is None else logical_to_spec(names, ctx.rules.activations)  # noqa: E731
-        in_specs = tuple(spec(n, a) for n, a in zip(in_names, args))
+        spec = lambda names: P() if names is None else logical_to_spec(names, ctx.rules.activations)  # noqa: E731
+        in_specs = tuple(spec(n) for n in in_names)
         for a, s in zip(args, in_specs):  # every split dimension must divide evenly, else run unsplit
             for dim, axes in zip(a.shape, s):
                 if axes is not None and dim % int(np.prod([ctx.mesh.shape[x] for x in _as_tuple(axes)])):
                     return fn(*args)
-        return shard_map_compat(fn, ctx.mesh, in_specs, spec(out_names, None))(*args)
+        return shard_map_compat(fn, ctx.mesh, in_specs, spec(out_names))(*args)
 
     return wrapped
 

@@ -125,17 +125,18 @@ def _mm(a, b):
     return jnp.einsum("...ij,...jk->...ik", a, b, precision=jax.lax.Precision.HIGHEST)
 
 
-def unit_lower_inverse(L):
-    """(I + L)^-1 for strictly lower-triangular L [..., C, C]: L is nilpotent, so the inverse is
-    prod_j (I + (-L)^(2^j)), about 2 log2(C) matrix products. Matmuls only, on purpose: a LAPACK triangular solve
-    on a CPU host with several fake devices can starve the collectives' thread pool (observed as a hang)."""
+def unit_lower_inverse(L, *, matmul=_mm, identity=None):
+    """(I + L)^-1 for strictly lower-triangular L [..., C, C]: L is nilpotent (L^C = 0), so the inverse is
+    sum_{k<C} (-L)^k = prod_j (I + (-L)^(2^j)), 2 log2(C) - 2 matrix products. Matmuls only, on purpose: a LAPACK
+    triangular solve on a CPU host with several fake devices can starve the collectives' thread pool (observed as a
+    hang), and the Pallas kernel runs this same function with its in-kernel `matmul` and an iota `identity`."""
     C = L.shape[-1]
     M = -L
-    X = jnp.eye(C, dtype=L.dtype) + M
+    X = (jnp.eye(C, dtype=L.dtype) if identity is None else identity) + M
     p = 1
     while 2 * p < C:
-        M = _mm(M, M)
-        X = X + _mm(X, M)
+        M = matmul(M, M)
+        X = X + matmul(X, M)
         p *= 2
     return X
 
