@@ -82,7 +82,7 @@ def params_with_path(params) -> list[tuple[tuple[str, ...], Any, tuple | None]]:
         names = tuple(_key_name(k) for k in path)
         if _is_variable(leaf):
             axes = leaf.get_metadata().get("axes")
-            out.append((names, leaf[...], tuple(axes) if axes is not None else None))
+            out.append((names, leaf.get_value(), tuple(axes) if axes is not None else None))
         else:
             out.append((names, leaf, None))
     return out

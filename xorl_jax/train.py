@@ -1,4 +1,7 @@
-"""CLI: python -m xorl_jax.train --config FILE [--section.key=value ...]
+"""CLI: python -m xorl_jax.train --config FILE [--section.key=value ...] [--dry-run [--fake-devices N]]
+
+--dry-run checks the config against the mesh and compiles the train step on abstract inputs (no weights, no data,
+no training; see xorl_jax/plan.py). --fake-devices N runs it on N CPU devices, e.g. an 8-GPU config on a laptop.
 
 Exit codes: 0 done, 2 bad config or input (one line on stderr says what and where), 1 the run stopped on purpose
 (e.g. too many non-finite steps; the last good checkpoint is intact).
@@ -38,11 +41,37 @@ def _quiet_library_logs():
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def _dry_run_flags(argv: list[str]) -> tuple[list[str], bool, int]:
+    """Split --dry-run and --fake-devices N off the config arguments."""
+    from xorl_jax.config import ConfigError
+
+    rest, dry, fake = [], False, 0
+    it = iter(argv)
+    for arg in it:
+        if arg == "--dry-run":
+            dry = True
+        elif arg == "--fake-devices" or arg.startswith("--fake-devices="):
+            value = arg.split("=", 1)[1] if "=" in arg else next(it, "")
+            if not value.isdigit() or int(value) < 1:
+                raise ConfigError(f"--fake-devices needs a positive device count, got {value!r}")
+            fake = int(value)
+        else:
+            rest.append(arg)
+    if fake and not dry:
+        raise ConfigError("--fake-devices only goes with --dry-run (training on fake CPU devices is for tests)")
+    return rest, dry, fake
+
+
 def main(argv=None) -> int:
     from xorl_jax.config import ConfigError, parse_cli
 
     argv = sys.argv[1:] if argv is None else argv
     try:
+        argv, dry, fake_devices = _dry_run_flags(argv)
+        if fake_devices:  # before JAX initialises its backends
+            os.environ["JAX_PLATFORMS"] = "cpu"
+            flags = os.environ.get("XLA_FLAGS", "")
+            os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={fake_devices}".strip()
         cfg = parse_cli(argv)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -53,6 +82,11 @@ def main(argv=None) -> int:
     from xorl_jax.trainer import TrainingStopped, run
 
     try:
+        if dry:
+            from xorl_jax.plan import dry_run
+
+            print("\n".join(dry_run(cfg).lines()), flush=True)
+            return 0
         run(cfg)
     except _input_errors() as e:
         print(f"error: {e}", file=sys.stderr)

@@ -46,6 +46,67 @@ def _count_params(params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
+class MeshJit:
+    """A jitted function that traces (first call, `lower`) under the run's mesh and rules: without them the model
+    would trace as one-device code (no expert-parallel all-to-all, no activation constraints, and kernels XLA
+    cannot partition would see gathered inputs)."""
+
+    def __init__(self, jitted, mesh, rules):
+        self.jitted, self.mesh, self.rules = jitted, mesh, rules
+
+    def __call__(self, *args):
+        from xorl_jax.parallel.rules import use_mesh
+
+        with use_mesh(self.mesh, self.rules):
+            return self.jitted(*args)
+
+    def lower(self, *args):
+        from xorl_jax.parallel.rules import use_mesh
+
+        with use_mesh(self.mesh, self.rules):
+            return self.jitted.lower(*args)
+
+
+def loss_config_for(t, model_config, options: ModelOptions) -> LossConfig:
+    """Aux-loss coefficient (the checkpoint's unless the train section sets one), loss chunking, compute dtype."""
+    coef = t.router_aux_loss_coef
+    return LossConfig(aux_loss_coef=float(getattr(model_config, "router_aux_loss_coef", 0.0) if coef is None else coef),
+                      ce_chunk_size=t.ce_chunk_size, compute_dtype=options.compute_dtype)
+
+
+def optimizer_for(t, params, total_steps: int):
+    """(learning-rate schedule, optax optimizer) from the train section; `params` may be abstract."""
+    from xorl_jax.optim import build_optimizer, build_schedule, default_decay_mask
+
+    schedule = build_schedule(lr=t.lr, lr_min=t.lr_min, total_steps=total_steps, warmup_ratio=t.lr_warmup_ratio,
+                              decay_style=t.lr_decay_style, decay_ratio=t.lr_decay_ratio)
+    optimizer = build_optimizer(schedule=schedule, weight_decay=t.weight_decay, b1=t.adam_beta1, b2=t.adam_beta2,
+                                eps=t.adam_epsilon, max_grad_norm=t.max_grad_norm, optimizer=t.optimizer,
+                                optimizer_dtype=t.optimizer_dtype, decay_mask=default_decay_mask(params))
+    return schedule, optimizer
+
+
+def opt_state_shardings(optimizer, params, mesh):
+    """Shardings of the optimizer state: moments take their parameter's sharding (jit would not infer it: zeros
+    depend on no input), scalars such as Adam's count are replicated over the mesh. `params` may be abstract."""
+    import optax
+
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    abstract = jax.eval_shape(optimizer.init, params)
+    return optax.tree_map_params(optimizer, lambda _, s: s, abstract, param_shardings,
+                                 transform_non_params=lambda _: replicated)
+
+
+def jit_train_step(graphdef, optimizer, loss_cfg, state, mesh, rules, *, merge_fn=None) -> MeshJit:
+    """The jitted train step for `state` (concrete or abstract): state donated, output shardings fixed to the
+    input's so the state comes back exactly as it went in and step 2 does not compile again."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    step = make_train_step(graphdef, optimizer, loss_cfg, merge_fn=merge_fn)
+    return MeshJit(jax.jit(step, donate_argnums=(0,), out_shardings=(state_shardings, replicated)), mesh, rules)
+
+
 class Trainer:
     def __init__(self, cfg: Config):
         from xorl_jax.parallel import distributed
@@ -100,12 +161,7 @@ class Trainer:
             log.info("LoRA: %d adapter parameters on %s (base %d parameters frozen)",
                      lora_lib.count_lora_params(self.params),
                      ", ".join(sorted({t.hf_name for t in self.lora_targets})), self.param_count)
-        coef = cfg.train.router_aux_loss_coef
-        self.loss_cfg = LossConfig(
-            aux_loss_coef=float(getattr(self.model_config, "router_aux_loss_coef", 0.0) if coef is None else coef),
-            ce_chunk_size=cfg.train.ce_chunk_size,
-            compute_dtype=self.options.compute_dtype,
-        )
+        self.loss_cfg = loss_config_for(cfg.train, self.model_config, self.options)
 
     def _init_scratch(self):
         from xorl_jax.models.loading import abstract_model
@@ -157,39 +213,20 @@ class Trainer:
             raise ConfigError("train.max_steps is not set and the dataset size is unknown; set train.max_steps")
 
     def _setup_optimizer(self):
-        from xorl_jax.optim import build_optimizer, build_schedule, default_decay_mask
-
-        t = self.cfg.train
-        self.schedule = build_schedule(
-            lr=t.lr, lr_min=t.lr_min, total_steps=self.total_steps, warmup_ratio=t.lr_warmup_ratio,
-            decay_style=t.lr_decay_style, decay_ratio=t.lr_decay_ratio,
-        )
-        self.optimizer = build_optimizer(
-            schedule=self.schedule, weight_decay=t.weight_decay, b1=t.adam_beta1, b2=t.adam_beta2,
-            eps=t.adam_epsilon, max_grad_norm=t.max_grad_norm, optimizer=t.optimizer,
-            optimizer_dtype=t.optimizer_dtype, decay_mask=default_decay_mask(self.params),
-        )
+        self.schedule, self.optimizer = optimizer_for(self.cfg.train, self.params, self.total_steps)
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        # Moments take their parameter's sharding (jit would not infer it: zeros depend on no input), scalars
-        # such as Adam's count are replicated over the mesh.
-        import optax
-
-        param_shardings = jax.tree.map(lambda x: x.sharding, self.params)
-        abstract = jax.eval_shape(self.optimizer.init, self.params)
-        opt_shardings = optax.tree_map_params(self.optimizer, lambda _, s: s, abstract, param_shardings,
-                                              transform_non_params=lambda _: replicated)
-        opt_state = jax.jit(self.optimizer.init, out_shardings=opt_shardings)(self.params)
+        opt_state = jax.jit(self.optimizer.init, out_shardings=opt_state_shardings(self.optimizer, self.params,
+                                                                                   self.mesh))(self.params)
         # Separate scalars: the step donates the whole state, and one buffer may not be donated twice.
         counter = lambda: jax.device_put(jnp.zeros((), jnp.int32), replicated)  # noqa: E731
         self.state = TrainState(step=counter(), params=self.params, opt_state=opt_state,
                                 nonfinite_streak=counter(), skipped_total=counter())
         self.params = None  # the state owns them from here on
         merge_fn = self._merge_fn()
-        train_step = make_train_step(self.graphdef, self.optimizer, self.loss_cfg, merge_fn=merge_fn)
-        # Fixed output shardings: the state comes back exactly as it went in, so step 2 does not compile again.
-        state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
-        self.train_step = jax.jit(train_step, donate_argnums=(0,), out_shardings=(state_shardings, replicated))
-        self.eval_step = jax.jit(make_eval_step(self.graphdef, self.loss_cfg, merge_fn=merge_fn))
+        self.train_step = jit_train_step(self.graphdef, self.optimizer, self.loss_cfg, self.state, self.mesh,
+                                         self.rules, merge_fn=merge_fn)
+        self.eval_step = MeshJit(jax.jit(make_eval_step(self.graphdef, self.loss_cfg, merge_fn=merge_fn)),
+                                 self.mesh, self.rules)
         if merge_fn is not None:  # the frozen base goes in as an argument (never a baked-in constant, never donated)
             step_jit, eval_jit = self.train_step, self.eval_step
             self.train_step = lambda state, batch: step_jit(state, batch, self.frozen)
