@@ -137,3 +137,48 @@ def test_missing_dataset_and_eval_batches(tmp_path, tok):
     batches = build_eval_batches(cfg, tok, global_batch_size=4)
     assert all(b["input_ids"].shape == (4, 128) for b in batches)
     assert sum(int((b["segment_ids"] > 0).sum()) for b in batches) > 0
+
+
+def test_prefetcher_gives_the_same_batches_and_exact_resume_state(tok):
+    from xorl_jax.data.prefetch import Prefetcher
+
+    cfg = data_cfg(f"{DEMO_DIR}/eval.jsonl")
+    plain = build_train_iterator(cfg, tok, global_batch_size=2, seed=1)
+    ahead = Prefetcher(build_train_iterator(cfg, tok, global_batch_size=2, seed=1), depth=3)
+    assert ahead.rows_per_epoch == plain.rows_per_epoch
+    for _ in range(plain.batches_per_epoch + 2):
+        np.testing.assert_array_equal(next(ahead)["input_ids"], next(plain)["input_ids"])
+        # the worker has prepared more, but the state counts only what was handed out
+        assert ahead.get_state() == plain.get_state()
+    state = ahead.get_state()
+    expected = [next(plain)["input_ids"] for _ in range(3)]
+    resumed = Prefetcher(build_train_iterator(cfg, tok, global_batch_size=2, seed=1), depth=2)
+    resumed.set_state(state)
+    for e in expected[:2]:
+        np.testing.assert_array_equal(next(resumed)["input_ids"], e)
+    resumed.close()  # closed with prepared batches unused: the next call starts again where the trainer was
+    np.testing.assert_array_equal(next(resumed)["input_ids"], expected[2])
+    ahead.close()
+    resumed.close()
+
+
+def test_prefetcher_raises_the_workers_error_in_the_caller():
+    from xorl_jax.data.prefetch import Prefetcher
+
+    class Broken:
+        n = 0
+
+        def get_state(self):
+            return {"n": self.n}
+
+        def __next__(self):
+            self.n += 1
+            if self.n == 3:
+                raise DataError("row 7 is not JSON")
+            return {"input_ids": np.full((1, 4), self.n)}
+
+    it = Prefetcher(Broken(), depth=4)
+    assert next(it)["input_ids"][0, 0] == 1 and next(it)["input_ids"][0, 0] == 2
+    for _ in range(2):  # and keeps raising, it never blocks
+        with pytest.raises(DataError, match="row 7"):
+            next(it)

@@ -219,3 +219,31 @@ def test_qwen3_5_moe_demo_trains_and_exports_for_transformers(tmp_path):
         want = hf(torch.as_tensor(ids, dtype=torch.long)).logits.numpy()
     got = np.asarray(ours(jnp.asarray(ids)).logits)
     np.testing.assert_allclose(got, want, atol=2e-4, rtol=2e-4)
+
+
+def test_model_switches_reach_the_step(tmp_path):
+    """model.freeze_router (routers never move), model.lm_head_fp32, model.ep_dispatch and
+    data.dataloader_num_workers are wired to what they name, not just accepted."""
+    from xorl_jax.trainer import Trainer
+
+    extra = ["--model.freeze_router=true", "--model.lm_head_fp32=false", "--model.dtype=bfloat16",
+             "--train.enable_mixed_precision=true", "--data.dataloader_num_workers=1"]
+    trainer = Trainer(load_config(DEMO_CONFIG, demo_overrides(tmp_path, max_steps=2) + extra))
+    assert trainer.loss_cfg.logits_dtype == jnp.bfloat16
+    assert trainer.model.options.ep_exchange == "padded"
+    before = flat_params(trainer.state)
+    trainer.train()
+    after = flat_params(trainer.state)
+    routers = [k for k in before if "router" in jax.tree_util.keystr(k)]
+    assert routers
+    for k in before:
+        if k in routers:
+            np.testing.assert_array_equal(after[k], before[k])
+    assert sum(not np.array_equal(after[k], before[k]) for k in before) == len(before) - len(routers)
+
+
+def test_ragged_dispatch_on_cpu_is_a_config_error(tmp_path, capsys):
+    args = ["--config", DEMO_CONFIG, *demo_overrides(tmp_path), "--train.expert_parallel_size=2",
+            "--model.ep_dispatch=ragged"]
+    assert main(args) == 2
+    assert "ep_dispatch=ragged needs GPUs" in capsys.readouterr().err

@@ -59,8 +59,9 @@ class ModelConfig:
     gdn_implementation: str = _field(
         "auto", "Qwen3.5 Gated DeltaNet: pallas kernel, chunked or recurrent jnp; auto = pallas on GPU, chunked "
         "elsewhere", choices=("auto", "pallas", "chunked", "recurrent"))
-    ep_dispatch: str = _field("alltoall", "how tokens travel between expert-parallel ranks: alltoall "
-                                          "or ragged (ragged all-to-all)", choices=("alltoall", "ragged"))
+    ep_dispatch: str = _field("alltoall", "how tokens travel between expert-parallel ranks: alltoall (fixed-size "
+                                          "buffers, any platform) or ragged (ragged all-to-all: only the real rows; "
+                                          "GPU only)", choices=("alltoall", "ragged"))
     router_fp32: bool = _field(True, "compute router logits and softmax in float32")
     lm_head_fp32: bool = _field(True, "compute the output projection's logits and the loss in float32")
     freeze_router: bool = _field(False, "do not update MoE router weights")
@@ -103,8 +104,9 @@ class DataConfig:
     skip_bad_rows: bool = _field(False, "skip malformed rows with a warning instead of stopping")
     seed: int = _field(42, "seed of data shuffling")
     shuffle: bool = _field(True, "shuffle documents every epoch")
-    dataloader_num_workers: int = _field(0, "background threads preparing batches (0 = in the main thread)")
-    dataloader_prefetch_factor: int | None = _field(None, "batches prepared ahead per worker; null = 2")
+    dataloader_num_workers: int = _field(0, "> 0: a background thread packs batches ahead of the device step "
+                                            "(0 = in the main thread between steps)")
+    dataloader_prefetch_factor: int | None = _field(None, "batches prepared ahead = num_workers x this; null = 2")
     dataloader_pin_memory: bool = _field(False, "accepted for xorl configs; no effect (JAX copies batches to "
                                                 "the devices itself)")
 
@@ -163,8 +165,8 @@ class TrainConfig:
         choices=("full", "dots_saveable", "dots_with_no_batch_dims_saveable", "none"))
     enable_full_shard: bool = _field(True, "accepted for xorl configs; parameters always stay sharded between "
                                            "uses (XLA gathers them per layer), false has no effect")
-    ce_chunk_size: int = _field(8192, "tokens per chunk of the chunked cross-entropy (bounds the [tokens, "
-                                      "vocab] logits held at once)")
+    ce_chunk_size: int = _field(8192, "vocabulary columns per chunk of the chunked cross-entropy (bounds the "
+                                      "[tokens, chunk] logits held at once)")
     router_aux_loss_coef: float | None = _field(None, "MoE load-balancing loss weight; null = the checkpoint's "
                                                       "router_aux_loss_coef")
     max_nonfinite_steps: int = _field(5, "stop after this many updates in a row skipped for a non-finite loss "

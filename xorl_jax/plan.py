@@ -138,7 +138,7 @@ def dry_run(cfg: Config) -> PlanReport:
     path, biggest = max((("/".join(_key_name(k) for k in p if _key_name(k) != "value"), _shard_bytes(x))
                          for p, x in leaves), key=lambda kv: kv[1])
 
-    _, optimizer = optimizer_for(t, params, max(t.max_steps or 1000, 1))
+    _, optimizer = optimizer_for(cfg, params, max(t.max_steps or 1000, 1))
     opt_shardings = opt_state_shardings(optimizer, params, mesh)
     opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                              jax.eval_shape(optimizer.init, params), opt_shardings)
@@ -153,7 +153,7 @@ def dry_run(cfg: Config) -> PlanReport:
     batch_sharding = rules_lib.batch_sharding(mesh, leading_axes=1)
     batch = {k: jax.ShapeDtypeStruct((t.gradient_accumulation_steps, micro_rows, seq), jnp.int32,
                                      sharding=batch_sharding) for k in BATCH_KEYS}
-    loss_cfg = loss_config_for(t, mcfg, options)
+    loss_cfg = loss_config_for(cfg, mcfg, options)
     step_fn = jit_train_step(graphdef, optimizer, loss_cfg, train_state, mesh, rules)
     t0 = time.perf_counter()
     compiled = step_fn.lower(train_state, batch).compile()

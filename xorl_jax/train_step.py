@@ -34,6 +34,7 @@ class LossConfig:
     aux_loss_coef: float = 0.0
     ce_chunk_size: int = 8192
     compute_dtype: Any = jnp.bfloat16
+    logits_dtype: Any = jnp.float32  # logits are rounded through this before the softmax (model.lm_head_fp32)
 
 
 def forward_loss(graphdef, params, micro, loss_cfg: LossConfig):
@@ -42,7 +43,8 @@ def forward_loss(graphdef, params, micro, loss_cfg: LossConfig):
     out = model(micro["input_ids"], micro["positions"], micro["segment_ids"], return_hidden=True)
     head = model.head_weight(loss_cfg.compute_dtype)
     loss_sum, n_valid = chunked_cross_entropy(
-        out.hidden_states, head, micro["labels"], chunk_size=loss_cfg.ce_chunk_size, ignore_index=IGNORE_INDEX
+        out.hidden_states, head, micro["labels"], chunk_size=loss_cfg.ce_chunk_size, ignore_index=IGNORE_INDEX,
+        logits_dtype=loss_cfg.logits_dtype,
     )
     return loss_sum, n_valid, out.aux_loss
 

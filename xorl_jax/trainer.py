@@ -30,6 +30,8 @@ class TrainingStopped(RuntimeError):
 
 def model_options(cfg: Config) -> ModelOptions:
     m, t = cfg.model, cfg.train
+    if m.ep_dispatch == "ragged" and t.expert_parallel_size not in (1, None) and jax.default_backend() == "cpu":
+        raise ConfigError("model.ep_dispatch=ragged needs GPUs (XLA:CPU has no ragged all-to-all); use alltoall")
     remat = t.remat_policy if t.enable_gradient_checkpointing else "none"
     return ModelOptions(
         dtype=m.dtype if t.enable_mixed_precision else "float32",
@@ -39,6 +41,7 @@ def model_options(cfg: Config) -> ModelOptions:
         gdn_implementation=m.gdn_implementation,
         remat_policy=remat,
         router_fp32=m.router_fp32,
+        ep_exchange={"alltoall": "padded", "ragged": "ragged"}[m.ep_dispatch],
     )
 
 
@@ -67,22 +70,29 @@ class MeshJit:
             return self.jitted.lower(*args)
 
 
-def loss_config_for(t, model_config, options: ModelOptions) -> LossConfig:
-    """Aux-loss coefficient (the checkpoint's unless the train section sets one), loss chunking, compute dtype."""
-    coef = t.router_aux_loss_coef
+def loss_config_for(cfg: Config, model_config, options: ModelOptions) -> LossConfig:
+    """Aux-loss coefficient (the checkpoint's unless the train section sets one), loss chunking, compute dtype,
+    logits precision."""
+    coef = cfg.train.router_aux_loss_coef
     return LossConfig(aux_loss_coef=float(getattr(model_config, "router_aux_loss_coef", 0.0) if coef is None else coef),
-                      ce_chunk_size=t.ce_chunk_size, compute_dtype=options.compute_dtype)
+                      ce_chunk_size=cfg.train.ce_chunk_size, compute_dtype=options.compute_dtype,
+                      logits_dtype=jnp.float32 if cfg.model.lm_head_fp32 else options.compute_dtype)
 
 
-def optimizer_for(t, params, total_steps: int):
-    """(learning-rate schedule, optax optimizer) from the train section; `params` may be abstract."""
-    from xorl_jax.optim import build_optimizer, build_schedule, default_decay_mask
+def optimizer_for(cfg: Config, params, total_steps: int):
+    """(learning-rate schedule, optax optimizer) from the config; `params` may be abstract."""
+    from xorl_jax.optim import build_optimizer, build_schedule, default_decay_mask, map_params_with_path
 
+    t = cfg.train
+    trainable = None
+    if cfg.model.freeze_router:  # MoE routers get no update and no optimizer state
+        trainable = map_params_with_path(lambda names, x, axes: "router" not in names, params)
     schedule = build_schedule(lr=t.lr, lr_min=t.lr_min, total_steps=total_steps, warmup_ratio=t.lr_warmup_ratio,
                               decay_style=t.lr_decay_style, decay_ratio=t.lr_decay_ratio)
     optimizer = build_optimizer(schedule=schedule, weight_decay=t.weight_decay, b1=t.adam_beta1, b2=t.adam_beta2,
                                 eps=t.adam_epsilon, max_grad_norm=t.max_grad_norm, optimizer=t.optimizer,
-                                optimizer_dtype=t.optimizer_dtype, decay_mask=default_decay_mask(params))
+                                optimizer_dtype=t.optimizer_dtype, decay_mask=default_decay_mask(params),
+                                trainable_mask=trainable)
     return schedule, optimizer
 
 
@@ -94,8 +104,9 @@ def opt_state_shardings(optimizer, params, mesh):
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     param_shardings = jax.tree.map(lambda x: x.sharding, params)
     abstract = jax.eval_shape(optimizer.init, params)
-    return optax.tree_map_params(optimizer, lambda _, s: s, abstract, param_shardings,
-                                 transform_non_params=lambda _: replicated)
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731 - frozen parameters (no state) stay empty
+    return optax.tree_map_params(optimizer, lambda m, s: m if masked(m) else s, abstract, param_shardings,
+                                 transform_non_params=lambda _: replicated, is_leaf=masked)
 
 
 def jit_train_step(graphdef, optimizer, loss_cfg, state, mesh, rules, *, merge_fn=None) -> MeshJit:
@@ -161,7 +172,7 @@ class Trainer:
             log.info("LoRA: %d adapter parameters on %s (base %d parameters frozen)",
                      lora_lib.count_lora_params(self.params),
                      ", ".join(sorted({t.hf_name for t in self.lora_targets})), self.param_count)
-        self.loss_cfg = loss_config_for(cfg.train, self.model_config, self.options)
+        self.loss_cfg = loss_config_for(cfg, self.model_config, self.options)
 
     def _init_scratch(self):
         from xorl_jax.models.loading import abstract_model
@@ -198,6 +209,11 @@ class Trainer:
             process_index=self.process_index, process_count=self.process_count, seed=cfg.data.seed,
             micro_batches=self.accum,
         )
+        if cfg.data.dataloader_num_workers > 0:  # one thread does the packing; the count sets how far it runs ahead
+            from xorl_jax.data.prefetch import Prefetcher
+
+            depth = cfg.data.dataloader_num_workers * (cfg.data.dataloader_prefetch_factor or 2)
+            self.train_iter = Prefetcher(self.train_iter, depth)
         self.eval_batches = None
         if cfg.data.eval_datasets:
             self.eval_batches = list(build_eval_batches(
@@ -213,7 +229,7 @@ class Trainer:
             raise ConfigError("train.max_steps is not set and the dataset size is unknown; set train.max_steps")
 
     def _setup_optimizer(self):
-        self.schedule, self.optimizer = optimizer_for(self.cfg.train, self.params, self.total_steps)
+        self.schedule, self.optimizer = optimizer_for(self.cfg, self.params, self.total_steps)
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         opt_state = jax.jit(self.optimizer.init, out_shardings=opt_state_shardings(self.optimizer, self.params,
                                                                                    self.mesh))(self.params)
@@ -397,6 +413,8 @@ class Trainer:
         finally:
             self.checkpointer.wait()
             logger.close()
+            if hasattr(self.train_iter, "close"):
+                self.train_iter.close()
         return {"step": step, **last_metrics, **(eval_metrics or {}), "time_to_first_step_s": t_first}
 
     def print_samples(self, n: int) -> list[tuple[str, str, str]]:

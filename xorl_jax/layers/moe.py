@@ -92,6 +92,7 @@ class MoE(nnx.Module):
         router_fp32: bool = True,
         dtype=jnp.float32,
         implementation: str = "auto",
+        ep_exchange: str = "auto",
         rngs: nnx.Rngs,
     ):
         if top_k > num_experts:
@@ -101,6 +102,7 @@ class MoE(nnx.Module):
         self.router_fp32 = router_fp32
         self.dtype = dtype
         self.implementation = implementation
+        self.ep_exchange = ep_exchange  # how tokens travel between expert ranks (parallel/expert.py)
         self.router = param(rngs, (hidden, num_experts), ("embed", None))
         self.gate_up_proj = param(rngs, (num_experts, hidden, 2, intermediate), ("expert", "embed", None, "expert_mlp"))
         self.down_proj = param(rngs, (num_experts, intermediate, hidden), ("expert", "expert_mlp", "embed"))
@@ -124,7 +126,8 @@ class MoE(nnx.Module):
         if ctx is not None and ctx.axis_size("expert") > 1:  # expert parallelism: shard_map all-to-all path
             from xorl_jax.parallel.expert import experts_ep
 
-            y = experts_ep(x, top_i, top_w.astype(dt), w_gu, w_down, mesh=ctx.mesh, implementation=self.implementation)
+            y = experts_ep(x, top_i, top_w.astype(dt), w_gu, w_down, mesh=ctx.mesh, implementation=self.implementation,
+                           exchange=self.ep_exchange)
         elif self.implementation == "eager":
             y = experts_dense(x, top_i, top_w.astype(dt), w_gu, w_down)
         else:

@@ -23,6 +23,7 @@ class ModelOptions:
     gdn_implementation: str = "auto"  # auto | pallas | chunked | recurrent
     remat_policy: str = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
     router_fp32: bool = True
+    ep_exchange: str = "auto"  # expert-parallel token exchange: auto | padded (all_to_all) | ragged
 
     def __post_init__(self):
         if self.remat_policy not in REMAT_POLICIES:

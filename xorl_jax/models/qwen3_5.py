@@ -171,6 +171,7 @@ class Qwen3_5DecoderLayer(nnx.Module):
                 router_fp32=opts.router_fp32,
                 dtype=dt,
                 implementation=opts.moe_implementation,
+                ep_exchange=opts.ep_exchange,
                 rngs=rngs,
             )
         else:
