@@ -182,3 +182,30 @@ def test_prefetcher_raises_the_workers_error_in_the_caller():
     for _ in range(2):  # and keeps raising, it never blocks
         with pytest.raises(DataError, match="row 7"):
             next(it)
+
+
+def test_dataset_prepared_path_caches_tokenized_documents(tmp_path, tok, monkeypatch):
+    from xorl_jax.data import pipeline
+
+    src = write_jsonl(tmp_path / "d.jsonl", [{"text": f"document number {i} " * (i + 1)} for i in range(40)])
+    cfg = data_cfg(src, kind="text", dataset_prepared_path=str(tmp_path / "prep"), long_sequence_policy="split")
+    first = pipeline.Documents(cfg.datasets, tok, cfg)
+    files = list((tmp_path / "prep").iterdir())
+    assert len(files) == 1 and files[0].suffix == ".npz"
+
+    def no_tokenizing(*a, **k):
+        raise AssertionError("tokenized again despite the cache")
+
+    with monkeypatch.context() as m:
+        m.setattr(pipeline.Documents, "_tokenize", no_tokenizing)
+        second = pipeline.Documents(cfg.datasets, tok, cfg)
+    assert len(second.ids) == len(first.ids) and second.docs_split == first.docs_split > 0
+    for a, b, c, d in zip(first.ids, second.ids, first.targets, second.targets):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(c, d)
+    # a changed file or option is another entry, never a stale hit
+    write_jsonl(src, [{"text": "changed"}] * 3)
+    assert len(pipeline.Documents(cfg.datasets, tok, cfg).ids) == 3
+    cfg.sample_packing_sequence_len = 32
+    pipeline.Documents(cfg.datasets, tok, cfg)
+    assert len(list((tmp_path / "prep").iterdir())) == 3

@@ -91,8 +91,8 @@ class DataConfig:
                                                 "max_seq_len, weight}", factory=list)
     eval_datasets: list[DatasetConfig] = _field(help="evaluation datasets, same shape as datasets", factory=list)
     select_columns: list[str] | None = _field(None, "columns to keep from tokenized rows; null = all needed ones")
-    dataset_prepared_path: str | None = _field(None, "directory to cache tokenized and packed data; null = no "
-                                                     "cache")
+    dataset_prepared_path: str | None = _field(None, "directory caching tokenized documents (one .npz per "
+                                                     "distinct datasets + tokenizer + limits); null = no cache")
     sample_packing_method: str = _field("sequential", "sequential: documents in order; multipack: bin-packing "
                                                       "for fewer pad tokens", choices=("sequential", "multipack"))
     sample_packing_sequence_len: int = _field(4096, "tokens per packed row (the training sequence length)")
@@ -171,7 +171,9 @@ class TrainConfig:
                                                       "router_aux_loss_coef")
     max_nonfinite_steps: int = _field(5, "stop after this many updates in a row skipped for a non-finite loss "
                                          "or gradient")
-    enable_full_determinism: bool = _field(False, "ask XLA for deterministic GPU ops (slower)")
+    enable_full_determinism: bool = _field(False, "ask XLA for deterministic GPU ops (XLA_FLAGS "
+                                                  "--xla_gpu_deterministic_ops=true; slower); must be set before "
+                                                  "JAX starts, as the CLI does")
     seed: int = _field(42, "seed of parameter init (scratch, LoRA) and dropout")
     # checkpoints, eval, logging
     ckpt_manager: str = _field("orbax", "checkpoint format of training state", choices=("orbax",))

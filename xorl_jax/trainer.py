@@ -28,6 +28,29 @@ class TrainingStopped(RuntimeError):
     """The run stopped on purpose (e.g. too many non-finite steps); the last good checkpoint is intact."""
 
 
+DETERMINISM_FLAG = "--xla_gpu_deterministic_ops=true"
+
+
+def request_determinism() -> bool:
+    """Add XLA's deterministic-GPU-ops flag to XLA_FLAGS. XLA reads the flags when its backend starts, so this
+    only acts before the first device use; returns False (and warns) when it comes too late."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if DETERMINISM_FLAG in flags:
+        return True
+    os.environ["XLA_FLAGS"] = f"{flags} {DETERMINISM_FLAG}".strip()
+    try:
+        from jax._src import xla_bridge
+
+        started = xla_bridge.backends_are_initialized()
+    except (ImportError, AttributeError):
+        started = False
+    if started:
+        log.warning("train.enable_full_determinism: JAX had already started, so XLA does not see %s; start the "
+                    "run through `python -m xorl_jax.train` (or set XLA_FLAGS before importing JAX)",
+                    DETERMINISM_FLAG)
+    return not started
+
+
 def model_options(cfg: Config) -> ModelOptions:
     m, t = cfg.model, cfg.train
     if m.ep_dispatch == "ragged" and t.expert_parallel_size not in (1, None) and jax.default_backend() == "cpu":
@@ -122,6 +145,8 @@ class Trainer:
     def __init__(self, cfg: Config):
         from xorl_jax.parallel import distributed
 
+        if cfg.train.enable_full_determinism:
+            request_determinism()
         distributed.initialize()
         self.cfg = cfg
         self.process_index, self.process_count = jax.process_index(), jax.process_count()

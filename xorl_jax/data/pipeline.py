@@ -42,7 +42,34 @@ class Documents:
     """All documents of a list of dataset entries, tokenized, with long ones cut to their max length."""
 
     def __init__(self, dataset_cfgs, tokenizer, data_cfg, *, seed: int = 0):
+        if not dataset_cfgs:
+            raise DataError("data.datasets is empty; add at least one {path, type} entry")
         capacity = int(_get(data_cfg, "sample_packing_sequence_len"))
+        cached = None
+        if _get(data_cfg, "dataset_prepared_path"):
+            from xorl_jax.data import cache
+
+            path = cache.cache_file(_get(data_cfg, "dataset_prepared_path"),
+                                    cache.cache_key(dataset_cfgs, tokenizer, data_cfg, seed))
+            cached = cache.load(path)
+        if cached is not None:
+            self.ids, self.targets, stats = cached
+            for name, value in stats.items():
+                setattr(self, name, value)
+            logger.info(f"data: tokenized documents from the cache {path}")
+        else:
+            self._tokenize(dataset_cfgs, tokenizer, data_cfg, seed, capacity)
+        if not self.ids:
+            raise DataError(f"no documents read from {[_get(d, 'path') for d in dataset_cfgs]}")
+        if cached is None and _get(data_cfg, "dataset_prepared_path"):
+            cache.save(path, self.ids, self.targets, {k: getattr(self, k) for k in cache.STATS})
+        self.lengths = np.asarray([len(x) for x in self.ids], np.int64)
+        msg = (f"data: {len(self.ids)} documents, {int(self.lengths.sum())} tokens from {self.rows_read} rows; "
+               f"{self.rows_skipped} bad rows skipped; {self.docs_truncated} documents truncated "
+               f"({self.tokens_dropped} tokens dropped), {self.docs_split} split (limit {capacity} tokens)")
+        logger.info(msg)
+
+    def _tokenize(self, dataset_cfgs, tokenizer, data_cfg, seed, capacity):
         policy = _get(data_cfg, "long_sequence_policy", "truncate")
         if policy not in ("truncate", "split"):
             raise DataError(f"data.long_sequence_policy={policy!r}; use truncate or split")
@@ -53,8 +80,6 @@ class Documents:
         self.targets: list[np.ndarray] = []
         self.rows_read = self.rows_skipped = self.docs_truncated = self.docs_split = 0
         self.tokens_dropped = 0
-        if not dataset_cfgs:
-            raise DataError("data.datasets is empty; add at least one {path, type} entry")
         for ds in dataset_cfgs:
             path, kind = _get(ds, "path"), _get(ds, "type", "tokenized")
             limit = min(int(_get(ds, "max_seq_len") or capacity), capacity)
@@ -64,13 +89,6 @@ class Documents:
                 docs = self._read(ds, path, kind, tokenizer, vocab, columns, skip_bad)
             for ids, targets in docs:
                 self._add(ids, targets, limit, policy)
-        if not self.ids:
-            raise DataError(f"no documents read from {[_get(d, 'path') for d in dataset_cfgs]}")
-        self.lengths = np.asarray([len(x) for x in self.ids], np.int64)
-        msg = (f"data: {len(self.ids)} documents, {int(self.lengths.sum())} tokens from {self.rows_read} rows; "
-               f"{self.rows_skipped} bad rows skipped; {self.docs_truncated} documents truncated "
-               f"({self.tokens_dropped} tokens dropped), {self.docs_split} split (limit {capacity} tokens)")
-        logger.info(msg)
 
     def _read(self, ds, path, kind, tokenizer, vocab, columns, skip_bad):
         for where, row in iter_rows(path, split=_get(ds, "split", "train") or "train",
