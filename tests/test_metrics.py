@@ -6,42 +6,42 @@ import os
 
 import pytest
 
-from xorl_jax.metrics import (MetricsLogger, estimate_memory_per_device, flops_per_token, mfu,
-                              peak_flops_per_device)
+from xorl_jax.metrics import MetricsLogger, estimate_memory_per_device, mfu, peak_flops_per_device
 
-SMALL = dict(hidden=8, layers=2, heads=2, kv_heads=1, head_dim=4, intermediate=16, vocab=10, seq_len=6)
+from xorl_jax.models.qwen3 import Qwen3Config
+from xorl_jax.models.qwen3_5 import Qwen3_5Config
+
+SMALL = dict(vocab_size=10, hidden_size=8, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+             head_dim=4, intermediate_size=16)
+T = 6
+ATTN = 6 * 2 * 4 * (T + 1)  # causal attention per layer: 6 * H * d * (T + 1)
 
 
 def test_flops_dense_by_hand():
     # per layer: q 8*8 + k,v 2*8*4 + o 8*8 = 192, mlp 3*8*16 = 384; head 10*8 = 80 -> 2*576 + 80 = 1232 params
-    # attention: 6 * H*d * T = 6 * 8 * 6 = 288 per layer
-    assert flops_per_token(**SMALL) == 6 * 1232 + 2 * 288
-    assert flops_per_token(**SMALL, tied=True) == flops_per_token(**SMALL)  # the head matmul runs either way
-    # gated q_proj (Qwen3.5) adds another 8*8 per layer
-    assert flops_per_token(**SMALL, gated_attention=True) == 6 * (1232 + 2 * 64) + 2 * 288
+    assert Qwen3Config(**SMALL).flops_per_token(T) == 6 * 1232 + 2 * ATTN
+    # the head matmul runs whether or not it is tied to the embedding
+    assert Qwen3Config(**SMALL, tie_word_embeddings=True).flops_per_token(T) == 6 * 1232 + 2 * ATTN
 
 
 def test_flops_moe_by_hand():
-    # MoE mlp: router 8*4 + top-2 * 3*8*8 = 32 + 384 = 416; shared expert 3*8*12 + gate 8 = 296
-    moe = dict(SMALL, moe_active_intermediate=8, n_active_experts=2, n_experts=4)
-    assert flops_per_token(**moe) == 6 * (80 + 2 * 192 + 2 * 416) + 2 * 288
-    assert flops_per_token(**moe, moe_layers=1) == 6 * (80 + 2 * 192 + 416 + 384) + 2 * 288
-    assert flops_per_token(**moe, shared_intermediate=12) == 6 * (80 + 2 * 192 + 2 * (416 + 296)) + 2 * 288
+    # MoE mlp (active): router 8*4 + top-2 * 3*8*8 = 32 + 384 = 416 instead of the dense 384
+    moe = Qwen3Config(**SMALL, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8)
+    assert moe.flops_per_token(T) == 6 * (80 + 2 * (192 + 416)) + 2 * ATTN
 
 
-def test_flops_gated_deltanet_by_hand():
-    dims = dict(key_heads=1, value_heads=2, key_dim=4, value_dim=4, conv_kernel=4, chunk=3)
-    # GDN params: qkvz 8*(2*4 + 2*8) = 192, a/b 8*2*2 = 32, out 8*8 = 64, conv (8 + 8)*4 = 64 -> 352
-    # chunk FLOPs per value head: 2*3*(12 + 8) + 6*16 + 2*9/3 = 120 + 96 + 6 = 222; x3 x 2 heads = 1332
-    got = flops_per_token(**SMALL, linear_attn_layers=1, linear_attn_dims=dims)
-    assert got == 6 * (80 + 192 + 352 + 2 * 384) + 288 + 1332
+def test_flops_qwen3_5_by_hand():
+    cfg = Qwen3_5Config(**SMALL, layer_types=("linear_attention", "full_attention"), linear_key_head_dim=4,
+                        linear_value_head_dim=4, linear_num_key_heads=1, linear_num_value_heads=2,
+                        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8,
+                        shared_expert_intermediate_size=12)
+    mlp = 32 + 2 * 3 * 8 * 8 + 3 * 8 * 12 + 8  # router, 2 routed experts, shared expert and its gate = 712
+    gated_attn = 192 + 64  # q_proj also emits the output gate
+    gdn = 8 * (2 * 4 + 8) + 8 * 8 + 2 * 8 * 2 + 8 * 8  # q,k,v + z + a,b + out = 288
+    chunk = 3 * 2 * 2 * (3 * 64 * 4 + 2 * 64 * 4 + 3 * 4 * 4)  # 3 x heads x 2 x (K K^T, Q K^T, W/U, P V, state)
+    want = 6 * (80 + gated_attn + gdn + 2 * mlp) + ATTN + chunk
+    assert cfg.flops_per_token(T) == want
 
-
-def test_flops_rejects_inconsistent_arguments():
-    with pytest.raises(ValueError, match="linear_attn_dims"):
-        flops_per_token(**SMALL, linear_attn_layers=1)
-    with pytest.raises(ValueError, match="n_active_experts"):
-        flops_per_token(**SMALL, moe_active_intermediate=8)
 
 
 def test_peak_and_mfu():

@@ -1,16 +1,7 @@
-"""Training FLOPs per token, MFU, and the metrics logger (progress line, metrics.jsonl, TensorBoard).
+"""MFU, peak FLOP/s per device, memory estimates, and the metrics logger (progress line, metrics.jsonl,
+TensorBoard).
 
-FLOPs per token (training = forward + backward = 3 x forward; a matmul of a token through an [a, b] weight is
-2ab FLOPs forward, so 6ab for training):
-- 6 x (matmul parameters a token passes through): attention projections, dense MLP, or for MoE layers the router,
-  the top-k routed experts and the shared expert (active parameters only), Gated DeltaNet projections and its
-  depthwise causal conv, and the LM head (whether or not it is tied: the head matmul runs either way; the
-  embedding lookup costs nothing).
-- Causal softmax attention: forward QK^T and PV cost 2 * 2 * H * d per key, a token sees T/2 keys on average:
-  12 * H * d * T / 2 = 6 * H * d * T per full-attention layer.
-- Gated DeltaNet, chunked (WY) form with chunk C, per value head, forward per token:
-  2C(3 dk + 2 dv) (K K^T, Q K^T, W = T(bK), U = T(bV), intra-chunk P V) + 6 dk dv (state read for the new values,
-  state read for the output, state update) + 2C^2/3 (the triangular inverse); x3 for training.
+FLOPs per token come from the model family (`config.flops_per_token(seq_len)`, formulas in models/flops.py).
 MFU = tokens/s * FLOPs per token / (devices * peak bf16 dense FLOP/s).
 """
 
@@ -43,54 +34,6 @@ def peak_flops_per_device(device_kind: str | None = None) -> float | None:
         if name in kind:
             return PEAK_BF16_FLOPS[name]
     return None
-
-
-def flops_per_token(*, hidden: int, layers: int, heads: int, kv_heads: int, head_dim: int, intermediate: int,
-                    vocab: int, seq_len: int, tied: bool = False, moe_active_intermediate: int | None = None,
-                    n_active_experts: int | None = None, n_experts: int = 0, moe_layers: int | None = None,
-                    shared_intermediate: int = 0, gated_attention: bool = False, linear_attn_layers: int = 0,
-                    linear_attn_dims: Mapping[str, int] | None = None) -> float:
-    """Training FLOPs per token (see the module doc for the formula).
-
-    layers: all decoder layers; `linear_attn_layers` of them are Gated DeltaNet (the rest softmax attention).
-    MoE: moe_active_intermediate is one routed expert's intermediate size, n_active_experts the top-k,
-      n_experts the router width, moe_layers how many layers are MoE (default all; the others use `intermediate`),
-      shared_intermediate the shared expert's size (0 = none; it comes with a [D, 1] gate).
-    gated_attention: q_proj also emits a per-head output gate (Qwen3.5), doubling its width.
-    linear_attn_dims: {key_heads, value_heads, key_dim, value_dim, conv_kernel=4, chunk=64}.
-    `tied` does not change the count (the head matmul runs either way); it is accepted for symmetry.
-    """
-    del tied
-    D = hidden
-    full_layers = layers - linear_attn_layers
-    if full_layers < 0:
-        raise ValueError(f"linear_attn_layers ({linear_attn_layers}) exceeds layers ({layers})")
-    attn_params = D * heads * head_dim * (2 if gated_attention else 1) + 2 * D * kv_heads * head_dim \
-        + heads * head_dim * D
-    dense_mlp = 3 * D * intermediate
-    if moe_active_intermediate:
-        if not n_active_experts:
-            raise ValueError("moe_active_intermediate is set but n_active_experts is not")
-        moe_mlp = D * n_experts + n_active_experts * 3 * D * moe_active_intermediate
-        if shared_intermediate:
-            moe_mlp += 3 * D * shared_intermediate + D
-        n_moe = layers if moe_layers is None else moe_layers
-    else:
-        moe_mlp, n_moe = 0, 0
-    matmul_params = vocab * D + full_layers * attn_params + n_moe * moe_mlp + (layers - n_moe) * dense_mlp
-    extra = full_layers * 6.0 * heads * head_dim * seq_len
-    if linear_attn_layers:
-        if not linear_attn_dims:
-            raise ValueError("linear_attn_layers > 0 needs linear_attn_dims {key_heads, value_heads, key_dim, "
-                             "value_dim}")
-        g = {"conv_kernel": 4, "chunk": 64, **linear_attn_dims}
-        Hk, Hv, dk, dv, C = g["key_heads"], g["value_heads"], g["key_dim"], g["value_dim"], g["chunk"]
-        conv_channels = 2 * Hk * dk + Hv * dv
-        gdn_params = D * (2 * Hk * dk + 2 * Hv * dv) + D * 2 * Hv + Hv * dv * D + conv_channels * g["conv_kernel"]
-        matmul_params += linear_attn_layers * gdn_params
-        per_head = 2 * C * (3 * dk + 2 * dv) + 6 * dk * dv + 2 * C * C / 3
-        extra += linear_attn_layers * 3.0 * Hv * per_head
-    return 6.0 * matmul_params + extra
 
 
 def mfu(tokens_per_s: float, flops_per_token_: float, n_devices: int, peak: float | None) -> float | None:
