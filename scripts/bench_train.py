@@ -1,26 +1,64 @@
-"""Full training steps, xorl_jax against HF transformers + torch on the same GPU, same shapes and batch.
+r"""Full training steps, xorl_jax against HF transformers + torch on the same GPU(s), same shapes and batch.
 
 Each backend runs in its own subprocess (JAX and torch would fight over GPU memory), from a random init:
-forward, backward, AdamW update, gradient checkpointing. Reports tokens/s/GPU, MFU (989 TFLOP/s bf16 for
-H100/H200, causal attention counted as 6 * H * d * (T + 1) per layer, MoE on active parameters), step time, time to
-first step (set-up and compilation included) and peak device memory.
+forward, backward, AdamW update, gradient checkpointing. Reports tokens/s (total and per GPU), MFU (989 TFLOP/s
+bf16 for H100/H200, causal attention counted as 6 * H * d * (T + 1) per layer, MoE on active parameters), step
+time, time to first step (set-up and compilation included) and peak device memory (the largest over the devices).
+
+xorl_jax runs its real training step (Trainer: packed dummy documents, chunked cross-entropy, remat policy from
+--remat); HF runs AutoModelForCausalLM.from_config in bf16 with sdpa, gradient checkpointing (unless --remat none)
+and fused AdamW, always on one GPU with --batch rows.
+
+One H100 (the default mesh is one device, whatever is visible):
 
     python scripts/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --backends jax,hf
     python scripts/bench_train.py --model qwen3_30b_a3b --layers 6 --backends jax,hf
+    python scripts/bench_train.py --model qwen3_1.7b --backends jax --profile /tmp/prof --xla-dump /tmp/xla
+    python scripts/bench_train.py --model qwen3_1.7b --backends jax \
+        --sweep "remat=full,dots_saveable,dots_with_no_batch_dims_saveable;ce_chunk=8192,32768"
 
-xorl_jax runs its real training step (Trainer: packed dummy documents, chunked cross-entropy, remat policy from
---remat); HF runs AutoModelForCausalLM.from_config in bf16 with sdpa, gradient checkpointing and fused AdamW.
+Several GPUs of one host (xorl_jax only uses them; --batch is rows per data-parallel rank, so the global batch is
+--batch x (devices / tp)). NVLink multicast must stay off on these machines:
+
+    NCCL_NVLS_ENABLE=0 python scripts/bench_train.py --model qwen3_8b --layers 8 --fsdp 2 --backends jax,hf
+    NCCL_NVLS_ENABLE=0 python scripts/bench_train.py --model qwen3_30b_a3b --layers 8 --fsdp 4 --ep 4 \
+        --backends jax --profile /tmp/prof_ep4
+    NCCL_NVLS_ENABLE=0 python scripts/bench_train.py --model qwen3_8b --layers 8 --fsdp 2 --tp 2 --backends jax
+    NCCL_NVLS_ENABLE=0 python scripts/bench_train.py --model qwen3_5_35b_a3b --layers 4 --fsdp -1 --ep 2 \
+        --backends jax                                   # --fsdp -1: every visible GPU
+
+Mesh options map to the train config: --fsdp = data_parallel_shard_size (expert ranks included), --ep =
+expert_parallel_size (carved out of the FSDP group, must divide it), --tp = tensor_parallel_size, --dp =
+data_parallel_replicate_size. The run uses dp x fsdp x tp devices (the first ones: CUDA_VISIBLE_DEVICES is set for
+the child unless already set); -1 in one of them takes every visible device.
+
+--profile DIR traces --profile-steps steady-state steps (after the timed ones) with jax.profiler into DIR/<run>/
+(open perfetto_trace.json.gz in ui.perfetto.dev) and prints device time per category (GEMM, cuDNN attention,
+Triton/Pallas kernels, fusions, collectives, copies) and the top ops (xorl_jax/profiling.py). --xla-dump DIR dumps
+the step's optimized HLO as text (XLA_FLAGS --xla_dump_to) and prints a summary of the module: fusions, custom
+calls, collectives, compiled memory and the largest temporary buffers.
+
+Smoke run on CPU fake devices (tiny model, a few seconds of compute):
+
+    JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=4 python scripts/bench_train.py \
+        --model tiny_moe --layers 1 --batch 1 --seq 64 --backends jax --fsdp 4 --ep 4 --steps 2 --warmup 1
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 PEAK_BF16 = 989e12
 
@@ -43,6 +81,14 @@ SHAPES = {
                             num_experts_per_tok=8, moe_intermediate_size=512, shared_expert_intermediate_size=512,
                             partial_rotary_factor=0.25, router_aux_loss_coef=0.001, vocab_size=248320,
                             tie_word_embeddings=False),
+    # Tiny shapes for smoke runs on CPU fake devices (vocab covers the demo tokenizer the dummy data is drawn from).
+    "tiny_dense": dict(model_type="qwen3", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, intermediate_size=128, vocab_size=768,
+                       tie_word_embeddings=False),
+    "tiny_moe": dict(model_type="qwen3_moe", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=16, intermediate_size=128, moe_intermediate_size=32,
+                     num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1,
+                     mlp_only_layers=[], router_aux_loss_coef=0.001, vocab_size=768, tie_word_embeddings=False),
 }
 COMMON = dict(hidden_act="silu", max_position_embeddings=65536, rms_norm_eps=1e-6, rope_theta=1e6,
               attention_bias=False, attention_dropout=0.0, initializer_range=0.02, use_cache=False)
@@ -60,12 +106,81 @@ def hf_config(args) -> dict:
     return cfg
 
 
+def hf_config(args) -> dict:
+    cfg = dict(COMMON, **SHAPES[args.model])
+    if args.layers:
+        cfg["num_hidden_layers"] = args.layers
+    if cfg["model_type"].startswith("qwen3_5"):
+        n = cfg["num_hidden_layers"]
+        k = cfg["full_attention_interval"]
+        cfg["layer_types"] = ["full_attention" if (i + 1) % k == 0 else "linear_attention" for i in range(n)]
+        cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25}
+    return cfg
+
+
+def remat_choices() -> tuple[str, ...]:
+    """The remat policies the config accepts (read from it, so new policies show up here)."""
+    from xorl_jax.config import TrainConfig
+
+    field = next(f for f in dataclasses.fields(TrainConfig) if f.name == "remat_policy")
+    return tuple(field.metadata["choices"])
+
+
+def mesh_devices(args) -> int | None:
+    """Devices the mesh needs, or None when one size is -1 (every visible device)."""
+    sizes = (args.dp, args.fsdp, args.tp)
+    return None if -1 in sizes else args.dp * args.fsdp * args.tp
+
+
 def peak_memory_gib_jax() -> float | None:
     import jax
 
-    stats = jax.local_devices()[0].memory_stats() or {}
-    peak = stats.get("peak_bytes_in_use")
-    return None if peak is None else peak / 2**30
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
+    peaks = [p for p in peaks if p is not None]
+    return max(peaks) / 2**30 if peaks else None
+
+
+def _newest(pattern: str) -> str | None:
+    import glob
+
+    found = glob.glob(pattern, recursive=True)
+    return max(found, key=os.path.getmtime) if found else None
+
+
+def inspect_step(args, trainer, state, batch, step_s: float, label: str) -> dict:
+    """--profile / --xla-dump: trace a few steps and summarise them; summarise the optimized HLO module."""
+    import jax
+
+    from xorl_jax import profiling
+
+    out = {}
+    compiled = trainer.train_step.lower(state, batch).compile()  # cached: the step compiled already
+    hlo_text = compiled.as_text()
+    try:
+        memory = compiled.memory_analysis()
+    except Exception:  # not every backend reports it
+        memory = None
+    if args.profile:
+        pdir = os.path.join(args.profile, re.sub(r"[^\w.-]+", "_", label))
+        with jax.profiler.trace(pdir, create_perfetto_trace=True):
+            for _ in range(args.profile_steps):
+                state, metrics = trainer.train_step(state, batch)
+            jax.block_until_ready(metrics["loss"])
+        trace = profiling.find_trace(pdir)
+        summary = profiling.summarize_trace(trace, hlo_text=hlo_text, steps=args.profile_steps, step_time_s=step_s,
+                                            top=args.profile_top)
+        out.update(profile=summary, profile_text=profiling.format_summary(summary, top=args.profile_top),
+                   trace=trace)
+    buffers = None
+    if args.xla_dump:
+        path = _newest(os.path.join(args.xla_dump, "**", "*train_step*after_optimizations-buffer-assignment.txt"))
+        if path:
+            with open(path) as f:
+                buffers = f.read()
+        out["hlo_dump"] = _newest(os.path.join(args.xla_dump, "**", "*train_step*after_optimizations.txt"))
+    hlo = profiling.hlo_summary(hlo_text, memory, buffers)
+    out.update(hlo=hlo, hlo_text=profiling.format_hlo_summary(hlo))
+    return out
 
 
 def run_jax(args, cfg: dict) -> dict:
@@ -81,14 +196,16 @@ def run_jax(args, cfg: dict) -> dict:
         json.dump(cfg, f)
     run_cfg = config_from_dict({
         "model": {"config_path": tmp, "tokenizer_path": DEMO_DIR, "attn_implementation": args.attn,
-                  "moe_implementation": args.moe, "dtype": "bfloat16", "param_dtype": args.param_dtype},
+                  "moe_implementation": args.moe, "gdn_implementation": args.gdn, "dtype": "bfloat16",
+                  "param_dtype": args.param_dtype},
         "data": {"datasets": [{"path": "dummy"}], "sample_packing_sequence_len": args.seq,
                  "sample_packing_method": "multipack"},
         "train": {"output_dir": os.path.join(tmp, "out"), "init_from": "scratch", "micro_batch_size": args.batch,
-                  "gradient_accumulation_steps": 1, "max_steps": args.steps + args.warmup, "lr": 1e-5,
-                  "enable_gradient_checkpointing": args.remat != "none", "remat_policy": args.remat if
-                  args.remat != "none" else "full", "ce_chunk_size": args.ce_chunk,
-                  "optimizer_dtype": args.optimizer_dtype, "use_tensorboard": False},
+                  "gradient_accumulation_steps": 1, "max_steps": args.steps + args.warmup + args.profile_steps,
+                  "lr": 1e-5, "enable_gradient_checkpointing": args.remat != "none", "remat_policy": args.remat,
+                  "ce_chunk_size": args.ce_chunk, "optimizer_dtype": args.optimizer_dtype, "use_tensorboard": False,
+                  "data_parallel_replicate_size": args.dp, "data_parallel_shard_size": args.fsdp,
+                  "expert_parallel_size": args.ep, "tensor_parallel_size": args.tp},
     })
     trainer = Trainer(run_cfg)
     batches = [trainer._device_batch(next(trainer.train_iter)) for _ in range(2)]
@@ -104,9 +221,15 @@ def run_jax(args, cfg: dict) -> dict:
         state, metrics = trainer.train_step(state, batches[i % 2])
         jax.block_until_ready(metrics["loss"])
         times.append(time.perf_counter() - t)
-    return {"step_s": sorted(times)[len(times) // 2], "first_step_s": first, "loss": float(metrics["loss"]),
-            "peak_gib": peak_memory_gib_jax(), "flops_per_token": trainer.model_config.flops_per_token(args.seq),
-            "params": trainer.param_count}
+    step_s = sorted(times)[len(times) // 2]
+    result = {"step_s": step_s, "first_step_s": first, "loss": float(metrics["loss"]),
+              "peak_gib": peak_memory_gib_jax(), "flops_per_token": trainer.model_config.flops_per_token(args.seq),
+              "params": trainer.param_count, "n_devices": trainer.mesh.size, "mesh": dict(trainer.mesh.shape),
+              "dp_size": trainer.dp_size, "tokens_per_step": trainer.tokens_per_step(),
+              "device_kind": jax.devices()[0].device_kind, "moe": trainer.options.moe_implementation}
+    if args.profile or args.xla_dump:
+        result.update(inspect_step(args, trainer, state, batches[0], step_s, args.label))
+    return result
 
 
 def run_hf(args, cfg: dict) -> dict:
@@ -125,7 +248,8 @@ def run_hf(args, cfg: dict) -> dict:
         except (TypeError, ValueError):
             continue
     model = model.cuda()
-    model.gradient_checkpointing_enable()
+    if args.remat != "none":  # HF has one checkpointing mode: the whole layer
+        model.gradient_checkpointing_enable()
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -157,7 +281,9 @@ def run_hf(args, cfg: dict) -> dict:
         times.append(time.perf_counter() - t)
     return {"step_s": sorted(times)[len(times) // 2] if times else None, "first_step_s": first,
             "loss": float(loss), "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "params": sum(p.numel() for p in model.parameters()), "steps_timed": len(times)}
+            "params": sum(p.numel() for p in model.parameters()), "steps_timed": len(times), "n_devices": 1,
+            "mesh": None, "dp_size": 1, "tokens_per_step": args.batch * args.seq,
+            "device_kind": torch.cuda.get_device_name(0)}
 
 
 def child(args):
@@ -166,53 +292,123 @@ def child(args):
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def child_env(args, backend: str) -> dict:
+    """The child's environment: the device count the mesh needs, and the XLA dump flags."""
+    env = dict(os.environ)
+    n = mesh_devices(args) if backend == "jax" else 1
+    flags = env.get("XLA_FLAGS", "")
+    if n is not None:
+        # Fake CPU devices follow the mesh; on GPU machines, the first n GPUs (unless the caller chose some).
+        flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", flags)
+        flags += f" --xla_force_host_platform_device_count={n}"
+        env.setdefault("CUDA_VISIBLE_DEVICES", ",".join(str(i) for i in range(n)))
+    if backend == "jax" and args.xla_dump:
+        flags += f" --xla_dump_to={args.xla_dump} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=train_step"
+    env["XLA_FLAGS"] = flags.strip()
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def parse_sweep(spec: str | None) -> list[list[str]]:
+    """"remat=full,dots_saveable;ce_chunk=8192,32768" -> the argv suffix of each point of the product."""
+    if not spec:
+        return [[]]
+    axes = []
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        key, _, values = part.partition("=")
+        if not values:
+            raise SystemExit(f"--sweep: {part!r} is not key=v1,v2,...")
+        flag = "--" + key.strip().replace("_", "-")
+        axes.append([(flag, v.strip()) for v in values.split(",") if v.strip()])
+    return [[x for pair in point for x in pair] for point in itertools.product(*axes)]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=sorted(SHAPES), default="qwen3_1.7b")
     p.add_argument("--layers", type=int, default=0, help="cut the depth to this many layers (0 = full)")
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--batch", type=int, default=4, help="packed rows per data-parallel rank (HF: rows on its GPU)")
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--backends", default="jax,hf")
-    p.add_argument("--remat", default="full", help="xorl_jax remat policy (none|full|dots_saveable|...)")
-    p.add_argument("--attn", default="auto")
-    p.add_argument("--moe", default="auto")
-    p.add_argument("--ce-chunk", type=int, default=8192)
+    p.add_argument("--fsdp", type=int, default=1, help="train.data_parallel_shard_size (-1 = every visible device)")
+    p.add_argument("--ep", type=int, default=1, help="train.expert_parallel_size (divides --fsdp; -1 = all of it)")
+    p.add_argument("--tp", type=int, default=1, help="train.tensor_parallel_size")
+    p.add_argument("--dp", type=int, default=1, help="train.data_parallel_replicate_size (HSDP replicas)")
+    p.add_argument("--remat", default="full", choices=remat_choices(), help="train.remat_policy (none also turns "
+                   "HF's gradient checkpointing off)")
+    p.add_argument("--attn", default="auto", help="model.attn_implementation")
+    p.add_argument("--moe", default="auto", help="model.moe_implementation")
+    p.add_argument("--gdn", default="auto", help="model.gdn_implementation")
+    p.add_argument("--ce-chunk", type=int, default=8192, help="train.ce_chunk_size (vocabulary columns per chunk "
+                   "of the chunked cross-entropy)")
     p.add_argument("--param-dtype", default="float32")
     p.add_argument("--optimizer-dtype", default="float32")
     p.add_argument("--hf-time-limit", type=float, default=240.0)
+    p.add_argument("--profile", default=None, metavar="DIR", help="trace steady-state steps into DIR and summarise")
+    p.add_argument("--profile-steps", type=int, default=3)
+    p.add_argument("--profile-top", type=int, default=25, help="ops listed in the profile summary")
+    p.add_argument("--xla-dump", default=None, metavar="DIR", help="dump the step's optimized HLO into DIR")
+    p.add_argument("--sweep", default=None, help='run every combination, e.g. "remat=full,dots_saveable;'
+                   'ce_chunk=8192,32768" (keys are option names)')
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--label", default="", help=argparse.SUPPRESS)
+    return p
+
+
+def main():
+    p = build_parser()
     args = p.parse_args()
     if args.child:
         return child(args)
-    results = {}
-    for backend in args.backends.split(","):
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--child", backend]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.hf_time_limit + 600)
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if line is None:
-            print(f"{backend}: failed (exit {proc.returncode})\n{proc.stderr[-3000:]}", flush=True)
-            continue
-        results[backend] = json.loads(line[7:])
-    tokens = args.batch * args.seq
-    fpt = results.get("jax", {}).get("flops_per_token")
-    print(f"\n{args.model} layers={args.layers or 'full'} batch={args.batch} seq={args.seq} (tokens/step {tokens:,})")
-    print(f"{'backend':8} {'step ms':>9} {'tok/s/GPU':>11} {'MFU':>7} {'first step s':>13} {'peak GiB':>9} {'params':>14}")
+    if args.ep not in (1, -1) and args.fsdp not in (-1,) and args.fsdp % args.ep:
+        p.error(f"--ep {args.ep} must divide --fsdp {args.fsdp} (expert ranks are carved out of the FSDP group)")
+    results, run_args = {}, {}
+    for extra in parse_sweep(args.sweep):
+        point = p.parse_args(sys.argv[1:] + extra)
+        suffix = " ".join(f"{extra[i][2:]}={extra[i + 1]}" for i in range(0, len(extra), 2))
+        for backend in point.backends.split(","):
+            label = f"{backend} {suffix}".strip()
+            cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], *extra, "--child", backend,
+                   "--label", label]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=point.hf_time_limit + 1200,
+                                  env=child_env(point, backend))
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if line is None:
+                print(f"{label}: failed (exit {proc.returncode})\n{proc.stderr[-3000:]}", flush=True)
+                continue
+            results[label] = json.loads(line[7:])
+            run_args[label] = point
+    fpt = next((r["flops_per_token"] for r in results.values() if r.get("flops_per_token")), None)
+    mesh = f"dp={args.dp} fsdp={args.fsdp} ep={args.ep} tp={args.tp}"
+    print(f"\n{args.model} layers={args.layers or 'full'} batch={args.batch}/rank seq={args.seq} xorl_jax mesh {mesh}"
+          f" remat={args.remat} ce_chunk={args.ce_chunk}")
+    w = max([8] + [len(k) for k in results])
+    print(f"{'run':{w}} {'GPUs':>4} {'step ms':>9} {'tokens/step':>11} {'tok/s':>10} {'tok/s/GPU':>10} {'MFU':>6} "
+          f"{'first step s':>12} {'peak GiB':>8} {'params':>14}")
     for name, r in results.items():
         if r.get("step_s") is None:
-            print(f"{name:8} did not finish a timed step in {args.hf_time_limit:.0f} s")
+            print(f"{name:{w}} did not finish a timed step in {run_args[name].hf_time_limit:.0f} s")
             continue
-        tps = tokens / r["step_s"]
-        r["tokens_per_s"] = tps
-        r["mfu"] = tps * fpt / PEAK_BF16 if fpt else None
+        n = r.get("n_devices") or 1
+        tps = r["tokens_per_step"] / r["step_s"]
+        r.update(tokens_per_s=tps, tokens_per_s_per_device=tps / n)
+        r["mfu"] = tps / n * fpt / PEAK_BF16 if fpt else None
         mfu = f"{r['mfu']:.1%}" if r["mfu"] else "-"
         peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") else "-"
-        print(f"{name:8} {r['step_s'] * 1e3:9.1f} {tps:11,.0f} {mfu:>7} {r['first_step_s']:13.1f} {peak:>9} "
-              f"{r['params']:14,}")
+        print(f"{name:{w}} {n:4d} {r['step_s'] * 1e3:9.1f} {r['tokens_per_step']:11,} {tps:10,.0f} {tps / n:10,.0f} "
+              f"{mfu:>6} {r['first_step_s']:12.1f} {peak:>8} {r['params']:14,}")
     if "jax" in results and results.get("hf", {}).get("tokens_per_s"):
-        print(f"xorl_jax / HF throughput: {results['jax']['tokens_per_s'] / results['hf']['tokens_per_s']:.2f}x")
+        ratio = results["jax"]["tokens_per_s_per_device"] / results["hf"]["tokens_per_s"]
+        print(f"xorl_jax / HF throughput per GPU: {ratio:.2f}x")
+    for name, r in results.items():
+        if r.get("profile_text"):
+            print(f"\n[{name}] profile ({r['trace']}):\n{r['profile_text']}")
+        if r.get("hlo_text"):
+            print(f"\n[{name}] {r['hlo_text']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=1)
