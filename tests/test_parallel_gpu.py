@@ -1,0 +1,113 @@
+"""Sharded training math equals one device on real GPUs: tests/test_parallel.py's tiny Qwen3 / Qwen3-MoE /
+Qwen3.5-MoE models (skewed routing for the MoE ones) under FSDP, TP x FSDP, EP and EP x FSDP over the visible GPUs
+(NCCL collectives), with the MoE experts on the GPU grouped GEMM (triton) and on the reference path (eager), and the
+expert-parallel exchange both padded (all_to_all) and ragged (ragged_all_to_all).
+
+Run on a machine with 2+ GPUs: `NCCL_NVLS_ENABLE=0 scripts/gpu_check.sh tests/test_parallel_gpu.py`.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from test_parallel import FAMILIES, B, T, V, loss_and_grads, make_model
+from xorl_jax.models.common import ModelOptions
+from xorl_jax.parallel import expert as expert_lib
+from xorl_jax.parallel.mesh import build_mesh
+
+
+def _gpus() -> int:
+    try:
+        return jax.device_count() if jax.default_backend() == "gpu" else 0
+    except RuntimeError:
+        return 0
+
+
+N_GPUS = _gpus()
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(N_GPUS < 2, reason=f"needs 2+ GPUs (JAX backend {jax.default_backend()}, "
+                                                    f"{N_GPUS} GPUs)")]
+
+
+def _mesh_devices() -> int:
+    """The largest power of two <= the GPU count, at most 8: it divides the batch (8 rows) and the 8 experts."""
+    n = 1
+    while n * 2 <= min(N_GPUS, 8):
+        n *= 2
+    return n
+
+
+def mesh_sizes(name: str, n: int) -> dict | None:
+    """Mesh `name` on n devices, or None where it does not fit."""
+    if name == "fsdp":
+        return dict(data_parallel_shard_size=n)
+    if name == "tp2_fsdp":
+        return dict(data_parallel_shard_size=n // 2, tensor_parallel_size=2)
+    if name == "ep":
+        return dict(data_parallel_shard_size=n, expert_parallel_size=n)
+    if name == "ep_half_fsdp2":
+        return dict(data_parallel_shard_size=n, expert_parallel_size=n // 2) if n >= 4 else None
+    raise ValueError(name)
+
+
+MESHES = ("fsdp", "tp2_fsdp", "ep", "ep_half_fsdp2")
+CASES = []
+for family in FAMILIES:
+    moe = family != "qwen3"
+    for mesh_name in MESHES:
+        if not moe and mesh_name.startswith("ep"):
+            continue
+        for impl in (("eager", "triton") if moe else ("eager",)):
+            for dispatch in (("padded", "ragged") if mesh_name.startswith("ep") else ("padded",)):
+                CASES.append((family, mesh_name, impl, dispatch))
+
+
+def with_implementation(model, family: str, impl: str):
+    """The same model (same weights, skewed routers included) with another moe_implementation."""
+    if impl == "eager":
+        return model
+    cls, cfg = FAMILIES[family]()
+    other = cls(cfg, ModelOptions(moe_implementation=impl), rngs=nnx.Rngs(0))
+    nnx.update(other, nnx.state(model))
+    return other
+
+
+@pytest.mark.parametrize("family,mesh_name,impl,dispatch", CASES)
+def test_sharded_loss_and_grads_equal_one_device_on_gpus(family, mesh_name, impl, dispatch, monkeypatch):
+    n = _mesh_devices()
+    sizes = mesh_sizes(mesh_name, n)
+    if sizes is None:
+        pytest.skip(f"mesh {mesh_name} needs 4+ GPUs, have {N_GPUS}")
+    if impl == "triton":
+        from xorl_jax.kernels.gmm import triton_available
+
+        if not triton_available():
+            pytest.skip("jax-triton is not installed")
+    if dispatch == "ragged":
+        # model.ep_dispatch does not reach the MoE layer, which calls experts_ep with the default (padded)
+        # exchange: patch the ragged one in where the layer looks the function up.
+        monkeypatch.setattr(expert_lib, "experts_ep", functools.partial(expert_lib.experts_ep, exchange="ragged"))
+    skew = family != "qwen3"
+    cfg, model = make_model(family, skew=skew)
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, V, (B, T)), jnp.int32)
+    aux = 0.01 if cfg.num_experts else 0.0
+    mesh = build_mesh(**sizes, model_config=cfg, devices=jax.devices()[:n])
+    # fp32 with full-precision matmuls (no TF32) everywhere, so the only differences left are summation orders:
+    # cuBLAS / Triton tile splits, NCCL reduction order and the per-shard partial sums of FSDP/TP. Those move
+    # results by a few fp32 ulps times the number of terms (~1e-6 relative here), far inside rtol 1e-5 for the
+    # loss. Gradient entries that nearly cancel get an absolute floor of 1e-5 of the tensor's largest entry; a
+    # wrong exchange, a missing psum or a dropped token changes values by O(1) of that scale.
+    with jax.default_matmul_precision("highest"):
+        ref_loss, ref_grads = loss_and_grads(model, ids, aux)  # one GPU, the dense reference experts
+        loss, grads = loss_and_grads(with_implementation(model, family, impl), ids, aux, mesh)
+    assert np.isfinite(float(loss))
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
+    flat_ref = dict(nnx.to_flat_state(ref_grads))
+    for path, g in nnx.to_flat_state(grads):
+        r = np.asarray(flat_ref[path][...])
+        np.testing.assert_allclose(np.asarray(g[...]), r, rtol=1e-4, atol=1e-5 * max(1.0, np.abs(r).max()),
+                                   err_msg=".".join(map(str, path)))
