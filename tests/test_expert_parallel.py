@@ -73,3 +73,26 @@ def test_ragged_exchange_matches_padded_on_gpu():
     outs = [jax.jit(lambda *a, ex=ex: experts_ep(*a, mesh=mesh, exchange=ex))(x, top_i, top_w, w_gu, w_down)
             for ex in ("padded", "ragged")]
     np.testing.assert_allclose(np.asarray(outs[1]), np.asarray(outs[0]), rtol=1e-5, atol=1e-5)
+
+
+def test_bench_ep_tiny_on_four_devices(tmp_path):
+    """scripts/bench_ep.py --tiny on 4 of the fake devices: runs, and its EP step (padded exchange) gives the
+    one-device loss and gradients."""
+    import importlib.util
+    import json
+    import os
+
+    if jax.device_count() < 4:
+        pytest.skip(f"needs 4 devices, found {jax.device_count()}")
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "bench_ep.py")
+    spec = importlib.util.spec_from_file_location("bench_ep", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "ep.json"
+    res = bench.main(["--tiny", "--devices", "4", "--ep", "2", "--routing", "skewed", "--json", str(out)])
+    assert json.loads(out.read_text())["devices"] == 4 and res["ep"] == 2
+    one, padded = res["results"]["one device"], res["results"]["EP2 padded"]
+    for r in (one, padded):
+        assert r["ms"] > 0 and r["tokens_per_s_per_device"] > 0 and "ratio_vs_one_device" in r
+    assert padded["check_max_rel_err"] < 1e-5
+    assert "EP2 ragged" in res["results"]
