@@ -69,7 +69,6 @@ def main(argv=None) -> dict:
     args = parse(argv)
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from xorl_jax.layers.moe import experts_sorted, resolve_moe_implementation, route

@@ -30,7 +30,7 @@ Several GPUs of one host (xorl_jax only uses them; --batch is rows per data-para
 Mesh options map to the train config: --fsdp = data_parallel_shard_size (expert ranks included), --ep =
 expert_parallel_size (carved out of the FSDP group, must divide it), --tp = tensor_parallel_size, --dp =
 data_parallel_replicate_size. The run uses dp x fsdp x tp devices (the first ones: CUDA_VISIBLE_DEVICES is set for
-the child unless already set); -1 in one of them takes every visible device.
+the child, or the first of those already set there); -1 in one of them takes every visible device.
 
 --profile DIR traces --profile-steps steady-state steps (after the timed ones) with jax.profiler into DIR/<run>/
 (open perfetto_trace.json.gz in ui.perfetto.dev) and prints device time per category (GEMM, cuDNN attention,
@@ -298,10 +298,12 @@ def child_env(args, backend: str) -> dict:
     n = mesh_devices(args) if backend == "jax" else 1
     flags = env.get("XLA_FLAGS", "")
     if n is not None:
-        # Fake CPU devices follow the mesh; on GPU machines, the first n GPUs (unless the caller chose some).
+        # Fake CPU devices follow the mesh; on GPU machines, the first n GPUs (of those the caller made visible).
         flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", flags)
         flags += f" --xla_force_host_platform_device_count={n}"
-        env.setdefault("CUDA_VISIBLE_DEVICES", ",".join(str(i) for i in range(n)))
+        visible = env.get("CUDA_VISIBLE_DEVICES")
+        ids = visible.split(",") if visible else [str(i) for i in range(n)]
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(ids[:n])
     if backend == "jax" and args.xla_dump:
         flags += f" --xla_dump_to={args.xla_dump} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=train_step"
     env["XLA_FLAGS"] = flags.strip()

@@ -202,7 +202,8 @@ def classify_name(name: str) -> tuple[str, str | None]:
     if any(k in n for k in ("gemm", "nvjet", "xmma", "cutlass", "cublas", "matmul", "wgmma", "hgmma")) or \
             base in ("dot", "convolution") or n.startswith(("dot_", "dot.", "cudnn")):
         return "gemm", None
-    if "memcpy" in n or "memset" in n or base in _COPY_OPS or "transpose" in n or n.startswith(("copy", "wrapped_copy")):
+    if "memcpy" in n or "memset" in n or base in _COPY_OPS or "transpose" in n or \
+            n.startswith(("copy", "wrapped_copy")):
         return "copy", None
     if "fusion" in n or n.startswith(("loop_", "input_", "wrapped_", "reduce")):
         return "fusion", None
@@ -293,7 +294,9 @@ def device_events(trace: dict) -> list[OpEvent]:
             args = e.get("args") or {}
             if "hlo_op" not in args or e["name"].startswith("end: "):
                 continue
-            out.append(OpEvent(e["name"], args["hlo_op"], f"cpu:{args.get('device_ordinal', 0)}",
+            proc = procs.get(e.get("pid"), "")
+            where = "cpu" if "cpu" in proc.lower() or not proc else proc  # one process per device if not XLA:CPU
+            out.append(OpEvent(e["name"], args["hlo_op"], f"{where}:{args.get('device_ordinal', 0)}",
                                float(e["ts"]), float(e["dur"]), (e.get("pid"), e.get("tid"))))
     return _self_times(out)
 
@@ -385,7 +388,8 @@ def format_summary(s: dict, top: int = 25) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ HLO module
-def hlo_summary(hlo_text: str, memory_analysis=None, buffer_assignment: str | None = None, top_buffers: int = 5) -> dict:
+def hlo_summary(hlo_text: str, memory_analysis=None, buffer_assignment: str | None = None,
+                top_buffers: int = 5) -> dict:
     """Counts of an optimized HLO module: fusions by kind, custom calls by target, collectives by opcode, dots,
     loops; the compiled memory stats, and the largest temporary buffers when the buffer assignment is given."""
     comps, _ = parse_hlo(hlo_text)
@@ -452,7 +456,8 @@ def format_hlo_summary(h: dict) -> str:
     cc = ", ".join(f"{k} x{v}" for k, v in sorted(h["custom_calls"].items(), key=lambda kv: -kv[1])) or "none"
     col = ", ".join(f"{k} x{v}" for k, v in sorted(h["collectives"].items())) or "none"
     text = (f"optimized HLO: {h['instructions']} instructions in {h['computations']} computations; "
-            f"{sum(h['fusions'].values())} fusions ({fus}); {h['dots']} dot/convolution instructions; {h['while_loops']} while loops; "
+            f"{sum(h['fusions'].values())} fusions ({fus}); {h['dots']} dot/convolution instructions; "
+            f"{h['while_loops']} while loops; "
             f"custom calls: {cc}; collectives: {col}.")
     mem = h.get("memory")
     if mem:
