@@ -3,7 +3,7 @@ Qwen3.5-MoE models (skewed routing for the MoE ones) under FSDP, TP x FSDP, EP a
 (NCCL collectives), with the MoE experts on the GPU grouped GEMM (triton) and on the reference path (eager), and the
 expert-parallel exchange both padded (all_to_all) and ragged (ragged_all_to_all).
 
-Run on a machine with 2+ GPUs: `NCCL_NVLS_ENABLE=0 scripts/gpu_check.sh tests/test_parallel_gpu.py`.
+Run on a machine with 2+ GPUs: `NCCL_NVLS_ENABLE=0 scripts/gpu_check.sh -k parallel_gpu`.
 """
 
 import functools
