@@ -9,12 +9,16 @@ FLA 0.6.0 refuses its gated backward on Hopper with Triton < 3.7.1 (a Triton mis
 only, `--fla-bypass-guard` (default on) flips that version flag. Its backward values are then not trusted.
 
 Usage: PYTHONPATH=. python scripts/bench_gdn.py [--iters 20] [--no-fla] [--no-reference] [--skip-check]
+           [--impls pallas,pal+xla,jnp] [--breakdown] [--hlo-summary] [--dump-hlo DIR]
+--breakdown times each Pallas kernel and each custom_vjp backward whole, against the fwd+bwd of the intra="pallas"
+path; --hlo-summary lists the kernels XLA emits for each fwd+bwd program (fusions, GEMM calls, copies).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import os
 import statistics
 import time
 
@@ -134,31 +138,88 @@ def fla_bench(B, T, cu, q, k, v, g, beta, do, iters):
     return f, fb, peak
 
 
-def breakdown(B, T, seg, q, k, v, g, beta, iters):
-    """The Pallas path's four kernels on their own (inputs of the right shapes, not the exact upstream values)."""
+def breakdown(B, T, seg, q, k, v, g, beta, do, iters, fb_ms=None):
+    """Each kernel of the `intra="pallas"` path alone, on the values it sees inside the fwd+bwd program, then the whole
+    backward of each custom_vjp (kernels plus the XLA ops around them). fwd+bwd minus these sums is what runs outside
+    both (l2norm, transposes, casts, the key-head sum)."""
     from xorl_jax.kernels.gdn import pallas as P
+    from xorl_jax.kernels.gdn.reference import document_starts
 
-    C, N, H = 64, T // 64, HV
-    doc = jnp.zeros((B, T), jnp.int32) if seg is None else jnp.cumsum(
-        jnp.concatenate([jnp.zeros((B, 1), jnp.int32), (seg[:, 1:] != seg[:, :-1]).astype(jnp.int32)], 1), 1)
-    carry = jnp.ones((B, T), jnp.int32)
-    gam = jnp.cumsum(g.reshape(B, N, C, H), axis=2).reshape(B, T, H)
-    b32 = beta.astype(jnp.float32)
-    intra_f = jax.jit(lambda *a: P._intra_fwd_call(*a, C=C, interpret=False))
-    u, w, Pm, qd, ke, X = intra_f(q, k, v, gam, b32, doc, carry)
-    ed = jnp.ones((B, H, N), jnp.float32)
-    h0 = jnp.zeros((B, H, DK, DV), jnp.float32)
-    state_f = jax.jit(lambda *a: P._scan_fwd_call(*a, C=C, interpret=False))
-    state_b = jax.jit(lambda *a: P._scan_bwd_call(*a, C=C, interpret=False))
-    intra_b = jax.jit(lambda *a: P._intra_bwd_call(*a, C=C, interpret=False))
-    do = u
-    f32 = lambda x: x.astype(jnp.float32)
-    t = [time_jax(intra_f, (q, k, v, gam, b32, doc, carry), iters),
-         time_jax(state_f, (u, w, Pm, qd, ke, ed, h0), iters),
-         time_jax(state_b, (do, w, Pm, qd, ke, ed, h0), iters),
-         time_jax(intra_b, (q, k, v, gam, b32, doc, carry, X, f32(u), f32(w), f32(Pm), f32(qd), f32(ke)), iters)]
-    print(f"[breakdown B{B} T{T}] intra fwd {t[0]:.3f} ms | state fwd {t[1]:.3f} ms | state bwd {t[2]:.3f} ms | "
-          f"intra bwd {t[3]:.3f} ms", flush=True)
+    C, H, dd = 64, HV, jnp.bfloat16
+    starts = document_starts(seg, T, B)
+    prep = jax.jit(lambda *a: P._intra_kernel_inputs(*a, starts, C, None, True, dd))
+    intra_in, ed = prep(q, k, v, g, beta)
+    zero_state = jnp.zeros((B, H, DK, DV), jnp.float32)
+    kernel = lambda f: jax.jit(functools.partial(f, C=C, interpret=False))
+    intra_f, state_f, state_b, grads_f, intra_b = (kernel(f) for f in (
+        P._intra_fwd_call, P._scan_fwd_call, P._scan_bwd_call, P._state_grads_call, P._intra_bwd_call))
+    u, w, Pm, qd, ke, X = intra_f(*intra_in)
+    o, vn, h, _ = state_f(u, w, Pm, qd, ke, ed, zero_state)
+    do_t = jnp.moveaxis(do, 1, 2).astype(jnp.float32)  # cotangent of the state pass's o [B, H, T, V]
+    do_d = do_t.astype(dd)
+    dh, dvn, _ = state_b(do_d, w, Pm, qd, ke, ed, zero_state)
+    dw, dqd, dP, dke, _ = grads_f(do_d, dvn, vn, h, dh)
+    t = {
+        "intra fwd": time_jax(intra_f, (*intra_in,), iters),
+        "state fwd": time_jax(state_f, (u, w, Pm, qd, ke, ed, zero_state), iters),
+        "state bwd": time_jax(state_b, (do_d, w, Pm, qd, ke, ed, zero_state), iters),
+        "state grads": time_jax(grads_f, (do_d, dvn, vn, h, dh), iters),
+        "intra bwd": time_jax(intra_b, (*intra_in, X, dvn, dw, dP, dqd, dke), iters),
+    }
+    state_vjp = jax.jit(lambda res, cts: P._state_pass_bwd(C, False, res, cts))
+    intra_vjp = jax.jit(lambda res, cts: P._intra_pass_bwd(C, False, res, cts))
+    whole = {
+        "state-pass vjp bwd": time_jax(state_vjp, ((u, w, Pm, qd, ke, ed, vn, h), (do_t, zero_state)), iters),
+        "intra-pass vjp bwd": time_jax(intra_vjp, ((*intra_in, X), (dvn, dw, dP, dqd, dke)), iters),
+    }
+    ksum = sum(t.values())
+    print(f"[breakdown B{B} T{T}] kernels: " + " | ".join(f"{n} {x:.3f} ms" for n, x in t.items())
+          + f" | sum {ksum:.3f} ms", flush=True)
+    wsum = t["intra fwd"] + t["state fwd"] + sum(whole.values())
+    print(f"[breakdown B{B} T{T}] whole custom_vjp backwards: " + " | ".join(f"{n} {x:.3f} ms" for n, x in whole.items())
+          + f" | with both fwd kernels {wsum:.3f} ms"
+          + ("" if fb_ms is None else f" | pallas fwd+bwd {fb_ms:.3f} ms, outside all of these {fb_ms - wsum:.3f} ms"),
+          flush=True)
+
+
+def hlo_summary(label, fn, args, top=25):
+    """Kernels of the optimized fwd+bwd program: every fusion / custom call / copy outside fused computations, largest
+    output first, with the fusion kind or call target, so a slow XLA piece (an fp32 GEMM, a transpose, a copy) shows."""
+    import re
+
+    compiled = fn.lower(*args).compile()
+    text = compiled.as_text()
+    fused = set(re.findall(r"calls=(%[\w.\-]+)", text)) | set(re.findall(r"to_apply=(%[\w.\-]+)", text))
+    dt_bytes = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1, "f64": 8, "s64": 8}
+    rows, comp = [], None
+    for line in text.splitlines():
+        m = re.match(r"\s*(?:ENTRY\s+)?(%[\w.\-]+)\s*\(.*\{\s*$", line)
+        if m:
+            comp = m.group(1)
+            continue
+        if comp in fused:
+            continue
+        m = re.match(r"\s*(?:ROOT\s+)?%[\w.\-]+\s*=\s*(.+?)\s+(fusion|custom-call|copy|transpose|dot|while|scatter|"
+                     r"gather|sort|convolution|triangular-solve)\(", line)
+        if not m:
+            continue
+        shape, op = m.group(1), m.group(2)
+        nbytes = sum(dt_bytes.get(dt, 4) * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+                     for dt, dims in re.findall(r"(\w+)\[([\d,]*)\]", shape))
+        what = [re.search(pat, line) for pat in (r'custom_call_target="([^"]+)"', r'"kind":"(\w+)"', r"kind=(\w+)")]
+        what = next((m.group(1) for m in what if m), "")  # the GEMM backend (cuBLAS, Triton) before the fusion kind
+        name = re.search(r'"name":"([^"]+)"|op_name="([^"]+)"', line)
+        name = next((x for x in name.groups() if x), "")[-60:] if name else ""
+        rows.append((nbytes, op, what, shape[:70], name))
+    rows.sort(key=lambda r: -r[0])
+    print(f"[hlo {label}] {len(rows)} kernels outside fused computations; largest outputs:")
+    for nbytes, op, what, shape, name in rows[:top]:
+        print(f"    {nbytes / 2**20:8.1f} MiB  {op:12} {what:28} {shape:72} {name}")
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if cost:
+        print(f"[hlo {label}] XLA cost model: {cost.get('flops', float('nan')) / 1e9:.1f} GFLOP, "
+              f"{cost.get('bytes accessed', float('nan')) / 2**30:.2f} GiB accessed (custom calls not counted)")
 
 
 def main():
@@ -169,7 +230,14 @@ def main():
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--shapes", default="packed,batch")
     ap.add_argument("--breakdown", action="store_true", help="also time the Pallas path's pieces")
+    ap.add_argument("--impls", default="pallas,pal+xla,jnp", help="which JAX paths to time (pallas = intra kernels)")
+    ap.add_argument("--hlo-summary", action="store_true",
+                    help="print the kernels of each optimized fwd+bwd program (largest outputs first)")
+    ap.add_argument("--dump-hlo", metavar="DIR", help="XLA dump of the fwd+bwd programs (text HLO, every pass)")
     args = ap.parse_args()
+    if args.dump_hlo:  # read when the backend starts, which is below
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={args.dump_hlo}"
+                                   " --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*fwd_bwd.*").strip()
     print("device:", jax.devices()[0].device_kind, "| jax", jax.__version__)
     shapes = {"packed": (1, 8192, [1500, 3000, 2500, 1192]), "batch": (4, 4096, None)}
     rows = []
@@ -187,8 +255,11 @@ def main():
         impls = [("pallas", functools.partial(gated_delta_rule_pallas, intra="pallas")),
                  ("pal+xla", functools.partial(gated_delta_rule_pallas, intra="xla"))]
         impls += [] if args.no_reference else [("jnp", gated_delta_rule_chunked)]
-        for impl_name, impl in impls:
+        wanted = args.impls.split(",")
+        for impl_name, impl in (x for x in impls if x[0] in wanted):
             fwd, fb = jax_fns(impl, seg)
+            if args.hlo_summary and impl_name != "jnp":
+                hlo_summary(f"{label} {impl_name}", fb, (q, k, v, g, beta, do))
             res[impl_name] = (time_jax(fwd, (q, k, v, g, beta), args.iters),
                               time_jax(fb, (q, k, v, g, beta, do), args.iters),
                               jax_peak_gib(fb, (q, k, v, g, beta, do)))
@@ -201,10 +272,10 @@ def main():
             rows.append((label, impl_name, f, fb, peak))
             print(f"[time {label}] {impl_name}: fwd {f:.3f} ms, fwd+bwd {fb:.3f} ms, peak {peak:.2f} GiB", flush=True)
         if args.breakdown:
-            breakdown(B, T, seg, q, k, v, g, beta, args.iters)
+            breakdown(B, T, seg, q, k, v, g, beta, do, args.iters, res.get("pallas", (None, None))[1])
     print(f"\n{'shape':<20}{'impl':<8}{'fwd ms':>9}{'f+b ms':>9}{'peak GiB':>10}{'f+b / best pallas':>19}")
     for label, impl_name, f, fb, peak in rows:
-        base = min(r[3] for r in rows if r[0] == label and r[1] in ("pallas", "pal+xla"))
+        base = min((r[3] for r in rows if r[0] == label and r[1] in ("pallas", "pal+xla")), default=fb)
         print(f"{label:<20}{impl_name:<8}{f:9.3f}{fb:9.3f}{peak:10.2f}{fb / base:18.2f}x")
 
 

@@ -4,6 +4,8 @@ Split of the work:
   * the pass over chunks that carries the [dk, dv] state is the only sequential step: one Pallas kernel walks the
     chunks forward (state, output, chunk-start states, v_new), one walks them backward (state cotangent, dv_new).
     The state stays in fp32 registers for the whole pass; products take bf16 operands when the inputs are bf16.
+    The per-chunk cotangents that follow from the saved states (dw, dP, decayed-q and decayed-k cotangents) come from
+    a third kernel, one program per chunk and head (`_state_grads_kernel`), so no large product runs in XLA.
   * intra-chunk terms (WY inverse, u, w, the masked q k^T decay matrix P, decayed q and k) are independent per
     chunk. Two ways, picked by `intra=`: "xla" (`_intra_xla`, batched XLA products differentiated by JAX; the
     default) or "pallas" (`_intra_fwd_kernel` / `_intra_bwd_kernel`, one program per chunk and head, hand-written
@@ -31,8 +33,12 @@ from xorl_jax.kernels.gdn.reference import _initial_state, _prepare, document_st
 
 F32 = jnp.float32
 # "xla": the intra-chunk kernels' forward measured 0.8 ms against XLA's 3.2 ms (H100, T 8192, 32 heads), but the
-# whole forward+backward with them measured 24.5 ms against 10.9 ms with the XLA intra terms; until that backward
-# is understood (the kernel alone timed 2.2 ms), the default is the faster training path.
+# whole forward+backward with them measured 24.5 ms against 10.9 ms with the XLA intra terms, while its four kernels
+# timed about 4.9 ms together. Those measurements predate `_state_grads_kernel`: the state-pass backward then ended
+# in four fp32 HIGHEST-precision XLA einsums (about 30 GFLOP at that shape, on both paths); with them gone the
+# "pallas" path has no XLA product left, only elementwise work. To flip the default, measure on a GPU
+# `scripts/bench_gdn.py --skip-check --no-fla --no-reference --breakdown --hlo-summary`: "pallas" should beat
+# "pal+xla" in fwd+bwd, and its fwd+bwd should be close to the sum the breakdown prints.
 INTRA_DEFAULT = "xla"
 
 
@@ -75,7 +81,7 @@ def _bwd_kernel(do_ref, w_ref, p_ref, qd_ref, ke_ref, ed_ref, dst_ref, dh_ref, d
         rows = pl.ds(n * C, C)
         do = do_ref[rows, :]
         dv_new = _dot(p_ref[rows, :], do, trans_a=True) + _dot(ke_ref[rows, :], dS_KV.astype(dot_dtype))
-        dvn_ref[rows, :] = dv_new
+        dvn_ref[rows, :] = dv_new.astype(dvn_ref.dtype)
         end_decay = ed_ref[pl.ds(n, 1)].astype(F32)
         return (end_decay[:, None] * dS_KV + _dot(qd_ref[rows, :], do, trans_a=True)
                 - _dot(w_ref[rows, :], dv_new.astype(dot_dtype), trans_a=True))
@@ -133,7 +139,7 @@ def _scan_bwd_call(do, w, P, qd, ke, ed, dst, *, C, interpret):
     seq, seq_v, per_chunk, state, states = _specs(B, H, Tp, N, K, V, BV)
     out_shape = (
         jax.ShapeDtypeStruct((B, H, N, K, V), F32),  # state-end cotangents
-        jax.ShapeDtypeStruct((B, H, Tp, V), F32),  # dv_new
+        jax.ShapeDtypeStruct((B, H, Tp, V), w.dtype),  # dv_new (u's cotangent; only read at the dot dtype)
         jax.ShapeDtypeStruct((B, H, K, V), F32),  # initial-state cotangent
     )
     return pl.pallas_call(
@@ -159,25 +165,50 @@ def _state_pass_fwd(u, w, P, qd, ke, ed, h0, C, interpret):
     return (o, s_final), (u, w, P, qd, ke, ed, v_new, h)
 
 
+def _state_grads_kernel(do_ref, dvn_ref, vn_ref, h_ref, dh_ref, dw_ref, dqd_ref, dp_ref, dke_ref, ded_ref):
+    """Per-chunk cotangents of the state pass's inputs, given the chunk-start state h and chunk-end cotangent dh."""
+    dd = vn_ref.dtype
+    do, dvn, vn, h = do_ref[...], dvn_ref[...], vn_ref[...], h_ref[...]
+    dh = dh_ref[...]
+    dw_ref[...] = (-_dot(dvn, h, trans_b=True, dtype=dd)).astype(dw_ref.dtype)
+    dqd_ref[...] = _dot(do, h, trans_b=True, dtype=dd).astype(dqd_ref.dtype)
+    dp_ref[...] = _dot(do, vn, trans_b=True, dtype=dd).astype(dp_ref.dtype)
+    dke_ref[...] = _dot(vn, dh, trans_b=True, dtype=dd).astype(dke_ref.dtype)
+    ded_ref[...] = jnp.sum(h.astype(F32) * dh, axis=1)  # row sums; the caller adds the K rows
+
+
+def _state_grads_call(do, dvn, v_new, h, dh, *, C, interpret):
+    B, H, Tp, V = do.shape
+    N, K = Tp // C, h.shape[3]
+    dd = v_new.dtype
+    rows = lambda X: pl.BlockSpec((None, None, C, X), lambda b, hh, n: (b, hh, n, 0))
+    state = pl.BlockSpec((None, None, None, K, V), lambda b, hh, n: (b, hh, n, 0, 0))
+    out_shape = [jax.ShapeDtypeStruct((B, H, Tp, K), dd), jax.ShapeDtypeStruct((B, H, Tp, K), dd),  # dw, dqd
+                 jax.ShapeDtypeStruct((B, H, Tp, C), dd), jax.ShapeDtypeStruct((B, H, Tp, K), dd),  # dP, dke
+                 jax.ShapeDtypeStruct((B, H, N, K), F32)]  # ded, per state row
+    return pl.pallas_call(
+        _state_grads_kernel,
+        out_shape=out_shape,
+        grid=(B, H, N),
+        in_specs=[rows(V), rows(V), rows(V), state, state],
+        out_specs=[rows(K), rows(K), rows(C), rows(K),
+                   pl.BlockSpec((None, None, None, K), lambda b, hh, n: (b, hh, n, 0))],
+        interpret=interpret,
+        compiler_params=None if interpret else _intra_compiler_params(),
+        name="gdn_state_grads",
+    )(do, dvn, v_new, h, dh)
+
+
 def _state_pass_bwd(C, interpret, res, cts):
     u, w, P, qd, ke, ed, v_new, h = res
     do, dst = cts
-    dot_dtype = w.dtype
-    B, H, Tp, K = w.shape
-    N, V = Tp // C, u.shape[-1]
-    dh, dvn, ds0 = _scan_bwd_call(do.astype(dot_dtype), w, P, qd, ke, ed, dst.astype(F32), C=C, interpret=interpret)
-    # The rest is independent per chunk: batched products over [B, H, N].
-    chunks = lambda x: x.reshape(B, H, N, C, x.shape[-1])
-    do_c, dvn_c, vn_c = chunks(do.astype(F32)), chunks(dvn), chunks(v_new.astype(F32))
-    h32 = h.astype(F32)
-    hi = jax.lax.Precision.HIGHEST
-    dw = -jnp.einsum("bhncv,bhnkv->bhnck", dvn_c, h32, precision=hi)
-    dqd = jnp.einsum("bhncv,bhnkv->bhnck", do_c, h32, precision=hi)
-    dP = jnp.einsum("bhniv,bhnjv->bhnij", do_c, vn_c, precision=hi)
-    dke = jnp.einsum("bhncv,bhnkv->bhnck", vn_c, dh, precision=hi)
-    ded = jnp.sum(h32 * dh, axis=(-2, -1))
-    flat = lambda x, like: x.reshape(like.shape).astype(like.dtype)
-    return (flat(dvn, u), flat(dw, w), flat(dP, P), flat(dqd, qd), flat(dke, ke), ded.astype(ed.dtype), ds0)
+    do = do.astype(w.dtype)
+    dh, dvn, ds0 = _scan_bwd_call(do, w, P, qd, ke, ed, dst.astype(F32), C=C, interpret=interpret)
+    # The rest is independent per chunk. A Pallas kernel rather than XLA einsums: those ran as fp32 products at
+    # HIGHEST precision (about 30 GFLOP at T 8192, 32 heads) over fp32 copies of h, dh and the [B, H, T, V] tensors.
+    dw, dqd, dP, dke, ded = _state_grads_call(do, dvn, v_new, h, dh, C=C, interpret=interpret)
+    like = lambda x, ref: x.astype(ref.dtype)
+    return (like(dvn, u), like(dw, w), like(dP, P), like(dqd, qd), like(dke, ke), ded.sum(-1).astype(ed.dtype), ds0)
 
 
 _state_pass.defvjp(_state_pass_fwd, _state_pass_bwd)
@@ -399,6 +430,35 @@ def _intra_pass_bwd(C, interpret, res, cts):
 _intra_pass.defvjp(_intra_pass_fwd, _intra_pass_bwd)
 
 
+def _intra_kernel_inputs(q, k, v, g, beta, starts, C, scale, use_qk_l2norm, dd):
+    """Inputs of the intra kernels (normalized, scaled, padded; chunk-local cumulative decay, document counter,
+    carry flag) and the per-chunk end decay ed [B, H, N]. Shared with the benchmark's kernel breakdown."""
+    B, T, _, K = q.shape
+    H = v.shape[2]
+    qn, kn = q.astype(F32), k.astype(F32)
+    if use_qk_l2norm:
+        qn, kn = l2norm(qn), l2norm(kn)
+    qn = qn * (K**-0.5 if scale is None else scale)
+    g32, b32 = g.astype(F32), beta.astype(F32)
+    pad = (-T) % C
+    Tp, N = T + pad, (T + pad) // C
+    doc = jnp.cumsum(starts.astype(jnp.int32), axis=1)
+    vv = v
+    if pad:  # padding continues the last document with g = 0, beta = 0: the state passes through unchanged
+        qn, kn, vv = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (qn, kn, vv))
+        g32, b32 = (jnp.pad(x, ((0, 0), (0, pad), (0, 0))) for x in (g32, b32))
+        doc = jnp.pad(doc, ((0, 0), (0, pad)), mode="edge")
+        starts = jnp.pad(starts, ((0, 0), (0, pad)))
+    # A token reads the carried state iff no document started in its chunk at or before it.
+    doc_BNC = doc.reshape(B, N, C)
+    carry = (doc_BNC == doc_BNC[:, :, :1] - starts.reshape(B, N, C)[:, :, :1].astype(jnp.int32)).reshape(B, Tp)
+    gam = jnp.cumsum(g32.reshape(B, N, C, H), axis=2)  # chunk-local cumulative log decay
+    ed = jnp.where(carry.reshape(B, N, C)[:, :, -1:], jnp.exp(gam[:, :, -1, :]), 0.0)  # [B, N, H]
+    ed = jnp.moveaxis(ed, 1, 2)  # [B, H, N]
+    return (qn.astype(dd), kn.astype(dd), vv.astype(dd), gam.reshape(B, Tp, H), b32, doc,
+            carry.astype(jnp.int32)), ed
+
+
 def gated_delta_rule_pallas(q, k, v, g, beta, *, segment_ids=None, scale=None, use_qk_l2norm=True,
                             initial_state=None, output_final_state=False, chunk_size=64, interpret=None,
                             intra=None):
@@ -437,28 +497,8 @@ def gated_delta_rule_pallas(q, k, v, g, beta, *, segment_ids=None, scale=None, u
     if intra != "pallas":
         raise ValueError(f"intra must be 'pallas' or 'xla', got {intra!r}")
 
-    qn, kn = q.astype(F32), k.astype(F32)
-    if use_qk_l2norm:
-        qn, kn = l2norm(qn), l2norm(kn)
-    qn = qn * (K**-0.5 if scale is None else scale)
-    g32, b32 = g.astype(F32), beta.astype(F32)
-    pad = (-T) % C
-    Tp, N = T + pad, (T + pad) // C
-    doc = jnp.cumsum(starts.astype(jnp.int32), axis=1)
-    vv = v
-    if pad:  # padding continues the last document with g = 0, beta = 0: the state passes through unchanged
-        qn, kn, vv = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (qn, kn, vv))
-        g32, b32 = (jnp.pad(x, ((0, 0), (0, pad), (0, 0))) for x in (g32, b32))
-        doc = jnp.pad(doc, ((0, 0), (0, pad)), mode="edge")
-        starts = jnp.pad(starts, ((0, 0), (0, pad)))
-    # A token reads the carried state iff no document started in its chunk at or before it.
-    doc_BNC = doc.reshape(B, N, C)
-    carry = (doc_BNC == doc_BNC[:, :, :1] - starts.reshape(B, N, C)[:, :, :1].astype(jnp.int32)).reshape(B, Tp)
-    gam = jnp.cumsum(g32.reshape(B, N, C, H), axis=2)  # chunk-local cumulative log decay
-    ed = jnp.where(carry.reshape(B, N, C)[:, :, -1:], jnp.exp(gam[:, :, -1, :]), 0.0)  # [B, N, H]
-    ed = jnp.moveaxis(ed, 1, 2)  # [B, H, N]
-    u, w, P, qd, ke = _intra_pass(qn.astype(dd), kn.astype(dd), vv.astype(dd), gam.reshape(B, Tp, H), b32,
-                                  doc, carry.astype(jnp.int32), C, bool(interpret))
+    intra_in, ed = _intra_kernel_inputs(q, k, v, g, beta, starts, C, scale, use_qk_l2norm, dd)
+    u, w, P, qd, ke = _intra_pass(*intra_in, C, bool(interpret))
     o, s_final = _state_pass(u, w, P, qd, ke, ed, h0, C, bool(interpret))
     o = jnp.moveaxis(o, 1, 2)[:, :T].astype(v.dtype)  # [B, H, Tp, V] -> [B, T, H, V]
     return o, (s_final if output_final_state else None)
