@@ -6,7 +6,6 @@ expert-parallel exchange both padded (all_to_all) and ragged (ragged_all_to_all)
 Run on a machine with 2+ GPUs: `NCCL_NVLS_ENABLE=0 scripts/gpu_check.sh -k parallel_gpu`.
 """
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +15,6 @@ from flax import nnx
 
 from test_parallel import FAMILIES, B, T, V, loss_and_grads, make_model
 from xorl_jax.models.common import ModelOptions
-from xorl_jax.parallel import expert as expert_lib
 from xorl_jax.parallel.mesh import build_mesh
 
 
@@ -66,18 +64,18 @@ for family in FAMILIES:
                 CASES.append((family, mesh_name, impl, dispatch))
 
 
-def with_implementation(model, family: str, impl: str):
-    """The same model (same weights, skewed routers included) with another moe_implementation."""
-    if impl == "eager":
+def with_implementation(model, family: str, impl: str, dispatch: str = "padded"):
+    """The same model (same weights, skewed routers included) with another moe_implementation / EP exchange."""
+    if impl == "eager" and dispatch == "padded":
         return model
     cls, cfg = FAMILIES[family]()
-    other = cls(cfg, ModelOptions(moe_implementation=impl), rngs=nnx.Rngs(0))
+    other = cls(cfg, ModelOptions(moe_implementation=impl, ep_exchange=dispatch), rngs=nnx.Rngs(0))
     nnx.update(other, nnx.state(model))
     return other
 
 
 @pytest.mark.parametrize("family,mesh_name,impl,dispatch", CASES)
-def test_sharded_loss_and_grads_equal_one_device_on_gpus(family, mesh_name, impl, dispatch, monkeypatch):
+def test_sharded_loss_and_grads_equal_one_device_on_gpus(family, mesh_name, impl, dispatch):
     n = _mesh_devices()
     sizes = mesh_sizes(mesh_name, n)
     if sizes is None:
@@ -87,10 +85,6 @@ def test_sharded_loss_and_grads_equal_one_device_on_gpus(family, mesh_name, impl
 
         if not triton_available():
             pytest.skip("jax-triton is not installed")
-    if dispatch == "ragged":
-        # model.ep_dispatch does not reach the MoE layer, which calls experts_ep with the default (padded)
-        # exchange: patch the ragged one in where the layer looks the function up.
-        monkeypatch.setattr(expert_lib, "experts_ep", functools.partial(expert_lib.experts_ep, exchange="ragged"))
     skew = family != "qwen3"
     cfg, model = make_model(family, skew=skew)
     ids = jnp.asarray(np.random.default_rng(1).integers(0, V, (B, T)), jnp.int32)
@@ -103,7 +97,7 @@ def test_sharded_loss_and_grads_equal_one_device_on_gpus(family, mesh_name, impl
     # wrong exchange, a missing psum or a dropped token changes values by O(1) of that scale.
     with jax.default_matmul_precision("highest"):
         ref_loss, ref_grads = loss_and_grads(model, ids, aux)  # one GPU, the dense reference experts
-        loss, grads = loss_and_grads(with_implementation(model, family, impl), ids, aux, mesh)
+        loss, grads = loss_and_grads(with_implementation(model, family, impl, dispatch), ids, aux, mesh)
     assert np.isfinite(float(loss))
     np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
     flat_ref = dict(nnx.to_flat_state(ref_grads))
