@@ -2,7 +2,7 @@
 
 Shapes are Qwen3.5-35B-A3B linear attention: Hk 16, Hv 32, dk = dv = 128, bf16 q/k/v/beta, fp32 g, l2norm in kernel.
   1) B 1, T 8192, 4 packed documents (segment_ids for JAX, cu_seqlens for FLA);  2) B 4, T 4096.
-Prints forward and forward+backward medians, peak memory and ratios, and a correctness line per shape (relative error
+Prints forward and forward+backward medians, peak memory and ratios, and a correctness line per shape and intra mode (relative error
 of the Pallas output and gradients against the fp32 jnp reference, and whether two runs agree bit for bit).
 
 FLA 0.6.0 refuses its gated backward on Hopper with Triton < 3.7.1 (a Triton miscompile, FLA issue 640); for timing
@@ -87,8 +87,8 @@ def rel(a, b):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def check(B, T, seg, q, k, v, g, beta, do):
-    pallas_fwd, pallas_fb = jax_fns(gated_delta_rule_pallas, seg)
+def check(B, T, seg, q, k, v, g, beta, do, intra=None):
+    pallas_fwd, pallas_fb = jax_fns(functools.partial(gated_delta_rule_pallas, intra=intra), seg)
     with jax.default_matmul_precision("float32"):
         ref_fwd, ref_fb = jax_fns(gated_delta_rule_chunked, seg)
         f32 = [x.astype(jnp.float32) for x in (q, k, v, g, beta, do)]
@@ -246,9 +246,9 @@ def main():
         seg, cu = segments_for(B, T, docs)
         q, k, v, g, beta, do = make_inputs(B, T)
         label = f"B{B} T{T}" + (f" {len(docs)} docs" if docs else "")
-        if not args.skip_check:
-            errs, same, finite = check(B, T, seg, q, k, v, g, beta, do)
-            print(f"[check {label}] rel err vs fp32 reference: "
+        for intra in [] if args.skip_check else ["pallas", "xla"]:
+            errs, same, finite = check(B, T, seg, q, k, v, g, beta, do, intra)
+            print(f"[check {label} intra={intra}] rel err vs fp32 reference: "
                   + " ".join(f"{n} {e:.2e}" for n, e in errs.items()) + f" | deterministic {same} | finite {finite}",
                   flush=True)
         res = {}
