@@ -106,18 +106,6 @@ def hf_config(args) -> dict:
     return cfg
 
 
-def hf_config(args) -> dict:
-    cfg = dict(COMMON, **SHAPES[args.model])
-    if args.layers:
-        cfg["num_hidden_layers"] = args.layers
-    if cfg["model_type"].startswith("qwen3_5"):
-        n = cfg["num_hidden_layers"]
-        k = cfg["full_attention_interval"]
-        cfg["layer_types"] = ["full_attention" if (i + 1) % k == 0 else "linear_attention" for i in range(n)]
-        cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25}
-    return cfg
-
-
 def remat_choices() -> tuple[str, ...]:
     """The remat policies the config accepts (read from it, so new policies show up here)."""
     from xorl_jax.config import TrainConfig

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from test_parallel import FAMILIES, B, T, V, loss_and_grads, make_model
+from test_parallel import FAMILIES, B, T, V, assert_same_loss_and_grads, loss_and_grads, make_model
 from xorl_jax.models.common import ModelOptions
 from xorl_jax.parallel.mesh import build_mesh
 
@@ -99,9 +99,4 @@ def test_sharded_loss_and_grads_equal_one_device_on_gpus(family, mesh_name, impl
         ref_loss, ref_grads = loss_and_grads(model, ids, aux)  # one GPU, the dense reference experts
         loss, grads = loss_and_grads(with_implementation(model, family, impl, dispatch), ids, aux, mesh)
     assert np.isfinite(float(loss))
-    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
-    flat_ref = dict(nnx.to_flat_state(ref_grads))
-    for path, g in nnx.to_flat_state(grads):
-        r = np.asarray(flat_ref[path][...])
-        np.testing.assert_allclose(np.asarray(g[...]), r, rtol=1e-4, atol=1e-5 * max(1.0, np.abs(r).max()),
-                                   err_msg=".".join(map(str, path)))
+    assert_same_loss_and_grads(loss, grads, ref_loss, ref_grads)
