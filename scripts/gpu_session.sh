@@ -8,7 +8,8 @@
 #   dense     1 GPU:  Qwen3 1.7B shapes vs HF, profile + remat / loss-chunk sweep
 #   moe       1 GPU:  Qwen3-30B-A3B and Qwen3.5-35B-A3B shapes (depth cut) vs HF, with profiles; EP exchange bench
 #   multi     2-8 GPUs: parallel equality tests, EP exchanges, FSDP Qwen3-8B (time to first step), EP MoE
-#   ep8       4-8 GPUs: the configs/*_ep8.yaml recipes on a real text corpus (expert ranks = GPUs)
+#   ep8       1-8 GPUs: the configs/*_ep8.yaml recipes on a real text corpus (expert ranks = GPUs; with fewer than
+#             8 GPUs the depth is cut in proportion, LAYERS_FORCED=N overrides)
 #
 # Logs and JSON go to OUT_DIR (default $OUT, else /tmp/gpu_session). Wheels the GPU image lacks (jax-triton,
 # FLA for the GDN peer, tensorboardX) are installed from .whl/ into a private folder when present.
@@ -84,8 +85,13 @@ case "$STAGE" in
     ;;
   ep8)
     [ -d data/docstrings ] || run corpus python3 scripts/make_text_corpus.py --out data/docstrings
-    LAYERS=${LAYERS:-0}
+    # Fewer than 8 GPUs: depth cut in proportion (same memory per GPU as the 8-GPU run), to a whole number of
+    # layer patterns (Qwen3.5: 3 DeltaNet + 1 attention). LAYERS=N forces a depth.
     for name in qwen3_30b_a3b qwen3_5_35b_a3b; do
+      case $name in qwen3_30b_a3b) full=48 period=1 ;; *) full=40 period=4 ;; esac
+      LAYERS=${LAYERS_FORCED:-$(( full * NGPU / 8 / period * period ))}
+      [ "$LAYERS" -lt "$period" ] && LAYERS=$period
+      [ "$LAYERS" -ge "$full" ] && LAYERS=0
       args=(--train.expert_parallel_size="$NGPU" --train.max_steps="${STEPS:-30}" --train.output_dir="$OUT_DIR/run_$name"
             --data.dataset_prepared_path="$OUT_DIR/prepared")
       if [ "$LAYERS" != 0 ]; then
