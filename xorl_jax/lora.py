@@ -5,9 +5,10 @@ experts, the expert axis) we keep an fp32 pair
 
     A [*batch, in, r]  (random normal / r)      B [*batch, r, out]  (zeros)
 
-and the forward pass uses W_eff = W + (alpha / r) * A @ B, reshaped to W's layout and cast to W's dtype. B = 0 makes
-step 0 exactly the base model. Only the pairs are trained (and have optimizer state); W stays frozen in whatever
-dtype it was loaded in.
+and the forward pass uses W_eff = W + (alpha / r) * A @ B, reshaped to W's layout (fp32 when W is stored below fp32).
+B = 0 makes step 0 exactly the base model. Only the pairs are trained (and have optimizer state); W stays frozen in
+whatever dtype it was loaded in. Training merges per layer group inside the layer scan (`layer_merge_fn`), so one
+group's W_eff exists at a time; `merge_lora` merges the whole model (export, inspection).
 
 Names follow HF's module names (PEFT semantics: a target matches a module whose name relative to the decoder layer
 equals it or ends with "." + it):
@@ -190,39 +191,89 @@ def init_lora(params, targets: list[LoraTarget], rank: int, seed: int = 0, mesh=
     return tree
 
 
+def _delta(t: LoraTarget, pair: dict, shape: tuple, batch_ndim: int, scale: float):
+    """scale * A @ B in the layout of a base weight of `shape` whose first `batch_ndim` dims carry one pair each
+    (the whole stacked weight, or one scan step's slice of it: then the layers axis is gone)."""
+    d = scale * jnp.einsum("...ir,...ro->...io", pair["lora_A"].astype(jnp.float32),
+                           pair["lora_B"].astype(jnp.float32))
+    if t.fused_index is None:
+        return d.reshape(shape)
+    axis = batch_ndim + t.in_ndim  # the fused (gate, up) axis
+    half = d.reshape(shape[:axis] + shape[axis + 1:])
+    zeros = jnp.zeros_like(half)
+    return jnp.stack([half, zeros] if t.fused_index == 0 else [zeros, half], axis=axis)
+
+
+def _add_delta(x, d):
+    # A bf16 base comes back in fp32, so an update below the weight's bf16 rounding step is not lost before the
+    # layer casts to its compute dtype.
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32)) + d
+
+
 def lora_deltas(lora: dict, targets: list[LoraTarget], params, scale: float) -> dict:
     """{param path: fp32 delta with the base weight's shape} (the gate and up halves of a fused weight summed)."""
     shapes = {n: x.shape for n, x, _ in params_with_path(params)}
     deltas: dict = {}
     for t in targets:
-        shape = shapes[t.param_path]
-        pair = _get(lora, t.key)
-        d = scale * jnp.einsum("...ir,...ro->...io", pair["lora_A"].astype(jnp.float32),
-                               pair["lora_B"].astype(jnp.float32))
-        if t.fused_index is None:
-            d = d.reshape(shape)
-        else:
-            axis = t.batch_ndim + t.in_ndim  # the fused (gate, up) axis
-            half = d.reshape(shape[:axis] + shape[axis + 1:])
-            zeros = jnp.zeros_like(half)
-            halves = [half, zeros] if t.fused_index == 0 else [zeros, half]
-            d = jnp.stack(halves, axis=axis)
+        d = _delta(t, _get(lora, t.key), shapes[t.param_path], t.batch_ndim, scale)
         deltas[t.param_path] = deltas[t.param_path] + d if t.param_path in deltas else d
     return deltas
 
 
 def merge_lora(params, lora: dict, targets: list[LoraTarget], scale: float):
-    """The effective parameters W + scale * A @ B (same structure as `params`). Jit-friendly.
+    """The effective parameters W + scale * A @ B of the whole model at once (same structure as `params`).
+    Jit-friendly. For export and inspection; training merges one layer group at a time (`layer_merge_fn`).
 
-    A targeted weight stored below fp32 (a bf16 base) comes back in fp32, so an update smaller than the weight's
-    bf16 rounding step is not lost before the layer casts to its compute dtype; other parameters are untouched."""
+    A targeted weight stored below fp32 (a bf16 base) comes back in fp32; other parameters are untouched."""
     deltas = lora_deltas(lora, targets, params, scale)
 
     def add(names, x, axes):
         d = deltas.get(tuple(names))
-        return x if d is None else x.astype(jnp.promote_types(x.dtype, jnp.float32)) + d
+        return x if d is None else _add_delta(x, d)
 
     return map_params_with_path(add, params)
+
+
+LAYER_PREFIX = ("layers", "groups")  # where the scanned layer groups (models.common.LayerStack) sit in the state
+
+
+def merge_layer_lora(group_state, lora_slice: dict, targets: list[LoraTarget], scale: float):
+    """One scan step's effective parameters: `group_state` is the step's slice of the layer groups' state (paths
+    relative to `layers.groups`, no layers axis), `lora_slice` the same step's slice of the LoRA tree."""
+    by_path: dict = {}
+    for t in targets:
+        by_path.setdefault(t.param_path[len(LAYER_PREFIX):], []).append(t)
+
+    def add(names, x, axes):
+        ts = by_path.get(tuple(names))
+        if not ts:
+            return x
+        # The slice lost the layers axis; pairs of routed experts keep the expert axis (sharded alike under EP).
+        d = sum(_delta(t, _get(lora_slice, t.key), x.shape, t.batch_ndim - 1, scale) for t in ts)
+        return _add_delta(x, d)
+
+    return map_params_with_path(add, group_state)
+
+
+def layer_merge_fn(targets: list[LoraTarget], scale: float):
+    """merge_fn(lora, frozen) -> (params, LayerTransform) for the train and eval steps: the model runs on the frozen
+    base, and the layer scan merges each layer group's adapters into that group's weights inside its step, so
+    only one group's merged weights (and their gradient) exist at a time instead of a full-size copy of every
+    adapted weight. Targets outside the layer stack (none today) are merged up front."""
+    from xorl_jax.models.common import LayerTransform
+
+    inside = [t for t in targets if t.param_path[:len(LAYER_PREFIX)] == LAYER_PREFIX]
+    outside = [t for t in targets if t.param_path[:len(LAYER_PREFIX)] != LAYER_PREFIX]
+
+    def merge_fn(lora, frozen):
+        params = merge_lora(frozen, lora, outside, scale) if outside else frozen
+        stacked: dict = {}
+        for t in inside:
+            _set(stacked, t.key, _get(lora, t.key))
+        fn = lambda group_state, lora_slice: merge_layer_lora(group_state, lora_slice, inside, scale)  # noqa: E731
+        return params, (LayerTransform(fn, stacked) if inside else None)
+
+    return merge_fn
 
 
 def lora_scale(lora_cfg) -> float:

@@ -37,10 +37,13 @@ class LossConfig:
     logits_dtype: Any = jnp.float32  # logits are rounded through this before the softmax (model.lm_head_fp32)
 
 
-def forward_loss(graphdef, params, micro, loss_cfg: LossConfig):
-    """Sum of token cross-entropies of one micro-batch, its valid-token count and its aux loss."""
+def forward_loss(graphdef, params, micro, loss_cfg: LossConfig, layer_transform=None):
+    """Sum of token cross-entropies of one micro-batch, its valid-token count and its aux loss. `layer_transform`
+    (models.common.LayerTransform) goes to the model call: it rewrites each layer group's parameters inside the
+    layer scan (LoRA)."""
     model = nnx.merge(graphdef, params)
-    out = model(micro["input_ids"], micro["positions"], micro["segment_ids"], return_hidden=True)
+    kwargs = {} if layer_transform is None else {"layer_transform": layer_transform}
+    out = model(micro["input_ids"], micro["positions"], micro["segment_ids"], return_hidden=True, **kwargs)
     head = model.head_weight(loss_cfg.compute_dtype)
     loss_sum, n_valid = chunked_cross_entropy(
         out.hidden_states, head, micro["labels"], chunk_size=loss_cfg.ce_chunk_size, ignore_index=IGNORE_INDEX,
@@ -53,18 +56,20 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_cfg:
                     max_grad_norm: float | None = None, merge_fn=None):
     """train_step(state, batch) -> (state, metrics). Pure; jit it with shardings and donation.
 
-    With `merge_fn(trainable, frozen) -> full params` (LoRA), the step is train_step(state, batch, frozen):
-    `state.params` holds only the trainable tree (the only thing differentiated and updated), `frozen` is passed
-    through unchanged (not donated) and the model runs on merge_fn(state.params, frozen)."""
+    With `merge_fn(trainable, frozen) -> (params, layer_transform)` (LoRA), the step is
+    train_step(state, batch, frozen): `state.params` holds only the trainable tree (the only thing differentiated
+    and updated), `frozen` is passed through unchanged (not donated), and the model runs on `params` with
+    `layer_transform` (or None) passed to its call, so the merge can happen per layer inside the layer scan."""
 
     def train_step(state: TrainState, batch, frozen=None):
         n_micro = batch["input_ids"].shape[0]
         total_valid = jnp.maximum(jnp.sum(batch["labels"] != IGNORE_INDEX), 1).astype(jnp.float32)
 
         def micro_objective(params, micro):
+            transform = None
             if merge_fn is not None:
-                params = merge_fn(params, frozen)
-            loss_sum, n_valid, aux = forward_loss(graphdef, params, micro, loss_cfg)
+                params, transform = merge_fn(params, frozen)
+            loss_sum, n_valid, aux = forward_loss(graphdef, params, micro, loss_cfg, transform)
             # Normalising each micro-batch by the count over the whole step makes accumulation exact:
             # 4 x micro-batch 1 gives the same gradient as micro-batch 4.
             objective = loss_sum / total_valid + loss_cfg.aux_loss_coef * aux / n_micro
@@ -113,9 +118,10 @@ def make_eval_step(graphdef, loss_cfg: LossConfig, *, merge_fn=None):
     eval_step(trainable, micro, frozen))."""
 
     def eval_step(params, micro, frozen=None):
+        transform = None
         if merge_fn is not None:
-            params = merge_fn(params, frozen)
-        loss_sum, n_valid, _ = forward_loss(graphdef, params, micro, loss_cfg)
+            params, transform = merge_fn(params, frozen)
+        loss_sum, n_valid, _ = forward_loss(graphdef, params, micro, loss_cfg, transform)
         return loss_sum, n_valid
 
     return eval_step

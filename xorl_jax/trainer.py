@@ -274,19 +274,21 @@ class Trainer:
             self.eval_step = lambda params, micro: eval_jit(params, micro, self.frozen)
 
     def _merge_fn(self):
-        """LoRA: (adapters, frozen base) -> effective parameters; None without LoRA."""
+        """LoRA: (adapters, frozen base) -> (base, per-layer merge run inside the layer scan); None without LoRA."""
         if self.frozen is None:
             return None
+        from xorl_jax.lora import layer_merge_fn
+
+        return layer_merge_fn(self.lora_targets, self.lora_scale)
+
+    def full_params(self):
+        """The model's parameters as the forward pass sees them (LoRA: base + scale * A @ B, merged whole)."""
+        if self.frozen is None:
+            return self.state.params
         from xorl_jax.lora import merge_lora
 
         targets, scale = self.lora_targets, self.lora_scale
-        return lambda lora, frozen: merge_lora(frozen, lora, targets, scale)
-
-    def full_params(self):
-        """The model's parameters as the forward pass sees them (LoRA: base + scale * A @ B)."""
-        if self.frozen is None:
-            return self.state.params
-        return jax.jit(self._merge_fn())(self.state.params, self.frozen)
+        return jax.jit(lambda lora, frozen: merge_lora(frozen, lora, targets, scale))(self.state.params, self.frozen)
 
     def _setup_checkpointing(self):
         from xorl_jax.checkpoint.training import TrainCheckpointer

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +47,32 @@ def checkpoint_policy(name: str):
     return getattr(jax.checkpoint_policies, name)
 
 
+class LayerTransform(NamedTuple):
+    """A rewrite of each scan step's parameters, applied inside the step (e.g. LoRA's W + s A B, one layer group at
+    a time instead of a merged copy of the whole model).
+
+    `extra` is a pytree stacked like the layers (leading axis = scan repeats); the scan slices it with the
+    parameters and the step calls `fn(group_state, extra_slice) -> group_state` before running the layers."""
+
+    fn: Callable[[Any, Any], Any]
+    extra: Any
+
+
+def _without_extra_products(policy, extra):
+    """`policy`, except that a matmul of two `extra` slices (e.g. a LoRA A @ B) is never saved for the backward
+    pass: it is weight-sized, so saving it for every layer would cost a full-size copy, and it is cheap to redo
+    from the small slices. A matmul is recognised by its operands' shapes (the slices' shapes); an activation
+    matmul of exactly those shapes would only be recomputed, never wrong."""
+    shapes = {tuple(x.shape[1:]) for x in jax.tree.leaves(extra)}
+
+    def saveable(prim, *avals, **params):
+        if prim is jax.lax.dot_general_p and all(tuple(a.shape) in shapes for a in avals):
+            return False
+        return policy(prim, *avals, **params)
+
+    return saveable
+
+
 def repeat_period(kinds: Sequence) -> int:
     """Smallest p dividing len(kinds) with kinds[i] == kinds[i % p]: the group of layers that the scan repeats."""
     n = len(kinds)
@@ -79,19 +105,30 @@ class LayerStack(nnx.Module):
             if isinstance(node, nnx.Variable):
                 node.set_metadata(axes=("layers",) + tuple(node.get_metadata()["axes"]))
 
-    def __call__(self, carry, *, remat_policy: str = "none", **ctx):
-        """carry -> carry through every layer; each layer is called as `layer(carry, **ctx) -> carry`."""
-        graphdef, state = nnx.split(self.groups)
+    def __call__(self, carry, *, remat_policy: str = "none", layer_transform: LayerTransform | None = None,
+                 **ctx):
+        """carry -> carry through every layer; each layer is called as `layer(carry, **ctx) -> carry`.
 
-        def step(carry, group_state):
+        With `layer_transform`, each step runs its layers on `fn(step's parameters, step's slice of extra)`. Under
+        remat the transformed parameters are rebuilt in the backward pass rather than kept for every layer."""
+        graphdef, state = nnx.split(self.groups)
+        fn, extra = layer_transform if layer_transform is not None else (None, None)
+
+        def step(carry, xs):
+            group_state, extra_slice = xs
+            if fn is not None:
+                group_state = fn(group_state, extra_slice)
             group = nnx.merge(graphdef, group_state)
             for layer in group:
                 carry = layer(carry, **ctx)
             return carry, None
 
         if remat_policy != "none":
-            step = jax.checkpoint(step, policy=checkpoint_policy(remat_policy), prevent_cse=False)
-        carry, _ = jax.lax.scan(step, carry, state)
+            policy = checkpoint_policy(remat_policy)
+            if policy is not None and fn is not None:
+                policy = _without_extra_products(policy, extra)
+            step = jax.checkpoint(step, policy=policy, prevent_cse=False)
+        carry, _ = jax.lax.scan(step, carry, (state, extra))
         return carry
 
 

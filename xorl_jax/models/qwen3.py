@@ -166,8 +166,12 @@ class Qwen3ForCausalLM(nnx.Module):
         w = self.embed_tokens[...].T if self.config.tie_word_embeddings else self.lm_head[...]
         return w if dtype is None else w.astype(dtype)
 
-    def __call__(self, input_ids, positions=None, segment_ids=None, *, return_hidden: bool = False) -> ModelOutput:
-        return causal_lm_forward(self, input_ids, positions, segment_ids, return_hidden, rotary_dim=None)
+    def __call__(self, input_ids, positions=None, segment_ids=None, *, return_hidden: bool = False,
+                 layer_transform=None) -> ModelOutput:
+        """`layer_transform` (models.common.LayerTransform) rewrites each scanned layer group's parameters inside
+        the layer scan (LoRA merges its adapters there, one group at a time)."""
+        return causal_lm_forward(self, input_ids, positions, segment_ids, return_hidden, rotary_dim=None,
+                                 layer_transform=layer_transform)
 
     @staticmethod
     def hf_key_map(cfg: Qwen3Config, *, expert_layout: str = "fused", root: str = "model") -> km.FamilyKeyMap:
@@ -225,7 +229,8 @@ def moe_maps(num_experts: int, expert_layout: str) -> list:
     ]
 
 
-def causal_lm_forward(model, input_ids, positions, segment_ids, return_hidden, *, rotary_dim, num_experts=None):
+def causal_lm_forward(model, input_ids, positions, segment_ids, return_hidden, *, rotary_dim, num_experts=None,
+                      layer_transform=None):
     """Embedding -> scanned layers -> final norm -> logits; shared by the Qwen families."""
     cfg, opts = model.config, model.options
     B, T = input_ids.shape
@@ -238,7 +243,8 @@ def causal_lm_forward(model, input_ids, positions, segment_ids, return_hidden, *
     E = (num_experts if num_experts is not None else cfg.num_experts) or 1
     stats = jnp.zeros((2, E), jnp.float32)
     h, stats = model.layers(
-        (h, stats), remat_policy=opts.remat_policy, cos=cos, sin=sin, segment_ids=segment_ids, valid=valid
+        (h, stats), remat_policy=opts.remat_policy, layer_transform=layer_transform, cos=cos, sin=sin,
+        segment_ids=segment_ids, valid=valid,
     )
     h = model.norm(h)
     aux = jnp.zeros((), jnp.float32)
