@@ -53,6 +53,16 @@ def test_cudnn_refused_without_gpu():
     assert resolve_attn_implementation("auto") == "xla"
 
 
+def test_auto_picks_cudnn_only_for_half_precision(monkeypatch):
+    from xorl_jax.kernels import attention as attn_lib
+
+    monkeypatch.setattr(attn_lib, "_on_nvidia_gpu", lambda: True)
+    assert resolve_attn_implementation("auto", jnp.bfloat16) == "cudnn"
+    assert resolve_attn_implementation("auto", "float32") == "xla"  # cuDNN has no fp32 attention
+    with pytest.raises(ValueError, match="needs bfloat16 or float16"):
+        resolve_attn_implementation("cudnn", jnp.float32)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("d,H,K", [(128, 16, 8), (256, 8, 2)])
 @pytest.mark.parametrize("layout", ["none", "packed", "overflow"])

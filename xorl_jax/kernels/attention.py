@@ -21,15 +21,20 @@ def _on_nvidia_gpu() -> bool:
     return jax.default_backend() == "gpu"
 
 
-def resolve_attn_implementation(name: str) -> str:
+def resolve_attn_implementation(name: str, dtype=None) -> str:
+    """auto: cuDNN fused attention on NVIDIA GPUs for bf16/fp16 compute (cuDNN has no fp32 kernels), else XLA."""
     if name not in ATTN_IMPLEMENTATIONS:
         raise ValueError(f"attn_implementation {name!r} is not one of {ATTN_IMPLEMENTATIONS}")
+    half = dtype is None or jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
     if name == "auto":
-        return "cudnn" if _on_nvidia_gpu() else "xla"
+        return "cudnn" if _on_nvidia_gpu() and half else "xla"
     if name == "cudnn" and not _on_nvidia_gpu():
         raise RuntimeError(
             "attn_implementation 'cudnn' is not available on this device (no NVIDIA GPU); use 'xla' or 'auto'"
         )
+    if name == "cudnn" and not half:
+        raise ValueError(f"attn_implementation 'cudnn' needs bfloat16 or float16 compute, not {jnp.dtype(dtype).name}; "
+                         "use model.dtype=bfloat16 or attn_implementation xla (or auto)")
     return name
 
 
@@ -89,7 +94,7 @@ def _cudnn_packed(q, k, v, segment_ids, scale, max_segments):
 
 
 def attention(q_BTHd, k_BTKd, v_BTKd, *, segment_ids=None, scale=None, implementation="auto", max_segments=64):
-    impl = resolve_attn_implementation(implementation)
+    impl = resolve_attn_implementation(implementation, q_BTHd.dtype)
     if impl == "xla":
         return attention_reference(q_BTHd, k_BTKd, v_BTKd, segment_ids=segment_ids, scale=scale)
     scale = q_BTHd.shape[-1] ** -0.5 if scale is None else scale

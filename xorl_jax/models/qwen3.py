@@ -148,7 +148,7 @@ class Qwen3ForCausalLM(nnx.Module):
         # Resolve "auto" backends once, at build time, so the choice is visible and fixed for the run.
         opts = dataclasses.replace(
             opts,
-            attn_implementation=resolve_attn_implementation(opts.attn_implementation),
+            attn_implementation=resolve_attn_implementation(opts.attn_implementation, opts.dtype),
             moe_implementation=resolve_moe_implementation(opts.moe_implementation) if cfg.num_experts else "eager",
         )
         self.config = cfg

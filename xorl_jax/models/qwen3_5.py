@@ -202,7 +202,7 @@ class Qwen3_5ForCausalLM(nnx.Module):
     def __init__(self, cfg: Qwen3_5Config, opts: ModelOptions = ModelOptions(), *, rngs: nnx.Rngs):
         opts = dataclasses.replace(
             opts,
-            attn_implementation=resolve_attn_implementation(opts.attn_implementation),
+            attn_implementation=resolve_attn_implementation(opts.attn_implementation, opts.dtype),
             moe_implementation=resolve_moe_implementation(opts.moe_implementation) if cfg.num_experts else "eager",
             gdn_implementation=resolve_gdn_implementation(opts.gdn_implementation),
         )
