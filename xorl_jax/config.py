@@ -179,6 +179,8 @@ class TrainConfig:
     ckpt_manager: str = _field("orbax", "checkpoint format of training state", choices=("orbax",))
     save_steps: int = _field(0, "save a training checkpoint every N updates; 0 = only at the end")
     save_total_limit: int | None = _field(None, "newest training checkpoints to keep; null = all")
+    save_at_end: bool = _field(True, "save a training checkpoint when the run ends (false for benchmarks; a stop "
+                                     "signal still saves)")
     save_async: bool = _field(True, "write checkpoints in the background while training continues")
     save_hf_weights: bool = _field(False, "export Hugging Face safetensors (bf16) at the end of the run")
     load_checkpoint_path: str | None = _field(None, "training checkpoint to resume from; auto = the newest "

@@ -4,7 +4,8 @@
 no training; see xorl_jax/plan.py). --fake-devices N runs it on N CPU devices, e.g. an 8-GPU config on a laptop.
 
 Exit codes: 0 done, 2 bad config or input (one line on stderr says what and where), 1 the run stopped on purpose
-(e.g. too many non-finite steps; the last good checkpoint is intact).
+(e.g. too many non-finite steps; the last good checkpoint is intact), 75 stopped by SIGTERM/SIGUSR1 with a
+checkpoint of the last step saved (requeue and the same command resumes).
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     _quiet_library_logs()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from xorl_jax.trainer import TrainingStopped, run
+    from xorl_jax.preemption import EXIT_PREEMPTED
+    from xorl_jax.trainer import Preempted, TrainingStopped, run
 
     try:
         if dry:
@@ -91,6 +93,9 @@ def main(argv=None) -> int:
     except _input_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except TrainingStopped as e:
         print(f"stopped: {e}", file=sys.stderr)
         return 1

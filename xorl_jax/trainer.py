@@ -19,6 +19,7 @@ from flax import nnx
 from xorl_jax.config import Config, ConfigError, config_to_dict
 from xorl_jax.models.common import ModelOptions
 from xorl_jax.models.loading import build_config, read_hf_config
+from xorl_jax.preemption import StopSignals
 from xorl_jax.train_step import LossConfig, TrainState, make_eval_step, make_train_step, stack_micro_batches
 
 log = logging.getLogger("xorl_jax")
@@ -26,6 +27,10 @@ log = logging.getLogger("xorl_jax")
 
 class TrainingStopped(RuntimeError):
     """The run stopped on purpose (e.g. too many non-finite steps); the last good checkpoint is intact."""
+
+
+class Preempted(TrainingStopped):
+    """SIGTERM/SIGUSR1 arrived (pre-emption, time limit): a checkpoint of the last step was saved."""
 
 
 DETERMINISM_FLAG = "--xla_gpu_deterministic_ops=true"
@@ -234,11 +239,12 @@ class Trainer:
             process_index=self.process_index, process_count=self.process_count, seed=cfg.data.seed,
             micro_batches=self.accum,
         )
-        if cfg.data.dataloader_num_workers > 0:  # one thread does the packing; the count sets how far it runs ahead
+        self.batches_on_device = cfg.data.dataloader_num_workers > 0
+        if self.batches_on_device:  # one thread packs and copies to the devices; the count sets how far ahead
             from xorl_jax.data.prefetch import Prefetcher
 
             depth = cfg.data.dataloader_num_workers * (cfg.data.dataloader_prefetch_factor or 2)
-            self.train_iter = Prefetcher(self.train_iter, depth)
+            self.train_iter = Prefetcher(self.train_iter, depth, transform=self._device_batch)
         self.eval_batches = None
         if cfg.data.eval_datasets:
             self.eval_batches = list(build_eval_batches(
@@ -385,64 +391,76 @@ class Trainer:
         last_metrics, eval_metrics = {}, None
         t_last = time.perf_counter()
         t_first = None
-        try:
-            while step < self.total_steps:
-                batch = self._device_batch(next(self.train_iter))
-                self.state, metrics = self.train_step(self.state, batch)
-                metrics = jax.device_get(metrics)
-                if t_first is None:
-                    t_first = time.perf_counter() - t_last
-                    logger.info(f"first step (compile included): {t_first:.1f}s")
-                    t_last = time.perf_counter()
-                    dt = t_first
-                else:
-                    now = time.perf_counter()
-                    dt, t_last = now - t_last, now
-                step = int(self.state.step)
-                if not metrics["finite"]:
-                    streak = int(self.state.nonfinite_streak)
-                    logger.info(f"non-finite loss or gradients: update skipped ({streak} in a row)")
-                    if streak >= t.max_nonfinite_steps:
-                        raise TrainingStopped(
-                            f"{streak} non-finite steps in a row; stopping with the last good checkpoint intact "
-                            "(lower train.lr or check the data)"
-                        )
-                    continue
-                tokens_s = self.tokens_per_step() / max(dt, 1e-9)
-                last_metrics = {
-                    "loss": float(metrics["loss"]),
-                    "aux_loss": float(metrics["aux_loss"]),
-                    "grad_norm": float(metrics["grad_norm"]),
-                    "lr": float(self.schedule(step - 1)),
-                    "tokens_per_s": tokens_s,
-                    "tokens_per_s_per_device": tokens_s / jax.device_count(),
-                    "step_time_s": dt,
-                    "skipped_steps": int(self.state.skipped_total),
-                }
-                if peak:
-                    last_metrics["mfu"] = tokens_s * fpt / (jax.device_count() * peak)
-                logger.log_train(step, last_metrics)
-                if t.eval_steps and step % t.eval_steps == 0 and step < self.total_steps:
-                    eval_metrics = self.evaluate()
-                    if eval_metrics:
-                        logger.log_eval(step, eval_metrics)
-                if t.save_steps and step % t.save_steps == 0 and step < self.total_steps:
-                    self.save(step)
-            eval_metrics = self.evaluate() or eval_metrics
-            if eval_metrics:
-                logger.log_eval(step, eval_metrics)
-            self.save(step, force=True)
-            self.checkpointer.wait()
-            if t.save_hf_weights:
-                self.export_hf(step)
-            if t.sample_eval_prompts:
-                self.print_samples(t.sample_eval_prompts)
-        finally:
-            self.checkpointer.wait()
-            logger.close()
-            if hasattr(self.train_iter, "close"):
-                self.train_iter.close()
+        with StopSignals() as signals:  # SIGTERM/SIGUSR1 -> save and stop between steps
+            try:
+                while step < self.total_steps:
+                    if signals.should_stop():
+                        self._stop_for_signal(signals.received, step)
+                    rows = next(self.train_iter)
+                    batch = rows if self.batches_on_device else self._device_batch(rows)
+                    self.state, metrics = self.train_step(self.state, batch)
+                    metrics = jax.device_get(metrics)
+                    if t_first is None:
+                        t_first = time.perf_counter() - t_last
+                        logger.info(f"first step (compile included): {t_first:.1f}s")
+                        t_last = time.perf_counter()
+                        dt = t_first
+                    else:
+                        now = time.perf_counter()
+                        dt, t_last = now - t_last, now
+                    step = int(self.state.step)
+                    if not metrics["finite"]:
+                        streak = int(self.state.nonfinite_streak)
+                        logger.info(f"non-finite loss or gradients: update skipped ({streak} in a row)")
+                        if streak >= t.max_nonfinite_steps:
+                            raise TrainingStopped(
+                                f"{streak} non-finite steps in a row; stopping with the last good checkpoint intact "
+                                "(lower train.lr or check the data)"
+                            )
+                        continue
+                    tokens_s = self.tokens_per_step() / max(dt, 1e-9)
+                    last_metrics = {
+                        "loss": float(metrics["loss"]),
+                        "aux_loss": float(metrics["aux_loss"]),
+                        "grad_norm": float(metrics["grad_norm"]),
+                        "lr": float(self.schedule(step - 1)),
+                        "tokens_per_s": tokens_s,
+                        "tokens_per_s_per_device": tokens_s / jax.device_count(),
+                        "step_time_s": dt,
+                        "skipped_steps": int(self.state.skipped_total),
+                    }
+                    if peak:
+                        last_metrics["mfu"] = tokens_s * fpt / (jax.device_count() * peak)
+                    logger.log_train(step, last_metrics)
+                    if t.eval_steps and step % t.eval_steps == 0 and step < self.total_steps:
+                        eval_metrics = self.evaluate()
+                        if eval_metrics:
+                            logger.log_eval(step, eval_metrics)
+                    if t.save_steps and step % t.save_steps == 0 and step < self.total_steps:
+                        self.save(step)
+                eval_metrics = self.evaluate() or eval_metrics
+                if eval_metrics:
+                    logger.log_eval(step, eval_metrics)
+                if t.save_at_end:
+                    self.save(step, force=True)
+                self.checkpointer.wait()
+                if t.save_hf_weights:
+                    self.export_hf(step)
+                if t.sample_eval_prompts:
+                    self.print_samples(t.sample_eval_prompts)
+            finally:
+                self.checkpointer.wait()
+                logger.close()
+                if hasattr(self.train_iter, "close"):
+                    self.train_iter.close()
         return {"step": step, **last_metrics, **(eval_metrics or {}), "time_to_first_step_s": t_first}
+
+    def _stop_for_signal(self, name: str | None, step: int):
+        if step not in self.checkpointer.manager.all_steps():  # nothing to save when resumed or saved right here
+            self.save(step, force=True)
+        self.checkpointer.wait()
+        raise Preempted(f"{name or 'a stop signal'} received: stopped after step {step} with its checkpoint saved in "
+                        f"{self.checkpointer.directory}; the same command resumes (train.load_checkpoint_path: auto)")
 
     def print_samples(self, n: int) -> list[tuple[str, str, str]]:
         """Greedy answers to the first `n` held-out conversations: (question, expected, answer) triples."""

@@ -12,10 +12,11 @@ _DONE = object()
 
 
 class Prefetcher:
-    def __init__(self, iterator, depth: int):
+    def __init__(self, iterator, depth: int, transform=None):
         if depth < 1:
             raise ValueError(f"prefetch depth must be >= 1, got {depth}")
         self._it = iterator
+        self._transform = transform or (lambda batch: batch)  # e.g. the copy to the devices, also done ahead
         self._depth = depth
         self._state = iterator.get_state()
         self._start()
@@ -29,7 +30,7 @@ class Prefetcher:
     def _fill(self):
         try:
             while not self._stop.is_set():
-                item = (next(self._it), self._it.get_state())
+                item = (self._transform(next(self._it)), self._it.get_state())
                 while not self._stop.is_set():
                     try:
                         self._queue.put(item, timeout=0.1)
