@@ -264,3 +264,12 @@ def test_full_determinism_sets_the_xla_flag_before_jax_starts(monkeypatch):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and DETERMINISM_FLAG in out.stdout, out.stderr[-1000:]
+
+
+def test_compilation_cache_setting():
+    from xorl_jax.trainer import compilation_cache_dir
+
+    assert compilation_cache_dir("auto", "cpu") is None
+    assert compilation_cache_dir("auto", "gpu") == os.path.expanduser("~/.cache/xorl_jax/xla")
+    assert compilation_cache_dir("/tmp/xc", "cpu") == "/tmp/xc"  # an explicit directory applies everywhere
+    assert compilation_cache_dir(None, "gpu") is None

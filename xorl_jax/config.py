@@ -171,6 +171,9 @@ class TrainConfig:
                                                       "router_aux_loss_coef")
     max_nonfinite_steps: int = _field(5, "stop after this many updates in a row skipped for a non-finite loss "
                                          "or gradient")
+    compilation_cache_dir: str | None = _field("auto", "persistent XLA compilation cache: a restart or resume "
+                                                       "reuses the compiled step instead of compiling again; auto = "
+                                                       "~/.cache/xorl_jax/xla on GPUs, off on CPU; null = off")
     enable_full_determinism: bool = _field(False, "ask XLA for deterministic GPU ops (XLA_FLAGS "
                                                   "--xla_gpu_deterministic_ops=true; slower); must be set before "
                                                   "JAX starts, as the CLI does")

@@ -56,6 +56,23 @@ def request_determinism() -> bool:
     return not started
 
 
+def compilation_cache_dir(setting: str | None, backend: str) -> str | None:
+    """The persistent compilation cache directory for train.compilation_cache_dir on `backend` (None = off)."""
+    if setting == "auto":  # GPU compiles take tens of seconds; CPU ones are quick and would only fill the disk
+        setting = "~/.cache/xorl_jax/xla" if backend == "gpu" else None
+    return os.path.expanduser(setting) if setting else None
+
+
+def use_compilation_cache(setting: str | None) -> str | None:
+    """Turn on JAX's persistent compilation cache; returns the directory used (None = off)."""
+    path = compilation_cache_dir(setting, jax.default_backend())
+    if path is None:
+        return None
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)  # only programs worth keeping
+    return path
+
+
 def model_options(cfg: Config) -> ModelOptions:
     m, t = cfg.model, cfg.train
     if m.ep_dispatch == "ragged" and t.expert_parallel_size not in (1, None) and jax.default_backend() == "cpu":
@@ -153,6 +170,7 @@ class Trainer:
         if cfg.train.enable_full_determinism:
             request_determinism()
         distributed.initialize()
+        self.compilation_cache = use_compilation_cache(cfg.train.compilation_cache_dir)
         self.cfg = cfg
         self.process_index, self.process_count = jax.process_index(), jax.process_count()
         self.is_main = self.process_index == 0
@@ -324,7 +342,8 @@ class Trainer:
             f"steps     {self.total_steps} (lr {self.cfg.train.lr:g}, {self.cfg.train.lr_decay_style})",
             f"memory    ~{estimate_memory_per_device(self.param_count, self.mesh.size, self.cfg.train) / 2**30:.2f} "
             f"GiB/device for params + optimizer state (activations extra)",
-            f"output    {os.path.abspath(self.output_dir)}",
+            f"output    {os.path.abspath(self.output_dir)}"
+            + (f" (compilation cache {self.compilation_cache})" if self.compilation_cache else ""),
         ]
         return "\n".join(lines)
 
