@@ -30,7 +30,8 @@ def inputs(skew: bool, seed=0):
                                    dict(data_parallel_replicate_size=2, data_parallel_shard_size=4,
                                         expert_parallel_size=4)])
 @pytest.mark.parametrize("skew", [False, True])
-def test_ep_matches_dense_values_and_grads(sizes, skew):
+@pytest.mark.parametrize("capacity_factor", [2.0, 1e-3])  # default; tiny = every device overflows to worst case
+def test_ep_matches_dense_values_and_grads(sizes, skew, capacity_factor):
     mesh = build_mesh(**sizes)
     x, top_i, top_w, w_gu, w_down = inputs(skew)
     if skew:
@@ -41,7 +42,7 @@ def test_ep_matches_dense_values_and_grads(sizes, skew):
         return jnp.sum(y * jnp.cos(jnp.arange(N * D).reshape(N, D))), y
 
     ref_fn = experts_dense
-    ep_fn = lambda *a: experts_ep(*a, mesh=mesh, implementation="native")
+    ep_fn = lambda *a: experts_ep(*a, mesh=mesh, implementation="native", capacity_factor=capacity_factor)
     (l_ref, y_ref), g_ref = jax.value_and_grad(loss, argnums=(1, 2, 3, 4), has_aux=True)(ref_fn, x, top_w, w_gu, w_down)
     (l_ep, y_ep), g_ep = jax.jit(jax.value_and_grad(lambda *a: loss(ep_fn, *a), argnums=(0, 1, 2, 3), has_aux=True))(
         x, top_w, w_gu, w_down)
@@ -49,6 +50,21 @@ def test_ep_matches_dense_values_and_grads(sizes, skew):
     np.testing.assert_allclose(float(l_ep), float(l_ref), rtol=1e-5)
     for name, a, b in zip(("x", "top_w", "w_gate_up", "w_down"), g_ep, g_ref):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_padded_capacity_and_which_branch_runs():
+    from xorl_jax.parallel.expert import padded_capacity
+
+    assert padded_capacity(16384, 8) == 4096 and padded_capacity(16384, 2) == 16384  # never above the worst case
+    assert padded_capacity(20, 4) == 16 and padded_capacity(4, 4) == 2  # multiples of 8 above 8
+    assert padded_capacity(16, 8, 1e-3) == 1
+    # Balanced routing takes the [R, cap, D] buffers, skewed routing the worst case: the compiled step has both
+    # (a conditional), and only the taken one runs (values checked in the test above).
+    mesh = build_mesh(data_parallel_shard_size=8, expert_parallel_size=8)
+    x, top_i, top_w, w_gu, w_down = inputs(False)
+    hlo = jax.jit(lambda *a: experts_ep(*a, mesh=mesh, implementation="native")).lower(
+        x, top_i, top_w, w_gu, w_down).compile().as_text()
+    assert "conditional" in hlo
 
 
 def test_ep_errors_are_clear():

@@ -3,9 +3,11 @@
 Per device (tokens split over data x fsdp x expert, experts split over `expert`):
 1. token copies (k per token) sorted by global expert id, which also groups them by destination expert rank;
 2. per (destination rank, local expert) counts exchanged with a small all-to-all;
-3. the copies exchanged with all-to-all: `padded` sends a fixed [R, N*k, D] buffer (each destination slot can hold
-   every local copy, so nothing is ever dropped); `ragged` sends only the real rows with `ragged_all_to_all`
-   (GPU/TPU only; XLA:CPU lacks it);
+3. the copies exchanged with all-to-all: `padded` sends a fixed [R, cap, D] buffer, cap = the capacity factor x
+   the average share of one destination (N*k/R); when any device has more copies than that for one destination,
+   every device takes the worst-case buffer [R, N*k, D] instead (a `lax.cond` on a global max), so nothing is
+   ever dropped and balanced routing moves about capacity-factor / R of the worst case; `ragged` sends only the
+   real rows with `ragged_all_to_all` (GPU/TPU only; XLA:CPU lacks it);
 4. received rows sorted by local expert, SwiGLU experts through the grouped GEMM, rows unsorted;
 5. the reverse exchange, then each token sums its k expert outputs times its router weights.
 Tensor parallelism inside experts: the intermediate dimension F is split over `tensor` and the down projection's
@@ -27,6 +29,18 @@ from jax.sharding import PartitionSpec as P
 from xorl_jax.parallel.rules import shard_map_compat
 
 EXCHANGES = ("auto", "padded", "ragged")
+# Padded exchange: buffer rows per destination = this x the balanced share. 2 absorbs the usual imbalance of a
+# trained router; heavier skew takes the worst-case fallback (correct, as slow as before).
+PADDED_CAPACITY_FACTOR = 2.0
+
+
+def padded_capacity(copies: int, ranks: int, factor: float = PADDED_CAPACITY_FACTOR) -> int:
+    """Rows per destination of the padded buffer: factor x copies / ranks (rounded up to a multiple of 8 above 8),
+    between 1 and `copies` (the worst case)."""
+    cap = max(1, -(-int(factor * copies) // ranks))
+    if cap > 8:
+        cap = -(-cap // 8) * 8
+    return min(copies, cap)
 
 
 def grouped_matmul(x_MK, w_GKN, group_sizes_G, implementation: str):
@@ -52,8 +66,27 @@ def local_experts(x_MD, expert_M, num_local: int, w_gate_up_EDCF, w_down_EFD, im
     return jnp.zeros_like(ys).at[order].set(ys)
 
 
+def _padded_exchange(x_sorted, dest, pos, recv_counts, recv_R, cap, w_gu, w_down, *, expert_axis, tensor_axis,
+                     implementation):
+    """Exchange through [R, cap, D] buffers (every block holds at most `cap` rows), run the local experts, return
+    the outputs to their sources; rows come back in the sender's sorted order."""
+    R, El = recv_counts.shape
+    D = x_sorted.shape[1]
+    send = jnp.zeros((R, cap, D), x_sorted.dtype).at[dest, pos].set(x_sorted, mode="drop")
+    recv = jax.lax.all_to_all(send, expert_axis, 0, 0, tiled=True)  # [R, cap, D]: block r from rank r
+    slot = jnp.arange(cap)
+    ends = jnp.cumsum(recv_counts, axis=1)  # [R, El]
+    local_e = jax.vmap(lambda e: jnp.searchsorted(e, slot, side="right"))(ends)  # [R, cap]; El = padding
+    local_e = jnp.where(slot[None] < recv_R[:, None], local_e, El)
+    y = local_experts(recv.reshape(R * cap, D), local_e.reshape(-1), El, w_gu, w_down, implementation)
+    if tensor_axis is not None:
+        y = jax.lax.psum(y, tensor_axis)
+    back = jax.lax.all_to_all(y.reshape(R, cap, D), expert_axis, 0, 0, tiled=True)
+    return back[dest, pos]
+
+
 def _ep_body(x_ND, top_i, top_w, w_gu, w_down, *, num_experts: int, expert_axis: str, tensor_axis,
-             exchange: str, implementation: str):
+             exchange: str, implementation: str, all_axes: tuple, capacity_factor: float):
     N, D = x_ND.shape
     k = top_i.shape[-1]
     R = jax.lax.psum(1, expert_axis)
@@ -73,17 +106,16 @@ def _ep_body(x_ND, top_i, top_w, w_gu, w_down, *, num_experts: int, expert_axis:
     recv_R = jnp.sum(recv_counts, axis=1)
 
     if exchange == "padded":
-        send = jnp.zeros((R, C, D), x_ND.dtype).at[dest, pos].set(x_sorted)
-        recv = jax.lax.all_to_all(send, expert_axis, 0, 0, tiled=True)  # [R, C, D]: block r from rank r
-        slot = jnp.arange(C)
-        ends = jnp.cumsum(recv_counts, axis=1)  # [R, El]
-        local_e = jax.vmap(lambda e: jnp.searchsorted(e, slot, side="right"))(ends)  # [R, C]; El = padding
-        local_e = jnp.where(slot[None] < recv_R[:, None], local_e, El)
-        y = local_experts(recv.reshape(R * C, D), local_e.reshape(-1), El, w_gu, w_down, implementation)
-        if tensor_axis is not None:
-            y = jax.lax.psum(y, tensor_axis)
-        back = jax.lax.all_to_all(y.reshape(R, C, D), expert_axis, 0, 0, tiled=True)
-        y_sorted = back[dest, pos]
+        exchange_with = functools.partial(_padded_exchange, x_sorted, dest, pos, recv_counts, recv_R,
+                                          expert_axis=expert_axis, tensor_axis=tensor_axis,
+                                          implementation=implementation)
+        cap = padded_capacity(C, R, capacity_factor)
+        if cap >= C:
+            y_sorted = exchange_with(C, w_gu, w_down)
+        else:  # every device must take the same branch: its all-to-alls pair up across the mesh
+            overflow = jax.lax.pmax(jnp.max(send_R), all_axes) > cap
+            y_sorted = jax.lax.cond(overflow, functools.partial(exchange_with, C),
+                                    functools.partial(exchange_with, cap), w_gu, w_down)
     elif exchange == "ragged":
         me = jax.lax.axis_index(expert_axis)
         all_send = jax.lax.all_gather(send_R, expert_axis)  # [src, dst]
@@ -123,7 +155,7 @@ def resolve_exchange(exchange: str) -> str:
 
 def experts_ep(x_ND, top_i, top_w, w_gate_up_EDCF, w_down_EFD, *, mesh, implementation: str = "native",
                exchange: str = "auto", expert_axis: str = "expert", tensor_axis: str | None = "tensor",
-               batch_axes=("data", "fsdp", "expert")):
+               batch_axes=("data", "fsdp", "expert"), capacity_factor: float = PADDED_CAPACITY_FACTOR):
     """Dropless expert-parallel MoE over global arrays (called under jit): x [N, D] with N split over
     `batch_axes`, expert weights split over `expert_axis` (and F over `tensor_axis` when it divides)."""
     E, D, _, F = w_gate_up_EDCF.shape
@@ -141,7 +173,8 @@ def experts_ep(x_ND, top_i, top_w, w_gate_up_EDCF, w_down_EFD, *, mesh, implemen
     tok = P(batch or None, None)
     body = functools.partial(_ep_body, num_experts=E, expert_axis=expert_axis, tensor_axis=tensor,
                              exchange=resolve_exchange(exchange),
-                             implementation="native" if implementation == "eager" else implementation)
+                             implementation="native" if implementation == "eager" else implementation,
+                             all_axes=tuple(mesh.axis_names), capacity_factor=capacity_factor)
     f = shard_map_compat(body, mesh,
                          in_specs=(tok, tok, tok, P(expert_axis, None, None, tensor), P(expert_axis, tensor, None)),
                          out_specs=tok)
