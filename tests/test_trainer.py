@@ -253,13 +253,13 @@ def test_full_determinism_sets_the_xla_flag_before_jax_starts(monkeypatch):
     import subprocess
     import sys
 
-    from xorl_jax.trainer import DETERMINISM_FLAG, request_determinism
+    from xorl_jax.train_setup import DETERMINISM_FLAG, request_determinism
 
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
     jax.devices()
     assert request_determinism() is False  # too late in this process: it says so
     assert os.environ["XLA_FLAGS"] == f"--xla_cpu_enable_fast_math=false {DETERMINISM_FLAG}"
-    code = ("import os; from xorl_jax.trainer import request_determinism as r; assert r(); import jax; jax.devices();"
+    code = ("import os; from xorl_jax.train_setup import request_determinism as r; assert r(); import jax; jax.devices();"
             " print(os.environ['XLA_FLAGS'])")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
@@ -267,7 +267,7 @@ def test_full_determinism_sets_the_xla_flag_before_jax_starts(monkeypatch):
 
 
 def test_compilation_cache_setting():
-    from xorl_jax.trainer import compilation_cache_dir
+    from xorl_jax.train_setup import compilation_cache_dir
 
     assert compilation_cache_dir("auto", "cpu") is None
     assert compilation_cache_dir("auto", "gpu") == os.path.expanduser("~/.cache/xorl_jax/xla")

@@ -110,7 +110,8 @@ def dry_run(cfg: Config) -> PlanReport:
     from xorl_jax.optim import _key_name
     from xorl_jax.parallel import mesh as mesh_lib
     from xorl_jax.parallel import rules as rules_lib
-    from xorl_jax.trainer import jit_train_step, loss_config_for, model_options, opt_state_shardings, optimizer_for
+    from xorl_jax.train_setup import (jit_train_step, loss_config_for, model_options, opt_state_shardings,
+                                      optimizer_for)
     from xorl_jax.train_step import BATCH_KEYS, TrainState
 
     if cfg.lora.enable_lora:

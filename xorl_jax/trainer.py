@@ -17,10 +17,11 @@ import numpy as np
 from flax import nnx
 
 from xorl_jax.config import Config, ConfigError, config_to_dict
-from xorl_jax.models.common import ModelOptions
 from xorl_jax.models.loading import build_config, read_hf_config
 from xorl_jax.preemption import StopSignals
-from xorl_jax.train_step import LossConfig, TrainState, make_eval_step, make_train_step, stack_micro_batches
+from xorl_jax.train_setup import (MeshJit, jit_train_step, loss_config_for, model_options, opt_state_shardings,
+                                  optimizer_for, request_determinism, use_compilation_cache)
+from xorl_jax.train_step import TrainState, make_eval_step, stack_micro_batches
 
 log = logging.getLogger("xorl_jax")
 
@@ -33,134 +34,8 @@ class Preempted(TrainingStopped):
     """SIGTERM/SIGUSR1 arrived (pre-emption, time limit): a checkpoint of the last step was saved."""
 
 
-DETERMINISM_FLAG = "--xla_gpu_deterministic_ops=true"
-
-
-def request_determinism() -> bool:
-    """Add XLA's deterministic-GPU-ops flag to XLA_FLAGS. XLA reads the flags when its backend starts, so this
-    only acts before the first device use; returns False (and warns) when it comes too late."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    if DETERMINISM_FLAG in flags:
-        return True
-    os.environ["XLA_FLAGS"] = f"{flags} {DETERMINISM_FLAG}".strip()
-    try:
-        from jax._src import xla_bridge
-
-        started = xla_bridge.backends_are_initialized()
-    except (ImportError, AttributeError):
-        started = False
-    if started:
-        log.warning("train.enable_full_determinism: JAX had already started, so XLA does not see %s; start the "
-                    "run through `python -m xorl_jax.train` (or set XLA_FLAGS before importing JAX)",
-                    DETERMINISM_FLAG)
-    return not started
-
-
-def compilation_cache_dir(setting: str | None, backend: str) -> str | None:
-    """The persistent compilation cache directory for train.compilation_cache_dir on `backend` (None = off)."""
-    if setting == "auto":  # GPU compiles take tens of seconds; CPU ones are quick and would only fill the disk
-        setting = "~/.cache/xorl_jax/xla" if backend == "gpu" else None
-    return os.path.expanduser(setting) if setting else None
-
-
-def use_compilation_cache(setting: str | None) -> str | None:
-    """Turn on JAX's persistent compilation cache; returns the directory used (None = off)."""
-    path = compilation_cache_dir(setting, jax.default_backend())
-    if path is None:
-        return None
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)  # only programs worth keeping
-    return path
-
-
-def model_options(cfg: Config) -> ModelOptions:
-    m, t = cfg.model, cfg.train
-    if m.ep_dispatch == "ragged" and t.expert_parallel_size not in (1, None) and jax.default_backend() == "cpu":
-        raise ConfigError("model.ep_dispatch=ragged needs GPUs (XLA:CPU has no ragged all-to-all); use alltoall")
-    remat = t.remat_policy if t.enable_gradient_checkpointing else "none"
-    return ModelOptions(
-        dtype=m.dtype if t.enable_mixed_precision else "float32",
-        param_dtype=m.param_dtype,
-        attn_implementation=m.attn_implementation,
-        moe_implementation=m.moe_implementation,
-        gdn_implementation=m.gdn_implementation,
-        remat_policy=remat,
-        router_fp32=m.router_fp32,
-        ep_exchange={"alltoall": "padded", "ragged": "ragged"}[m.ep_dispatch],
-    )
-
-
 def _count_params(params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
-
-
-class MeshJit:
-    """A jitted function that traces (first call, `lower`) under the run's mesh and rules: without them the model
-    would trace as one-device code (no expert-parallel all-to-all, no activation constraints, and kernels XLA
-    cannot partition would see gathered inputs)."""
-
-    def __init__(self, jitted, mesh, rules):
-        self.jitted, self.mesh, self.rules = jitted, mesh, rules
-
-    def __call__(self, *args):
-        from xorl_jax.parallel.rules import use_mesh
-
-        with use_mesh(self.mesh, self.rules):
-            return self.jitted(*args)
-
-    def lower(self, *args):
-        from xorl_jax.parallel.rules import use_mesh
-
-        with use_mesh(self.mesh, self.rules):
-            return self.jitted.lower(*args)
-
-
-def loss_config_for(cfg: Config, model_config, options: ModelOptions) -> LossConfig:
-    """Aux-loss coefficient (the checkpoint's unless the train section sets one), loss chunking, compute dtype,
-    logits precision."""
-    coef = cfg.train.router_aux_loss_coef
-    return LossConfig(aux_loss_coef=float(getattr(model_config, "router_aux_loss_coef", 0.0) if coef is None else coef),
-                      ce_chunk_size=cfg.train.ce_chunk_size, compute_dtype=options.compute_dtype,
-                      logits_dtype=jnp.float32 if cfg.model.lm_head_fp32 else options.compute_dtype)
-
-
-def optimizer_for(cfg: Config, params, total_steps: int):
-    """(learning-rate schedule, optax optimizer) from the config; `params` may be abstract."""
-    from xorl_jax.optim import build_optimizer, build_schedule, default_decay_mask, map_params_with_path
-
-    t = cfg.train
-    trainable = None
-    if cfg.model.freeze_router:  # MoE routers get no update and no optimizer state
-        trainable = map_params_with_path(lambda names, x, axes: "router" not in names, params)
-    schedule = build_schedule(lr=t.lr, lr_min=t.lr_min, total_steps=total_steps, warmup_ratio=t.lr_warmup_ratio,
-                              decay_style=t.lr_decay_style, decay_ratio=t.lr_decay_ratio)
-    optimizer = build_optimizer(schedule=schedule, weight_decay=t.weight_decay, b1=t.adam_beta1, b2=t.adam_beta2,
-                                eps=t.adam_epsilon, max_grad_norm=t.max_grad_norm, optimizer=t.optimizer,
-                                optimizer_dtype=t.optimizer_dtype, decay_mask=default_decay_mask(params),
-                                trainable_mask=trainable)
-    return schedule, optimizer
-
-
-def opt_state_shardings(optimizer, params, mesh):
-    """Shardings of the optimizer state: moments take their parameter's sharding (jit would not infer it: zeros
-    depend on no input), scalars such as Adam's count are replicated over the mesh. `params` may be abstract."""
-    import optax
-
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    param_shardings = jax.tree.map(lambda x: x.sharding, params)
-    abstract = jax.eval_shape(optimizer.init, params)
-    masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731 - frozen parameters (no state) stay empty
-    return optax.tree_map_params(optimizer, lambda m, s: m if masked(m) else s, abstract, param_shardings,
-                                 transform_non_params=lambda _: replicated, is_leaf=masked)
-
-
-def jit_train_step(graphdef, optimizer, loss_cfg, state, mesh, rules, *, merge_fn=None) -> MeshJit:
-    """The jitted train step for `state` (concrete or abstract): state donated, output shardings fixed to the
-    input's so the state comes back exactly as it went in and step 2 does not compile again."""
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    step = make_train_step(graphdef, optimizer, loss_cfg, merge_fn=merge_fn)
-    return MeshJit(jax.jit(step, donate_argnums=(0,), out_shardings=(state_shardings, replicated)), mesh, rules)
 
 
 class Trainer:
