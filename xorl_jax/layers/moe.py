@@ -13,6 +13,8 @@ Shapes: N tokens, D hidden, E experts, F expert intermediate, k experts per toke
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -79,6 +81,22 @@ def experts_dense(x_ND, top_i, top_w, w_gate_up_EDCF, w_down_EFD):
     return jnp.einsum("ned,ne->nd", y, combine.astype(y.dtype))
 
 
+def _local_experts(implementation: str, ctx):
+    """Experts without expert parallelism. On a mesh (FSDP) each device runs its own tokens against the gathered
+    expert weights: left to XLA, the grouped GEMM (a custom call it cannot partition) would get every device's
+    tokens and run the whole batch on each device. With tensor parallelism XLA keeps the F split instead."""
+    if implementation == "eager":
+        fn = experts_dense
+    else:
+        fn = functools.partial(experts_sorted, implementation=implementation)
+    if ctx is None or ctx.axis_size("tensor") > 1:
+        return fn
+    from xorl_jax.parallel.rules import per_shard
+
+    tokens = ("batch", None)
+    return per_shard(fn, in_names=(tokens, tokens, tokens, None, None), out_names=tokens)
+
+
 class MoE(nnx.Module):
     def __init__(
         self,
@@ -128,10 +146,8 @@ class MoE(nnx.Module):
 
             y = experts_ep(x, top_i, top_w.astype(dt), w_gu, w_down, mesh=ctx.mesh, implementation=self.implementation,
                            exchange=self.ep_exchange)
-        elif self.implementation == "eager":
-            y = experts_dense(x, top_i, top_w.astype(dt), w_gu, w_down)
         else:
-            y = experts_sorted(x, top_i, top_w.astype(dt), w_gu, w_down, self.implementation)
+            y = _local_experts(self.implementation, ctx)(x, top_i, top_w.astype(dt), w_gu, w_down)
         if self.has_shared_expert:
             shared = self.shared_expert(x[None])[0]
             gate = jax.nn.sigmoid(jnp.dot(x, cast(self.shared_expert_gate, dt)))
