@@ -28,7 +28,9 @@ def test_dry_run_reports_exact_shards_and_expert_parallel_collectives(tmp_path):
     # fp32 parameters, every large one sharded 8 ways under both presets (small ones may be replicated)
     assert fsdp.param_count * 4 / 8 <= fsdp.param_bytes_per_device < fsdp.param_count * 4 / 2
     assert fsdp.optimizer_bytes_per_device >= 2 * fsdp.param_bytes_per_device - 64  # mu and nu (+ a count)
-    assert "all-to-all" in ep.collectives and "all-to-all" not in fsdp.collectives
+    # EP adds the expert exchange (counts, tokens out, results back, and their transposes); XLA may also use an
+    # all-to-all on its own (e.g. to move the embedding lookup from the table's sharding to the batch's)
+    assert ep.collectives.get("all-to-all", 0) >= fsdp.collectives.get("all-to-all", 0) + 4
     assert fsdp.tokens_per_step == 4 * 8 * 2 * 128  # micro rows x data-parallel 8 x accumulation x seq
     text = "\n".join(ep.lines())
     assert "all-to-all" in text and "temporaries are only estimated on GPUs" in text

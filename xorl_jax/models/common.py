@@ -147,6 +147,9 @@ def cast_params(model: nnx.Module, dtype) -> None:
             node[...] = node[...].astype(dtype)
 
 
+HIDDEN = ("batch", "seq", "embed")  # the residual stream [B, T, D] between sublayers
+
+
 def constrain(x, names):
     """Shard activation `x` by its logical axis `names` (e.g. ("batch", "seq", "embed")) under the current mesh
     and rules (`xorl_jax.parallel.rules.use_mesh`); a no-op without one."""

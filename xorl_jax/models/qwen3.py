@@ -19,7 +19,7 @@ from xorl_jax.layers.moe import MoE, load_balancing_loss, resolve_moe_implementa
 from xorl_jax.layers.norm import RMSNorm
 from xorl_jax.layers.rope import rope_cos_sin
 from xorl_jax.kernels.attention import resolve_attn_implementation
-from xorl_jax.models.common import LayerStack, ModelOptions, ModelOutput, rope_theta
+from xorl_jax.models.common import HIDDEN, LayerStack, ModelOptions, ModelOutput, constrain, rope_theta
 from xorl_jax.models import flops
 from xorl_jax.models import keymap as km
 
@@ -129,7 +129,8 @@ class Qwen3DecoderLayer(nnx.Module):
 
     def __call__(self, carry, *, cos, sin, segment_ids, valid):
         h, stats = carry
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, segment_ids).astype(h.dtype)
+        h = constrain(h, HIDDEN)
+        h = constrain(h + self.self_attn(self.input_layernorm(h), cos, sin, segment_ids).astype(h.dtype), HIDDEN)
         x = self.post_attention_layernorm(h)
         if isinstance(self.mlp, MoE):
             y, layer_stats = self.mlp(x, valid)

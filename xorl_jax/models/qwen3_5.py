@@ -23,7 +23,7 @@ from xorl_jax.layers.moe import MoE, resolve_moe_implementation
 from xorl_jax.layers.norm import RMSNorm
 from xorl_jax.models import flops
 from xorl_jax.models import keymap as km
-from xorl_jax.models.common import LayerStack, ModelOptions, ModelOutput, rope_theta
+from xorl_jax.models.common import HIDDEN, LayerStack, ModelOptions, ModelOutput, constrain, rope_theta
 from xorl_jax.models.qwen3 import attention_maps, causal_lm_forward, lm_globals, mlp_maps, moe_maps
 
 LAYER_TYPES = ("linear_attention", "full_attention")
@@ -179,12 +179,13 @@ class Qwen3_5DecoderLayer(nnx.Module):
 
     def __call__(self, carry, *, cos, sin, segment_ids, valid):
         h, stats = carry
+        h = constrain(h, HIDDEN)
         x = self.input_layernorm(h)
         if hasattr(self, "linear_attn"):
             y = self.linear_attn(x, segment_ids, valid)
         else:
             y = self.self_attn(x, cos, sin, segment_ids)
-        h = h + y.astype(h.dtype)
+        h = constrain(h + y.astype(h.dtype), HIDDEN)
         x = self.post_attention_layernorm(h)
         if isinstance(self.mlp, MoE):
             y, layer_stats = self.mlp(x, valid)
