@@ -43,7 +43,7 @@ INTRA_DEFAULT = "xla"
 # The state pass's per-chunk cotangents: "pallas" (`_state_grads_kernel`) or "xla" (batched einsums, the path the
 # GPU measurements above were taken with). The kernel is checked against the einsums in interpret mode only; it
 # becomes the default once the GPU-marked tests pass with it and bench_gdn.py shows it faster (the `kernels` stage
-# of scripts/gpu_session.sh runs both).
+# of scripts/gpu_benchmarks.sh runs both).
 STATE_GRADS_DEFAULT = "xla"
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU measurements of the open performance work, in stages that each fit a 10-minute machine slot:
+# The GPU measurements of the open performance work, in stages of under ten minutes each:
 #
-#   bash scripts/gpu_session.sh STAGE [OUT_DIR]
+#   bash scripts/gpu_benchmarks.sh STAGE [OUT_DIR]
 #
 #   kernels   1 GPU:  every GPU-marked test, GDN kernels (both intra modes, breakdown, FLA side by side),
 #                     trace-parser check on a real GPU trace
@@ -11,13 +11,13 @@
 #   ep8       1-8 GPUs: the configs/*_ep8.yaml recipes on a real text corpus (expert ranks = GPUs; with fewer than
 #             8 GPUs the depth is cut in proportion, LAYERS_FORCED=N overrides)
 #
-# Logs and JSON go to OUT_DIR (default $OUT, else /tmp/gpu_session). Wheels the GPU image lacks (jax-triton,
+# Logs and JSON go to OUT_DIR (default $OUT, else /tmp/gpu_benchmarks). Wheels the GPU image lacks (jax-triton,
 # FLA for the GDN peer, tensorboardX) are installed from .whl/ into a private folder when present.
-# Multi-GPU stages keep NCCL_NVLS_ENABLE=0 (NVLink SHARP multicast is not available on the lent machines).
+# Multi-GPU stages keep NCCL_NVLS_ENABLE=0 (NVLink SHARP multicast off: not every multi-GPU host supports it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STAGE=${1:?usage: gpu_session.sh kernels|dense|moe|multi|ep8 [OUT_DIR]}
-OUT_DIR=${2:-${OUT:-/tmp/gpu_session}}
+STAGE=${1:?usage: gpu_benchmarks.sh kernels|dense|moe|multi|ep8 [OUT_DIR]}
+OUT_DIR=${2:-${OUT:-/tmp/gpu_benchmarks}}
 mkdir -p "$OUT_DIR"
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -28,7 +28,7 @@ else
   export PYTHONPATH=".:${PYTHONPATH:-}"
 fi
 NGPU=$(python3 -c "import jax; print(sum(d.platform == 'gpu' for d in jax.devices()))")
-echo "gpu_session $STAGE: $NGPU GPU(s), $(python3 -c 'import jax; print(jax.devices()[0].device_kind, jax.__version__)'), $(date -u +%F)"
+echo "gpu_benchmarks $STAGE: $NGPU GPU(s), $(python3 -c 'import jax; print(jax.devices()[0].device_kind, jax.__version__)'), $(date -u +%F)"
 
 run() {  # run NAME CMD...: log to OUT_DIR/NAME.log, keep going on failure, print the tail
   local name=$1; shift
