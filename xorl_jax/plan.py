@@ -106,25 +106,16 @@ def _memory(compiled) -> dict:
 
 def dry_run(cfg: Config) -> PlanReport:
     """Lower and compile the configured train step on abstract inputs; see the module docstring."""
-    from xorl_jax.models.loading import abstract_model, build_config, read_hf_config
-    from xorl_jax.optim import _key_name
-    from xorl_jax.parallel import mesh as mesh_lib
+    from xorl_jax.models.loading import abstract_model
+    from xorl_jax.optim import params_with_path
     from xorl_jax.parallel import rules as rules_lib
-    from xorl_jax.train_setup import (jit_train_step, loss_config_for, model_options, opt_state_shardings,
-                                      optimizer_for)
+    from xorl_jax.train_setup import jit_train_step, loss_config_for, model_and_mesh, opt_state_shardings, optimizer_for
     from xorl_jax.train_step import BATCH_KEYS, TrainState
 
     if cfg.lora.enable_lora:
         raise ConfigError("--dry-run covers full fine-tuning; set lora.enable_lora=false to plan the base model")
-    source = cfg.model.config_path or cfg.model.model_path
-    if not source:
-        raise ConfigError("model.model_path (or model.config_path) is not set; the dry run needs config.json")
     t = cfg.train
-    hf_config = read_hf_config(source)
-    cls, mcfg = build_config(hf_config)
-    options = model_options(cfg)
-    mesh = mesh_lib.build_mesh(t, model_config=mcfg)
-    rules = rules_lib.rules_for(t)
+    hf_config, cls, mcfg, options, mesh, rules = model_and_mesh(cfg)
     with rules_lib.use_mesh(mesh, rules):
         abstract = abstract_model(cls, mcfg, options)
     rules_lib.check_replicated(abstract, mesh, rules)
@@ -134,10 +125,9 @@ def dry_run(cfg: Config) -> PlanReport:
     values, treedef = jax.tree.flatten(state)  # same leaf order as the shardings' tree (one per Param)
     params = treedef.unflatten([jax.ShapeDtypeStruct(v.shape, pdt, sharding=s)
                                 for v, s in zip(values, jax.tree.leaves(shardings), strict=True)])
-    leaves = jax.tree_util.tree_leaves_with_path(params)
+    leaves = [(names, x) for names, x, _ in params_with_path(params)]
     param_count = int(sum(np.prod(x.shape) for _, x in leaves))
-    path, biggest = max((("/".join(_key_name(k) for k in p if _key_name(k) != "value"), _shard_bytes(x))
-                         for p, x in leaves), key=lambda kv: kv[1])
+    path, biggest = max((("/".join(names), _shard_bytes(x)) for names, x in leaves), key=lambda kv: kv[1])
 
     _, optimizer = optimizer_for(cfg, params, max(t.max_steps or 1000, 1))
     opt_shardings = opt_state_shardings(optimizer, params, mesh)

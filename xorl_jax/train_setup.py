@@ -57,6 +57,22 @@ def use_compilation_cache(setting: str | None) -> str | None:
     return path
 
 
+def model_and_mesh(cfg: Config):
+    """(HF config dict, model class, family config, ModelOptions, mesh, rules): what a run is built from, before
+    any weight exists."""
+    from xorl_jax.models.loading import build_config, read_hf_config
+    from xorl_jax.parallel import mesh as mesh_lib
+    from xorl_jax.parallel import rules as rules_lib
+
+    source = cfg.model.config_path or cfg.model.model_path
+    if not source:
+        raise ConfigError("model.model_path is not set; point it at a HF checkpoint directory (or config dir)")
+    hf_config = read_hf_config(source)
+    cls, model_config = build_config(hf_config)
+    mesh = mesh_lib.build_mesh(cfg.train, model_config=model_config)
+    return hf_config, cls, model_config, model_options(cfg), mesh, rules_lib.rules_for(cfg.train)
+
+
 def model_options(cfg: Config) -> ModelOptions:
     m, t = cfg.model, cfg.train
     if m.ep_dispatch == "ragged" and t.expert_parallel_size not in (1, None) and jax.default_backend() == "cpu":

@@ -17,9 +17,8 @@ import numpy as np
 from flax import nnx
 
 from xorl_jax.config import Config, ConfigError, config_to_dict
-from xorl_jax.models.loading import build_config, read_hf_config
 from xorl_jax.preemption import StopSignals
-from xorl_jax.train_setup import (MeshJit, jit_train_step, loss_config_for, model_options, opt_state_shardings,
+from xorl_jax.train_setup import (MeshJit, jit_train_step, loss_config_for, model_and_mesh, opt_state_shardings,
                                   optimizer_for, request_determinism, use_compilation_cache)
 from xorl_jax.train_step import TrainState, make_eval_step, stack_micro_batches
 
@@ -60,18 +59,10 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------- setup
     def _setup_model(self):
         from xorl_jax.checkpoint.orbax import load_model
-        from xorl_jax.parallel import mesh as mesh_lib
         from xorl_jax.parallel import rules as rules_lib
 
         cfg = self.cfg
-        source = cfg.model.config_path or cfg.model.model_path
-        if not source:
-            raise ConfigError("model.model_path is not set; point it at a HF checkpoint directory (or config dir)")
-        self.hf_config = read_hf_config(source)
-        self.model_cls, self.model_config = build_config(self.hf_config)
-        self.options = model_options(cfg)
-        self.mesh = mesh_lib.build_mesh(cfg.train, model_config=self.model_config)
-        self.rules = rules_lib.rules_for(cfg.train)
+        self.hf_config, self.model_cls, self.model_config, self.options, self.mesh, self.rules = model_and_mesh(cfg)
         init_from = cfg.train.init_from
         with rules_lib.use_mesh(self.mesh, self.rules):
             if init_from == "scratch":

@@ -15,14 +15,12 @@ import os
 
 import numpy as np
 
+from xorl_jax.data.pipeline import _get  # config sections or plain dicts, as the pipeline reads them
+
 logger = logging.getLogger(__name__)
 
 FORMAT = 1
 STATS = ("rows_read", "rows_skipped", "docs_truncated", "docs_split", "tokens_dropped")
-
-
-def _get(obj, name, default=None):
-    return obj.get(name, default) if isinstance(obj, dict) else getattr(obj, name, default)
 
 
 def _files_fingerprint(path) -> list:
