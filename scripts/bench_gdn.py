@@ -9,7 +9,7 @@ FLA 0.6.0 refuses its gated backward on Hopper with Triton < 3.7.1 (a Triton mis
 only, `--fla-bypass-guard` (default on) flips that version flag. Its backward values are then not trusted.
 
 Usage: PYTHONPATH=. python scripts/bench_gdn.py [--iters 20] [--no-fla] [--no-reference] [--skip-check]
-           [--impls pallas,pal+xla,jnp] [--breakdown] [--hlo-summary] [--dump-hlo DIR]
+           [--impls pallas,pal+xla,pallas+sg,pal+xla+sg,jnp] [--breakdown] [--hlo-summary] [--dump-hlo DIR]
 --breakdown times each Pallas kernel and each custom_vjp backward whole, against the fwd+bwd of the intra="pallas"
 path; --hlo-summary lists the kernels XLA emits for each fwd+bwd program (fusions, GEMM calls, copies).
 """
@@ -166,7 +166,7 @@ def breakdown(B, T, seg, q, k, v, g, beta, do, iters, fb_ms=None):
         "state grads": time_jax(grads_f, (do_d, dvn, vn, h, dh), iters),
         "intra bwd": time_jax(intra_b, (*intra_in, X, dvn, dw, dP, dqd, dke), iters),
     }
-    state_vjp = jax.jit(lambda res, cts: P._state_pass_bwd(C, False, res, cts))
+    state_vjp = jax.jit(lambda res, cts: P._state_pass_bwd(C, False, "pallas", res, cts))
     intra_vjp = jax.jit(lambda res, cts: P._intra_pass_bwd(C, False, res, cts))
     whole = {
         "state-pass vjp bwd": time_jax(state_vjp, ((u, w, Pm, qd, ke, ed, vn, h), (do_t, zero_state)), iters),
@@ -230,7 +230,8 @@ def main():
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--shapes", default="packed,batch")
     ap.add_argument("--breakdown", action="store_true", help="also time the Pallas path's pieces")
-    ap.add_argument("--impls", default="pallas,pal+xla,jnp", help="which JAX paths to time (pallas = intra kernels)")
+    ap.add_argument("--impls", default="pallas,pal+xla,pallas+sg,pal+xla+sg,jnp",
+                    help="JAX paths to time: pallas = intra kernels, pal+xla = intra in XLA, +sg = state-grads kernel")
     ap.add_argument("--hlo-summary", action="store_true",
                     help="print the kernels of each optimized fwd+bwd program (largest outputs first)")
     ap.add_argument("--dump-hlo", metavar="DIR", help="XLA dump of the fwd+bwd programs (text HLO, every pass)")
@@ -252,8 +253,11 @@ def main():
                   + " ".join(f"{n} {e:.2e}" for n, e in errs.items()) + f" | deterministic {same} | finite {finite}",
                   flush=True)
         res = {}
-        impls = [("pallas", functools.partial(gated_delta_rule_pallas, intra="pallas")),
-                 ("pal+xla", functools.partial(gated_delta_rule_pallas, intra="xla"))]
+        # name: intra mode + state-grads mode ("sg" = `_state_grads_kernel`, else the XLA einsums)
+        impls = [("pallas", functools.partial(gated_delta_rule_pallas, intra="pallas", state_grads="xla")),
+                 ("pal+xla", functools.partial(gated_delta_rule_pallas, intra="xla", state_grads="xla")),
+                 ("pallas+sg", functools.partial(gated_delta_rule_pallas, intra="pallas", state_grads="pallas")),
+                 ("pal+xla+sg", functools.partial(gated_delta_rule_pallas, intra="xla", state_grads="pallas"))]
         impls += [] if args.no_reference else [("jnp", gated_delta_rule_chunked)]
         wanted = args.impls.split(",")
         for impl_name, impl in (x for x in impls if x[0] in wanted):
@@ -272,10 +276,10 @@ def main():
             rows.append((label, impl_name, f, fb, peak))
             print(f"[time {label}] {impl_name}: fwd {f:.3f} ms, fwd+bwd {fb:.3f} ms, peak {peak:.2f} GiB", flush=True)
         if args.breakdown:
-            breakdown(B, T, seg, q, k, v, g, beta, do, args.iters, res.get("pallas", (None, None))[1])
+            breakdown(B, T, seg, q, k, v, g, beta, do, args.iters, res.get("pallas+sg", (None, None))[1])
     print(f"\n{'shape':<20}{'impl':<8}{'fwd ms':>9}{'f+b ms':>9}{'peak GiB':>10}{'f+b / best pallas':>19}")
     for label, impl_name, f, fb, peak in rows:
-        base = min((r[3] for r in rows if r[0] == label and r[1] in ("pallas", "pal+xla")), default=fb)
+        base = min((r[3] for r in rows if r[0] == label and r[1].startswith("pal")), default=fb)
         print(f"{label:<20}{impl_name:<8}{f:9.3f}{fb:9.3f}{peak:10.2f}{fb / base:18.2f}x")
 
 

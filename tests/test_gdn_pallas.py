@@ -67,15 +67,12 @@ def _rel(a, b):
 @pytest.mark.gpu
 @pytest.mark.parametrize("state_grads", ["pallas", "xla"])
 @pytest.mark.parametrize("dtype,intra", [(jnp.float32, "pallas"), (jnp.bfloat16, "pallas"), (jnp.bfloat16, "xla")])
-def test_gpu_matches_fp32_reference_and_is_deterministic(dtype, intra, state_grads, monkeypatch):
-    from xorl_jax.kernels.gdn import pallas as P
-
-    monkeypatch.setattr(P, "STATE_GRADS_DEFAULT", state_grads)
+def test_gpu_matches_fp32_reference_and_is_deterministic(dtype, intra, state_grads):
     B, T, Hk, Hv, K, V = 2, 1000, 2, 4, 128, 128
     q, k, v, g, beta, h0 = make_inputs(30, B, T, Hk, Hv, K, V)
     seg = random_segments(31, B, T)
     q, k, v, beta = (x.astype(dtype) for x in (q, k, v, beta))
-    pallas = lambda *a, **kw: gated_delta_rule_pallas(*a, interpret=False, intra=intra, **kw)
+    pallas = lambda *a, **kw: gated_delta_rule_pallas(*a, interpret=False, intra=intra, state_grads=state_grads, **kw)
     with jax.default_matmul_precision("float32"):
         ref_inputs = [x.astype(jnp.float32) for x in (q, k, v, g, beta)]
         o_r, s_r = jax.jit(lambda *a: gated_delta_rule_chunked(*a, segment_ids=seg, initial_state=h0,
@@ -133,17 +130,15 @@ def test_interpret_state_grads_kernel_matches_einsums():
 
 @pytest.mark.parametrize("state_grads", ["pallas", "xla"])
 @pytest.mark.parametrize("intra", ["pallas", "xla"])
-def test_interpret_bf16_close_to_fp32_reference(intra, state_grads, monkeypatch):
+def test_interpret_bf16_close_to_fp32_reference(intra, state_grads):
     """bf16 inputs take bf16 products in every kernel: gradients stay within bf16 rounding of the fp32 reference."""
-    from xorl_jax.kernels.gdn import pallas as P
-
-    monkeypatch.setattr(P, "STATE_GRADS_DEFAULT", state_grads)  # read when the backward is traced
     B, T, Hk, Hv, K, V, C = 1, 40, 1, 2, 16, 16, 16
     q, k, v, g, beta, h0 = make_inputs(26, B, T, Hk, Hv, K, V)
     seg = random_segments(27, B, T)
     q16, k16, v16, b16 = (x.astype(jnp.bfloat16) for x in (q, k, v, beta))
     ref_in = [x.astype(jnp.float32) for x in (q16, k16, v16)] + [g, b16.astype(jnp.float32)]
-    pallas = lambda *a, **kw: gated_delta_rule_pallas(*a, chunk_size=C, interpret=True, intra=intra, **kw)
+    pallas = lambda *a, **kw: gated_delta_rule_pallas(*a, chunk_size=C, interpret=True, intra=intra,
+                                                      state_grads=state_grads, **kw)
     g_p = _loss_grads(pallas, q16, k16, v16, g, b16, h0, seg)
     g_r = _loss_grads(gated_delta_rule_recurrent, *ref_in, h0, seg)
     for name, a, b in zip("q k v g beta h0".split(), g_p, g_r):

@@ -159,13 +159,13 @@ def _scan_bwd_call(do, w, P, qd, ke, ed, dst, *, C, interpret):
     )(do, w, P, qd, ke, ed, dst)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _state_pass(u, w, P, qd, ke, ed, h0, C, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _state_pass(u, w, P, qd, ke, ed, h0, C, interpret, state_grads):
     o, _, _, s_final = _scan_fwd_call(u, w, P, qd, ke, ed, h0, C=C, interpret=interpret)
     return o, s_final
 
 
-def _state_pass_fwd(u, w, P, qd, ke, ed, h0, C, interpret):
+def _state_pass_fwd(u, w, P, qd, ke, ed, h0, C, interpret, state_grads):
     o, v_new, h, s_final = _scan_fwd_call(u, w, P, qd, ke, ed, h0, C=C, interpret=interpret)
     return (o, s_final), (u, w, P, qd, ke, ed, v_new, h)
 
@@ -204,14 +204,14 @@ def _state_grads_call(do, dvn, v_new, h, dh, *, C, interpret):
     )(do, dvn, v_new, h, dh)
 
 
-def _state_pass_bwd(C, interpret, res, cts):
+def _state_pass_bwd(C, interpret, state_grads, res, cts):
     u, w, P, qd, ke, ed, v_new, h = res
     do, dst = cts
     do = do.astype(w.dtype)
     dh, dvn, ds0 = _scan_bwd_call(do, w, P, qd, ke, ed, dst.astype(F32), C=C, interpret=interpret)
     # The rest is independent per chunk. The XLA einsums run as fp32 products at HIGHEST precision (about 30 GFLOP
     # at T 8192, 32 heads) over fp32 copies of h, dh and the [B, H, T, V] tensors; the kernel avoids both.
-    if STATE_GRADS_DEFAULT == "pallas":
+    if state_grads == "pallas":
         dw, dqd, dP, dke, ded = _state_grads_call(do, dvn, v_new, h, dh, C=C, interpret=interpret)
         ded = ded.sum(-1)
     else:
@@ -485,10 +485,12 @@ def _intra_kernel_inputs(q, k, v, g, beta, starts, C, scale, use_qk_l2norm, dd):
 
 def gated_delta_rule_pallas(q, k, v, g, beta, *, segment_ids=None, scale=None, use_qk_l2norm=True,
                             initial_state=None, output_final_state=False, chunk_size=64, interpret=None,
-                            intra=None):
+                            intra=None, state_grads=None):
     """Same contract as `reference.gated_delta_rule_chunked`; products take bf16 operands when v is bf16.
 
     `intra`: "pallas" (intra-chunk kernels) or "xla" (batched XLA products); None = INTRA_DEFAULT.
+    `state_grads`: "pallas" (`_state_grads_kernel`) or "xla" (einsums) for the state pass's per-chunk cotangents;
+    None = STATE_GRADS_DEFAULT.
 
     GPU constraints (Triton): dk and dv powers of two >= 16, chunk_size 16, 32 or 64.
     `interpret=None` runs the kernels in Pallas interpret mode unless the default backend is a GPU.
@@ -513,9 +515,12 @@ def gated_delta_rule_pallas(q, k, v, g, beta, *, segment_ids=None, scale=None, u
     starts = document_starts(segment_ids, T, B)
     h0 = _initial_state(initial_state, B, H, K, V)
     intra = INTRA_DEFAULT if intra is None else intra
+    state_grads = STATE_GRADS_DEFAULT if state_grads is None else state_grads
+    if state_grads not in ("pallas", "xla"):
+        raise ValueError(f"state_grads must be 'pallas' or 'xla', got {state_grads!r}")
     if intra == "xla":
         u, w, P, qd, ke, ed = _intra_xla(q, k, v, g, beta, starts, C, scale, use_qk_l2norm, dd)
-        o, s_final = _state_pass(u, w, P, qd, ke, ed, h0, C, bool(interpret))
+        o, s_final = _state_pass(u, w, P, qd, ke, ed, h0, C, bool(interpret), state_grads)
         o = jnp.moveaxis(o, 1, 2)[:, :T].astype(v.dtype)
         return o, (s_final if output_final_state else None)
     if intra != "pallas":
@@ -523,6 +528,6 @@ def gated_delta_rule_pallas(q, k, v, g, beta, *, segment_ids=None, scale=None, u
 
     intra_in, ed = _intra_kernel_inputs(q, k, v, g, beta, starts, C, scale, use_qk_l2norm, dd)
     u, w, P, qd, ke = _intra_pass(*intra_in, C, bool(interpret))
-    o, s_final = _state_pass(u, w, P, qd, ke, ed, h0, C, bool(interpret))
+    o, s_final = _state_pass(u, w, P, qd, ke, ed, h0, C, bool(interpret), state_grads)
     o = jnp.moveaxis(o, 1, 2)[:, :T].astype(v.dtype)  # [B, H, Tp, V] -> [B, T, H, V]
     return o, (s_final if output_final_state else None)
