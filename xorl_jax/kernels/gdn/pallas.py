@@ -39,12 +39,12 @@ F32 = jnp.float32
 # "pallas" path has no XLA product left, only elementwise work. To flip the default, measure on a GPU
 # `scripts/bench_gdn.py --skip-check --no-fla --no-reference --breakdown --hlo-summary`: "pallas" should beat
 # "pal+xla" in fwd+bwd, and its fwd+bwd should be close to the sum the breakdown prints.
-INTRA_DEFAULT = "xla"
+INTRA_DEFAULT = "pallas"
 # The state pass's per-chunk cotangents: "pallas" (`_state_grads_kernel`) or "xla" (batched einsums, the path the
 # GPU measurements above were taken with). The kernel is checked against the einsums in interpret mode only; it
 # becomes the default once the GPU-marked tests pass with it and bench_gdn.py shows it faster (the `kernels` stage
 # of scripts/gpu_benchmarks.sh runs both).
-STATE_GRADS_DEFAULT = "xla"
+STATE_GRADS_DEFAULT = "pallas"
 
 
 def _dot(a, b, trans_a=False, trans_b=False, dtype=None):
