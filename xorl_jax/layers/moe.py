@@ -21,6 +21,7 @@ from flax import nnx
 
 from xorl_jax.layers.linear import cast, param
 from xorl_jax.layers.mlp import MLP
+from xorl_jax.layers.permute import inverse_permutation, take_copies, take_rows
 
 MOE_IMPLEMENTATIONS = ("auto", "triton", "native", "eager")
 
@@ -60,13 +61,14 @@ def experts_sorted(x_ND, top_i, top_w, w_gate_up_EDCF, w_down_EFD, implementatio
     k = top_i.shape[-1]
     flat_expert = top_i.reshape(-1)
     order = jnp.argsort(flat_expert, stable=True)
+    inverse = inverse_permutation(order)
     group_sizes = jnp.bincount(flat_expert, length=E).astype(jnp.int32)
-    x_sorted = x_ND[order // k]
+    x_sorted = take_copies(x_ND, order, inverse, k)
     gmm_impl = "ragged_dot" if implementation == "native" else implementation
     h = gmm(x_sorted, w_gate_up_EDCF.reshape(E, D, 2 * F), group_sizes, implementation=gmm_impl)
     a = jax.nn.silu(h[:, :F]) * h[:, F:]
     y_sorted = gmm(a, w_down_EFD, group_sizes, implementation=gmm_impl)
-    y_copies = y_sorted[jnp.argsort(order)].reshape(N, k, D)
+    y_copies = take_rows(y_sorted, inverse, order).reshape(N, k, D)
     return jnp.sum(y_copies * top_w[..., None].astype(y_copies.dtype), axis=1)
 
 

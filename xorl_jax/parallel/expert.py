@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from xorl_jax.parallel.rules import shard_map_compat
+from xorl_jax.layers.permute import inverse_permutation, take_copies, take_rows
 
 EXCHANGES = ("auto", "padded", "ragged")
 # Padded exchange: buffer rows per destination = this x the balanced share. 2 absorbs the usual imbalance of a
@@ -56,14 +57,15 @@ def local_experts(x_MD, expert_M, num_local: int, w_gate_up_EDCF, w_down_EFD, im
     """SwiGLU experts on rows x with local expert ids (num_local marks padding rows, whose output is 0)."""
     E, D, _, F = w_gate_up_EDCF.shape
     order = jnp.argsort(expert_M, stable=True)
+    inverse = inverse_permutation(order)
     sizes = jnp.bincount(expert_M, length=num_local + 1)[:num_local].astype(jnp.int32)
-    xs = x_MD[order]
+    xs = take_rows(x_MD, order, inverse)
     h = grouped_matmul(xs, w_gate_up_EDCF.reshape(E, D, 2 * F), sizes, implementation)
     a = jax.nn.silu(h[:, :F]) * h[:, F:]
     ys = grouped_matmul(a, w_down_EFD, sizes, implementation)
     valid = (jnp.arange(xs.shape[0]) < jnp.sum(sizes))[:, None]
     ys = jnp.where(valid, ys, 0)
-    return jnp.zeros_like(ys).at[order].set(ys)
+    return take_rows(ys, inverse, order)
 
 
 def _padded_exchange(x_sorted, dest, pos, recv_counts, recv_R, cap, w_gu, w_down, *, expert_axis, tensor_axis,
@@ -94,8 +96,9 @@ def _ep_body(x_ND, top_i, top_w, w_gu, w_down, *, num_experts: int, expert_axis:
     C = N * k
     flat_e = top_i.reshape(-1)
     order = jnp.argsort(flat_e, stable=True)
+    inverse = inverse_permutation(order)
     e_sorted = flat_e[order]
-    x_sorted = x_ND[order // k]
+    x_sorted = take_copies(x_ND, order, inverse, k)
     dest = e_sorted // El
     counts_RE = jnp.bincount(e_sorted, length=num_experts).reshape(R, El).astype(jnp.int32)
     send_R = jnp.sum(counts_RE, axis=1)
@@ -139,7 +142,7 @@ def _ep_body(x_ND, top_i, top_w, w_gu, w_down, *, num_experts: int, expert_axis:
     else:
         raise ValueError(f"expert exchange {exchange!r} is not one of {EXCHANGES}")
 
-    y_copies = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(N, k, D)
+    y_copies = take_rows(y_sorted, inverse, order).reshape(N, k, D)
     return jnp.sum(y_copies * top_w[..., None].astype(y_copies.dtype), axis=1)
 
 
