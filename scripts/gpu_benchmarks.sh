@@ -6,8 +6,8 @@
 #   kernels   1 GPU:  every GPU-marked test, trace-parser check on a real GPU trace, then the gdn stage
 #   gdn       1 GPU:  GDN GPU tests; kernels in every intra / state-grads mode with the breakdown, FLA side by side
 #   dense     1 GPU:  Qwen3 1.7B shapes vs HF, profile + remat / loss-chunk sweep
-#   moe       1 GPU:  Qwen3-30B-A3B shapes (depth cut) vs HF, with a profile
-#   hybrid    1 GPU:  Qwen3.5-35B-A3B shapes (depth cut) vs HF, with a profile
+#   moe       1 GPU:  Qwen3-30B-A3B shapes (4 layers) with a profile, then beside HF in one run
+#   hybrid    1 GPU:  Qwen3.5-35B-A3B shapes (4 layers) with a profile, then HF alone
 #   multi     2-8 GPUs: parallel equality tests, EP exchanges, FSDP Qwen3-8B (time to first step), EP MoE
 #   ep8       1-8 GPUs: the configs/*_ep8.yaml recipes on a real text corpus (expert ranks = GPUs; with fewer than
 #             8 GPUs the depth is cut in proportion, LAYERS_FORCED=N overrides)
@@ -75,12 +75,20 @@ case "$1" in
         --json "$OUT_DIR/dense_sweep.json"
     ;;
   moe)
-    run moe_hf python3 scripts/bench_train.py --model qwen3_30b_a3b --layers 6 --batch 2 --seq 4096 --steps 6 \
-        --backends jax,hf --profile "$WORK/prof_moe" --json "$OUT_DIR/moe.json"
+    # bf16 parameters and AdamW state on both sides: fp32 state at these depths does not fit 80 GB
+    run moe_jax python3 scripts/bench_train.py --model qwen3_30b_a3b --layers 4 --batch 2 --seq 4096 --steps 4 \
+        --warmup 1 --param-dtype bfloat16 --optimizer-dtype bfloat16 --backends jax --profile "$WORK/prof_moe" \
+        --json "$OUT_DIR/moe.json"
+    run moe_hf python3 scripts/bench_train.py --model qwen3_30b_a3b --layers 4 --batch 2 --seq 4096 --steps 4 \
+        --warmup 1 --param-dtype bfloat16 --optimizer-dtype bfloat16 --backends jax,hf --json "$OUT_DIR/moe_hf.json"
     ;;
   hybrid)
-    run hybrid_hf python3 scripts/bench_train.py --model qwen3_5_35b_a3b --layers 4 --batch 2 --seq 4096 --steps 6 \
-        --backends jax,hf --profile "$WORK/prof_hybrid" --json "$OUT_DIR/hybrid.json"
+    run hybrid_jax python3 scripts/bench_train.py --model qwen3_5_35b_a3b --layers 4 --batch 2 --seq 4096 --steps 4 \
+        --warmup 1 --param-dtype bfloat16 --optimizer-dtype bfloat16 --backends jax --profile "$WORK/prof_hybrid" \
+        --json "$OUT_DIR/hybrid.json"
+    # HF's first step autotunes FLA's kernels (about 4 minutes on an H100)
+    run hybrid_hf python3 scripts/bench_train.py --model qwen3_5_35b_a3b --layers 4 --batch 2 --seq 4096 --steps 3 \
+        --warmup 1 --hf-time-limit 60 --backends hf --json "$OUT_DIR/hybrid_hf.json"
     ;;
   multi)
     run parallel_tests python3 -m pytest -q tests/test_parallel_gpu.py tests/test_expert_parallel.py -m gpu --timeout 300

@@ -7,9 +7,9 @@ Split of the work:
     The per-chunk cotangents that follow from the saved states (dw, dP, decayed-q and decayed-k cotangents) come from
     a third kernel, one program per chunk and head (`_state_grads_kernel`), so no large product runs in XLA.
   * intra-chunk terms (WY inverse, u, w, the masked q k^T decay matrix P, decayed q and k) are independent per
-    chunk. Two ways, picked by `intra=`: "xla" (`_intra_xla`, batched XLA products differentiated by JAX; the
-    default) or "pallas" (`_intra_fwd_kernel` / `_intra_bwd_kernel`, one program per chunk and head, hand-written
-    backward). Both are checked on the GPU; see INTRA_DEFAULT for why "xla" is the default.
+    chunk. Two ways, picked by `intra=`: "pallas" (`_intra_fwd_kernel` / `_intra_bwd_kernel`, one program per chunk
+    and head, hand-written backward; the default) or "xla" (`_intra_xla`, batched XLA products differentiated by
+    JAX). Both are checked on the GPU; see INTRA_DEFAULT for the measurements.
   * Packed documents: Gamma is masked to same-document pairs, tokens after a document start inside a chunk do not
     read the carried state, and the chunk-end state keeps only the last document's keys.
 
@@ -32,18 +32,13 @@ from jax.experimental import pallas as pl
 from xorl_jax.kernels.gdn.reference import _initial_state, _prepare, document_starts, l2norm, unit_lower_inverse
 
 F32 = jnp.float32
-# "xla": the intra-chunk kernels' forward measured 0.8 ms against XLA's 3.2 ms (H100, T 8192, 32 heads), but the
-# whole forward+backward with them measured 24.5 ms against 10.9 ms with the XLA intra terms, while its four kernels
-# timed about 4.9 ms together. Those measurements predate `_state_grads_kernel`: the state-pass backward then ended
-# in four fp32 HIGHEST-precision XLA einsums (about 30 GFLOP at that shape, on both paths); with them gone the
-# "pallas" path has no XLA product left, only elementwise work. To flip the default, measure on a GPU
-# `scripts/bench_gdn.py --skip-check --no-fla --no-reference --breakdown --hlo-summary`: "pallas" should beat
-# "pal+xla" in fwd+bwd, and its fwd+bwd should be close to the sum the breakdown prints.
+# Both defaults are the kernels. H100, T 8192 (4 packed documents), Hv 32, dk = dv = 128, bf16, same run
+# (scripts/bench_gdn.py, docs/PERFORMANCE.md): fwd+bwd 4.3 ms with both kernels, 9.5 ms with the intra terms in XLA,
+# 24.5 ms with the intra kernels but the state-pass cotangents as XLA einsums (fp32 HIGHEST-precision products,
+# about 30 GFLOP: the cost once thought to lie "outside the kernels"). The "xla" variants stay as references and
+# for shapes the Triton kernels do not take.
 INTRA_DEFAULT = "pallas"
-# The state pass's per-chunk cotangents: "pallas" (`_state_grads_kernel`) or "xla" (batched einsums, the path the
-# GPU measurements above were taken with). The kernel is checked against the einsums in interpret mode only; it
-# becomes the default once the GPU-marked tests pass with it and bench_gdn.py shows it faster (the `kernels` stage
-# of scripts/gpu_benchmarks.sh runs both).
+# The state pass's per-chunk cotangents: "pallas" (`_state_grads_kernel`) or "xla" (batched einsums).
 STATE_GRADS_DEFAULT = "pallas"
 
 
