@@ -177,6 +177,7 @@ def run_jax(args, cfg: dict) -> dict:
 
     from xorl_jax.config import config_from_dict
     from xorl_jax.data.demo import DEMO_DIR
+    from xorl_jax.train_setup import backend_summary
     from xorl_jax.trainer import Trainer
 
     tmp = tempfile.mkdtemp(prefix="bench_train_")
@@ -214,7 +215,7 @@ def run_jax(args, cfg: dict) -> dict:
               "peak_gib": peak_memory_gib_jax(), "flops_per_token": trainer.model_config.flops_per_token(args.seq),
               "params": trainer.param_count, "n_devices": trainer.mesh.size, "mesh": dict(trainer.mesh.shape),
               "dp_size": trainer.dp_size, "tokens_per_step": trainer.tokens_per_step(),
-              "device_kind": jax.devices()[0].device_kind, "moe": trainer.options.moe_implementation}
+              "device_kind": jax.devices()[0].device_kind, "backends": backend_summary(trainer.options)}
     if args.profile or args.xla_dump:
         result.update(inspect_step(args, trainer, state, batches[0], step_s, args.label))
     return result

@@ -18,8 +18,8 @@ from flax import nnx
 
 from xorl_jax.config import Config, ConfigError, config_to_dict
 from xorl_jax.preemption import StopSignals
-from xorl_jax.train_setup import (MeshJit, jit_train_step, loss_config_for, model_and_mesh, opt_state_shardings,
-                                  optimizer_for, request_determinism, use_compilation_cache)
+from xorl_jax.train_setup import (MeshJit, backend_summary, jit_train_step, loss_config_for, model_and_mesh,
+                                  opt_state_shardings, optimizer_for, request_determinism, use_compilation_cache)
 from xorl_jax.train_step import TrainState, make_eval_step, stack_micro_batches
 
 log = logging.getLogger("xorl_jax")
@@ -199,8 +199,8 @@ class Trainer:
         lines = [
             f"model     {self.hf_config.get('model_type')} ({type(self.model).__name__}), "
             f"{self.param_count / 1e6:.1f}M parameters, init_from={self.cfg.train.init_from}",
-            f"backends  attention={self.options.attn_implementation}, moe={self.options.moe_implementation}, "
-            f"gdn={self.options.gdn_implementation}, dtype={self.options.dtype}, remat={self.options.remat_policy}",
+            f"backends  {backend_summary(self.options)}, dtype={self.options.dtype}, "
+            f"remat={self.options.remat_policy}",
             f"mesh      {dict(self.mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
             f"{self.process_count} process(es)",
             f"batch     {self.cfg.train.micro_batch_size} rows/device x {self.dp_size} data-parallel x "
