@@ -1,5 +1,7 @@
 """Pallas gated delta rule: interpret mode on CPU against the jnp reference; GPU-marked checks on a real GPU."""
 
+import functools
+
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -12,16 +14,20 @@ from xorl_jax.kernels.gdn.reference import gated_delta_rule_chunked, gated_delta
 from test_gdn import make_inputs, random_segments
 
 
-def _loss_grads(fn, q, k, v, g, beta, h0, seg, seed=7):
-    B, T, Hv, V = v.shape
-    r_o = jax.random.normal(jax.random.key(seed), (B, T, Hv, V))
-    r_s = jax.random.normal(jax.random.key(seed + 1), h0.shape)
+def _grads_fn(fn, v_shape, h0_shape, seg, seed=7):
+    """Jitted gradients of a fixed random projection of fn's output and final state, w.r.t. all six inputs."""
+    r_o = jax.random.normal(jax.random.key(seed), v_shape)
+    r_s = jax.random.normal(jax.random.key(seed + 1), h0_shape)
 
     def loss(q, k, v, g, beta, h0):
         o, s = fn(q, k, v, g, beta, segment_ids=seg, initial_state=h0, output_final_state=True)
         return jnp.sum(o.astype(jnp.float32) * r_o) + jnp.sum(s * r_s)
 
-    return jax.jit(jax.grad(loss, argnums=tuple(range(6))))(q, k, v, g, beta, h0)
+    return jax.jit(jax.grad(loss, argnums=tuple(range(6))))
+
+
+def _loss_grads(fn, q, k, v, g, beta, h0, seg, seed=7):
+    return _grads_fn(fn, v.shape, h0.shape, seg, seed)(q, k, v, g, beta, h0)
 
 
 INTERPRET_SHAPES = [  # B, T, Hk, Hv, K, V, chunk
@@ -64,20 +70,31 @@ def _rel(a, b):
     return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("state_grads", ["pallas", "xla"])
-@pytest.mark.parametrize("dtype,intra", [(jnp.float32, "pallas"), (jnp.bfloat16, "pallas"), (jnp.bfloat16, "xla")])
-def test_gpu_matches_fp32_reference_and_is_deterministic(dtype, intra, state_grads):
-    B, T, Hk, Hv, K, V = 2, 1000, 2, 4, 128, 128
+_GPU_SHAPE = (2, 1000, 2, 4, 128, 128)  # B, T, Hk, Hv, K, V
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_case(dtype_name):
+    """Inputs (q, k, v, beta in `dtype_name`), segments and the fp32 reference results, computed once per dtype
+    (compiling the fp32 reference dominates these tests' time)."""
+    B, T, Hk, Hv, K, V = _GPU_SHAPE
     q, k, v, g, beta, h0 = make_inputs(30, B, T, Hk, Hv, K, V)
     seg = random_segments(31, B, T)
-    q, k, v, beta = (x.astype(dtype) for x in (q, k, v, beta))
-    pallas = lambda *a, **kw: gated_delta_rule_pallas(*a, interpret=False, intra=intra, state_grads=state_grads, **kw)
+    q, k, v, beta = (x.astype(jnp.dtype(dtype_name)) for x in (q, k, v, beta))
     with jax.default_matmul_precision("float32"):
         ref_inputs = [x.astype(jnp.float32) for x in (q, k, v, g, beta)]
         o_r, s_r = jax.jit(lambda *a: gated_delta_rule_chunked(*a, segment_ids=seg, initial_state=h0,
                                                                output_final_state=True))(*ref_inputs)
         g_r = _loss_grads(gated_delta_rule_chunked, *ref_inputs, h0, seg)
+    return (q, k, v, g, beta, h0), seg, (o_r, s_r, g_r)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("state_grads", ["pallas", "xla"])
+@pytest.mark.parametrize("dtype,intra", [(jnp.float32, "pallas"), (jnp.bfloat16, "pallas"), (jnp.bfloat16, "xla")])
+def test_gpu_matches_fp32_reference_and_is_deterministic(dtype, intra, state_grads):
+    (q, k, v, g, beta, h0), seg, (o_r, s_r, g_r) = _gpu_case(jnp.dtype(dtype).name)
+    pallas = lambda *a, **kw: gated_delta_rule_pallas(*a, interpret=False, intra=intra, state_grads=state_grads, **kw)
     run = jax.jit(lambda *a: pallas(*a, segment_ids=seg, initial_state=h0, output_final_state=True))
     o_p, s_p = run(q, k, v, g, beta)
     o_p2, s_p2 = run(q, k, v, g, beta)
@@ -85,8 +102,9 @@ def test_gpu_matches_fp32_reference_and_is_deterministic(dtype, intra, state_gra
     assert np.all(np.isfinite(np.asarray(o_p, np.float32)))
     assert _rel(o_p, o_r) < tol and _rel(s_p, s_r) < tol, (_rel(o_p, o_r), _rel(s_p, s_r))
     np.testing.assert_array_equal(np.asarray(o_p, np.float32), np.asarray(o_p2, np.float32))
-    g_p = _loss_grads(pallas, q, k, v, g, beta, h0, seg)
-    g_p2 = _loss_grads(pallas, q, k, v, g, beta, h0, seg)
+    grads = _grads_fn(pallas, v.shape, h0.shape, seg)
+    g_p = grads(q, k, v, g, beta, h0)
+    g_p2 = grads(q, k, v, g, beta, h0)
     for name, a, a2, b in zip("q k v g beta h0".split(), g_p, g_p2, g_r):
         assert _rel(a, b) < 2 * tol, (name, _rel(a, b))
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(a2, np.float32), err_msg=name)
