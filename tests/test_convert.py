@@ -85,8 +85,13 @@ CASES = [("qwen3", "per_expert"), ("qwen3_moe", "per_expert"), ("qwen3_moe", "fu
          ("qwen3_5_moe", "per_expert"), ("qwen3_5_moe", "fused")]
 
 
+def _no_whole_restore(*a, **k):
+    raise AssertionError("to-hf restored the whole model instead of reading it layer by layer")
+
+
 @pytest.mark.parametrize("family,layout", CASES)
-def test_round_trip_bit_identical_and_transformers_logits(tmp_path, family, layout):
+def test_round_trip_bit_identical_and_transformers_logits(tmp_path, family, layout, monkeypatch):
+    monkeypatch.setattr(ck, "load_params", _no_whole_restore)  # to-hf must stream (the converter never restores)
     hf, src = make_hf(tmp_path, family, layout)
     if family.endswith("moe"):
         keys = SafetensorsReader(src).keys()
@@ -300,9 +305,29 @@ def test_training_step_directory_exports(tmp_path):
         {"step": 7, "hf_config": json.load(open(os.path.join(src, "config.json"))), "model_path": src}))
     assert ck.is_orbax_model_dir(str(step))
     out = str(tmp_path / "exported")
-    ck.convert_checkpoint_to_hf(str(step), out)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ck, "load_params", _no_whole_restore)
+        ck.convert_checkpoint_to_hf(str(step), out)
     assert_same_tensors(src, out)
     assert os.path.exists(os.path.join(out, "tokenizer_config.json"))
+    # an Orbax layout the layer reader does not know falls back to restoring the whole model: same tensors
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ck, "_stored_arrays", lambda d: (_ for _ in ()).throw(KeyError("tree_metadata")))
+        ck.convert_checkpoint_to_hf(str(step), str(tmp_path / "whole"))
+    assert_same_tensors(src, str(tmp_path / "whole"))
+
+
+def test_to_hf_reports_a_checkpoint_that_does_not_match_its_config(tmp_path):
+    hf, src = make_hf(tmp_path, "qwen3", dtype=torch.float32)
+    orb = str(tmp_path / "orbax")
+    ck.convert_hf_to_orbax(src, orb)
+    cfg_path = os.path.join(orb, "config.json")
+    cfg = json.load(open(cfg_path))
+    cfg["intermediate_size"] = 128
+    json.dump(cfg, open(cfg_path, "w"))
+    with pytest.raises(CheckpointError, match="do not match"):
+        ck.convert_checkpoint_to_hf(orb, str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
 
 
 def test_help_is_fast_and_lazy():

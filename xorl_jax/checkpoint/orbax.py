@@ -13,6 +13,7 @@ trainer's JSON item, holding `hf_config`); `to-hf` reads both.
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -24,6 +25,7 @@ METADATA_NAME = "xorl_jax.json"
 PARAMS_DIR = "params"
 PARTS_INDEX = "parts.json"
 PART_BYTES = 256 * 2**20  # parameters grouped into Orbax saves of about this size
+logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------- tree helpers
@@ -520,11 +522,13 @@ def host_array(x) -> np.ndarray:
 
 
 def export_hf(model, output_dir, *, source_dir_or_metadata, dtype=None, expert_layout=None, overwrite=False,
-              max_shard_bytes: int = 5 * 10**9) -> str:
+              max_shard_bytes: int = 5 * 10**9, stored=None) -> str:
     """Write `model`'s weights as an HF safetensors directory (5 GB shards + index, config, tokenizer files).
 
     `source_dir_or_metadata`: the HF or Orbax directory the model came from, or a metadata dict (read_metadata);
     it gives config.json, tokenizer files, root prefix and the defaults for `dtype` and `expert_layout`.
+    `stored`: {path: StoredArray} to read the weights from a checkpoint layer by layer instead of from `model`
+    (which then only gives the structure and may be abstract).
     """
     import jax
 
@@ -540,7 +544,7 @@ def export_hf(model, output_dir, *, source_dir_or_metadata, dtype=None, expert_l
     cls = type(model)
     keymap = cls.hf_key_map(model.config, expert_layout=layout, root=meta.get("root") or _root_for(hf_config))
     sources = ops.plan(model, keymap)
-    params = {p: v[...] for p, v in param_paths(model).items()}
+    params = stored if stored is not None else {p: v[...] for p, v in param_paths(model).items()}
     out_dtype = _np_dtype(dtype) if dtype else (
         _np_dtype(meta["source_dtype"]) if meta.get("source_dtype") and not meta.get("dtype") else
         _np_dtype(meta["dtype"]) if meta.get("dtype") else None)
@@ -548,6 +552,8 @@ def export_hf(model, output_dir, *, source_dir_or_metadata, dtype=None, expert_l
     tmp = _broadcast_path(ops.temp_dir_for(output_dir) if main else None)
 
     def fetch(arr, layer):
+        if isinstance(arr, StoredArray):
+            return arr.read(layer)
         return host_array(arr if layer is None else arr[layer])
 
     try:
@@ -603,8 +609,59 @@ def _export_source(src):
     return meta, hf, src
 
 
+class StoredArray:
+    """One parameter of an Orbax checkpoint, read through tensorstore whole or one stacked layer at a time, so an
+    export holds one layer of one parameter in host memory instead of the model. `pieces`: (first layer, handle)
+    runs of layers (one piece starting at 0 for a parameter saved whole)."""
+
+    def __init__(self, name: str, pieces: list):
+        self.name = name
+        self.pieces = sorted(pieces, key=lambda p: p[0])
+        first = self.pieces[0][1]
+        self.shape = (sum(h.shape[0] for _, h in self.pieces),) + tuple(first.shape[1:]) if len(self.pieces) > 1 \
+            else tuple(first.shape)
+
+    def read(self, layer=None) -> np.ndarray:
+        if layer is None:
+            parts = [np.asarray(h.read().result()) for _, h in self.pieces]
+            return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+        for start, h in self.pieces:
+            if start <= layer < start + h.shape[0]:
+                return np.asarray(h[layer - start].read().result())
+        raise CheckpointError(f"{self.name}: layer {layer} is not in the checkpoint")
+
+
+def _stored_arrays(checkpoint) -> dict:
+    """{parameter name: StoredArray} from the checkpoint's Orbax metadata; raises on a layout it does not know."""
+    import tensorstore as ts
+
+    params_dir = os.path.abspath(os.path.join(checkpoint, PARAMS_DIR))
+    dirs = [(params_dir, {})]
+    index = os.path.join(params_dir, PARTS_INDEX)
+    if os.path.exists(index):
+        with open(index) as f:
+            dirs = [(os.path.join(params_dir, p["dir"]), p.get("layers", {})) for p in json.load(f)["parts"]]
+    pieces = {}
+    for d, layers in dirs:
+        with open(os.path.join(d, "_METADATA")) as f:
+            meta = json.load(f)
+        driver = "zarr3" if meta.get("use_zarr3") else "zarr"
+        for entry in meta["tree_metadata"].values():
+            name = ".".join(str(k["key"]) for k in entry["key_metadata"])
+            if meta.get("use_ocdbt"):
+                kv = {"driver": "ocdbt", "base": f"file://{d}/", "path": name}
+            else:
+                kv = {"driver": "file", "path": os.path.join(d, name)}
+            handle = ts.open({"driver": driver, "kvstore": kv}, open=True, read=True).result()
+            pieces.setdefault(name, []).append((layers[name][0] if name in layers else 0, handle))
+    return {name: StoredArray(name, p) for name, p in pieces.items()}
+
+
 def convert_checkpoint_to_hf(checkpoint, output, *, dtype=None, expert_layout=None, overwrite=False) -> str:
-    """Orbax model directory or training step directory -> HF safetensors directory."""
+    """Orbax model directory or training step directory -> HF safetensors directory.
+
+    Weights are read one stacked layer at a time (host memory about one layer's parameter plus one 5 GB output
+    shard); a checkpoint whose Orbax layout cannot be read that way is restored whole instead."""
     import jax.numpy as jnp
     from flax import nnx
 
@@ -621,21 +678,46 @@ def convert_checkpoint_to_hf(checkpoint, output, *, dtype=None, expert_layout=No
     model = abstract_model(cls, cfg, ModelOptions())
     graphdef, abstract_state = nnx.split(model)
     stored = _stored_dtypes(checkpoint)
-    abstract = {p: _retyped(a, jnp.dtype(stored.get(_name(p), a.dtype)))
-                for p, a in _flat(nnx.to_pure_dict(abstract_state)).items()}
-    import jax
+    lazy = _lazy_params(checkpoint, model)
+    if lazy is None:
+        abstract = {p: _retyped(a, jnp.dtype(stored.get(_name(p), a.dtype)))
+                    for p, a in _flat(nnx.to_pure_dict(abstract_state)).items()}
+        import jax
 
-    host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])  # host RAM, not an accelerator
-    params = load_params(checkpoint, _nest(abstract), {p: host for p in abstract})
-    nnx.replace_by_pure_dict(abstract_state, params)
-    model = nnx.merge(graphdef, abstract_state)
+        host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])  # host RAM, not an accelerator
+        params = load_params(checkpoint, _nest(abstract), {p: host for p in abstract})
+        nnx.replace_by_pure_dict(abstract_state, params)
+        model = nnx.merge(graphdef, abstract_state)
     meta = dict(meta, hf_config=hf_config)
     if not meta.get("dtype"):
         meta["dtype"] = next(iter(stored.values()), None)
     side = checkpoint if os.path.isfile(os.path.join(checkpoint, "config.json")) else meta.get("source_path")
     meta["source_path"] = side
     return export_hf(model, output, source_dir_or_metadata=meta, dtype=dtype, expert_layout=expert_layout,
-                     overwrite=overwrite)
+                     overwrite=overwrite, stored=lazy)
+
+
+def _lazy_params(checkpoint, model):
+    """{path: StoredArray} for every parameter of the abstract `model`, or None (with a log line) when the stored
+    layout cannot be read lazily; a shape that does not match the model is an error either way."""
+    from xorl_jax.models.loading import param_paths
+
+    try:
+        arrays = _stored_arrays(checkpoint)
+    except Exception as e:  # noqa: BLE001 - an Orbax layout this reader does not know: restore it whole instead
+        logger.info("to-hf: reading %s whole (%s: %s)", checkpoint, type(e).__name__, e)
+        return None
+    out = {}
+    for path, var in param_paths(model).items():
+        name = _name(path)
+        if name not in arrays:
+            raise CheckpointError(f"{checkpoint}: parameter {name} is missing; the checkpoint and config.json "
+                                  "do not match")
+        if tuple(arrays[name].shape) != tuple(var.shape):
+            raise CheckpointError(f"{checkpoint}: {name} is stored as {arrays[name].shape}, the model in config.json "
+                                  f"needs {tuple(var.shape)}; the checkpoint and config.json do not match")
+        out[path] = arrays[name]
+    return out
 
 
 def _stored_dtypes(checkpoint) -> dict:
