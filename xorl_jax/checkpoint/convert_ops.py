@@ -120,12 +120,20 @@ def make_array(src: ParamSource, shape, dtype, sharding, read, name: str):
     return jax.make_array_from_callback(tuple(shape), sharding, build)
 
 
-def iter_hf_from_params(params: dict, sources: dict, fetch, dtype=None):
+def iter_hf_from_params(params: dict, sources: dict, fetch, dtype=None, *, parameter_major: bool = False):
     """Yield (HF key, numpy array) in checkpoint order: globals, then layer 0, 1, ...
 
     `params` maps our path -> array (jax or numpy); `fetch(array, layer or None)` returns a numpy copy of the whole
     parameter or of one stacked layer (so a multi-host array can be gathered layer by layer).
+    `parameter_major`: every layer of one stacked parameter before the next parameter (the safetensors index
+    maps each key to its shard, so any order loads the same).
     """
+    if parameter_major:
+        for path, src in sources.items():
+            for r, (tm, keys) in enumerate(src.entries):
+                for key, arr in zip(keys, tm.to_hf(fetch(params[path], r if src.stacked else None))):
+                    yield key, _cast(arr, dtype)
+        return
     stacked = [src for src in sources.values() if src.stacked]
     period = 1 + max((src.path[2] for src in stacked), default=0)
     by_layer = {}

@@ -557,7 +557,10 @@ def export_hf(model, output_dir, *, source_dir_or_metadata, dtype=None, expert_l
         return host_array(arr if layer is None else arr[layer])
 
     try:
-        tensors = ops.iter_hf_from_params(params, sources, fetch, out_dtype)
+        # from a checkpoint: one parameter's layers after another (each stored chunk decoded once); from device
+        # arrays: layer by layer, the usual HF order
+        tensors = ops.iter_hf_from_params(params, sources, fetch, out_dtype,
+                                          parameter_major=stored is not None)
         if main:
             write_sharded(tmp, tensors, max_shard_bytes=max_shard_bytes)
             config = dict(hf_config)
@@ -573,7 +576,9 @@ def export_hf(model, output_dir, *, source_dir_or_metadata, dtype=None, expert_l
             for _ in tensors:  # every process takes part in the gathers
                 pass
         _barrier("export_hf_done")
+        StoredArray.release()
     except BaseException:
+        StoredArray.release()
         if main and os.path.isdir(tmp):
             import shutil
 
@@ -610,25 +615,41 @@ def _export_source(src):
 
 
 class StoredArray:
-    """One parameter of an Orbax checkpoint, read through tensorstore whole or one stacked layer at a time, so an
-    export holds one layer of one parameter in host memory instead of the model. `pieces`: (first layer, handle)
-    runs of layers (one piece starting at 0 for a parameter saved whole)."""
+    """One parameter of an Orbax checkpoint, read through tensorstore whole or one stacked layer at a time.
+
+    `pieces`: (first layer, handle) runs of layers (one piece starting at 0 for a parameter saved whole). Stored
+    chunks are decoded whole, so a layer is read as part of its chunk-aligned run of layers, and the last run read
+    (of any StoredArray) is kept until another is needed: reading one parameter's layers in order decodes each
+    chunk once and holds one run in memory."""
+
+    _run = (None, None, None)  # (StoredArray id, (piece, first layer in the piece), array): shared single slot
 
     def __init__(self, name: str, pieces: list):
         self.name = name
         self.pieces = sorted(pieces, key=lambda p: p[0])
         first = self.pieces[0][1]
-        self.shape = (sum(h.shape[0] for _, h in self.pieces),) + tuple(first.shape[1:]) if len(self.pieces) > 1 \
-            else tuple(first.shape)
+        self.shape = (sum(h.shape[0] for _, h in self.pieces),) + tuple(first.shape[1:])
 
     def read(self, layer=None) -> np.ndarray:
         if layer is None:
             parts = [np.asarray(h.read().result()) for _, h in self.pieces]
             return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
-        for start, h in self.pieces:
+        for i, (start, h) in enumerate(self.pieces):
             if start <= layer < start + h.shape[0]:
-                return np.asarray(h[layer - start].read().result())
+                local = layer - start
+                step = max(1, int(h.chunk_layout.read_chunk.shape[0] or 1))
+                key = (i, local - local % step)
+                owner, cached_key, run = StoredArray._run
+                if owner != id(self) or cached_key != key:
+                    StoredArray._run = (None, None, None)  # free the previous run before decoding the next
+                    run = np.asarray(h[key[1]:min(key[1] + step, h.shape[0])].read().result())
+                    StoredArray._run = (id(self), key, run)
+                return run[local - key[1]]
         raise CheckpointError(f"{self.name}: layer {layer} is not in the checkpoint")
+
+    @classmethod
+    def release(cls) -> None:
+        cls._run = (None, None, None)
 
 
 def _stored_arrays(checkpoint) -> dict:
