@@ -89,7 +89,7 @@ if sys.argv[1] == 'to-orbax':
     kw = {'part_bytes': int(sys.argv[5])} if len(sys.argv) > 5 else {}
     ck.convert_hf_to_orbax(sys.argv[2], sys.argv[3], dtype=sys.argv[4] or None, overwrite=True, **kw)
 else:
-    ck.convert_checkpoint_to_hf(sys.argv[2], sys.argv[3], overwrite=True)
+    ck.convert_checkpoint_to_hf(sys.argv[2], sys.argv[3], overwrite=True, max_shard_bytes=int(float(sys.argv[4]) * 1e9))
 dt = time.time() - t0
 peak = hwm()
 print(json.dumps({"seconds": dt, "base_rss": base, "peak_rss": peak}))
@@ -118,6 +118,7 @@ def main():
     ap.add_argument("--dtype", default="")
     ap.add_argument("--to-hf", action="store_true")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--shard-gb", type=float, default=5.0, help="to-hf output shard size (GB)")
     args = ap.parse_args()
     cfg = synthetic_config(args.gb)
     src, dst, back = (os.path.join(args.workdir, n) for n in ("hf", "orbax", "hf_back"))
@@ -136,7 +137,7 @@ def main():
         print(f"  bound {what} {size / 2**20:.0f} MiB + 1 GiB = {bound / 2**30:.2f} GiB: "
               f"{'OK' if delta <= bound else 'EXCEEDED'}")
     if args.to_hf:
-        r = run_child("to-hf", dst, back)
+        r = run_child("to-hf", dst, back, str(args.shard_gb))
         print(f"to-hf: {r['seconds']:.1f}s, {total / 1e6 / r['seconds']:.0f} MB/s, peak RSS "
               f"{r['peak_rss'] / 2**30:.2f} GiB (+{(r['peak_rss'] - r['base_rss']) / 2**30:.2f} GiB)")
     if not args.keep:

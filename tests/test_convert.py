@@ -121,7 +121,8 @@ def test_other_expert_layout_and_dtype(tmp_path):
     assert convert.main(["to-orbax", "--model-path", src, "--output", orb, "--dtype", "bfloat16", "--no-mesh"]) == 0
     fused, pe = str(tmp_path / "fused"), str(tmp_path / "pe")
     assert convert.main(["to-hf", "--checkpoint", orb, "--output", fused, "--expert-layout", "fused",
-                         "--dtype", "float32"]) == 0
+                         "--dtype", "float32", "--max-shard-gb", "0.0002"]) == 0
+    assert os.path.exists(os.path.join(fused, "model.safetensors.index.json"))  # 200 kB shards: several
     keys = SafetensorsReader(fused).keys()
     assert any(k.endswith("mlp.experts.gate_up_proj") for k in keys) and not any(".experts.0." in k for k in keys)
     assert SafetensorsReader(fused).dtype("lm_head.weight") == np.float32

@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("--dtype", default=None, help="output dtype (default: the checkpoint's)")
     h.add_argument("--expert-layout", choices=("per-expert", "fused"), default=None,
                    help="MoE expert tensors (default: the layout of the original HF checkpoint)")
+    h.add_argument("--max-shard-gb", type=float, default=5.0,
+                   help="safetensors shard size in GB (default 5, as HF); host memory is about one shard")
     h.add_argument("--overwrite", action="store_true")
     return p
 
@@ -85,8 +87,10 @@ def main(argv=None) -> int:
                   f"{meta.get('total_bytes', 0) / 1e6:.1f} MB) in {time.time() - t0:.1f}s")
         else:
             layout = {"per-expert": "per_expert", "fused": "fused", None: None}[args.expert_layout]
+            if args.max_shard_gb <= 0:
+                raise ValueError(f"--max-shard-gb must be positive, got {args.max_shard_gb}")
             ckpt.convert_checkpoint_to_hf(args.checkpoint, args.output, dtype=args.dtype, expert_layout=layout,
-                                          overwrite=args.overwrite)
+                                          overwrite=args.overwrite, max_shard_bytes=int(args.max_shard_gb * 1e9))
             print(f"wrote {args.output} in {time.time() - t0:.1f}s")
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)

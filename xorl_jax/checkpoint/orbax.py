@@ -623,6 +623,7 @@ class StoredArray:
     chunk once and holds one run in memory."""
 
     _run = (None, None, None)  # (StoredArray id, (piece, first layer in the piece), array): shared single slot
+    _next = (None, None, None)  # the same for the run after it, as a read in flight (overlaps the conversion)
 
     def __init__(self, name: str, pieces: list):
         self.name = name
@@ -642,14 +643,25 @@ class StoredArray:
                 owner, cached_key, run = StoredArray._run
                 if owner != id(self) or cached_key != key:
                     StoredArray._run = (None, None, None)  # free the previous run before decoding the next
-                    run = np.asarray(h[key[1]:min(key[1] + step, h.shape[0])].read().result())
+                    owner, next_key, pending = StoredArray._next
+                    future = pending if (owner, next_key) == (id(self), key) else self._start(key)
+                    run = np.asarray(future.result())
                     StoredArray._run = (id(self), key, run)
+                    after = (i, key[1] + step) if key[1] + step < h.shape[0] else (i + 1, 0)
+                    StoredArray._next = ((id(self), after, self._start(after)) if after[0] < len(self.pieces)
+                                         else (None, None, None))
                 return run[local - key[1]]
         raise CheckpointError(f"{self.name}: layer {layer} is not in the checkpoint")
 
+    def _start(self, key):
+        """The read of run `key` = (piece, first layer), started (tensorstore reads in the background)."""
+        h = self.pieces[key[0]][1]
+        step = max(1, int(h.chunk_layout.read_chunk.shape[0] or 1))
+        return h[key[1]:min(key[1] + step, h.shape[0])].read()
+
     @classmethod
     def release(cls) -> None:
-        cls._run = (None, None, None)
+        cls._run = cls._next = (None, None, None)
 
 
 def _stored_arrays(checkpoint) -> dict:
@@ -678,7 +690,8 @@ def _stored_arrays(checkpoint) -> dict:
     return {name: StoredArray(name, p) for name, p in pieces.items()}
 
 
-def convert_checkpoint_to_hf(checkpoint, output, *, dtype=None, expert_layout=None, overwrite=False) -> str:
+def convert_checkpoint_to_hf(checkpoint, output, *, dtype=None, expert_layout=None, overwrite=False,
+                             max_shard_bytes: int = 5 * 10**9) -> str:
     """Orbax model directory or training step directory -> HF safetensors directory.
 
     Weights are read one stacked layer at a time (host memory about one layer's parameter plus one 5 GB output
@@ -715,7 +728,7 @@ def convert_checkpoint_to_hf(checkpoint, output, *, dtype=None, expert_layout=No
     side = checkpoint if os.path.isfile(os.path.join(checkpoint, "config.json")) else meta.get("source_path")
     meta["source_path"] = side
     return export_hf(model, output, source_dir_or_metadata=meta, dtype=dtype, expert_layout=expert_layout,
-                     overwrite=overwrite, stored=lazy)
+                     overwrite=overwrite, max_shard_bytes=max_shard_bytes, stored=lazy)
 
 
 def _lazy_params(checkpoint, model):
