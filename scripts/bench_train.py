@@ -221,6 +221,13 @@ def run_jax(args, cfg: dict) -> dict:
     return result
 
 
+def model_flops_per_token(cfg: dict, seq: int) -> float:
+    """The FLOP count both backends are measured against (xorl_jax's family config; pure arithmetic)."""
+    from xorl_jax.models.loading import build_config
+
+    return float(build_config(cfg)[1].flops_per_token(seq))
+
+
 def run_hf(args, cfg: dict) -> dict:
     t0 = time.perf_counter()
     import torch
@@ -280,6 +287,7 @@ def run_hf(args, cfg: dict) -> dict:
     return {"step_s": sorted(times)[len(times) // 2] if times else None, "first_step_s": first,
             "loss": float(loss), "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
             "params": sum(p.numel() for p in model.parameters()), "steps_timed": len(times), "n_devices": 1,
+            "flops_per_token": model_flops_per_token(cfg, args.seq),
             "mesh": None, "dp_size": 1, "tokens_per_step": args.batch * args.seq,
             "device_kind": torch.cuda.get_device_name(0)}
 
@@ -305,6 +313,8 @@ def child_env(args, backend: str) -> dict:
     if backend == "jax" and args.xla_dump:
         flags += f" --xla_dump_to={args.xla_dump} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=train_step"
     env["XLA_FLAGS"] = flags.strip()
+    if backend == "hf":  # the torch child imports xorl_jax only for the FLOP count: keep JAX off the GPU
+        env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
@@ -380,6 +390,8 @@ def main():
             if line is None:
                 print(f"{label}: failed (exit {proc.returncode})\n{proc.stderr[-3000:]}", flush=True)
                 continue
+            for note in (ln for ln in proc.stdout.splitlines() if ln.startswith(f"{backend}: ")):
+                print(note, flush=True)  # the child's notes on the path it took (e.g. FLA for HF's DeltaNet)
             results[label] = json.loads(line[7:])
             run_args[label] = point
     fpt = next((r["flops_per_token"] for r in results.values() if r.get("flops_per_token")), None)
