@@ -9,7 +9,7 @@ FLA 0.6.0 refuses its gated backward on Hopper with Triton < 3.7.1 (a Triton mis
 only, `--fla-bypass-guard` (default on) flips that version flag. Its backward values are then not trusted.
 
 Usage: PYTHONPATH=. python scripts/bench_gdn.py [--iters 20] [--no-fla] [--no-reference] [--skip-check]
-           [--impls pallas,pal+xla,pallas+sg,pal+xla+sg,jnp] [--breakdown] [--hlo-summary] [--dump-hlo DIR]
+           [--impls pallas,pal+xla,pallas+sg,pal+xla+sg,jnp] [--breakdown] [--tune] [--hlo-summary] [--dump-hlo DIR]
 --breakdown times each Pallas kernel and each custom_vjp backward whole, against the fwd+bwd of the intra="pallas"
 path; --hlo-summary lists the kernels XLA emits for each fwd+bwd program (fusions, GEMM calls, copies).
 """
@@ -31,6 +31,7 @@ from xorl_jax.kernels.gdn.reference import gated_delta_rule_chunked
 
 HK, HV, DK, DV = 16, 32, 128, 128
 GIB = 2**30
+INTERPRET = False  # the kernel-level timings run compiled Triton; True only for a CPU smoke test of this script
 
 
 def make_inputs(B, T, seed=0):
@@ -138,10 +139,10 @@ def fla_bench(B, T, cu, q, k, v, g, beta, do, iters):
     return f, fb, peak
 
 
-def breakdown(B, T, seg, q, k, v, g, beta, do, iters, fb_ms=None):
-    """Each kernel of the `intra="pallas"` path alone, on the values it sees inside the fwd+bwd program, then the whole
-    backward of each custom_vjp (kernels plus the XLA ops around them). fwd+bwd minus these sums is what runs outside
-    both (l2norm, transposes, casts, the key-head sum)."""
+def kernel_cases(B, T, seg, q, k, v, g, beta, do):
+    """{kernel name: (function of (C, interpret) -> outputs, its arguments)} for each kernel of the
+    `intra="pallas"` path, on the values it sees inside the fwd+bwd program; plus the residuals the breakdown
+    needs (u, w, P, qd, ke, ed, v_new, h, intra inputs, X, cotangents)."""
     from xorl_jax.kernels.gdn import pallas as P
     from xorl_jax.kernels.gdn.reference import document_starts
 
@@ -150,24 +151,63 @@ def breakdown(B, T, seg, q, k, v, g, beta, do, iters, fb_ms=None):
     prep = jax.jit(lambda *a: P._intra_kernel_inputs(*a, starts, C, None, True, dd))
     intra_in, ed = prep(q, k, v, g, beta)
     zero_state = jnp.zeros((B, H, DK, DV), jnp.float32)
-    kernel = lambda f: jax.jit(functools.partial(f, C=C, interpret=False))
-    intra_f, state_f, state_b, grads_f, intra_b = (kernel(f) for f in (
-        P._intra_fwd_call, P._scan_fwd_call, P._scan_bwd_call, P._state_grads_call, P._intra_bwd_call))
-    u, w, Pm, qd, ke, X = intra_f(*intra_in)
-    o, vn, h, _ = state_f(u, w, Pm, qd, ke, ed, zero_state)
+    run = lambda f: jax.jit(functools.partial(f, C=C, interpret=INTERPRET))
+    u, w, Pm, qd, ke, X = run(P._intra_fwd_call)(*intra_in)
+    o, vn, h, _ = run(P._scan_fwd_call)(u, w, Pm, qd, ke, ed, zero_state)
     do_t = jnp.moveaxis(do, 1, 2).astype(jnp.float32)  # cotangent of the state pass's o [B, H, T, V]
     do_d = do_t.astype(dd)
-    dh, dvn, _ = state_b(do_d, w, Pm, qd, ke, ed, zero_state)
-    dw, dqd, dP, dke, _ = grads_f(do_d, dvn, vn, h, dh)
-    t = {
-        "intra fwd": time_jax(intra_f, (*intra_in,), iters),
-        "state fwd": time_jax(state_f, (u, w, Pm, qd, ke, ed, zero_state), iters),
-        "state bwd": time_jax(state_b, (do_d, w, Pm, qd, ke, ed, zero_state), iters),
-        "state grads": time_jax(grads_f, (do_d, dvn, vn, h, dh), iters),
-        "intra bwd": time_jax(intra_b, (*intra_in, X, dvn, dw, dP, dqd, dke), iters),
+    dh, dvn, _ = run(P._scan_bwd_call)(do_d, w, Pm, qd, ke, ed, zero_state)
+    dw, dqd, dP, dke, _ = run(P._state_grads_call)(do_d, dvn, vn, h, dh)
+    cases = {
+        "intra_fwd": (P._intra_fwd_call, (*intra_in,)),
+        "state_fwd": (P._scan_fwd_call, (u, w, Pm, qd, ke, ed, zero_state)),
+        "state_bwd": (P._scan_bwd_call, (do_d, w, Pm, qd, ke, ed, zero_state)),
+        "state_grads": (P._state_grads_call, (do_d, dvn, vn, h, dh)),
+        "intra_bwd": (P._intra_bwd_call, (*intra_in, X, dvn, dw, dP, dqd, dke)),
     }
-    state_vjp = jax.jit(lambda res, cts: P._state_pass_bwd(C, False, "pallas", res, cts))
-    intra_vjp = jax.jit(lambda res, cts: P._intra_pass_bwd(C, False, res, cts))
+    residuals = dict(u=u, w=w, Pm=Pm, qd=qd, ke=ke, ed=ed, vn=vn, h=h, intra_in=intra_in, X=X, do_t=do_t,
+                     zero_state=zero_state, dvn=dvn, dw=dw, dP=dP, dqd=dqd, dke=dke)
+    return cases, residuals
+
+
+def tune(B, T, seg, q, k, v, g, beta, do, iters):
+    """Each kernel under several Triton launch settings (num_warps, num_stages); prints times and the best."""
+    from xorl_jax.kernels.gdn import pallas as P
+
+    cases, _ = kernel_cases(B, T, seg, q, k, v, g, beta, do)
+    default = dict(P.LAUNCH)
+    for name, (f, fargs) in cases.items():
+        sequential = name.startswith("state_") and name != "state_grads"  # a loop over chunks: stages pipeline it
+        options = [(w, s) for w in (2, 4, 8) for s in ((1, 2, 3) if sequential else (1, 2))]
+        times = {}
+        for opt in options:
+            P.LAUNCH[name] = opt
+            try:
+                times[opt] = time_jax(jax.jit(functools.partial(f, C=64, interpret=INTERPRET)), fargs, iters)
+            except Exception as e:  # noqa: BLE001 - a setting Triton rejects (e.g. out of shared memory)
+                print(f"[tune {name}] warps={opt[0]} stages={opt[1]}: {type(e).__name__}", flush=True)
+        P.LAUNCH[name] = default[name]
+        best = min(times, key=times.get)
+        print(f"[tune {name}] " + " | ".join(f"w{o[0]}s{o[1]} {t:.3f}" for o, t in times.items())
+              + f" | best w{best[0]}s{best[1]} {times[best]:.3f} ms vs current w{default[name][0]}s{default[name][1]} "
+              f"{times.get(default[name], float('nan')):.3f} ms", flush=True)
+
+
+def breakdown(B, T, seg, q, k, v, g, beta, do, iters, fb_ms=None):
+    """Each kernel of the `intra="pallas"` path alone, on the values it sees inside the fwd+bwd program, then the whole
+    backward of each custom_vjp (kernels plus the XLA ops around them). fwd+bwd minus these sums is what runs outside
+    both (l2norm, transposes, casts, the key-head sum)."""
+    from xorl_jax.kernels.gdn import pallas as P
+
+    C = 64
+    cases, r = kernel_cases(B, T, seg, q, k, v, g, beta, do)
+    t = {name.replace("_", " "): time_jax(jax.jit(functools.partial(f, C=C, interpret=INTERPRET)), fargs, iters)
+         for name, (f, fargs) in cases.items()}
+    u, w, Pm, qd, ke, ed, vn, h = (r[n] for n in ("u", "w", "Pm", "qd", "ke", "ed", "vn", "h"))
+    intra_in, X, do_t, zero_state = r["intra_in"], r["X"], r["do_t"], r["zero_state"]
+    dvn, dw, dP, dqd, dke = (r[n] for n in ("dvn", "dw", "dP", "dqd", "dke"))
+    state_vjp = jax.jit(lambda res, cts: P._state_pass_bwd(C, INTERPRET, "pallas", res, cts))
+    intra_vjp = jax.jit(lambda res, cts: P._intra_pass_bwd(C, INTERPRET, res, cts))
     whole = {
         "state-pass vjp bwd": time_jax(state_vjp, ((u, w, Pm, qd, ke, ed, vn, h), (do_t, zero_state)), iters),
         "intra-pass vjp bwd": time_jax(intra_vjp, ((*intra_in, X), (dvn, dw, dP, dqd, dke)), iters),
@@ -230,6 +270,7 @@ def main():
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--shapes", default="packed,batch")
     ap.add_argument("--breakdown", action="store_true", help="also time the Pallas path's pieces")
+    ap.add_argument("--tune", action="store_true", help="time each kernel under several Triton launch settings")
     ap.add_argument("--impls", default="pallas,pal+xla,pallas+sg,pal+xla+sg,jnp",
                     help="JAX paths to time: pallas = intra kernels, pal+xla = intra in XLA, +sg = state-grads kernel")
     ap.add_argument("--hlo-summary", action="store_true",
@@ -275,6 +316,8 @@ def main():
         for impl_name, (f, fb, peak) in res.items():
             rows.append((label, impl_name, f, fb, peak))
             print(f"[time {label}] {impl_name}: fwd {f:.3f} ms, fwd+bwd {fb:.3f} ms, peak {peak:.2f} GiB", flush=True)
+        if args.tune:
+            tune(B, T, seg, q, k, v, g, beta, do, args.iters)
         if args.breakdown:
             breakdown(B, T, seg, q, k, v, g, beta, do, args.iters, res.get("pallas+sg", (None, None))[1])
     print(f"\n{'shape':<20}{'impl':<8}{'fwd ms':>9}{'f+b ms':>9}{'peak GiB':>10}{'f+b / best pallas':>19}")

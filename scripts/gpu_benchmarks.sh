@@ -66,6 +66,9 @@ case "$1" in
     run gdn_tests python3 -m pytest -m gpu -q tests/test_gdn_pallas.py --timeout 300
     # every intra / state-grads mode timed, each kernel on real values, FLA and the jnp reference in the same run
     run gdn_vs_fla python3 scripts/bench_gdn.py --iters 10 --shapes packed --skip-check --breakdown
+    # Triton launch settings of each kernel (set the winners in kernels/gdn/pallas.py LAUNCH, then re-run the above)
+    run gdn_tune python3 scripts/bench_gdn.py --iters 10 --shapes packed --skip-check --no-fla --no-reference \
+        --impls pallas+sg --tune
     ;;
   dense)
     run dense_hf python3 scripts/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 6 --backends jax,hf \

@@ -103,10 +103,17 @@ def _specs(B, H, Tp, N, K, V, BV):
     return seq, seq_v, per_chunk, state, states
 
 
-def _compiler_params():
+# Triton launch settings (num_warps, num_stages) per kernel, read when a kernel is traced; `scripts/bench_gdn.py
+# --tune` times alternatives on a GPU. The state passes walk chunks sequentially (one program per head and value
+# block); the per-chunk kernels (intra fwd/bwd, state grads) run one program per chunk and head.
+LAUNCH = {"state_fwd": (4, 1), "state_bwd": (4, 1), "state_grads": (8, 1), "intra_fwd": (8, 1), "intra_bwd": (8, 1)}
+
+
+def _compiler_params(kernel: str):
     from jax.experimental.pallas import triton as plgpu
 
-    return plgpu.CompilerParams(num_warps=4, num_stages=1)
+    warps, stages = LAUNCH[kernel]
+    return plgpu.CompilerParams(num_warps=warps, num_stages=stages)
 
 
 def _scan_fwd_call(u, w, P, qd, ke, ed, h0, *, C, interpret):
@@ -127,7 +134,7 @@ def _scan_fwd_call(u, w, P, qd, ke, ed, h0, *, C, interpret):
         in_specs=[seq_v, seq(K), seq(C), seq(K), seq(K), per_chunk, state],
         out_specs=[seq_v, seq_v, states, state],
         interpret=interpret,
-        compiler_params=None if interpret else _compiler_params(),
+        compiler_params=None if interpret else _compiler_params("state_fwd"),
         name="gdn_state_fwd",
     )(u, w, P, qd, ke, ed, h0)
 
@@ -149,7 +156,7 @@ def _scan_bwd_call(do, w, P, qd, ke, ed, dst, *, C, interpret):
         in_specs=[seq_v, seq(K), seq(C), seq(K), seq(K), per_chunk, state],
         out_specs=[states, seq_v, state],
         interpret=interpret,
-        compiler_params=None if interpret else _compiler_params(),
+        compiler_params=None if interpret else _compiler_params("state_bwd"),
         name="gdn_state_bwd",
     )(do, w, P, qd, ke, ed, dst)
 
@@ -194,7 +201,7 @@ def _state_grads_call(do, dvn, v_new, h, dh, *, C, interpret):
         out_specs=[rows(K), rows(K), rows(C), rows(K),
                    pl.BlockSpec((None, None, None, K), lambda b, hh, n: (b, hh, n, 0))],
         interpret=interpret,
-        compiler_params=None if interpret else _intra_compiler_params(),
+        compiler_params=None if interpret else _compiler_params("state_grads"),
         name="gdn_state_grads",
     )(do, dvn, v_new, h, dh)
 
@@ -382,12 +389,6 @@ def _intra_specs(B, Tp, Hk, H, K, V, C):
     return keyed, by_head, per_token_head, per_token, chunk_out
 
 
-def _intra_compiler_params():
-    from jax.experimental.pallas import triton as plgpu
-
-    return plgpu.CompilerParams(num_warps=8, num_stages=1)
-
-
 def _intra_fwd_call(qn, kn, v, gam, beta, doc, carry, *, C, interpret):
     B, Tp, Hk, K = qn.shape
     H, V = v.shape[2], v.shape[3]
@@ -401,7 +402,7 @@ def _intra_fwd_call(qn, kn, v, gam, beta, doc, carry, *, C, interpret):
         in_specs=[keyed, keyed, by_head(V), per_token_head, per_token_head, per_token, per_token],
         out_specs=[chunk_out(X) for X, _ in shapes],
         interpret=interpret,
-        compiler_params=None if interpret else _intra_compiler_params(),
+        compiler_params=None if interpret else _compiler_params("intra_fwd"),
         name="gdn_intra_fwd",
     )(qn, kn, v, gam, beta, doc, carry)
 
@@ -420,7 +421,7 @@ def _intra_bwd_call(qn, kn, v, gam, beta, doc, carry, X, du, dw, dP, dqd, dke, *
                   chunk_out(V), chunk_out(K), chunk_out(C), chunk_out(K), chunk_out(K)],
         out_specs=[by_head(K), by_head(K), by_head(V), per_token_head, per_token_head],
         interpret=interpret,
-        compiler_params=None if interpret else _intra_compiler_params(),
+        compiler_params=None if interpret else _compiler_params("intra_bwd"),
         name="gdn_intra_bwd",
     )(qn, kn, v, gam, beta, doc, carry, X, du, dw, dP, dqd, dke)
 
