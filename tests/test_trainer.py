@@ -60,6 +60,8 @@ def test_demo_training_loss_falls_and_exports(tmp_path):
     assert len(losses) == 12
     assert losses[-1] < losses[0] - 1.0, losses
     assert np.isfinite(result["eval_loss"]) and result["eval_tokens"] > 0
+    # what a user waits for: the process's age at the first step includes the set-up before the loop
+    assert result["process_age_at_first_step_s"] > result["time_to_first_step_s"] > 0
     hf_dir = tmp_path / "global_step_12" / "hf_ckpt"
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(hf_dir))
 

@@ -25,6 +25,19 @@ from xorl_jax.train_step import TrainState, make_eval_step, stack_micro_batches
 log = logging.getLogger("xorl_jax")
 
 
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux /proc; None elsewhere): start-up, loading and compilation
+    included, the time a user waits for the first step."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime, after the comm field
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class TrainingStopped(RuntimeError):
     """The run stopped on purpose (e.g. too many non-finite steps); the last good checkpoint is intact."""
 
@@ -274,6 +287,7 @@ class Trainer:
         peak = peak_flops_per_device()
         step = start_step
         last_metrics, eval_metrics = {}, None
+        age = None
         t_last = time.perf_counter()
         t_first = None
         with StopSignals() as signals:  # SIGTERM/SIGUSR1 -> save and stop between steps
@@ -287,7 +301,9 @@ class Trainer:
                     metrics = jax.device_get(metrics)
                     if t_first is None:
                         t_first = time.perf_counter() - t_last
-                        logger.info(f"first step (compile included): {t_first:.1f}s")
+                        age = process_age_s()
+                        logger.info(f"first step (compile included): {t_first:.1f}s"
+                                    + (f"; {age:.1f}s since the process started" if age is not None else ""))
                         t_last = time.perf_counter()
                         dt = t_first
                     else:
@@ -338,7 +354,8 @@ class Trainer:
                 logger.close()
                 if hasattr(self.train_iter, "close"):
                     self.train_iter.close()
-        return {"step": step, **last_metrics, **(eval_metrics or {}), "time_to_first_step_s": t_first}
+        return {"step": step, **last_metrics, **(eval_metrics or {}), "time_to_first_step_s": t_first,
+                "process_age_at_first_step_s": age if t_first is not None else None}
 
     def _stop_for_signal(self, name: str | None, step: int):
         if step not in self.checkpointer.manager.all_steps():  # nothing to save when resumed or saved right here
