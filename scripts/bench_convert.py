@@ -54,7 +54,7 @@ def hf_shapes(cfg):
     yield "lm_head.weight", (V, D)
 
 
-def write_synthetic(directory: str, cfg: dict, *, seed=0, max_shard_bytes=2 * 10**9) -> int:
+def write_synthetic(directory: str, cfg: dict, *, seed=0, max_shard_bytes=2 * 10**9, tiled=False) -> int:
     """Random bf16 tensors streamed into shards (one shard in memory at a time); returns total bytes."""
     import ml_dtypes
 
@@ -64,9 +64,15 @@ def write_synthetic(directory: str, cfg: dict, *, seed=0, max_shard_bytes=2 * 10
     os.makedirs(directory, exist_ok=True)
     rng = np.random.default_rng(seed)
 
+    block = (rng.standard_normal(1 << 24, np.float32) * 0.02).astype(ml_dtypes.bfloat16) if tiled else None
+
     def tensors():
         for key, shape in hf_shapes(cfg):
-            yield key, (rng.standard_normal(shape, np.float32) * 0.02).astype(ml_dtypes.bfloat16)
+            if tiled:  # one random block repeated: fast for multi-GB checkpoints whose values do not matter
+                n = int(np.prod(shape))
+                yield key, np.resize(block, n).reshape(shape)
+            else:
+                yield key, (rng.standard_normal(shape, np.float32) * 0.02).astype(ml_dtypes.bfloat16)
 
     write_sharded(directory, tensors(), max_shard_bytes=max_shard_bytes)
     with open(os.path.join(directory, "config.json"), "w") as f:

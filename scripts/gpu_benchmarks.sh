@@ -8,6 +8,8 @@
 #   dense     1 GPU:  Qwen3 1.7B shapes vs HF, profile + remat / loss-chunk sweep
 #   moe       1 GPU:  Qwen3-30B-A3B shapes (4 layers) with a profile, then beside HF in one run
 #   hybrid    1 GPU:  Qwen3.5-35B-A3B shapes (4 layers) with a profile, then HF alone
+#   ttfs      1 GPU (H200: bf16 Qwen3-8B state is ~66 GB): time to first step of `xorl_jax.train` from a synthetic
+#                     Qwen3-8B HF checkpoint, cold compile then a warm restart from the compilation cache
 #   multi     2-8 GPUs: parallel equality tests, EP exchanges, FSDP Qwen3-8B (time to first step), EP MoE
 #   ep8       1-8 GPUs: the configs/*_ep8.yaml recipes on a real text corpus (expert ranks = GPUs; with fewer than
 #             8 GPUs the depth is cut in proportion, LAYERS_FORCED=N overrides)
@@ -18,7 +20,7 @@
 # Multi-GPU stages keep NCCL_NVLS_ENABLE=0 (NVLink SHARP multicast off: not every multi-GPU host supports it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STAGES=${1:?usage: gpu_benchmarks.sh kernels|gdn|dense|moe|hybrid|multi|ep8[,...] [OUT_DIR]}
+STAGES=${1:?usage: gpu_benchmarks.sh kernels|gdn|dense|moe|hybrid|ttfs|multi|ep8[,...] [OUT_DIR]}
 OUT_DIR=${2:-${OUT:-/tmp/gpu_benchmarks}}
 WORK=${WORK:-/tmp/gpu_benchmarks_work}  # profiles, runs, cut configs: too many files for OUT_DIR
 mkdir -p "$OUT_DIR" "$WORK"
@@ -92,6 +94,11 @@ case "$1" in
     # HF's first step autotunes FLA's kernels (about 4 minutes on an H100)
     run hybrid_hf python3 scripts/bench_train.py --model qwen3_5_35b_a3b --layers 4 --batch 2 --seq 4096 --steps 3 \
         --warmup 1 --hf-time-limit 60 --backends hf --json "$OUT_DIR/hybrid_hf.json"
+    ;;
+  ttfs)
+    rm -rf "$WORK/xla_cache"
+    run ttfs_cold python3 scripts/bench_ttfs.py --workdir "$WORK/ttfs" --compilation-cache "$WORK/xla_cache"
+    run ttfs_warm python3 scripts/bench_ttfs.py --workdir "$WORK/ttfs" --compilation-cache "$WORK/xla_cache"
     ;;
   multi)
     run parallel_tests python3 -m pytest -q tests/test_parallel_gpu.py tests/test_expert_parallel.py -m gpu --timeout 300
