@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xorl_jax.layers.permute import inverse_permutation, take_copies, take_rows
+from xorl_jax.layers.permute import inverse_permutation, take_copies, take_rows, take_unique
 
 
 def _perm(seed, n):
@@ -45,3 +45,14 @@ def test_take_copies_matches_indexing_with_gradients():
         x.astype(jnp.bfloat16))
     want = jax.grad(lambda x: jnp.sum(x[order // k] * w))(x)
     np.testing.assert_allclose(np.asarray(g16, np.float32), want, rtol=1e-2, atol=2e-2)
+
+
+def test_take_unique_matches_indexing_with_gradients():
+    x = jax.random.normal(jax.random.key(7), (3, 5, 4))  # [ranks, slots, D]; some slots are never read
+    rows = jnp.asarray([2, 0, 1, 0, 2, 1], jnp.int32)
+    slots = jnp.asarray([0, 3, 1, 0, 4, 2], jnp.int32)  # distinct (rank, slot) pairs
+    w = jax.random.normal(jax.random.key(8), (6, 4))
+    ours = lambda x: jnp.sum(jnp.sin(take_unique(x, rows, slots)) * w)
+    plain = lambda x: jnp.sum(jnp.sin(x[rows, slots]) * w)
+    np.testing.assert_array_equal(take_unique(x, rows, slots), x[rows, slots])
+    np.testing.assert_allclose(jax.jit(jax.grad(ours))(x), jax.grad(plain)(x), rtol=1e-6, atol=1e-6)

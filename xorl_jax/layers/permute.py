@@ -53,3 +53,22 @@ def _take_copies_bwd(k, inverse, g):
 
 
 take_copies.defvjp(_take_copies_fwd, _take_copies_bwd)
+
+
+def take_unique(x, *indices):
+    """x[indices] where no two index tuples are the same: the backward writes each cotangent row to its one source
+    (a scatter without atomic adds) instead of JAX's scatter-add."""
+    shape, dtype = x.shape, x.dtype
+
+    @jax.custom_vjp
+    def gather(x, *idx):
+        return x[idx]
+
+    def gather_fwd(x, *idx):
+        return x[idx], idx
+
+    def gather_bwd(idx, g):
+        return (jnp.zeros(shape, dtype).at[idx].set(g, unique_indices=True),) + (None,) * len(idx)
+
+    gather.defvjp(gather_fwd, gather_bwd)
+    return gather(x, *indices)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from xorl_jax.parallel.rules import shard_map_compat
-from xorl_jax.layers.permute import inverse_permutation, take_copies, take_rows
+from xorl_jax.layers.permute import inverse_permutation, take_copies, take_rows, take_unique
 
 EXCHANGES = ("auto", "padded", "ragged")
 # Padded exchange: buffer rows per destination = this x the balanced share. 2 absorbs the usual imbalance of a
@@ -74,7 +74,7 @@ def _padded_exchange(x_sorted, dest, pos, recv_counts, recv_R, cap, w_gu, w_down
     the outputs to their sources; rows come back in the sender's sorted order."""
     R, El = recv_counts.shape
     D = x_sorted.shape[1]
-    send = jnp.zeros((R, cap, D), x_sorted.dtype).at[dest, pos].set(x_sorted, mode="drop")
+    send = jnp.zeros((R, cap, D), x_sorted.dtype).at[dest, pos].set(x_sorted, mode="drop", unique_indices=True)
     recv = jax.lax.all_to_all(send, expert_axis, 0, 0, tiled=True)  # [R, cap, D]: block r from rank r
     slot = jnp.arange(cap)
     ends = jnp.cumsum(recv_counts, axis=1)  # [R, El]
@@ -84,7 +84,7 @@ def _padded_exchange(x_sorted, dest, pos, recv_counts, recv_R, cap, w_gu, w_down
     if tensor_axis is not None:
         y = jax.lax.psum(y, tensor_axis)
     back = jax.lax.all_to_all(y.reshape(R, cap, D), expert_axis, 0, 0, tiled=True)
-    return back[dest, pos]
+    return take_unique(back, dest, pos)  # each (destination, slot) holds one copy
 
 
 def _ep_body(x_ND, top_i, top_w, w_gu, w_down, *, num_experts: int, expert_axis: str, tensor_axis,
