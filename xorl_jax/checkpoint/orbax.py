@@ -576,9 +576,7 @@ def export_hf(model, output_dir, *, source_dir_or_metadata, dtype=None, expert_l
             for _ in tensors:  # every process takes part in the gathers
                 pass
         _barrier("export_hf_done")
-        StoredArray.release()
     except BaseException:
-        StoredArray.release()
         if main and os.path.isdir(tmp):
             import shutil
 
@@ -614,20 +612,26 @@ def _export_source(src):
     return meta, hf, src
 
 
+class _Runs:
+    """The layer runs of one streaming read: the run being converted and the next one, read in the background.
+    Shared by the StoredArrays of one checkpoint, so at most two runs are in memory at once."""
+
+    def __init__(self):
+        self.current = (None, None)  # ((array id, (piece, first layer)), array)
+        self.next = (None, None)  # (same key, tensorstore read future)
+
+
 class StoredArray:
     """One parameter of an Orbax checkpoint, read through tensorstore whole or one stacked layer at a time.
 
     `pieces`: (first layer, handle) runs of layers (one piece starting at 0 for a parameter saved whole). Stored
-    chunks are decoded whole, so a layer is read as part of its chunk-aligned run of layers, and the last run read
-    (of any StoredArray) is kept until another is needed: reading one parameter's layers in order decodes each
-    chunk once and holds one run in memory."""
+    chunks are decoded whole, so a layer is read as part of its chunk-aligned run of layers, kept in `runs` until
+    another run is needed: reading one parameter's layers in order decodes each chunk once."""
 
-    _run = (None, None, None)  # (StoredArray id, (piece, first layer in the piece), array): shared single slot
-    _next = (None, None, None)  # the same for the run after it, as a read in flight (overlaps the conversion)
-
-    def __init__(self, name: str, pieces: list):
+    def __init__(self, name: str, pieces: list, runs: _Runs):
         self.name = name
         self.pieces = sorted(pieces, key=lambda p: p[0])
+        self.runs = runs
         first = self.pieces[0][1]
         self.shape = (sum(h.shape[0] for _, h in self.pieces),) + tuple(first.shape[1:])
 
@@ -638,30 +642,30 @@ class StoredArray:
         for i, (start, h) in enumerate(self.pieces):
             if start <= layer < start + h.shape[0]:
                 local = layer - start
-                step = max(1, int(h.chunk_layout.read_chunk.shape[0] or 1))
-                key = (i, local - local % step)
-                owner, cached_key, run = StoredArray._run
-                if owner != id(self) or cached_key != key:
-                    StoredArray._run = (None, None, None)  # free the previous run before decoding the next
-                    owner, next_key, pending = StoredArray._next
-                    future = pending if (owner, next_key) == (id(self), key) else self._start(key)
-                    run = np.asarray(future.result())
-                    StoredArray._run = (id(self), key, run)
-                    after = (i, key[1] + step) if key[1] + step < h.shape[0] else (i + 1, 0)
-                    StoredArray._next = ((id(self), after, self._start(after)) if after[0] < len(self.pieces)
-                                         else (None, None, None))
-                return run[local - key[1]]
+                step = self._step(h)
+                key = (id(self), (i, local - local % step))
+                cached_key, run = self.runs.current
+                if cached_key != key:
+                    self.runs.current = (None, None)  # free the previous run before decoding the next
+                    next_key, pending = self.runs.next
+                    run = np.asarray((pending if next_key == key else self._start(key[1])).result())
+                    self.runs.current = (key, run)
+                    after = (i, key[1][1] + step) if key[1][1] + step < h.shape[0] else (i + 1, 0)
+                    self.runs.next = (((id(self), after), self._start(after)) if after[0] < len(self.pieces)
+                                      else (None, None))
+                return run[local - key[1][1]]
         raise CheckpointError(f"{self.name}: layer {layer} is not in the checkpoint")
 
-    def _start(self, key):
-        """The read of run `key` = (piece, first layer), started (tensorstore reads in the background)."""
-        h = self.pieces[key[0]][1]
-        step = max(1, int(h.chunk_layout.read_chunk.shape[0] or 1))
-        return h[key[1]:min(key[1] + step, h.shape[0])].read()
+    @staticmethod
+    def _step(handle) -> int:
+        """Layers per stored chunk (the unit tensorstore decodes)."""
+        return max(1, int(handle.chunk_layout.read_chunk.shape[0] or 1))
 
-    @classmethod
-    def release(cls) -> None:
-        cls._run = cls._next = (None, None, None)
+    def _start(self, piece_and_layer):
+        """The read of the run at (piece, first layer), started (tensorstore reads in the background)."""
+        i, first = piece_and_layer
+        h = self.pieces[i][1]
+        return h[first:min(first + self._step(h), h.shape[0])].read()
 
 
 def _stored_arrays(checkpoint) -> dict:
@@ -674,7 +678,7 @@ def _stored_arrays(checkpoint) -> dict:
     if os.path.exists(index):
         with open(index) as f:
             dirs = [(os.path.join(params_dir, p["dir"]), p.get("layers", {})) for p in json.load(f)["parts"]]
-    pieces = {}
+    pieces, runs = {}, _Runs()
     for d, layers in dirs:
         with open(os.path.join(d, "_METADATA")) as f:
             meta = json.load(f)
@@ -687,7 +691,7 @@ def _stored_arrays(checkpoint) -> dict:
                 kv = {"driver": "file", "path": os.path.join(d, name)}
             handle = ts.open({"driver": driver, "kvstore": kv}, open=True, read=True).result()
             pieces.setdefault(name, []).append((layers[name][0] if name in layers else 0, handle))
-    return {name: StoredArray(name, p) for name, p in pieces.items()}
+    return {name: StoredArray(name, p, runs) for name, p in pieces.items()}
 
 
 def convert_checkpoint_to_hf(checkpoint, output, *, dtype=None, expert_layout=None, overwrite=False,
