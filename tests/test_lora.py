@@ -225,9 +225,14 @@ def test_per_layer_merge_equals_whole_model_merge(family, remat):
     got, got_g = jax.jit(jax.value_and_grad(per_layer))(lora)
     np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(want_g)]
+    # Without remat the per-layer merge still recomputes each layer's elementwise work in the backward (so that
+    # the merged weights are not kept) while the whole-model merge does not: fp32 rounding differs there (measured
+    # up to 2e-4 relative on a few GDN adapter entries, 2e-6 of the largest entry elsewhere), a wrong merge would
+    # differ by O(1).
+    rtol, atol = (5e-4, 1e-5) if remat == "none" else (1e-5, 1e-6)
     for path, a, b in zip(paths, jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
         assert np.abs(np.asarray(b)).max() > 0, path  # every adapter gets a gradient
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6 * np.abs(b).max(),
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol * np.abs(b).max(),
                                    err_msg=path)
 
 
@@ -265,13 +270,14 @@ def _lora_step_temp_bytes(remat: str, whole: bool):
     return compiled.memory_analysis().temp_size_in_bytes, merged_bytes
 
 
-@pytest.mark.parametrize("remat", ["full", "dots_saveable"])
+@pytest.mark.parametrize("remat", ["full", "dots_saveable", "none"])
 def test_per_layer_merge_temp_memory_below_merged_model(remat):
     """A whole-model merge holds a merged copy of every adapted weight and its gradient (>= 2x their size) in
     temporary memory; the per-layer merge holds one layer group's at a time (1/8 here) plus activations. So the
     per-layer step must stay below the size of all merged weights: a regression to whole-model merging, or a remat
-    policy that saves each layer's A @ B, fails. (Measured on CPU: full 39 MiB, dots_saveable 54 MiB, against
-    96 MiB of merged weights; the whole-model merge needs 243 MiB.)"""
+    policy that saves each layer's A @ B (or, without remat, each layer's merged weights), fails. (Measured on CPU:
+    full 39 MiB, dots_saveable 54 MiB, none 54 MiB (188 MiB before the merged weights were rebuilt in the
+    backward), against 96 MiB of merged weights; the whole-model merge needs 243 MiB.)"""
     temp, merged = _lora_step_temp_bytes(remat, whole=False)
     assert temp < merged, (temp, merged)
     if remat == "full":  # the bound does tell the two apart
