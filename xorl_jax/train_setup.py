@@ -93,17 +93,17 @@ def model_options(cfg: Config) -> ModelOptions:
 def backend_summary(options: ModelOptions) -> str:
     """The configured kernel choices with what `auto` picks on this device, for the run's start-up lines."""
     from xorl_jax.kernels.attention import resolve_attn_implementation
+    from xorl_jax.kernels.gdn import auto_implementation as gdn_auto_implementation
     from xorl_jax.layers.moe import resolve_moe_implementation
 
     def show(name, resolved):
         return name if resolved == name else f"{name} ({resolved})"
 
     gdn = options.gdn_implementation
-    gdn_auto = "pallas" if jax.default_backend() == "gpu" else "chunked"  # kernels.gdn: per shape, these by default
     attn = options.attn_implementation
     return (f"attention={show(attn, resolve_attn_implementation(attn, options.dtype))}, "
             f"moe={show(options.moe_implementation, resolve_moe_implementation(options.moe_implementation))}, "
-            f"gdn={show(gdn, gdn_auto if gdn == 'auto' else gdn)}")
+            f"gdn={show(gdn, gdn_auto_implementation() if gdn == 'auto' else gdn)}")
 
 
 class MeshJit:

@@ -355,7 +355,7 @@ class Trainer:
                 if hasattr(self.train_iter, "close"):
                     self.train_iter.close()
         return {"step": step, **last_metrics, **(eval_metrics or {}), "time_to_first_step_s": t_first,
-                "process_age_at_first_step_s": age if t_first is not None else None}
+                "process_age_at_first_step_s": age}
 
     def _stop_for_signal(self, name: str | None, step: int):
         if step not in self.checkpointer.manager.all_steps():  # nothing to save when resumed or saved right here

@@ -668,18 +668,23 @@ class StoredArray:
         return h[first:min(first + self._step(h), h.shape[0])].read()
 
 
+def _param_dirs(checkpoint) -> list:
+    """[(Orbax checkpoint directory, {param name: [first, end) layers it holds})]: `params/` itself, or each part
+    listed in its parts index (written by the streaming converter)."""
+    params_dir = os.path.abspath(os.path.join(checkpoint, PARAMS_DIR))
+    index = os.path.join(params_dir, PARTS_INDEX)
+    if not os.path.exists(index):
+        return [(params_dir, {})]
+    with open(index) as f:
+        return [(os.path.join(params_dir, p["dir"]), p.get("layers", {})) for p in json.load(f)["parts"]]
+
+
 def _stored_arrays(checkpoint) -> dict:
     """{parameter name: StoredArray} from the checkpoint's Orbax metadata; raises on a layout it does not know."""
     import tensorstore as ts
 
-    params_dir = os.path.abspath(os.path.join(checkpoint, PARAMS_DIR))
-    dirs = [(params_dir, {})]
-    index = os.path.join(params_dir, PARTS_INDEX)
-    if os.path.exists(index):
-        with open(index) as f:
-            dirs = [(os.path.join(params_dir, p["dir"]), p.get("layers", {})) for p in json.load(f)["parts"]]
     pieces, runs = {}, _Runs()
-    for d, layers in dirs:
+    for d, layers in _param_dirs(checkpoint):
         with open(os.path.join(d, "_METADATA")) as f:
             meta = json.load(f)
         driver = "zarr3" if meta.get("use_zarr3") else "zarr"
@@ -760,15 +765,9 @@ def _lazy_params(checkpoint, model):
 
 def _stored_dtypes(checkpoint) -> dict:
     """{param name: dtype name} as stored, read from the Orbax metadata (no array data is read)."""
-    params_dir = os.path.join(checkpoint, PARAMS_DIR)
-    dirs = [params_dir]
-    index = os.path.join(params_dir, PARTS_INDEX)
-    if os.path.exists(index):
-        with open(index) as f:
-            dirs = [os.path.join(params_dir, p["dir"]) for p in json.load(f)["parts"]]
     out = {}
     ckptr = _checkpointer()
-    for d in dirs:
+    for d, _ in _param_dirs(checkpoint):
         md = ckptr.metadata(d)
         tree = getattr(md, "item_metadata", md)
         tree = getattr(tree, "tree", tree)

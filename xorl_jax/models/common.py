@@ -123,16 +123,14 @@ class LayerStack(nnx.Module):
                 carry = layer(carry, **ctx)
             return carry, None
 
-        if remat_policy != "none":
-            policy = checkpoint_policy(remat_policy)
+        if remat_policy != "none" or fn is not None:
+            # Without remat but with a transform, the backward of each layer's matmuls would keep every layer's
+            # transformed (e.g. merged LoRA) weights: a full-size copy. Save every product as "none" would, and
+            # rebuild the weights from the base and the small extra slices in the backward instead.
+            policy = (checkpoint_policy(remat_policy) if remat_policy != "none"
+                      else jax.checkpoint_policies.dots_saveable)
             if policy is not None and fn is not None:
                 policy = _without_extra_products(policy, extra)
-            step = jax.checkpoint(step, policy=policy, prevent_cse=False)
-        elif fn is not None:
-            # No remat asked for, but the backward of each layer's matmuls would keep the transformed (e.g. merged
-            # LoRA) weights of every layer: a full-size copy. Save every activation product as "none" does, and
-            # rebuild the weights from the base and the small extra slices in the backward instead.
-            policy = _without_extra_products(jax.checkpoint_policies.dots_saveable, extra)
             step = jax.checkpoint(step, policy=policy, prevent_cse=False)
         carry, _ = jax.lax.scan(step, carry, (state, extra))
         return carry

@@ -13,12 +13,13 @@ from xorl_jax.kernels.gdn.reference import gated_delta_rule_chunked, gated_delta
 IMPLEMENTATIONS = ("auto", "pallas", "chunked", "recurrent")
 
 
-def _auto_implementation(q, v) -> str:
+def auto_implementation(dk: int | None = None, dv: int | None = None) -> str:
+    """What "auto" runs on this device for key/value head dims dk, dv (None: dims the kernels take)."""
     import jax
 
-    pow2 = lambda d: d >= 16 and not d & (d - 1)
+    pow2 = lambda d: d is None or (d >= 16 and not d & (d - 1))
     on_gpu = jax.default_backend() == "gpu"
-    return "pallas" if on_gpu and pow2(q.shape[-1]) and pow2(v.shape[-1]) else "chunked"
+    return "pallas" if on_gpu and pow2(dk) and pow2(dv) else "chunked"
 
 
 def gated_delta_rule(q, k, v, g, beta, *, segment_ids=None, scale=None, use_qk_l2norm=True, initial_state=None,
@@ -27,7 +28,7 @@ def gated_delta_rule(q, k, v, g, beta, *, segment_ids=None, scale=None, use_qk_l
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"gdn implementation {implementation!r} is not one of {IMPLEMENTATIONS}")
     if implementation == "auto":
-        implementation = _auto_implementation(q, v)
+        implementation = auto_implementation(q.shape[-1], v.shape[-1])
     kwargs = dict(segment_ids=segment_ids, scale=scale, use_qk_l2norm=use_qk_l2norm, initial_state=initial_state,
                   output_final_state=output_final_state)
     if implementation == "recurrent":
