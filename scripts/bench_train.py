@@ -312,6 +312,8 @@ def child_env(args, backend: str) -> dict:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(ids[:n])
     if backend == "jax" and args.xla_dump:
         flags += f" --xla_dump_to={args.xla_dump} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=train_step"
+    if backend == "jax" and args.no_command_buffers:
+        flags += " --xla_gpu_enable_command_buffer="
     env["XLA_FLAGS"] = flags.strip()
     if backend == "hf":  # the torch child imports xorl_jax only for the FLOP count: keep JAX off the GPU
         env["JAX_PLATFORMS"] = "cpu"
@@ -359,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-time-limit", type=float, default=240.0)
     p.add_argument("--profile", default=None, metavar="DIR", help="trace steady-state steps into DIR and summarise")
     p.add_argument("--profile-steps", type=int, default=3)
+    p.add_argument("--no-command-buffers", action="store_true", help="XLA GPU command buffers off, so the profile "
+                   "names each fusion (and its JAX op and source line) instead of the CUDA graph holding it")
     p.add_argument("--profile-top", type=int, default=25, help="ops listed in the profile summary")
     p.add_argument("--xla-dump", default=None, metavar="DIR", help="dump the step's optimized HLO into DIR")
     p.add_argument("--sweep", default=None, help='run every combination, e.g. "remat=full,dots_saveable;'

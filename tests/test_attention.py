@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from xorl_jax.kernels import attention as attn_lib
 from xorl_jax.kernels.attention import attention, attention_reference, resolve_attn_implementation, segment_layout
 
 
@@ -45,6 +46,13 @@ def test_segment_layout_counts_and_offsets():
     assert count.tolist() == [4]
 
 
+def test_layout_branch_takes_the_smallest_tier_that_holds_every_row():
+    tiers = attn_lib.segment_tiers(64)
+    assert tiers == (8, 64) and attn_lib.segment_tiers(4) == (4,)
+    assert [int(attn_lib.layout_branch(jnp.array(c), tiers)) for c in ([1, 8], [3, 9], [64, 2], [65, 1])] == \
+        [0, 1, 1, 2]
+
+
 def test_cudnn_refused_without_gpu():
     if jax.default_backend() == "gpu":
         pytest.skip("has a GPU")
@@ -54,8 +62,6 @@ def test_cudnn_refused_without_gpu():
 
 
 def test_auto_picks_cudnn_only_for_half_precision(monkeypatch):
-    from xorl_jax.kernels import attention as attn_lib
-
     monkeypatch.setattr(attn_lib, "_on_nvidia_gpu", lambda: True)
     assert resolve_attn_implementation("auto", jnp.bfloat16) == "cudnn"
     assert resolve_attn_implementation("auto", "float32") == "xla"  # cuDNN has no fp32 attention
@@ -65,16 +71,16 @@ def test_auto_picks_cudnn_only_for_half_precision(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("d,H,K", [(128, 16, 8), (256, 8, 2)])
-@pytest.mark.parametrize("layout", ["none", "packed", "overflow"])
+@pytest.mark.parametrize("layout", ["none", "packed", "many", "overflow"])
 def test_cudnn_matches_reference_on_gpu(d, H, K, layout):
     B, T = 2, 512
     q, k, v = _inputs(B, T, H, K, d, jnp.bfloat16, seed=d + H)
     seg = None
-    max_segments = 8
-    if layout == "packed":
+    max_segments = 8 if layout == "overflow" else 64
+    if layout == "packed":  # the small packed layout (8 slots)
         seg = _segments(B, T, [[100, 250, 150], [512]])
-    elif layout == "overflow":  # more documents than max_segments: the masked fallback must take over
-        seg = _segments(B, T, [[40] * 12 + [32], [256, 256]])
+    else:  # 13 documents: the 64-slot layout ("many"), or the masked fallback past max_segments ("overflow")
+        seg = None if layout == "none" else _segments(B, T, [[40] * 12 + [32], [256, 256]])
 
     def loss(fn, q, k, v):
         return jnp.sum(fn(q, k, v).astype(jnp.float32) ** 2)

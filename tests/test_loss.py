@@ -27,7 +27,8 @@ def _loss_and_grads(fn, h, w, labels, **kw):
     return loss, n, grads
 
 
-@pytest.mark.parametrize("V,chunk", [(50, 8), (50, 64), (53, 10), (48, 7), (50, 1)])
+# (300, 200): chunks wide enough to be aligned to 128 columns, so padded to 2 x 256
+@pytest.mark.parametrize("V,chunk", [(50, 8), (50, 64), (53, 10), (48, 7), (50, 1), (300, 200)])
 @pytest.mark.parametrize("soft_cap", [None, 5.0])
 def test_matches_reference_fp32(V, chunk, soft_cap):
     h, w, labels = _inputs(0, V=V)
@@ -40,7 +41,11 @@ def test_matches_reference_fp32(V, chunk, soft_cap):
 
 
 def test_plan_prefers_dividing_chunk_counts_and_pads_otherwise():
-    assert _plan(151936, 8192, jnp.float32, None).n_chunks == 32  # 151936 = 2^7 * 1187: no padding
+    # 151936 = 2^7 * 1187 has no divisor in 19..38 leaving multiples of 128: 19 chunks of 8064 (0.8% padding)
+    p = _plan(151936, 8192, jnp.float32, None)
+    assert (p.n_chunks, p.chunk, p.padded) == (19, 8064, True)
+    p = _plan(152064, 8192, jnp.float32, None)  # 152064 = 22 * 6912: aligned without padding
+    assert (p.n_chunks, p.chunk, p.padded) == (22, 6912, False)
     p = _plan(53, 10, jnp.float32, None)  # 53 is prime: padded to 6 chunks of 9
     assert (p.n_chunks, p.chunk, p.padded) == (6, 9, True)
 

@@ -81,7 +81,7 @@ ENTRY %main (a: bf16[64,64], v: f32[64], m: f32[64,64]) -> bf16[64,64] {
   %custom-call.3 = bf16[64,64]{1,0} custom-call(%a), custom_call_target="__gpu$xla.gpu.triton"
   %all-gather-start = (bf16[64,64]{1,0}, bf16[128,64]{1,0}) all-gather-start(%a), replica_groups={{0,1}}, dimensions={0}
   %all-gather-done = bf16[128,64]{1,0} all-gather-done(%all-gather-start)
-  %loop_add_fusion = f32[64]{0} fusion(%v), kind=kLoop, calls=%fused_add
+  %loop_add_fusion = f32[64]{0} fusion(%v), kind=kLoop, calls=%fused_add, metadata={op_name="jit(train_step)/jvp(loss)/add" source_file="/src/xorl_jax/loss.py" source_line=97}
   %input_reduce_fusion = f32[64]{0} fusion(%m), kind=kInput, calls=%fused_reduce
   %transpose_fusion = f32[64,64]{0,1} fusion(%m), kind=kLoop, calls=%fused_transpose
   ROOT %copy.1 = bf16[64,64]{0,1} copy(%a)
@@ -155,6 +155,9 @@ def test_gpu_style_trace_categories(tmp_path, with_hlo):
     assert top["nvjet_tst_128x256_64x4_2x1_v_bz_coopA_NTN"]["step_share"] == pytest.approx(0.3 / 2.0)
     assert s["top_ops"][0]["ms"] >= s["top_ops"][-1]["ms"]
     assert "attention (cuDNN fused)" in profiling.format_summary(s)
+    # with the HLO, a fusion row says what it computes and where in the model it comes from
+    where = top["loop_add_fusion"]["where"]
+    assert (where == "f32[64]{0}  jit(train_step)/jvp(loss)/add  loss.py:97") if with_hlo else where is None
 
 
 def test_xla_ops_line_used_when_there_are_no_streams():

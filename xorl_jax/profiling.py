@@ -307,11 +307,33 @@ def _base_name(name: str) -> str:
     return re.sub(r"([._]\d+)+$", "", name) or name
 
 
+_OP_NAME_RE = re.compile(r'op_name="([^"]*)"')
+_SOURCE_RE = re.compile(r'source_file="?([^"\s,}]+)"?\s*,?\s*source_line=(\d+)')
+
+
+def _where(inst_text: str) -> str:
+    """`shape  jax op name  file:line` of an HLO instruction, from its metadata: what a fusion computes, in the
+    model's terms (the kernel name alone says only `loop_select_fusion`)."""
+    m = _INST_RE.match(inst_text)
+    shape = m.group(2).strip() if m else ""
+    shape = shape if len(shape) <= 60 else shape[:57] + "..."
+    op = _OP_NAME_RE.search(inst_text)
+    src = _SOURCE_RE.search(inst_text)
+    parts = [shape]
+    if op:
+        name = op.group(1)
+        parts.append(name if len(name) <= 110 else "..." + name[-107:])
+    if src:
+        parts.append(f"{os.path.basename(src.group(1))}:{src.group(2)}")
+    return "  ".join(p for p in parts if p)
+
+
 def summarize_events(events: list[OpEvent], *, hlo_text: str | None = None, steps: int = 1,
                      step_time_s: float | None = None, top: int = 25) -> dict:
     """Device time per category and per op, per device and per step (ms). Shares are of the device busy time,
     and of the measured step time when `step_time_s` is given."""
     hlo = hlo_op_categories(hlo_text) if hlo_text else {}
+    texts = {i.name: i.text for insts in parse_hlo(hlo_text)[0].values() for i in insts} if hlo_text else {}
     devices = sorted({e.device for e in events})
     n_dev = max(len(devices), 1)
     steps = max(int(steps), 1)
@@ -338,6 +360,9 @@ def summarize_events(events: list[OpEvent], *, hlo_text: str | None = None, step
         op["calls"] += 1
         if e.hlo_op and e.hlo_op != e.name:
             op["hlo_ops"].add(e.hlo_op)
+        inst = e.hlo_op or e.name  # a CUDA graph (command buffer) holds many ops: it says nothing of one
+        if "where" not in op and inst in texts and not inst.startswith("command_buffer"):
+            op["where"] = _where(texts[inst])
     scale = 1e-3 / (n_dev * steps)  # us summed over devices and steps -> ms per device per step
     busy = sum(cat_us.values()) * scale
     step_ms = step_time_s * 1e3 if step_time_s else None
@@ -347,6 +372,7 @@ def summarize_events(events: list[OpEvent], *, hlo_text: str | None = None, step
     top_ops = sorted(ops.values(), key=lambda o: -o["us"])[:top]
     top_list = [{"name": o["name"], "category": o["category"], "ms": o["us"] * scale,
                  "hlo_ops": sorted(o["hlo_ops"])[:5], "n_hlo_ops": len(o["hlo_ops"]),
+                 "where": o.get("where"),
                  "calls_per_step": o["calls"] / (n_dev * steps), "share": share(o["us"] * scale),
                  "step_share": (o["us"] * scale / step_ms) if step_ms else None} for o in top_ops]
     return {"devices": devices, "steps": steps, "busy_ms_per_step": busy, "step_ms": step_ms,
@@ -384,6 +410,8 @@ def format_summary(s: dict, top: int = 25) -> str:
             more = f" +{o['n_hlo_ops'] - 1}" if o["n_hlo_ops"] > 1 else ""
             name += f" [{o['hlo_ops'][0]}{more}]"
         lines.append(f"  {o['ms']:9.3f} {o['calls_per_step']:7.1f}x {o['share']:6.1%}{st}  {o['category']:13} {name}")
+        if o.get("where"):
+            lines.append(f"{'':40}{o['where']}")
     return "\n".join(lines)
 
 
