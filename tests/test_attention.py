@@ -46,6 +46,29 @@ def test_segment_layout_counts_and_offsets():
     assert count.tolist() == [4]
 
 
+def test_segment_layout_matches_a_plain_loop_on_random_rows():
+    rng = np.random.default_rng(0)
+    seg = np.cumsum(rng.random((6, 40)) < 0.2, axis=1).astype(np.int32) + 1  # 1-15 documents per row
+    for M in (3, 8, 64):
+        offsets, lengths, count = (np.asarray(a) for a in segment_layout(jnp.asarray(seg), M))
+        for b in range(6):
+            starts = [t for t in range(40) if t == 0 or seg[b, t] != seg[b, t - 1]]
+            ends = starts[1:] + [40]
+            assert count[b] == len(starts)
+            kept = min(M, len(starts))
+            want_len = [e - s for s, e in zip(starts, ends)][:kept] + [-1] * (M - kept)
+            assert lengths[b].tolist() == want_len
+            assert offsets[b].tolist() == starts[:kept] + [-1] * (M + 1 - kept)
+
+
+def test_packed_layout_tiers_are_prefixes_of_the_largest():
+    seg = _segments(2, 48, [[10, 20, 18], [48]])
+    layout = attn_lib.packed_layout(seg, 64)
+    assert int(layout.branch) == 0 and [o.shape for o in layout.offsets] == [(2, 9), (2, 65)]
+    assert layout.offsets[0].tolist() == [[0, 10, 30] + [-1] * 6, [0] + [-1] * 8]
+    assert layout.lengths[0].tolist() == [[10, 20, 18] + [-1] * 5, [48] + [-1] * 7]
+
+
 def test_layout_branch_takes_the_smallest_tier_that_holds_every_row():
     tiers = attn_lib.segment_tiers(64)
     assert tiers == (8, 64) and attn_lib.segment_tiers(4) == (4,)

@@ -109,13 +109,13 @@ def test_rope_before_norm_would_fail_parity(tmp_path, monkeypatch):
 
     orig_call = attention_layer.Attention.__call__
 
-    def swapped(self, x_BTD, cos, sin, segment_ids=None):
+    def swapped(self, x_BTD, cos, sin, segment_ids=None, layout=None):
         qn, kn = self.q_norm, self.k_norm
         self.q_norm = lambda q: qn(real_rope(q, cos, sin))
         self.k_norm = lambda k: kn(real_rope(k, cos, sin))
         monkeypatch.setattr(attention_layer, "apply_rope", lambda x, c, s: x)
         try:
-            return orig_call(self, x_BTD, cos, sin, segment_ids)
+            return orig_call(self, x_BTD, cos, sin, segment_ids, layout)
         finally:
             self.q_norm, self.k_norm = qn, kn
             monkeypatch.setattr(attention_layer, "apply_rope", real_rope)

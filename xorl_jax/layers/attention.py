@@ -46,7 +46,7 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(head_dim, eps, zero_centered=zero_centered_norm, rngs=rngs)
         self.k_norm = RMSNorm(head_dim, eps, zero_centered=zero_centered_norm, rngs=rngs)
 
-    def __call__(self, x_BTD, cos, sin, segment_ids=None):
+    def __call__(self, x_BTD, cos, sin, segment_ids=None, layout=None):
         dt = self.dtype
         x = x_BTD.astype(dt)
         q = jnp.einsum("btd,dhe->bthe", x, cast(self.q_proj, dt))
@@ -58,7 +58,7 @@ class Attention(nnx.Module):
         # Norm first, RoPE second (the order Qwen3 uses; the parity tests catch a swap).
         q = apply_rope(self.q_norm(q), cos, sin)
         k = apply_rope(self.k_norm(k), cos, sin)
-        out = attention(q, k, v, segment_ids=segment_ids, implementation=self.implementation)
+        out = attention(q, k, v, segment_ids=segment_ids, implementation=self.implementation, layout=layout)
         if gate is not None:
             out = out * jax.nn.sigmoid(gate)
         return jnp.einsum("bthe,hed->btd", out.astype(dt), cast(self.o_proj, dt))

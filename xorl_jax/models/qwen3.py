@@ -18,7 +18,7 @@ from xorl_jax.layers.mlp import MLP
 from xorl_jax.layers.moe import MoE, load_balancing_loss, resolve_moe_implementation
 from xorl_jax.layers.norm import RMSNorm
 from xorl_jax.layers.rope import rope_cos_sin
-from xorl_jax.kernels.attention import resolve_attn_implementation
+from xorl_jax.kernels.attention import packed_layout, resolve_attn_implementation
 from xorl_jax.models.common import HIDDEN, LayerStack, ModelOptions, ModelOutput, constrain, rope_theta
 from xorl_jax.models import flops
 from xorl_jax.models import keymap as km
@@ -127,10 +127,11 @@ class Qwen3DecoderLayer(nnx.Module):
         else:
             self.mlp = MLP(hidden=cfg.hidden_size, intermediate=cfg.intermediate_size, dtype=dt, rngs=rngs)
 
-    def __call__(self, carry, *, cos, sin, segment_ids, valid):
+    def __call__(self, carry, *, cos, sin, segment_ids, valid, attn_layout=None):
         h, stats = carry
         h = constrain(h, HIDDEN)
-        h = constrain(h + self.self_attn(self.input_layernorm(h), cos, sin, segment_ids).astype(h.dtype), HIDDEN)
+        y = self.self_attn(self.input_layernorm(h), cos, sin, segment_ids, attn_layout)
+        h = constrain(h + y.astype(h.dtype), HIDDEN)
         x = self.post_attention_layernorm(h)
         if isinstance(self.mlp, MoE):
             y, layer_stats = self.mlp(x, valid)
@@ -243,9 +244,12 @@ def causal_lm_forward(model, input_ids, positions, segment_ids, return_hidden, *
     cos, sin = rope_cos_sin(positions, rotary_dim or cfg.head_dim, cfg.rope_theta, dt)
     E = (num_experts if num_experts is not None else cfg.num_experts) or 1
     stats = jnp.zeros((2, E), jnp.float32)
+    # The documents' attention layout once for all layers (and outside remat: not recomputed in the backward).
+    packed = segment_ids is not None and opts.attn_implementation == "cudnn"
+    attn_layout = packed_layout(segment_ids) if packed else None
     h, stats = model.layers(
         (h, stats), remat_policy=opts.remat_policy, layer_transform=layer_transform, cos=cos, sin=sin,
-        segment_ids=segment_ids, valid=valid,
+        segment_ids=segment_ids, valid=valid, attn_layout=attn_layout,
     )
     h = model.norm(h)
     aux = jnp.zeros((), jnp.float32)

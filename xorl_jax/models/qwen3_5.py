@@ -177,14 +177,14 @@ class Qwen3_5DecoderLayer(nnx.Module):
         else:
             self.mlp = MLP(hidden=D, intermediate=cfg.intermediate_size, dtype=dt, rngs=rngs)
 
-    def __call__(self, carry, *, cos, sin, segment_ids, valid):
+    def __call__(self, carry, *, cos, sin, segment_ids, valid, attn_layout=None):
         h, stats = carry
         h = constrain(h, HIDDEN)
         x = self.input_layernorm(h)
         if hasattr(self, "linear_attn"):
             y = self.linear_attn(x, segment_ids, valid)
         else:
-            y = self.self_attn(x, cos, sin, segment_ids)
+            y = self.self_attn(x, cos, sin, segment_ids, attn_layout)
         h = constrain(h + y.astype(h.dtype), HIDDEN)
         x = self.post_attention_layernorm(h)
         if isinstance(self.mlp, MoE):
