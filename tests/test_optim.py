@@ -234,3 +234,18 @@ def test_optimizer_on_nnx_state_with_frozen_and_bf16():
     n_state = sum(x.size for x in jax.tree.leaves(opt_state) if x.ndim > 0)
     n_trainable = sum(x.size for x, t in zip(jax.tree.leaves(state), jax.tree.leaves(trainable)) if t)
     assert n_state == 2 * n_trainable
+
+
+def test_rounding_noise_is_uniform_distinct_per_seed_and_independent_of_sharding():
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from xorl_jax.optim import _rounding_noise
+
+    shape = (8, 64, 96)
+    noise = jax.jit(lambda s: _rounding_noise(shape, s))
+    a, b = np.asarray(noise(jnp.uint32(1))), np.asarray(noise(jnp.uint32(2)))
+    assert a.max() < 2**16 and abs(a.mean() / 2**16 - 0.5) < 0.01 and np.mean(a == b) < 0.01
+    assert abs(np.corrcoef(a.ravel()[:-1], a.ravel()[1:])[0, 1]) < 0.02  # neighbours uncorrelated
+    mesh = jax.make_mesh((len(jax.devices()),), ("x",))
+    sharded = jax.jit(lambda s: _rounding_noise(shape, s), out_shardings=NamedSharding(mesh, P("x")))
+    np.testing.assert_array_equal(np.asarray(sharded(jnp.uint32(1))), a)
