@@ -328,6 +328,15 @@ def _where(inst_text: str) -> str:
     return "  ".join(p for p in parts if p)
 
 
+def _heaviest(op: dict, texts: dict) -> str | None:
+    """`where` of the instruction with the most time in a row that groups several (`loop_select_fusion` x 22)."""
+    if not op.get("inst_us"):
+        return None
+    inst, us = op["inst_us"].most_common(1)[0]
+    share = f"  ({us / op['us']:.0%} of the row)" if len(op["inst_us"]) > 1 else ""
+    return _where(texts[inst]) + share
+
+
 def summarize_events(events: list[OpEvent], *, hlo_text: str | None = None, steps: int = 1,
                      step_time_s: float | None = None, top: int = 25) -> dict:
     """Device time per category and per op, per device and per step (ms). Shares are of the device busy time,
@@ -361,8 +370,8 @@ def summarize_events(events: list[OpEvent], *, hlo_text: str | None = None, step
         if e.hlo_op and e.hlo_op != e.name:
             op["hlo_ops"].add(e.hlo_op)
         inst = e.hlo_op or e.name  # a CUDA graph (command buffer) holds many ops: it says nothing of one
-        if "where" not in op and inst in texts and not inst.startswith("command_buffer"):
-            op["where"] = _where(texts[inst])
+        if inst in texts and not inst.startswith("command_buffer"):
+            op.setdefault("inst_us", collections.Counter())[inst] += e.dur
     scale = 1e-3 / (n_dev * steps)  # us summed over devices and steps -> ms per device per step
     busy = sum(cat_us.values()) * scale
     step_ms = step_time_s * 1e3 if step_time_s else None
@@ -372,7 +381,8 @@ def summarize_events(events: list[OpEvent], *, hlo_text: str | None = None, step
     top_ops = sorted(ops.values(), key=lambda o: -o["us"])[:top]
     top_list = [{"name": o["name"], "category": o["category"], "ms": o["us"] * scale,
                  "hlo_ops": sorted(o["hlo_ops"])[:5], "n_hlo_ops": len(o["hlo_ops"]),
-                 "where": o.get("where"),
+                 # the row's heaviest instruction: what it computes and where in the model
+                 "where": _heaviest(o, texts),
                  "calls_per_step": o["calls"] / (n_dev * steps), "share": share(o["us"] * scale),
                  "step_share": (o["us"] * scale / step_ms) if step_ms else None} for o in top_ops]
     return {"devices": devices, "steps": steps, "busy_ms_per_step": busy, "step_ms": step_ms,
