@@ -6,7 +6,7 @@
 #   kernels   1 GPU:  every GPU-marked test, trace-parser check on a real GPU trace, then the gdn stage
 #   gdn       1 GPU:  GDN GPU tests; kernels in every intra / state-grads mode with the breakdown, FLA side by side
 #   dense     1 GPU:  Qwen3 1.7B shapes vs HF, profile + remat / loss-chunk sweep
-#   profiles  1 GPU:  xorl_jax alone, traced: dense 1.7B and the MoE cut, then the dense remat sweep (no HF runs)
+#   profiles  1 GPU:  xorl_jax alone, traced with fusions named: dense 1.7B, the MoE and hybrid cuts (no HF runs)
 #   moe       1 GPU:  Qwen3-30B-A3B shapes (4 layers) with a profile, then beside HF in one run
 #   hybrid    1 GPU:  Qwen3.5-35B-A3B shapes (4 layers) with a profile, then HF alone
 #   ttfs      1 GPU (H200: bf16 Qwen3-8B state is ~66 GB): time to first step of `xorl_jax.train` from a synthetic
@@ -81,13 +81,15 @@ case "$1" in
         --json "$OUT_DIR/dense_sweep.json"
     ;;
   profiles)
+    # command buffers off: each profile row then names its fusion's JAX op and source line (steps run a few % slower)
     LIMIT=150 run dense_prof python3 scripts/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 4 \
-        --backends jax --profile "$WORK/prof_dense" --json "$OUT_DIR/dense_prof.json"
+        --backends jax --profile "$WORK/prof_dense" --no-command-buffers --json "$OUT_DIR/dense_prof.json"
     LIMIT=170 run moe_prof python3 scripts/bench_train.py --model qwen3_30b_a3b --layers 4 --batch 2 --seq 4096 \
         --steps 4 --warmup 1 --param-dtype bfloat16 --optimizer-dtype bfloat16 --backends jax \
-        --profile "$WORK/prof_moe" --json "$OUT_DIR/moe_prof.json"
-    LIMIT=200 run dense_remat python3 scripts/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 4 \
-        --backends jax --sweep "remat=dots_with_no_batch_dims_saveable,dots_saveable" --json "$OUT_DIR/dense_remat.json"
+        --profile "$WORK/prof_moe" --no-command-buffers --json "$OUT_DIR/moe_prof.json"
+    LIMIT=200 run hybrid_prof python3 scripts/bench_train.py --model qwen3_5_35b_a3b --layers 4 --batch 2 --seq 4096 \
+        --steps 4 --warmup 1 --param-dtype bfloat16 --optimizer-dtype bfloat16 --backends jax \
+        --profile "$WORK/prof_hybrid" --no-command-buffers --json "$OUT_DIR/hybrid_prof.json"
     ;;
   moe)
     # bf16 parameters and AdamW state on both sides: fp32 state at these depths does not fit 80 GB
