@@ -83,6 +83,35 @@ def test_resume_is_bitwise(tmp_path):
         np.testing.assert_array_equal(got[path], expected[path], err_msg=jax.tree_util.keystr(path))
 
 
+def test_next_step_is_dispatched_before_metrics_are_read_except_at_saves(tmp_path, monkeypatch):
+    import xorl_jax.trainer as trainer_lib
+
+    trainer = make_trainer(tmp_path, save_steps=3, eval_steps=0, save_at_end=True)
+    events, dispatched = [], []
+    step_fn = trainer.train_step
+
+    def recording_step(state, batch):
+        dispatched.append(len(dispatched) + 1)
+        events.append(f"d{dispatched[-1]}")
+        return step_fn(state, batch)
+
+    real_get = jax.device_get
+
+    def recording_get(x):
+        out = real_get(x)
+        if isinstance(out, dict) and "finite" in out:
+            events.append(f"r{int(out['step'])}")
+        return out
+
+    real_save = trainer.save
+    monkeypatch.setattr(trainer, "train_step", recording_step)
+    monkeypatch.setattr(trainer, "save", lambda step, **kw: (events.append(f"S{step}"), real_save(step, **kw))[1])
+    monkeypatch.setattr(trainer_lib.jax, "device_get", recording_get)
+    trainer.train()
+    # step N+1 is on its way while N's metrics are read; before the save at 3 and at the end nothing is in flight
+    assert events == ["d1", "d2", "r1", "d3", "r2", "r3", "S3", "d4", "d5", "r4", "d6", "r5", "r6", "S6"]
+
+
 def test_nonfinite_steps_stop_the_run_without_saving(tmp_path):
     from xorl_jax.trainer import TrainingStopped
 

@@ -107,6 +107,10 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_cfg:
             "grad_norm": grad_norm,
             "valid_tokens": total_valid,
             "finite": finite,
+            # the counters as of this step, so the host can read them while the next step already runs
+            "step": state.step,
+            "nonfinite_streak": state.nonfinite_streak,
+            "skipped_total": state.skipped_total,
         }
         return state, metrics
 

@@ -6,6 +6,7 @@ The trainer knows no model family: everything family-specific comes through the 
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import os
@@ -285,60 +286,84 @@ class Trainer:
                                process_index=self.process_index, use_tensorboard=t.use_tensorboard)
         fpt = self.model_config.flops_per_token(self.seq_len)
         peak = peak_flops_per_device()
-        step = start_step
+        step = start_step  # the last step whose metrics the host has read
         last_metrics, eval_metrics = {}, None
         age = None
         t_last = time.perf_counter()
         t_first = None
+        # One step runs ahead: step N+1 is dispatched before step N's metrics are fetched, so the GPU does not idle
+        # while the host reads metrics, logs and prepares the next batch. Before a save, an eval, the last step or a
+        # stop, nothing is left in flight (the saved state is exactly the step it is named after).
+        pending: collections.deque = collections.deque()
+        acted_at = start_step  # the step whose eval/save ran last (a skipped update leaves the step as it was)
+
+        def boundary(s: int) -> bool:
+            return s >= self.total_steps or any(n and s % n == 0 for n in (t.eval_steps, t.save_steps))
+
+        def read(metrics_on_device):
+            nonlocal step, t_first, t_last, age, last_metrics
+            metrics = jax.device_get(metrics_on_device)
+            if t_first is None:
+                t_first = time.perf_counter() - t_last
+                age = process_age_s()
+                logger.info(f"first step (compile included): {t_first:.1f}s"
+                            + (f"; {age:.1f}s since the process started" if age is not None else ""))
+                t_last = time.perf_counter()
+                dt = t_first
+            else:
+                now = time.perf_counter()
+                dt, t_last = now - t_last, now
+            step = int(metrics["step"])
+            if not metrics["finite"]:
+                streak = int(metrics["nonfinite_streak"])
+                logger.info(f"non-finite loss or gradients: update skipped ({streak} in a row)")
+                if streak >= t.max_nonfinite_steps:
+                    raise TrainingStopped(
+                        f"{streak} non-finite steps in a row; stopping with the last good checkpoint intact "
+                        "(lower train.lr or check the data)"
+                    )
+                return
+            tokens_s = self.tokens_per_step() / max(dt, 1e-9)
+            last_metrics = {
+                "loss": float(metrics["loss"]),
+                "aux_loss": float(metrics["aux_loss"]),
+                "grad_norm": float(metrics["grad_norm"]),
+                "lr": float(self.schedule(step - 1)),
+                "tokens_per_s": tokens_s,
+                "tokens_per_s_per_device": tokens_s / jax.device_count(),
+                "step_time_s": dt,
+                "skipped_steps": int(metrics["skipped_total"]),
+            }
+            if peak:
+                last_metrics["mfu"] = tokens_s * fpt / (jax.device_count() * peak)
+            logger.log_train(step, last_metrics)
+
         with StopSignals() as signals:  # SIGTERM/SIGUSR1 -> save and stop between steps
             try:
-                while step < self.total_steps:
-                    if signals.should_stop():
+                while True:
+                    stop = signals.should_stop()
+                    if pending and (stop or boundary(step + len(pending))):
+                        while pending:
+                            read(pending.popleft())
+                        if step != acted_at and step < self.total_steps:
+                            acted_at = step
+                            if t.eval_steps and step % t.eval_steps == 0:
+                                eval_metrics = self.evaluate()
+                                if eval_metrics:
+                                    logger.log_eval(step, eval_metrics)
+                            if t.save_steps and step % t.save_steps == 0:
+                                self.save(step)
+                        continue
+                    if stop:
                         self._stop_for_signal(signals.received, step)
+                    if step >= self.total_steps:
+                        break
                     rows = next(self.train_iter)
                     batch = rows if self.batches_on_device else self._device_batch(rows)
                     self.state, metrics = self.train_step(self.state, batch)
-                    metrics = jax.device_get(metrics)
-                    if t_first is None:
-                        t_first = time.perf_counter() - t_last
-                        age = process_age_s()
-                        logger.info(f"first step (compile included): {t_first:.1f}s"
-                                    + (f"; {age:.1f}s since the process started" if age is not None else ""))
-                        t_last = time.perf_counter()
-                        dt = t_first
-                    else:
-                        now = time.perf_counter()
-                        dt, t_last = now - t_last, now
-                    step = int(self.state.step)
-                    if not metrics["finite"]:
-                        streak = int(self.state.nonfinite_streak)
-                        logger.info(f"non-finite loss or gradients: update skipped ({streak} in a row)")
-                        if streak >= t.max_nonfinite_steps:
-                            raise TrainingStopped(
-                                f"{streak} non-finite steps in a row; stopping with the last good checkpoint intact "
-                                "(lower train.lr or check the data)"
-                            )
-                        continue
-                    tokens_s = self.tokens_per_step() / max(dt, 1e-9)
-                    last_metrics = {
-                        "loss": float(metrics["loss"]),
-                        "aux_loss": float(metrics["aux_loss"]),
-                        "grad_norm": float(metrics["grad_norm"]),
-                        "lr": float(self.schedule(step - 1)),
-                        "tokens_per_s": tokens_s,
-                        "tokens_per_s_per_device": tokens_s / jax.device_count(),
-                        "step_time_s": dt,
-                        "skipped_steps": int(self.state.skipped_total),
-                    }
-                    if peak:
-                        last_metrics["mfu"] = tokens_s * fpt / (jax.device_count() * peak)
-                    logger.log_train(step, last_metrics)
-                    if t.eval_steps and step % t.eval_steps == 0 and step < self.total_steps:
-                        eval_metrics = self.evaluate()
-                        if eval_metrics:
-                            logger.log_eval(step, eval_metrics)
-                    if t.save_steps and step % t.save_steps == 0 and step < self.total_steps:
-                        self.save(step)
+                    pending.append(metrics)
+                    if len(pending) > 1:
+                        read(pending.popleft())
                 eval_metrics = self.evaluate() or eval_metrics
                 if eval_metrics:
                     logger.log_eval(step, eval_metrics)
