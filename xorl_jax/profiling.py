@@ -162,7 +162,10 @@ def _body_categories(names, comps, seen) -> dict[str, str | None]:
 
 def hlo_op_categories(hlo_text: str) -> dict[str, tuple[str, str | None, str]]:
     """{instruction name: (category, collective kind, opcode)} for every instruction of the module."""
-    comps, _ = parse_hlo(hlo_text)
+    return _op_categories(parse_hlo(hlo_text)[0])
+
+
+def _op_categories(comps) -> dict[str, tuple[str, str | None, str]]:
     out = {}
     for insts in comps.values():
         for inst in insts:
@@ -341,8 +344,9 @@ def summarize_events(events: list[OpEvent], *, hlo_text: str | None = None, step
                      step_time_s: float | None = None, top: int = 25) -> dict:
     """Device time per category and per op, per device and per step (ms). Shares are of the device busy time,
     and of the measured step time when `step_time_s` is given."""
-    hlo = hlo_op_categories(hlo_text) if hlo_text else {}
-    texts = {i.name: i.text for insts in parse_hlo(hlo_text)[0].values() for i in insts} if hlo_text else {}
+    comps = parse_hlo(hlo_text)[0] if hlo_text else {}
+    hlo = _op_categories(comps)
+    texts = {i.name: i.text for insts in comps.values() for i in insts}
     devices = sorted({e.device for e in events})
     n_dev = max(len(devices), 1)
     steps = max(int(steps), 1)
