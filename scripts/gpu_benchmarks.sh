@@ -7,6 +7,7 @@
 #   gdn       1 GPU:  GDN GPU tests; kernels in every intra / state-grads mode with the breakdown, FLA side by side
 #   dense     1 GPU:  Qwen3 1.7B shapes vs HF, profile + remat / loss-chunk sweep
 #   profiles  1 GPU:  xorl_jax alone, traced with fusions named: dense 1.7B, the MoE and hybrid cuts (no HF runs)
+#   loss      1 GPU:  the LM-head cross-entropy alone: chunk widths vs full logits (jnp) and HF's torch path
 #   moe       1 GPU:  Qwen3-30B-A3B shapes (4 layers) with a profile, then beside HF in one run
 #   hybrid    1 GPU:  Qwen3.5-35B-A3B shapes (4 layers) with a profile, then HF alone
 #   ttfs      1 GPU (H200: bf16 Qwen3-8B state is ~66 GB): time to first step of `xorl_jax.train` from a synthetic
@@ -21,7 +22,7 @@
 # Multi-GPU stages keep NCCL_NVLS_ENABLE=0 (NVLink SHARP multicast off: not every multi-GPU host supports it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STAGES=${1:?usage: gpu_benchmarks.sh kernels|gdn|dense|moe|hybrid|ttfs|multi|ep8[,...] [OUT_DIR]}
+STAGES=${1:?usage: gpu_benchmarks.sh kernels|gdn|profiles|loss|dense|moe|hybrid|ttfs|multi|ep8[,...] [OUT_DIR]}
 OUT_DIR=${2:-${OUT:-/tmp/gpu_benchmarks}}
 WORK=${WORK:-/tmp/gpu_benchmarks_work}  # profiles, runs, cut configs: too many files for OUT_DIR
 mkdir -p "$OUT_DIR" "$WORK"
@@ -90,6 +91,10 @@ case "$1" in
     LIMIT=200 run hybrid_prof python3 scripts/bench_train.py --model qwen3_5_35b_a3b --layers 4 --batch 2 --seq 4096 \
         --steps 4 --warmup 1 --param-dtype bfloat16 --optimizer-dtype bfloat16 --backends jax \
         --profile "$WORK/prof_hybrid" --no-command-buffers --json "$OUT_DIR/hybrid_prof.json"
+    ;;
+  loss)
+    run loss_dense python3 scripts/bench_loss.py --tokens 16384 --hidden 2048
+    run loss_moe python3 scripts/bench_loss.py --tokens 8192 --hidden 2048 --chunks 8192,16384,32768
     ;;
   moe)
     # bf16 parameters and AdamW state on both sides: fp32 state at these depths does not fit 80 GB

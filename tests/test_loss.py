@@ -148,3 +148,17 @@ def test_out_of_range_label_gives_nan(bad):
     h, w, labels = _inputs(7, V=50, ignore_frac=0.0)
     loss, n = chunked_cross_entropy(h, w, labels.at[1, 2].set(bad), chunk_size=16)
     assert np.isnan(float(loss)) and int(n) == labels.size
+
+
+def test_bench_loss_script_runs_tiny():
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root)
+    out = subprocess.run([sys.executable, os.path.join(root, "scripts", "bench_loss.py"), "--tiny"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [ln for ln in out.stdout.splitlines() if ln.startswith(("jnp reference", "chunked"))]
+    assert len(rows) == 3 and all(float(r.split()[-1]) < 1e-5 for r in rows)  # every loss equals the reference

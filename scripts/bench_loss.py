@@ -1,0 +1,120 @@
+"""The LM-head cross-entropy alone, forward + backward: xorl_jax's chunked loss at several chunk widths against the
+full-logits jnp reference and HF's way in torch (bf16 logits, upcast, F.cross_entropy), same GPU, same run.
+
+    PYTHONPATH=. python scripts/bench_loss.py [--tokens 16384 --hidden 2048 --vocab 151936]
+        [--chunks 4096,8192,16384,32768] [--iters 10] [--no-torch] [--no-reference]
+
+Reports the median fwd+bwd time, the rate of the head matmuls actually run (the chunked loss runs four: forward,
+recompute, two gradients; the full-logits paths run three) and the temporaries of the compiled JAX program (torch:
+its peak allocation above the inputs). `--tiny` is a CPU smoke run of this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from xorl_jax.loss import _plan, chunked_cross_entropy, cross_entropy_reference
+
+GIB = 2**30
+
+
+def inputs(n, d, v, dtype, seed=0):
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    h = jax.random.normal(k1, (n, d), jnp.float32).astype(dtype)
+    w = (jax.random.normal(k2, (d, v), jnp.float32) * d**-0.5).astype(dtype)
+    labels = jax.random.randint(k3, (n,), 0, v)
+    return h, w, labels
+
+
+def time_jax(fn, args, iters):
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def jax_case(loss_fn, h, w, labels, iters):
+    grad = jax.jit(jax.value_and_grad(lambda h, w: loss_fn(h, w, labels)[0], argnums=(0, 1)))
+    temp = grad.lower(h, w).compile().memory_analysis()
+    temp_gib = temp.temp_size_in_bytes / GIB if temp is not None else float("nan")
+    return time_jax(grad, (h, w), iters), temp_gib, grad(h, w)
+
+
+def torch_case(h, w, labels, iters):
+    """HF transformers' loss path: bf16 logits from the head, upcast to fp32, cross_entropy; fwd + bwd."""
+    import numpy as np
+    import torch
+
+    dev = "cuda"
+    th = torch.tensor(np.asarray(h.astype(jnp.float32)), device=dev, dtype=torch.bfloat16, requires_grad=True)
+    tw = torch.tensor(np.asarray(w.astype(jnp.float32)).T.copy(), device=dev, dtype=torch.bfloat16,
+                      requires_grad=True)
+    tl = torch.tensor(np.asarray(labels), device=dev, dtype=torch.long)
+
+    def step():
+        th.grad = tw.grad = None
+        logits = torch.nn.functional.linear(th, tw)
+        torch.nn.functional.cross_entropy(logits.float(), tl, reduction="sum").backward()
+
+    step()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), (torch.cuda.max_memory_allocated() - base) / GIB
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--vocab", type=int, default=151936)
+    p.add_argument("--chunks", default="4096,8192,16384,32768", help="ce_chunk_size values")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--no-reference", action="store_true", help="skip the full-logits jnp reference")
+    p.add_argument("--tiny", action="store_true", help="CPU smoke run: small shapes, no torch")
+    a = p.parse_args()
+    if a.tiny:
+        a.tokens, a.hidden, a.vocab, a.chunks, a.iters, a.no_torch = 64, 32, 1000, "128,300", 2, True
+    n, d, v = a.tokens, a.hidden, a.vocab
+    h, w, labels = inputs(n, d, v, jnp.dtype(a.dtype))
+    head_flop = 2 * n * d * v
+    print(f"{jax.devices()[0].device_kind}, tokens {n}, hidden {d}, vocab {v}, {a.dtype}")
+    print(f"{'case':34s} {'fwd+bwd ms':>10s} {'head TF/s':>10s} {'temp GiB':>9s} {'loss rel err':>12s}")
+    ref_loss = None
+    rows = []
+    if not a.no_reference:
+        ms, temp, (ref_loss, _) = jax_case(cross_entropy_reference, h, w, labels, a.iters)
+        rows.append(("jnp reference (full fp32 logits)", ms, 3 * head_flop, temp, 0.0))
+    for c in (int(x) for x in a.chunks.split(",")):
+        plan = _plan(v, c, jnp.float32, None)
+        fn = lambda h, w, labels, c=c: chunked_cross_entropy(h, w, labels, chunk_size=c)  # noqa: E731
+        ms, temp, (loss, _) = jax_case(fn, h, w, labels, a.iters)
+        err = abs(float(loss) - float(ref_loss)) / abs(float(ref_loss)) if ref_loss is not None else float("nan")
+        rows.append((f"chunked {c} ({plan.n_chunks} x {plan.chunk})", ms, 4 * head_flop, temp, err))
+    if not a.no_torch:
+        ms, peak = torch_case(h, w, labels, a.iters)
+        rows.append(("torch: bf16 logits, fp32 CE (HF)", ms, 3 * head_flop, peak, float("nan")))
+    for name, ms, flop, temp, err in rows:
+        print(f"{name:34s} {ms:10.3f} {flop / ms / 1e9:10.1f} {temp:9.2f} {err:12.2e}")
+
+
+if __name__ == "__main__":
+    main()
