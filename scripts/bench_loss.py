@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
+from bench_gdn import time_jax  # the same median-of-iterations timer (this script's folder is on sys.path)
 from xorl_jax.loss import _plan, chunked_cross_entropy, cross_entropy_reference
 
 GIB = 2**30
@@ -29,16 +29,6 @@ def inputs(n, d, v, dtype, seed=0):
     w = (jax.random.normal(k2, (d, v), jnp.float32) * d**-0.5).astype(dtype)
     labels = jax.random.randint(k3, (n,), 0, v)
     return h, w, labels
-
-
-def time_jax(fn, args, iters):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
 
 
 def jax_case(loss_fn, h, w, labels, iters):
