@@ -12,7 +12,11 @@
 #   hybrid    1 GPU:  Qwen3.5-35B-A3B shapes (4 layers) with a profile, then HF alone
 #   ttfs      1 GPU (H200: bf16 Qwen3-8B state is ~66 GB): time to first step of `xorl_jax.train` from a synthetic
 #                     Qwen3-8B HF checkpoint, cold compile then a warm restart from the compilation cache
-#   multi     2-8 GPUs: parallel equality tests, EP exchanges, FSDP Qwen3-8B (time to first step), EP MoE
+#   multi     2-8 GPUs: parallel equality tests, EP exchanges, then scale_moe
+#   scale_moe 2-8 GPUs: Qwen3-30B-A3B shapes (4 layers) on one GPU, then EP over all GPUs, same rows per GPU
+#   scale_dense 2-8 GPUs: Qwen3 1.7B and Qwen3-8B (bf16 state) on one GPU, then FSDP over all, same rows per GPU
+#   fsdp_8b   2-8 GPUs: Qwen3-8B with fp32 master weights and state, FSDP over all GPUs
+#   optim     1 GPU:  the AdamW update alone (fp32, bf16 with hash / threefry / nearest rounding) vs torch fused
 #   ep8       1-8 GPUs: the configs/*_ep8.yaml recipes on a real text corpus (expert ranks = GPUs; with fewer than
 #             8 GPUs the depth is cut in proportion, LAYERS_FORCED=N overrides)
 #
@@ -22,7 +26,7 @@
 # Multi-GPU stages keep NCCL_NVLS_ENABLE=0 (NVLink SHARP multicast off: not every multi-GPU host supports it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STAGES=${1:?usage: gpu_benchmarks.sh kernels|gdn|profiles|loss|dense|moe|hybrid|ttfs|multi|ep8[,...] [OUT_DIR]}
+STAGES=${1:?usage: gpu_benchmarks.sh kernels|gdn|profiles|loss|dense|moe|hybrid|ttfs|multi|scale_moe|scale_dense|fsdp_8b|optim|ep8[,...] [OUT_DIR]}
 OUT_DIR=${2:-${OUT:-/tmp/gpu_benchmarks}}
 WORK=${WORK:-/tmp/gpu_benchmarks_work}  # profiles, runs, cut configs: too many files for OUT_DIR
 mkdir -p "$OUT_DIR" "$WORK"
@@ -119,12 +123,37 @@ case "$1" in
     ;;
   multi)
     run parallel_tests python3 -m pytest -q tests/test_parallel_gpu.py tests/test_expert_parallel.py -m gpu --timeout 300
-    run bench_ep python3 scripts/bench_ep.py
-    run bench_ep_skewed python3 scripts/bench_ep.py --routing skewed
-    run fsdp_8b python3 scripts/bench_train.py --model qwen3_8b --batch 1 --seq 4096 --steps 5 --fsdp -1 \
-        --backends jax --json "$OUT_DIR/fsdp_8b.json"
-    run ep_moe python3 scripts/bench_train.py --model qwen3_30b_a3b --layers 8 --batch 1 --seq 8192 --steps 5 \
-        --fsdp -1 --ep -1 --backends jax --profile "$WORK/prof_ep" --json "$OUT_DIR/ep_moe.json"
+    LIMIT=120 run bench_ep python3 scripts/bench_ep.py
+    LIMIT=120 run bench_ep_skewed python3 scripts/bench_ep.py --routing skewed
+    stage scale_moe
+    ;;
+  scale_moe)
+    # per-GPU throughput on all GPUs against one GPU, the same model and rows per GPU (bf16 state on both sides)
+    LIMIT=150 run moe_1gpu python3 scripts/bench_train.py --model qwen3_30b_a3b --layers 4 --batch 2 --seq 4096 \
+        --steps 4 --warmup 1 --param-dtype bfloat16 --optimizer-dtype bfloat16 --backends jax --json "$OUT_DIR/moe_1gpu.json"
+    LIMIT=200 run moe_ep python3 scripts/bench_train.py --model qwen3_30b_a3b --layers 4 --batch 2 --seq 4096 \
+        --steps 4 --warmup 1 --param-dtype bfloat16 --optimizer-dtype bfloat16 --fsdp -1 --ep -1 --backends jax \
+        --profile "$WORK/prof_ep" --json "$OUT_DIR/moe_ep.json"
+    ;;
+  scale_dense)
+    # FSDP over all GPUs against one GPU, same rows per GPU: Qwen3 1.7B (fp32 master + state), Qwen3-8B (bf16 state:
+    # fp32 state does not fit one GPU), then Qwen3-8B as users would run it on these GPUs (fp32, FSDP)
+    LIMIT=120 run dense_1gpu python3 scripts/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 4 \
+        --warmup 1 --backends jax --json "$OUT_DIR/dense_1gpu.json"
+    LIMIT=140 run dense_fsdp python3 scripts/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 4 \
+        --warmup 1 --fsdp -1 --backends jax --json "$OUT_DIR/dense_fsdp.json"
+    for n in 1 -1; do
+      LIMIT=160 run "fsdp_8b_bf16_$n" python3 scripts/bench_train.py --model qwen3_8b --batch 2 --seq 4096 --steps 4 \
+          --warmup 1 --fsdp $n --param-dtype bfloat16 --optimizer-dtype bfloat16 --backends jax \
+          --json "$OUT_DIR/fsdp_8b_bf16_$n.json"
+    done
+    ;;
+  fsdp_8b)
+    LIMIT=180 run fsdp_8b python3 scripts/bench_train.py --model qwen3_8b --batch 2 --seq 4096 --steps 4 --warmup 1 \
+        --fsdp -1 --backends jax --json "$OUT_DIR/fsdp_8b.json"
+    ;;
+  optim)
+    run optim python3 scripts/bench_optim.py
     ;;
   ep8)
     [ -d data/docstrings ] || run corpus python3 scripts/make_text_corpus.py --out data/docstrings

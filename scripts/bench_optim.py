@@ -1,0 +1,141 @@
+"""The optimizer update alone (clip by global norm + AdamW + apply), on a parameter tree with Qwen3 1.7B's leaf
+shapes: xorl_jax's variants against torch's fused AdamW on the same GPU, same run.
+
+    PYTHONPATH=. python scripts/bench_optim.py [--layers 28 --hidden 2048 --ffn 6144 --vocab 151936] [--iters 10]
+
+Variants: fp32 parameters and state (optax's AdamW); bf16 parameters with bf16 state rounded stochastically by
+the counter hash in `xorl_jax.optim` (the default for `optimizer_dtype: bfloat16`), by jax.random threefry bits
+(the earlier way, kept here only as the comparison), and rounded to nearest. Torch: `AdamW(fused=True)` with
+fp32 and with bf16 parameters (its state follows the parameter dtype; no stochastic rounding). Reports the median
+time of one update and the bytes it must move at least (read parameters, gradients and state, write parameters and
+state) as an achieved bandwidth. `--tiny` is a CPU smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch runs in the same process afterwards
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from bench_gdn import time_jax  # the same median-of-iterations timer (this script's folder is on sys.path)
+from xorl_jax import optim
+
+GIB = 2**30
+
+
+def leaf_shapes(layers, hidden, ffn, vocab, heads=16, kv_heads=8, head_dim=128):
+    """Qwen3's trainable leaves, per layer, plus the (tied) embedding and the final norm."""
+    per_layer = [(hidden, heads * head_dim), (hidden, kv_heads * head_dim), (hidden, kv_heads * head_dim),
+                 (heads * head_dim, hidden), (hidden, ffn), (hidden, ffn), (ffn, hidden),
+                 (hidden,), (hidden,), (head_dim,), (head_dim,)]
+    return per_layer * layers + [(vocab, hidden), (hidden,)]
+
+
+def threefry_noise(shape, seed):
+    """16 random bits per element from jax.random (threefry): what bf16 stochastic rounding used before the hash."""
+    key = jax.random.key(seed.astype(jnp.int32))
+    return jax.random.bits(key, shape, jnp.uint32) >> 16
+
+
+def jax_case(shapes, param_dtype, optimizer_dtype, iters, rounding="hash"):
+    tx = optim.build_optimizer(schedule=1e-4, weight_decay=0.1, optimizer_dtype=optimizer_dtype,
+                               stochastic_rounding=rounding != "nearest")
+    keys = jax.random.split(jax.random.key(0), len(shapes))
+    params = [jax.random.normal(k, s, jnp.float32).astype(param_dtype) * 0.02 for k, s in zip(keys, shapes)]
+    grads = [(p * 0.1).astype(param_dtype) for p in params]
+    state = tx.init(params)
+
+    def step(params, grads, state):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    saved = optim._rounding_noise
+    if rounding == "threefry":
+        optim._rounding_noise = threefry_noise
+    try:
+        fn = jax.jit(step)
+        compiled = fn.lower(params, grads, state).compile()
+    finally:
+        optim._rounding_noise = saved
+    mem = compiled.memory_analysis()
+    temp = mem.temp_size_in_bytes / GIB if mem is not None else float("nan")
+    ms = time_jax(compiled, (params, grads, state), iters)
+    n = sum(p.size for p in params)
+    p_bytes, s_bytes = jnp.dtype(param_dtype).itemsize, 2 * jnp.dtype(optim._STATE_DTYPES[optimizer_dtype]).itemsize
+    moved = n * (2 * p_bytes + p_bytes + 2 * s_bytes)  # read+write params, read grads, read+write mu and nu
+    del params, grads, state
+    return ms, temp, moved, n
+
+
+def torch_case(shapes, dtype_name, iters):
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    params = [torch.nn.Parameter(torch.randn(s, device="cuda", dtype=torch.float32).to(dtype) * 0.02)
+              for s in shapes]
+    for p in params:
+        p.grad = p.detach() * 0.1
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95), fused=True)
+
+    def step():
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        opt.step()
+
+    step()
+    step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    n = sum(p.numel() for p in params)
+    b = params[0].element_size()
+    moved = n * (2 * b + b + 4 * b)
+    del opt, params
+    torch.cuda.empty_cache()
+    return statistics.median(times), moved, n
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=28)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--ffn", type=int, default=6144)
+    p.add_argument("--vocab", type=int, default=151936)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--tiny", action="store_true", help="CPU smoke run: small shapes, no torch")
+    a = p.parse_args()
+    if a.tiny:
+        a.layers, a.hidden, a.ffn, a.vocab, a.iters, a.no_torch = 2, 64, 128, 500, 2, True
+    shapes = leaf_shapes(a.layers, a.hidden, a.ffn, a.vocab, heads=2 if a.tiny else 16,
+                         kv_heads=1 if a.tiny else 8, head_dim=32 if a.tiny else 128)
+    print(f"{jax.devices()[0].device_kind}: AdamW update (clip + adam + decay + apply), {len(shapes)} leaves, "
+          f"layers {a.layers} hidden {a.hidden} ffn {a.ffn} vocab {a.vocab}")
+    print(f"{'case':46s} {'params':>8s} {'ms':>9s} {'GB/s':>8s} {'temp GiB':>9s}")
+    cases = [("jax fp32 params + fp32 state (optax)", "float32", "float32", "hash"),
+             ("jax bf16 params + bf16 state, hash rounding", "bfloat16", "bfloat16", "hash"),
+             ("jax bf16 params + bf16 state, threefry rounding", "bfloat16", "bfloat16", "threefry"),
+             ("jax bf16 params + bf16 state, round to nearest", "bfloat16", "bfloat16", "nearest")]
+    for name, pd, od, rounding in cases:
+        ms, temp, moved, n = jax_case(shapes, jnp.dtype(pd), od, a.iters, rounding)
+        print(f"{name:46s} {n / 1e9:7.2f}B {ms:9.2f} {moved / ms / 1e6:8.0f} {temp:9.2f}")
+    if not a.no_torch:
+        for dt in ("float32", "bfloat16"):
+            ms, moved, n = torch_case(shapes, dt, a.iters)
+            print(f"{'torch AdamW(fused) ' + dt + ' params + state':46s} {n / 1e9:7.2f}B {ms:9.2f} "
+                  f"{moved / ms / 1e6:8.0f} {'-':>9s}")
+
+
+if __name__ == "__main__":
+    main()
