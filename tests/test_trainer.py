@@ -112,14 +112,19 @@ def test_next_step_is_dispatched_before_metrics_are_read_except_at_saves(tmp_pat
     assert events == ["d1", "d2", "r1", "d3", "r2", "r3", "S3", "d4", "d5", "r4", "d6", "r5", "r6", "S6"]
 
 
-def test_nonfinite_steps_stop_the_run_without_saving(tmp_path):
+def test_nonfinite_steps_stop_the_run_without_saving(tmp_path, capsys):
     from xorl_jax.trainer import TrainingStopped
 
     trainer = make_trainer(tmp_path, max_nonfinite_steps=2, save_steps=1)
     poisoned = jax.tree.map(lambda x: x * jnp.nan, trainer.state.params)
     trainer.state = trainer.state.replace(params=poisoned)
+    n_params = len(jax.tree.leaves(poisoned))
     with pytest.raises(TrainingStopped, match="2 non-finite steps"):
         trainer.train()
+    out = capsys.readouterr()
+    skipped = [line for line in (out.out + out.err).splitlines() if "update skipped" in line]
+    assert len(skipped) == 2, skipped
+    assert f"loss nan, non-finite gradients in {n_params} of {n_params} parameters: embed_tokens" in skipped[0], skipped
     assert int(trainer.state.skipped_total) == 2 and int(trainer.state.step) == 0
     assert not trainer.checkpointer.manager.all_steps()
 
@@ -159,6 +164,7 @@ def test_gradient_accumulation_equals_one_big_batch():
     acc, m_acc = one_step(tiny_moe(), rows, 4, sgd)
     np.testing.assert_allclose(float(m_acc["loss"]), float(m_big["loss"]), rtol=1e-6)
     np.testing.assert_allclose(float(m_acc["grad_norm"]), float(m_big["grad_norm"]), rtol=1e-5)
+    assert not np.asarray(m_big["nonfinite_grads"]).any()
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(acc.params), jax.tree.leaves(big.params)):
         # Without the aux loss (a per-micro-batch statistic, as in HF) accumulation is exact up to fp32 order.
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7,
@@ -172,6 +178,8 @@ def test_nonfinite_step_changes_only_counters():
     bad = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.inf) if x.ndim else x, params)
     new, metrics = one_step(nnx.merge(graphdef, bad), rows, 2, optax.adamw(1e-3))
     assert not bool(metrics["finite"])
+    # every leaf was poisoned, so every gradient is flagged (the trainer names them in its log line)
+    assert np.asarray(metrics["nonfinite_grads"]).tolist() == [True] * len(jax.tree.leaves(params))
     assert int(new.step) == 0 and int(new.nonfinite_streak) == 1 and int(new.skipped_total) == 1
     for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(bad)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -90,6 +90,12 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_cfg:
         loss = loss_sum / total_valid
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # Which gradients went non-finite, one flag per parameter leaf: computed only on a bad step (lax.cond), so
+        # the host can name the culprits without a pass over every gradient on good steps.
+        leaves = jax.tree.leaves(grads)
+        bad_grads = jax.lax.cond(
+            finite, lambda g: jnp.zeros((len(g),), bool),
+            lambda g: jnp.stack([~jnp.all(jnp.isfinite(x)) for x in g]), leaves)
         updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
         # A non-finite step changes nothing but the counters (the update is skipped, not applied).
@@ -107,6 +113,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_cfg:
             "grad_norm": grad_norm,
             "valid_tokens": total_valid,
             "finite": finite,
+            "nonfinite_grads": bad_grads,  # [parameter leaves], in jax.tree.leaves order of the params
             # the counters as of this step, so the host can read them while the next step already runs
             "step": state.step,
             "nonfinite_streak": state.nonfinite_streak,

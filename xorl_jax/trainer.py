@@ -70,6 +70,23 @@ class Trainer:
         self._setup_optimizer()
         self._setup_checkpointing()
 
+    def _nonfinite_culprits(self, metrics) -> str:
+        """'loss nan, non-finite gradients in 3 of 120 parameters: a.b.c, ...' for a skipped step's log line."""
+        from xorl_jax.optim import params_with_path
+
+        parts = [f"loss {float(metrics['loss']):g}"]
+        flags = metrics.get("nonfinite_grads")
+        if flags is not None:
+            names = [".".join(path) for path, _, _ in params_with_path(self.state.params)]
+            bad = [n for n, f in zip(names, flags) if f]
+            if bad:
+                shown = ", ".join(bad[:4]) + (", ..." if len(bad) > 4 else "")
+                parts.append(f"non-finite gradients in {len(bad)} of {len(names)} parameters: {shown}")
+            else:
+                parts.append("all gradients finite (their norm overflowed)" if not np.isfinite(
+                    float(metrics["grad_norm"])) else "all gradients finite")
+        return ", ".join(parts)
+
     # ----------------------------------------------------------------------------------------------- setup
     def _setup_model(self):
         from xorl_jax.checkpoint.orbax import load_model
@@ -316,7 +333,8 @@ class Trainer:
             step = int(metrics["step"])
             if not metrics["finite"]:
                 streak = int(metrics["nonfinite_streak"])
-                logger.info(f"non-finite loss or gradients: update skipped ({streak} in a row)")
+                logger.info(f"non-finite loss or gradients: update skipped ({streak} in a row); "
+                            + self._nonfinite_culprits(metrics))
                 if streak >= t.max_nonfinite_steps:
                     raise TrainingStopped(
                         f"{streak} non-finite steps in a row; stopping with the last good checkpoint intact "
