@@ -19,6 +19,7 @@ import uuid
 import numpy as np
 
 from xorl_jax.checkpoint.hf import CheckpointError
+from xorl_jax.checkpoint.host_copy import copy_into
 
 # Files that travel with the weights (tokenizer, chat template, generation defaults).
 SIDE_FILES = (
@@ -97,11 +98,11 @@ def host_slice_fn(src: ParamSource, shape, dtype, read, name: str):
     def build(index):
         index = _normalize(index, len(shape))
         if not src.stacked:
-            return np.ascontiguousarray(np.asarray(one(src.entries[0], shape)[index]).astype(dtype, copy=False))
+            return copy_into(np.empty(_sliced_shape(shape, index), dtype), one(src.entries[0], shape)[index])
         layers = range(shape[0])[index[0]]
         out = np.empty((len(layers),) + _sliced_shape(shape[1:], index[1:]), dtype)
         for n, r in enumerate(layers):
-            out[n] = one(src.entries[r], shape[1:])[index[1:]]
+            copy_into(out[n], one(src.entries[r], shape[1:])[index[1:]])
         return out
 
     return build

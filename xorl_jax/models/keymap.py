@@ -34,8 +34,8 @@ def linear_heads_out(ours, hf_key, heads: int) -> TensorMap:
     """HF [H*e, D] <-> ours [D, H, e] (q/k/v projections; e may be 2*head_dim for a fused query+gate)."""
 
     def to_ours(a):
-        w = a[0]
-        return w.T.reshape(w.shape[1], heads, w.shape[0] // heads)
+        w = a[0]  # a view (no copy): the caller copies it into place
+        return w.reshape(heads, w.shape[0] // heads, w.shape[1]).transpose(2, 0, 1)
 
     def to_hf(x):
         return [np.ascontiguousarray(x.reshape(x.shape[0], -1).T)]
@@ -48,7 +48,7 @@ def linear_heads_in(ours, hf_key, heads: int) -> TensorMap:
 
     def to_ours(a):
         w = a[0]
-        return w.T.reshape(heads, w.shape[1] // heads, w.shape[0])
+        return w.reshape(w.shape[0], heads, w.shape[1] // heads).transpose(1, 2, 0)
 
     def to_hf(x):
         return [np.ascontiguousarray(x.reshape(-1, x.shape[-1]).T)]

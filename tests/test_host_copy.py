@@ -1,0 +1,39 @@
+"""copy_into: tiled, threaded copies of strided views equal numpy's plain assignment (values and dtype casts)."""
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from xorl_jax.checkpoint import host_copy
+from xorl_jax.checkpoint.host_copy import copy_into
+
+
+def _views(rng):
+    a = rng.standard_normal((600, 2500)).astype(np.float32)
+    b = rng.standard_normal((6, 300, 700)).astype(np.float32)
+    return {
+        "transpose": a.T,
+        "heads out": a.reshape(20, 30, 2500).transpose(2, 0, 1),
+        "heads in": a.reshape(600, 25, 100).transpose(1, 2, 0),
+        "experts": b.reshape(6, 2, 150, 700).transpose(0, 3, 1, 2),
+        "batched transpose": b.transpose(0, 2, 1),
+        "contiguous": a,
+        "sliced transpose": a.T[100:1900:3, 7:500],
+    }
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+def test_copy_into_equals_plain_assignment(monkeypatch, dtype):
+    monkeypatch.setattr(host_copy, "_SMALL", 1)  # take the tiled path even for these small arrays
+    monkeypatch.setattr(host_copy, "_BLOCK", 16)
+    monkeypatch.setattr(host_copy, "_LAST", 64)
+    for name, view in _views(np.random.default_rng(0)).items():
+        want = np.empty(view.shape, dtype)
+        want[...] = view
+        got = copy_into(np.full(view.shape, np.nan, dtype), view)
+        np.testing.assert_array_equal(got.astype(np.float32), want.astype(np.float32), err_msg=name)
+
+
+def test_copy_into_rejects_other_shapes():
+    with pytest.raises(ValueError, match="shapes differ"):
+        copy_into(np.empty((3, 4)), np.zeros((4, 3)))

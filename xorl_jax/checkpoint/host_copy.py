@@ -1,0 +1,64 @@
+"""Fast host copies of transposed views: HF stores linear weights [out, in], ours are [in, out] (and head / expert
+splits of those), so loading a checkpoint is mostly copying strided numpy views into contiguous arrays.
+
+numpy copies a transposed view element by element in the destination's order, reading the source with a large
+stride: every cache line it loads is evicted before its neighbours are used (Qwen3-8B's 1.2 GB head took ~5 s on
+one core). `copy_into` copies in tiles that keep the source's lines in cache and spreads the tiles over threads
+(numpy releases the GIL while copying), about 4x faster on 2 cores and more on larger hosts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+_SMALL = 1 << 20  # elements: below this a plain copy is as fast
+_BLOCK = 128  # destination extent along the source's contiguous axis per tile (two 128-byte lines per bf16 row)
+_LAST = 1024  # destination's last-axis extent per tile (best of a sweep of 32-256 x 256-1024 on CPU)
+_pool: ThreadPoolExecutor | None = None
+
+
+def _threads() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max(1, min(32, os.cpu_count() or 1)), thread_name_prefix="xorl_copy")
+    return _pool
+
+
+def _blocks(n: int, size: int):
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def copy_into(dst: np.ndarray, src) -> np.ndarray:
+    """dst[...] = src (same shape; src may be any strided view, dtype cast included), tiled and threaded."""
+    src = np.asarray(src)
+    if src.shape != dst.shape:
+        raise ValueError(f"copy_into: shapes differ, {src.shape} vs {dst.shape}")
+    if dst.size < _SMALL or dst.ndim == 0:
+        dst[...] = src
+        return dst
+    # the destination axis along which the source is contiguous (smallest stride); tiles are thin along it
+    fast = min(range(src.ndim), key=lambda a: (abs(src.strides[a]) if src.shape[a] > 1 else np.inf, -a))
+    last = dst.ndim - 1
+    axes = [_blocks(dst.shape[fast], _BLOCK) if fast != last else _blocks(dst.shape[0], max(1, _BLOCK))]
+    outer = 0 if fast != 0 else None
+    if fast == last:  # already in order: plain copies of row chunks (axis 0), in parallel
+        tiles = [(s,) for s in axes[0]]
+    else:
+        rows = [slice(i, i + 1) for i in range(dst.shape[0])] if outer is not None and dst.ndim > 2 else [slice(None)]
+        tiles = []
+        for r, f, c in itertools.product(rows, axes[0], _blocks(dst.shape[last], _LAST)):
+            index = [slice(None)] * dst.ndim
+            if outer is not None and dst.ndim > 2:
+                index[0] = r
+            index[fast], index[last] = f, c
+            tiles.append(tuple(index))
+
+    def work(index):
+        dst[index] = src[index]
+
+    list(_threads().map(work, tiles))
+    return dst
