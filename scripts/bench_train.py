@@ -183,6 +183,10 @@ def run_jax(args, cfg: dict) -> dict:
     tmp = tempfile.mkdtemp(prefix="bench_train_")
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(cfg, f)
+    # --fsdp -1 takes the devices dp x tp leave; --ep -1 then spans the whole FSDP group (the config allows only
+    # one -1, so resolve them here where the device count is known)
+    fsdp = jax.device_count() // (args.dp * args.tp) if args.fsdp == -1 else args.fsdp
+    ep = fsdp if args.ep == -1 else args.ep
     run_cfg = config_from_dict({
         "model": {"config_path": tmp, "tokenizer_path": DEMO_DIR, "attn_implementation": args.attn,
                   "moe_implementation": args.moe, "gdn_implementation": args.gdn, "dtype": "bfloat16",
@@ -193,8 +197,8 @@ def run_jax(args, cfg: dict) -> dict:
                   "gradient_accumulation_steps": 1, "max_steps": args.steps + args.warmup + args.profile_steps,
                   "lr": 1e-5, "enable_gradient_checkpointing": args.remat != "none", "remat_policy": args.remat,
                   "ce_chunk_size": args.ce_chunk, "optimizer_dtype": args.optimizer_dtype, "use_tensorboard": False,
-                  "data_parallel_replicate_size": args.dp, "data_parallel_shard_size": args.fsdp,
-                  "expert_parallel_size": args.ep, "tensor_parallel_size": args.tp},
+                  "data_parallel_replicate_size": args.dp, "data_parallel_shard_size": fsdp,
+                  "expert_parallel_size": ep, "tensor_parallel_size": args.tp},
     })
     trainer = Trainer(run_cfg)
     batches = [trainer._device_batch(next(trainer.train_iter)) for _ in range(2)]

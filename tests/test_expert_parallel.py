@@ -91,19 +91,39 @@ def test_ragged_exchange_matches_padded_on_gpu():
     np.testing.assert_allclose(np.asarray(outs[1]), np.asarray(outs[0]), rtol=1e-5, atol=1e-5)
 
 
-def test_bench_ep_tiny_on_four_devices(tmp_path):
-    """scripts/bench_ep.py --tiny on 4 of the fake devices: runs, and its EP step (padded exchange) gives the
-    one-device loss and gradients."""
+def _bench_ep():
     import importlib.util
-    import json
     import os
 
-    if jax.device_count() < 4:
-        pytest.skip(f"needs 4 devices, found {jax.device_count()}")
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "bench_ep.py")
     spec = importlib.util.spec_from_file_location("bench_ep", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("moe", ["triton", "native"])
+def test_ep_matches_one_device_at_moe_layer_size_on_gpus(moe):
+    """Qwen3-30B-A3B's MoE layer (hidden 2048, 128 experts top-8, 8192 tokens per GPU, bf16) over 2 GPUs, EP 2:
+    outputs and gradients within bf16 error of one GPU. The tiny fp32 cases above pass on GPUs; this size did
+    not (max relative error 0.21 with the Triton experts, 2026-11-23), so it stays here until it does."""
+    if jax.device_count() < 2:
+        pytest.skip(f"needs 2+ GPUs for an expert axis, found {jax.device_count()}")
+    res = _bench_ep().main(["--check", "--iters", "1", "--warmup", "0", "--moe", moe, "--devices", "2",
+                            "--exchanges", "padded"])
+    err = res["results"]["EP2 padded"]["check_max_rel_err"]
+    assert err < 3e-2, f"EP2 vs one GPU: max relative error {err:.2e}"
+
+
+def test_bench_ep_tiny_on_four_devices(tmp_path):
+    """scripts/bench_ep.py --tiny on 4 of the fake devices: runs, and its EP step (padded exchange) gives the
+    one-device loss and gradients."""
+    import json
+
+    if jax.device_count() < 4:
+        pytest.skip(f"needs 4 devices, found {jax.device_count()}")
+    bench = _bench_ep()
     out = tmp_path / "ep.json"
     res = bench.main(["--tiny", "--devices", "4", "--ep", "2", "--routing", "skewed", "--json", str(out)])
     assert json.loads(out.read_text())["devices"] == 4 and res["ep"] == 2

@@ -242,6 +242,9 @@ class Trainer:
             f"output    {os.path.abspath(self.output_dir)}"
             + (f" (compilation cache {self.compilation_cache})" if self.compilation_cache else ""),
         ]
+        if self.mesh.shape.get("expert", 1) > 1 and jax.default_backend() == "gpu":
+            lines.append("warning   expert parallelism on GPUs gave wrong gradients at full MoE-layer size in its last "
+                         "check (docs/PERFORMANCE.md, known problems); run scripts/bench_ep.py --check first")
         return "\n".join(lines)
 
     def _device_batch(self, rows: dict):
