@@ -13,6 +13,7 @@
 #   ttfs      1 GPU (H200: bf16 Qwen3-8B state is ~66 GB): time to first step of `xorl_jax.train` from a synthetic
 #                     Qwen3-8B HF checkpoint, cold compile then a warm restart from the compilation cache
 #   multi     2-8 GPUs: parallel equality tests, EP exchanges, then scale_moe
+#   ep_check  2+ GPUs: where expert parallelism stops agreeing with one GPU (full-size GPU tests, then by size)
 #   scale_moe 2-8 GPUs: Qwen3-30B-A3B shapes (4 layers) on one GPU, then EP over all GPUs, same rows per GPU
 #   scale_dense 2-8 GPUs: Qwen3 1.7B and Qwen3-8B (bf16 state) on one GPU, then FSDP over all, same rows per GPU
 #   fsdp_8b   2-8 GPUs: Qwen3-8B with fp32 master weights and state, FSDP over all GPUs
@@ -26,7 +27,7 @@
 # Multi-GPU stages keep NCCL_NVLS_ENABLE=0 (NVLink SHARP multicast off: not every multi-GPU host supports it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STAGES=${1:?usage: gpu_benchmarks.sh kernels|gdn|profiles|loss|dense|moe|hybrid|ttfs|multi|scale_moe|scale_dense|fsdp_8b|optim|ep8[,...] [OUT_DIR]}
+STAGES=${1:?usage: gpu_benchmarks.sh kernels|gdn|profiles|loss|dense|moe|hybrid|ttfs|multi|ep_check|scale_moe|scale_dense|fsdp_8b|optim|ep8[,...] [OUT_DIR]}
 OUT_DIR=${2:-${OUT:-/tmp/gpu_benchmarks}}
 WORK=${WORK:-/tmp/gpu_benchmarks_work}  # profiles, runs, cut configs: too many files for OUT_DIR
 mkdir -p "$OUT_DIR" "$WORK"
@@ -126,6 +127,19 @@ case "$1" in
     LIMIT=120 run bench_ep python3 scripts/bench_ep.py
     LIMIT=120 run bench_ep_skewed python3 scripts/bench_ep.py --routing skewed
     stage scale_moe
+    ;;
+  ep_check)
+    # the full-size EP disagreement (docs/PERFORMANCE.md, known problems): kernel at MoE-layer row counts, the EP
+    # MoE layer against one GPU with Triton and reference experts, then by tokens per GPU to find where it starts
+    LIMIT=240 run ep_check_tests python3 -m pytest -q -m gpu --timeout 200 \
+        tests/test_gmm.py::test_triton_matches_ragged_dot_at_moe_layer_sizes \
+        tests/test_expert_parallel.py::test_ep_matches_one_device_at_moe_layer_size_on_gpus
+    for tokens in 1024 4096; do
+      for moe in triton native; do
+        LIMIT=60 run "ep_check_${moe}_$tokens" python3 scripts/bench_ep.py --check --iters 1 --warmup 0 --moe $moe \
+            --tokens $tokens --devices 2 --exchanges padded
+      done
+    done
     ;;
   scale_moe)
     # per-GPU throughput on all GPUs against one GPU, the same model and rows per GPU (bf16 state on both sides)
