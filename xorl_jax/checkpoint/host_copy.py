@@ -43,17 +43,15 @@ def copy_into(dst: np.ndarray, src) -> np.ndarray:
     # the destination axis along which the source is contiguous (smallest stride); tiles are thin along it
     fast = min(range(src.ndim), key=lambda a: (abs(src.strides[a]) if src.shape[a] > 1 else np.inf, -a))
     last = dst.ndim - 1
-    axes = [_blocks(dst.shape[fast], _BLOCK) if fast != last else _blocks(dst.shape[0], max(1, _BLOCK))]
-    outer = 0 if fast != 0 else None
-    if fast == last:  # already in order: plain copies of row chunks (axis 0), in parallel
-        tiles = [(s,) for s in axes[0]]
-    else:
-        rows = [slice(i, i + 1) for i in range(dst.shape[0])] if outer is not None and dst.ndim > 2 else [slice(None)]
+    if fast == last:  # already in order: plain copies of chunks of axis 0, in parallel
+        tiles = [(rows,) for rows in _blocks(dst.shape[0], _BLOCK)]
+    else:  # tiles thin along `fast`, _LAST wide along the last axis; one leading index at a time for 3+ dims
+        leading = [slice(i, i + 1) for i in range(dst.shape[0])] if dst.ndim > 2 and fast != 0 else [slice(None)]
         tiles = []
-        for r, f, c in itertools.product(rows, axes[0], _blocks(dst.shape[last], _LAST)):
+        thin, wide = _blocks(dst.shape[fast], _BLOCK), _blocks(dst.shape[last], _LAST)
+        for lead, f, c in itertools.product(leading, thin, wide):
             index = [slice(None)] * dst.ndim
-            if outer is not None and dst.ndim > 2:
-                index[0] = r
+            index[0] = lead
             index[fast], index[last] = f, c
             tiles.append(tuple(index))
 
