@@ -65,6 +65,23 @@ def time_jax(fn, args, iters):
     return statistics.median(times) * 1e3
 
 
+def time_torch(step, iters):
+    """Median milliseconds of step() on the current CUDA stream, timed with CUDA events (after a warm-up call)."""
+    import torch
+
+    step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
 def jax_peak_gib(fn, args):
     m = fn.lower(*args).compile().memory_analysis()
     if m is None:

@@ -12,12 +12,11 @@ its peak allocation above the inputs). `--tiny` is a CPU smoke run of this scrip
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import jax
 import jax.numpy as jnp
 
-from bench_gdn import time_jax  # the same median-of-iterations timer (this script's folder is on sys.path)
+from bench_gdn import time_jax, time_torch  # shared timers (this script's folder is on sys.path)
 from xorl_jax.loss import _plan, chunked_cross_entropy, cross_entropy_reference
 
 GIB = 2**30
@@ -58,15 +57,8 @@ def torch_case(h, w, labels, iters):
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times), (torch.cuda.max_memory_allocated() - base) / GIB
+    ms = time_torch(step, iters)
+    return ms, (torch.cuda.max_memory_allocated() - base) / GIB
 
 
 def main():

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch runs in the same process afterwards
 
@@ -23,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bench_gdn import time_jax  # the same median-of-iterations timer (this script's folder is on sys.path)
+from bench_gdn import time_jax, time_torch  # shared timers (this script's folder is on sys.path)
 from xorl_jax import optim
 
 GIB = 2**30
@@ -88,22 +87,14 @@ def torch_case(shapes, dtype_name, iters):
         opt.step()
 
     step()
-    step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+    ms = time_torch(step, iters)
     n = sum(p.numel() for p in params)
     b = params[0].element_size()
     moved = n * (2 * b + b + 4 * b)
-    del opt, params
+    opt.state.clear()  # free the GPU memory before the next case
+    params.clear()
     torch.cuda.empty_cache()
-    return statistics.median(times), moved, n
+    return ms, moved, n
 
 
 def main():
