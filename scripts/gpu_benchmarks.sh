@@ -140,6 +140,11 @@ case "$1" in
             --tokens $tokens --devices 2 --exchanges padded
       done
     done
+    # the ragged exchange on XLA's experimental device-initiated kernel (the default one was 41x slower than padded);
+    # an XLA without these flags refuses to start, which costs a second
+    XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_experimental_ragged_all_to_all_use_device_kernel=true \
+--xla_gpu_experimental_enable_nccl_symmetric_buffers=true" LIMIT=90 run bench_ep_ragged_device_kernel \
+        python3 scripts/bench_ep.py --devices 2
     ;;
   scale_moe)
     # per-GPU throughput on all GPUs against one GPU, the same model and rows per GPU (bf16 state on both sides)
