@@ -171,7 +171,8 @@ class TrainConfig:
     router_aux_loss_coef: float | None = _field(None, "MoE load-balancing loss weight; null = the checkpoint's "
                                                       "router_aux_loss_coef")
     max_nonfinite_steps: int = _field(5, "stop after this many updates in a row skipped for a non-finite loss "
-                                         "or gradient")
+                                         "or gradient (each skip's log line names the parameters whose gradients "
+                                         "were non-finite)")
     compilation_cache_dir: str | None = _field("auto", "persistent XLA compilation cache: a restart or resume "
                                                        "reuses the compiled step instead of compiling again; auto = "
                                                        "~/.cache/xorl_jax/xla on GPUs, off on CPU; null = off")
