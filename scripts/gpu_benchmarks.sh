@@ -140,6 +140,9 @@ case "$1" in
             --tokens $tokens --devices 2 --exchanges padded
       done
     done
+    # full size with XLA command buffers (CUDA graphs) off: Triton's runtime autotuning then runs outside any graph
+    XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" LIMIT=60 run ep_check_triton_no_command_buffers \
+        python3 scripts/bench_ep.py --check --iters 1 --warmup 0 --moe triton --devices 2 --exchanges padded
     # the ragged exchange on XLA's experimental device-initiated kernel (the default one was 41x slower than padded);
     # an XLA without these flags refuses to start, which costs a second
     XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_experimental_ragged_all_to_all_use_device_kernel=true \
