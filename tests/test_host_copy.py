@@ -8,9 +8,9 @@ from xorl_jax.checkpoint import host_copy
 from xorl_jax.checkpoint.host_copy import copy_into
 
 
-def _views(rng):
-    a = rng.standard_normal((600, 2500)).astype(np.float32)
-    b = rng.standard_normal((6, 300, 700)).astype(np.float32)
+def _views(rng, dtype):
+    a = rng.standard_normal((600, 2500)).astype(dtype)
+    b = rng.standard_normal((6, 300, 700)).astype(dtype)
     return {
         "transpose": a.T,
         "heads out": a.reshape(20, 30, 2500).transpose(2, 0, 1),
@@ -22,12 +22,14 @@ def _views(rng):
     }
 
 
-@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
-def test_copy_into_equals_plain_assignment(monkeypatch, dtype):
+@pytest.mark.parametrize("src_dtype,dtype", [(np.float32, np.float32), (np.float32, ml_dtypes.bfloat16),
+                                             (ml_dtypes.bfloat16, np.float32)])
+def test_copy_into_equals_plain_assignment(monkeypatch, src_dtype, dtype):
+    """Every view shape the key maps make, and the casts a load does (bf16 checkpoint -> fp32 parameters)."""
     monkeypatch.setattr(host_copy, "_SMALL", 1)  # take the tiled path even for these small arrays
     monkeypatch.setattr(host_copy, "_BLOCK", 16)
     monkeypatch.setattr(host_copy, "_LAST", 64)
-    for name, view in _views(np.random.default_rng(0)).items():
+    for name, view in _views(np.random.default_rng(0), src_dtype).items():
         want = np.empty(view.shape, dtype)
         want[...] = view
         got = copy_into(np.full(view.shape, np.nan, dtype), view)
