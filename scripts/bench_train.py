@@ -185,8 +185,11 @@ def run_jax(args, cfg: dict) -> dict:
         json.dump(cfg, f)
     # --fsdp -1 takes the devices dp x tp leave; --ep -1 then spans the whole FSDP group (the config allows only
     # one -1, so resolve them here where the device count is known)
-    fsdp = jax.device_count() // (args.dp * args.tp) if args.fsdp == -1 else args.fsdp
-    ep = fsdp if args.ep == -1 else args.ep
+    fsdp, ep = args.fsdp, args.ep
+    if ep == -1 and fsdp == -1 and args.dp > 0 and args.tp > 0:
+        fsdp = jax.device_count() // (args.dp * args.tp)
+    if ep == -1 and fsdp != -1:
+        ep = fsdp
     run_cfg = config_from_dict({
         "model": {"config_path": tmp, "tokenizer_path": DEMO_DIR, "attn_implementation": args.attn,
                   "moe_implementation": args.moe, "gdn_implementation": args.gdn, "dtype": "bfloat16",
