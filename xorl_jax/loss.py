@@ -45,13 +45,14 @@ def _plan(vocab: int, chunk_size: int, logits_dtype, soft_cap) -> _Plan:
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     n = -(-vocab // chunk_size)
-    align = _ALIGN if -(-vocab // n) >= _ALIGN else 1
+    width = -(-vocab // n)
+    align = _ALIGN if width >= _ALIGN else 1
     # Prefer a chunk count that divides V into aligned chunks (no padded copy of the head); accept up to twice
     # the chunks for it, otherwise pad V up to n aligned chunks.
     for c in range(n, 2 * n + 1):
         if vocab % c == 0 and (vocab // c) % align == 0:
             return _Plan(vocab, c, vocab // c, jnp.dtype(logits_dtype).name, soft_cap)
-    chunk = -(-(-(-vocab // n)) // align) * align
+    chunk = -(-width // align) * align
     return _Plan(vocab, n, chunk, jnp.dtype(logits_dtype).name, soft_cap)
 
 
