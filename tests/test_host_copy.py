@@ -39,3 +39,14 @@ def test_copy_into_equals_plain_assignment(monkeypatch, src_dtype, dtype):
 def test_copy_into_rejects_other_shapes():
     with pytest.raises(ValueError, match="shapes differ"):
         copy_into(np.empty((3, 4)), np.zeros((4, 3)))
+
+
+def test_contiguous_is_ascontiguousarray(monkeypatch):
+    monkeypatch.setattr(host_copy, "_SMALL", 1)
+    a = np.random.default_rng(1).standard_normal((300, 500)).astype(np.float32)
+    assert host_copy.contiguous(a) is a  # nothing to do: no copy, like numpy
+    for view, dtype in ((a.T, None), (a.T, ml_dtypes.bfloat16), (a, ml_dtypes.bfloat16), (a[:, ::2], None)):
+        got = host_copy.contiguous(view, dtype)
+        want = np.ascontiguousarray(view, dtype)
+        assert got.flags.c_contiguous and got.dtype == want.dtype
+        np.testing.assert_array_equal(got.astype(np.float32), want.astype(np.float32))

@@ -19,7 +19,7 @@ import uuid
 import numpy as np
 
 from xorl_jax.checkpoint.hf import CheckpointError
-from xorl_jax.checkpoint.host_copy import copy_into
+from xorl_jax.checkpoint.host_copy import contiguous, copy_into
 
 # Files that travel with the weights (tokenizer, chat template, generation defaults).
 SIDE_FILES = (
@@ -98,7 +98,7 @@ def host_slice_fn(src: ParamSource, shape, dtype, read, name: str):
     def build(index):
         index = _normalize(index, len(shape))
         if not src.stacked:
-            return copy_into(np.empty(_sliced_shape(shape, index), dtype), one(src.entries[0], shape)[index])
+            return contiguous(one(src.entries[0], shape)[index], dtype)
         layers = range(shape[0])[index[0]]
         out = np.empty((len(layers),) + _sliced_shape(shape[1:], index[1:]), dtype)
         for n, r in enumerate(layers):

@@ -60,3 +60,12 @@ def copy_into(dst: np.ndarray, src) -> np.ndarray:
 
     list(_threads().map(work, tiles))
     return dst
+
+
+def contiguous(a, dtype=None) -> np.ndarray:
+    """`np.ascontiguousarray(a, dtype)` through `copy_into` (`a` itself when already C-contiguous in that dtype)."""
+    a = np.asarray(a)
+    dtype = a.dtype if dtype is None else np.dtype(dtype)
+    if a.flags.c_contiguous and a.dtype == dtype:
+        return a
+    return copy_into(np.empty(a.shape, dtype), a)

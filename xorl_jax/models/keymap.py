@@ -12,6 +12,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from xorl_jax.checkpoint.host_copy import contiguous
+
 
 @dataclasses.dataclass(frozen=True)
 class TensorMap:
@@ -27,7 +29,7 @@ def identity(ours, hf_key) -> TensorMap:
 
 def linear(ours, hf_key) -> TensorMap:
     """HF Linear weight [out, in] <-> our kernel [in, out]."""
-    return TensorMap(ours, (hf_key,), lambda a: a[0].T, lambda x: [np.ascontiguousarray(x.T)])
+    return TensorMap(ours, (hf_key,), lambda a: a[0].T, lambda x: [contiguous(x.T)])
 
 
 def linear_heads_out(ours, hf_key, heads: int) -> TensorMap:
@@ -38,7 +40,7 @@ def linear_heads_out(ours, hf_key, heads: int) -> TensorMap:
         return w.reshape(heads, w.shape[0] // heads, w.shape[1]).transpose(2, 0, 1)
 
     def to_hf(x):
-        return [np.ascontiguousarray(x.reshape(x.shape[0], -1).T)]
+        return [contiguous(x.reshape(x.shape[0], -1).T)]
 
     return TensorMap(ours, (hf_key,), to_ours, to_hf)
 
@@ -51,7 +53,7 @@ def linear_heads_in(ours, hf_key, heads: int) -> TensorMap:
         return w.reshape(w.shape[0], heads, w.shape[1] // heads).transpose(1, 2, 0)
 
     def to_hf(x):
-        return [np.ascontiguousarray(x.reshape(-1, x.shape[-1]).T)]
+        return [contiguous(x.reshape(-1, x.shape[-1]).T)]
 
     return TensorMap(ours, (hf_key,), to_ours, to_hf)
 
@@ -62,7 +64,7 @@ def fused_gate_up(ours, gate_key, up_key) -> TensorMap:
         ours,
         (gate_key, up_key),
         lambda a: np.stack([a[0].T, a[1].T], axis=1),
-        lambda x: [np.ascontiguousarray(x[:, 0].T), np.ascontiguousarray(x[:, 1].T)],
+        lambda x: [contiguous(x[:, 0].T), contiguous(x[:, 1].T)],
     )
 
 
@@ -80,7 +82,7 @@ def experts_gate_up(ours, prefix: str, num_experts: int, layout: str) -> TensorM
 
         def to_hf(x):
             E, D, _, F = x.shape
-            return [np.ascontiguousarray(x.transpose(0, 2, 3, 1).reshape(E, 2 * F, D))]
+            return [contiguous(x.transpose(0, 2, 3, 1)).reshape(E, 2 * F, D)]
 
         return TensorMap(ours, (f"{prefix}.gate_up_proj",), to_ours, to_hf)
     keys = tuple(f"{prefix}.{e}.gate_proj.weight" for e in range(num_experts)) + tuple(
@@ -93,8 +95,8 @@ def experts_gate_up(ours, prefix: str, num_experts: int, layout: str) -> TensorM
 
     def to_hf_pe(x):
         t = x.transpose(0, 2, 3, 1)  # [E, 2, F, D]
-        return [np.ascontiguousarray(t[e, 0]) for e in range(num_experts)] + [
-            np.ascontiguousarray(t[e, 1]) for e in range(num_experts)
+        return [contiguous(t[e, 0]) for e in range(num_experts)] + [
+            contiguous(t[e, 1]) for e in range(num_experts)
         ]
 
     return TensorMap(ours, keys, to_ours_pe, to_hf_pe)
@@ -107,14 +109,14 @@ def experts_down(ours, prefix: str, num_experts: int, layout: str) -> TensorMap:
             ours,
             (f"{prefix}.down_proj",),
             lambda a: a[0].transpose(0, 2, 1),
-            lambda x: [np.ascontiguousarray(x.transpose(0, 2, 1))],
+            lambda x: [contiguous(x.transpose(0, 2, 1))],
         )
     keys = tuple(f"{prefix}.{e}.down_proj.weight" for e in range(num_experts))
     return TensorMap(
         ours,
         keys,
         lambda a: np.stack(a).transpose(0, 2, 1),
-        lambda x: [np.ascontiguousarray(x[e].T) for e in range(num_experts)],
+        lambda x: [contiguous(x[e].T) for e in range(num_experts)],
     )
 
 
