@@ -14,6 +14,8 @@ Tiles are autotuned among a few configs at the first run of each call site (jax-
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,6 +38,15 @@ _WGRAD_CONFIGS = [  # BM is the reduction (row) step, BK x BN the dw tile
 # fp32 inputs use exact (ieee) products: small tiles that fit shared memory, no autotuning.
 _FP32_MM = dict(BM=64, BN=64, BK=32, num_stages=3, num_warps=4)
 _FP32_WGRAD = dict(BM=32, BK=64, BN=64, num_stages=3, num_warps=4)
+# XORL_JAX_GMM_AUTOTUNE=0: the first config of each list, no runtime autotuning (a diagnosis switch: it takes the
+# autotuner, which runs each config on the live buffers at the first call, out of the picture).
+AUTOTUNE_ENV = "XORL_JAX_GMM_AUTOTUNE"
+
+
+def _untuned(config) -> dict | None:
+    if os.environ.get(AUTOTUNE_ENV, "1") != "0":
+        return None
+    return dict(config.kwargs, num_stages=config.num_stages, num_warps=config.num_warps)
 
 
 @triton.jit
@@ -169,6 +180,7 @@ def _matmul(x_MK, w, group_sizes_E, *, K: int, N: int, transpose_w: bool, config
     else:
         strides = dict(stride_we=K * N, stride_wk=N, stride_wn=1)
     ieee = x_MK.dtype == jnp.float32
+    config = config or _untuned(_MM_CONFIGS[0])
     if ieee or config is not None:
         params = dict(_FP32_MM if ieee else config)
         kernel = _gmm_kernel
@@ -189,6 +201,7 @@ def _wgrad(x_MK, dy_MN, group_sizes_E, E: int, out_dtype, config=None):
     M, K = x_MK.shape
     N = dy_MN.shape[1]
     ieee = x_MK.dtype == jnp.float32
+    config = config or _untuned(_WGRAD_CONFIGS[0])
     if ieee or config is not None:
         params = dict(_FP32_WGRAD if ieee else config)
         kernel = _gmm_wgrad_kernel
