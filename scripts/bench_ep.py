@@ -21,6 +21,10 @@ Two or four H200s (NVLink multicast must stay off):
     NCCL_NVLS_ENABLE=0 python scripts/bench_ep.py --ep 2                # 4 GPUs: EP 2 x 2 expert replicas
     NCCL_NVLS_ENABLE=0 python scripts/bench_ep.py --experts 256 --moe-intermediate 512   # Qwen3.5-35B-A3B
 
+--check compares with a one-device reference built from each device's tokens run on their own, and prints
+the errors per leaf; also against the whole batch on one device, raw (`experts_sorted`) and through the layer's
+token chunks (`in_token_chunks`, layers/moe.py).
+
 Smoke run on CPU fake devices (tiny shape, fp32, also checks EP against one device):
 
     JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=4 python scripts/bench_ep.py --tiny
@@ -56,6 +60,12 @@ def parse(argv=None):
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--check", action="store_true", help="compare the EP outputs and gradients with one device")
+    p.add_argument("--reference-chunk", type=int, default=0,
+                   help="--check also builds the one-device reference from chunks of this many tokens, run one "
+                        "after another (0 = --tokens: each device's tokens on their own), and reports the error "
+                        "per leaf against it: which of the whole-batch reference and EP is off, and where")
+    p.add_argument("--single-device-ep", action="store_true",
+                   help="with one device: still run the EP path (a one-rank expert axis, no real exchange)")
     p.add_argument("--tiny", action="store_true", help="tiny fp32 shape for CPU smoke runs (implies --check)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
@@ -71,7 +81,7 @@ def main(argv=None) -> dict:
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from xorl_jax.layers.moe import experts_sorted, resolve_moe_implementation, route
+    from xorl_jax.layers.moe import experts_sorted, in_token_chunks, resolve_moe_implementation, route
     from xorl_jax.parallel.expert import experts_ep
     from xorl_jax.parallel.mesh import build_mesh
     from xorl_jax.parallel.rules import batch_sharding
@@ -124,16 +134,24 @@ def main(argv=None) -> dict:
     results["one device"] = {"ms": t * 1e3, "devices": 1}
 
     mesh = None
-    if n > 1:
+    if n > 1 or args.single_device_ep:
         mesh = build_mesh(data_parallel_shard_size=n, expert_parallel_size=ep, devices=devices)
         tok = batch_sharding(mesh)
         rep = NamedSharding(mesh, P())
         glob = [jax.device_put(x, tok), jax.device_put(router, rep),
                 jax.device_put(w_gu, NamedSharding(mesh, P("expert", None, None, None))),
                 jax.device_put(w_down, NamedSharding(mesh, P("expert", None, None))), jax.device_put(cot, tok)]
-        reference = None
+        reference = chunked = None
         if args.check:  # all n*N tokens through all experts on one device
             reference = sorted_fn(*[jax.device_put(a, one) for a in (x, router, w_gu, w_down, cot)])
+            chunked = _chunked_reference(sorted_fn, one, x, router, w_gu, w_down, cot, args.reference_chunk or N)
+            results["one device, whole batch"] = {"check_max_rel_err_vs_chunked": _max_rel_err(reference, chunked),
+                                                  "per_leaf": _rel_errs(reference, chunked)}
+            # the MoE layer's own path: whole batch, split by in_token_chunks where it is large
+            layer_fn = objective(in_token_chunks(lambda *a: experts_sorted(*a, impl), k, D))
+            layer = layer_fn(*[jax.device_put(a, one) for a in (x, router, w_gu, w_down, cot)])
+            results["one device, layer"] = {"check_max_rel_err_vs_chunked": _max_rel_err(layer, chunked),
+                                            "per_leaf": _rel_errs(layer, chunked)}
         for exchange in filter(None, args.exchanges.split(",")):
             name = f"EP{ep} {exchange}"
             if exchange == "ragged" and jax.default_backend() == "cpu":
@@ -148,6 +166,8 @@ def main(argv=None) -> dict:
             results[name] = {"ms": t * 1e3, "devices": n}
             if reference is not None:
                 results[name]["check_max_rel_err"] = _max_rel_err(out, reference)
+                results[name]["check_max_rel_err_vs_chunked"] = _max_rel_err(out, chunked)
+                results[name]["per_leaf"] = _rel_errs(out, chunked)
 
     flops = 3 * 2 * N * k * 3 * D * F  # forward + dgrad + wgrad of gate, up and down, per device
     base = results["one device"]["ms"]
@@ -157,11 +177,12 @@ def main(argv=None) -> dict:
     print(f"{'variant':18} {'ms':>9} {'tok/s/device':>13} {'expert TF/s/dev':>16} {'vs one device':>14}")
     for name, r in results.items():
         if "ms" not in r:
-            print(f"{name:18} {r.get('skipped') or r.get('error')}")
+            print(f"{name:18} {r.get('skipped') or r.get('error') or ''}{_check_text(r)}")
             continue
         r.update(tokens_per_s_per_device=N / (r["ms"] / 1e3), expert_tflops_per_device=flops / (r["ms"] / 1e3) / 1e12,
                  ratio_vs_one_device=r["ms"] / base)
         check = f"   max rel err vs one device {r['check_max_rel_err']:.1e}" if "check_max_rel_err" in r else ""
+        check += _check_text(r)
         print(f"{name:18} {r['ms']:9.3f} {r['tokens_per_s_per_device']:13,.0f} {r['expert_tflops_per_device']:16.2f} "
               f"{r['ratio_vs_one_device']:13.2f}x{check}")
     out = {"args": vars(args), "devices": n, "ep": ep, "implementation": impl, "results": results}
@@ -171,16 +192,47 @@ def main(argv=None) -> dict:
     return out
 
 
-def _max_rel_err(got, want) -> float:
-    """Largest |got - want| over the leaves (loss and gradients), each relative to that leaf's largest |want|."""
+LEAVES = ("loss", "d_x", "d_router", "d_w_gate_up", "d_w_down")
+
+
+def _chunked_reference(fn, device, x, router, w_gu, w_down, cot, chunk: int):
+    """fn's (loss, grads) over all tokens, run as chunks of `chunk` tokens on one device: losses and weight
+    gradients summed, token gradients concatenated (tokens do not interact in the MoE layer)."""
+    import jax
+    import jax.numpy as jnp
+
+    put = lambda a: jax.device_put(a, device)  # noqa: E731
+    parts = [fn(put(x[s:s + chunk]), put(router), put(w_gu), put(w_down), put(cot[s:s + chunk]))
+             for s in range(0, x.shape[0], chunk)]
+    loss = sum(p[0] for p in parts)
+    grads = parts[0][1]
+    d_x = jnp.concatenate([p[1][0] for p in parts])
+    summed = [sum(p[1][i].astype(jnp.float32) for p in parts) for i in (1, 2, 3)]
+    return loss, (d_x, *(s.astype(g.dtype) for s, g in zip(summed, grads[1:])))
+
+
+def _rel_errs(got, want) -> dict:
+    """Per leaf (loss and gradients): largest |got - want| relative to that leaf's largest |want|."""
     import jax
     import numpy as np
 
-    worst = 0.0
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    errs = {}
+    for name, g, w in zip(LEAVES, jax.tree.leaves(got), jax.tree.leaves(want)):
         g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
-        worst = max(worst, float(np.max(np.abs(g - w)) / max(np.max(np.abs(w)), 1e-30)))
-    return worst
+        errs[name] = float(np.max(np.abs(g - w)) / max(np.max(np.abs(w)), 1e-30))
+    return errs
+
+
+def _max_rel_err(got, want) -> float:
+    """Largest |got - want| over the leaves (loss and gradients), each relative to that leaf's largest |want|."""
+    return max(_rel_errs(got, want).values())
+
+
+def _check_text(r: dict) -> str:
+    if "per_leaf" not in r:
+        return ""
+    leaves = ", ".join(f"{k} {v:.1e}" for k, v in r["per_leaf"].items())
+    return f"\n{'':18} vs per-chunk reference {r['check_max_rel_err_vs_chunked']:.1e} ({leaves})"
 
 
 if __name__ == "__main__":

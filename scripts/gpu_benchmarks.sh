@@ -129,23 +129,12 @@ case "$1" in
     stage scale_moe
     ;;
   ep_check)
-    # the full-size EP disagreement (docs/PERFORMANCE.md, known problems), most telling first: the Triton experts
-    # without runtime autotuning, then with XLA command buffers (CUDA graphs) off, then the kernel alone at the
-    # MoE layer's row counts and the EP layer by tokens per GPU with Triton and XLA's ragged_dot experts
-    XORL_JAX_GMM_AUTOTUNE=0 LIMIT=120 run ep_check_triton_untuned python3 scripts/bench_ep.py --check --iters 1 \
-        --warmup 0 --moe triton --devices 2 --exchanges padded
-    XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" LIMIT=120 run ep_check_triton_no_command_buffers \
-        python3 scripts/bench_ep.py --check --iters 1 --warmup 0 --moe triton --devices 2 --exchanges padded
-    LIMIT=200 run ep_check_gmm_test python3 -m pytest -q -m gpu --timeout 180 \
+    # expert parallelism and the one-GPU MoE layer at full size against one GPU per device's tokens (errors per
+    # leaf), the Triton grouped GEMM at the MoE layer's row counts, then the ragged exchange on XLA's experimental
+    # device-initiated kernel (the default one was 41x slower than padded; an XLA without the flags refuses to start)
+    LIMIT=300 run ep_check_tests python3 -m pytest -q -s -m gpu --timeout 280 \
+        tests/test_expert_parallel.py::test_ep_matches_one_device_at_moe_layer_size_on_gpus \
         tests/test_gmm.py::test_triton_matches_ragged_dot_at_moe_layer_sizes
-    for tokens in 1024 4096; do
-      for moe in triton native; do
-        LIMIT=60 run "ep_check_${moe}_$tokens" python3 scripts/bench_ep.py --check --iters 1 --warmup 0 --moe $moe \
-            --tokens $tokens --devices 2 --exchanges padded
-      done
-    done
-    # the ragged exchange on XLA's experimental device-initiated kernel (the default one was 41x slower than padded);
-    # an XLA without these flags refuses to start, which costs a second
     XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_experimental_ragged_all_to_all_use_device_kernel=true \
 --xla_gpu_experimental_enable_nccl_symmetric_buffers=true" LIMIT=90 run bench_ep_ragged_device_kernel \
         python3 scripts/bench_ep.py --devices 2

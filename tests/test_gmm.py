@@ -208,6 +208,7 @@ def test_triton_matches_ragged_dot_at_moe_layer_sizes(M, E, real):
         y, vjp = jax.vjp(lambda a, b: gmm(a, b, gs, implementation="triton"), x, w)
         return (y, *vjp(dy))
 
+    @jax.jit  # one program: op by op, 128 groups of slices took minutes
     def per_group(x, w, dy):
         mm = lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32)  # noqa: E731
         ends = np.cumsum(np.asarray(gs))

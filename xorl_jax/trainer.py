@@ -243,8 +243,8 @@ class Trainer:
             + (f" (compilation cache {self.compilation_cache})" if self.compilation_cache else ""),
         ]
         if self.mesh.shape.get("expert", 1) > 1 and jax.default_backend() == "gpu":
-            lines.append("warning   expert parallelism on GPUs gave wrong gradients at full MoE-layer size in its last "
-                         "check (docs/PERFORMANCE.md, known problems); run scripts/bench_ep.py --check first")
+            lines.append("warning   expert parallelism on GPUs: the ep8 recipe with EP 2 gave non-finite gradients in its "
+                         "last GPU run (docs/PERFORMANCE.md); watch the first steps' skipped-step lines")
         return "\n".join(lines)
 
     def _device_batch(self, rows: dict):

@@ -72,6 +72,38 @@ def experts_sorted(x_ND, top_i, top_w, w_gate_up_EDCF, w_down_EFD, implementatio
     return jnp.sum(y_copies * top_w[..., None].astype(y_copies.dtype), axis=1)
 
 
+# Token copies (tokens x k x hidden elements) one pass of the experts handles; more tokens go in chunks. On an H200
+# the one-GPU MoE layer of Qwen3-30B-A3B at 16384 tokens (2^28 copy elements) disagreed with the same tokens run
+# as two halves (0.21 of the largest token gradient), while 8192 tokens (2^27) agreed with 4096-token halves and
+# with two GPUs under EP; the grouped GEMM, argsort and bincount were each right at that size alone, so the cause is
+# an XLA op of the dispatch or combine. Chunks of at most 2^27 keep every device at the verified size.
+MAX_COPY_ELEMENTS = 2**27
+
+
+def in_token_chunks(fn, top_k: int, hidden: int):
+    """fn(x_ND, top_i, top_w, *weights) -> y_ND over tokens in sequential chunks of at most MAX_COPY_ELEMENTS
+    copy elements (`lax.map`; tokens are independent, weight gradients add up over the chunks). The last chunk is
+    padded with zero-weight copies of expert 0 where the chunks do not divide N."""
+
+    def run(x_ND, top_i, top_w, *weights):
+        N = x_ND.shape[0]
+        per_chunk = max(1, MAX_COPY_ELEMENTS // (top_k * hidden))
+        if N <= per_chunk:
+            return fn(x_ND, top_i, top_w, *weights)
+        chunks = -(-N // per_chunk)
+        size = -(-N // chunks)
+        pad = chunks * size - N
+
+        def split(a):
+            a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
+            return a.reshape(chunks, size, *a.shape[1:])
+
+        y = jax.lax.map(lambda c: fn(*c, *weights), (split(x_ND), split(top_i), split(top_w)))
+        return y.reshape(chunks * size, -1)[:N]
+
+    return run
+
+
 def experts_dense(x_ND, top_i, top_w, w_gate_up_EDCF, w_down_EFD):
     """Reference: each expert on every token, combined with a dense [N, E] weight matrix (zeros off the top-k)."""
     N = x_ND.shape[0]
@@ -83,7 +115,7 @@ def experts_dense(x_ND, top_i, top_w, w_gate_up_EDCF, w_down_EFD):
     return jnp.einsum("ned,ne->nd", y, combine.astype(y.dtype))
 
 
-def _local_experts(implementation: str, ctx):
+def _local_experts(implementation: str, ctx, top_k: int, hidden: int):
     """Experts without expert parallelism. On a mesh (FSDP) each device runs its own tokens against the gathered
     expert weights: left to XLA, the grouped GEMM (a custom call it cannot partition) would get every device's
     tokens and run the whole batch on each device. With tensor parallelism XLA keeps the F split instead."""
@@ -91,6 +123,7 @@ def _local_experts(implementation: str, ctx):
         fn = experts_dense
     else:
         fn = functools.partial(experts_sorted, implementation=implementation)
+    fn = in_token_chunks(fn, top_k, hidden)
     if ctx is None or ctx.axis_size("tensor") > 1:
         return fn
     from xorl_jax.parallel.rules import per_shard
@@ -149,7 +182,7 @@ class MoE(nnx.Module):
             y = experts_ep(x, top_i, top_w.astype(dt), w_gu, w_down, mesh=ctx.mesh, implementation=self.implementation,
                            exchange=self.ep_exchange)
         else:
-            y = _local_experts(self.implementation, ctx)(x, top_i, top_w.astype(dt), w_gu, w_down)
+            y = _local_experts(self.implementation, ctx, self.top_k, D)(x, top_i, top_w.astype(dt), w_gu, w_down)
         if self.has_shared_expert:
             shared = self.shared_expert(x[None])[0]
             gate = jax.nn.sigmoid(jnp.dot(x, cast(self.shared_expert_gate, dt)))

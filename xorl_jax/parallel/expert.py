@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from xorl_jax.layers.moe import in_token_chunks
 from xorl_jax.parallel.rules import shard_map_compat
 from xorl_jax.layers.permute import inverse_permutation, take_copies, take_rows, take_unique
 
@@ -178,6 +179,7 @@ def experts_ep(x_ND, top_i, top_w, w_gate_up_EDCF, w_down_EFD, *, mesh, implemen
                              exchange=resolve_exchange(exchange),
                              implementation="native" if implementation == "eager" else implementation,
                              all_axes=tuple(mesh.axis_names), capacity_factor=capacity_factor)
+    body = in_token_chunks(body, top_i.shape[-1], D)  # every device runs the same chunk count (equal token shares)
     f = shard_map_compat(body, mesh,
                          in_specs=(tok, tok, tok, P(expert_axis, None, None, tensor), P(expert_axis, tensor, None)),
                          out_specs=tok)
