@@ -79,12 +79,12 @@ def _normalize(index, ndim) -> tuple:
     return index + (slice(None),) * (ndim - len(index))
 
 
-def host_slice_fn(src: ParamSource, shape, dtype, read, name: str):
-    """index -> numpy array of that slice of the parameter, built from the HF tensors it needs (cast to dtype)."""
-    dtype = np.dtype(dtype)
+def _mapped(src: ParamSource, shape, name: str, read):
+    """(layer or None) -> our-layout value (a numpy view where the map allows) of one entry of `src`."""
 
-    def one(entry, expect):
-        tm, keys = entry
+    def one(r):
+        tm, keys = src.entries[r or 0]
+        expect = shape[1:] if src.stacked else shape
         try:
             value = tm.to_ours([read(k) for k in keys])
         except (ValueError, IndexError) as e:
@@ -95,30 +95,42 @@ def host_slice_fn(src: ParamSource, shape, dtype, read, name: str):
                                   f"from config.json; the weights and config.json do not match")
         return value
 
-    def build(index):
-        index = _normalize(index, len(shape))
-        if not src.stacked:
-            return contiguous(one(src.entries[0], shape)[index], dtype)
-        layers = range(shape[0])[index[0]]
-        out = np.empty((len(layers),) + _sliced_shape(shape[1:], index[1:]), dtype)
-        for n, r in enumerate(layers):
-            copy_into(out[n], one(src.entries[r], shape[1:])[index[1:]])
-        return out
+    return one
 
-    return build
+
+def build_slices(src: ParamSource, shape, dtype, read, name: str, indices) -> list:
+    """numpy arrays of several slices (`indices`, one per device) of the parameter, cast to dtype. Each HF tensor
+    is read and mapped once for all the slices (layer by layer for stacked parameters), and each distinct slice is
+    built once (replicas share it)."""
+    dtype = np.dtype(dtype)
+    one = _mapped(src, shape, name, read)
+    keys = [tuple((s.start, s.stop, s.step) for s in _normalize(i, len(shape))) for i in indices]
+    distinct = {k: _normalize(i, len(shape)) for k, i in zip(keys, indices)}
+    if not src.stacked:
+        value = one(None)
+        built = {k: contiguous(value[i], dtype) for k, i in distinct.items()}
+    else:
+        layers = {k: range(shape[0])[i[0]] for k, i in distinct.items()}
+        built = {k: np.empty((len(layers[k]),) + _sliced_shape(shape[1:], i[1:]), dtype) for k, i in distinct.items()}
+        for r in sorted({r for rs in layers.values() for r in rs}):
+            value = one(r)
+            for k, i in distinct.items():
+                if r in layers[k]:
+                    copy_into(built[k][layers[k].index(r)], value[i[1:]])
+    return [built[k] for k in keys]
 
 
 def make_array(src: ParamSource, shape, dtype, sharding, read, name: str):
-    """A jax.Array with `sharding`, each addressable shard built from only the HF data it holds."""
+    """A jax.Array with `sharding`; this process builds its devices' shards from only the HF data they hold."""
     import jax
 
-    build = host_slice_fn(src, shape, dtype, read, name)
     if sharding is None:
-        return jax.device_put(build(None))
-    if len(sharding.device_set) == 1 or sharding.is_fully_replicated:
-        full = build(None)  # one build serves every device
-        return jax.make_array_from_callback(tuple(shape), sharding, lambda idx: full[idx])
-    return jax.make_array_from_callback(tuple(shape), sharding, build)
+        return jax.device_put(build_slices(src, shape, dtype, read, name, [None])[0])
+    index_of = sharding.addressable_devices_indices_map(tuple(shape))
+    devices = list(index_of)
+    pieces = build_slices(src, shape, dtype, read, name, [index_of[d] for d in devices])
+    arrays = [jax.device_put(p, d) for p, d in zip(pieces, devices)]
+    return jax.make_array_from_single_device_arrays(tuple(shape), sharding, arrays)
 
 
 def iter_hf_from_params(params: dict, sources: dict, fetch, dtype=None, *, parameter_major: bool = False):

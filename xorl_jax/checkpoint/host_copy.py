@@ -18,13 +18,14 @@ import numpy as np
 _SMALL = 1 << 20  # elements: below this a plain copy is as fast
 _BLOCK = 128  # destination extent along the source's contiguous axis per tile (two 128-byte lines per bf16 row)
 _LAST = 1024  # destination's last-axis extent per tile (best of a sweep of 32-256 x 256-1024 on CPU)
+_THREADS = max(1, min(32, os.cpu_count() or 1))
 _pool: ThreadPoolExecutor | None = None
 
 
 def _threads() -> ThreadPoolExecutor:
     global _pool
     if _pool is None:
-        _pool = ThreadPoolExecutor(max(1, min(32, os.cpu_count() or 1)), thread_name_prefix="xorl_copy")
+        _pool = ThreadPoolExecutor(_THREADS, thread_name_prefix="xorl_copy")
     return _pool
 
 
@@ -55,10 +56,12 @@ def copy_into(dst: np.ndarray, src) -> np.ndarray:
             index[fast], index[last] = f, c
             tiles.append(tuple(index))
 
-    def work(index):
-        dst[index] = src[index]
+    def work(batch):
+        for index in batch:
+            dst[index] = src[index]
 
-    list(_threads().map(work, tiles))
+    per_task = -(-len(tiles) // (4 * _THREADS))  # a few tasks per thread: a future costs ~20 us
+    list(_threads().map(work, [tiles[i:i + per_task] for i in range(0, len(tiles), per_task)]))
     return dst
 
 
