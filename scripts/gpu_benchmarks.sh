@@ -18,6 +18,8 @@
 #   scale_dense 2-8 GPUs: Qwen3 1.7B and Qwen3-8B (bf16 state) on one GPU, then FSDP over all, same rows per GPU
 #   fsdp_8b   2-8 GPUs: Qwen3-8B with fp32 master weights and state, FSDP over all GPUs
 #   optim     1 GPU:  the AdamW update alone (fp32, bf16 with hash / threefry / nearest rounding) vs torch fused
+#   ep_train  2+ GPUs: which part of an EP training step goes non-finite (Qwen3-30B-A3B cut to 2 layers, demo data,
+#                     3 steps each: EP as configured, without CUDA graphs, without remat, FSDP only)
 #   ep8       1-8 GPUs: the configs/*_ep8.yaml recipes on a real text corpus (expert ranks = GPUs; with fewer than
 #             8 GPUs the depth is cut in proportion, LAYERS_FORCED=N overrides)
 #
@@ -27,7 +29,7 @@
 # Multi-GPU stages keep NCCL_NVLS_ENABLE=0 (NVLink SHARP multicast off: not every multi-GPU host supports it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STAGES=${1:?usage: gpu_benchmarks.sh kernels|gdn|profiles|loss|dense|moe|hybrid|ttfs|multi|ep_check|scale_moe|scale_dense|fsdp_8b|optim|ep8[,...] [OUT_DIR]}
+STAGES=${1:?usage: gpu_benchmarks.sh kernels|gdn|profiles|loss|dense|moe|hybrid|ttfs|multi|ep_check|ep_train|scale_moe|scale_dense|fsdp_8b|optim|ep8[,...] [OUT_DIR]}
 OUT_DIR=${2:-${OUT:-/tmp/gpu_benchmarks}}
 WORK=${WORK:-/tmp/gpu_benchmarks_work}  # profiles, runs, cut configs: too many files for OUT_DIR
 mkdir -p "$OUT_DIR" "$WORK"
@@ -166,6 +168,43 @@ case "$1" in
     ;;
   optim)
     run optim python3 scripts/bench_optim.py
+    ;;
+  ep_train)
+    cut_config configs/models/qwen3_30b_a3b 2 "$WORK/models/ep_train"
+    cat >"$WORK/ep_train.yaml" <<EOF
+model:
+  config_path: $WORK/models/ep_train
+  tokenizer_path: xorl_jax/assets/demo
+  dtype: bfloat16
+  param_dtype: float32
+data:
+  datasets:
+    - path: xorl_jax/assets/demo/train.jsonl
+      type: messages
+  sample_packing_method: multipack
+  sample_packing_sequence_len: 8192
+train:
+  init_from: scratch
+  data_parallel_shard_size: -1
+  expert_parallel_size: $NGPU
+  micro_batch_size: 1
+  max_steps: 3
+  log_steps: 1
+  lr: 3.0e-4
+  enable_mixed_precision: true
+  enable_gradient_checkpointing: true
+  remat_policy: full
+EOF
+    for variant in ep ep_no_command_buffers ep_no_remat fsdp_only; do
+      extra=(); flags="${XLA_FLAGS:-}"
+      case $variant in
+        ep_no_command_buffers) flags="$flags --xla_gpu_enable_command_buffer=" ;;
+        ep_no_remat) extra=(--train.enable_gradient_checkpointing=false) ;;
+        fsdp_only) extra=(--train.expert_parallel_size=1) ;;
+      esac
+      XLA_FLAGS="$flags" LIMIT=150 TAIL=6 run "ep_train_$variant" python3 -m xorl_jax.train --config "$WORK/ep_train.yaml" \
+          --train.output_dir="$WORK/ep_train_$variant" "${extra[@]}"
+    done
     ;;
   ep8)
     [ -d data/docstrings ] || run corpus python3 scripts/make_text_corpus.py --out data/docstrings
