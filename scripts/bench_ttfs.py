@@ -82,7 +82,7 @@ def main():
         why = " (killed: out of host memory?)" if proc.returncode == -9 else ""
         raise SystemExit(f"training command failed (exit {proc.returncode}){why}:\n{log[-4000:]}")
     first = re.search(r"first step \(compile included\): ([\d.]+)s(?:; ([\d.]+)s since the process started)?", log)
-    print("\n".join(ln for ln in log.splitlines() if re.search(r"load|first step|backends|mesh|memory", ln))[-3000:])
+    print("\n".join(ln for ln in log.splitlines() if re.search(r"load|first step|backends|mesh|memory|startup", ln))[-3000:])
     print(f"\ntime to first step: {first.group(2) if first and first.group(2) else '?'} s since the process started "
           f"(first step itself, compile included: {first.group(1) if first else '?'} s); whole command "
           f"({args.steps} steps + exit): {wall:.1f} s")

@@ -127,6 +127,8 @@ def test_nonfinite_steps_stop_the_run_without_saving(tmp_path, capsys):
     assert f"loss nan, non-finite gradients in {n_params} of {n_params} parameters: embed_tokens" in skipped[0], skipped
     assert int(trainer.state.skipped_total) == 2 and int(trainer.state.step) == 0
     assert not trainer.checkpointer.manager.all_steps()
+    startup = [line for line in out.out.splitlines() if line.startswith("startup ")]  # time-to-first-step breakdown
+    assert len(startup) == 1 and all(f"{part} " in startup[0] for part in ("model", "data", "optimizer")), startup
 
 
 def tiny_moe():

@@ -65,10 +65,13 @@ class Trainer:
         self.output_dir = cfg.train.output_dir
         if self.is_main:
             os.makedirs(self.output_dir, exist_ok=True)
-        self._setup_model()
-        self._setup_data()
-        self._setup_optimizer()
-        self._setup_checkpointing()
+        # where the time to first step goes, for the summary: before the trainer (imports, JAX start), then each part
+        self.startup_s = {"process start": process_age_s()}
+        for name, setup in (("model", self._setup_model), ("data", self._setup_data),
+                            ("optimizer", self._setup_optimizer), ("checkpointing", self._setup_checkpointing)):
+            t0 = time.perf_counter()
+            setup()
+            self.startup_s[name] = time.perf_counter() - t0
 
     def _nonfinite_culprits(self, metrics) -> str:
         """'loss nan, non-finite gradients in 3 of 120 parameters: a.b.c, ...' for a skipped step's log line."""
@@ -241,6 +244,7 @@ class Trainer:
             f"GiB/device for params + optimizer state (activations extra)",
             f"output    {os.path.abspath(self.output_dir)}"
             + (f" (compilation cache {self.compilation_cache})" if self.compilation_cache else ""),
+            "startup   " + ", ".join(f"{k} {v:.1f}s" for k, v in self.startup_s.items() if v is not None),
         ]
         if self.mesh.shape.get("expert", 1) > 1 and jax.default_backend() == "gpu":
             lines.append("warning   expert parallelism on GPUs: the ep8 recipe with EP 2 gave non-finite gradients in its "
