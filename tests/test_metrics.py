@@ -60,6 +60,9 @@ def test_memory_estimate():
 
     assert estimate_memory_per_device(1000, 4) == 1000 * 16 / 4
     assert estimate_memory_per_device(1000, 1, T()) == 1000 * 12
+    # bf16 parameters and gradients; LoRA: only the 10 adapter parameters have gradients and state
+    assert estimate_memory_per_device(1000, 2, T(), param_dtype="bfloat16") == 1000 * (2 + 2 + 4) / 2
+    assert estimate_memory_per_device(1000, 1, None, param_dtype="bfloat16", trainable=10) == 1000 * 2 + 10 * 10
 
 
 class FakeTTY(io.StringIO):

@@ -43,12 +43,16 @@ def mfu(tokens_per_s: float, flops_per_token_: float, n_devices: int, peak: floa
     return tokens_per_s * flops_per_token_ / (n_devices * peak)
 
 
-def estimate_memory_per_device(param_count: int, n_devices: int, train_cfg: Any = None) -> float:
-    """Bytes per device for fp32 params + fp32 grads + optimizer state, fully sharded over `n_devices`."""
+def estimate_memory_per_device(param_count: int, n_devices: int, train_cfg: Any = None, *,
+                               param_dtype: str = "float32", trainable: int | None = None) -> float:
+    """Bytes per device for the parameters, the gradients and the optimizer state of the `trainable` ones (all by
+    default; LoRA: the adapters), fully sharded over `n_devices`. Gradients take the parameter dtype."""
     optimizer = getattr(train_cfg, "optimizer", "adamw")
     state_bytes = 2 if str(getattr(train_cfg, "optimizer_dtype", "float32")) in ("bfloat16", "bf16") else 4
+    param_bytes = 2 if str(param_dtype) in ("bfloat16", "bf16", "float16") else 4
     n_states = {"sgd": 1, "signsgd": 0}.get(optimizer, 2)
-    return param_count * (4 + 4 + n_states * state_bytes) / max(1, n_devices)
+    trainable = param_count if trainable is None else trainable
+    return (param_count * param_bytes + trainable * (param_bytes + n_states * state_bytes)) / max(1, n_devices)
 
 
 # ------------------------------------------------------------------------------------------------ logger

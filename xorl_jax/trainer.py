@@ -227,9 +227,16 @@ class Trainer:
     def tokens_per_step(self) -> int:
         return self.rows_per_step * self.seq_len
 
-    def summary(self) -> str:
+    def _memory_estimate(self) -> float:
         from xorl_jax.metrics import estimate_memory_per_device
 
+        trainable = None
+        if self.frozen is not None:  # LoRA: the base is frozen (no gradients, no state)
+            trainable = _count_params(self.params)
+        return estimate_memory_per_device(self.param_count, self.mesh.size, self.cfg.train,
+                                          param_dtype=self.options.param_dtype, trainable=trainable)
+
+    def summary(self) -> str:
         lines = [
             f"model     {self.hf_config.get('model_type')} ({type(self.model).__name__}), "
             f"{self.param_count / 1e6:.1f}M parameters, init_from={self.cfg.train.init_from}",
@@ -240,7 +247,7 @@ class Trainer:
             f"batch     {self.cfg.train.micro_batch_size} rows/device x {self.dp_size} data-parallel x "
             f"{self.accum} accumulation x {self.seq_len} tokens = {self.tokens_per_step():,} tokens/step",
             f"steps     {self.total_steps} (lr {self.cfg.train.lr:g}, {self.cfg.train.lr_decay_style})",
-            f"memory    ~{estimate_memory_per_device(self.param_count, self.mesh.size, self.cfg.train) / 2**30:.2f} "
+            f"memory    ~{self._memory_estimate() / 2**30:.2f} "
             f"GiB/device for params + optimizer state (activations extra)",
             f"output    {os.path.abspath(self.output_dir)}"
             + (f" (compilation cache {self.compilation_cache})" if self.compilation_cache else ""),
