@@ -76,7 +76,8 @@ def experts_sorted(x_ND, top_i, top_w, w_gate_up_EDCF, w_down_EFD, implementatio
 # the one-GPU MoE layer of Qwen3-30B-A3B at 16384 tokens (2^28 copy elements) disagreed with the same tokens run
 # as two halves (0.21 of the largest token gradient), while 8192 tokens (2^27) agreed with 4096-token halves and
 # with two GPUs under EP; the grouped GEMM, argsort and bincount were each right at that size alone, so the cause is
-# an XLA op of the dispatch or combine. Chunks of at most 2^27 keep every device at the verified size.
+# most likely an XLA op of the dispatch or combine (not pinned down). Chunks of at most 2^27 keep every device at
+# the verified size. (With tensor parallelism and no EP the chunks are of the global token arrays.)
 MAX_COPY_ELEMENTS = 2**27
 
 
