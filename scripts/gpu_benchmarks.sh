@@ -20,6 +20,8 @@
 #   optim     1 GPU:  the AdamW update alone (fp32, bf16 with hash / threefry / nearest rounding) vs torch fused
 #   ep_train  2+ GPUs: which part of an EP training step goes non-finite (Qwen3-30B-A3B cut to 2 layers, demo data,
 #                     3 steps each: EP as configured, without CUDA graphs, without remat, FSDP only)
+#   ep8_bisect 2+ GPUs: the ep8 recipe's non-finite first step at 2 and 12 layers, with and without EP, cuDNN
+#             or XLA attention
 #   ep8       1-8 GPUs: the configs/*_ep8.yaml recipes on a real text corpus (expert ranks = GPUs; with fewer than
 #             8 GPUs the depth is cut in proportion, LAYERS_FORCED=N overrides)
 #
@@ -29,7 +31,7 @@
 # Multi-GPU stages keep NCCL_NVLS_ENABLE=0 (NVLink SHARP multicast off: not every multi-GPU host supports it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STAGES=${1:?usage: gpu_benchmarks.sh kernels|gdn|profiles|loss|dense|moe|hybrid|ttfs|multi|ep_check|ep_train|scale_moe|scale_dense|fsdp_8b|optim|ep8[,...] [OUT_DIR]}
+STAGES=${1:?usage: gpu_benchmarks.sh kernels|gdn|profiles|loss|dense|moe|hybrid|ttfs|multi|ep_check|ep_train|ep8_bisect|scale_moe|scale_dense|fsdp_8b|optim|ep8[,...] [OUT_DIR]}
 OUT_DIR=${2:-${OUT:-/tmp/gpu_benchmarks}}
 WORK=${WORK:-/tmp/gpu_benchmarks_work}  # profiles, runs, cut configs: too many files for OUT_DIR
 mkdir -p "$OUT_DIR" "$WORK"
@@ -204,6 +206,24 @@ EOF
       esac
       XLA_FLAGS="$flags" LIMIT=150 TAIL=6 run "ep_train_$variant" python3 -m xorl_jax.train --config "$WORK/ep_train.yaml" \
           --train.output_dir="$WORK/ep_train_$variant" "${extra[@]}"
+    done
+    ;;
+  ep8_bisect)
+    # which setting makes the ep8 recipe's first Qwen3-30B-A3B step non-finite (the demo-data ep_train runs are
+    # finite): depth, expert parallelism, attention backend; 2 steps each, only the verdict lines kept
+    [ -d data/docstrings ] || run corpus python3 scripts/make_text_corpus.py --out data/docstrings
+    for variant in l2 l2_ep1 l2_xla_attn l12_xla_attn l12_ep1; do
+      layers=${variant%%_*}; layers=${layers#l}
+      cut_config configs/models/qwen3_30b_a3b "$layers" "$WORK/models/bisect_$layers"
+      args=(--model.config_path="$WORK/models/bisect_$layers" --train.max_steps=2 --train.log_steps=1
+            --train.output_dir="$WORK/bisect_$variant" --data.dataset_prepared_path="$WORK/prepared")
+      case $variant in
+        *_ep1) args+=(--train.expert_parallel_size=1) ;;
+        *) args+=(--train.expert_parallel_size="$NGPU") ;;
+      esac
+      case $variant in *_xla_attn) args+=(--model.attn_implementation=xla) ;; esac
+      LIMIT=${LIMIT:-110} run "bisect_$variant" python3 -m xorl_jax.train --config configs/qwen3_30b_a3b_ep8.yaml "${args[@]}"
+      grep -E "non-finite|^step|stopped|Error|error:" "$OUT_DIR/bisect_$variant.log" | cut -c1-220 | head -4
     done
     ;;
   ep8)
