@@ -121,3 +121,92 @@ def test_cudnn_matches_reference_on_gpu(d, H, K, layout):
         assert rel < 3e-2, rel
     again = jax.jit(fast)(q, k, v)
     assert bool(jnp.array_equal(again, out_fast))
+
+
+# Rows of the first batches of configs/qwen3_30b_a3b_ep8.yaml (docstrings corpus packed to 8192 tokens): every
+# document slot of the small layout in use, and a row that is one whole document.
+TRAINING_ROWS = {
+    "seven_and_one": [[1274, 1273, 1270, 1270, 1270, 1269, 566], [8192]],
+    "seven_and_five": [[1282, 1282, 1281, 1281, 1281, 1281, 504], [1820, 1819, 1816, 1815, 922]],
+    "one_and_one": [[8192], [8192]],
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", sorted(TRAINING_ROWS))
+def test_cudnn_packed_at_training_length_on_gpu(rows):
+    """Qwen3-30B-A3B attention shapes at 8192 tokens with the recipe's document layouts: finite and close to the
+    fp32 reference, forward and gradients, per row."""
+    B, T, H, K, d = 2, 8192, 32, 4, 128
+    q, k, v = _inputs(B, T, H, K, d, jnp.bfloat16, seed=7)
+    seg = _segments(B, T, TRAINING_ROWS[rows])
+    w = jax.random.normal(jax.random.key(8), (B, T, H, d), jnp.float32)
+
+    def loss(fn, q, k, v):
+        return jnp.sum(fn(q, k, v).astype(jnp.float32) * w)
+
+    fast = lambda q, k, v: attention(q, k, v, segment_ids=seg, implementation="cudnn")
+    ref = lambda q, k, v: attention_reference(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+                                              segment_ids=seg)
+    outs = {}
+    for name, fn in (("cudnn", fast), ("reference", ref)):
+        outs[name] = jax.jit(jax.value_and_grad(lambda *a: loss(fn, *a), argnums=(0, 1, 2)))(q, k, v)
+    (_, g_fast), (_, g_ref) = outs["cudnn"], outs["reference"]
+    for name, a, b in zip("qkv", g_fast, g_ref):
+        a = a.astype(jnp.float32)
+        for r in range(B):
+            assert bool(jnp.all(jnp.isfinite(a[r]))), f"d{name} row {r}: non-finite"
+            rel = float(jnp.linalg.norm(a[r] - b[r]) / jnp.linalg.norm(b[r]))
+            assert rel < 3e-2, (name, r, rel)
+
+
+def _attention_from_layout(q, k, v, offsets, lengths, scale):
+    """A jnp stand-in for cuDNN's packed call that sees documents only through the offsets and lengths it is given."""
+    T = q.shape[1]
+    t = jnp.arange(T)
+    inside = (t[None, None] >= offsets[:, :-1, None]) & (t[None, None] < (offsets[:, :-1] + lengths)[..., None])
+    doc = jnp.where(jnp.any(inside, axis=1), jnp.argmax(inside, axis=1) + 1, 0)  # [B, T], 0 = no document
+    return attention_reference(q, k, v, segment_ids=doc, scale=scale)
+
+
+# Rows of 64 tokens, different on every device: at most 8 documents (small tier), up to 13 (the 16-slot tier),
+# and one row past 16 (the masked fallback for the whole batch).
+LAYOUT_ROWS = {
+    "small": [[64], [10, 54], [8] * 8, [30, 30, 4], [1] * 7 + [57], [64], [20, 20, 24], [2] * 5 + [54]],
+    "large": [[64], [10, 54], [5] * 12 + [4], [30, 30, 4], [3] * 10 + [34], [64], [20, 20, 24], [2] * 9 + [46]],
+    "overflow": [[64], [10, 54], [5] * 12 + [4], [30, 30, 4], [1] * 64, [64], [20, 20, 24], [2] * 9 + [46]],
+}
+
+
+@pytest.mark.parametrize("rows", sorted(LAYOUT_ROWS))
+@pytest.mark.parametrize("mesh_sizes", [dict(data_parallel_shard_size=8),
+                                        dict(data_parallel_shard_size=4, tensor_parallel_size=2)])
+def test_packed_cudnn_path_gives_each_device_its_own_rows_layout(monkeypatch, mesh_sizes, rows):
+    """The cuDNN path's wiring on 8 CPU devices: rows split over the batch axes (heads over `tensor`), and each
+    device's kernel call gets the offsets and lengths of its own rows."""
+    from xorl_jax.parallel.mesh import build_mesh
+    from xorl_jax.parallel.rules import batch_sharding, rules_for, use_mesh
+
+    monkeypatch.setattr(attn_lib, "resolve_attn_implementation", lambda name, dtype=None: "cudnn")
+    monkeypatch.setattr(attn_lib, "_cudnn_packed", _attention_from_layout)
+
+    def masked_standin(q, k, v, mask=None, scale=None, is_causal=True, implementation=None):
+        same = mask[:, 0]  # [B, T, T] same-document mask
+        B, T = same.shape[:2]
+        seg = jnp.cumsum(jnp.concatenate([jnp.ones((B, 1), jnp.int32),
+                                          (~same[:, 1:, :-1].diagonal(axis1=1, axis2=2)).astype(jnp.int32)], 1), 1)
+        return attention_reference(q, k, v, segment_ids=seg, scale=scale)
+
+    monkeypatch.setattr(attn_lib.jax.nn, "dot_product_attention", masked_standin)
+    B, T, H, K, d = 8, 64, 4, 2, 16
+    q, k, v = _inputs(B, T, H, K, d, jnp.float32, seed=5)
+    seg = _segments(B, T, LAYOUT_ROWS[rows])
+    ref = attention_reference(q, k, v, segment_ids=seg)
+    mesh = build_mesh(**mesh_sizes)
+    tp = mesh_sizes.get("tensor_parallel_size", 1)
+    rules = rules_for(type("T", (), {"tensor_parallel_size": tp, "expert_parallel_size": 1})())
+    put = lambda a: jax.device_put(a, batch_sharding(mesh))  # noqa: E731
+    with use_mesh(mesh, rules):
+        out = jax.jit(lambda q, k, v, s: attention(q, k, v, segment_ids=s, implementation="cudnn", max_segments=16))(
+            put(q), put(k), put(v), put(seg))
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)

@@ -3,7 +3,9 @@
 import io
 import json
 import os
+import time
 
+import jax
 import pytest
 
 from xorl_jax.metrics import MetricsLogger, estimate_memory_per_device, mfu, peak_flops_per_device
@@ -157,3 +159,29 @@ def test_tensorboard_events_written(tmp_path):
     events = os.listdir(tmp_path / "tensorboard")
     assert any(name.startswith("events.out.tfevents") for name in events)
     assert os.path.getsize(tmp_path / "tensorboard" / events[0]) > 100
+
+
+def test_completion_clock_times_when_outputs_are_ready_not_when_read():
+    import threading
+
+    from xorl_jax.metrics import CompletionClock
+
+    release = threading.Event()
+
+    clock = CompletionClock(wait=lambda outputs: release.wait(5))  # outputs that become ready later
+    try:
+        t0 = time.perf_counter()
+        first = clock.watch("step 1")
+        second = clock.watch("step 2")
+        time.sleep(0.2)
+        release.set()
+        t_first, t_second = first.result(), second.result()
+        time.sleep(0.3)  # read late: the times stay those of readiness
+        assert t0 + 0.2 <= t_first <= t_second < t0 + 0.45
+    finally:
+        clock.close()
+    real = CompletionClock()  # jax arrays
+    try:
+        assert real.watch({"loss": jax.numpy.ones(3) * 2}).result() <= time.perf_counter()
+    finally:
+        real.close()

@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Mapping
 
 PEAK_BF16_FLOPS = {"h100": 989e12, "h200": 989e12, "h800": 989e12, "gh200": 989e12, "a100": 312e12}
@@ -56,6 +57,30 @@ def estimate_memory_per_device(param_count: int, n_devices: int, train_cfg: Any 
 
 
 # ------------------------------------------------------------------------------------------------ logger
+class CompletionClock:
+    """When each dispatched step finished on the devices, taken by a helper thread that waits on the step's outputs.
+    The training loop reads results a step late, and XLA:GPU can hold the host at a conditional until the device
+    gets there, so the time a result is read may be a whole step after it was ready (a 2 x H200 MoE run printed
+    its last step at 0.05 s, its others at 0.4 s); completion times have no such lag."""
+
+    def __init__(self, wait=None):
+        import jax
+
+        self._wait = wait or jax.block_until_ready
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xorl-step-clock")
+
+    def watch(self, outputs) -> Future:
+        """A future of `time.perf_counter()` at the moment `outputs` are ready (steps finish in dispatch order)."""
+        return self._pool.submit(self._ready_at, outputs)
+
+    def _ready_at(self, outputs) -> float:
+        self._wait(outputs)
+        return time.perf_counter()
+
+    def close(self):
+        self._pool.shutdown(wait=False)
+
+
 def _fmt_eta(seconds: float) -> str:
     if not math.isfinite(seconds) or seconds < 0:
         return "?"

@@ -253,9 +253,6 @@ class Trainer:
             + (f" (compilation cache {self.compilation_cache})" if self.compilation_cache else ""),
             "startup   " + ", ".join(f"{k} {v:.1f}s" for k, v in self.startup_s.items() if v is not None),
         ]
-        if self.mesh.shape.get("expert", 1) > 1 and jax.default_backend() == "gpu":
-            lines.append("warning   expert parallelism on GPUs: the ep8 recipe with EP 2 gave non-finite gradients in its "
-                         "last GPU run (docs/PERFORMANCE.md); watch the first steps' skipped-step lines")
         return "\n".join(lines)
 
     def _device_batch(self, rows: dict):
@@ -307,7 +304,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------- loop
     def train(self) -> dict:
-        from xorl_jax.metrics import MetricsLogger, peak_flops_per_device
+        from xorl_jax.metrics import CompletionClock, MetricsLogger, peak_flops_per_device
 
         t = self.cfg.train
         if self.is_main:
@@ -320,6 +317,7 @@ class Trainer:
         step = start_step  # the last step whose metrics the host has read
         last_metrics, eval_metrics = {}, None
         age = None
+        clock = CompletionClock()  # step times from when each step finished, not from when the loop read it
         t_last = time.perf_counter()
         t_first = None
         # One step runs ahead: step N+1 is dispatched before step N's metrics are fetched, so the GPU does not idle
@@ -331,19 +329,17 @@ class Trainer:
         def boundary(s: int) -> bool:
             return s >= self.total_steps or any(n and s % n == 0 for n in (t.eval_steps, t.save_steps))
 
-        def read(metrics_on_device):
+        def read(entry):
             nonlocal step, t_first, t_last, age, last_metrics
+            metrics_on_device, finished = entry
             metrics = jax.device_get(metrics_on_device)
+            done = finished.result()
+            dt, t_last = done - t_last, done
             if t_first is None:
-                t_first = time.perf_counter() - t_last
+                t_first = dt
                 age = process_age_s()
                 logger.info(f"first step (compile included): {t_first:.1f}s"
                             + (f"; {age:.1f}s since the process started" if age is not None else ""))
-                t_last = time.perf_counter()
-                dt = t_first
-            else:
-                now = time.perf_counter()
-                dt, t_last = now - t_last, now
             step = int(metrics["step"])
             if not metrics["finite"]:
                 streak = int(metrics["nonfinite_streak"])
@@ -385,6 +381,7 @@ class Trainer:
                                     logger.log_eval(step, eval_metrics)
                             if t.save_steps and step % t.save_steps == 0:
                                 self.save(step)
+                            t_last = time.perf_counter()  # the next step's time leaves the eval / save out
                         continue
                     if stop:
                         self._stop_for_signal(signals.received, step)
@@ -393,7 +390,7 @@ class Trainer:
                     rows = next(self.train_iter)
                     batch = rows if self.batches_on_device else self._device_batch(rows)
                     self.state, metrics = self.train_step(self.state, batch)
-                    pending.append(metrics)
+                    pending.append((metrics, clock.watch(metrics)))
                     if len(pending) > 1:
                         read(pending.popleft())
                 eval_metrics = self.evaluate() or eval_metrics
@@ -407,6 +404,7 @@ class Trainer:
                 if t.sample_eval_prompts:
                     self.print_samples(t.sample_eval_prompts)
             finally:
+                clock.close()
                 self.checkpointer.wait()
                 logger.close()
                 if hasattr(self.train_iter, "close"):

@@ -131,19 +131,39 @@ def packed_layout(segment_ids_BT, max_segments: int = 64) -> PackedLayout:
                         tuple(lengths[:, :m] for m in tiers))
 
 
+_ROWS = ("batch", None)
+
+
+def _per_device_names(H: int, K: int):
+    """Logical names of q and k/v for the per-device cuDNN call: rows over the batch axes, heads over `tensor` when
+    both head counts divide it (else every device takes all heads of its rows)."""
+    from xorl_jax.parallel.rules import current
+
+    ctx = current()
+    tp = ctx.axis_size("tensor") if ctx is not None else 1
+    if H % tp == 0 and K % tp == 0:
+        return ("batch", None, "heads", None), ("batch", None, "kv_heads", None)
+    return ("batch", None, None, None), ("batch", None, None, None)
+
+
 def attention(q_BTHd, k_BTKd, v_BTKd, *, segment_ids=None, scale=None, implementation="auto", max_segments=64,
               layout: PackedLayout | None = None):
     """layout: `packed_layout(segment_ids)` when the caller computed it already (once for all layers)."""
     impl = resolve_attn_implementation(implementation, q_BTHd.dtype)
     if impl == "xla":
         return attention_reference(q_BTHd, k_BTKd, v_BTKd, segment_ids=segment_ids, scale=scale)
+    from xorl_jax.parallel.rules import per_shard
+
     scale = q_BTHd.shape[-1] ** -0.5 if scale is None else scale
+    _Q, _KV = _per_device_names(q_BTHd.shape[2], k_BTKd.shape[2])
     if segment_ids is None:
-        return jax.nn.dot_product_attention(q_BTHd, k_BTKd, v_BTKd, scale=scale, is_causal=True,
-                                            implementation="cudnn")
+        causal = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,  # noqa: E731
+                                                              implementation="cudnn")
+        return per_shard(causal, in_names=(_Q, _KV, _KV), out_names=_Q)(q_BTHd, k_BTKd, v_BTKd)
     # Packed documents: cuDNN's ragged layout skips the cross-document blocks entirely. A row with more than
     # `max_segments` documents falls back to an explicit mask (correct, slower) rather than dropping any.
     layout = packed_layout(segment_ids, max_segments) if layout is None else layout
+    tiers = len(layout.offsets)
 
     def masked(q, k, v, seg, offsets, lengths):
         mask = (seg[:, :, None] == seg[:, None, :])[:, None]
@@ -152,6 +172,14 @@ def attention(q_BTHd, k_BTKd, v_BTKd, *, segment_ids=None, scale=None, implement
     def packed(i):
         return lambda q, k, v, seg, offsets, lengths: _cudnn_packed(q, k, v, offsets[i], lengths[i], scale)
 
-    branches = [packed(i) for i in range(len(layout.offsets))] + [masked]
-    return jax.lax.switch(layout.branch, branches, q_BTHd, k_BTKd, v_BTKd, segment_ids, layout.offsets,
-                          layout.lengths)
+    def local(q, k, v, seg, branch, *offsets_and_lengths):
+        offsets, lengths = offsets_and_lengths[:tiers], offsets_and_lengths[tiers:]
+        branches = [packed(i) for i in range(tiers)] + [masked]
+        return jax.lax.switch(branch, branches, q, k, v, seg, offsets, lengths)
+
+    # Each device runs cuDNN on its own rows with its own rows' layout. Left to XLA's partitioner (cuDNN's custom
+    # partitioning), the offsets and lengths did not follow q/k/v's split: on 2 x H200 with one row per GPU the
+    # second GPU's gradients were 1.4 off the reference and partly non-finite, and every MoE recipe on two GPUs
+    # skipped its steps; one GPU was right.
+    return per_shard(local, in_names=(_Q, _KV, _KV, _ROWS, None) + (_ROWS,) * (2 * tiers), out_names=_Q)(
+        q_BTHd, k_BTKd, v_BTKd, segment_ids, layout.branch, *layout.offsets, *layout.lengths)
