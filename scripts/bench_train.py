@@ -120,14 +120,6 @@ def mesh_devices(args) -> int | None:
     return None if -1 in sizes else args.dp * args.fsdp * args.tp
 
 
-def peak_memory_gib_jax() -> float | None:
-    import jax
-
-    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
-    peaks = [p for p in peaks if p is not None]
-    return max(peaks) / 2**30 if peaks else None
-
-
 def _newest(pattern: str) -> str | None:
     import glob
 
@@ -177,6 +169,7 @@ def run_jax(args, cfg: dict) -> dict:
 
     from xorl_jax.config import config_from_dict
     from xorl_jax.data.demo import DEMO_DIR
+    from xorl_jax.metrics import peak_memory_gib
     from xorl_jax.train_setup import backend_summary
     from xorl_jax.trainer import Trainer
 
@@ -219,7 +212,7 @@ def run_jax(args, cfg: dict) -> dict:
         times.append(time.perf_counter() - t)
     step_s = sorted(times)[len(times) // 2]
     result = {"step_s": step_s, "first_step_s": first, "loss": float(metrics["loss"]),
-              "peak_gib": peak_memory_gib_jax(), "flops_per_token": trainer.model_config.flops_per_token(args.seq),
+              "peak_gib": peak_memory_gib(), "flops_per_token": trainer.model_config.flops_per_token(args.seq),
               "params": trainer.param_count, "n_devices": trainer.mesh.size, "mesh": dict(trainer.mesh.shape),
               "dp_size": trainer.dp_size, "tokens_per_step": trainer.tokens_per_step(),
               "device_kind": jax.devices()[0].device_kind, "backends": backend_summary(trainer.options)}

@@ -185,3 +185,16 @@ def test_completion_clock_times_when_outputs_are_ready_not_when_read():
         assert real.watch({"loss": jax.numpy.ones(3) * 2}).result() <= time.perf_counter()
     finally:
         real.close()
+
+
+def test_peak_memory_shows_in_the_line_when_known(tmp_path):
+    from xorl_jax.metrics import peak_memory_gib
+
+    assert peak_memory_gib() is None or peak_memory_gib() >= 0  # CPU keeps no count; GPUs do
+    stream = io.StringIO()
+    logger = MetricsLogger(str(tmp_path), log_steps=1, total_steps=2, process_index=0, use_tensorboard=False,
+                           stream=stream)
+    logger.log_train(1, {"loss": 1.0, "peak_memory_gib": 61.25})
+    logger.log_train(2, {"loss": 1.0, "peak_memory_gib": None})
+    first, second = stream.getvalue().splitlines()
+    assert "peak 61.2 GiB" in first and "peak" not in second

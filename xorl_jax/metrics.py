@@ -57,6 +57,15 @@ def estimate_memory_per_device(param_count: int, n_devices: int, train_cfg: Any 
 
 
 # ------------------------------------------------------------------------------------------------ logger
+def peak_memory_gib() -> float | None:
+    """The most device memory any local device has held so far (GiB); None where the backend keeps no count (CPU)."""
+    import jax
+
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
+    peaks = [p for p in peaks if p is not None]
+    return max(peaks) / 2**30 if peaks else None
+
+
 class CompletionClock:
     """When each dispatched step finished on the devices, taken by a helper thread that waits on the step's outputs.
     The training loop reads results a step late, and XLA:GPU can hold the host at a conditional until the device
@@ -104,7 +113,8 @@ class MetricsLogger:
     """
 
     _LINE_KEYS = (("loss", "loss {:.4f}"), ("aux_loss", "aux {:.4f}"), ("lr", "lr {:.2e}"),
-                  ("grad_norm", "gnorm {:.3f}"), ("tokens_per_s", "{:,.0f} tok/s"), ("mfu", "MFU {:.1%}"))
+                  ("grad_norm", "gnorm {:.3f}"), ("tokens_per_s", "{:,.0f} tok/s"), ("mfu", "MFU {:.1%}"),
+                  ("peak_memory_gib", "peak {:.1f} GiB"))
 
     def __init__(self, output_dir: str, *, log_steps: int = 1, total_steps: int | None = None,
                  process_index: int | None = None, use_tensorboard: bool = True, stream=None, clock=time.monotonic):

@@ -304,7 +304,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------- loop
     def train(self) -> dict:
-        from xorl_jax.metrics import CompletionClock, MetricsLogger, peak_flops_per_device
+        from xorl_jax.metrics import CompletionClock, MetricsLogger, peak_flops_per_device, peak_memory_gib
 
         t = self.cfg.train
         if self.is_main:
@@ -361,6 +361,7 @@ class Trainer:
                 "tokens_per_s_per_device": tokens_s / jax.device_count(),
                 "step_time_s": dt,
                 "skipped_steps": int(metrics["skipped_total"]),
+                "peak_memory_gib": peak_memory_gib(),  # the largest on any of this process's devices
             }
             if peak:
                 last_metrics["mfu"] = tokens_s * fpt / (jax.device_count() * peak)
