@@ -64,7 +64,8 @@ def test_segment_layout_matches_a_plain_loop_on_random_rows():
 def test_packed_layout_tiers_are_prefixes_of_the_largest():
     seg = _segments(2, 48, [[10, 20, 18], [48]])
     layout = attn_lib.packed_layout(seg, 64)
-    assert int(layout.branch) == 0 and [o.shape for o in layout.offsets] == [(2, 9), (2, 65)]
+    assert layout.counts.tolist() == [3, 1] and layout.tiers == (8, 64)
+    assert [o.shape for o in layout.offsets] == [(2, 9), (2, 65)]
     assert layout.offsets[0].tolist() == [[0, 10, 30] + [-1] * 6, [0] + [-1] * 8]
     assert layout.lengths[0].tolist() == [[10, 20, 18] + [-1] * 5, [48] + [-1] * 7]
 

@@ -98,7 +98,7 @@ def _cudnn_packed(q, k, v, offsets, lengths, scale):
 # cuDNN's packed layout costs backward time in proportion to the document slots it is sized for, used or not
 # (H100, B4 T4096 H16 K8 d128, 4 documents: fwd+bwd 1.33 ms sized for 8, 2.73 ms for 64). Rows are packed with a
 # handful of documents most of the time, so the layout is compiled for a small and a large slot count and each
-# step takes the smallest that holds its rows.
+# device takes, every step, the smallest that holds its own rows.
 SMALL_SEGMENTS = 8
 
 
@@ -113,12 +113,16 @@ def layout_branch(count_B, tiers) -> jax.Array:
 
 
 class PackedLayout(NamedTuple):
-    """A batch's documents in cuDNN's packed layout, one (offsets, lengths) per tier of `segment_tiers`, and the
-    tier this batch uses. Computed once per step and shared by every attention layer."""
+    """A batch's documents in cuDNN's packed layout, one (offsets, lengths) per tier of `segment_tiers`, and each
+    row's document count (which picks the tier). Computed once per step and shared by every attention layer."""
 
-    branch: jax.Array  # int32 scalar; len(offsets) = the masked fallback
+    counts: jax.Array  # [B] int32 documents per row
     offsets: tuple  # [B, m + 1] per tier
     lengths: tuple  # [B, m] per tier
+
+    @property
+    def tiers(self) -> tuple[int, ...]:
+        return tuple(o.shape[1] - 1 for o in self.offsets)
 
 
 def packed_layout(segment_ids_BT, max_segments: int = 64) -> PackedLayout:
@@ -126,7 +130,7 @@ def packed_layout(segment_ids_BT, max_segments: int = 64) -> PackedLayout:
     offsets, lengths, count = segment_layout(segment_ids_BT, max_segments)
     end = jnp.full((offsets.shape[0], 1), -1, jnp.int32)
     # A smaller tier is the first m slots of the largest (used only when every row has at most m documents).
-    return PackedLayout(layout_branch(count, tiers),
+    return PackedLayout(count,
                         tuple(jnp.concatenate([offsets[:, :m], end], axis=1) for m in tiers),
                         tuple(lengths[:, :m] for m in tiers))
 
@@ -164,6 +168,7 @@ def attention(q_BTHd, k_BTKd, v_BTKd, *, segment_ids=None, scale=None, implement
     # `max_segments` documents falls back to an explicit mask (correct, slower) rather than dropping any.
     layout = packed_layout(segment_ids, max_segments) if layout is None else layout
     tiers = len(layout.offsets)
+    slots = layout.tiers
 
     def masked(q, k, v, seg, offsets, lengths):
         mask = (seg[:, :, None] == seg[:, None, :])[:, None]
@@ -172,14 +177,15 @@ def attention(q_BTHd, k_BTKd, v_BTKd, *, segment_ids=None, scale=None, implement
     def packed(i):
         return lambda q, k, v, seg, offsets, lengths: _cudnn_packed(q, k, v, offsets[i], lengths[i], scale)
 
-    def local(q, k, v, seg, branch, *offsets_and_lengths):
+    def local(q, k, v, seg, counts, *offsets_and_lengths):
+        # the tier of this device's rows: one device's crowded row does not slow the others (no collective inside)
         offsets, lengths = offsets_and_lengths[:tiers], offsets_and_lengths[tiers:]
         branches = [packed(i) for i in range(tiers)] + [masked]
-        return jax.lax.switch(branch, branches, q, k, v, seg, offsets, lengths)
+        return jax.lax.switch(layout_branch(counts, slots), branches, q, k, v, seg, offsets, lengths)
 
     # Each device runs cuDNN on its own rows with its own rows' layout. Left to XLA's partitioner (cuDNN's custom
     # partitioning), the offsets and lengths did not follow q/k/v's split: on 2 x H200 with one row per GPU the
     # second GPU's gradients were 1.4 off the reference and partly non-finite, and every MoE recipe on two GPUs
     # skipped its steps; one GPU was right.
-    return per_shard(local, in_names=(_Q, _KV, _KV, _ROWS, None) + (_ROWS,) * (2 * tiers), out_names=_Q)(
-        q_BTHd, k_BTKd, v_BTKd, segment_ids, layout.branch, *layout.offsets, *layout.lengths)
+    return per_shard(local, in_names=(_Q, _KV, _KV, _ROWS, ("batch",)) + (_ROWS,) * (2 * tiers), out_names=_Q)(
+        q_BTHd, k_BTKd, v_BTKd, segment_ids, layout.counts, *layout.offsets, *layout.lengths)
