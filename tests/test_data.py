@@ -209,3 +209,24 @@ def test_dataset_prepared_path_caches_tokenized_documents(tmp_path, tok, monkeyp
     cfg.sample_packing_sequence_len = 32
     pipeline.Documents(cfg.datasets, tok, cfg)
     assert len(list((tmp_path / "prep").iterdir())) == 3
+
+
+def test_text_rows_tokenized_in_batches_equal_one_by_one(tmp_path, tok, monkeypatch):
+    """Text rows go through the tokenizer in batches (TEXT_BATCH): the same documents, in order, as one call per
+    row; a bad row inside a batch is named or skipped like any other."""
+    from xorl_jax.data import pipeline
+    from xorl_jax.data.pipeline import Documents
+
+    monkeypatch.setattr(pipeline, "TEXT_BATCH", 4)
+    rows = [{"text": f"row {i}: " + "word " * (i % 7 + 1)} for i in range(11)]
+    rows.insert(6, {"text": ""})
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    with pytest.raises(DataError, match=r"t.jsonl:7.*skip_bad_rows"):
+        build_train_iterator(data_cfg(path, "text"), tok, global_batch_size=1)
+    cfg = data_cfg(path, "text", skip_bad_rows=True)
+    docs = Documents(cfg.datasets, tok, cfg)
+    assert docs.rows_skipped == 1 and len(docs.ids) == 11
+    for (ids, targets), got_ids, got_targets in zip((row_to_doc(r, "text", tok) for r in rows if r["text"]),
+                                                     docs.ids, docs.targets):
+        np.testing.assert_array_equal(got_ids, ids)
+        np.testing.assert_array_equal(got_targets, targets)

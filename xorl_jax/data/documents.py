@@ -44,15 +44,30 @@ def tokenized_doc(row: dict, vocab_size: int | None):
     return ids, targets
 
 
-def text_doc(row: dict, tokenizer):
+def text_of(row) -> str:
+    """The checked 'text' column of a text row."""
+    if not isinstance(row, dict):
+        raise DataError(f"row must be a JSON object, got {type(row).__name__}")
     text = row.get("text")
     if not isinstance(text, str) or not text:
         raise DataError("column 'text' must be a non-empty string")
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)  # the model learns where a document ends
-    ids = np.asarray(ids, np.int64)
-    return ids, shift_targets(ids, np.ones(len(ids), bool))
+    return text
+
+
+def text_docs(texts: list[str], tokenizer) -> list:
+    """Documents of many texts from one tokenizer call (a fast tokenizer spreads a batch over its threads)."""
+    docs = []
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        ids = list(ids)
+        if tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)  # the model learns where a document ends
+        ids = np.asarray(ids, np.int64)
+        docs.append((ids, shift_targets(ids, np.ones(len(ids), bool))))
+    return docs
+
+
+def text_doc(row: dict, tokenizer):
+    return text_docs([text_of(row)], tokenizer)[0]
 
 
 def _check_messages(messages):

@@ -12,13 +12,14 @@ import os
 
 import numpy as np
 
-from xorl_jax.data.documents import IGNORE, row_to_doc
+from xorl_jax.data.documents import IGNORE, row_to_doc, text_docs, text_of
 from xorl_jax.data.packing import build_row, pack_first_fit_decreasing, pack_sequential
 from xorl_jax.data.sources import DataError, iter_rows
 
 logger = logging.getLogger(__name__)
 
 DUMMY_DOCS = 1024
+TEXT_BATCH = 256  # text rows per tokenizer call
 
 
 def _get(obj, name, default=None):
@@ -91,6 +92,7 @@ class Documents:
                 self._add(ids, targets, limit, policy)
 
     def _read(self, ds, path, kind, tokenizer, vocab, columns, skip_bad):
+        texts = []  # text rows wait for one batched tokenizer call
         for where, row in iter_rows(path, split=_get(ds, "split", "train") or "train",
                                     data_files=_get(ds, "data_files"), columns=columns):
             self.rows_read += 1
@@ -99,14 +101,25 @@ class Documents:
                     raise row
                 if columns and isinstance(row, dict):
                     row = {k: v for k, v in row.items() if k in columns or k in ("input_ids", "labels")}
+                if kind == "text":
+                    texts.append(text_of(row))
+                    if len(texts) == TEXT_BATCH:
+                        yield from text_docs(texts, tokenizer)
+                        texts = []
+                    continue
                 yield row_to_doc(row, kind, tokenizer, vocab)
             except DataError as e:
-                text = str(e) if str(e).startswith(where) else f"{where}: {e}"
-                if not skip_bad:
-                    raise DataError(f"{text} (set data.skip_bad_rows: true to skip such rows)") from None
-                self.rows_skipped += 1
-                if self.rows_skipped <= 5:
-                    logger.warning(f"skipping bad row {text}")
+                self._bad_row(where, e, skip_bad)
+        if texts:
+            yield from text_docs(texts, tokenizer)
+
+    def _bad_row(self, where: str, error: DataError, skip_bad: bool):
+        text = str(error) if str(error).startswith(where) else f"{where}: {error}"
+        if not skip_bad:
+            raise DataError(f"{text} (set data.skip_bad_rows: true to skip such rows)") from None
+        self.rows_skipped += 1
+        if self.rows_skipped <= 5:
+            logger.warning(f"skipping bad row {text}")
 
     @staticmethod
     def _dummy(vocab: int, limit: int, seed: int):
