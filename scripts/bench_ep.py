@@ -57,6 +57,10 @@ def parse(argv=None):
     p.add_argument("--devices", type=int, default=0, help="use the first N devices (0 = all)")
     p.add_argument("--ep", type=int, default=0, help="expert-parallel size (0 = every device used)")
     p.add_argument("--exchanges", default="padded,ragged", help="EP exchanges to time")
+    p.add_argument("--capacity-factors", default="",
+                   help="padded exchange: buffer rows per destination as multiples of the balanced share, e.g. "
+                        "'2,1.25' (default: the library's PADDED_CAPACITY_FACTOR); above it every device takes the "
+                        "worst-case buffer")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--check", action="store_true", help="compare the EP outputs and gradients with one device")
@@ -82,7 +86,7 @@ def main(argv=None) -> dict:
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from xorl_jax.layers.moe import experts_sorted, in_token_chunks, resolve_moe_implementation, route
-    from xorl_jax.parallel.expert import experts_ep
+    from xorl_jax.parallel.expert import PADDED_CAPACITY_FACTOR, experts_ep
     from xorl_jax.parallel.mesh import build_mesh
     from xorl_jax.parallel.rules import batch_sharding
 
@@ -152,12 +156,16 @@ def main(argv=None) -> dict:
             layer = layer_fn(*[jax.device_put(a, one) for a in (x, router, w_gu, w_down, cot)])
             results["one device, layer"] = {"check_max_rel_err_vs_chunked": _max_rel_err(layer, chunked),
                                             "per_leaf": _rel_errs(layer, chunked)}
-        for exchange in filter(None, args.exchanges.split(",")):
-            name = f"EP{ep} {exchange}"
+        factors = [float(f) for f in args.capacity_factors.split(",") if f] or [PADDED_CAPACITY_FACTOR]
+        variants = [(ex, cf) for ex in filter(None, args.exchanges.split(","))
+                    for cf in (factors if ex == "padded" else [PADDED_CAPACITY_FACTOR])]
+        for exchange, cf in variants:
+            name = f"EP{ep} {exchange}" + (f" cf {cf:g}" if len(factors) > 1 and exchange == "padded" else "")
             if exchange == "ragged" and jax.default_backend() == "cpu":
                 results[name] = {"skipped": "ragged_all_to_all needs a GPU (XLA:CPU lacks it)"}
                 continue
-            fn = objective(lambda *a, ex=exchange: experts_ep(*a, mesh=mesh, implementation=impl, exchange=ex))
+            fn = objective(lambda *a, ex=exchange, cf=cf: experts_ep(*a, mesh=mesh, implementation=impl, exchange=ex,
+                                                                      capacity_factor=cf))
             try:
                 t, out = timed(fn, *glob)
             except Exception as err:  # report and go on with the other exchanges

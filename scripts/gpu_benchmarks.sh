@@ -20,6 +20,8 @@
 #   optim     1 GPU:  the AdamW update alone (fp32, bf16 with hash / threefry / nearest rounding) vs torch fused
 #   ep_train  2+ GPUs: which part of an EP training step goes non-finite (Qwen3-30B-A3B cut to 2 layers, demo data,
 #                     3 steps each: EP as configured, without CUDA graphs, without remat, FSDP only)
+#   recheck   2+ GPUs: after the per-device attention fix: bf16 packed-document GPU tests, the padded exchange's
+#             capacity factor, then scale_moe
 #   ep8_bisect 2+ GPUs: the ep8 recipe's non-finite first step at 2 and 12 layers, with and without EP, cuDNN
 #             or XLA attention
 #   ep8       1-8 GPUs: the configs/*_ep8.yaml recipes on a real text corpus (expert ranks = GPUs; with fewer than
@@ -31,7 +33,7 @@
 # Multi-GPU stages keep NCCL_NVLS_ENABLE=0 (NVLink SHARP multicast off: not every multi-GPU host supports it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STAGES=${1:?usage: gpu_benchmarks.sh kernels|gdn|profiles|loss|dense|moe|hybrid|ttfs|multi|ep_check|ep_train|ep8_bisect|scale_moe|scale_dense|fsdp_8b|optim|ep8[,...] [OUT_DIR]}
+STAGES=${1:?usage: gpu_benchmarks.sh kernels|gdn|profiles|loss|dense|moe|hybrid|ttfs|multi|ep_check|ep_train|ep8_bisect|recheck|scale_moe|scale_dense|fsdp_8b|optim|ep8[,...] [OUT_DIR]}
 OUT_DIR=${2:-${OUT:-/tmp/gpu_benchmarks}}
 WORK=${WORK:-/tmp/gpu_benchmarks_work}  # profiles, runs, cut configs: too many files for OUT_DIR
 mkdir -p "$OUT_DIR" "$WORK"
@@ -207,6 +209,14 @@ EOF
       XLA_FLAGS="$flags" LIMIT=150 TAIL=6 run "ep_train_$variant" python3 -m xorl_jax.train --config "$WORK/ep_train.yaml" \
           --train.output_dir="$WORK/ep_train_$variant" "${extra[@]}"
     done
+    ;;
+  recheck)
+    # after the per-device cuDNN attention fix: the bf16 packed-document model tests across the GPUs, the padded
+    # exchange's capacity factor (2 is the worst-case buffer at EP 2), then the EP scaling row measured with the bug
+    LIMIT=150 run bf16_packed_tests python3 -m pytest -q -m gpu --timeout 140 tests/test_parallel_gpu.py \
+        -k "bf16_packed or cudnn_packed"
+    LIMIT=120 run bench_ep_capacity python3 scripts/bench_ep.py --exchanges padded --capacity-factors 2,1.5,1.25
+    stage scale_moe
     ;;
   ep8_bisect)
     # which setting makes the ep8 recipe's first Qwen3-30B-A3B step non-finite (the demo-data ep_train runs are
