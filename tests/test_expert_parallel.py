@@ -144,18 +144,22 @@ def test_ep_matches_one_device_at_moe_layer_size_on_gpus():
 
 
 def test_bench_ep_tiny_on_four_devices(tmp_path):
-    """scripts/bench_ep.py --tiny on 4 of the fake devices: runs, and its EP step (padded exchange) gives the
-    one-device loss and gradients."""
+    """scripts/bench_ep.py --tiny on 4 of the fake devices: runs, and its EP step (padded exchange at two capacity
+    factors) gives the one-device loss and gradients."""
     import json
 
     if jax.device_count() < 4:
         pytest.skip(f"needs 4 devices, found {jax.device_count()}")
     bench = _bench_ep()
     out = tmp_path / "ep.json"
-    res = bench.main(["--tiny", "--devices", "4", "--ep", "2", "--routing", "skewed", "--json", str(out)])
+    res = bench.main(["--tiny", "--devices", "4", "--ep", "2", "--routing", "skewed", "--capacity-factors", "2,0.5",
+                      "--json", str(out)])
     assert json.loads(out.read_text())["devices"] == 4 and res["ep"] == 2
-    one, padded = res["results"]["one device"], res["results"]["EP2 padded"]
-    for r in (one, padded):
+    one = res["results"]["one device"]
+    # factor 0.5 under skewed routing takes the worst-case fallback buffer; both must equal one device
+    padded = [res["results"]["EP2 padded cf 2"], res["results"]["EP2 padded cf 0.5"]]
+    for r in [one] + padded:
         assert r["ms"] > 0 and r["tokens_per_s_per_device"] > 0 and "ratio_vs_one_device" in r
-    assert padded["check_max_rel_err"] < 1e-5
+    for r in padded:
+        assert r["check_max_rel_err"] < 1e-5
     assert "EP2 ragged" in res["results"]
