@@ -56,7 +56,6 @@ def estimate_memory_per_device(param_count: int, n_devices: int, train_cfg: Any 
     return (param_count * param_bytes + trainable * (param_bytes + n_states * state_bytes)) / max(1, n_devices)
 
 
-# ------------------------------------------------------------------------------------------------ logger
 def peak_memory_gib() -> float | None:
     """The most device memory any local device has held so far (GiB); None where the backend keeps no count (CPU)."""
     import jax
@@ -90,6 +89,7 @@ class CompletionClock:
         self._pool.shutdown(wait=False)
 
 
+# ------------------------------------------------------------------------------------------------ logger
 def _fmt_eta(seconds: float) -> str:
     if not math.isfinite(seconds) or seconds < 0:
         return "?"

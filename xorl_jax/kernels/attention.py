@@ -167,8 +167,7 @@ def attention(q_BTHd, k_BTKd, v_BTKd, *, segment_ids=None, scale=None, implement
     # Packed documents: cuDNN's ragged layout skips the cross-document blocks entirely. A row with more than
     # `max_segments` documents falls back to an explicit mask (correct, slower) rather than dropping any.
     layout = packed_layout(segment_ids, max_segments) if layout is None else layout
-    tiers = len(layout.offsets)
-    slots = layout.tiers
+    slots = layout.tiers  # slot count per tier, smallest first
 
     def masked(q, k, v, seg, offsets, lengths):
         mask = (seg[:, :, None] == seg[:, None, :])[:, None]
@@ -179,13 +178,13 @@ def attention(q_BTHd, k_BTKd, v_BTKd, *, segment_ids=None, scale=None, implement
 
     def local(q, k, v, seg, counts, *offsets_and_lengths):
         # the tier of this device's rows: one device's crowded row does not slow the others (no collective inside)
-        offsets, lengths = offsets_and_lengths[:tiers], offsets_and_lengths[tiers:]
-        branches = [packed(i) for i in range(tiers)] + [masked]
+        offsets, lengths = offsets_and_lengths[:len(slots)], offsets_and_lengths[len(slots):]
+        branches = [packed(i) for i in range(len(slots))] + [masked]
         return jax.lax.switch(layout_branch(counts, slots), branches, q, k, v, seg, offsets, lengths)
 
     # Each device runs cuDNN on its own rows with its own rows' layout. Left to XLA's partitioner (cuDNN's custom
     # partitioning), the offsets and lengths did not follow q/k/v's split: on 2 x H200 with one row per GPU the
     # second GPU's gradients were 1.4 off the reference and partly non-finite, and every MoE recipe on two GPUs
     # skipped its steps; one GPU was right.
-    return per_shard(local, in_names=(_Q, _KV, _KV, _ROWS, ("batch",)) + (_ROWS,) * (2 * tiers), out_names=_Q)(
+    return per_shard(local, in_names=(_Q, _KV, _KV, _ROWS, ("batch",)) + (_ROWS,) * (2 * len(slots)), out_names=_Q)(
         q_BTHd, k_BTKd, v_BTKd, segment_ids, layout.counts, *layout.offsets, *layout.lengths)
