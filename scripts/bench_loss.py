@@ -1,12 +1,13 @@
-"""The LM-head cross-entropy alone, forward + backward: xorl_jax's chunked loss at several chunk widths against the
-full-logits jnp reference and HF's way in torch (bf16 logits, upcast, F.cross_entropy), same GPU, same run.
+"""The LM-head cross-entropy alone, forward + backward: xorl_jax's chunked loss (token chunks at several sizes, and
+vocabulary chunks) against the full-logits jnp reference and HF's way in torch (bf16 logits, upcast,
+F.cross_entropy), same GPU, same run.
 
     PYTHONPATH=. python scripts/bench_loss.py [--tokens 16384 --hidden 2048 --vocab 151936]
-        [--chunks 4096,8192,16384,32768] [--iters 10] [--no-torch] [--no-reference]
+        [--chunks 1024,2048,4096] [--vocab-chunk 8192] [--iters 10] [--no-torch] [--no-reference]
 
-Reports the median fwd+bwd time, the rate of the head matmuls actually run (the chunked loss runs four: forward,
-recompute, two gradients; the full-logits paths run three) and the temporaries of the compiled JAX program (torch:
-its peak allocation above the inputs). `--tiny` is a CPU smoke run of this script.
+Reports the median fwd+bwd time, the rate of the head matmuls actually run (token chunks and the full-logits paths
+run three: logits, dh, dW; vocabulary chunks four: forward, recompute, two gradients) and the temporaries of the
+compiled JAX program (torch: its peak allocation above the inputs). `--tiny` is a CPU smoke run of this script.
 """
 
 from __future__ import annotations
@@ -66,7 +67,9 @@ def main():
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--vocab", type=int, default=151936)
-    p.add_argument("--chunks", default="4096,8192,16384,32768", help="ce_chunk_size values")
+    p.add_argument("--chunks", default="1024,2048,4096", help="ce_chunk_size values (tokens per chunk)")
+    p.add_argument("--vocab-chunk", type=int, default=8192, help="columns per chunk of the vocabulary-chunked "
+                   "loss (0: skip it)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--no-torch", action="store_true")
@@ -74,7 +77,7 @@ def main():
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: small shapes, no torch")
     a = p.parse_args()
     if a.tiny:
-        a.tokens, a.hidden, a.vocab, a.chunks, a.iters, a.no_torch = 64, 32, 1000, "128,300", 2, True
+        a.tokens, a.hidden, a.vocab, a.chunks, a.vocab_chunk, a.iters, a.no_torch = 64, 32, 1000, "16,40", 300, 2, True
     n, d, v = a.tokens, a.hidden, a.vocab
     h, w, labels = inputs(n, d, v, jnp.dtype(a.dtype))
     head_flop = 2 * n * d * v
@@ -85,12 +88,17 @@ def main():
     if not a.no_reference:
         ms, temp, (ref_loss, _) = jax_case(cross_entropy_reference, h, w, labels, a.iters)
         rows.append(("jnp reference (full fp32 logits)", ms, 3 * head_flop, temp, 0.0))
-    for c in (int(x) for x in a.chunks.split(",")):
-        plan = _plan(v, c, jnp.float32, None)
-        fn = lambda h, w, labels, c=c: chunked_cross_entropy(h, w, labels, chunk_size=c)  # noqa: E731
+    cases = [(f"chunked, {c} tokens per chunk", 3, dict(method="tokens", chunk_size=int(c)))
+             for c in a.chunks.split(",")]
+    if a.vocab_chunk:
+        plan = _plan(v, a.vocab_chunk, jnp.float32, None)
+        cases.append((f"chunked, vocab {plan.n_chunks} x {plan.chunk}", 4,
+                       dict(method="vocab", vocab_chunk=a.vocab_chunk)))
+    for name, matmuls, kw in cases:
+        fn = lambda h, w, labels, kw=kw: chunked_cross_entropy(h, w, labels, **kw)  # noqa: E731
         ms, temp, (loss, _) = jax_case(fn, h, w, labels, a.iters)
         err = abs(float(loss) - float(ref_loss)) / abs(float(ref_loss)) if ref_loss is not None else float("nan")
-        rows.append((f"chunked {c} ({plan.n_chunks} x {plan.chunk})", ms, 4 * head_flop, temp, err))
+        rows.append((name, ms, matmuls * head_flop, temp, err))
     if not a.no_torch:
         ms, peak = torch_case(h, w, labels, a.iters)
         rows.append(("torch: bf16 logits, fp32 CE (HF)", ms, 3 * head_flop, peak, float("nan")))

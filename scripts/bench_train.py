@@ -15,7 +15,7 @@ One H100 (the default mesh is one device, whatever is visible):
     python scripts/bench_train.py --model qwen3_30b_a3b --layers 6 --backends jax,hf
     python scripts/bench_train.py --model qwen3_1.7b --backends jax --profile /tmp/prof --xla-dump /tmp/xla
     python scripts/bench_train.py --model qwen3_1.7b --backends jax \
-        --sweep "remat=full,dots_saveable,dots_with_no_batch_dims_saveable;ce_chunk=8192,32768"
+        --sweep "remat=full,dots_saveable,dots_with_no_batch_dims_saveable;ce_chunk=1024,4096"
 
 Several GPUs of one host (xorl_jax only uses them; --batch is rows per data-parallel rank, so the global batch is
 --batch x (devices / tp)). NVLink multicast must stay off on these machines:
@@ -322,7 +322,7 @@ def child_env(args, backend: str) -> dict:
 
 
 def parse_sweep(spec: str | None) -> list[list[str]]:
-    """"remat=full,dots_saveable;ce_chunk=8192,32768" -> the argv suffix of each point of the product."""
+    """"remat=full,dots_saveable;ce_chunk=1024,4096" -> the argv suffix of each point of the product."""
     if not spec:
         return [[]]
     axes = []
@@ -354,8 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attn", default="auto", help="model.attn_implementation")
     p.add_argument("--moe", default="auto", help="model.moe_implementation")
     p.add_argument("--gdn", default="auto", help="model.gdn_implementation")
-    p.add_argument("--ce-chunk", type=int, default=8192, help="train.ce_chunk_size (vocabulary columns per chunk "
-                   "of the chunked cross-entropy)")
+    p.add_argument("--ce-chunk", type=int, default=2048, help="train.ce_chunk_size (tokens per chunk of the "
+                   "chunked cross-entropy)")
     p.add_argument("--param-dtype", default="float32")
     p.add_argument("--optimizer-dtype", default="float32")
     p.add_argument("--hf-time-limit", type=float, default=240.0)
@@ -366,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile-top", type=int, default=25, help="ops listed in the profile summary")
     p.add_argument("--xla-dump", default=None, metavar="DIR", help="dump the step's optimized HLO into DIR")
     p.add_argument("--sweep", default=None, help='run every combination, e.g. "remat=full,dots_saveable;'
-                   'ce_chunk=8192,32768" (keys are option names)')
+                   'ce_chunk=1024,4096" (keys are option names)')
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--label", default="", help=argparse.SUPPRESS)

@@ -89,7 +89,7 @@ case "$1" in
     run dense_hf python3 scripts/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 6 --backends jax,hf \
         --profile "$WORK/prof_dense" --json "$OUT_DIR/dense.json"
     run dense_sweep python3 scripts/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 6 --backends jax \
-        --sweep "remat=full,dots_with_no_batch_dims_saveable,dots_saveable;ce_chunk=8192,32768" \
+        --sweep "remat=full,dots_with_no_batch_dims_saveable,dots_saveable;ce_chunk=1024,4096" \
         --json "$OUT_DIR/dense_sweep.json"
     ;;
   profiles)

@@ -1,5 +1,6 @@
-"""Chunked cross-entropy: equal to the full-logits reference (values and gradients), ignore_index, bf16 inputs,
-soft cap, padded chunking, and memory bounded by the chunk in forward and backward."""
+"""Chunked cross-entropy, token chunks (gradients computed in the forward) and vocabulary chunks: equal to the
+full-logits reference (values and gradients), ignore_index, bf16 inputs, soft cap, padded chunking, sharded over
+devices, and memory bounded by the chunk in forward and backward."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +8,8 @@ import numpy as np
 import pytest
 
 from xorl_jax.loss import _plan, chunked_cross_entropy, cross_entropy_reference
+
+METHODS = ("tokens", "vocab")
 
 
 def _inputs(seed, shape=(3, 7), D=16, V=50, ignore_frac=0.25, dtype=jnp.float32):
@@ -30,9 +33,24 @@ def _loss_and_grads(fn, h, w, labels, **kw):
 # (300, 200): chunks wide enough to be aligned to 128 columns, so padded to 2 x 256
 @pytest.mark.parametrize("V,chunk", [(50, 8), (50, 64), (53, 10), (48, 7), (50, 1), (300, 200)])
 @pytest.mark.parametrize("soft_cap", [None, 5.0])
-def test_matches_reference_fp32(V, chunk, soft_cap):
+def test_vocab_chunks_match_reference_fp32(V, chunk, soft_cap):
     h, w, labels = _inputs(0, V=V)
-    loss, n, (dh, dw) = _loss_and_grads(chunked_cross_entropy, h, w, labels, chunk_size=chunk, soft_cap=soft_cap)
+    loss, n, (dh, dw) = _loss_and_grads(chunked_cross_entropy, h, w, labels, method="vocab", vocab_chunk=chunk,
+                                        soft_cap=soft_cap)
+    ref, n_ref, (dh_ref, dw_ref) = _loss_and_grads(cross_entropy_reference, h, w, labels, soft_cap=soft_cap)
+    assert int(n) == int(n_ref) == int(jnp.sum(labels != -100))
+    np.testing.assert_allclose(loss, ref, rtol=1e-5)
+    np.testing.assert_allclose(dh, dh_ref, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(dw, dw_ref, rtol=1e-4, atol=1e-6)
+
+
+# 21 tokens: chunks that divide them, that leave a padded last chunk, one token, all tokens in one chunk
+@pytest.mark.parametrize("chunk", [7, 4, 1, 21, 64])
+@pytest.mark.parametrize("soft_cap", [None, 5.0])
+def test_token_chunks_match_reference_fp32(chunk, soft_cap):
+    h, w, labels = _inputs(0, V=53)
+    loss, n, (dh, dw) = _loss_and_grads(chunked_cross_entropy, h, w, labels, method="tokens", chunk_size=chunk,
+                                        soft_cap=soft_cap)
     ref, n_ref, (dh_ref, dw_ref) = _loss_and_grads(cross_entropy_reference, h, w, labels, soft_cap=soft_cap)
     assert int(n) == int(n_ref) == int(jnp.sum(labels != -100))
     np.testing.assert_allclose(loss, ref, rtol=1e-5)
@@ -50,39 +68,43 @@ def test_plan_prefers_dividing_chunk_counts_and_pads_otherwise():
     assert (p.n_chunks, p.chunk, p.padded) == (6, 9, True)
 
 
-def test_ignore_index_tokens_do_not_count_or_get_gradient():
+@pytest.mark.parametrize("method", METHODS)
+def test_ignore_index_tokens_do_not_count_or_get_gradient(method):
     h, w, labels = _inputs(1, ignore_frac=0.5)
-    _, _, (dh, _) = _loss_and_grads(chunked_cross_entropy, h, w, labels, chunk_size=16)
+    _, _, (dh, _) = _loss_and_grads(chunked_cross_entropy, h, w, labels, chunk_size=16, method=method)
     ignored = np.asarray(labels == -100)
     assert ignored.any() and (~ignored).any()
     assert not np.any(np.asarray(dh)[ignored])
     # Changing the hidden state of ignored tokens changes nothing.
     h2 = jnp.where(ignored[..., None], 100.0, h)
-    a = chunked_cross_entropy(h, w, labels, chunk_size=16)[0]
-    b = chunked_cross_entropy(h2, w, labels, chunk_size=16)[0]
+    a = chunked_cross_entropy(h, w, labels, chunk_size=16, method=method)[0]
+    b = chunked_cross_entropy(h2, w, labels, chunk_size=16, method=method)[0]
     np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
-def test_custom_ignore_index():
+@pytest.mark.parametrize("method", METHODS)
+def test_custom_ignore_index(method):
     h, w, labels = _inputs(2, ignore_frac=0.0)
     labels = labels.at[0, :3].set(7)
-    loss, n = chunked_cross_entropy(h, w, labels, chunk_size=16, ignore_index=7)
+    loss, n = chunked_cross_entropy(h, w, labels, chunk_size=16, method=method, ignore_index=7)
     ref, n_ref = cross_entropy_reference(h, w, labels, ignore_index=7)
     assert int(n) == int(n_ref) < labels.size
     np.testing.assert_allclose(loss, ref, rtol=1e-5)
 
 
-def test_all_ignored_gives_zero_loss_count_and_gradients():
+@pytest.mark.parametrize("method", METHODS)
+def test_all_ignored_gives_zero_loss_count_and_gradients(method):
     h, w, labels = _inputs(3)
     labels = jnp.full_like(labels, -100)
-    loss, n, (dh, dw) = _loss_and_grads(chunked_cross_entropy, h, w, labels, chunk_size=16)
+    loss, n, (dh, dw) = _loss_and_grads(chunked_cross_entropy, h, w, labels, chunk_size=16, method=method)
     assert float(loss) == 0.0 and int(n) == 0 and n.dtype == jnp.int32 and loss.dtype == jnp.float32
     assert not np.any(dh) and not np.any(dw)
 
 
-def test_bf16_inputs():
+@pytest.mark.parametrize("method", METHODS)
+def test_bf16_inputs(method):
     h, w, labels = _inputs(4, shape=(4, 32), D=64, V=300, dtype=jnp.bfloat16)
-    loss, n, (dh, dw) = _loss_and_grads(chunked_cross_entropy, h, w, labels, chunk_size=64)
+    loss, n, (dh, dw) = _loss_and_grads(chunked_cross_entropy, h, w, labels, chunk_size=64, method=method)
     assert dh.dtype == jnp.bfloat16 and dw.dtype == jnp.bfloat16 and loss.dtype == jnp.float32
     # Reference on the same bf16-rounded values in fp32: only the matmul rounding differs.
     ref, _, (dh_ref, dw_ref) = _loss_and_grads(cross_entropy_reference, h.astype(jnp.float32),
@@ -107,26 +129,29 @@ def _temp_bytes(fn, *args):
     return stats.temp_size_in_bytes
 
 
-def test_memory_is_bounded_by_the_chunk():
-    N, D, V, K = 2048, 64, 16384, 512
+@pytest.mark.parametrize("method", METHODS)
+def test_memory_is_bounded_by_the_chunk(method):
+    N, D, V, K = 2048, 64, 16384, 64  # K tokens per chunk: [64, V] logits, or [N, 512] for vocab chunks
     h = jnp.zeros((N, D), jnp.float32)
     w = jnp.zeros((D, V), jnp.float32)
     labels = jnp.zeros((N,), jnp.int32)
     full_logits = N * V * 4  # 128 MiB
 
     def chunked(h, w):
-        return jax.grad(lambda h, w: chunked_cross_entropy(h, w, labels, chunk_size=K)[0], argnums=(0, 1))(h, w)
+        loss = lambda h, w: chunked_cross_entropy(h, w, labels, chunk_size=K, method=method)[0]  # noqa: E731
+        return jax.grad(loss, argnums=(0, 1))(h, w)
 
     def naive(h, w):
         return jax.grad(lambda h, w: cross_entropy_reference(h, w, labels)[0], argnums=(0, 1))(h, w)
 
     chunked_temp = _temp_bytes(chunked, h, w)
     assert _temp_bytes(naive, h, w) >= full_logits  # the check can tell the two apart
-    # A few [N, K] fp32 buffers, the [N, D] accumulator and the [D, V] chunked copies; far below N*V*4.
+    # A few 4 MiB chunk buffers, the [N, D] / [D, V] accumulators and the [D, V] chunked copies; far below N*V*4.
     assert chunked_temp < full_logits / 8, chunked_temp
 
 
-def test_sharded_over_tokens_and_vocab_matches_reference():
+@pytest.mark.parametrize("method", METHODS)
+def test_sharded_over_tokens_and_vocab_matches_reference(method):
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
     devices = np.array(jax.devices()[:8]).reshape(4, 2)
@@ -135,7 +160,31 @@ def test_sharded_over_tokens_and_vocab_matches_reference():
     h = jax.device_put(h, NamedSharding(mesh, P("data", None, None)))
     w = jax.device_put(w, NamedSharding(mesh, P(None, "tensor")))
     labels = jax.device_put(labels, NamedSharding(mesh, P("data", None)))
-    loss, n, (dh, dw) = _loss_and_grads(chunked_cross_entropy, h, w, labels, chunk_size=16)
+    loss, n, (dh, dw) = _loss_and_grads(chunked_cross_entropy, h, w, labels, chunk_size=16, method=method)
+    ref, _, (dh_ref, dw_ref) = _loss_and_grads(cross_entropy_reference, np.asarray(h), np.asarray(w),
+                                               np.asarray(labels))
+    np.testing.assert_allclose(loss, ref, rtol=1e-5)
+    np.testing.assert_allclose(dh, dh_ref, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(dw, dw_ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_under_a_mesh_context_each_device_runs_its_tokens(tp):
+    """Inside `use_mesh` the token chunks run per device (shard_map over the batch axes, the head gradient summed
+    once); a tensor-parallel mesh that splits the vocab takes the vocab chunks instead. Both equal the reference."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from xorl_jax.parallel.rules import use_mesh
+
+    axes = ("data", "fsdp", "expert", "tensor")
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4 // tp, 1, tp), axes)
+    h, w, labels = _inputs(8, shape=(8, 12), D=16, V=96)
+    h = jax.device_put(h, NamedSharding(mesh, P(("data", "fsdp"), None, None)))
+    w = jax.device_put(w, NamedSharding(mesh, P("fsdp", "tensor" if tp > 1 else None)))
+    with use_mesh(mesh, "full"):
+        loss, n, (dh, dw) = _loss_and_grads(chunked_cross_entropy, h, w, labels, chunk_size=5)
+        text = jax.jit(lambda h, w: chunked_cross_entropy(h, w, labels, chunk_size=5)[0]).lower(h, w).as_text()
+    assert ("shard_map" in text or "manual" in text) == (tp == 1)  # per-device token chunks only without TP
     ref, _, (dh_ref, dw_ref) = _loss_and_grads(cross_entropy_reference, np.asarray(h), np.asarray(w),
                                                np.asarray(labels))
     np.testing.assert_allclose(loss, ref, rtol=1e-5)
@@ -144,9 +193,10 @@ def test_sharded_over_tokens_and_vocab_matches_reference():
 
 
 @pytest.mark.parametrize("bad", [50, 1000, -1])
-def test_out_of_range_label_gives_nan(bad):
+@pytest.mark.parametrize("method", METHODS)
+def test_out_of_range_label_gives_nan(bad, method):
     h, w, labels = _inputs(7, V=50, ignore_frac=0.0)
-    loss, n = chunked_cross_entropy(h, w, labels.at[1, 2].set(bad), chunk_size=16)
+    loss, n = chunked_cross_entropy(h, w, labels.at[1, 2].set(bad), chunk_size=16, method=method)
     assert np.isnan(float(loss)) and int(n) == labels.size
 
 
@@ -161,4 +211,4 @@ def test_bench_loss_script_runs_tiny():
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [ln for ln in out.stdout.splitlines() if ln.startswith(("jnp reference", "chunked"))]
-    assert len(rows) == 3 and all(float(r.split()[-1]) < 1e-5 for r in rows)  # every loss equals the reference
+    assert len(rows) == 4 and all(float(r.split()[-1]) < 1e-5 for r in rows)  # every loss equals the reference

@@ -166,8 +166,8 @@ class TrainConfig:
         choices=("full", "dots_saveable", "dots_with_no_batch_dims_saveable", "none"))
     enable_full_shard: bool = _field(True, "accepted for xorl configs; parameters always stay sharded between "
                                            "uses (XLA gathers them per layer), false has no effect")
-    ce_chunk_size: int = _field(8192, "vocabulary columns per chunk of the chunked cross-entropy (bounds the "
-                                      "[tokens, chunk] logits held at once); rounded to a multiple of 128 columns for the GPU's GEMM kernels")
+    ce_chunk_size: int = _field(2048, "tokens per chunk of the chunked cross-entropy: each chunk's [tokens, vocab] "
+                                      "fp32 logits exist at once (2048 x 151936 = 1.2 GiB), the whole batch's never")
     router_aux_loss_coef: float | None = _field(None, "MoE load-balancing loss weight; null = the checkpoint's "
                                                       "router_aux_loss_coef")
     max_nonfinite_steps: int = _field(5, "stop after this many updates in a row skipped for a non-finite loss "

@@ -1,16 +1,20 @@
-"""Cross-entropy of the LM head computed in vocabulary chunks: the [tokens, vocab] logits never exist at once,
-neither in the forward nor in the backward (a custom VJP recomputes each chunk's logits).
+"""Cross-entropy of the LM head without materialising the [tokens, vocab] logits of a whole batch.
 
-Shape letters: N tokens (all leading dims of `hidden` flattened), D hidden size, V vocabulary, C number of vocab
-chunks, K vocab columns per chunk (V <= C*K).
+Shape letters: N tokens (all leading dims of `hidden` flattened), D hidden size, V vocabulary, n tokens per chunk,
+C number of chunks, K vocab columns per chunk.
 
-Why vocabulary chunks and not token chunks: each chunk's weight gradient dW[:, chunk] is complete after one
-matmul over all tokens, so under data/FSDP sharding it is reduced across devices once in total (token chunks
-would all-reduce the full [D, V] gradient once per chunk), and dh accumulates locally. Chunk j holds the strided
-columns {j, j + C, j + 2C, ...}: a vocab axis sharded in blocks (tensor parallel) stays sharded inside every chunk.
+Two ways to chunk, one result:
+- token chunks (the default): each chunk of n tokens gets its full-vocabulary logits [n, V], its loss, and, when
+  differentiated, its gradients at once: dh for its tokens and its share of dW, accumulated in fp32. Three head
+  matmuls per chunk (logits, dh, dW) and one pass over the logits; the backward only scales the saved gradients by
+  the incoming cotangent. On several devices each device runs the chunks of its own tokens (shard_map over the
+  batch axes) and the head gradient is summed across devices once, after the last chunk.
+- vocabulary chunks (when a tensor-parallel mesh splits the head's vocab axis): chunk j holds the strided columns
+  {j, j + C, ...}, so a block-sharded vocab stays sharded inside every chunk; the forward takes the log-sum-exp,
+  and the backward recomputes each chunk's logits (four head matmuls).
 
-Peak extra memory is a few [N, K] fp32 buffers (logits, probabilities, their gradient) plus an fp32 [N, D]
-accumulator for dh: choose chunk_size so that N * chunk_size * 4 bytes fits comfortably.
+Peak extra memory: a few [n, V] fp32 buffers (token chunks) or [N, K] (vocab chunks), plus an fp32 [D, V] head
+gradient (token chunks) or an [N, D] dh accumulator (vocab chunks).
 """
 
 from __future__ import annotations
@@ -71,15 +75,19 @@ def _merge_vocab(w_CDK, plan: _Plan):
     return w[:, : plan.vocab] if plan.padded else w
 
 
+def _round_and_cap(z, logits_dtype, soft_cap):
+    """fp32 logits rounded through logits_dtype, then soft-capped; also the capped logits over the cap (for the
+    tanh derivative) or None."""
+    z = z.astype(logits_dtype).astype(jnp.float32)
+    if soft_cap is None:
+        return z, None
+    t = jnp.tanh(z / soft_cap)
+    return soft_cap * t, t
+
+
 def _chunk_logits(h_ND, w_DK, j, plan: _Plan):
-    """Logits of chunk j in fp32 (rounded through logits_dtype), soft-capped, padding columns at -inf.
-    Also returns the capped logits divided by the cap (for the tanh derivative) or None."""
-    z = jnp.dot(h_ND, w_DK, preferred_element_type=jnp.float32)
-    z = z.astype(plan.logits_dtype).astype(jnp.float32)
-    t = None
-    if plan.soft_cap is not None:
-        t = jnp.tanh(z / plan.soft_cap)
-        z = plan.soft_cap * t
+    """Logits of vocab chunk j in fp32, soft-capped, padding columns at -inf (and tanh(z / cap) or None)."""
+    z, t = _round_and_cap(jnp.dot(h_ND, w_DK, preferred_element_type=jnp.float32), plan.logits_dtype, plan.soft_cap)
     if plan.padded:
         column = jnp.arange(plan.chunk) * plan.n_chunks + j
         z = jnp.where(column[None, :] < plan.vocab, z, -jnp.inf)
@@ -156,14 +164,128 @@ def _ce_bwd(plan, residuals, g):
 _ce_sum.defvjp(_ce_fwd, _ce_bwd)
 
 
-def chunked_cross_entropy(hidden, head_w, labels, *, chunk_size: int = 8192, ignore_index: int = -100,
-                          logits_dtype=jnp.float32, soft_cap: float | None = None):
+# ------------------------------------------------------------------------------------------------ token chunks
+@dataclasses.dataclass(frozen=True)
+class _TokenPlan:
+    chunk: int  # n, tokens per chunk
+    logits_dtype: str
+    soft_cap: float | None
+    head_dtype: str  # dtype of head_w (and of its gradient)
+
+
+def _token_chunks(plan: _TokenPlan, h_ND, w_DV, labels_N, valid_N, with_grads: bool):
+    """Loss sum over this device's tokens and, with_grads, (dh [N, D] in h's dtype, dW [D, V] fp32) of that sum."""
+    N, D = h_ND.shape
+    V = w_DV.shape[1]
+    dt, h_dtype = _matmul_dtype(h_ND, w_DV), h_ND.dtype
+    n = max(1, min(plan.chunk, N))
+    C = -(-N // n)
+    pad = C * n - N
+    if pad:  # padding tokens are ignored ones: no loss, no gradient
+        h_ND = jnp.pad(h_ND, ((0, pad), (0, 0)))
+        labels_N, valid_N = jnp.pad(labels_N, (0, pad)), jnp.pad(valid_N, (0, pad))
+    w = w_DV.astype(dt)
+    xs = (h_ND.reshape(C, n, D), labels_N.reshape(C, n), valid_N.reshape(C, n))
+
+    def body(dw_DV, chunk):
+        h_nD, labels_n, valid_n = chunk
+        h_nD = h_nD.astype(dt)
+        z, t = _round_and_cap(jnp.dot(h_nD, w, preferred_element_type=jnp.float32), plan.logits_dtype,
+                              plan.soft_cap)
+        lse = jax.nn.logsumexp(z, axis=1)
+        safe = jnp.where(valid_n, labels_n, 0)
+        picked = jnp.take_along_axis(z, safe[:, None], axis=1)[:, 0]
+        loss = jnp.sum(jnp.where(valid_n, lse - picked, 0.0))
+        if not with_grads:
+            return dw_DV, (loss, None)
+        hit = jnp.arange(V)[None, :] == safe[:, None]
+        dz = jnp.where(valid_n[:, None], jnp.exp(z - lse[:, None]) - hit.astype(jnp.float32), 0.0)
+        if t is not None:
+            dz = dz * (1.0 - t * t)
+        dz = dz.astype(dt)
+        dh_nD = jnp.dot(dz, w.T, preferred_element_type=jnp.float32).astype(h_dtype)
+        dw_DV = dw_DV + jnp.dot(h_nD.T, dz, preferred_element_type=jnp.float32)
+        return dw_DV, (loss, dh_nD)
+
+    dw0 = jnp.zeros((D, V) if with_grads else (), jnp.float32)
+    dw, (loss_C, dh_CnD) = jax.lax.scan(body, dw0, xs)
+    out_of_range = valid_N & ((labels_N < 0) | (labels_N >= V))
+    loss = jnp.where(jnp.any(out_of_range), jnp.nan, jnp.sum(loss_C))
+    if not with_grads:
+        return loss, None, None
+    return loss, dh_CnD.reshape(C * n, D)[:N], dw
+
+
+def _on_devices(plan: _TokenPlan, h_ND, w_DV, labels_N, valid_N, with_grads: bool):
+    """_token_chunks on each device's own tokens (split over the batch mesh axes), loss and dW summed across them
+    once; a plain call without a multi-device mesh context."""
+    from xorl_jax.parallel.rules import current, logical_to_spec, shard_map_compat
+    from jax.sharding import PartitionSpec as P
+
+    run = functools.partial(_token_chunks, plan, with_grads=with_grads)
+    ctx = current()
+    if ctx is None or ctx.mesh.size == 1:
+        return run(h_ND, w_DV, labels_N, valid_N)
+    rows = logical_to_spec(("batch", None), ctx.rules.activations, ctx.mesh, h_ND.shape)
+    axes = rows[0]
+    if axes is None:
+        return run(h_ND, w_DV, labels_N, valid_N)
+
+    def local(h, w, labels, valid):
+        loss, dh, dw = run(h, w, labels, valid)
+        loss = jax.lax.psum(loss, axes)
+        return (loss,) if not with_grads else (loss, dh, jax.lax.psum(dw, axes))
+
+    outs = (P(),) if not with_grads else (P(), rows, P())
+    got = shard_map_compat(local, ctx.mesh, (rows, P(), P(axes), P(axes)), outs)(h_ND, w_DV, labels_N, valid_N)
+    return (got[0], None, None) if not with_grads else got
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ce_tokens(plan: _TokenPlan, h_ND, w_DV, labels_N, valid_N):
+    return _on_devices(plan, h_ND, w_DV, labels_N, valid_N, with_grads=False)[0]
+
+
+def _ce_tokens_fwd(plan, h_ND, w_DV, labels_N, valid_N):
+    loss, dh, dw = _on_devices(plan, h_ND, w_DV, labels_N, valid_N, with_grads=True)
+    return loss, (dh, dw)
+
+
+def _ce_tokens_bwd(plan, residuals, g):
+    # the gradients of the loss sum were computed in the forward: scale them by the cotangent of that sum
+    dh, dw = residuals
+    g = g.astype(jnp.float32)
+    return (dh.astype(jnp.float32) * g).astype(dh.dtype), (dw * g).astype(plan.head_dtype), None, None
+
+
+_ce_tokens.defvjp(_ce_tokens_fwd, _ce_tokens_bwd)
+
+
+def _vocab_is_split() -> bool:
+    """True when the current mesh splits the head's vocab axis over a tensor-parallel axis of size > 1."""
+    from xorl_jax.parallel.rules import _as_tuple, current
+
+    ctx = current()
+    if ctx is None:
+        return False
+    return any(ctx.axis_size(a) > 1 for a in _as_tuple(ctx.rules.params.get("vocab")))
+
+
+CE_METHODS = ("auto", "tokens", "vocab")
+
+
+def chunked_cross_entropy(hidden, head_w, labels, *, chunk_size: int = 2048, ignore_index: int = -100,
+                          logits_dtype=jnp.float32, soft_cap: float | None = None, method: str = "auto",
+                          vocab_chunk: int | None = None):
     """Sum over tokens of -log softmax(hidden @ head_w)[label], without materialising the full logits.
 
     hidden [..., D] (any float dtype; matmuls run in the promoted dtype of hidden and head_w with fp32
     accumulation), head_w [D, V], labels [...] integer next-token targets in [0, V) or `ignore_index`; any other
     label makes loss_sum NaN (so a bad batch is caught as a non-finite step rather than trained on silently).
-    chunk_size: vocabulary columns per chunk. soft_cap: logits -> cap * tanh(logits / cap) when set.
+    chunk_size: tokens per chunk, i.e. about chunk_size x V logits at once. method: tokens | vocab | auto (vocab
+    chunks when a tensor-parallel mesh splits the vocab, else tokens). vocab_chunk: columns per vocab chunk
+    (default: as many logits as a token chunk holds).
+    soft_cap: logits -> cap * tanh(logits / cap) when set.
     Returns (loss_sum fp32 scalar, n_valid int32 scalar); differentiable w.r.t. hidden and head_w.
     """
     D = hidden.shape[-1]
@@ -171,10 +293,20 @@ def chunked_cross_entropy(hidden, head_w, labels, *, chunk_size: int = 8192, ign
         raise ValueError(f"head_w must be [D={D}, V], got shape {head_w.shape}")
     if labels.shape != hidden.shape[:-1]:
         raise ValueError(f"labels shape {labels.shape} must equal hidden's leading shape {hidden.shape[:-1]}")
-    plan = _plan(head_w.shape[1], chunk_size, logits_dtype, soft_cap)
+    if method not in CE_METHODS:
+        raise ValueError(f"cross-entropy method {method!r} is not one of {CE_METHODS}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     labels_N = labels.reshape(-1).astype(jnp.int32)
     valid_N = labels_N != ignore_index
-    loss = _ce_sum(plan, hidden.reshape(-1, D), head_w, labels_N, valid_N)
+    h_ND = hidden.reshape(-1, D)
+    if method == "vocab" or (method == "auto" and _vocab_is_split()):
+        V = head_w.shape[1]
+        columns = vocab_chunk or max(1, min(V, chunk_size * V // max(1, h_ND.shape[0])))
+        loss = _ce_sum(_plan(V, columns, logits_dtype, soft_cap), h_ND, head_w, labels_N, valid_N)
+    else:
+        plan = _TokenPlan(chunk_size, jnp.dtype(logits_dtype).name, soft_cap, jnp.dtype(head_w.dtype).name)
+        loss = _ce_tokens(plan, h_ND, head_w, labels_N, valid_N)
     return loss, jnp.sum(valid_N).astype(jnp.int32)
 
 

@@ -32,7 +32,7 @@ class TrainState:
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
     aux_loss_coef: float = 0.0
-    ce_chunk_size: int = 8192
+    ce_chunk_size: int = 2048  # tokens per chunk of the loss
     compute_dtype: Any = jnp.bfloat16
     logits_dtype: Any = jnp.float32  # logits are rounded through this before the softmax (model.lm_head_fp32)
 
@@ -83,10 +83,15 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_cfg:
             grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
             return (grads_acc, loss_acc + loss_sum, aux_acc + aux), None
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        (grads, loss_sum, aux_sum), _ = jax.lax.scan(
-            accumulate, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)), batch
-        )
+        if n_micro == 1:
+            # One micro-batch: its gradients are the sum (a zero-filled tree plus an add would write and read every
+            # gradient once more for nothing).
+            (_, (loss_sum, aux_sum)), grads = grad_fn(state.params, jax.tree.map(lambda x: x[0], batch))
+        else:
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            (grads, loss_sum, aux_sum), _ = jax.lax.scan(
+                accumulate, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)), batch
+            )
         loss = loss_sum / total_valid
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
