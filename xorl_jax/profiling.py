@@ -356,12 +356,11 @@ def summarize_events(events: list[OpEvent], *, hlo_text: str | None = None, step
     for e in events:
         info = hlo.get(e.hlo_op or "")
         if info is not None:
-            cat, kind, opcode = info
+            cat, kind, _ = info
         else:
             cat, kind = classify_name(e.name)
             if cat == "other" and e.hlo_op and e.hlo_op != e.name:
                 cat, kind = classify_name(e.hlo_op)
-            opcode = None
         if cat == "control":
             continue
         cat_us[cat] += e.dur

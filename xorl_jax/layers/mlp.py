@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from xorl_jax.layers.linear import cast, param
+from xorl_jax.layers.swiglu import swiglu
 
 
 class MLP(nnx.Module):
@@ -18,5 +18,5 @@ class MLP(nnx.Module):
     def __call__(self, x_BTD):
         dt = self.dtype
         h = jnp.einsum("btd,dcf->btcf", x_BTD.astype(dt), cast(self.gate_up_proj, dt))
-        a = jax.nn.silu(h[..., 0, :]) * h[..., 1, :]
+        a = swiglu(h, -2)
         return jnp.einsum("btf,fd->btd", a, cast(self.down_proj, dt))

@@ -22,6 +22,7 @@ from flax import nnx
 from xorl_jax.layers.linear import cast, param
 from xorl_jax.layers.mlp import MLP
 from xorl_jax.layers.permute import inverse_permutation, take_copies, take_rows
+from xorl_jax.layers.swiglu import swiglu
 
 MOE_IMPLEMENTATIONS = ("auto", "triton", "native", "eager")
 
@@ -66,7 +67,7 @@ def experts_sorted(x_ND, top_i, top_w, w_gate_up_EDCF, w_down_EFD, implementatio
     x_sorted = take_copies(x_ND, order, inverse, k)
     gmm_impl = "ragged_dot" if implementation == "native" else implementation
     h = gmm(x_sorted, w_gate_up_EDCF.reshape(E, D, 2 * F), group_sizes, implementation=gmm_impl)
-    a = jax.nn.silu(h[:, :F]) * h[:, F:]
+    a = swiglu(h, -1)
     y_sorted = gmm(a, w_down_EFD, group_sizes, implementation=gmm_impl)
     y_copies = take_rows(y_sorted, inverse, order).reshape(N, k, D)
     return jnp.sum(y_copies * top_w[..., None].astype(y_copies.dtype), axis=1)
@@ -111,7 +112,7 @@ def experts_dense(x_ND, top_i, top_w, w_gate_up_EDCF, w_down_EFD):
     E = w_gate_up_EDCF.shape[0]
     combine = jnp.zeros((N, E), top_w.dtype).at[jnp.arange(N)[:, None], top_i].set(top_w)
     h = jnp.einsum("nd,edcf->necf", x_ND, w_gate_up_EDCF)
-    a = jax.nn.silu(h[:, :, 0]) * h[:, :, 1]
+    a = swiglu(h, 2)
     y = jnp.einsum("nef,efd->ned", a, w_down_EFD)
     return jnp.einsum("ned,ne->nd", y, combine.astype(y.dtype))
 

@@ -29,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 from xorl_jax.layers.moe import in_token_chunks
 from xorl_jax.parallel.rules import shard_map_compat
 from xorl_jax.layers.permute import inverse_permutation, take_copies, take_rows, take_unique
+from xorl_jax.layers.swiglu import swiglu
 
 EXCHANGES = ("auto", "padded", "ragged")
 # Padded exchange: buffer rows per destination = this x the balanced share. 2 absorbs the usual imbalance of a
@@ -62,7 +63,7 @@ def local_experts(x_MD, expert_M, num_local: int, w_gate_up_EDCF, w_down_EFD, im
     sizes = jnp.bincount(expert_M, length=num_local + 1)[:num_local].astype(jnp.int32)
     xs = take_rows(x_MD, order, inverse)
     h = grouped_matmul(xs, w_gate_up_EDCF.reshape(E, D, 2 * F), sizes, implementation)
-    a = jax.nn.silu(h[:, :F]) * h[:, F:]
+    a = swiglu(h, -1)
     ys = grouped_matmul(a, w_down_EFD, sizes, implementation)
     valid = (jnp.arange(xs.shape[0]) < jnp.sum(sizes))[:, None]
     ys = jnp.where(valid, ys, 0)
