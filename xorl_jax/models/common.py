@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_attention_saveable", "dots_with_no_batch_dims_saveable")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,7 +21,7 @@ class ModelOptions:
     attn_implementation: str = "auto"  # auto | cudnn | xla
     moe_implementation: str = "auto"  # auto | triton | native | eager
     gdn_implementation: str = "auto"  # auto | pallas | chunked | recurrent
-    remat_policy: str = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
+    remat_policy: str = "none"  # one of REMAT_POLICIES
     router_fp32: bool = True
     ep_exchange: str = "auto"  # expert-parallel token exchange: auto | padded (all_to_all) | ragged
 
@@ -41,9 +41,19 @@ class ModelOutput:
     aux_loss: Any = None  # MoE load-balancing loss, unscaled (HF's `aux_loss`); 0 for dense models
 
 
+def _dots_and_attention(prim, *avals, **params):
+    """Save matmul outputs and the fused attention kernel's outputs (its result and softmax statistics): the
+    backward then recomputes only elementwise work (norms, RoPE, activations), never a matmul or an attention
+    forward."""
+    return (jax.checkpoint_policies.dots_saveable(prim, *avals, **params)
+            or prim.name.startswith("dot_product_attention_fwd"))
+
+
 def checkpoint_policy(name: str):
     if name == "full":
         return None
+    if name == "dots_attention_saveable":
+        return _dots_and_attention
     return getattr(jax.checkpoint_policies, name)
 
 
