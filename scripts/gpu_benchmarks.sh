@@ -24,6 +24,8 @@
 #             capacity factor, then scale_moe
 #   ep8_bisect 2+ GPUs: the ep8 recipe's non-finite first step at 2 and 12 layers, with and without EP, cuDNN
 #             or XLA attention
+#   tune      1 GPU:  the loss alone (token vs vocab chunks, torch), then the dense 1.7B, MoE and hybrid cuts over
+#             remat policies (xorl_jax alone)
 #   ep8       1-8 GPUs: the configs/*_ep8.yaml recipes on a real text corpus (expert ranks = GPUs; with fewer than
 #             8 GPUs the depth is cut in proportion, LAYERS_FORCED=N overrides)
 #
@@ -33,7 +35,7 @@
 # Multi-GPU stages keep NCCL_NVLS_ENABLE=0 (NVLink SHARP multicast off: not every multi-GPU host supports it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STAGES=${1:?usage: gpu_benchmarks.sh kernels|gdn|profiles|loss|dense|moe|hybrid|ttfs|multi|ep_check|ep_train|ep8_bisect|recheck|scale_moe|scale_dense|fsdp_8b|optim|ep8[,...] [OUT_DIR]}
+STAGES=${1:?usage: gpu_benchmarks.sh kernels|gdn|profiles|loss|dense|moe|hybrid|ttfs|tune|multi|ep_check|ep_train|ep8_bisect|recheck|scale_moe|scale_dense|fsdp_8b|optim|ep8[,...] [OUT_DIR]}
 OUT_DIR=${2:-${OUT:-/tmp/gpu_benchmarks}}
 WORK=${WORK:-/tmp/gpu_benchmarks_work}  # profiles, runs, cut configs: too many files for OUT_DIR
 mkdir -p "$OUT_DIR" "$WORK"
@@ -217,6 +219,18 @@ EOF
         -k "bf16_packed or cudnn_packed"
     LIMIT=120 run bench_ep_capacity python3 scripts/bench_ep.py --exchanges padded --capacity-factors 2,1.5,1.25
     stage scale_moe
+    ;;
+  tune)
+    LIMIT=100 run loss_dense python3 scripts/bench_loss.py --tokens 16384 --hidden 2048 --chunks 1024,2048,4096 \
+        --vocab-chunk 8192 --no-reference
+    LIMIT=170 run dense_remat python3 scripts/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 5 \
+        --warmup 1 --backends jax --sweep "remat=full,dots_attention_saveable,none" --json "$OUT_DIR/dense_remat.json"
+    LIMIT=150 run moe_remat python3 scripts/bench_train.py --model qwen3_30b_a3b --layers 4 --batch 2 --seq 4096 \
+        --steps 4 --warmup 1 --param-dtype bfloat16 --optimizer-dtype bfloat16 --backends jax \
+        --sweep "remat=full,dots_attention_saveable" --json "$OUT_DIR/moe_remat.json"
+    LIMIT=130 run hybrid_remat python3 scripts/bench_train.py --model qwen3_5_35b_a3b --layers 4 --batch 2 --seq 4096 \
+        --steps 4 --warmup 1 --param-dtype bfloat16 --optimizer-dtype bfloat16 --backends jax \
+        --sweep "remat=full,dots_attention_saveable" --json "$OUT_DIR/hybrid_remat.json"
     ;;
   ep8_bisect)
     # which setting makes the ep8 recipe's first Qwen3-30B-A3B step non-finite (the demo-data ep_train runs are
