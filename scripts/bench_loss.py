@@ -13,12 +13,15 @@ compiled JAX program (torch: its peak allocation above the inputs). `--tiny` is 
 from __future__ import annotations
 
 import argparse
+import os
 
-import jax
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch runs in the same process afterwards
+
+import jax  # noqa: E402
 import jax.numpy as jnp
 
-from bench_gdn import time_jax, time_torch  # shared timers (this script's folder is on sys.path)
-from xorl_jax.loss import _plan, chunked_cross_entropy, cross_entropy_reference
+from bench_gdn import time_jax, time_torch  # noqa: E402  (shared timers; this script's folder is on sys.path)
+from xorl_jax.loss import _plan, chunked_cross_entropy, cross_entropy_reference  # noqa: E402
 
 GIB = 2**30
 
@@ -84,10 +87,13 @@ def main():
     print(f"{jax.devices()[0].device_kind}, tokens {n}, hidden {d}, vocab {v}, {a.dtype}")
     print(f"{'case':34s} {'fwd+bwd ms':>10s} {'head TF/s':>10s} {'temp GiB':>9s} {'loss rel err':>12s}")
     ref_loss = None
-    rows = []
+
+    def show(name, ms, flop, temp, err):  # each row as soon as it is measured (a later case may fail)
+        print(f"{name:34s} {ms:10.3f} {flop / ms / 1e9:10.1f} {temp:9.2f} {err:12.2e}", flush=True)
+
     if not a.no_reference:
         ms, temp, (ref_loss, _) = jax_case(cross_entropy_reference, h, w, labels, a.iters)
-        rows.append(("jnp reference (full fp32 logits)", ms, 3 * head_flop, temp, 0.0))
+        show("jnp reference (full fp32 logits)", ms, 3 * head_flop, temp, 0.0)
     cases = [(f"chunked, {c} tokens per chunk", 3, dict(method="tokens", chunk_size=int(c)))
              for c in a.chunks.split(",")]
     if a.vocab_chunk:
@@ -98,13 +104,10 @@ def main():
         fn = lambda h, w, labels, kw=kw: chunked_cross_entropy(h, w, labels, **kw)  # noqa: E731
         ms, temp, (loss, _) = jax_case(fn, h, w, labels, a.iters)
         err = abs(float(loss) - float(ref_loss)) / abs(float(ref_loss)) if ref_loss is not None else float("nan")
-        rows.append((name, ms, matmuls * head_flop, temp, err))
+        show(name, ms, matmuls * head_flop, temp, err)
     if not a.no_torch:
         ms, peak = torch_case(h, w, labels, a.iters)
-        rows.append(("torch: bf16 logits, fp32 CE (HF)", ms, 3 * head_flop, peak, float("nan")))
-    for name, ms, flop, temp, err in rows:
-        print(f"{name:34s} {ms:10.3f} {flop / ms / 1e9:10.1f} {temp:9.2f} {err:12.2e}")
-
+        show("torch: bf16 logits, fp32 CE (HF)", ms, 3 * head_flop, peak, float("nan"))
 
 if __name__ == "__main__":
     main()
