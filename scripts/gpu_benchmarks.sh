@@ -30,6 +30,8 @@
 #             dense with remat dots_attention_saveable
 #   hybrid_hf 1 GPU:  the hybrid cut beside HF (HF's first step autotunes FLA: minutes), then dense with XLA's
 #             conditionals inside command buffers (device-side branches instead of a host wait per branch)
+#   hybrid_tune 1 GPU: the hybrid cut over remat policies (xorl_jax alone), then dense with XLA's conditionals in
+#             command buffers
 #   ep8       1-8 GPUs: the configs/*_ep8.yaml recipes on a real text corpus (expert ranks = GPUs; with fewer than
 #             8 GPUs the depth is cut in proportion, LAYERS_FORCED=N overrides)
 #
@@ -39,7 +41,7 @@
 # Multi-GPU stages keep NCCL_NVLS_ENABLE=0 (NVLink SHARP multicast off: not every multi-GPU host supports it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STAGES=${1:?usage: gpu_benchmarks.sh kernels|gdn|profiles|loss|dense|moe|hybrid|ttfs|tune|versus_hf|hybrid_hf|multi|ep_check|ep_train|ep8_bisect|recheck|scale_moe|scale_dense|fsdp_8b|optim|ep8[,...] [OUT_DIR]}
+STAGES=${1:?usage: gpu_benchmarks.sh kernels|gdn|profiles|loss|dense|moe|hybrid|ttfs|tune|versus_hf|hybrid_hf|hybrid_tune|multi|ep_check|ep_train|ep8_bisect|recheck|scale_moe|scale_dense|fsdp_8b|optim|ep8[,...] [OUT_DIR]}
 OUT_DIR=${2:-${OUT:-/tmp/gpu_benchmarks}}
 WORK=${WORK:-/tmp/gpu_benchmarks_work}  # profiles, runs, cut configs: too many files for OUT_DIR
 mkdir -p "$OUT_DIR" "$WORK"
@@ -251,6 +253,15 @@ EOF
     LIMIT=420 run hybrid_hf python3 scripts/bench_train.py --model qwen3_5_35b_a3b --layers 4 --batch 2 --seq 4096 \
         --steps 3 --warmup 1 --param-dtype bfloat16 --optimizer-dtype bfloat16 --backends jax,hf --hf-time-limit 60 \
         --json "$OUT_DIR/hybrid_hf.json"
+    XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,\
+DYNAMIC_SLICE_FUSION,CONDITIONAL" LIMIT=70 run dense_conditional_graphs python3 scripts/bench_train.py \
+        --model qwen3_1.7b --batch 4 --seq 4096 --steps 5 --warmup 1 --backends jax --remat dots_attention_saveable \
+        --json "$OUT_DIR/dense_conditional_graphs.json"
+    ;;
+  hybrid_tune)
+    LIMIT=230 run hybrid_remat python3 scripts/bench_train.py --model qwen3_5_35b_a3b --layers 4 --batch 2 --seq 4096 \
+        --steps 4 --warmup 1 --param-dtype bfloat16 --optimizer-dtype bfloat16 --backends jax \
+        --sweep "remat=full,dots_attention_saveable" --json "$OUT_DIR/hybrid_remat.json"
     XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,\
 DYNAMIC_SLICE_FUSION,CONDITIONAL" LIMIT=70 run dense_conditional_graphs python3 scripts/bench_train.py \
         --model qwen3_1.7b --batch 4 --seq 4096 --steps 5 --warmup 1 --backends jax --remat dots_attention_saveable \
