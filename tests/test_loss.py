@@ -30,18 +30,23 @@ def _loss_and_grads(fn, h, w, labels, **kw):
     return loss, n, grads
 
 
+def _assert_matches_reference(h, w, labels, soft_cap=None, **kw):
+    """Loss, count and both gradients of the chunked loss equal the full-logits reference (fp32)."""
+    loss, n, (dh, dw) = _loss_and_grads(chunked_cross_entropy, h, w, labels, soft_cap=soft_cap, **kw)
+    ref, n_ref, (dh_ref, dw_ref) = _loss_and_grads(cross_entropy_reference, np.asarray(h), np.asarray(w),
+                                                   np.asarray(labels), soft_cap=soft_cap)
+    assert int(n) == int(n_ref) == int(jnp.sum(labels != -100))
+    np.testing.assert_allclose(loss, ref, rtol=1e-5)
+    np.testing.assert_allclose(dh, dh_ref, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(dw, dw_ref, rtol=1e-4, atol=1e-6)
+
+
 # (300, 200): chunks wide enough to be aligned to 128 columns, so padded to 2 x 256
 @pytest.mark.parametrize("V,chunk", [(50, 8), (50, 64), (53, 10), (48, 7), (50, 1), (300, 200)])
 @pytest.mark.parametrize("soft_cap", [None, 5.0])
 def test_vocab_chunks_match_reference_fp32(V, chunk, soft_cap):
     h, w, labels = _inputs(0, V=V)
-    loss, n, (dh, dw) = _loss_and_grads(chunked_cross_entropy, h, w, labels, method="vocab", vocab_chunk=chunk,
-                                        soft_cap=soft_cap)
-    ref, n_ref, (dh_ref, dw_ref) = _loss_and_grads(cross_entropy_reference, h, w, labels, soft_cap=soft_cap)
-    assert int(n) == int(n_ref) == int(jnp.sum(labels != -100))
-    np.testing.assert_allclose(loss, ref, rtol=1e-5)
-    np.testing.assert_allclose(dh, dh_ref, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(dw, dw_ref, rtol=1e-4, atol=1e-6)
+    _assert_matches_reference(h, w, labels, soft_cap=soft_cap, method="vocab", vocab_chunk=chunk)
 
 
 # 21 tokens: chunks that divide them, that leave a padded last chunk, one token, all tokens in one chunk
@@ -49,13 +54,7 @@ def test_vocab_chunks_match_reference_fp32(V, chunk, soft_cap):
 @pytest.mark.parametrize("soft_cap", [None, 5.0])
 def test_token_chunks_match_reference_fp32(chunk, soft_cap):
     h, w, labels = _inputs(0, V=53)
-    loss, n, (dh, dw) = _loss_and_grads(chunked_cross_entropy, h, w, labels, method="tokens", chunk_size=chunk,
-                                        soft_cap=soft_cap)
-    ref, n_ref, (dh_ref, dw_ref) = _loss_and_grads(cross_entropy_reference, h, w, labels, soft_cap=soft_cap)
-    assert int(n) == int(n_ref) == int(jnp.sum(labels != -100))
-    np.testing.assert_allclose(loss, ref, rtol=1e-5)
-    np.testing.assert_allclose(dh, dh_ref, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(dw, dw_ref, rtol=1e-4, atol=1e-6)
+    _assert_matches_reference(h, w, labels, soft_cap=soft_cap, method="tokens", chunk_size=chunk)
 
 
 def test_plan_prefers_dividing_chunk_counts_and_pads_otherwise():
@@ -160,12 +159,7 @@ def test_sharded_over_tokens_and_vocab_matches_reference(method):
     h = jax.device_put(h, NamedSharding(mesh, P("data", None, None)))
     w = jax.device_put(w, NamedSharding(mesh, P(None, "tensor")))
     labels = jax.device_put(labels, NamedSharding(mesh, P("data", None)))
-    loss, n, (dh, dw) = _loss_and_grads(chunked_cross_entropy, h, w, labels, chunk_size=16, method=method)
-    ref, _, (dh_ref, dw_ref) = _loss_and_grads(cross_entropy_reference, np.asarray(h), np.asarray(w),
-                                               np.asarray(labels))
-    np.testing.assert_allclose(loss, ref, rtol=1e-5)
-    np.testing.assert_allclose(dh, dh_ref, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(dw, dw_ref, rtol=1e-4, atol=1e-6)
+    _assert_matches_reference(h, w, labels, chunk_size=16, method=method)
 
 
 @pytest.mark.parametrize("tp", [1, 2])
@@ -182,14 +176,9 @@ def test_under_a_mesh_context_each_device_runs_its_tokens(tp):
     h = jax.device_put(h, NamedSharding(mesh, P(("data", "fsdp"), None, None)))
     w = jax.device_put(w, NamedSharding(mesh, P("fsdp", "tensor" if tp > 1 else None)))
     with use_mesh(mesh, "full"):
-        loss, n, (dh, dw) = _loss_and_grads(chunked_cross_entropy, h, w, labels, chunk_size=5)
+        _assert_matches_reference(h, w, labels, chunk_size=5)
         text = jax.jit(lambda h, w: chunked_cross_entropy(h, w, labels, chunk_size=5)[0]).lower(h, w).as_text()
     assert ("shard_map" in text or "manual" in text) == (tp == 1)  # per-device token chunks only without TP
-    ref, _, (dh_ref, dw_ref) = _loss_and_grads(cross_entropy_reference, np.asarray(h), np.asarray(w),
-                                               np.asarray(labels))
-    np.testing.assert_allclose(loss, ref, rtol=1e-5)
-    np.testing.assert_allclose(dh, dh_ref, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(dw, dw_ref, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("bad", [50, 1000, -1])
