@@ -201,3 +201,20 @@ def test_bench_loss_script_runs_tiny():
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [ln for ln in out.stdout.splitlines() if ln.startswith(("jnp reference", "chunked"))]
     assert len(rows) == 4 and all(float(r.split()[-1]) < 1e-5 for r in rows)  # every loss equals the reference
+
+
+def test_frozen_head_skips_its_gradient_matmul():
+    """When only the hidden states are differentiated (a frozen head, as under LoRA), the token-chunked loss runs
+    two head matmuls per chunk instead of three, and dh is unchanged."""
+    h, w, labels = _inputs(9, V=53)
+
+    def dots(fn):
+        return jax.jit(fn).lower(h, w).compile().as_text().count(" dot(")
+
+    loss_of = lambda h, w: chunked_cross_entropy(h, w, labels, chunk_size=7, method="tokens")[0]  # noqa: E731
+    both = jax.grad(loss_of, argnums=(0, 1))
+    only_h = jax.grad(loss_of, argnums=0)
+    assert dots(lambda h, w: only_h(h, w)) < dots(lambda h, w: both(h, w))
+    np.testing.assert_allclose(only_h(h, w), both(h, w)[0], rtol=1e-6)
+    _, dh_ref = jax.value_and_grad(lambda h: cross_entropy_reference(h, w, labels)[0])(h)
+    np.testing.assert_allclose(only_h(h, w), dh_ref, rtol=1e-4, atol=1e-6)

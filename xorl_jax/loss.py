@@ -173,8 +173,9 @@ class _TokenPlan:
     head_dtype: str  # dtype of head_w (and of its gradient)
 
 
-def _token_chunks(plan: _TokenPlan, h_ND, w_DV, labels_N, valid_N, with_grads: bool):
-    """Loss sum over this device's tokens and, with_grads, (dh [N, D] in h's dtype, dW [D, V] fp32) of that sum."""
+def _token_chunks(plan: _TokenPlan, h_ND, w_DV, labels_N, valid_N, with_grads: bool, with_dw: bool = True):
+    """Loss sum over this device's tokens and, with_grads, (dh [N, D] in h's dtype, dW [D, V] fp32 or None when
+    not with_dw, e.g. a frozen head under LoRA) of that sum."""
     N, D = h_ND.shape
     V = w_DV.shape[1]
     dt, h_dtype = _matmul_dtype(h_ND, w_DV), h_ND.dtype
@@ -204,25 +205,26 @@ def _token_chunks(plan: _TokenPlan, h_ND, w_DV, labels_N, valid_N, with_grads: b
             dz = dz * (1.0 - t * t)
         dz = dz.astype(dt)
         dh_nD = jnp.dot(dz, w.T, preferred_element_type=jnp.float32).astype(h_dtype)
-        dw_DV = dw_DV + jnp.dot(h_nD.T, dz, preferred_element_type=jnp.float32)
+        if with_dw:
+            dw_DV = dw_DV + jnp.dot(h_nD.T, dz, preferred_element_type=jnp.float32)
         return dw_DV, (loss, dh_nD)
 
-    dw0 = jnp.zeros((D, V) if with_grads else (), jnp.float32)
+    dw0 = jnp.zeros((D, V) if with_grads and with_dw else (), jnp.float32)
     dw, (loss_C, dh_CnD) = jax.lax.scan(body, dw0, xs)
     out_of_range = valid_N & ((labels_N < 0) | (labels_N >= V))
     loss = jnp.where(jnp.any(out_of_range), jnp.nan, jnp.sum(loss_C))
     if not with_grads:
         return loss, None, None
-    return loss, dh_CnD.reshape(C * n, D)[:N], dw
+    return loss, dh_CnD.reshape(C * n, D)[:N], dw if with_dw else None
 
 
-def _on_devices(plan: _TokenPlan, h_ND, w_DV, labels_N, valid_N, with_grads: bool):
+def _on_devices(plan: _TokenPlan, h_ND, w_DV, labels_N, valid_N, with_grads: bool, with_dw: bool = True):
     """_token_chunks on each device's own tokens (split over the batch mesh axes), loss and dW summed across them
     once; a plain call without a multi-device mesh context."""
     from xorl_jax.parallel.rules import current, logical_to_spec, shard_map_compat
     from jax.sharding import PartitionSpec as P
 
-    run = functools.partial(_token_chunks, plan, with_grads=with_grads)
+    run = functools.partial(_token_chunks, plan, with_grads=with_grads, with_dw=with_dw)
     ctx = current()
     if ctx is None or ctx.mesh.size == 1:
         return run(h_ND, w_DV, labels_N, valid_N)
@@ -233,12 +235,14 @@ def _on_devices(plan: _TokenPlan, h_ND, w_DV, labels_N, valid_N, with_grads: boo
 
     def local(h, w, labels, valid):
         loss, dh, dw = run(h, w, labels, valid)
-        loss = jax.lax.psum(loss, axes)
-        return (loss,) if not with_grads else (loss, dh, jax.lax.psum(dw, axes))
+        out = (jax.lax.psum(loss, axes),)
+        if with_grads:
+            out += (dh,) + ((jax.lax.psum(dw, axes),) if with_dw else ())
+        return out
 
-    outs = (P(),) if not with_grads else (P(), rows, P())
+    outs = (P(),) + ((rows,) + ((P(),) if with_dw else ()) if with_grads else ())
     got = shard_map_compat(local, ctx.mesh, (rows, P(), P(axes), P(axes)), outs)(h_ND, w_DV, labels_N, valid_N)
-    return (got[0], None, None) if not with_grads else got
+    return tuple(got) + (None,) * (3 - len(got))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -247,7 +251,10 @@ def _ce_tokens(plan: _TokenPlan, h_ND, w_DV, labels_N, valid_N):
 
 
 def _ce_tokens_fwd(plan, h_ND, w_DV, labels_N, valid_N):
-    loss, dh, dw = _on_devices(plan, h_ND, w_DV, labels_N, valid_N, with_grads=True)
+    # symbolic zeros: `w_DV.perturbed` is False when nothing differentiates the head (frozen under LoRA); then its
+    # gradient matmul and fp32 [D, V] accumulator are skipped
+    loss, dh, dw = _on_devices(plan, h_ND.value, w_DV.value, labels_N.value, valid_N.value, with_grads=True,
+                               with_dw=w_DV.perturbed)
     return loss, (dh, dw)
 
 
@@ -255,10 +262,11 @@ def _ce_tokens_bwd(plan, residuals, g):
     # the gradients of the loss sum were computed in the forward: scale them by the cotangent of that sum
     dh, dw = residuals
     g = g.astype(jnp.float32)
-    return (dh.astype(jnp.float32) * g).astype(dh.dtype), (dw * g).astype(plan.head_dtype), None, None
+    dw = None if dw is None else (dw * g).astype(plan.head_dtype)
+    return (dh.astype(jnp.float32) * g).astype(dh.dtype), dw, None, None
 
 
-_ce_tokens.defvjp(_ce_tokens_fwd, _ce_tokens_bwd)
+_ce_tokens.defvjp(_ce_tokens_fwd, _ce_tokens_bwd, symbolic_zeros=True)
 
 
 def _vocab_is_split() -> bool:
