@@ -162,6 +162,30 @@ def test_sharded_over_tokens_and_vocab_matches_reference(method):
     _assert_matches_reference(h, w, labels, chunk_size=16, method=method)
 
 
+@pytest.mark.parametrize("shape", [(2, 2, 2, 1), (2, 4, 1, 1), (1, 2, 4, 1), (1, 1, 8, 1)])
+def test_head_gradient_is_reduce_scattered_to_the_fsdp_shards(shape):
+    """Under data x fsdp x expert meshes each device gets its FSDP rows of the summed head gradient (replicas over
+    `data` add the whole of it); the gathered gradient equals the reference, and so does the loss."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from xorl_jax.loss import _head_grad_split
+    from xorl_jax.parallel.rules import current, use_mesh
+
+    axes = ("data", "fsdp", "expert", "tensor")
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(shape), axes)
+    h, w, labels = _inputs(10, shape=(8, 6), D=16, V=40)
+    batch = tuple(a for a in ("data", "fsdp", "expert") if mesh.shape[a] > 1)
+    h = jax.device_put(h, NamedSharding(mesh, P(batch, None, None)))
+    with use_mesh(mesh, "full"):
+        scatter, summed = _head_grad_split(current(), batch, 16)
+        _assert_matches_reference(h, w, labels, chunk_size=5)
+        grad_w = jax.grad(lambda h, w: chunked_cross_entropy(h, w, labels, chunk_size=5)[0], argnums=1)
+        text = jax.jit(grad_w).lower(h, w).as_text()
+    assert "reduce_scatter" in text
+    assert set(scatter) == {a for a in ("fsdp", "expert") if mesh.shape[a] > 1}
+    assert summed == (("data",) if mesh.shape["data"] > 1 else ())
+
+
 @pytest.mark.parametrize("tp", [1, 2])
 def test_under_a_mesh_context_each_device_runs_its_tokens(tp):
     """Inside `use_mesh` the token chunks run per device (shard_map over the batch axes, the head gradient summed

@@ -218,10 +218,25 @@ def _token_chunks(plan: _TokenPlan, h_ND, w_DV, labels_N, valid_N, with_grads: b
     return loss, dh_CnD.reshape(C * n, D)[:N], dw if with_dw else None
 
 
+def _head_grad_split(ctx, batch_axes: tuple, D: int) -> tuple[tuple, tuple]:
+    """(axes to reduce-scatter dW's D rows over, axes to sum it over): the batch axes that also shard the head's
+    `embed` dimension (FSDP) leave each device only its own rows of the sum, as the parameter is sharded; the others
+    (data-parallel replicas) add the whole of it."""
+    from xorl_jax.parallel.rules import _as_tuple
+
+    embed = [a for a in _as_tuple(ctx.rules.params.get("embed")) if a in batch_axes]
+    size = 1
+    for a in embed:
+        size *= ctx.axis_size(a)
+    scatter = tuple(embed) if embed and D % size == 0 else ()
+    return scatter, tuple(a for a in batch_axes if a not in scatter)
+
+
 def _on_devices(plan: _TokenPlan, h_ND, w_DV, labels_N, valid_N, with_grads: bool, with_dw: bool = True):
-    """_token_chunks on each device's own tokens (split over the batch mesh axes), loss and dW summed across them
-    once; a plain call without a multi-device mesh context."""
-    from xorl_jax.parallel.rules import current, logical_to_spec, shard_map_compat
+    """_token_chunks on each device's own tokens (split over the batch mesh axes), the loss summed across them and
+    dW reduced once (reduce-scattered to the head's FSDP shards where they divide it); a plain call without a
+    multi-device mesh context."""
+    from xorl_jax.parallel.rules import _as_tuple, current, logical_to_spec, shard_map_compat
     from jax.sharding import PartitionSpec as P
 
     run = functools.partial(_token_chunks, plan, with_grads=with_grads, with_dw=with_dw)
@@ -232,15 +247,22 @@ def _on_devices(plan: _TokenPlan, h_ND, w_DV, labels_N, valid_N, with_grads: boo
     axes = rows[0]
     if axes is None:
         return run(h_ND, w_DV, labels_N, valid_N)
+    scatter, summed = _head_grad_split(ctx, _as_tuple(axes), w_DV.shape[0])
+
+    def reduce_dw(dw):
+        if scatter:
+            dw = jax.lax.psum_scatter(dw, scatter, scatter_dimension=0, tiled=True)
+        return jax.lax.psum(dw, summed) if summed else dw
 
     def local(h, w, labels, valid):
         loss, dh, dw = run(h, w, labels, valid)
         out = (jax.lax.psum(loss, axes),)
         if with_grads:
-            out += (dh,) + ((jax.lax.psum(dw, axes),) if with_dw else ())
+            out += (dh,) + ((reduce_dw(dw),) if with_dw else ())
         return out
 
-    outs = (P(),) + ((rows,) + ((P(),) if with_dw else ()) if with_grads else ())
+    dw_spec = P(scatter if len(scatter) > 1 else scatter[0] if scatter else None, None)
+    outs = (P(),) + ((rows,) + ((dw_spec,) if with_dw else ()) if with_grads else ())
     got = shard_map_compat(local, ctx.mesh, (rows, P(), P(axes), P(axes)), outs)(h_ND, w_DV, labels_N, valid_N)
     return tuple(got) + (None,) * (3 - len(got))
 
