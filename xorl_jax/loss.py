@@ -8,7 +8,8 @@ Two ways to chunk, one result:
   differentiated, its gradients at once: dh for its tokens and its share of dW, accumulated in fp32. Three head
   matmuls per chunk (logits, dh, dW) and one pass over the logits; the backward only scales the saved gradients by
   the incoming cotangent. On several devices each device runs the chunks of its own tokens (shard_map over the
-  batch axes) and the head gradient is summed across devices once, after the last chunk.
+  batch axes) and the head gradient is summed across devices once, after the last chunk (reduce-scattered to the
+  head's FSDP shards). A head that nothing differentiates (frozen under LoRA) gets no gradient matmul.
 - vocabulary chunks (when a tensor-parallel mesh splits the head's vocab axis): chunk j holds the strided columns
   {j, j + C, ...}, so a block-sharded vocab stays sharded inside every chunk; the forward takes the log-sum-exp,
   and the backward recomputes each chunk's logits (four head matmuls).
@@ -283,6 +284,8 @@ def _ce_tokens_fwd(plan, h_ND, w_DV, labels_N, valid_N):
 def _ce_tokens_bwd(plan, residuals, g):
     # the gradients of the loss sum were computed in the forward: scale them by the cotangent of that sum
     dh, dw = residuals
+    if isinstance(g, jax.custom_derivatives.SymbolicZero):  # the loss does not reach the objective
+        return None, None, None, None
     g = g.astype(jnp.float32)
     dw = None if dw is None else (dw * g).astype(plan.head_dtype)
     return (dh.astype(jnp.float32) * g).astype(dh.dtype), dw, None, None
