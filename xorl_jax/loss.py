@@ -76,10 +76,13 @@ def _merge_vocab(w_CDK, plan: _Plan):
     return w[:, : plan.vocab] if plan.padded else w
 
 
-def _round_and_cap(z, logits_dtype, soft_cap):
-    """fp32 logits rounded through logits_dtype, then soft-capped; also the capped logits over the cap (for the
-    tanh derivative) or None."""
-    z = z.astype(logits_dtype).astype(jnp.float32)
+def _head_logits(h, w, logits_dtype, soft_cap):
+    """h @ w accumulated in fp32, rounded through logits_dtype, returned in fp32 and soft-capped; also the capped
+    logits over the cap (for the tanh derivative) or None. bf16 logits of a bf16 matmul come out of it already
+    rounded (the same values, half the bytes written and read back)."""
+    narrow = jnp.dtype(logits_dtype).itemsize < 4 and h.dtype == w.dtype == jnp.dtype(logits_dtype)
+    out_dtype = logits_dtype if narrow else jnp.float32
+    z = jnp.dot(h, w, preferred_element_type=out_dtype).astype(logits_dtype).astype(jnp.float32)
     if soft_cap is None:
         return z, None
     t = jnp.tanh(z / soft_cap)
@@ -88,7 +91,7 @@ def _round_and_cap(z, logits_dtype, soft_cap):
 
 def _chunk_logits(h_ND, w_DK, j, plan: _Plan):
     """Logits of vocab chunk j in fp32, soft-capped, padding columns at -inf (and tanh(z / cap) or None)."""
-    z, t = _round_and_cap(jnp.dot(h_ND, w_DK, preferred_element_type=jnp.float32), plan.logits_dtype, plan.soft_cap)
+    z, t = _head_logits(h_ND, w_DK, plan.logits_dtype, plan.soft_cap)
     if plan.padded:
         column = jnp.arange(plan.chunk) * plan.n_chunks + j
         z = jnp.where(column[None, :] < plan.vocab, z, -jnp.inf)
@@ -192,8 +195,7 @@ def _token_chunks(plan: _TokenPlan, h_ND, w_DV, labels_N, valid_N, with_grads: b
     def body(dw_DV, chunk):
         h_nD, labels_n, valid_n = chunk
         h_nD = h_nD.astype(dt)
-        z, t = _round_and_cap(jnp.dot(h_nD, w, preferred_element_type=jnp.float32), plan.logits_dtype,
-                              plan.soft_cap)
+        z, t = _head_logits(h_nD, w, plan.logits_dtype, plan.soft_cap)
         lse = jax.nn.logsumexp(z, axis=1)
         safe = jnp.where(valid_n, labels_n, 0)
         picked = jnp.take_along_axis(z, safe[:, None], axis=1)[:, 0]
