@@ -187,6 +187,32 @@ def test_nonfinite_step_changes_only_counters():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_step_has_no_conditional_and_flags_the_non_finite_leaf():
+    """The skip-on-non-finite bookkeeping adds no conditional to the step (on a GPU the host would wait for its
+    predicate, i.e. for the whole backward pass), and a non-finite gradient is flagged on its own leaf."""
+    rows = packed_rows(np.random.default_rng(2), 4, 16)
+    model = tiny_moe()
+    graphdef, params = nnx.split(model)
+    sgd = optax.sgd(1.0)
+    zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731
+    state = TrainState(step=zero(), params=params, opt_state=sgd.init(params), nonfinite_streak=zero(),
+                       skipped_total=zero())
+    step = jax.jit(make_train_step(graphdef, sgd, LossConfig(aux_loss_coef=0.0, ce_chunk_size=32,
+                                                             compute_dtype=jnp.float32)))
+    batch = {k: jnp.asarray(v[None]) for k, v in rows.items()}
+    assert "conditional(" not in step.lower(state, batch).compile().as_text()
+    # A head scaled by 1e30: its own gradient (hidden states times softmax errors) stays finite, every gradient
+    # behind it overflows; the flags tell them apart.
+    leaves = jax.tree.leaves(params)
+    names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    head = next(i for i, n in enumerate(names) if "lm_head" in n)
+    big = jax.tree.unflatten(jax.tree.structure(params),
+                             [x * 1e30 if i == head else x for i, x in enumerate(leaves)])
+    _, metrics = step(state.replace(params=big), batch)
+    flags = np.asarray(metrics["nonfinite_grads"])
+    assert not bool(metrics["finite"]) and not flags[head] and flags.sum() >= len(flags) // 2, flags
+
+
 @pytest.mark.parametrize("extra,needle", [
     (["--train.lerning_rate=1e-4"], "train.lerning_rate"),
     (["--data.datasets=[{path: /nonexistent/train.jsonl, type: messages}]"], "/nonexistent/train.jsonl"),

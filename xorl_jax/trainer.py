@@ -74,7 +74,8 @@ class Trainer:
             self.startup_s[name] = time.perf_counter() - t0
 
     def _nonfinite_culprits(self, metrics) -> str:
-        """'loss nan, non-finite gradients in 3 of 120 parameters: a.b.c, ...' for a skipped step's log line."""
+        """'loss nan, non-finite gradients in 3 of 120 parameters: a.b.c, ...' for a skipped step's log line (a
+        parameter is named when its gradient holds a NaN or inf, or is so large that its squared norm overflows)."""
         from xorl_jax.optim import params_with_path
 
         parts = [f"loss {float(metrics['loss']):g}"]
@@ -86,7 +87,7 @@ class Trainer:
                 shown = ", ".join(bad[:4]) + (", ..." if len(bad) > 4 else "")
                 parts.append(f"non-finite gradients in {len(bad)} of {len(names)} parameters: {shown}")
             else:
-                parts.append("all gradients finite (their norm overflowed)" if not np.isfinite(
+                parts.append("every parameter's gradient finite (their total norm overflowed)" if not np.isfinite(
                     float(metrics["grad_norm"])) else "all gradients finite")
         return ", ".join(parts)
 
