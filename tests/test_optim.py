@@ -11,7 +11,7 @@ import pytest
 import torch
 from flax import nnx
 
-from xorl_jax.optim import (build_optimizer, build_schedule, default_decay_mask, global_grad_norm,
+from xorl_jax.optim import (apply_updates, build_optimizer, build_schedule, default_decay_mask, global_grad_norm,
                             scale_by_adam_low_precision)
 
 
@@ -249,3 +249,25 @@ def test_rounding_noise_is_uniform_distinct_per_seed_and_independent_of_sharding
     mesh = jax.make_mesh((len(jax.devices()),), ("x",))
     sharded = jax.jit(lambda s: _rounding_noise(shape, s), out_shardings=NamedSharding(mesh, P("x")))
     np.testing.assert_array_equal(np.asarray(sharded(jnp.uint32(1))), a)
+
+
+def test_bf16_weights_keep_updates_below_half_a_step():
+    """bf16 weights of 1.0 take +1e-4 ten times (a bf16 step at 1.0 is 2^-7 = 7.8e-3): round-to-nearest keeps 1.0,
+    stochastic rounding moves the mean by about 1e-3; zero updates and fp32 weights are exact, and the same step
+    rounds the same way."""
+    p = {"w": jnp.ones((20000,), jnp.bfloat16), "b": jnp.full((3,), 0.5, jnp.float32),
+         "frozen": jnp.linspace(-2, 2, 101).astype(jnp.bfloat16)}
+    u = {"w": jnp.full((20000,), 1e-4, jnp.bfloat16), "b": jnp.full((3,), 1e-4, jnp.float32),
+         "frozen": jnp.zeros((101,), jnp.bfloat16)}
+    nearest = optax.apply_updates(p, u)
+    assert float(jnp.mean(nearest["w"].astype(jnp.float32))) == 1.0
+    q = p
+    for step in range(10):
+        q = apply_updates(q, u, jnp.int32(step))
+    np.testing.assert_allclose(float(jnp.mean(q["w"].astype(jnp.float32))), 1.001, rtol=2e-4)
+    assert q["w"].dtype == jnp.bfloat16 and q["b"].dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(q["frozen"]), np.asarray(p["frozen"]))
+    np.testing.assert_allclose(np.asarray(q["b"]), 0.5 + 10 * 1e-4, rtol=1e-6)
+    again = apply_updates(p, u, jnp.int32(3))
+    np.testing.assert_array_equal(np.asarray(again["w"]), np.asarray(apply_updates(p, u, jnp.int32(3))["w"]))
+    assert not np.array_equal(np.asarray(again["w"]), np.asarray(apply_updates(p, u, jnp.int32(4))["w"]))

@@ -68,7 +68,9 @@ class ModelConfig:
     dtype: str = _field("bfloat16", "compute dtype of activations and matmuls (train.enable_mixed_precision: "
                                     "false forces float32; float16 is not offered: there is no loss scaling)",
                       choices=("bfloat16", "float32"))
-    param_dtype: str = _field("float32", "storage dtype of parameters (and their gradients)",
+    param_dtype: str = _field("float32", "storage dtype of parameters (and their gradients); bfloat16 weights are "
+                                         "updated with unbiased stochastic rounding, so updates smaller than a bf16 "
+                                         "step are kept on average instead of lost",
                               choices=("float32", "bfloat16"))
 
 

@@ -159,6 +159,25 @@ def _stochastic_round_bf16(x32: jax.Array, seed: jax.Array) -> jax.Array:
     return jnp.where(jnp.isfinite(x32), out, x32).astype(jnp.bfloat16)
 
 
+def apply_updates(params, updates, step: jax.Array):
+    """params + updates, like optax.apply_updates, except that a bf16 parameter takes the sum in fp32 and rounds
+    it stochastically (unbiased): with round-to-nearest an update below half a bf16 step of its weight is lost
+    every time (at lr 1e-5 that is every update of a weight above about 0.005), so bf16 weights would stop
+    learning. `step` (int32 scalar, the optimizer step) seeds the rounding noise, so a resumed run rounds as the
+    uninterrupted one did. A zero update leaves a bf16 weight exactly as it was (frozen parameters)."""
+    leaves, treedef = jax.tree.flatten(params)
+    deltas = treedef.flatten_up_to(updates)
+    seed = _fmix32(step.astype(jnp.uint32) * jnp.uint32(0x9E3779B9) ^ jnp.uint32(0x5BD1E995))
+    out = []
+    for i, (p, u) in enumerate(zip(leaves, deltas)):
+        if p.dtype == jnp.bfloat16:
+            out.append(_stochastic_round_bf16(p.astype(jnp.float32) + u.astype(jnp.float32),
+                                              _fmix32(seed + jnp.uint32(i))))
+        else:
+            out.append((p + u).astype(p.dtype))
+    return treedef.unflatten(out)
+
+
 def scale_by_adam_low_precision(b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8, *,
                                 state_dtype=jnp.bfloat16, stochastic_rounding: bool = True,
                                 seed: int = 0) -> optax.GradientTransformation:

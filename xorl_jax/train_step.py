@@ -15,6 +15,7 @@ import optax
 from flax import nnx, struct
 
 from xorl_jax.loss import chunked_cross_entropy
+from xorl_jax.optim import apply_updates
 
 IGNORE_INDEX = -100
 BATCH_KEYS = ("input_ids", "labels", "positions", "segment_ids")
@@ -102,7 +103,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_cfg:
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         bad_grads = ~jnp.isfinite(squares)
         updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
+        new_params = apply_updates(state.params, updates, state.step)  # bf16 weights: stochastic rounding
         # A non-finite step changes nothing but the counters (the update is skipped, not applied).
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         state = TrainState(
