@@ -11,8 +11,8 @@ import pytest
 import torch
 from flax import nnx
 
-from xorl_jax.optim import (apply_updates, build_optimizer, build_schedule, default_decay_mask, global_grad_norm,
-                            scale_by_adam_low_precision)
+from xorl_jax.optim import (apply_updates, build_optimizer, build_schedule, clip_by_global_norm, default_decay_mask,
+                            global_grad_norm, scale_by_adam_low_precision)
 
 
 def xorl_lr(k, *, lr, lr_min, total, warmup_ratio, style, decay_ratio):
@@ -180,6 +180,16 @@ def test_frozen_params_have_no_state_and_do_not_move():
 def test_global_grad_norm_matches_optax():
     grads = jax.tree.map(jnp.asarray, _grads(1))
     np.testing.assert_allclose(global_grad_norm(grads), optax.global_norm(grads), rtol=1e-6)
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 1e6])  # clipped, untouched
+def test_clip_by_global_norm_matches_optax(max_norm):
+    grads = jax.tree.map(jnp.asarray, _grads(1))
+    ours, _ = clip_by_global_norm(max_norm).update(grads, None)
+    ref, _ = optax.clip_by_global_norm(max_norm).update(grads, None)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert (max_norm > 1) == all(np.array_equal(a, g) for a, g in zip(jax.tree.leaves(ours), jax.tree.leaves(grads)))
 
 
 @functools.cache

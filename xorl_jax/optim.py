@@ -109,14 +109,33 @@ def default_decay_mask(params) -> Any:
     return map_params_with_path(decays, params)
 
 
+def leaf_squared_norms(tree) -> list[jax.Array]:
+    """The fp32 sum of squares of every leaf, in tree order: the parts of the global norm. The train step (metrics,
+    non-finite flags) and the clipping transform both take them from here, so XLA sees the same reductions twice
+    and reads every gradient once for both."""
+    return [jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)]
+
+
 def global_grad_norm(grads, trainable_mask=None) -> jax.Array:
     """L2 norm over all gradients (only the trainable ones when a mask is given), in fp32."""
     if trainable_mask is not None:
         grads = jax.tree.map(lambda g, m: g if m else jnp.zeros((), g.dtype), grads, trainable_mask)
-    leaves = jax.tree.leaves(grads)
-    if not leaves:
-        return jnp.zeros((), jnp.float32)
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+    return jnp.sqrt(sum(leaf_squared_norms(grads), jnp.zeros((), jnp.float32)))
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """optax.clip_by_global_norm (updates scaled by max_norm / norm when the norm exceeds max_norm), with the norm
+    taken in fp32 from `leaf_squared_norms` (optax squares bf16 gradients in bf16, a second pass over them beside
+    the step's fp32 sums)."""
+
+    def update(updates, state, params=None):
+        del params
+        norm = jnp.sqrt(sum(leaf_squared_norms(updates), jnp.zeros((), jnp.float32)))
+        within = norm < max_norm
+        clipped = jax.tree.map(lambda t: jnp.where(within, t, (t / norm.astype(t.dtype)) * max_norm), updates)
+        return clipped, state
+
+    return optax.GradientTransformation(lambda params: optax.ClipByGlobalNormState(), update)
 
 
 # ------------------------------------------------------------------------------------------------ transforms
@@ -239,7 +258,7 @@ def build_optimizer(*, schedule: optax.Schedule | float, weight_decay: float = 0
     state_dtype = _STATE_DTYPES[optimizer_dtype]
     parts = []
     if max_grad_norm is not None and max_grad_norm > 0:
-        parts.append(optax.clip_by_global_norm(max_grad_norm))
+        parts.append(clip_by_global_norm(max_grad_norm))
     decay = [optax.add_decayed_weights(weight_decay, mask=decay_mask)] if weight_decay else []
     if optimizer in ("adamw", "anyprecision_adamw"):
         if state_dtype == jnp.float32:

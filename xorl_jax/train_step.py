@@ -15,7 +15,7 @@ import optax
 from flax import nnx, struct
 
 from xorl_jax.loss import chunked_cross_entropy
-from xorl_jax.optim import apply_updates
+from xorl_jax.optim import apply_updates, leaf_squared_norms
 
 IGNORE_INDEX = -100
 BATCH_KEYS = ("input_ids", "labels", "positions", "segment_ids")
@@ -98,7 +98,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_cfg:
         # non-finite (a NaN or inf element makes its leaf's sum non-finite, and so does a leaf whose squares
         # overflow): the host names those on a skipped step. No extra pass over the gradients and no conditional
         # (an XLA:GPU conditional makes the host wait for its predicate: here, the whole backward pass).
-        squares = jnp.stack([jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(grads)])
+        squares = jnp.stack(leaf_squared_norms(grads))
         grad_norm = jnp.sqrt(jnp.sum(squares))
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         bad_grads = ~jnp.isfinite(squares)
