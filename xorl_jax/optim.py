@@ -178,6 +178,14 @@ def _stochastic_round_bf16(x32: jax.Array, seed: jax.Array) -> jax.Array:
     return jnp.where(jnp.isfinite(x32), out, x32).astype(jnp.bfloat16)
 
 
+def _step_seed(count: jax.Array, salt: int) -> jax.Array:
+    """uint32 seed of the rounding noise for optimizer step `count`; different salts give unrelated streams."""
+    return _fmix32(jnp.uint32(salt % 2**32) ^ _fmix32(count.astype(jnp.uint32) * jnp.uint32(0x9E3779B9)))
+
+
+_PARAM_ROUNDING_SALT = 0x5BD1E995  # the weights' stream, apart from Adam's moments (salted by their `seed`)
+
+
 def apply_updates(params, updates, step: jax.Array):
     """params + updates, like optax.apply_updates, except that a bf16 parameter takes the sum in fp32 and rounds
     it stochastically (unbiased): with round-to-nearest an update below half a bf16 step of its weight is lost
@@ -186,7 +194,7 @@ def apply_updates(params, updates, step: jax.Array):
     uninterrupted one did. A zero update leaves a bf16 weight exactly as it was (frozen parameters)."""
     leaves, treedef = jax.tree.flatten(params)
     deltas = treedef.flatten_up_to(updates)
-    seed = _fmix32(step.astype(jnp.uint32) * jnp.uint32(0x9E3779B9) ^ jnp.uint32(0x5BD1E995))
+    seed = _step_seed(step, _PARAM_ROUNDING_SALT)
     out = []
     for i, (p, u) in enumerate(zip(leaves, deltas)):
         if p.dtype == jnp.bfloat16:
@@ -214,7 +222,7 @@ def scale_by_adam_low_precision(b1: float = 0.9, b2: float = 0.95, eps: float = 
         c = count.astype(jnp.float32)
         leaves, treedef = jax.tree.flatten(updates)
         mus, nus = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
-        step_seed = _fmix32(jnp.uint32(seed % 2**32) ^ _fmix32(count.astype(jnp.uint32) * jnp.uint32(0x9E3779B9)))
+        step_seed = _step_seed(count, seed)
         out, new_mu, new_nu = [], [], []
         for i, (g, mu, nu) in enumerate(zip(leaves, mus, nus)):
             g32 = g.astype(jnp.float32)
