@@ -24,14 +24,13 @@
 #             capacity factor, then scale_moe
 #   ep8_bisect 2+ GPUs: the ep8 recipe's non-finite first step at 2 and 12 layers, with and without EP, cuDNN
 #             or XLA attention
-#   tune      1 GPU:  the loss alone (token vs vocab chunks, torch), then the dense 1.7B, MoE and hybrid cuts over
-#             remat policies (xorl_jax alone)
+#   tune      1 GPU:  the dense 1.7B and MoE cuts over remat policies (xorl_jax alone; the loss alone is in
+#             versus_hf, the hybrid cut in hybrid_tune)
 #   versus_hf 1 GPU:  the loss alone beside torch, then the dense 1.7B and MoE cuts beside HF in the same runs, and
 #             dense with remat dots_attention_saveable
-#   hybrid_hf 1 GPU:  the hybrid cut beside HF (HF's first step autotunes FLA: minutes), then dense with XLA's
-#             conditionals inside command buffers (device-side branches instead of a host wait per branch)
+#   hybrid_hf 1 GPU:  the hybrid cut beside HF (HF's first step autotunes FLA: minutes)
 #   hybrid_tune 1 GPU: the hybrid cut over remat policies (xorl_jax alone), then dense with XLA's conditionals in
-#             command buffers
+#             command buffers (device-side branches instead of a host wait per branch)
 #   ep8       1-8 GPUs: the configs/*_ep8.yaml recipes on a real text corpus (expert ranks = GPUs; with fewer than
 #             8 GPUs the depth is cut in proportion, LAYERS_FORCED=N overrides)
 #
@@ -227,16 +226,11 @@ EOF
     stage scale_moe
     ;;
   tune)
-    LIMIT=100 run loss_dense python3 scripts/bench_loss.py --tokens 16384 --hidden 2048 --chunks 1024,2048,4096 \
-        --vocab-chunk 8192 --no-reference
     LIMIT=170 run dense_remat python3 scripts/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 5 \
         --warmup 1 --backends jax --sweep "remat=full,dots_attention_saveable,none" --json "$OUT_DIR/dense_remat.json"
     LIMIT=150 run moe_remat python3 scripts/bench_train.py --model qwen3_30b_a3b --layers 4 --batch 2 --seq 4096 \
         --steps 4 --warmup 1 --param-dtype bfloat16 --optimizer-dtype bfloat16 --backends jax \
         --sweep "remat=full,dots_attention_saveable" --json "$OUT_DIR/moe_remat.json"
-    LIMIT=130 run hybrid_remat python3 scripts/bench_train.py --model qwen3_5_35b_a3b --layers 4 --batch 2 --seq 4096 \
-        --steps 4 --warmup 1 --param-dtype bfloat16 --optimizer-dtype bfloat16 --backends jax \
-        --sweep "remat=full,dots_attention_saveable" --json "$OUT_DIR/hybrid_remat.json"
     ;;
   versus_hf)
     LIMIT=80 run loss_dense python3 scripts/bench_loss.py --tokens 16384 --hidden 2048 --chunks 1024,2048,4096 \
@@ -253,10 +247,6 @@ EOF
     LIMIT=420 run hybrid_hf python3 scripts/bench_train.py --model qwen3_5_35b_a3b --layers 4 --batch 2 --seq 4096 \
         --steps 3 --warmup 1 --param-dtype bfloat16 --optimizer-dtype bfloat16 --backends jax,hf --hf-time-limit 60 \
         --json "$OUT_DIR/hybrid_hf.json"
-    XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,\
-DYNAMIC_SLICE_FUSION,CONDITIONAL" LIMIT=70 run dense_conditional_graphs python3 scripts/bench_train.py \
-        --model qwen3_1.7b --batch 4 --seq 4096 --steps 5 --warmup 1 --backends jax --remat dots_attention_saveable \
-        --json "$OUT_DIR/dense_conditional_graphs.json"
     ;;
   hybrid_tune)
     LIMIT=230 run hybrid_remat python3 scripts/bench_train.py --model qwen3_5_35b_a3b --layers 4 --batch 2 --seq 4096 \
