@@ -148,7 +148,8 @@ def packed_rows(rng, rows, length):
     return {"input_ids": ids, "labels": labels, "positions": positions, "segment_ids": segments}
 
 
-def one_step(model, rows, n_micro, optimizer):
+def step_state_batch(model, rows, n_micro, optimizer):
+    """The jitted train step of `model`, its initial state and `rows` as n_micro micro-batches."""
     graphdef, params = nnx.split(model)
     zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731
     state = TrainState(step=zero(), params=params, opt_state=optimizer.init(params), nonfinite_streak=zero(),
@@ -156,6 +157,11 @@ def one_step(model, rows, n_micro, optimizer):
     step = jax.jit(make_train_step(graphdef, optimizer, LossConfig(aux_loss_coef=0.0, ce_chunk_size=32,
                                                                    compute_dtype=jnp.float32)))
     batch = {k: jnp.asarray(v.reshape(n_micro, -1, *v.shape[1:])) for k, v in rows.items()}
+    return step, state, batch
+
+
+def one_step(model, rows, n_micro, optimizer):
+    step, state, batch = step_state_batch(model, rows, n_micro, optimizer)
     return step(state, batch)
 
 
@@ -189,17 +195,10 @@ def test_nonfinite_step_changes_only_counters():
 
 def test_step_has_no_conditional_and_flags_the_non_finite_leaf():
     """The skip-on-non-finite bookkeeping adds no conditional to the step (on a GPU the host would wait for its
-    predicate, i.e. for the whole backward pass), and a non-finite gradient is flagged on its own leaf."""
-    rows = packed_rows(np.random.default_rng(2), 4, 16)
-    model = tiny_moe()
-    graphdef, params = nnx.split(model)
-    sgd = optax.sgd(1.0)
-    zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731
-    state = TrainState(step=zero(), params=params, opt_state=sgd.init(params), nonfinite_streak=zero(),
-                       skipped_total=zero())
-    step = jax.jit(make_train_step(graphdef, sgd, LossConfig(aux_loss_coef=0.0, ce_chunk_size=32,
-                                                             compute_dtype=jnp.float32)))
-    batch = {k: jnp.asarray(v[None]) for k, v in rows.items()}
+    predicate, i.e. for the whole backward pass), and each gradient leaf is flagged on its own."""
+    step, state, batch = step_state_batch(tiny_moe(), packed_rows(np.random.default_rng(2), 4, 16), 1,
+                                          optax.sgd(1.0))
+    params = state.params
     assert "conditional(" not in step.lower(state, batch).compile().as_text()
     # A head scaled by 1e30: its own gradient (hidden states times softmax errors) stays finite, every gradient
     # behind it overflows; the flags tell them apart.
