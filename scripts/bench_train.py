@@ -186,7 +186,7 @@ def run_jax(args, cfg: dict) -> dict:
     run_cfg = config_from_dict({
         "model": {"config_path": tmp, "tokenizer_path": DEMO_DIR, "attn_implementation": args.attn,
                   "moe_implementation": args.moe, "gdn_implementation": args.gdn, "dtype": "bfloat16",
-                  "param_dtype": args.param_dtype},
+                  "param_dtype": args.param_dtype, "scan_layers": args.scan_layers == "true"},
         "data": {"datasets": [{"path": "dummy"}], "sample_packing_sequence_len": args.seq,
                  "sample_packing_method": "multipack"},
         "train": {"output_dir": os.path.join(tmp, "out"), "init_from": "scratch", "micro_batch_size": args.batch,
@@ -351,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dp", type=int, default=1, help="train.data_parallel_replicate_size (HSDP replicas)")
     p.add_argument("--remat", default="full", choices=remat_choices(), help="train.remat_policy (none also turns "
                    "HF's gradient checkpointing off)")
+    p.add_argument("--scan-layers", default="true", choices=("true", "false"), help="model.scan_layers (false: "
+                   "unrolled layers)")
     p.add_argument("--attn", default="auto", help="model.attn_implementation")
     p.add_argument("--moe", default="auto", help="model.moe_implementation")
     p.add_argument("--gdn", default="auto", help="model.gdn_implementation")

@@ -31,6 +31,8 @@
 #   hybrid_hf 1 GPU:  the hybrid cut beside HF (HF's first step autotunes FLA: minutes)
 #   hybrid_tune 1 GPU: the hybrid cut over remat policies (xorl_jax alone), then dense with XLA's conditionals in
 #             command buffers (device-side branches instead of a host wait per branch)
+#   unroll    1 GPU:  the dense 1.7B and MoE cuts with the layers scanned and unrolled (model.scan_layers),
+#             under full and dots_attention_saveable remat (xorl_jax alone)
 #   ep8       1-8 GPUs: the configs/*_ep8.yaml recipes on a real text corpus (expert ranks = GPUs; with fewer than
 #             8 GPUs the depth is cut in proportion, LAYERS_FORCED=N overrides)
 #
@@ -40,7 +42,7 @@
 # Multi-GPU stages keep NCCL_NVLS_ENABLE=0 (NVLink SHARP multicast off: not every multi-GPU host supports it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STAGES=${1:?usage: gpu_benchmarks.sh kernels|gdn|profiles|loss|dense|moe|hybrid|ttfs|tune|versus_hf|hybrid_hf|hybrid_tune|multi|ep_check|ep_train|ep8_bisect|recheck|scale_moe|scale_dense|fsdp_8b|optim|ep8[,...] [OUT_DIR]}
+STAGES=${1:?usage: gpu_benchmarks.sh kernels|gdn|profiles|loss|dense|moe|hybrid|ttfs|tune|versus_hf|hybrid_hf|hybrid_tune|unroll|multi|ep_check|ep_train|ep8_bisect|recheck|scale_moe|scale_dense|fsdp_8b|optim|ep8[,...] [OUT_DIR]}
 OUT_DIR=${2:-${OUT:-/tmp/gpu_benchmarks}}
 WORK=${WORK:-/tmp/gpu_benchmarks_work}  # profiles, runs, cut configs: too many files for OUT_DIR
 mkdir -p "$OUT_DIR" "$WORK"
@@ -256,6 +258,14 @@ EOF
 DYNAMIC_SLICE_FUSION,CONDITIONAL" LIMIT=70 run dense_conditional_graphs python3 scripts/bench_train.py \
         --model qwen3_1.7b --batch 4 --seq 4096 --steps 5 --warmup 1 --backends jax --remat dots_attention_saveable \
         --json "$OUT_DIR/dense_conditional_graphs.json"
+    ;;
+  unroll)
+    LIMIT=330 run dense_unroll python3 scripts/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 5 \
+        --warmup 1 --backends jax --sweep "scan_layers=true,false;remat=full,dots_attention_saveable" \
+        --json "$OUT_DIR/dense_unroll.json"
+    LIMIT=200 run moe_unroll python3 scripts/bench_train.py --model qwen3_30b_a3b --layers 4 --batch 2 --seq 4096 \
+        --steps 4 --warmup 1 --param-dtype bfloat16 --optimizer-dtype bfloat16 --backends jax \
+        --sweep "scan_layers=true,false" --json "$OUT_DIR/moe_unroll.json"
     ;;
   ep8_bisect)
     # which setting makes the ep8 recipe's first Qwen3-30B-A3B step non-finite (the demo-data ep_train runs are

@@ -199,11 +199,12 @@ def _loss_fns(graphdef, params, targets, scale, micro):
     return whole, per_layer
 
 
-@pytest.mark.parametrize("family,remat", [("qwen3", "dots_saveable"), ("qwen3_moe", "full"),
-                                          ("qwen3_5_moe", "none")])
-def test_per_layer_merge_equals_whole_model_merge(family, remat):
-    """The train step merges each layer group inside the layer scan; loss and every adapter gradient equal the
-    whole-model merge W + s A B (fp32), under each remat policy (routed experts, GDN, shared expert included)."""
+@pytest.mark.parametrize("family,remat,scan", [("qwen3", "dots_saveable", True), ("qwen3_moe", "full", True),
+                                               ("qwen3_5_moe", "none", True), ("qwen3", "full", False)])
+def test_per_layer_merge_equals_whole_model_merge(family, remat, scan):
+    """The train step merges each layer group inside the layer scan (or the unrolled loop); loss and every adapter
+    gradient equal the whole-model merge W + s A B (fp32), under each remat policy (routed experts, GDN, shared
+    expert included)."""
     if family == "qwen3":
         hf_config, cfg = dict(TINY_QWEN3), LoraConfig(enable_lora=True, lora_rank=4, lora_alpha=8.0)
     elif family == "qwen3_moe":
@@ -214,7 +215,7 @@ def test_per_layer_merge_equals_whole_model_merge(family, remat):
     else:
         hf_config, cfg = read_hf_config(QWEN3_5_MOE_DIR), ALL_QWEN3_5
     cls, mc = build_config(hf_config)
-    graphdef, params = nnx.split(cls(mc, ModelOptions(remat_policy=remat), rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(cls(mc, ModelOptions(remat_policy=remat, scan_layers=scan), rngs=nnx.Rngs(0)))
     targets = L.lora_targets(params, cfg)
     lora = randomize_b(L.init_lora(params, targets, cfg.lora_rank, seed=2), scale=0.1)
     ids = jnp.asarray(np.random.default_rng(0).integers(1, hf_config["vocab_size"], (2, 16)), jnp.int32)

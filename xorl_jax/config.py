@@ -62,6 +62,8 @@ class ModelConfig:
     ep_dispatch: str = _field("alltoall", "how tokens travel between expert-parallel ranks: alltoall (fixed-size "
                                           "buffers, any platform) or ragged (ragged all-to-all: only the real rows; "
                                           "GPU only)", choices=("alltoall", "ragged"))
+    scan_layers: bool = _field(True, "apply the layers with one scan (compile time flat in depth); false = unroll "
+                                     "them: no stacked copies of what remat keeps, longer compilation")
     router_fp32: bool = _field(True, "compute router logits and softmax in float32")
     lm_head_fp32: bool = _field(True, "compute the output projection's logits and the loss in float32")
     freeze_router: bool = _field(False, "do not update MoE router weights")

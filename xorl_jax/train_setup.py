@@ -85,6 +85,7 @@ def model_options(cfg: Config) -> ModelOptions:
         moe_implementation=m.moe_implementation,
         gdn_implementation=m.gdn_implementation,
         remat_policy=remat,
+        scan_layers=m.scan_layers,
         router_fp32=m.router_fp32,
         ep_exchange={"alltoall": "padded", "ragged": "ragged"}[m.ep_dispatch],
     )

@@ -22,6 +22,7 @@ class ModelOptions:
     moe_implementation: str = "auto"  # auto | triton | native | eager
     gdn_implementation: str = "auto"  # auto | pallas | chunked | recurrent
     remat_policy: str = "none"  # one of REMAT_POLICIES
+    scan_layers: bool = True  # False: one traced copy per layer group (longer compile, no stacked residuals)
     router_fp32: bool = True
     ep_exchange: str = "auto"  # expert-parallel token exchange: auto | padded (all_to_all) | ragged
 
@@ -116,11 +117,15 @@ class LayerStack(nnx.Module):
                 node.set_metadata(axes=("layers",) + tuple(node.get_metadata()["axes"]))
 
     def __call__(self, carry, *, remat_policy: str = "none", layer_transform: LayerTransform | None = None,
-                 **ctx):
+                 scan: bool = True, **ctx):
         """carry -> carry through every layer; each layer is called as `layer(carry, **ctx) -> carry`.
 
         With `layer_transform`, each step runs its layers on `fn(step's parameters, step's slice of extra)`. Under
-        remat the transformed parameters are rebuilt in the backward pass rather than kept for every layer."""
+        remat the transformed parameters are rebuilt in the backward pass rather than kept for every layer.
+
+        `scan=False` unrolls the loop: the same step traced once per layer group on its slice of the stacked
+        parameters. Compilation grows with depth, but what the backward keeps of each layer lives in that layer's
+        own buffers, where a scan zero-fills stacked buffers and copies every layer's residuals into them."""
         graphdef, state = nnx.split(self.groups)
         fn, extra = layer_transform if layer_transform is not None else (None, None)
 
@@ -141,9 +146,23 @@ class LayerStack(nnx.Module):
                       else jax.checkpoint_policies.dots_saveable)
             if policy is not None and fn is not None:
                 policy = _without_extra_products(policy, extra)
-            step = jax.checkpoint(step, policy=policy, prevent_cse=False)
-        carry, _ = jax.lax.scan(step, carry, (state, extra))
+            # Inside a scan CSE cannot merge the recomputation into the forward; unrolled it could.
+            step = jax.checkpoint(step, policy=policy, prevent_cse=not scan)
+        if scan:
+            carry, _ = jax.lax.scan(step, carry, (state, extra))
+            return carry
+        for xs in unstack_layers((state, extra), self.repeats):
+            carry, _ = step(carry, xs)
         return carry
+
+
+def unstack_layers(tree, n: int) -> list:
+    """The `n` slices along the leading axis of every leaf, as `n` trees. `lax.split` rather than indexing: its
+    transpose is one concatenation of the slices' gradients, where indexing's would add a zero-padded full-size
+    gradient per slice."""
+    leaves, treedef = jax.tree.flatten(tree)
+    parts = [[jnp.squeeze(p, 0) for p in jax.lax.split(x, [1] * n)] for x in leaves]
+    return [jax.tree.unflatten(treedef, [leaf_parts[i] for leaf_parts in parts]) for i in range(n)]
 
 
 def rope_theta(hf: dict) -> float:

@@ -248,8 +248,8 @@ def causal_lm_forward(model, input_ids, positions, segment_ids, return_hidden, *
     packed = segment_ids is not None and opts.attn_implementation == "cudnn"
     attn_layout = packed_layout(segment_ids) if packed else None
     h, stats = model.layers(
-        (h, stats), remat_policy=opts.remat_policy, layer_transform=layer_transform, cos=cos, sin=sin,
-        segment_ids=segment_ids, valid=valid, attn_layout=attn_layout,
+        (h, stats), remat_policy=opts.remat_policy, layer_transform=layer_transform, scan=opts.scan_layers,
+        cos=cos, sin=sin, segment_ids=segment_ids, valid=valid, attn_layout=attn_layout,
     )
     h = model.norm(h)
     aux = jnp.zeros((), jnp.float32)
