@@ -33,6 +33,8 @@
 #             command buffers (device-side branches instead of a host wait per branch)
 #   unroll    1 GPU:  the dense 1.7B and MoE cuts with the layers scanned and unrolled (model.scan_layers),
 #             under full and dots_attention_saveable remat (xorl_jax alone)
+#   final_hf  1 GPU:  the fastest settings beside HF in the same runs: dense 1.7B (unrolled, dots_attention_saveable)
+#             and the MoE cut (unrolled, full remat)
 #   ep8       1-8 GPUs: the configs/*_ep8.yaml recipes on a real text corpus (expert ranks = GPUs; with fewer than
 #             8 GPUs the depth is cut in proportion, LAYERS_FORCED=N overrides)
 #
@@ -42,7 +44,7 @@
 # Multi-GPU stages keep NCCL_NVLS_ENABLE=0 (NVLink SHARP multicast off: not every multi-GPU host supports it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STAGES=${1:?usage: gpu_benchmarks.sh kernels|gdn|profiles|loss|dense|moe|hybrid|ttfs|tune|versus_hf|hybrid_hf|hybrid_tune|unroll|multi|ep_check|ep_train|ep8_bisect|recheck|scale_moe|scale_dense|fsdp_8b|optim|ep8[,...] [OUT_DIR]}
+STAGES=${1:?usage: gpu_benchmarks.sh kernels|gdn|profiles|loss|dense|moe|hybrid|ttfs|tune|versus_hf|hybrid_hf|hybrid_tune|unroll|final_hf|multi|ep_check|ep_train|ep8_bisect|recheck|scale_moe|scale_dense|fsdp_8b|optim|ep8[,...] [OUT_DIR]}
 OUT_DIR=${2:-${OUT:-/tmp/gpu_benchmarks}}
 WORK=${WORK:-/tmp/gpu_benchmarks_work}  # profiles, runs, cut configs: too many files for OUT_DIR
 mkdir -p "$OUT_DIR" "$WORK"
@@ -266,6 +268,14 @@ DYNAMIC_SLICE_FUSION,CONDITIONAL" LIMIT=70 run dense_conditional_graphs python3 
     LIMIT=200 run moe_unroll python3 scripts/bench_train.py --model qwen3_30b_a3b --layers 4 --batch 2 --seq 4096 \
         --steps 4 --warmup 1 --param-dtype bfloat16 --optimizer-dtype bfloat16 --backends jax \
         --sweep "scan_layers=true,false" --json "$OUT_DIR/moe_unroll.json"
+    ;;
+  final_hf)
+    LIMIT=260 run dense_final_hf python3 scripts/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 5 \
+        --warmup 1 --backends jax,hf --scan-layers false --remat dots_attention_saveable \
+        --json "$OUT_DIR/dense_final_hf.json"
+    LIMIT=220 run moe_final_hf python3 scripts/bench_train.py --model qwen3_30b_a3b --layers 4 --batch 2 --seq 4096 \
+        --steps 4 --warmup 1 --param-dtype bfloat16 --optimizer-dtype bfloat16 --backends jax,hf --scan-layers false \
+        --json "$OUT_DIR/moe_final_hf.json"
     ;;
   ep8_bisect)
     # which setting makes the ep8 recipe's first Qwen3-30B-A3B step non-finite (the demo-data ep_train runs are
