@@ -35,6 +35,8 @@
 #             under full and dots_attention_saveable remat (xorl_jax alone)
 #   final_hf  1 GPU:  the fastest settings beside HF in the same runs: dense 1.7B (unrolled, dots_attention_saveable)
 #             and the MoE cut (unrolled, full remat)
+#   profiles_final 1 GPU: profiles of the fastest settings (dense unrolled with dots_attention_saveable, the MoE
+#             cut unrolled), then the hybrid cut unrolled (xorl_jax alone)
 #   ep8       1-8 GPUs: the configs/*_ep8.yaml recipes on a real text corpus (expert ranks = GPUs; with fewer than
 #             8 GPUs the depth is cut in proportion, LAYERS_FORCED=N overrides)
 #
@@ -44,7 +46,7 @@
 # Multi-GPU stages keep NCCL_NVLS_ENABLE=0 (NVLink SHARP multicast off: not every multi-GPU host supports it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STAGES=${1:?usage: gpu_benchmarks.sh kernels|gdn|profiles|loss|dense|moe|hybrid|ttfs|tune|versus_hf|hybrid_hf|hybrid_tune|unroll|final_hf|multi|ep_check|ep_train|ep8_bisect|recheck|scale_moe|scale_dense|fsdp_8b|optim|ep8[,...] [OUT_DIR]}
+STAGES=${1:?usage: gpu_benchmarks.sh kernels|gdn|profiles|loss|dense|moe|hybrid|ttfs|tune|versus_hf|hybrid_hf|hybrid_tune|unroll|final_hf|profiles_final|multi|ep_check|ep_train|ep8_bisect|recheck|scale_moe|scale_dense|fsdp_8b|optim|ep8[,...] [OUT_DIR]}
 OUT_DIR=${2:-${OUT:-/tmp/gpu_benchmarks}}
 WORK=${WORK:-/tmp/gpu_benchmarks_work}  # profiles, runs, cut configs: too many files for OUT_DIR
 mkdir -p "$OUT_DIR" "$WORK"
@@ -276,6 +278,17 @@ DYNAMIC_SLICE_FUSION,CONDITIONAL" LIMIT=70 run dense_conditional_graphs python3 
     LIMIT=220 run moe_final_hf python3 scripts/bench_train.py --model qwen3_30b_a3b --layers 4 --batch 2 --seq 4096 \
         --steps 4 --warmup 1 --param-dtype bfloat16 --optimizer-dtype bfloat16 --backends jax,hf --scan-layers false \
         --json "$OUT_DIR/moe_final_hf.json"
+    ;;
+  profiles_final)
+    LIMIT=150 run dense_prof_final python3 scripts/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 4 \
+        --warmup 1 --backends jax --scan-layers false --remat dots_attention_saveable --profile "$WORK/prof_dense" \
+        --no-command-buffers --profile-top 22 --json "$OUT_DIR/dense_prof_final.json"
+    LIMIT=150 run moe_prof_final python3 scripts/bench_train.py --model qwen3_30b_a3b --layers 4 --batch 2 --seq 4096 \
+        --steps 4 --warmup 1 --param-dtype bfloat16 --optimizer-dtype bfloat16 --backends jax --scan-layers false \
+        --profile "$WORK/prof_moe" --no-command-buffers --profile-top 22 --json "$OUT_DIR/moe_prof_final.json"
+    LIMIT=150 run hybrid_unroll python3 scripts/bench_train.py --model qwen3_5_35b_a3b --layers 4 --batch 2 \
+        --seq 4096 --steps 4 --warmup 1 --param-dtype bfloat16 --optimizer-dtype bfloat16 --backends jax \
+        --remat dots_attention_saveable --sweep "scan_layers=true,false" --json "$OUT_DIR/hybrid_unroll.json"
     ;;
   ep8_bisect)
     # which setting makes the ep8 recipe's first Qwen3-30B-A3B step non-finite (the demo-data ep_train runs are
