@@ -3,9 +3,9 @@ shapes: xorl_jax's variants against torch's fused AdamW on the same GPU, same ru
 
     PYTHONPATH=. python scripts/bench_optim.py [--layers 28 --hidden 2048 --ffn 6144 --vocab 151936] [--iters 10]
 
-Variants: fp32 parameters and state (optax's AdamW); bf16 parameters with bf16 state rounded stochastically by
-the counter hash in `xorl_jax.optim` (the default for `optimizer_dtype: bfloat16`), by jax.random threefry bits
-(the earlier way, kept here only as the comparison), and rounded to nearest. Torch: `AdamW(fused=True)` with
+Variants: fp32 parameters and state (optax's AdamW); bf16 parameters and bf16 state, both rounded stochastically
+(as the train step does) by the counter hash in `xorl_jax.optim` (the default for `optimizer_dtype: bfloat16`), by
+jax.random threefry bits (the earlier way, kept here only as the comparison), and rounded to nearest. Torch: `AdamW(fused=True)` with
 fp32 and with bf16 parameters (its state follows the parameter dtype; no stochastic rounding). Reports the median
 time of one update and the bytes it must move at least (read parameters, gradients and state, write parameters and
 state) as an achieved bandwidth. `--tiny` is a CPU smoke run.
@@ -36,10 +36,10 @@ def leaf_shapes(layers, hidden, ffn, vocab, heads=16, kv_heads=8, head_dim=128):
     return per_layer * layers + [(vocab, hidden), (hidden,)]
 
 
-def threefry_noise(shape, seed):
-    """16 random bits per element from jax.random (threefry): what bf16 stochastic rounding used before the hash."""
+def threefry_bits(shape, seed):
+    """32 random bits per element from jax.random (threefry): what bf16 stochastic rounding used before the hash."""
     key = jax.random.key(seed.astype(jnp.int32))
-    return jax.random.bits(key, shape, jnp.uint32) >> 16
+    return jax.random.bits(key, shape, jnp.uint32)
 
 
 def jax_case(shapes, param_dtype, optimizer_dtype, iters, rounding="hash"):
@@ -52,16 +52,18 @@ def jax_case(shapes, param_dtype, optimizer_dtype, iters, rounding="hash"):
 
     def step(params, grads, state):
         updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
+        if rounding == "nearest":
+            return optax.apply_updates(params, updates), state
+        return optim.apply_updates(params, updates, jnp.ones((), jnp.int32)), state  # the train step's way
 
-    saved = optim._rounding_noise
+    saved = optim._element_hash
     if rounding == "threefry":
-        optim._rounding_noise = threefry_noise
+        optim._element_hash = threefry_bits
     try:
         fn = jax.jit(step)
         compiled = fn.lower(params, grads, state).compile()
     finally:
-        optim._rounding_noise = saved
+        optim._element_hash = saved
     mem = compiled.memory_analysis()
     temp = mem.temp_size_in_bytes / GIB if mem is not None else float("nan")
     ms = time_jax(compiled, (params, grads, state), iters)
