@@ -160,25 +160,20 @@ def _element_index(shape) -> jax.Array:
     return idx
 
 
-def _element_hash(shape, seed: jax.Array) -> jax.Array:
-    """32 random bits per element: one MurmurHash3 finaliser of (element index xor seed). Unlike jax.random's
+def _rounding_noise(shape, seed: jax.Array) -> jax.Array:
+    """16 uniform random bits per element, a counter-based hash of (element index, seed). Unlike jax.random's
     threefry bits it costs a few integer ops per element and fuses into the optimizer update instead of filling a
     parameter-sized buffer of random bits (XLA:CPU materialised those: 1.5 GiB of temporaries for a 64M-parameter
-    leaf). One hash, not two chained: with bf16 weights and moments the hashes made the update compute-bound."""
-    return _fmix32(_element_index(shape) ^ seed)
+    leaf)."""
+    return _fmix32(_fmix32(_element_index(shape) ^ seed) + seed) >> 16
 
 
-def _rounding_noise(shape, seed: jax.Array) -> jax.Array:
-    """16 uniform random bits per element (the high half of the element's hash)."""
-    return _element_hash(shape, seed) >> 16
-
-
-def _stochastic_round_bf16(x32: jax.Array, noise: jax.Array) -> jax.Array:
+def _stochastic_round_bf16(x32: jax.Array, seed: jax.Array) -> jax.Array:
     """fp32 -> bf16 rounding up or down with probability proportional to the distance (unbiased), so small
-    EMA updates (e.g. (1 - b2) with b2 = 0.999) are not lost to round-to-nearest. noise: uint32 in [0, 2^16) per
-    element, fresh every step and tensor (`_rounding_noise`)."""
+    EMA updates (e.g. (1 - b2) with b2 = 0.999) are not lost to round-to-nearest. seed: uint32 scalar, distinct
+    per step and per tensor."""
     bits = jax.lax.bitcast_convert_type(x32, jnp.uint32)
-    rounded = (bits + noise) & jnp.uint32(0xFFFF0000)
+    rounded = (bits + _rounding_noise(x32.shape, seed)) & jnp.uint32(0xFFFF0000)
     out = jax.lax.bitcast_convert_type(rounded, jnp.float32)
     return jnp.where(jnp.isfinite(x32), out, x32).astype(jnp.bfloat16)
 
@@ -204,7 +199,7 @@ def apply_updates(params, updates, step: jax.Array):
     for i, (p, u) in enumerate(zip(leaves, deltas)):
         if p.dtype == jnp.bfloat16:
             out.append(_stochastic_round_bf16(p.astype(jnp.float32) + u.astype(jnp.float32),
-                                              _rounding_noise(p.shape, _fmix32(seed + jnp.uint32(i)))))
+                                              _fmix32(seed + jnp.uint32(i))))
         else:
             out.append((p + u).astype(p.dtype))
     return treedef.unflatten(out)
@@ -237,10 +232,8 @@ def scale_by_adam_low_precision(b1: float = 0.9, b2: float = 0.95, eps: float = 
             nu_hat = nu32 / (1.0 - b2 ** c)
             out.append((mu_hat / (jnp.sqrt(nu_hat) + eps)).astype(g.dtype))
             if stochastic_rounding and jnp.dtype(state_dtype) == jnp.bfloat16:
-                # one hash per element for both moments: its high half rounds mu, its low half nu
-                bits = _element_hash(jnp.shape(g), _fmix32(step_seed + jnp.uint32(i)))
-                new_mu.append(_stochastic_round_bf16(mu32, bits >> 16))
-                new_nu.append(_stochastic_round_bf16(nu32, bits & jnp.uint32(0xFFFF)))
+                new_mu.append(_stochastic_round_bf16(mu32, _fmix32(step_seed + jnp.uint32(2 * i))))
+                new_nu.append(_stochastic_round_bf16(nu32, _fmix32(step_seed + jnp.uint32(2 * i + 1))))
             else:
                 new_mu.append(mu32.astype(state_dtype))
                 new_nu.append(nu32.astype(state_dtype))
