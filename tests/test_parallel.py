@@ -46,9 +46,9 @@ def qwen3_5_moe():
 FAMILIES = {"qwen3": qwen3_dense, "qwen3_moe": qwen3_moe, "qwen3_5_moe": qwen3_5_moe}
 
 
-def make_model(family, skew=False):
+def make_model(family, skew=False, scan_layers=True):
     cls, cfg = FAMILIES[family]()
-    model = cls(cfg, ModelOptions(moe_implementation="eager"), rngs=nnx.Rngs(0))
+    model = cls(cfg, ModelOptions(moe_implementation="eager", scan_layers=scan_layers), rngs=nnx.Rngs(0))
     if skew:  # routers only see experts 0 and 1 (expert rank 0): the other ranks get ties or nothing
         for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
             if path[-1] == "router":
@@ -84,6 +84,19 @@ CASES = [(f, m) for f in FAMILIES for m in MESHES if f != "qwen3" or not m.start
 def test_sharded_loss_and_grads_equal_one_device(family, mesh_name):
     skew = family != "qwen3"
     cfg, model = make_model(family, skew=skew)
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, V, (B, T)), jnp.int32)
+    aux = 0.01 if cfg.num_experts else 0.0
+    ref_loss, ref_grads = loss_and_grads(model, ids, aux)
+    mesh = build_mesh(**MESHES[mesh_name], model_config=cfg)
+    loss, grads = loss_and_grads(model, ids, aux, mesh)
+    assert_same_loss_and_grads(loss, grads, ref_loss, ref_grads)
+
+
+@pytest.mark.parametrize("family,mesh_name", [("qwen3", "tp2_fsdp4"), ("qwen3_5_moe", "ep4_fsdp2")])
+def test_unrolled_layers_sharded_equal_one_device(family, mesh_name):
+    """model.scan_layers=false under a mesh: the stacked parameters are sliced per layer (lax.split) while sharded
+    over fsdp / tensor / expert, and their gradients concatenated back; the result equals one device's."""
+    cfg, model = make_model(family, skew=family != "qwen3", scan_layers=False)
     ids = jnp.asarray(np.random.default_rng(1).integers(0, V, (B, T)), jnp.int32)
     aux = 0.01 if cfg.num_experts else 0.0
     ref_loss, ref_grads = loss_and_grads(model, ids, aux)
