@@ -242,7 +242,7 @@ class Trainer:
             f"model     {self.hf_config.get('model_type')} ({type(self.model).__name__}), "
             f"{self.param_count / 1e6:.1f}M parameters, init_from={self.cfg.train.init_from}",
             f"backends  {backend_summary(self.options)}, dtype={self.options.dtype}, "
-            f"remat={self.options.remat_policy}",
+            f"remat={self.options.remat_policy}, layers={'scanned' if self.options.scan_layers else 'unrolled'}",
             f"mesh      {dict(self.mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
             f"{self.process_count} process(es)",
             f"batch     {self.cfg.train.micro_batch_size} rows/device x {self.dp_size} data-parallel x "
