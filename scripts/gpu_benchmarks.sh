@@ -37,6 +37,9 @@
 #             and the MoE cut (unrolled, full remat)
 #   profiles_final 1 GPU: profiles of the fastest settings (dense unrolled with dots_attention_saveable, the MoE
 #             cut unrolled), then the hybrid cut unrolled (xorl_jax alone)
+#   open_questions 1 GPU: does the attention tier's per-layer `switch` cost host waits (dense and MoE cuts with
+#             and without bench_train --attn-tier-static), and why one hash per rounding made the MoE step slower
+#             (bench_optim's single-hash case beside the chained one, then the MoE cut's update in a profile)
 #   ep8       1-8 GPUs: the configs/*_ep8.yaml recipes on a real text corpus (expert ranks = GPUs; with fewer than
 #             8 GPUs the depth is cut in proportion, LAYERS_FORCED=N overrides)
 #
@@ -46,7 +49,7 @@
 # Multi-GPU stages keep NCCL_NVLS_ENABLE=0 (NVLink SHARP multicast off: not every multi-GPU host supports it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STAGES=${1:?usage: gpu_benchmarks.sh kernels|gdn|profiles|loss|dense|moe|hybrid|ttfs|tune|versus_hf|hybrid_hf|hybrid_tune|unroll|final_hf|profiles_final|multi|ep_check|ep_train|ep8_bisect|recheck|scale_moe|scale_dense|fsdp_8b|optim|ep8[,...] [OUT_DIR]}
+STAGES=${1:?usage: gpu_benchmarks.sh kernels|gdn|profiles|loss|dense|moe|hybrid|ttfs|tune|versus_hf|hybrid_hf|hybrid_tune|unroll|final_hf|profiles_final|open_questions|multi|ep_check|ep_train|ep8_bisect|recheck|scale_moe|scale_dense|fsdp_8b|optim|ep8[,...] [OUT_DIR]}
 OUT_DIR=${2:-${OUT:-/tmp/gpu_benchmarks}}
 WORK=${WORK:-/tmp/gpu_benchmarks_work}  # profiles, runs, cut configs: too many files for OUT_DIR
 mkdir -p "$OUT_DIR" "$WORK"
@@ -289,6 +292,18 @@ DYNAMIC_SLICE_FUSION,CONDITIONAL" LIMIT=70 run dense_conditional_graphs python3 
     LIMIT=150 run hybrid_unroll python3 scripts/bench_train.py --model qwen3_5_35b_a3b --layers 4 --batch 2 \
         --seq 4096 --steps 4 --warmup 1 --param-dtype bfloat16 --optimizer-dtype bfloat16 --backends jax \
         --remat dots_attention_saveable --sweep "scan_layers=true,false" --json "$OUT_DIR/hybrid_unroll.json"
+    ;;
+  open_questions)
+    for tier in static switch; do
+      flag=(); [ "$tier" = static ] && flag=(--attn-tier-static)
+      LIMIT=90 run "dense_tier_$tier" python3 scripts/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 \
+          --steps 5 --warmup 1 --backends jax --remat dots_attention_saveable "${flag[@]}" \
+          --json "$OUT_DIR/dense_tier_$tier.json"
+      LIMIT=90 run "moe_tier_$tier" python3 scripts/bench_train.py --model qwen3_30b_a3b --layers 4 --batch 2 \
+          --seq 4096 --steps 6 --warmup 2 --param-dtype bfloat16 --optimizer-dtype bfloat16 --backends jax \
+          --scan-layers false "${flag[@]}" --json "$OUT_DIR/moe_tier_$tier.json"
+    done
+    LIMIT=150 run optim_hash python3 scripts/bench_optim.py --no-torch
     ;;
   ep8_bisect)
     # which setting makes the ep8 recipe's first Qwen3-30B-A3B step non-finite (the demo-data ep_train runs are
