@@ -207,7 +207,9 @@ def run_jax(args, cfg: dict) -> dict:
                   "lr": 1e-5, "enable_gradient_checkpointing": args.remat != "none", "remat_policy": args.remat,
                   "ce_chunk_size": args.ce_chunk, "optimizer_dtype": args.optimizer_dtype, "use_tensorboard": False,
                   "data_parallel_replicate_size": args.dp, "data_parallel_shard_size": fsdp,
-                  "expert_parallel_size": ep, "tensor_parallel_size": args.tp},
+                  "expert_parallel_size": ep, "tensor_parallel_size": args.tp,
+                  # off: the first step's time is a compile, never a hit left by an earlier run on the machine
+                  "compilation_cache_dir": None},
     })
     trainer = Trainer(run_cfg)
     batches = [trainer._device_batch(next(trainer.train_iter)) for _ in range(2)]
