@@ -80,23 +80,15 @@ def loss_and_grads(model, ids, aux_coef, mesh=None):
 CASES = [(f, m) for f in FAMILIES for m in MESHES if f != "qwen3" or not m.startswith("ep")]
 
 
-@pytest.mark.parametrize("family,mesh_name", CASES)
-def test_sharded_loss_and_grads_equal_one_device(family, mesh_name):
+# Unrolled layers (model.scan_layers=false) slice the stacked parameters per layer with lax.split while they are
+# sharded over fsdp / tensor / expert, and concatenate their gradients back.
+UNROLLED_CASES = [("qwen3", "tp2_fsdp4", False), ("qwen3_5_moe", "ep4_fsdp2", False)]
+
+
+@pytest.mark.parametrize("family,mesh_name,scan_layers", [c + (True,) for c in CASES] + UNROLLED_CASES)
+def test_sharded_loss_and_grads_equal_one_device(family, mesh_name, scan_layers):
     skew = family != "qwen3"
-    cfg, model = make_model(family, skew=skew)
-    ids = jnp.asarray(np.random.default_rng(1).integers(0, V, (B, T)), jnp.int32)
-    aux = 0.01 if cfg.num_experts else 0.0
-    ref_loss, ref_grads = loss_and_grads(model, ids, aux)
-    mesh = build_mesh(**MESHES[mesh_name], model_config=cfg)
-    loss, grads = loss_and_grads(model, ids, aux, mesh)
-    assert_same_loss_and_grads(loss, grads, ref_loss, ref_grads)
-
-
-@pytest.mark.parametrize("family,mesh_name", [("qwen3", "tp2_fsdp4"), ("qwen3_5_moe", "ep4_fsdp2")])
-def test_unrolled_layers_sharded_equal_one_device(family, mesh_name):
-    """model.scan_layers=false under a mesh: the stacked parameters are sliced per layer (lax.split) while sharded
-    over fsdp / tensor / expert, and their gradients concatenated back; the result equals one device's."""
-    cfg, model = make_model(family, skew=family != "qwen3", scan_layers=False)
+    cfg, model = make_model(family, skew=skew, scan_layers=scan_layers)
     ids = jnp.asarray(np.random.default_rng(1).integers(0, V, (B, T)), jnp.int32)
     aux = 0.01 if cfg.num_experts else 0.0
     ref_loss, ref_grads = loss_and_grads(model, ids, aux)
