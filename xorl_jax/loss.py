@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -225,12 +226,8 @@ def _head_grad_split(ctx, batch_axes: tuple, D: int) -> tuple[tuple, tuple]:
     """(axes to reduce-scatter dW's D rows over, axes to sum it over): the batch axes that also shard the head's
     `embed` dimension (FSDP) leave each device only its own rows of the sum, as the parameter is sharded; the others
     (data-parallel replicas) add the whole of it."""
-    from xorl_jax.parallel.rules import _as_tuple
-
-    embed = [a for a in _as_tuple(ctx.rules.params.get("embed")) if a in batch_axes]
-    size = 1
-    for a in embed:
-        size *= ctx.axis_size(a)
+    embed = [a for a in ctx.param_axes("embed") if a in batch_axes]
+    size = math.prod(ctx.axis_size(a) for a in embed)
     scatter = tuple(embed) if embed and D % size == 0 else ()
     return scatter, tuple(a for a in batch_axes if a not in scatter)
 
@@ -264,7 +261,7 @@ def _on_devices(plan: _TokenPlan, h_ND, w_DV, labels_N, valid_N, with_grads: boo
             out += (dh,) + ((reduce_dw(dw),) if with_dw else ())
         return out
 
-    dw_spec = P(scatter if len(scatter) > 1 else scatter[0] if scatter else None, None)
+    dw_spec = P(scatter or None, None)
     outs = (P(),) + ((rows,) + ((dw_spec,) if with_dw else ()) if with_grads else ())
     got = shard_map_compat(local, ctx.mesh, (rows, P(), P(axes), P(axes)), outs)(h_ND, w_DV, labels_N, valid_N)
     return tuple(got) + (None,) * (3 - len(got))
@@ -298,12 +295,12 @@ _ce_tokens.defvjp(_ce_tokens_fwd, _ce_tokens_bwd, symbolic_zeros=True)
 
 def _vocab_is_split() -> bool:
     """True when the current mesh splits the head's vocab axis over a tensor-parallel axis of size > 1."""
-    from xorl_jax.parallel.rules import _as_tuple, current
+    from xorl_jax.parallel.rules import current
 
     ctx = current()
     if ctx is None:
         return False
-    return any(ctx.axis_size(a) > 1 for a in _as_tuple(ctx.rules.params.get("vocab")))
+    return any(ctx.axis_size(a) > 1 for a in ctx.param_axes("vocab"))
 
 
 CE_METHODS = ("auto", "tokens", "vocab")

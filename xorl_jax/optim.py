@@ -125,12 +125,12 @@ def global_grad_norm(grads, trainable_mask=None) -> jax.Array:
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     """optax.clip_by_global_norm (updates scaled by max_norm / norm when the norm exceeds max_norm), with the norm
-    taken in fp32 from `leaf_squared_norms` (optax squares bf16 gradients in bf16, a second pass over them beside
-    the step's fp32 sums)."""
+    taken in fp32 by `global_grad_norm` from `leaf_squared_norms` (optax squares bf16 gradients in bf16, a second
+    pass over them beside the step's fp32 sums)."""
 
     def update(updates, state, params=None):
         del params
-        norm = jnp.sqrt(sum(leaf_squared_norms(updates), jnp.zeros((), jnp.float32)))
+        norm = global_grad_norm(updates)
         within = norm < max_norm
         clipped = jax.tree.map(lambda t: jnp.where(within, t, (t / norm.astype(t.dtype)) * max_norm), updates)
         return clipped, state

@@ -174,6 +174,10 @@ class ParallelContext:
     def axis_size(self, axis: str) -> int:
         return int(self.mesh.shape.get(axis, 1))
 
+    def param_axes(self, name: str) -> tuple[str, ...]:
+        """The mesh axes that the parameters' logical axis `name` (e.g. "vocab", "embed") is split over."""
+        return _as_tuple(self.rules.params.get(name))
+
 
 _CONTEXT: contextvars.ContextVar[ParallelContext | None] = contextvars.ContextVar("xorl_parallel", default=None)
 
