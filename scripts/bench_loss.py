@@ -109,5 +109,6 @@ def main():
         ms, peak = torch_case(h, w, labels, a.iters)
         show("torch: bf16 logits, fp32 CE (HF)", ms, 3 * head_flop, peak, float("nan"))
 
+
 if __name__ == "__main__":
     main()

@@ -3,12 +3,12 @@ shapes: xorl_jax's variants against torch's fused AdamW on the same GPU, same ru
 
     PYTHONPATH=. python scripts/bench_optim.py [--layers 28 --hidden 2048 --ffn 6144 --vocab 151936] [--iters 10]
 
-Variants: fp32 parameters and state (optax's AdamW); bf16 parameters and bf16 state, both rounded stochastically
-(as the train step does) by the counter hash in `xorl_jax.optim` (the default for `optimizer_dtype: bfloat16`), by
-jax.random threefry bits (the earlier way, kept here only as the comparison), and rounded to nearest. Torch: `AdamW(fused=True)` with
-fp32 and with bf16 parameters (its state follows the parameter dtype; no stochastic rounding). Reports the median
-time of one update and the bytes it must move at least (read parameters, gradients and state, write parameters and
-state) as an achieved bandwidth. `--tiny` is a CPU smoke run.
+Variants: fp32 parameters and state (optax's AdamW); bf16 parameters and bf16 state, both rounded stochastically (as
+the train step does) by the counter hash in `xorl_jax.optim` (the default for `optimizer_dtype: bfloat16`), by a
+single hash (an experiment), by jax.random threefry bits (the earlier way, kept here only as the comparison), and
+rounded to nearest. Torch: `AdamW(fused=True)` with fp32 and with bf16 parameters (its state follows the parameter
+dtype; no stochastic rounding). Reports the median time of one update and the bytes it must move at least (read
+parameters, gradients and state, write parameters and state) as an achieved bandwidth. `--tiny` is a CPU smoke run.
 """
 
 from __future__ import annotations
