@@ -163,15 +163,11 @@ def inspect_step(args, trainer, state, batch, step_s: float, label: str) -> dict
     return out
 
 
-def _pin_attention_tier():
-    """Speed experiment: the packed attention's tier index becomes the constant 0 (the smallest layout), so XLA
-    removes the per-layer `switch` and with it each conditional's host wait for its predicate. Right only when every
-    row has at most that tier's documents: true of the dummy data (documents of at least 1/8 of a row)."""
-    import jax.numpy as jnp
+def _remat_keep_names(names: str):
+    """Experiment: the named values `dots_attention_saveable` keeps ("none" = only matmuls and attention)."""
+    from xorl_jax.models import common
 
-    from xorl_jax.kernels import attention
-
-    attention.layout_branch = lambda count_B, tiers: jnp.zeros((), jnp.int32)
+    common.SAVED_NAMES = () if names == "none" else tuple(names.split(","))
 
 
 def run_jax(args, cfg: dict) -> dict:
@@ -184,8 +180,8 @@ def run_jax(args, cfg: dict) -> dict:
     from xorl_jax.train_setup import backend_summary
     from xorl_jax.trainer import Trainer
 
-    if args.attn_tier_static:
-        _pin_attention_tier()
+    if args.remat_keep_names:
+        _remat_keep_names(args.remat_keep_names)
     tmp = tempfile.mkdtemp(prefix="bench_train_")
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(cfg, f)
@@ -212,6 +208,8 @@ def run_jax(args, cfg: dict) -> dict:
                   "compilation_cache_dir": None},
     })
     trainer = Trainer(run_cfg)
+    if args.attn_layout == "device":  # the tier picked per layer on the device, as several processes do
+        trainer.host_attention_layout = False
     batches = [trainer._device_batch(next(trainer.train_iter)) for _ in range(2)]
     state, metrics = trainer.train_step(trainer.state, batches[0])
     jax.block_until_ready(metrics["loss"])
@@ -369,8 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scan-layers", default="true", choices=("true", "false"), help="model.scan_layers (false: "
                    "unrolled layers)")
     p.add_argument("--attn", default="auto", help="model.attn_implementation")
-    p.add_argument("--attn-tier-static", action="store_true", help="experiment: no per-layer attention tier switch "
-                   "(every row in the smallest packed layout, as the dummy data are)")
+    p.add_argument("--attn-layout", default="host", choices=("host", "device"), help="the packed attention layout "
+                   "fixed per batch on the host (what one process does) or picked per layer on the device")
+    p.add_argument("--remat-keep-names", default=None, help="experiment: the named values dots_attention_saveable "
+                   "keeps, comma-separated, or none (default: models.common.SAVED_NAMES)")
     p.add_argument("--moe", default="auto", help="model.moe_implementation")
     p.add_argument("--gdn", default="auto", help="model.gdn_implementation")
     p.add_argument("--ce-chunk", type=int, default=2048, help="train.ce_chunk_size (tokens per chunk of the "

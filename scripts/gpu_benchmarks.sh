@@ -37,9 +37,10 @@
 #             and the MoE cut (unrolled, full remat)
 #   profiles_final 1 GPU: profiles of the fastest settings (dense unrolled with dots_attention_saveable, the MoE
 #             cut unrolled), then the hybrid cut unrolled (xorl_jax alone)
-#   open_questions 1 GPU: does the attention tier's per-layer `switch` cost host waits (dense and MoE cuts with
-#             and without bench_train --attn-tier-static), and why one hash per rounding made the MoE step slower
-#             (bench_optim's single-hash case beside the chained one, then the MoE cut's update in a profile)
+#   layout_remat 1 GPU: cuDNN's GPU tests, then the dense 1.7B step with the packed attention layout picked per
+#             layer on the device vs fixed per batch on the host, without the named values dots_attention_saveable
+#             keeps (SwiGLU activations, grouped GEMMs), with bf16 parameters and state; the MoE cut under full,
+#             dots_attention_saveable and no remat
 #   ep8       1-8 GPUs: the configs/*_ep8.yaml recipes on a real text corpus (expert ranks = GPUs; with fewer than
 #             8 GPUs the depth is cut in proportion, LAYERS_FORCED=N overrides)
 #
@@ -49,7 +50,7 @@
 # Multi-GPU stages keep NCCL_NVLS_ENABLE=0 (NVLink SHARP multicast off: not every multi-GPU host supports it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STAGES=${1:?usage: gpu_benchmarks.sh kernels|gdn|profiles|loss|dense|moe|hybrid|ttfs|tune|versus_hf|hybrid_hf|hybrid_tune|unroll|final_hf|profiles_final|open_questions|multi|ep_check|ep_train|ep8_bisect|recheck|scale_moe|scale_dense|fsdp_8b|optim|ep8[,...] [OUT_DIR]}
+STAGES=${1:?usage: gpu_benchmarks.sh kernels|gdn|profiles|loss|dense|moe|hybrid|ttfs|tune|versus_hf|hybrid_hf|hybrid_tune|unroll|final_hf|profiles_final|layout_remat|multi|ep_check|ep_train|ep8_bisect|recheck|scale_moe|scale_dense|fsdp_8b|optim|ep8[,...] [OUT_DIR]}
 OUT_DIR=${2:-${OUT:-/tmp/gpu_benchmarks}}
 WORK=${WORK:-/tmp/gpu_benchmarks_work}  # profiles, runs, cut configs: too many files for OUT_DIR
 mkdir -p "$OUT_DIR" "$WORK"
@@ -293,17 +294,20 @@ DYNAMIC_SLICE_FUSION,CONDITIONAL" LIMIT=70 run dense_conditional_graphs python3 
         --seq 4096 --steps 4 --warmup 1 --param-dtype bfloat16 --optimizer-dtype bfloat16 --backends jax \
         --remat dots_attention_saveable --sweep "scan_layers=true,false" --json "$OUT_DIR/hybrid_unroll.json"
     ;;
-  open_questions)
-    for tier in static switch; do
-      flag=(); [ "$tier" = static ] && flag=(--attn-tier-static)
-      LIMIT=90 run "dense_tier_$tier" python3 scripts/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 \
-          --steps 5 --warmup 1 --backends jax --remat dots_attention_saveable "${flag[@]}" \
-          --json "$OUT_DIR/dense_tier_$tier.json"
-      LIMIT=90 run "moe_tier_$tier" python3 scripts/bench_train.py --model qwen3_30b_a3b --layers 4 --batch 2 \
+  layout_remat)
+    run attention_gpu_tests python3 -m pytest -m gpu -q tests/test_attention.py --timeout 300
+    dense=(python3 scripts/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 5 --warmup 1
+           --backends jax --remat dots_attention_saveable --scan-layers false)
+    LIMIT=90 run dense_layout_device "${dense[@]}" --attn-layout device --json "$OUT_DIR/dense_layout_device.json"
+    LIMIT=90 run dense_layout_host "${dense[@]}" --json "$OUT_DIR/dense_layout_host.json"
+    LIMIT=90 run dense_keep_no_names "${dense[@]}" --remat-keep-names none --json "$OUT_DIR/dense_keep_no_names.json"
+    LIMIT=90 run dense_bf16 "${dense[@]}" --param-dtype bfloat16 --optimizer-dtype bfloat16 \
+        --json "$OUT_DIR/dense_bf16.json"
+    for remat in full dots_attention_saveable none; do
+      LIMIT=80 run "moe_$remat" python3 scripts/bench_train.py --model qwen3_30b_a3b --layers 4 --batch 2 \
           --seq 4096 --steps 6 --warmup 2 --param-dtype bfloat16 --optimizer-dtype bfloat16 --backends jax \
-          --scan-layers false "${flag[@]}" --json "$OUT_DIR/moe_tier_$tier.json"
+          --scan-layers false --remat "$remat" --json "$OUT_DIR/moe_$remat.json"
     done
-    LIMIT=150 run optim_hash python3 scripts/bench_optim.py --no-torch
     ;;
   ep8_bisect)
     # which setting makes the ep8 recipe's first Qwen3-30B-A3B step non-finite (the demo-data ep_train runs are

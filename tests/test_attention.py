@@ -77,6 +77,28 @@ def test_layout_branch_takes_the_smallest_tier_that_holds_every_row():
         [0, 1, 1, 2]
 
 
+def test_document_slots_on_the_host_agree_with_the_device_choice():
+    """The host's slot count for a batch (any leading axes, e.g. micro-batches) is the tier the device's switch
+    would take for the same rows, MASKED past the largest; the fixed layout is that tier of the switching one."""
+    rng = np.random.default_rng(3)
+    for p in (0.02, 0.1, 0.3, 0.9):
+        seg = (np.cumsum(rng.random((2, 3, 96)) < p, axis=-1) + 1).astype(np.int32)
+        for M in (8, 16, 64):
+            tiers = attn_lib.segment_tiers(M)
+            counts = np.asarray(segment_layout(jnp.asarray(seg.reshape(-1, 96)), M)[2])
+            branch = int(attn_lib.layout_branch(jnp.asarray(counts), tiers))
+            slots = attn_lib.document_slots(seg, M)
+            assert slots == (tiers[branch] if branch < len(tiers) else attn_lib.MASKED), (p, M, counts.max())
+            fixed = attn_lib.packed_layout(jnp.asarray(seg[0]), M, slots=slots)
+            assert fixed.counts is None and fixed.tiers == ((slots,) if slots else ())
+            if slots:
+                switching = attn_lib.packed_layout(jnp.asarray(seg[0]), M)
+                i = switching.tiers.index(slots)
+                assert fixed.offsets[0].tolist() == switching.offsets[i].tolist()
+                assert fixed.lengths[0].tolist() == switching.lengths[i].tolist()
+    assert attn_lib.document_slots(np.ones((2, 5), np.int32)) == 8
+
+
 def test_cudnn_refused_without_gpu():
     if jax.default_backend() == "gpu":
         pytest.skip("has a GPU")
@@ -94,9 +116,10 @@ def test_auto_picks_cudnn_only_for_half_precision(monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("host_layout", [False, True], ids=["device_tier", "host_tier"])
 @pytest.mark.parametrize("d,H,K", [(128, 16, 8), (256, 8, 2)])
 @pytest.mark.parametrize("layout", ["none", "packed", "many", "overflow"])
-def test_cudnn_matches_reference_on_gpu(d, H, K, layout):
+def test_cudnn_matches_reference_on_gpu(d, H, K, layout, host_layout):
     B, T = 2, 512
     q, k, v = _inputs(B, T, H, K, d, jnp.bfloat16, seed=d + H)
     seg = None
@@ -109,7 +132,10 @@ def test_cudnn_matches_reference_on_gpu(d, H, K, layout):
     def loss(fn, q, k, v):
         return jnp.sum(fn(q, k, v).astype(jnp.float32) ** 2)
 
-    fast = lambda q, k, v: attention(q, k, v, segment_ids=seg, implementation="cudnn", max_segments=max_segments)
+    slots = attn_lib.document_slots(np.asarray(seg), max_segments) if host_layout and seg is not None else None
+    fixed = None if slots is None else attn_lib.packed_layout(seg, max_segments, slots=slots)
+    fast = lambda q, k, v: attention(q, k, v, segment_ids=seg, implementation="cudnn",  # noqa: E731
+                                     max_segments=max_segments, layout=fixed)
     ref = lambda q, k, v: attention_reference(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
                                               segment_ids=seg)
     out_fast, out_ref = jax.jit(fast)(q, k, v), jax.jit(ref)(q, k, v)
@@ -179,12 +205,14 @@ LAYOUT_ROWS = {
 }
 
 
+@pytest.mark.parametrize("host_layout", [False, True], ids=["device_tier", "host_tier"])
 @pytest.mark.parametrize("rows", sorted(LAYOUT_ROWS))
 @pytest.mark.parametrize("mesh_sizes", [dict(data_parallel_shard_size=8),
                                         dict(data_parallel_shard_size=4, tensor_parallel_size=2)])
-def test_packed_cudnn_path_gives_each_device_its_own_rows_layout(monkeypatch, mesh_sizes, rows):
+def test_packed_cudnn_path_gives_each_device_its_own_rows_layout(monkeypatch, mesh_sizes, rows, host_layout):
     """The cuDNN path's wiring on 8 CPU devices: rows split over the batch axes (heads over `tensor`), and each
-    device's kernel call gets the offsets and lengths of its own rows."""
+    device's kernel call gets the offsets and lengths of its own rows: with the tier picked per device, or fixed
+    for the whole batch on the host (`document_slots`)."""
     from xorl_jax.parallel.mesh import build_mesh
     from xorl_jax.parallel.rules import batch_sharding, rules_for, use_mesh
 
@@ -207,7 +235,12 @@ def test_packed_cudnn_path_gives_each_device_its_own_rows_layout(monkeypatch, me
     tp = mesh_sizes.get("tensor_parallel_size", 1)
     rules = rules_for(type("T", (), {"tensor_parallel_size": tp, "expert_parallel_size": 1})())
     put = lambda a: jax.device_put(a, batch_sharding(mesh))  # noqa: E731
+    slots = attn_lib.document_slots(np.asarray(seg), 16) if host_layout else None
+
+    def attend(q, k, v, s):
+        layout = attn_lib.packed_layout(s, 16, slots=slots)
+        return attention(q, k, v, segment_ids=s, implementation="cudnn", max_segments=16, layout=layout)
+
     with use_mesh(mesh, rules):
-        out = jax.jit(lambda q, k, v, s: attention(q, k, v, segment_ids=s, implementation="cudnn", max_segments=16))(
-            put(q), put(k), put(v), put(seg))
+        out = jax.jit(attend)(put(q), put(k), put(v), put(seg))
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)

@@ -46,3 +46,31 @@ def test_dots_attention_policy_saves_matmuls_and_the_cudnn_forward_only():
     assert policy(_Prim("dot_product_attention_fwd_wrapper"), f32)  # the cuDNN forward (result + softmax stats)
     assert not policy(_Prim("dot_product_attention_bwd_wrapper"), f32)
     assert not policy(jax.lax.exp_p, f32)
+
+
+def test_dots_attention_policy_keeps_the_grouped_matmuls_and_the_swiglu_activations():
+    """The grouped GEMM is a custom call on GPU (no dot_general for the policy to see) and SwiGLU is elementwise:
+    both are kept by the names they carry, so the backward runs neither the experts' forward nor the activation
+    again."""
+    import contextlib
+    import io
+
+    from xorl_jax.kernels.gmm import gmm
+    from xorl_jax.layers.swiglu import swiglu
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (12, 8))
+    w = jax.random.normal(jax.random.PRNGKey(1), (3, 8, 6))
+    sizes = jnp.array([5, 4, 3], jnp.int32)
+
+    def loss(x, w):
+        return jnp.sum(jnp.tanh(swiglu(gmm(jnp.sin(x), w, sizes, implementation="reference"))))
+
+    def saved(policy):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            jax.ad_checkpoint.print_saved_residuals(jax.checkpoint(loss, policy=policy), x, w)
+        return out.getvalue()
+
+    kept = saved(checkpoint_policy("dots_attention_saveable"))
+    assert "named 'grouped_matmul'" in kept and "named 'mlp_activation'" in kept
+    assert "named" not in saved(jax.checkpoint_policies.nothing_saveable)

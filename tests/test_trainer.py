@@ -339,3 +339,29 @@ def test_compilation_cache_setting():
     assert compilation_cache_dir("auto", "gpu") == os.path.expanduser("~/.cache/xorl_jax/xla")
     assert compilation_cache_dir("/tmp/xc", "cpu") == "/tmp/xc"  # an explicit directory applies everywhere
     assert compilation_cache_dir(None, "gpu") is None
+
+
+def test_host_fixed_attention_layout_reaches_the_step_one_compile_per_layout(tmp_path, monkeypatch):
+    """With the layout fixed on the host (one process, cuDNN attention: forced here on CPU, where attention ignores
+    it), each batch carries its document slot count, the step gets it at trace time and compiles once per count."""
+    from xorl_jax import train_step as step_lib
+    from xorl_jax.kernels.attention import MASKED
+    from xorl_jax.train_setup import DOC_SLOTS_KEY
+
+    seen = []
+    forward_loss = step_lib.forward_loss
+
+    def spy(*args, **kwargs):
+        seen.append(args[5] if len(args) > 5 else kwargs.get("doc_slots"))
+        return forward_loss(*args, **kwargs)
+
+    monkeypatch.setattr(step_lib, "forward_loss", spy)
+    trainer = make_trainer(tmp_path, max_steps=3)
+    trainer.host_attention_layout = True
+    batch = trainer._device_batch(next(trainer.train_iter))
+    assert batch[DOC_SLOTS_KEY] == 8  # demo rows: a few chats each
+    state, metrics = trainer.train_step(trainer.state, batch)
+    state, _ = trainer.train_step(state, trainer._device_batch(next(trainer.train_iter)))
+    assert seen == [8] and np.isfinite(float(metrics["loss"]))  # traced once for two batches
+    state, _ = trainer.train_step(state, {**trainer._device_batch(next(trainer.train_iter)), DOC_SLOTS_KEY: MASKED})
+    assert seen == [8, MASKED] and sorted(trainer.train_step._steps) == [MASKED, 8]

@@ -4,6 +4,7 @@ cache). Shared by the trainer and the dry run (plan.py)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -167,10 +168,46 @@ def opt_state_shardings(optimizer, params, mesh):
                                  transform_non_params=lambda _: replicated, is_leaf=masked)
 
 
-def jit_train_step(graphdef, optimizer, loss_cfg, state, mesh, rules, *, merge_fn=None) -> MeshJit:
+def jit_train_step(graphdef, optimizer, loss_cfg, state, mesh, rules, *, merge_fn=None,
+                   doc_slots: int | None = None) -> MeshJit:
     """The jitted train step for `state` (concrete or abstract): state donated, output shardings fixed to the
-    input's so the state comes back exactly as it went in and step 2 does not compile again."""
+    input's so the state comes back exactly as it went in and step 2 does not compile again. `doc_slots`: the
+    packed attention layout every batch of this step fits (`kernels.attention.document_slots`), or None."""
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    step = make_train_step(graphdef, optimizer, loss_cfg, merge_fn=merge_fn)
+    step = make_train_step(graphdef, optimizer, loss_cfg, merge_fn=merge_fn, doc_slots=doc_slots)
     return MeshJit(jax.jit(step, donate_argnums=(0,), out_shardings=(state_shardings, replicated)), mesh, rules)
+
+
+DOC_SLOTS_KEY = "doc_slots"  # batch entry (a Python int, not an array) naming the attention layout the host chose
+
+
+class TrainSteps:
+    """The train step, jitted once per packed attention layout that batches arrive with (a batch's DOC_SLOTS_KEY
+    entry, set by the host from its segment ids; absent = the layout picked on the device). Each variant compiles
+    the first time a batch needs it; runs see one or two."""
+
+    def __init__(self, graphdef, optimizer, loss_cfg, state, mesh, rules, *, merge_fn=None):
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        self._make = functools.partial(jit_train_step, graphdef, optimizer, loss_cfg, abstract, mesh, rules,
+                                       merge_fn=merge_fn)
+        self._steps: dict = {}
+
+    def for_batch(self, batch) -> tuple[MeshJit, dict]:
+        """(the step for this batch's layout, the batch's arrays)."""
+        slots = batch.get(DOC_SLOTS_KEY)
+        if slots not in self._steps:
+            if self._steps:  # a later variant compiles in the middle of the run: say why the step is slow
+                log.info("a batch needs the packed attention layout for %s: compiling the step for it (once)",
+                         "more than the largest slot count (explicit mask)" if slots == 0 else
+                         f"up to {slots} documents per row")
+            self._steps[slots] = self._make(doc_slots=slots)
+        return self._steps[slots], {k: v for k, v in batch.items() if k != DOC_SLOTS_KEY}
+
+    def __call__(self, state, batch, *rest):
+        step, arrays = self.for_batch(batch)
+        return step(state, arrays, *rest)
+
+    def lower(self, state, batch, *rest):
+        step, arrays = self.for_batch(batch)
+        return step.lower(state, arrays, *rest)

@@ -18,9 +18,11 @@ import numpy as np
 from flax import nnx
 
 from xorl_jax.config import Config, ConfigError, config_to_dict
+from xorl_jax.kernels.attention import document_slots
 from xorl_jax.preemption import StopSignals
-from xorl_jax.train_setup import (MeshJit, backend_summary, jit_train_step, loss_config_for, model_and_mesh,
-                                  opt_state_shardings, optimizer_for, request_determinism, use_compilation_cache)
+from xorl_jax.train_setup import (DOC_SLOTS_KEY, MeshJit, TrainSteps, backend_summary, loss_config_for,
+                                  model_and_mesh, opt_state_shardings, optimizer_for, request_determinism,
+                                  use_compilation_cache)
 from xorl_jax.train_step import TrainState, make_eval_step, stack_micro_batches
 
 log = logging.getLogger("xorl_jax")
@@ -122,6 +124,11 @@ class Trainer:
                      lora_lib.count_lora_params(self.params),
                      ", ".join(sorted({t.hf_name for t in self.lora_targets})), self.param_count)
         self.loss_cfg = loss_config_for(cfg, self.model_config, self.options)
+        # One process sees every row of the global batch, so it can fix cuDNN's packed attention layout for each
+        # batch (`document_slots`) instead of the device picking it in every layer. Several processes see only
+        # their own rows and would have to agree: there the device keeps picking it.
+        self.host_attention_layout = (self.process_count == 1 and
+                                      model.options.attn_implementation == "cudnn")
 
     def _init_scratch(self):
         from xorl_jax.models.loading import abstract_model
@@ -189,8 +196,8 @@ class Trainer:
                                 nonfinite_streak=counter(), skipped_total=counter())
         self.params = None  # the state owns them from here on
         merge_fn = self._merge_fn()
-        self.train_step = jit_train_step(self.graphdef, self.optimizer, self.loss_cfg, self.state, self.mesh,
-                                         self.rules, merge_fn=merge_fn)
+        self.train_step = TrainSteps(self.graphdef, self.optimizer, self.loss_cfg, self.state, self.mesh,
+                                     self.rules, merge_fn=merge_fn)
         self.eval_step = MeshJit(jax.jit(make_eval_step(self.graphdef, self.loss_cfg, merge_fn=merge_fn)),
                                  self.mesh, self.rules)
         if merge_fn is not None:  # the frozen base goes in as an argument (never a baked-in constant, never donated)
@@ -261,7 +268,10 @@ class Trainer:
 
         stacked = stack_micro_batches(rows, self.accum)
         sharding = batch_sharding(self.mesh, leading_axes=1)
-        return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in stacked.items()}
+        batch = {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in stacked.items()}
+        if self.host_attention_layout:
+            batch[DOC_SLOTS_KEY] = document_slots(stacked["segment_ids"])
+        return batch
 
     def evaluate(self) -> dict | None:
         if not self.eval_batches:

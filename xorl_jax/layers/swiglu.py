@@ -13,6 +13,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+# The name of the activation's output, so a remat policy can keep it: the down projection's weight gradient needs
+# it, and keeping it costs half of what keeping the gate/up product does (which that gradient pass reads anyway).
+CHECKPOINT_NAME = "mlp_activation"
 
 
 def _halves(h, axis: int):
@@ -23,15 +28,20 @@ def _halves(h, axis: int):
     return jnp.split(h, 2, axis=axis)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def swiglu(h, axis: int = -1):
-    """silu(gate) * up for h holding [gate, up] along `axis` (a size-2 axis, or [gate | up] halves)."""
+    """silu(gate) * up for h holding [gate, up] along `axis` (a size-2 axis, or [gate | up] halves); the result is
+    named CHECKPOINT_NAME for remat policies."""
+    return checkpoint_name(_swiglu(h, axis), CHECKPOINT_NAME)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _swiglu(h, axis: int):
     gate, up = _halves(h, axis)
     return jax.nn.silu(gate.astype(jnp.float32)).astype(h.dtype) * up
 
 
 def _swiglu_fwd(h, axis):
-    return swiglu(h, axis), h
+    return _swiglu(h, axis), h
 
 
 def _swiglu_bwd(axis, h, g):
@@ -47,4 +57,4 @@ def _swiglu_bwd(axis, h, g):
     return (dh.astype(h.dtype),)
 
 
-swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+_swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)

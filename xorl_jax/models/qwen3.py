@@ -169,11 +169,12 @@ class Qwen3ForCausalLM(nnx.Module):
         return w if dtype is None else w.astype(dtype)
 
     def __call__(self, input_ids, positions=None, segment_ids=None, *, return_hidden: bool = False,
-                 layer_transform=None) -> ModelOutput:
+                 layer_transform=None, doc_slots: int | None = None) -> ModelOutput:
         """`layer_transform` (models.common.LayerTransform) rewrites each scanned layer group's parameters inside
-        the layer scan (LoRA merges its adapters there, one group at a time)."""
+        the layer scan (LoRA merges its adapters there, one group at a time). `doc_slots` (static): the packed
+        attention layout the host chose for this batch (`kernels.attention.document_slots`)."""
         return causal_lm_forward(self, input_ids, positions, segment_ids, return_hidden, rotary_dim=None,
-                                 layer_transform=layer_transform)
+                                 layer_transform=layer_transform, doc_slots=doc_slots)
 
     @staticmethod
     def hf_key_map(cfg: Qwen3Config, *, expert_layout: str = "fused", root: str = "model") -> km.FamilyKeyMap:
@@ -232,8 +233,9 @@ def moe_maps(num_experts: int, expert_layout: str) -> list:
 
 
 def causal_lm_forward(model, input_ids, positions, segment_ids, return_hidden, *, rotary_dim, num_experts=None,
-                      layer_transform=None):
-    """Embedding -> scanned layers -> final norm -> logits; shared by the Qwen families."""
+                      layer_transform=None, doc_slots=None):
+    """Embedding -> scanned layers -> final norm -> logits; shared by the Qwen families. doc_slots: see
+    `kernels.attention.document_slots` (None: the packed attention layout's tier is picked on the device)."""
     cfg, opts = model.config, model.options
     B, T = input_ids.shape
     dt = opts.compute_dtype
@@ -246,7 +248,7 @@ def causal_lm_forward(model, input_ids, positions, segment_ids, return_hidden, *
     stats = jnp.zeros((2, E), jnp.float32)
     # The documents' attention layout once for all layers (and outside remat: not recomputed in the backward).
     packed = segment_ids is not None and opts.attn_implementation == "cudnn"
-    attn_layout = packed_layout(segment_ids) if packed else None
+    attn_layout = packed_layout(segment_ids, slots=doc_slots) if packed else None
     h, stats = model.layers(
         (h, stats), remat_policy=opts.remat_policy, layer_transform=layer_transform, scan=opts.scan_layers,
         cos=cos, sin=sin, segment_ids=segment_ids, valid=valid, attn_layout=attn_layout,

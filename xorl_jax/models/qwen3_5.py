@@ -222,9 +222,10 @@ class Qwen3_5ForCausalLM(nnx.Module):
         return w if dtype is None else w.astype(dtype)
 
     def __call__(self, input_ids, positions=None, segment_ids=None, *, return_hidden: bool = False,
-                 layer_transform=None) -> ModelOutput:
+                 layer_transform=None, doc_slots: int | None = None) -> ModelOutput:
         return causal_lm_forward(self, input_ids, positions, segment_ids, return_hidden,
-                                 rotary_dim=self.config.rotary_dim, layer_transform=layer_transform)
+                                 rotary_dim=self.config.rotary_dim, layer_transform=layer_transform,
+                                 doc_slots=doc_slots)
 
     @staticmethod
     def hf_key_map(cfg: Qwen3_5Config, *, expert_layout: str = "fused", root: str = "model") -> km.FamilyKeyMap:

@@ -15,10 +15,14 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from xorl_jax.kernels.gmm.reference import gmm_ragged_dot, gmm_reference
 
 IMPLEMENTATIONS = ("auto", "triton", "reference", "ragged_dot")
+# The name every grouped GEMM's output carries, so a remat policy can keep it (whatever the implementation, it is
+# a matmul that a `dot_general` test does not see: the Triton kernels are custom calls).
+CHECKPOINT_NAME = "grouped_matmul"
 
 
 def _unavailable_reason() -> str | None:
@@ -50,7 +54,11 @@ def triton_available() -> bool:
 
 
 def gmm(x, w, group_sizes, implementation: str = "auto"):
-    """x [M, K], w [E, K, N], group_sizes [E] int32 -> y [M, N] in x.dtype."""
+    """x [M, K], w [E, K, N], group_sizes [E] int32 -> y [M, N] in x.dtype, named CHECKPOINT_NAME for remat."""
+    return checkpoint_name(_gmm(x, w, group_sizes, implementation), CHECKPOINT_NAME)
+
+
+def _gmm(x, w, group_sizes, implementation: str):
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"gmm implementation {implementation!r} is not one of {IMPLEMENTATIONS}")
     if x.ndim != 2 or w.ndim != 3 or x.shape[1] != w.shape[1]:
@@ -77,4 +85,4 @@ def gmm(x, w, group_sizes, implementation: str = "auto"):
     return gmm_triton(x, w.astype(x.dtype), group_sizes)
 
 
-__all__ = ["gmm", "gmm_reference", "gmm_ragged_dot", "triton_available", "IMPLEMENTATIONS"]
+__all__ = ["CHECKPOINT_NAME", "gmm", "gmm_reference", "gmm_ragged_dot", "triton_available", "IMPLEMENTATIONS"]
