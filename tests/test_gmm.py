@@ -107,6 +107,21 @@ def test_auto_is_reference_on_cpu_and_triton_raises():
         gmm(x, w, gs, implementation="triton")
 
 
+def test_moe_auto_without_triton_warns_only_on_a_gpu(monkeypatch, caplog):
+    """On a GPU without jax-triton the MoE falls back to ragged_dot, many times slower: the user is told once."""
+    from xorl_jax.layers import moe
+
+    assert moe.resolve_moe_implementation("auto") == "native"  # CPU: the native path is the right one, no warning
+    assert "ragged_dot" not in caplog.text
+    monkeypatch.setattr(moe.jax, "default_backend", lambda: "gpu")
+    moe._warn_gpu_without_triton.cache_clear()
+    with caplog.at_level("WARNING", logger="xorl_jax"):
+        assert moe.resolve_moe_implementation("auto") == "native"
+        moe.resolve_moe_implementation("auto")
+    assert caplog.text.count("pip install jax-triton") == 1
+    moe._warn_gpu_without_triton.cache_clear()
+
+
 def test_bad_arguments_name_the_culprit():
     x, w, gs, _, _ = _inputs(4, 16, 8, 8, 4, jnp.float32, "zipf")
     with pytest.raises(ValueError, match="implementation 'cuda'"):
