@@ -10,6 +10,7 @@ from xorl_jax.data import DataError, build_eval_batches, build_train_iterator, l
 from xorl_jax.data.demo import DEMO_DIR
 from xorl_jax.data.documents import IGNORE, row_to_doc
 from xorl_jax.data.packing import build_row, pack_first_fit_decreasing, pack_sequential
+from xorl_jax.data.pipeline import MAX_DOCUMENTS_KEY
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +86,10 @@ def test_every_label_appears_once_per_epoch_and_processes_split_rows(tok):
         for b in batches[:3]:
             got = next(part)
             np.testing.assert_array_equal(got["input_ids"], b["input_ids"][2 * p:2 * p + 2])
+            # every process knows the most segments in any row of the global batch, from its own packing
+            seg = b["segment_ids"]
+            runs = 1 + int(np.max(np.sum(seg[:, 1:] != seg[:, :-1], axis=1)))
+            assert got[MAX_DOCUMENTS_KEY] == b[MAX_DOCUMENTS_KEY] == runs
 
 
 def test_resume_continues_with_the_same_batches(tok):
@@ -230,3 +235,17 @@ def test_text_rows_tokenized_in_batches_equal_one_by_one(tmp_path, tok, monkeypa
                                                      docs.ids, docs.targets):
         np.testing.assert_array_equal(got_ids, ids)
         np.testing.assert_array_equal(got_targets, targets)
+
+
+def test_segment_count_of_a_row_counts_padding_only_when_there_is_some():
+    from types import SimpleNamespace
+
+    from xorl_jax.data.pipeline import _Batcher
+
+    batcher = _Batcher.__new__(_Batcher)
+    batcher.capacity = 8
+    batcher.docs = SimpleNamespace(ids=[np.ones(3, np.int32), np.ones(5, np.int32), np.ones(2, np.int32)],
+                                   targets=[np.ones(3, np.int32), np.ones(5, np.int32), np.ones(2, np.int32)])
+    for members in ([0, 1], [0, 2], [], [1]):
+        seg = build_row([(batcher.docs.ids[i], batcher.docs.targets[i]) for i in members], 8)["segment_ids"]
+        assert batcher._segments(members) == 1 + int(np.sum(seg[1:] != seg[:-1])), members

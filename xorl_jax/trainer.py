@@ -18,7 +18,8 @@ import numpy as np
 from flax import nnx
 
 from xorl_jax.config import Config, ConfigError, config_to_dict
-from xorl_jax.kernels.attention import document_slots
+from xorl_jax.data.pipeline import MAX_DOCUMENTS_KEY
+from xorl_jax.kernels.attention import document_slots, slots_for
 from xorl_jax.preemption import StopSignals
 from xorl_jax.train_setup import (DOC_SLOTS_KEY, MeshJit, TrainSteps, backend_summary, loss_config_for,
                                   model_and_mesh, opt_state_shardings, optimizer_for, request_determinism,
@@ -124,11 +125,9 @@ class Trainer:
                      lora_lib.count_lora_params(self.params),
                      ", ".join(sorted({t.hf_name for t in self.lora_targets})), self.param_count)
         self.loss_cfg = loss_config_for(cfg, self.model_config, self.options)
-        # One process sees every row of the global batch, so it can fix cuDNN's packed attention layout for each
-        # batch (`document_slots`) instead of the device picking it in every layer. Several processes see only
-        # their own rows and would have to agree: there the device keeps picking it.
-        self.host_attention_layout = (self.process_count == 1 and
-                                      model.options.attn_implementation == "cudnn")
+        # cuDNN's packed attention layout is fixed per batch on the host (every process alike: the data pipeline
+        # counts the documents of the whole global batch) instead of being picked in every layer on the device.
+        self.host_attention_layout = model.options.attn_implementation == "cudnn"
 
     def _init_scratch(self):
         from xorl_jax.models.loading import abstract_model
@@ -270,7 +269,11 @@ class Trainer:
         sharding = batch_sharding(self.mesh, leading_axes=1)
         batch = {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in stacked.items()}
         if self.host_attention_layout:
-            batch[DOC_SLOTS_KEY] = document_slots(stacked["segment_ids"])
+            documents = rows.get(MAX_DOCUMENTS_KEY)  # the whole global batch's, from the data pipeline
+            if documents is not None:
+                batch[DOC_SLOTS_KEY] = slots_for(int(documents))
+            elif self.process_count == 1:  # rows from elsewhere: this process holds them all
+                batch[DOC_SLOTS_KEY] = document_slots(stacked["segment_ids"])
         return batch
 
     def evaluate(self) -> dict | None:

@@ -163,6 +163,11 @@ def _pack_epoch(docs: Documents, data_cfg, seed: int, epoch: int, shuffle: bool)
     raise DataError(f"data.sample_packing_method={method!r}; use sequential or multipack")
 
 
+# Batch entry (a Python int): the most segments in any row of the global batch, which the trainer turns into the
+# packed attention layout of the step (`kernels.attention.slots_for`) on every process alike.
+MAX_DOCUMENTS_KEY = "max_documents"
+
+
 class _Batcher:
     def __init__(self, docs, data_cfg, global_batch_size, process_index, process_count, micro_batches=1):
         if global_batch_size % (process_count * micro_batches):
@@ -185,15 +190,24 @@ class _Batcher:
     def batches_in(self, rows) -> int:
         return -(-len(rows) // self.global_batch_size)
 
+    def _segments(self, members) -> int:
+        """Segments of a packed row (runs of its segment ids): its documents, and the padding unless they fill it."""
+        return len(members) + (sum(len(self.docs.ids[i]) for i in members) < self.capacity)
+
     def batch(self, rows, b: int) -> dict:
         """This process's rows of global batch b, micro-batch major: its share of micro-batch 0, then of 1, ...
-        so micro-batch a holds the same rows whatever the process count."""
+        so micro-batch a holds the same rows whatever the process count. MAX_DOCUMENTS_KEY: the most segments in
+        any row of the whole global batch (every process packs every row, so all agree without talking)."""
         out = []
         starts = (b * self.global_batch_size + a * self.micro_rows + self.first for a in range(self.micro_batches))
         for r in (s + i for s in starts for i in range(self.local_micro_rows)):
             members = rows[r] if r < len(rows) else []
             out.append(build_row([(self.docs.ids[i], self.docs.targets[i]) for i in members], self.capacity))
-        return {k: np.stack([row[k] for row in out]) for k in out[0]}
+        batch = {k: np.stack([row[k] for row in out]) for k in out[0]}
+        first = b * self.global_batch_size
+        batch[MAX_DOCUMENTS_KEY] = max(self._segments(rows[r] if r < len(rows) else [])
+                                       for r in range(first, first + self.global_batch_size))
+        return batch
 
 
 class TrainIterator:

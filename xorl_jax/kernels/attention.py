@@ -123,8 +123,12 @@ def document_slots(segment_ids, max_segments: int = 64) -> int:
     import numpy as np
 
     seg = np.asarray(segment_ids)
-    count = 1 + int(np.max(np.sum(seg[..., 1:] != seg[..., :-1], axis=-1), initial=0))
-    return next((m for m in segment_tiers(max_segments) if count <= m), MASKED)
+    return slots_for(1 + int(np.max(np.sum(seg[..., 1:] != seg[..., :-1], axis=-1), initial=0)), max_segments)
+
+
+def slots_for(documents: int, max_segments: int = 64) -> int:
+    """The slot count of the smallest tier that holds `documents` per row (segments, padding counted), or MASKED."""
+    return next((m for m in segment_tiers(max_segments) if documents <= m), MASKED)
 
 
 class PackedLayout(NamedTuple):
