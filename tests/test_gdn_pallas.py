@@ -53,6 +53,31 @@ def test_interpret_matches_reference_forward_and_grads(shape):
         np.testing.assert_allclose(a, b, atol=5e-5, rtol=5e-5, err_msg=name)
 
 
+@pytest.mark.parametrize("intra", ["pallas", "xla"])
+def test_remat_keeps_the_kernels_forward_products_and_gradients_hold(intra):
+    """Under `dots_attention_saveable` the kernels' forward products are kept by name (the backward does not run
+    the forward kernels again), and the gradients are those of no remat."""
+    import contextlib
+    import io
+
+    from xorl_jax.models.common import checkpoint_policy
+
+    B, T, Hk, Hv, K, V, C = INTERPRET_SHAPES[0]
+    q, k, v, g, beta, h0 = make_inputs(30, B, T, Hk, Hv, K, V)
+    seg = random_segments(31, B, T)
+    pallas = lambda *a, **kw: gated_delta_rule_pallas(*a, chunk_size=C, interpret=True, intra=intra, **kw)
+    policy = checkpoint_policy("dots_attention_saveable")
+    remat = lambda *a, **kw: jax.checkpoint(lambda *x: pallas(*x, **kw), policy=policy)(*a)  # noqa: E731
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        jax.ad_checkpoint.print_saved_residuals(
+            lambda *a: jnp.sum(remat(*a, segment_ids=seg)[0]), q, k, v, g, beta)
+    assert "named 'gdn_kernel'" in out.getvalue()
+    for name, a, b in zip("q k v g beta h0".split(), _loss_grads(remat, q, k, v, g, beta, h0, seg),
+                          _loss_grads(pallas, q, k, v, g, beta, h0, seg)):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6, err_msg=name)
+
+
 def test_interpret_packed_equals_per_document():
     B, T, Hk, Hv, K, V, C = 1, 40, 1, 1, 16, 16, 16
     q, k, v, g, beta, _ = make_inputs(22, B, T, Hk, Hv, K, V)

@@ -11,6 +11,9 @@ from __future__ import annotations
 from xorl_jax.kernels.gdn.reference import gated_delta_rule_chunked, gated_delta_rule_recurrent
 
 IMPLEMENTATIONS = ("auto", "pallas", "chunked", "recurrent")
+# The name the Pallas kernels' forward outputs carry (what their backward rules keep: per-chunk products, chunk
+# states), so a remat policy can keep them instead of running both forward kernels again in the backward.
+CHECKPOINT_NAME = "gdn_kernel"
 
 
 def auto_implementation(dk: int | None = None, dv: int | None = None) -> str:

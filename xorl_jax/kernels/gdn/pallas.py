@@ -27,8 +27,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 
+from xorl_jax.kernels.gdn import CHECKPOINT_NAME
 from xorl_jax.kernels.gdn.reference import _initial_state, _prepare, document_starts, l2norm, unit_lower_inverse
 
 F32 = jnp.float32
@@ -161,6 +163,12 @@ def _scan_bwd_call(do, w, P, qd, ke, ed, dst, *, C, interpret):
     )(do, w, P, qd, ke, ed, dst)
 
 
+def _named(outputs):
+    """The kernel's outputs, each named for remat policies (only the forward rules name them: that is where the
+    backward's residuals come from)."""
+    return [checkpoint_name(x, CHECKPOINT_NAME) for x in outputs]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
 def _state_pass(u, w, P, qd, ke, ed, h0, C, interpret, state_grads):
     o, _, _, s_final = _scan_fwd_call(u, w, P, qd, ke, ed, h0, C=C, interpret=interpret)
@@ -168,7 +176,7 @@ def _state_pass(u, w, P, qd, ke, ed, h0, C, interpret, state_grads):
 
 
 def _state_pass_fwd(u, w, P, qd, ke, ed, h0, C, interpret, state_grads):
-    o, v_new, h, s_final = _scan_fwd_call(u, w, P, qd, ke, ed, h0, C=C, interpret=interpret)
+    o, v_new, h, s_final = _named(_scan_fwd_call(u, w, P, qd, ke, ed, h0, C=C, interpret=interpret))
     return (o, s_final), (u, w, P, qd, ke, ed, v_new, h)
 
 
@@ -432,7 +440,7 @@ def _intra_pass(qn, kn, v, gam, beta, doc, carry, C, interpret):
 
 
 def _intra_pass_fwd(qn, kn, v, gam, beta, doc, carry, C, interpret):
-    *outs, X = _intra_fwd_call(qn, kn, v, gam, beta, doc, carry, C=C, interpret=interpret)
+    *outs, X = _named(_intra_fwd_call(qn, kn, v, gam, beta, doc, carry, C=C, interpret=interpret))
     return tuple(outs), (qn, kn, v, gam, beta, doc, carry, X)
 
 
