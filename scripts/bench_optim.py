@@ -9,12 +9,16 @@ single hash (an experiment), by jax.random threefry bits (the earlier way, kept 
 rounded to nearest. Torch: `AdamW(fused=True)` with fp32 and with bf16 parameters (its state follows the parameter
 dtype; no stochastic rounding). Reports the median time of one update and the bytes it must move at least (read
 parameters, gradients and state, write parameters and state) as an achieved bandwidth. `--tiny` is a CPU smoke run.
+`--donate` updates parameters and state in place as the train step does; `--profile DIR` prints each case's HLO
+counts and kernel summary (on CPU a donated bf16 update copies both moments of every leaf before writing them, and
+writes the clipped gradient once for its three readers: what the GPU compiler does is what the profile shows).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch runs in the same process afterwards
 
@@ -48,7 +52,7 @@ def single_hash_noise(shape, seed):
     return optim._fmix32(optim._element_index(shape) ^ seed) >> 16
 
 
-def jax_case(shapes, param_dtype, optimizer_dtype, iters, rounding="hash"):
+def jax_case(shapes, param_dtype, optimizer_dtype, iters, rounding="hash", donate=False, profile=None, label=""):
     tx = optim.build_optimizer(schedule=1e-4, weight_decay=0.1, optimizer_dtype=optimizer_dtype,
                                stochastic_rounding=rounding != "nearest")
     keys = jax.random.split(jax.random.key(0), len(shapes))
@@ -66,18 +70,58 @@ def jax_case(shapes, param_dtype, optimizer_dtype, iters, rounding="hash"):
     if rounding in ("threefry", "single"):
         optim._rounding_noise = threefry_noise if rounding == "threefry" else single_hash_noise
     try:
-        fn = jax.jit(step)
+        # donated: parameters and state updated in place, as the train step does (XLA must then order each
+        # leaf's reads of the old moments before their writes, or copy them)
+        fn = jax.jit(step, donate_argnums=(0, 2) if donate else ())
         compiled = fn.lower(params, grads, state).compile()
     finally:
         optim._rounding_noise = saved
     mem = compiled.memory_analysis()
     temp = mem.temp_size_in_bytes / GIB if mem is not None else float("nan")
-    ms = time_jax(compiled, (params, grads, state), iters)
+    if donate:
+        ms, params, state = time_donated(compiled, params, grads, state, iters)
+    else:
+        ms = time_jax(compiled, (params, grads, state), iters)
+    if profile:
+        print(profile_update(compiled, params, grads, state, donate, os.path.join(profile, label)), flush=True)
     n = sum(p.size for p in params)
     p_bytes, s_bytes = jnp.dtype(param_dtype).itemsize, 2 * jnp.dtype(optim._STATE_DTYPES[optimizer_dtype]).itemsize
     moved = n * (2 * p_bytes + p_bytes + 2 * s_bytes)  # read+write params, read grads, read+write mu and nu
     del params, grads, state
     return ms, temp, moved, n
+
+
+def time_donated(compiled, params, grads, state, iters):
+    """Median ms of an update whose parameters and state are donated: each call takes the previous outputs."""
+    import statistics
+    import time
+
+    for _ in range(2):
+        params, state = compiled(params, grads, state)
+    jax.block_until_ready(params)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        params, state = compiled(params, grads, state)
+        jax.block_until_ready(params)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3, params, state
+
+
+def profile_update(compiled, params, grads, state, donate, pdir, steps=3):
+    """The compiled update's HLO counts and a trace of a few calls, summarised (kernels, calls, ms per update)."""
+    from xorl_jax import profiling
+
+    hlo_text = compiled.as_text()
+    with jax.profiler.trace(pdir, create_perfetto_trace=True):
+        for _ in range(steps):
+            out = compiled(params, grads, state)
+            if donate:
+                params, state = out
+        jax.block_until_ready(out)
+    summary = profiling.summarize_trace(profiling.find_trace(pdir), hlo_text=hlo_text, steps=steps, top=12)
+    return (profiling.format_hlo_summary(profiling.hlo_summary(hlo_text, compiled.memory_analysis())) + "\n"
+            + profiling.format_summary(summary, top=12))
 
 
 def torch_case(shapes, dtype_name, iters):
@@ -114,6 +158,10 @@ def main():
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: small shapes, no torch")
+    p.add_argument("--donate", action="store_true", help="donate parameters and state, as the train step does")
+    p.add_argument("--cases", default=None, help="comma-separated subset of the xorl_jax cases by index (0-4)")
+    p.add_argument("--profile", default=None, metavar="DIR", help="trace each xorl_jax case into DIR and print "
+                   "its HLO counts and kernel summary")
     a = p.parse_args()
     if a.tiny:
         a.layers, a.hidden, a.ffn, a.vocab, a.iters, a.no_torch = 2, 64, 128, 500, 2, True
@@ -127,8 +175,13 @@ def main():
              ("jax bf16 params + bf16 state, single-hash rounding", "bfloat16", "bfloat16", "single"),
              ("jax bf16 params + bf16 state, threefry rounding", "bfloat16", "bfloat16", "threefry"),
              ("jax bf16 params + bf16 state, round to nearest", "bfloat16", "bfloat16", "nearest")]
+    if a.cases:
+        cases = [cases[int(i)] for i in a.cases.split(",")]
     for name, pd, od, rounding in cases:
-        ms, temp, moved, n = jax_case(shapes, jnp.dtype(pd), od, a.iters, rounding)
+        if a.donate:
+            name += ", donated"
+        label = re.sub(r"[^\w]+", "_", name)
+        ms, temp, moved, n = jax_case(shapes, jnp.dtype(pd), od, a.iters, rounding, a.donate, a.profile, label)
         print(f"{name:50s} {n / 1e9:7.2f}B {ms:9.2f} {moved / ms / 1e6:8.0f} {temp:9.2f}")
     if not a.no_torch:
         for dt in ("float32", "bfloat16"):

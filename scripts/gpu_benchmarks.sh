@@ -37,6 +37,8 @@
 #             and the MoE cut (unrolled, full remat)
 #   profiles_final 1 GPU: profiles of the fastest settings (dense unrolled with dots_attention_saveable, the MoE
 #             cut unrolled), then the hybrid cut unrolled (xorl_jax alone)
+#   optim_profile 1 GPU: the AdamW update alone with parameters and state donated as in the train step (fp32,
+#             bf16 with stochastic rounding, bf16 rounded to nearest): HLO counts and a kernel profile of each
 #   hybrid_remat 1 GPU: the hybrid cut (unrolled) under full remat, dots_attention_saveable without and with the
 #             Gated DeltaNet kernels' named outputs, and no remat (xorl_jax alone)
 #   layout_remat 1 GPU: cuDNN's GPU tests, then the dense 1.7B step with the packed attention layout picked per
@@ -52,7 +54,7 @@
 # Multi-GPU stages keep NCCL_NVLS_ENABLE=0 (NVLink SHARP multicast off: not every multi-GPU host supports it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STAGES=${1:?usage: gpu_benchmarks.sh kernels|gdn|profiles|loss|dense|moe|hybrid|ttfs|tune|versus_hf|hybrid_hf|hybrid_tune|unroll|final_hf|profiles_final|hybrid_remat|layout_remat|multi|ep_check|ep_train|ep8_bisect|recheck|scale_moe|scale_dense|fsdp_8b|optim|ep8[,...] [OUT_DIR]}
+STAGES=${1:?usage: gpu_benchmarks.sh kernels|gdn|profiles|loss|dense|moe|hybrid|ttfs|tune|versus_hf|hybrid_hf|hybrid_tune|unroll|final_hf|profiles_final|optim_profile|hybrid_remat|layout_remat|multi|ep_check|ep_train|ep8_bisect|recheck|scale_moe|scale_dense|fsdp_8b|optim|ep8[,...] [OUT_DIR]}
 OUT_DIR=${2:-${OUT:-/tmp/gpu_benchmarks}}
 WORK=${WORK:-/tmp/gpu_benchmarks_work}  # profiles, runs, cut configs: too many files for OUT_DIR
 mkdir -p "$OUT_DIR" "$WORK"
@@ -295,6 +297,10 @@ DYNAMIC_SLICE_FUSION,CONDITIONAL" LIMIT=70 run dense_conditional_graphs python3 
     LIMIT=150 run hybrid_unroll python3 scripts/bench_train.py --model qwen3_5_35b_a3b --layers 4 --batch 2 \
         --seq 4096 --steps 4 --warmup 1 --param-dtype bfloat16 --optimizer-dtype bfloat16 --backends jax \
         --remat dots_attention_saveable --sweep "scan_layers=true,false" --json "$OUT_DIR/hybrid_unroll.json"
+    ;;
+  optim_profile)
+    TAIL=80 LIMIT=240 run optim_profile python3 scripts/bench_optim.py --no-torch --donate --cases 0,1,4 --iters 5 \
+        --profile "$WORK/optim_profile"
     ;;
   hybrid_remat)
     hybrid=(python3 scripts/bench_train.py --model qwen3_5_35b_a3b --layers 4 --batch 2 --seq 4096 --steps 4
