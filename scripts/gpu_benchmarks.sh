@@ -33,8 +33,8 @@
 #             command buffers (device-side branches instead of a host wait per branch)
 #   unroll    1 GPU:  the dense 1.7B and MoE cuts with the layers scanned and unrolled (model.scan_layers),
 #             under full and dots_attention_saveable remat (xorl_jax alone)
-#   final_hf  1 GPU:  the fastest settings beside HF in the same runs: dense 1.7B (unrolled, dots_attention_saveable)
-#             and the MoE cut (unrolled, full remat)
+#   final_hf  1 GPU:  the fastest settings beside HF in the same runs: dense 1.7B and the MoE cut (both unrolled,
+#             dots_attention_saveable)
 #   profiles_final 1 GPU: profiles of the fastest settings (dense unrolled with dots_attention_saveable, the MoE
 #             cut unrolled), then the hybrid cut unrolled (xorl_jax alone)
 #   optim_profile 1 GPU: the AdamW update alone with parameters and state donated as in the train step (fp32,
@@ -285,7 +285,7 @@ DYNAMIC_SLICE_FUSION,CONDITIONAL" LIMIT=70 run dense_conditional_graphs python3 
         --json "$OUT_DIR/dense_final_hf.json"
     LIMIT=220 run moe_final_hf python3 scripts/bench_train.py --model qwen3_30b_a3b --layers 4 --batch 2 --seq 4096 \
         --steps 4 --warmup 1 --param-dtype bfloat16 --optimizer-dtype bfloat16 --backends jax,hf --scan-layers false \
-        --json "$OUT_DIR/moe_final_hf.json"
+        --remat dots_attention_saveable --json "$OUT_DIR/moe_final_hf.json"
     ;;
   profiles_final)
     LIMIT=150 run dense_prof_final python3 scripts/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 4 \
