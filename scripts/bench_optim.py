@@ -5,9 +5,10 @@ shapes: xorl_jax's variants against torch's fused AdamW on the same GPU, same ru
 
 Variants: fp32 parameters and state (optax's AdamW); bf16 parameters and bf16 state, both rounded stochastically (as
 the train step does) by the counter hash in `xorl_jax.optim` (the default for `optimizer_dtype: bfloat16`), by a
-single hash (an experiment), by jax.random threefry bits (the earlier way, kept here only as the comparison), and
-rounded to nearest. Torch: `AdamW(fused=True)` with fp32 and with bf16 parameters (its state follows the parameter
-dtype; no stochastic rounding). Reports the median time of one update and the bytes it must move at least (read
+single hash (an experiment), by jax.random threefry bits (the earlier way, kept here only as the comparison),
+rounded to nearest, and hash-rounded with the update direction taken from the stored moments (an experiment:
+`scale_by_adam_low_precision(direction_from_stored=True)`). Torch: `AdamW(fused=True)` with fp32 and with bf16
+parameters (its state follows the parameter dtype; no stochastic rounding). Reports the median time of one update and the bytes it must move at least (read
 parameters, gradients and state, write parameters and state) as an achieved bandwidth. `--tiny` is a CPU smoke run.
 `--donate` updates parameters and state in place as the train step does; `--profile DIR` prints each case's HLO
 counts and kernel summary (on CPU a donated bf16 update copies both moments of every leaf before writing them, and
@@ -17,6 +18,7 @@ writes the clipped gradient once for its three readers: what the GPU compiler do
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 
@@ -53,8 +55,14 @@ def single_hash_noise(shape, seed):
 
 
 def jax_case(shapes, param_dtype, optimizer_dtype, iters, rounding="hash", donate=False, profile=None, label=""):
-    tx = optim.build_optimizer(schedule=1e-4, weight_decay=0.1, optimizer_dtype=optimizer_dtype,
-                               stochastic_rounding=rounding != "nearest")
+    adam = optim.scale_by_adam_low_precision
+    if rounding == "stored":  # hash rounding, the direction from the stored moments (the experiment)
+        optim.scale_by_adam_low_precision = functools.partial(adam, direction_from_stored=True)
+    try:
+        tx = optim.build_optimizer(schedule=1e-4, weight_decay=0.1, optimizer_dtype=optimizer_dtype,
+                                   stochastic_rounding=rounding != "nearest")
+    finally:
+        optim.scale_by_adam_low_precision = adam
     keys = jax.random.split(jax.random.key(0), len(shapes))
     params = [jax.random.normal(k, s, jnp.float32).astype(param_dtype) * 0.02 for k, s in zip(keys, shapes)]
     grads = [(p * 0.1).astype(param_dtype) for p in params]
@@ -159,7 +167,7 @@ def main():
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: small shapes, no torch")
     p.add_argument("--donate", action="store_true", help="donate parameters and state, as the train step does")
-    p.add_argument("--cases", default=None, help="comma-separated subset of the xorl_jax cases by index (0-4)")
+    p.add_argument("--cases", default=None, help="comma-separated subset of the xorl_jax cases by index (0-5)")
     p.add_argument("--profile", default=None, metavar="DIR", help="trace each xorl_jax case into DIR and print "
                    "its HLO counts and kernel summary")
     a = p.parse_args()
@@ -174,7 +182,8 @@ def main():
              ("jax bf16 params + bf16 state, hash rounding", "bfloat16", "bfloat16", "hash"),
              ("jax bf16 params + bf16 state, single-hash rounding", "bfloat16", "bfloat16", "single"),
              ("jax bf16 params + bf16 state, threefry rounding", "bfloat16", "bfloat16", "threefry"),
-             ("jax bf16 params + bf16 state, round to nearest", "bfloat16", "bfloat16", "nearest")]
+             ("jax bf16 params + bf16 state, round to nearest", "bfloat16", "bfloat16", "nearest"),
+             ("jax bf16 + bf16 state, hash rounding, direction from stored", "bfloat16", "bfloat16", "stored")]
     if a.cases:
         cases = [cases[int(i)] for i in a.cases.split(",")]
     for name, pd, od, rounding in cases:

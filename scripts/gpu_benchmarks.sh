@@ -38,7 +38,8 @@
 #   profiles_final 1 GPU: profiles of the fastest settings (dense unrolled with dots_attention_saveable, the MoE
 #             cut unrolled), then the hybrid cut unrolled (xorl_jax alone)
 #   optim_profile 1 GPU: the AdamW update alone with parameters and state donated as in the train step (fp32,
-#             bf16 with stochastic rounding, bf16 rounded to nearest): HLO counts and a kernel profile of each
+#             bf16 with stochastic rounding, the same with the direction from the stored moments, bf16 rounded to
+#             nearest): HLO counts and a kernel profile of each
 #   hybrid_remat 1 GPU: the hybrid cut (unrolled) under full remat, dots_attention_saveable without and with the
 #             Gated DeltaNet kernels' named outputs, and no remat (xorl_jax alone)
 #   layout_remat 1 GPU: cuDNN's GPU tests, then the dense 1.7B step with the packed attention layout picked per
@@ -299,7 +300,7 @@ DYNAMIC_SLICE_FUSION,CONDITIONAL" LIMIT=70 run dense_conditional_graphs python3 
         --remat dots_attention_saveable --sweep "scan_layers=true,false" --json "$OUT_DIR/hybrid_unroll.json"
     ;;
   optim_profile)
-    TAIL=80 LIMIT=240 run optim_profile python3 scripts/bench_optim.py --no-torch --donate --cases 0,1,4 --iters 5 \
+    TAIL=100 LIMIT=300 run optim_profile python3 scripts/bench_optim.py --no-torch --donate --cases 0,1,5,4 --iters 5 \
         --profile "$WORK/optim_profile"
     ;;
   hybrid_remat)

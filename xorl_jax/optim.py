@@ -207,9 +207,14 @@ def apply_updates(params, updates, step: jax.Array):
 
 def scale_by_adam_low_precision(b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8, *,
                                 state_dtype=jnp.bfloat16, stochastic_rounding: bool = True,
-                                seed: int = 0) -> optax.GradientTransformation:
+                                seed: int = 0, direction_from_stored: bool = False) -> optax.GradientTransformation:
     """Adam scaling with mu and nu stored in `state_dtype` (math in fp32). The state has optax's
-    ScaleByAdamState layout, so checkpoints look like the fp32 ones with smaller leaves."""
+    ScaleByAdamState layout, so checkpoints look like the fp32 ones with smaller leaves.
+
+    direction_from_stored (an experiment, `bench_optim.py`): the update direction from the moments as stored
+    (rounded) instead of their fp32 values before rounding. Then nothing reads a leaf's old moments after its new
+    ones are computed, so an in-place (donated) update needs no copy of them: XLA:CPU copied both moments of every
+    leaf otherwise, and moved 24% fewer bytes without the copies."""
 
     def init(params):
         zeros = lambda p: jnp.zeros(jnp.shape(p), state_dtype)  # noqa: E731
@@ -228,15 +233,17 @@ def scale_by_adam_low_precision(b1: float = 0.9, b2: float = 0.95, eps: float = 
             g32 = g.astype(jnp.float32)
             mu32 = b1 * mu.astype(jnp.float32) + (1.0 - b1) * g32
             nu32 = b2 * nu.astype(jnp.float32) + (1.0 - b2) * g32 * g32
-            mu_hat = mu32 / (1.0 - b1 ** c)
-            nu_hat = nu32 / (1.0 - b2 ** c)
-            out.append((mu_hat / (jnp.sqrt(nu_hat) + eps)).astype(g.dtype))
             if stochastic_rounding and jnp.dtype(state_dtype) == jnp.bfloat16:
                 new_mu.append(_stochastic_round_bf16(mu32, _fmix32(step_seed + jnp.uint32(2 * i))))
                 new_nu.append(_stochastic_round_bf16(nu32, _fmix32(step_seed + jnp.uint32(2 * i + 1))))
             else:
                 new_mu.append(mu32.astype(state_dtype))
                 new_nu.append(nu32.astype(state_dtype))
+            if direction_from_stored:
+                mu32, nu32 = new_mu[-1].astype(jnp.float32), new_nu[-1].astype(jnp.float32)
+            mu_hat = mu32 / (1.0 - b1 ** c)
+            nu_hat = nu32 / (1.0 - b2 ** c)
+            out.append((mu_hat / (jnp.sqrt(nu_hat) + eps)).astype(g.dtype))
         return (treedef.unflatten(out),
                 optax.ScaleByAdamState(count=count, mu=treedef.unflatten(new_mu), nu=treedef.unflatten(new_nu)))
 
