@@ -92,6 +92,30 @@ def test_padded_capacity_and_which_branch_runs():
     assert "conditional" in hlo
 
 
+def test_differentiated_exchange_keeps_no_worst_case_residuals():
+    """The backward of the padded exchange keeps the usual branch's residuals and the worst-case branch's operands,
+    never worst-case-sized buffers (which a plain cond would write as zeros at every step)."""
+    mesh = build_mesh(data_parallel_shard_size=8, expert_parallel_size=8)
+    x, top_i, top_w, w_gu, w_down = inputs(False)
+    loss = lambda x, g, d: jnp.sum(experts_ep(x, top_i, top_w, g, d, mesh=mesh, implementation="native") ** 2)
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(x, w_gu, w_down)
+
+    def cond_outputs(j):
+        for e in j.eqns:
+            if e.primitive.name == "cond":
+                yield from (v.aval.shape for v in e.outvars)
+            for p in e.params.values():
+                for q in p if isinstance(p, (tuple, list)) else [p]:
+                    inner = getattr(q, "jaxpr", q)
+                    if hasattr(inner, "eqns"):
+                        yield from cond_outputs(inner)
+
+    shapes = list(cond_outputs(jaxpr.jaxpr))
+    R, copies = 8, (N // 8) * K  # expert ranks, token copies per device
+    assert shapes, "the exchange has its conditional"
+    assert not [s for s in shapes if s[:1] == (R * copies,) or s[:2] == (R, copies)], shapes
+
+
 def test_ep_errors_are_clear():
     mesh = build_mesh(data_parallel_shard_size=8, expert_parallel_size=8)
     x, top_i, top_w, w_gu, w_down = inputs(False)
