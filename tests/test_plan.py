@@ -35,6 +35,28 @@ def test_dry_run_reports_exact_shards_and_expert_parallel_collectives(tmp_path):
     assert "all-to-all" in text and "temporaries are only estimated on GPUs" in text
 
 
+def test_dry_run_plans_the_trainers_usual_attention_layout(tmp_path, monkeypatch):
+    """With cuDNN attention the dry run compiles the step the trainer compiles for rows of up to 8 documents, not
+    the device-side choice among layouts (forced here on CPU; stopped before compiling, which needs a GPU)."""
+    import xorl_jax.models.qwen3 as qwen3
+    import xorl_jax.train_setup as train_setup
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def record(*args, doc_slots=None, **kwargs):
+        seen["doc_slots"] = doc_slots
+        raise Stop
+
+    monkeypatch.setattr(qwen3, "resolve_attn_implementation", lambda name, dtype=None: "cudnn")
+    monkeypatch.setattr(train_setup, "jit_train_step", record)
+    with pytest.raises(Stop):
+        dry_run(demo_cfg(tmp_path))
+    assert seen == {"doc_slots": 8}
+
+
 def test_dry_run_refuses_what_a_run_would_refuse(tmp_path):
     from xorl_jax.config import ConfigError
 

@@ -106,6 +106,7 @@ def _memory(compiled) -> dict:
 
 def dry_run(cfg: Config) -> PlanReport:
     """Lower and compile the configured train step on abstract inputs; see the module docstring."""
+    from xorl_jax.kernels.attention import SMALL_SEGMENTS, slots_for
     from xorl_jax.models.loading import abstract_model
     from xorl_jax.optim import params_with_path
     from xorl_jax.parallel import rules as rules_lib
@@ -145,7 +146,11 @@ def dry_run(cfg: Config) -> PlanReport:
     batch = {k: jax.ShapeDtypeStruct((t.gradient_accumulation_steps, micro_rows, seq), jnp.int32,
                                      sharding=batch_sharding) for k in BATCH_KEYS}
     loss_cfg = loss_config_for(cfg, mcfg, options)
-    step_fn = jit_train_step(graphdef, optimizer, loss_cfg, train_state, mesh, rules)
+    # The step the trainer compiles for rows of up to SMALL_SEGMENTS documents (its usual packed attention layout;
+    # larger layouts keep tensors of the same shapes), not the device-side choice among layouts, whose residuals
+    # would inflate the memory estimate.
+    doc_slots = slots_for(SMALL_SEGMENTS) if abstract.options.attn_implementation == "cudnn" else None
+    step_fn = jit_train_step(graphdef, optimizer, loss_cfg, train_state, mesh, rules, doc_slots=doc_slots)
     t0 = time.perf_counter()
     compiled = step_fn.lower(train_state, batch).compile()
     compile_s = time.perf_counter() - t0
