@@ -8,8 +8,9 @@ the train step does) by the counter hash in `xorl_jax.optim` (the default for `o
 single hash (an experiment), by jax.random threefry bits (the earlier way, kept here only as the comparison),
 rounded to nearest, and hash-rounded with the update direction taken from the stored moments (an experiment:
 `scale_by_adam_low_precision(direction_from_stored=True)`). Torch: `AdamW(fused=True)` with fp32 and with bf16
-parameters (its state follows the parameter dtype; no stochastic rounding). Reports the median time of one update and the bytes it must move at least (read
-parameters, gradients and state, write parameters and state) as an achieved bandwidth. `--tiny` is a CPU smoke run.
+parameters (its state follows the parameter dtype; no stochastic rounding). Reports the median time of one update
+and the bytes it must move at least (read parameters, gradients and state, write parameters and state) as an
+achieved bandwidth. `--tiny` is a CPU smoke run.
 `--donate` updates parameters and state in place as the train step does; `--profile DIR` prints each case's HLO
 counts and kernel summary (on CPU a donated bf16 update copies both moments of every leaf before writing them, and
 writes the clipped gradient once for its three readers: what the GPU compiler does is what the profile shows).

@@ -208,7 +208,7 @@ def run_jax(args, cfg: dict) -> dict:
                   "compilation_cache_dir": None},
     })
     trainer = Trainer(run_cfg)
-    if args.attn_layout == "device":  # the tier picked per layer on the device, as several processes do
+    if args.attn_layout == "device":  # the tier picked per layer on the device, as batches without a count are
         trainer.host_attention_layout = False
     batches = [trainer._device_batch(next(trainer.train_iter)) for _ in range(2)]
     state, metrics = trainer.train_step(trainer.state, batches[0])
@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "unrolled layers)")
     p.add_argument("--attn", default="auto", help="model.attn_implementation")
     p.add_argument("--attn-layout", default="host", choices=("host", "device"), help="the packed attention layout "
-                   "fixed per batch on the host (what one process does) or picked per layer on the device")
+                   "fixed per batch on the host (what the trainer does) or picked per layer on the device")
     p.add_argument("--remat-keep-names", default=None, help="experiment: the named values dots_attention_saveable "
                    "keeps, comma-separated, or none (default: models.common.SAVED_NAMES)")
     p.add_argument("--moe", default="auto", help="model.moe_implementation")

@@ -195,11 +195,13 @@ class TrainSteps:
 
     def for_batch(self, batch) -> tuple[MeshJit, dict]:
         """(the step for this batch's layout, the batch's arrays)."""
+        from xorl_jax.kernels.attention import MASKED
+
         slots = batch.get(DOC_SLOTS_KEY)
         if slots not in self._steps:
             if self._steps:  # a later variant compiles in the middle of the run: say why the step is slow
                 log.info("a batch needs the packed attention layout for %s: compiling the step for it (once)",
-                         "more than the largest slot count (explicit mask)" if slots == 0 else
+                         "more than the largest slot count (explicit mask)" if slots == MASKED else
                          f"up to {slots} documents per row")
             self._steps[slots] = self._make(doc_slots=slots)
         return self._steps[slots], {k: v for k, v in batch.items() if k != DOC_SLOTS_KEY}
