@@ -35,6 +35,7 @@
 #             under full and dots_attention_saveable remat (xorl_jax alone)
 #   final_hf  1 GPU:  the fastest settings beside HF in the same runs: dense 1.7B and the MoE cut (both unrolled,
 #             dots_attention_saveable)
+#   final_hf_dense, final_hf_moe: one half of final_hf each
 #   profiles_final 1 GPU: profiles of the fastest settings (dense unrolled with dots_attention_saveable, the MoE
 #             cut unrolled), then the hybrid cut unrolled (xorl_jax alone)
 #   optim_profile 1 GPU: the AdamW update alone with parameters and state donated as in the train step (fp32,
@@ -55,7 +56,7 @@
 # Multi-GPU stages keep NCCL_NVLS_ENABLE=0 (NVLink SHARP multicast off: not every multi-GPU host supports it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STAGES=${1:?usage: gpu_benchmarks.sh kernels|gdn|profiles|loss|dense|moe|hybrid|ttfs|tune|versus_hf|hybrid_hf|hybrid_tune|unroll|final_hf|profiles_final|optim_profile|hybrid_remat|layout_remat|multi|ep_check|ep_train|ep8_bisect|recheck|scale_moe|scale_dense|fsdp_8b|optim|ep8[,...] [OUT_DIR]}
+STAGES=${1:?usage: gpu_benchmarks.sh kernels|gdn|profiles|loss|dense|moe|hybrid|ttfs|tune|versus_hf|hybrid_hf|hybrid_tune|unroll|final_hf|final_hf_dense|final_hf_moe|profiles_final|optim_profile|hybrid_remat|layout_remat|multi|ep_check|ep_train|ep8_bisect|recheck|scale_moe|scale_dense|fsdp_8b|optim|ep8[,...] [OUT_DIR]}
 OUT_DIR=${2:-${OUT:-/tmp/gpu_benchmarks}}
 WORK=${WORK:-/tmp/gpu_benchmarks_work}  # profiles, runs, cut configs: too many files for OUT_DIR
 mkdir -p "$OUT_DIR" "$WORK"
@@ -281,9 +282,15 @@ DYNAMIC_SLICE_FUSION,CONDITIONAL" LIMIT=70 run dense_conditional_graphs python3 
         --sweep "scan_layers=true,false" --json "$OUT_DIR/moe_unroll.json"
     ;;
   final_hf)
+    stage final_hf_dense
+    stage final_hf_moe
+    ;;
+  final_hf_dense)
     LIMIT=260 run dense_final_hf python3 scripts/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 5 \
         --warmup 1 --backends jax,hf --scan-layers false --remat dots_attention_saveable \
         --json "$OUT_DIR/dense_final_hf.json"
+    ;;
+  final_hf_moe)
     LIMIT=220 run moe_final_hf python3 scripts/bench_train.py --model qwen3_30b_a3b --layers 4 --batch 2 --seq 4096 \
         --steps 4 --warmup 1 --param-dtype bfloat16 --optimizer-dtype bfloat16 --backends jax,hf --scan-layers false \
         --remat dots_attention_saveable --json "$OUT_DIR/moe_final_hf.json"
