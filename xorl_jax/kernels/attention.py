@@ -119,7 +119,7 @@ def document_slots(segment_ids, max_segments: int = 64) -> int:
     """Host side, from a batch's segment ids (numpy, any leading shape, tokens last): the slot count of the
     smallest tier of `segment_tiers` that holds every row's documents, or MASKED when a row has more than
     `max_segments`. Given to the model as `doc_slots`, it fixes the layout at trace time: no per-layer `switch`,
-    whose residuals XLA keeps for every branch (Qwen3 1.7B, 4 x 4096, one H200: 2% of the step and 15 GiB)."""
+    which cost 2% of the step and 15 GiB on one H200 (Qwen3 1.7B, 4 x 4096; docs/PERFORMANCE.md)."""
     import numpy as np
 
     seg = np.asarray(segment_ids)
