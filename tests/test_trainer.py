@@ -365,3 +365,12 @@ def test_host_fixed_attention_layout_reaches_the_step_one_compile_per_layout(tmp
     assert seen == [8] and np.isfinite(float(metrics["loss"]))  # traced once for two batches
     state, _ = trainer.train_step(state, {**trainer._device_batch(next(trainer.train_iter)), DOC_SLOTS_KEY: MASKED})
     assert seen == [8, MASKED] and sorted(trainer.train_step._steps) == [MASKED, 8]
+
+    # Rows without the pipeline's count: one process counts them itself; several processes leave it to the device.
+    from xorl_jax.data.pipeline import MAX_DOCUMENTS_KEY
+
+    rows = next(trainer.train_iter)
+    bare = {k: v for k, v in rows.items() if k != MAX_DOCUMENTS_KEY}
+    assert MAX_DOCUMENTS_KEY in rows and trainer._device_batch(bare)[DOC_SLOTS_KEY] == 8
+    trainer.process_count = 2
+    assert DOC_SLOTS_KEY not in trainer._device_batch(bare)
