@@ -170,6 +170,17 @@ def _remat_keep_names(names: str):
     common.SAVED_NAMES = () if names == "none" else tuple(names.split(","))
 
 
+def _adam_direction(direction: str):
+    """Experiment: AdamW's direction from the stored (rounded) bf16 moments (the default) or from them before
+    rounding (the earlier default)."""
+    import functools
+
+    from xorl_jax import optim
+
+    optim.scale_by_adam_low_precision = functools.partial(optim.scale_by_adam_low_precision,
+                                                          direction_from_stored=direction == "stored")
+
+
 def run_jax(args, cfg: dict) -> dict:
     t0 = time.perf_counter()
     import jax
@@ -182,6 +193,8 @@ def run_jax(args, cfg: dict) -> dict:
 
     if args.remat_keep_names:
         _remat_keep_names(args.remat_keep_names)
+    if args.adam_direction:
+        _adam_direction(args.adam_direction)
     tmp = tempfile.mkdtemp(prefix="bench_train_")
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(cfg, f)
@@ -371,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "fixed per batch on the host (what the trainer does) or picked per layer on the device")
     p.add_argument("--remat-keep-names", default=None, help="experiment: the named values dots_attention_saveable "
                    "keeps, comma-separated, or none (default: models.common.SAVED_NAMES)")
+    p.add_argument("--adam-direction", choices=("stored", "fresh"), default=None,
+                   help="experiment, bf16 optimizer state: AdamW's direction from the stored moments (the default) or "
+                   "from the moments before rounding")
     p.add_argument("--moe", default="auto", help="model.moe_implementation")
     p.add_argument("--gdn", default="auto", help="model.gdn_implementation")
     p.add_argument("--ce-chunk", type=int, default=2048, help="train.ce_chunk_size (tokens per chunk of the "

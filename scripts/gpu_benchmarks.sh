@@ -39,8 +39,10 @@
 #   profiles_final 1 GPU: profiles of the fastest settings (dense unrolled with dots_attention_saveable, the MoE
 #             cut unrolled), then the hybrid cut unrolled (xorl_jax alone)
 #   optim_profile 1 GPU: the AdamW update alone with parameters and state donated as in the train step (fp32,
-#             bf16 with stochastic rounding, the same with the direction from the stored moments, bf16 rounded to
-#             nearest): HLO counts and a kernel profile of each
+#             bf16 with stochastic rounding, the same with the direction from the moments before rounding (the
+#             earlier default), bf16 rounded to nearest): HLO counts and a kernel profile of each
+#   adam_direction 1 GPU: the dense 1.7B step and the MoE cut with bf16 parameters and state, the AdamW direction
+#             from the stored moments (the default) and from the moments before rounding (the earlier default)
 #   hybrid_remat 1 GPU: the hybrid cut (unrolled) under full remat, dots_attention_saveable without and with the
 #             Gated DeltaNet kernels' named outputs, and no remat (xorl_jax alone)
 #   layout_remat 1 GPU: cuDNN's GPU tests, then the dense 1.7B step with the packed attention layout picked per
@@ -56,7 +58,7 @@
 # Multi-GPU stages keep NCCL_NVLS_ENABLE=0 (NVLink SHARP multicast off: not every multi-GPU host supports it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STAGES=${1:?usage: gpu_benchmarks.sh kernels|gdn|profiles|loss|dense|moe|hybrid|ttfs|tune|versus_hf|hybrid_hf|hybrid_tune|unroll|final_hf|final_hf_dense|final_hf_moe|profiles_final|optim_profile|hybrid_remat|layout_remat|multi|ep_check|ep_train|ep8_bisect|recheck|scale_moe|scale_dense|fsdp_8b|optim|ep8[,...] [OUT_DIR]}
+STAGES=${1:?usage: gpu_benchmarks.sh kernels|gdn|profiles|loss|dense|moe|hybrid|ttfs|tune|versus_hf|hybrid_hf|hybrid_tune|unroll|final_hf|final_hf_dense|final_hf_moe|profiles_final|optim_profile|adam_direction|hybrid_remat|layout_remat|multi|ep_check|ep_train|ep8_bisect|recheck|scale_moe|scale_dense|fsdp_8b|optim|ep8[,...] [OUT_DIR]}
 OUT_DIR=${2:-${OUT:-/tmp/gpu_benchmarks}}
 WORK=${WORK:-/tmp/gpu_benchmarks_work}  # profiles, runs, cut configs: too many files for OUT_DIR
 mkdir -p "$OUT_DIR" "$WORK"
@@ -316,8 +318,21 @@ DYNAMIC_SLICE_FUSION,CONDITIONAL" LIMIT=70 run dense_conditional_graphs python3 
     LIMIT=100 run hybrid_full "${hybrid[@]}" --remat full --json "$OUT_DIR/hybrid_full.json"
     LIMIT=100 run hybrid_dots_no_gdn "${hybrid[@]}" --remat dots_attention_saveable \
         --remat-keep-names grouped_matmul,mlp_activation --json "$OUT_DIR/hybrid_dots_no_gdn.json"
-    LIMIT=100 run hybrid_dots "${hybrid[@]}" --remat dots_attention_saveable --json "$OUT_DIR/hybrid_dots.json"
+    LIMIT=100 run hybrid_dots "${hybrid[@]}" --remat dots_attention_saveable \
+        --remat-keep-names grouped_matmul,mlp_activation,gdn_kernel --json "$OUT_DIR/hybrid_dots.json"
     LIMIT=100 run hybrid_none "${hybrid[@]}" --remat none --json "$OUT_DIR/hybrid_none.json"
+    ;;
+  adam_direction)
+    for direction in stored fresh; do
+      LIMIT=90 run "dense_bf16_$direction" python3 scripts/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 \
+          --steps 6 --warmup 2 --backends jax --remat dots_attention_saveable --scan-layers false \
+          --param-dtype bfloat16 --optimizer-dtype bfloat16 --adam-direction "$direction" \
+          --json "$OUT_DIR/dense_bf16_$direction.json"
+      LIMIT=80 run "moe_$direction" python3 scripts/bench_train.py --model qwen3_30b_a3b --layers 4 --batch 2 \
+          --seq 4096 --steps 8 --warmup 2 --param-dtype bfloat16 --optimizer-dtype bfloat16 --backends jax \
+          --scan-layers false --remat dots_attention_saveable --adam-direction "$direction" \
+          --json "$OUT_DIR/moe_$direction.json"
+    done
     ;;
   layout_remat)
     run attention_gpu_tests python3 -m pytest -m gpu -q tests/test_attention.py --timeout 300

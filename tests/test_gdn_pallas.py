@@ -55,18 +55,19 @@ def test_interpret_matches_reference_forward_and_grads(shape):
 
 @pytest.mark.parametrize("intra", ["pallas", "xla"])
 def test_remat_keeps_the_kernels_forward_products_and_gradients_hold(intra):
-    """Under `dots_attention_saveable` the kernels' forward products are kept by name (the backward does not run
-    the forward kernels again), and the gradients are those of no remat."""
+    """The kernels name their forward products: a policy saving that name keeps them (the backward does not run
+    the forward kernels again; `dots_attention_saveable` leaves them out by default, measured no faster), and the
+    gradients are those of no remat."""
     import contextlib
     import io
 
-    from xorl_jax.models.common import checkpoint_policy
+    from xorl_jax.kernels.gdn import CHECKPOINT_NAME
 
     B, T, Hk, Hv, K, V, C = INTERPRET_SHAPES[0]
     q, k, v, g, beta, h0 = make_inputs(30, B, T, Hk, Hv, K, V)
     seg = random_segments(31, B, T)
     pallas = lambda *a, **kw: gated_delta_rule_pallas(*a, chunk_size=C, interpret=True, intra=intra, **kw)
-    policy = checkpoint_policy("dots_attention_saveable")
+    policy = jax.checkpoint_policies.save_only_these_names(CHECKPOINT_NAME)
     remat = lambda *a, **kw: jax.checkpoint(lambda *x: pallas(*x, **kw), policy=policy)(*a)  # noqa: E731
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from xorl_jax.kernels.gdn import CHECKPOINT_NAME as GDN_CHECKPOINT_NAME
 from xorl_jax.kernels.gmm import CHECKPOINT_NAME as GMM_CHECKPOINT_NAME
 from xorl_jax.layers.swiglu import CHECKPOINT_NAME as SWIGLU_CHECKPOINT_NAME
 
@@ -46,17 +45,18 @@ class ModelOutput:
     aux_loss: Any = None  # MoE load-balancing loss, unscaled (HF's `aux_loss`); 0 for dense models
 
 
-# Named values `dots_attention_saveable` keeps besides dot_general outputs: the grouped expert GEMMs and the Gated
-# DeltaNet kernels' forward products (custom calls on GPU, which a dot_general test does not see) and the SwiGLU
-# activations (elementwise, but recomputing them rereads the gate/up product: 6.7 ms of a 400 ms Qwen3 1.7B step
-# on an H200).
-SAVED_NAMES = (GMM_CHECKPOINT_NAME, GDN_CHECKPOINT_NAME, SWIGLU_CHECKPOINT_NAME)
+# Named values `dots_attention_saveable` keeps besides dot_general outputs: the grouped expert GEMMs' (custom calls
+# on GPU, which a dot_general test does not see) and the SwiGLU activations (elementwise, but recomputing them
+# rereads the gate/up product: 6.7 ms of a 400 ms Qwen3 1.7B step on an H200). The Gated DeltaNet kernels name their
+# forward products too (`kernels.gdn.CHECKPOINT_NAME`, for `bench_train.py --remat-keep-names`) but are not kept:
+# on the Qwen3.5-35B-A3B cut (one H200) keeping them cost 1.1 GiB and no time (118.3 vs 117.5 ms).
+SAVED_NAMES = (GMM_CHECKPOINT_NAME, SWIGLU_CHECKPOINT_NAME)
 
 
 def _dots_and_attention(prim, *avals, **params):
-    """Save matmul outputs (the grouped expert GEMMs' and Gated DeltaNet kernels' too), the SwiGLU activations and
-    the fused attention kernel's outputs (its result and softmax statistics): the backward then recomputes only
-    cheap elementwise work (norms, RoPE, token permutations), never a matmul, kernel or attention forward."""
+    """Save matmul outputs (the grouped expert GEMMs' too), the SwiGLU activations and the fused attention kernel's
+    outputs (its result and softmax statistics): the backward then recomputes only cheap work (norms, RoPE, token
+    permutations, the Gated DeltaNet kernels' forward), never a matmul or an attention forward."""
     return (jax.checkpoint_policies.dots_saveable(prim, *avals, **params)
             or jax.checkpoint_policies.save_only_these_names(*SAVED_NAMES)(prim, *avals, **params)
             or prim.name.startswith("dot_product_attention_fwd"))
