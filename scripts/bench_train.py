@@ -171,8 +171,8 @@ def _remat_keep_names(names: str):
 
 
 def _adam_direction(direction: str):
-    """Experiment: AdamW's direction from the stored (rounded) bf16 moments (the default) or from them before
-    rounding (the earlier default)."""
+    """Experiment: AdamW's direction from the stored (rounded) bf16 moments or from them before rounding (the
+    default)."""
     import functools
 
     from xorl_jax import optim
@@ -385,8 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remat-keep-names", default=None, help="experiment: the named values dots_attention_saveable "
                    "keeps, comma-separated, or none (default: models.common.SAVED_NAMES)")
     p.add_argument("--adam-direction", choices=("stored", "fresh"), default=None,
-                   help="experiment, bf16 optimizer state: AdamW's direction from the stored moments (the default) or "
-                   "from the moments before rounding")
+                   help="experiment, bf16 optimizer state: AdamW's direction from the stored moments or from the "
+                   "moments before rounding (the default)")
     p.add_argument("--moe", default="auto", help="model.moe_implementation")
     p.add_argument("--gdn", default="auto", help="model.gdn_implementation")
     p.add_argument("--ce-chunk", type=int, default=2048, help="train.ce_chunk_size (tokens per chunk of the "

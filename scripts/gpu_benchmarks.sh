@@ -39,10 +39,10 @@
 #   profiles_final 1 GPU: profiles of the fastest settings (dense unrolled with dots_attention_saveable, the MoE
 #             cut unrolled), then the hybrid cut unrolled (xorl_jax alone)
 #   optim_profile 1 GPU: the AdamW update alone with parameters and state donated as in the train step (fp32,
-#             bf16 with stochastic rounding, the same with the direction from the moments before rounding (the
-#             earlier default), bf16 rounded to nearest): HLO counts and a kernel profile of each
+#             bf16 with stochastic rounding, the same with the direction from the stored moments, bf16 rounded to
+#             nearest): HLO counts and a kernel profile of each
 #   adam_direction 1 GPU: the dense 1.7B step and the MoE cut with bf16 parameters and state, the AdamW direction
-#             from the stored moments (the default) and from the moments before rounding (the earlier default)
+#             from the stored moments (the experiment) and from the moments before rounding (the default)
 #   hybrid_remat 1 GPU: the hybrid cut (unrolled) under full remat, dots_attention_saveable without and with the
 #             Gated DeltaNet kernels' named outputs, and no remat (xorl_jax alone)
 #   layout_remat 1 GPU: cuDNN's GPU tests, then the dense 1.7B step with the packed attention layout picked per

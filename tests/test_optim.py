@@ -160,10 +160,9 @@ def test_bf16_stochastic_rounding_keeps_small_ema_steps():
 
 
 def test_direction_from_stored_moments_keeps_the_state_and_moves_the_update_by_rounding_only():
-    """The default update direction comes from the rounded (stored) moments: the moments themselves are the same
-    bits as with the direction from the moments before rounding, and the direction differs by at most the moments'
-    bf16 rounding: stochastic rounding moves mu by under one bf16 step (2^-7 relative) and nu likewise, halved by
-    the square root."""
+    """The experiment's update direction comes from the rounded (stored) moments: the moments themselves are the
+    same bits as the default's, and the direction differs by at most the moments' bf16 rounding: stochastic rounding
+    moves mu by under one bf16 step (2^-7 relative) and nu likewise, halved by the square root."""
     g = jax.random.normal(jax.random.key(3), (4096,)) * 0.1
     outs = []
     for stored in (False, True):

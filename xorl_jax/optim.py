@@ -207,15 +207,15 @@ def apply_updates(params, updates, step: jax.Array):
 
 def scale_by_adam_low_precision(b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8, *,
                                 state_dtype=jnp.bfloat16, stochastic_rounding: bool = True,
-                                seed: int = 0, direction_from_stored: bool = True) -> optax.GradientTransformation:
+                                seed: int = 0, direction_from_stored: bool = False) -> optax.GradientTransformation:
     """Adam scaling with mu and nu stored in `state_dtype` (math in fp32). The state has optax's
     ScaleByAdamState layout, so checkpoints look like the fp32 ones with smaller leaves.
 
-    direction_from_stored: the update direction comes from the moments as stored (rounded), as an optimizer that
-    keeps its moments in bf16 computes it, rather than from their fp32 values before rounding (False; differs by
-    the rounding only). Then nothing reads a leaf's old moments after its new ones are computed, so the in-place
-    (donated) update needs no copy of them: the bf16 update of Qwen3 1.7B's parameters took 18.5 instead of 22.7 ms
-    on an H200 (`bench_optim.py --donate`, docs/PERFORMANCE.md)."""
+    direction_from_stored (an experiment): the update direction from the moments as stored (rounded) instead of
+    their fp32 values before rounding (differs by the rounding only). Then nothing reads a leaf's old moments after
+    its new ones are computed, so the in-place update needs no copy of them: the donated update alone of Qwen3
+    1.7B's parameters took 18.5 instead of 22.7 ms on an H200, but whole train steps were slower with it (Qwen3
+    1.7B 369.2 vs 365.7 ms; the Qwen3-30B-A3B cut 90.4 vs 85.9 ms and 3.8 GiB more; docs/PERFORMANCE.md)."""
 
     def init(params):
         zeros = lambda p: jnp.zeros(jnp.shape(p), state_dtype)  # noqa: E731
