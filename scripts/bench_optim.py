@@ -9,8 +9,8 @@ single hash (an experiment), by jax.random threefry bits (the earlier way, kept 
 rounded to nearest, and hash-rounded with the update direction taken from the stored moments (an experiment:
 `scale_by_adam_low_precision(direction_from_stored=True)`, faster alone, slower inside the train step). Torch:
 `AdamW(fused=True)` with fp32 and with bf16 parameters (its state follows the parameter dtype; no stochastic
-rounding). Reports the median time of one update and the bytes it must move at least (read parameters, gradients and state, write parameters and state) as an
-achieved bandwidth. `--tiny` is a CPU smoke run.
+rounding). Reports the median time of one update and the bytes it must move at least (read parameters, gradients
+and state, write parameters and state) as an achieved bandwidth. `--tiny` is a CPU smoke run.
 `--donate` updates parameters and state in place as the train step does; `--profile DIR` prints each case's HLO
 counts and kernel summary (on CPU a donated bf16 update copies both moments of every leaf before writing them, and
 writes the clipped gradient once for its three readers: what the GPU compiler does is what the profile shows).
