@@ -11,6 +11,8 @@ rounded to nearest, and hash-rounded with the update direction taken from the st
 `AdamW(fused=True)` with fp32 and with bf16 parameters (its state follows the parameter dtype; no stochastic
 rounding). Reports the median time of one update and the bytes it must move at least (read parameters, gradients
 and state, write parameters and state) as an achieved bandwidth. `--tiny` is a CPU smoke run.
+xorl_jax's parameters are stacked per weight across layers (13 leaves), as its models hold them; torch's are one
+tensor per layer and weight (310), as HF holds them; `--per-layer-leaves` gives xorl_jax torch's layout.
 `--donate` updates parameters and state in place as the train step does; `--profile DIR` prints each case's HLO
 counts and kernel summary (on CPU a donated bf16 update copies both moments of every leaf before writing them, and
 writes the clipped gradient once for its three readers: what the GPU compiler does is what the profile shows).
@@ -35,12 +37,14 @@ from xorl_jax import optim
 GIB = 2**30
 
 
-def leaf_shapes(layers, hidden, ffn, vocab, heads=16, kv_heads=8, head_dim=128):
-    """Qwen3's trainable leaves, per layer, plus the (tied) embedding and the final norm."""
+def leaf_shapes(layers, hidden, ffn, vocab, heads=16, kv_heads=8, head_dim=128, stacked=False):
+    """Qwen3's trainable leaves plus the (tied) embedding and the final norm: one per layer and weight (as torch
+    holds them), or stacked, each weight's layers in one [layers, ...] leaf (as xorl_jax's models hold them)."""
     per_layer = [(hidden, heads * head_dim), (hidden, kv_heads * head_dim), (hidden, kv_heads * head_dim),
                  (heads * head_dim, hidden), (hidden, ffn), (hidden, ffn), (ffn, hidden),
                  (hidden,), (hidden,), (head_dim,), (head_dim,)]
-    return per_layer * layers + [(vocab, hidden), (hidden,)]
+    layer_leaves = [(layers, *s) for s in per_layer] if stacked else per_layer * layers
+    return layer_leaves + [(vocab, hidden), (hidden,)]
 
 
 def threefry_noise(shape, seed):
@@ -168,16 +172,20 @@ def main():
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: small shapes, no torch")
     p.add_argument("--donate", action="store_true", help="donate parameters and state, as the train step does")
+    p.add_argument("--per-layer-leaves", action="store_true", help="xorl_jax cases on one leaf per layer and weight "
+                   "(as torch holds them; this benchmark's layout before 2026-12-03) instead of stacked layers")
     p.add_argument("--cases", default=None, help="comma-separated subset of the xorl_jax cases by index (0-5)")
     p.add_argument("--profile", default=None, metavar="DIR", help="trace each xorl_jax case into DIR and print "
                    "its HLO counts and kernel summary")
     a = p.parse_args()
     if a.tiny:
         a.layers, a.hidden, a.ffn, a.vocab, a.iters, a.no_torch = 2, 64, 128, 500, 2, True
-    shapes = leaf_shapes(a.layers, a.hidden, a.ffn, a.vocab, heads=2 if a.tiny else 16,
-                         kv_heads=1 if a.tiny else 8, head_dim=32 if a.tiny else 128)
-    print(f"{jax.devices()[0].device_kind}: AdamW update (clip + adam + decay + apply), {len(shapes)} leaves, "
-          f"layers {a.layers} hidden {a.hidden} ffn {a.ffn} vocab {a.vocab}")
+    heads = dict(heads=2, kv_heads=1, head_dim=32) if a.tiny else {}
+    torch_shapes = leaf_shapes(a.layers, a.hidden, a.ffn, a.vocab, **heads)
+    shapes = torch_shapes if a.per_layer_leaves else leaf_shapes(a.layers, a.hidden, a.ffn, a.vocab, stacked=True,
+                                                                 **heads)
+    print(f"{jax.devices()[0].device_kind}: AdamW update (clip + adam + decay + apply), layers {a.layers} hidden "
+          f"{a.hidden} ffn {a.ffn} vocab {a.vocab}; xorl_jax {len(shapes)} leaves, torch {len(torch_shapes)}")
     print(f"{'case':50s} {'params':>8s} {'ms':>9s} {'GB/s':>8s} {'temp GiB':>9s}")
     cases = [("jax fp32 params + fp32 state (optax)", "float32", "float32", "hash"),
              ("jax bf16 params + bf16 state, hash rounding", "bfloat16", "bfloat16", "hash"),
@@ -195,7 +203,7 @@ def main():
         print(f"{name:50s} {n / 1e9:7.2f}B {ms:9.2f} {moved / ms / 1e6:8.0f} {temp:9.2f}")
     if not a.no_torch:
         for dt in ("float32", "bfloat16"):
-            ms, moved, n = torch_case(shapes, dt, a.iters)
+            ms, moved, n = torch_case(torch_shapes, dt, a.iters)
             print(f"{'torch AdamW(fused) ' + dt + ' params + state':50s} {n / 1e9:7.2f}B {ms:9.2f} "
                   f"{moved / ms / 1e6:8.0f} {'-':>9s}")
 

@@ -41,6 +41,8 @@
 #   optim_profile 1 GPU: the AdamW update alone with parameters and state donated as in the train step (fp32,
 #             bf16 with stochastic rounding, the same with the direction from the stored moments, bf16 rounded to
 #             nearest): HLO counts and a kernel profile of each
+#   optim_stacked 1 GPU: the AdamW update alone, donated, on xorl_jax's stacked layer leaves (as the models hold
+#             them; optim_profile used one leaf per layer) beside torch's fused AdamW on per-layer tensors
 #   adam_direction 1 GPU: the dense 1.7B step and the MoE cut with bf16 parameters and state, the AdamW direction
 #             from the stored moments (the experiment) and from the moments before rounding (the default)
 #   hybrid_remat 1 GPU: the hybrid cut (unrolled) under full remat, dots_attention_saveable without and with the
@@ -58,7 +60,7 @@
 # Multi-GPU stages keep NCCL_NVLS_ENABLE=0 (NVLink SHARP multicast off: not every multi-GPU host supports it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STAGES=${1:?usage: gpu_benchmarks.sh kernels|gdn|profiles|loss|dense|moe|hybrid|ttfs|tune|versus_hf|hybrid_hf|hybrid_tune|unroll|final_hf|final_hf_dense|final_hf_moe|profiles_final|optim_profile|adam_direction|hybrid_remat|layout_remat|multi|ep_check|ep_train|ep8_bisect|recheck|scale_moe|scale_dense|fsdp_8b|optim|ep8[,...] [OUT_DIR]}
+STAGES=${1:?usage: gpu_benchmarks.sh kernels|gdn|profiles|loss|dense|moe|hybrid|ttfs|tune|versus_hf|hybrid_hf|hybrid_tune|unroll|final_hf|final_hf_dense|final_hf_moe|profiles_final|optim_profile|optim_stacked|adam_direction|hybrid_remat|layout_remat|multi|ep_check|ep_train|ep8_bisect|recheck|scale_moe|scale_dense|fsdp_8b|optim|ep8[,...] [OUT_DIR]}
 OUT_DIR=${2:-${OUT:-/tmp/gpu_benchmarks}}
 WORK=${WORK:-/tmp/gpu_benchmarks_work}  # profiles, runs, cut configs: too many files for OUT_DIR
 mkdir -p "$OUT_DIR" "$WORK"
@@ -321,6 +323,9 @@ DYNAMIC_SLICE_FUSION,CONDITIONAL" LIMIT=70 run dense_conditional_graphs python3 
     LIMIT=100 run hybrid_dots "${hybrid[@]}" --remat dots_attention_saveable \
         --remat-keep-names grouped_matmul,mlp_activation,gdn_kernel --json "$OUT_DIR/hybrid_dots.json"
     LIMIT=100 run hybrid_none "${hybrid[@]}" --remat none --json "$OUT_DIR/hybrid_none.json"
+    ;;
+  optim_stacked)
+    LIMIT=200 run optim_stacked python3 scripts/bench_optim.py --donate --cases 0,1,5,4 --iters 10
     ;;
   adam_direction)
     for direction in stored fresh; do
