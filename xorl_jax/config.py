@@ -165,8 +165,8 @@ class TrainConfig:
                                                        "with remat_policy")
     remat_policy: str = _field(
         "full", "what a layer keeps for the backward pass: full = nothing (recompute the layer), dots_saveable = "
-        "matmul outputs, dots_attention_saveable = matmul (grouped expert GEMMs "
-        "included), SwiGLU and fused-attention outputs, dots_with_no_batch_dims_saveable = weight matmul outputs, "
+        "matmul outputs, dots_attention_saveable = matmul (grouped expert GEMMs included), SwiGLU and "
+        "fused-attention outputs, dots_with_no_batch_dims_saveable = weight matmul outputs, "
         "none = everything. Where memory allows, dots_attention_saveable is the fastest (one H200: Qwen3 1.7B at "
         "4 x 4096 tokens about 10% shorter steps than full for about 7 GiB more, and faster than none; the "
         "Qwen3-30B-A3B shapes cut to 4 layers 10% shorter for 1 GiB more, the Qwen3.5-35B-A3B cut 8% shorter)",
