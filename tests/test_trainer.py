@@ -325,8 +325,8 @@ def test_full_determinism_sets_the_xla_flag_before_jax_starts(monkeypatch):
     jax.devices()
     assert request_determinism() is False  # too late in this process: it says so
     assert os.environ["XLA_FLAGS"] == f"--xla_cpu_enable_fast_math=false {DETERMINISM_FLAG}"
-    code = ("import os; from xorl_jax.train_setup import request_determinism as r; assert r(); import jax; jax.devices();"
-            " print(os.environ['XLA_FLAGS'])")
+    code = ("import os; from xorl_jax.train_setup import request_determinism as r; assert r(); import jax; "
+            "jax.devices(); print(os.environ['XLA_FLAGS'])")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and DETERMINISM_FLAG in out.stdout, out.stderr[-1000:]
