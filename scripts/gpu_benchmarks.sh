@@ -41,6 +41,8 @@
 #   optim_profile 1 GPU: the AdamW update alone with parameters and state donated as in the train step (fp32,
 #             bf16 with stochastic rounding, the same with the direction from the stored moments, bf16 rounded to
 #             nearest): HLO counts and a kernel profile of each
+#   layout_memory 1 GPU: the memory XLA plans for the ep8 Qwen3-30B-A3B step (6 layers) with 8 and 64 document
+#             slots in the packed attention layout
 #   optim_stacked 1 GPU: the AdamW update alone, donated, on xorl_jax's stacked layer leaves (as the models hold
 #             them; optim_profile used one leaf per layer) beside torch's fused AdamW on per-layer tensors
 #   adam_direction 1 GPU: the dense 1.7B step and the MoE cut with bf16 parameters and state, the AdamW direction
@@ -60,7 +62,7 @@
 # Multi-GPU stages keep NCCL_NVLS_ENABLE=0 (NVLink SHARP multicast off: not every multi-GPU host supports it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STAGES=${1:?usage: gpu_benchmarks.sh kernels|gdn|profiles|loss|dense|moe|hybrid|ttfs|tune|versus_hf|hybrid_hf|hybrid_tune|unroll|final_hf|final_hf_dense|final_hf_moe|profiles_final|optim_profile|optim_stacked|adam_direction|hybrid_remat|layout_remat|multi|ep_check|ep_train|ep8_bisect|recheck|scale_moe|scale_dense|fsdp_8b|optim|ep8[,...] [OUT_DIR]}
+STAGES=${1:?usage: gpu_benchmarks.sh kernels|gdn|profiles|loss|dense|moe|hybrid|ttfs|tune|versus_hf|hybrid_hf|hybrid_tune|unroll|final_hf|final_hf_dense|final_hf_moe|profiles_final|optim_profile|optim_stacked|layout_memory|adam_direction|hybrid_remat|layout_remat|multi|ep_check|ep_train|ep8_bisect|recheck|scale_moe|scale_dense|fsdp_8b|optim|ep8[,...] [OUT_DIR]}
 OUT_DIR=${2:-${OUT:-/tmp/gpu_benchmarks}}
 WORK=${WORK:-/tmp/gpu_benchmarks_work}  # profiles, runs, cut configs: too many files for OUT_DIR
 mkdir -p "$OUT_DIR" "$WORK"
@@ -323,6 +325,22 @@ DYNAMIC_SLICE_FUSION,CONDITIONAL" LIMIT=70 run dense_conditional_graphs python3 
     LIMIT=100 run hybrid_dots "${hybrid[@]}" --remat dots_attention_saveable \
         --remat-keep-names grouped_matmul,mlp_activation,gdn_kernel --json "$OUT_DIR/hybrid_dots.json"
     LIMIT=100 run hybrid_none "${hybrid[@]}" --remat none --json "$OUT_DIR/hybrid_none.json"
+    ;;
+  layout_memory)
+    # the ep8 recipe's Qwen3-30B-A3B step at 6 layers on one GPU, compiled for the usual packed layout (8 document
+    # slots) and the large one (64): its memory as XLA plans it (the run's peak rose 68 -> 82 GiB at the first
+    # batch that needed 64)
+    cut_config configs/models/qwen3_30b_a3b 6 "$WORK/models/layout_memory"
+    for slots in 8 64; do
+      LIMIT=110 run "layout_memory_$slots" python3 -c "
+from xorl_jax.kernels import attention
+attention.slots_for = lambda documents, max_segments=64: $slots
+from xorl_jax.config import parse_cli
+from xorl_jax.plan import dry_run
+cfg = parse_cli(['--config', 'configs/qwen3_30b_a3b_ep8.yaml', '--model.config_path=$WORK/models/layout_memory',
+                 '--train.expert_parallel_size=1'])
+print('slots $slots'); print(chr(10).join(dry_run(cfg).lines()))"
+    done
     ;;
   optim_stacked)
     LIMIT=200 run optim_stacked python3 scripts/bench_optim.py --donate --cases 0,1,5,4 --iters 10
