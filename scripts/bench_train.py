@@ -195,6 +195,10 @@ def run_jax(args, cfg: dict) -> dict:
         _remat_keep_names(args.remat_keep_names)
     if args.adam_direction:
         _adam_direction(args.adam_direction)
+    if args.attn_sizes:  # experiment: the slot counts the host may fix the packed attention layout at
+        from xorl_jax.kernels import attention
+
+        attention.HOST_SIZES = tuple(int(m) for m in args.attn_sizes.split(","))
     tmp = tempfile.mkdtemp(prefix="bench_train_")
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(cfg, f)
@@ -384,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "fixed per batch on the host (what the trainer does) or picked per layer on the device")
     p.add_argument("--remat-keep-names", default=None, help="experiment: the named values dots_attention_saveable "
                    "keeps, comma-separated, or none (default: models.common.SAVED_NAMES)")
+    p.add_argument("--attn-sizes", default=None, help="experiment: comma-separated slot counts the host may fix the "
+                   "packed cuDNN attention layout at (default: kernels.attention.segment_tiers, 8 and 64)")
     p.add_argument("--adam-direction", choices=("stored", "fresh"), default=None,
                    help="experiment, bf16 optimizer state: AdamW's direction from the stored moments or from the "
                    "moments before rounding (the default)")

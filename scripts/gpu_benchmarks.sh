@@ -41,6 +41,8 @@
 #   optim_profile 1 GPU: the AdamW update alone with parameters and state donated as in the train step (fp32,
 #             bf16 with stochastic rounding, the same with the direction from the stored moments, bf16 rounded to
 #             nearest): HLO counts and a kernel profile of each
+#   attn_sizes 1 GPU: cuDNN's GPU tests (finer host sizes included), then the dense 1.7B step with the packed
+#             layout sized 8 / 64 (default) and 4, 8, 16, 32, 64 (the experiment; its dummy rows fit 4)
 #   layout_memory 1 GPU: the memory XLA plans for the ep8 Qwen3-30B-A3B step (6 layers) with 8 and 64 document
 #             slots in the packed attention layout
 #   optim_stacked 1 GPU: the AdamW update alone, donated, on xorl_jax's stacked layer leaves (as the models hold
@@ -62,7 +64,7 @@
 # Multi-GPU stages keep NCCL_NVLS_ENABLE=0 (NVLink SHARP multicast off: not every multi-GPU host supports it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STAGES=${1:?usage: gpu_benchmarks.sh kernels|gdn|profiles|loss|dense|moe|hybrid|ttfs|tune|versus_hf|hybrid_hf|hybrid_tune|unroll|final_hf|final_hf_dense|final_hf_moe|profiles_final|optim_profile|optim_stacked|layout_memory|adam_direction|hybrid_remat|layout_remat|multi|ep_check|ep_train|ep8_bisect|recheck|scale_moe|scale_dense|fsdp_8b|optim|ep8[,...] [OUT_DIR]}
+STAGES=${1:?usage: gpu_benchmarks.sh kernels|gdn|profiles|loss|dense|moe|hybrid|ttfs|tune|versus_hf|hybrid_hf|hybrid_tune|unroll|final_hf|final_hf_dense|final_hf_moe|profiles_final|optim_profile|optim_stacked|layout_memory|attn_sizes|adam_direction|hybrid_remat|layout_remat|multi|ep_check|ep_train|ep8_bisect|recheck|scale_moe|scale_dense|fsdp_8b|optim|ep8[,...] [OUT_DIR]}
 OUT_DIR=${2:-${OUT:-/tmp/gpu_benchmarks}}
 WORK=${WORK:-/tmp/gpu_benchmarks_work}  # profiles, runs, cut configs: too many files for OUT_DIR
 mkdir -p "$OUT_DIR" "$WORK"
@@ -325,6 +327,13 @@ DYNAMIC_SLICE_FUSION,CONDITIONAL" LIMIT=70 run dense_conditional_graphs python3 
     LIMIT=100 run hybrid_dots "${hybrid[@]}" --remat dots_attention_saveable \
         --remat-keep-names grouped_matmul,mlp_activation,gdn_kernel --json "$OUT_DIR/hybrid_dots.json"
     LIMIT=100 run hybrid_none "${hybrid[@]}" --remat none --json "$OUT_DIR/hybrid_none.json"
+    ;;
+  attn_sizes)
+    run attention_gpu_tests python3 -m pytest -m gpu -q tests/test_attention.py --timeout 300
+    dense=(python3 scripts/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 6 --warmup 2
+           --backends jax --remat dots_attention_saveable --scan-layers false)
+    LIMIT=90 run dense_sizes_default "${dense[@]}" --json "$OUT_DIR/dense_sizes_default.json"
+    LIMIT=90 run dense_sizes_fine "${dense[@]}" --attn-sizes 4,8,16,32,64 --json "$OUT_DIR/dense_sizes_fine.json"
     ;;
   layout_memory)
     # the ep8 recipe's Qwen3-30B-A3B step at 6 layers on one GPU, compiled for the usual packed layout (8 document

@@ -99,6 +99,32 @@ def test_document_slots_on_the_host_agree_with_the_device_choice():
     assert attn_lib.document_slots(np.ones((2, 5), np.int32)) == 8
 
 
+def test_finer_host_sizes_fit_the_batch_and_attend_like_the_reference(monkeypatch):
+    """With finer host sizes (the experiment `HOST_SIZES`) the host picks the smallest that holds every row, the
+    largest stays max_segments, and attention on that layout equals the reference (cuDNN's packed call replaced by
+    a jnp stand-in that sees documents only through the offsets and lengths)."""
+    seg_few = _segments(2, 64, [[10, 30, 20], [64]])  # 4 segments counting the padding
+    seg_many = _segments(2, 64, [[4] * 12, [64]])  # 13 segments counting the padding
+    assert attn_lib.document_slots(np.asarray(seg_few), 64) == 8  # default: the device's tiers
+    monkeypatch.setattr(attn_lib, "HOST_SIZES", (4, 8, 16, 32))
+    assert attn_lib.host_tiers(64) == (4, 8, 16, 32, 64) and attn_lib.host_tiers(12) == (4, 8, 12)
+    assert attn_lib.document_slots(np.asarray(seg_few), 64) == 4
+    assert attn_lib.document_slots(np.asarray(seg_many), 64) == 16
+    assert attn_lib.document_slots(np.asarray(seg_many), 12) == attn_lib.MASKED
+    assert attn_lib.segment_tiers(64) == (8, 64)  # the device-side choice keeps its two tiers
+
+    monkeypatch.setattr(attn_lib, "resolve_attn_implementation", lambda name, dtype=None: "cudnn")
+    monkeypatch.setattr(attn_lib, "_cudnn_packed", _attention_from_layout)
+    q, k, v = _inputs(2, 64, 4, 2, 16, jnp.float32, seed=9)
+    for seg in (seg_few, seg_many):
+        slots = attn_lib.document_slots(np.asarray(seg), 64)
+        layout = attn_lib.packed_layout(seg, 64, slots=slots)
+        assert layout.tiers == (slots,)
+        out = attention(q, k, v, segment_ids=seg, implementation="cudnn", max_segments=64, layout=layout)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(attention_reference(q, k, v, segment_ids=seg)),
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_cudnn_refused_without_gpu():
     if jax.default_backend() == "gpu":
         pytest.skip("has a GPU")
@@ -116,10 +142,12 @@ def test_auto_picks_cudnn_only_for_half_precision(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("host_layout", [False, True], ids=["device_tier", "host_tier"])
+@pytest.mark.parametrize("host_layout", [False, True, "fine"], ids=["device_tier", "host_tier", "host_fine_sizes"])
 @pytest.mark.parametrize("d,H,K", [(128, 16, 8), (256, 8, 2)])
 @pytest.mark.parametrize("layout", ["none", "packed", "many", "overflow"])
-def test_cudnn_matches_reference_on_gpu(d, H, K, layout, host_layout):
+def test_cudnn_matches_reference_on_gpu(d, H, K, layout, host_layout, monkeypatch):
+    if host_layout == "fine":  # the experiment's sizes: 4 slots for "packed", 16 for "many"
+        monkeypatch.setattr(attn_lib, "HOST_SIZES", (4, 8, 16, 32))
     B, T = 2, 512
     q, k, v = _inputs(B, T, H, K, d, jnp.bfloat16, seed=d + H)
     seg = None

@@ -114,10 +114,21 @@ def layout_branch(count_B, tiers) -> jax.Array:
 
 MASKED = 0  # `document_slots` of a batch with a row of more documents than the largest tier: explicit mask
 
+# Slot counts the host may fix the layout at; None = the device's tiers (`segment_tiers`). An experiment
+# (`bench_train.py --attn-sizes 4,8,16,32,64`): cuDNN's packed backward costs time in proportion to the slots, so
+# finer sizes fit batches more closely, at one compile per size a run meets. Not measured end to end yet.
+HOST_SIZES: tuple[int, ...] | None = None
+
+
+def host_tiers(max_segments: int) -> tuple[int, ...]:
+    """The slot counts `slots_for` chooses among, smallest first; the largest is always `max_segments`."""
+    sizes = segment_tiers(max_segments) if HOST_SIZES is None else HOST_SIZES
+    return tuple(sorted({min(m, max_segments) for m in sizes} | {max_segments}))
+
 
 def document_slots(segment_ids, max_segments: int = 64) -> int:
     """Host side, from a batch's segment ids (numpy, any leading shape, tokens last): the slot count of the
-    smallest tier of `segment_tiers` that holds every row's documents, or MASKED when a row has more than
+    smallest tier of `host_tiers` that holds every row's documents, or MASKED when a row has more than
     `max_segments`. Given to the model as `doc_slots`, it fixes the layout at trace time: no per-layer `switch`,
     which cost 2% of the step and 15 GiB on one H200 (Qwen3 1.7B, 4 x 4096; docs/PERFORMANCE.md)."""
     import numpy as np
@@ -128,7 +139,7 @@ def document_slots(segment_ids, max_segments: int = 64) -> int:
 
 def slots_for(documents: int, max_segments: int = 64) -> int:
     """The slot count of the smallest tier that holds `documents` per row (segments, padding counted), or MASKED."""
-    return next((m for m in segment_tiers(max_segments) if documents <= m), MASKED)
+    return next((m for m in host_tiers(max_segments) if documents <= m), MASKED)
 
 
 class PackedLayout(NamedTuple):
