@@ -54,15 +54,17 @@ def segments_for(B, T, doc_lengths):
     return jnp.asarray(seg), cu
 
 
-def time_jax(fn, args, iters):
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
+def time_jax(fn, args, iters, next_args=None):
+    """Median milliseconds of fn(*args) over `iters` calls after two warm-up calls. next_args(out, args): the next
+    call's arguments, for functions whose inputs are donated (each call then takes the previous call's outputs)."""
     times = []
-    for _ in range(iters):
+    for _ in range(iters + 2):
         t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
+        out = jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+        if next_args is not None:
+            args = next_args(out, args)
+    return statistics.median(times[2:]) * 1e3
 
 
 def time_torch(step, iters):

@@ -105,20 +105,16 @@ def jax_case(shapes, param_dtype, optimizer_dtype, iters, rounding="hash", donat
 
 
 def time_donated(compiled, params, grads, state, iters):
-    """Median ms of an update whose parameters and state are donated: each call takes the previous outputs."""
-    import statistics
-    import time
+    """Median ms of an update whose parameters and state are donated (each call takes the previous outputs), and
+    the last parameters and state (the ones passed in are gone)."""
+    last = {}
 
-    for _ in range(2):
-        params, state = compiled(params, grads, state)
-    jax.block_until_ready(params)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        params, state = compiled(params, grads, state)
-        jax.block_until_ready(params)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3, params, state
+    def next_args(out, args):
+        last["params"], last["state"] = out
+        return out[0], args[1], out[1]
+
+    ms = time_jax(compiled, (params, grads, state), iters, next_args=next_args)
+    return ms, last["params"], last["state"]
 
 
 def profile_update(compiled, params, grads, state, donate, pdir, steps=3):
