@@ -70,55 +70,22 @@ def text_doc(row: dict, tokenizer):
     return text_docs([text_of(row)], tokenizer)[0]
 
 
-def _check_messages(messages):
-    if not isinstance(messages, list) or not messages:
-        raise DataError("column 'messages' must be a non-empty list of {role, content}")
-    for m in messages:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise DataError("every message needs a string 'role' and a string 'content'")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise DataError("conversation has no assistant turn, so nothing to train on")
+def messages_doc(row: dict, tokenizer, chat=None):
+    """A conversation rendered with the chat template; trainable = each assistant turn's text and its end-of-turn
+    token (see xorl_jax.data.chat and docs/DATA.md). `chat`: the dataset's ChatFormat (template, its variables,
+    which turns); None = the tokenizer's template, every assistant turn."""
+    from xorl_jax.data.chat import ChatFormat
+
+    return (chat or ChatFormat(tokenizer)).document(row)
 
 
-def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-
-def messages_doc(row: dict, tokenizer):
-    """Renders with the chat template; trainable = each assistant turn's text after the generation prompt,
-    up to and including its end-of-turn token (found by rendering growing prefixes of the conversation)."""
-    messages = row.get("messages")
-    _check_messages(messages)
-    full = _render(tokenizer, messages, False)
-    end_token = "<|im_end|>"
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        start = _render(tokenizer, messages[:i], True) if i else _render(tokenizer, [], True)
-        upto = _render(tokenizer, messages[: i + 1], False)
-        if not (full.startswith(upto) and upto.startswith(start)):
-            raise DataError("the chat template does not render conversations prefix by prefix, so assistant "
-                            "turns cannot be located; use a ChatML-like template or tokenized rows")
-        end = upto.rfind(end_token)
-        end = end + len(end_token) if end >= len(start) else len(upto.rstrip())
-        spans.append((len(start), end))
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids = np.asarray(enc["input_ids"], np.int64)
-    starts = np.asarray([s for s, _ in enc["offset_mapping"]], np.int64)
-    mask = np.zeros(len(ids), bool)
-    for s, e in spans:
-        mask |= (starts >= s) & (starts < e)
-    return ids, shift_targets(ids, mask)
-
-
-def row_to_doc(row, kind: str, tokenizer, vocab_size: int | None = None):
+def row_to_doc(row, kind: str, tokenizer, vocab_size: int | None = None, chat=None):
     if not isinstance(row, dict):
         raise DataError(f"row must be a JSON object, got {type(row).__name__}")
     if kind == "tokenized":
         return tokenized_doc(row, vocab_size)
     if kind == "messages":
-        return messages_doc(row, tokenizer)
+        return messages_doc(row, tokenizer, chat)
     if kind == "text":
         return text_doc(row, tokenizer)
     raise DataError(f"unknown dataset type {kind!r}; use tokenized, messages or text")
