@@ -70,12 +70,15 @@ def test_moe_recipes_use_expert_parallelism():
 
 
 # ---------------------------------------------------------------------------------------------- defaults
-def test_defaults_are_fine_tuning_values():
+def test_defaults_are_xorls():
+    """Omitted keys mean what they mean in xorl (xorl.arguments' defaults; tests/test_config_xorl.py has more)."""
     cfg = load_config(None)
     t = cfg.train
-    assert (t.lr, t.lr_decay_style, t.lr_warmup_ratio, t.max_grad_norm) == (1e-5, "cosine", 0.03, 1.0)
+    assert (t.lr, t.lr_min, t.lr_decay_style, t.lr_warmup_ratio, t.max_grad_norm) == (5e-5, 1e-7, "constant", 0.0, 1.0)
+    assert t.save_hf_weights and not cfg.model.train_router and not cfg.model.freeze_router
     assert (cfg.model.attn_implementation, cfg.model.dtype, cfg.model.param_dtype) == ("auto", "bfloat16", "float32")
-    assert cfg.data.sample_packing_sequence_len == 4096 and cfg.data.seed == 42 and cfg.data.shuffle
+    assert (cfg.data.sample_packing_sequence_len, cfg.data.pad_to_multiple_of) == (32000, 128)
+    assert cfg.data.long_sequence_policy == "drop" and cfg.data.seed == 42 and cfg.data.shuffle
     assert cfg.model.ep_dispatch == "alltoall" and cfg.model.router_fp32 and cfg.model.lm_head_fp32
     assert not cfg.lora.enable_lora and t.init_from == "auto"
 
@@ -183,40 +186,66 @@ def test_bad_section_shapes(tmp_path):
     ("--model.attn_implementation=auto_magic", "model.attn_implementation must be one of auto|cudnn|xla"),
     ("--data.sample_packing_method=greedy", "must be one of sequential|multipack"),
     ("--train.lr_decay_style=step", "must be one of constant|linear|cosine"),
-    ("--train.remat_policy=everything", "must be one of full|dots_saveable"),
+    ("--train.remat_policy=everything", "must be one of auto|full|dots_saveable"),
 ])
 def test_choices(override, needle):
     assert needle in _error([override])
 
 
 # ---------------------------------------------------------------------------------------------- PyTorch values
+@pytest.mark.parametrize("override, field, value", [
+    ("--model.attn_implementation=flash_attention_2", "model.attn_implementation", "auto"),
+    ("--model.attn_implementation=flash_attention_3", "model.attn_implementation", "auto"),
+    ("--model.attn_implementation=flash_attention_4", "model.attn_implementation", "auto"),
+    ("--model.attn_implementation=sdpa", "model.attn_implementation", "auto"),
+    ("--model.attn_implementation=eager", "model.attn_implementation", "auto"),
+    ("--model.attn_implementation=flex_attention", "model.attn_implementation", "auto"),
+    ("--model.attn_implementation=null", "model.attn_implementation", "auto"),
+    ("--model.moe_implementation=quack", "model.moe_implementation", "triton"),
+    ("--model.moe_implementation=null", "model.moe_implementation", "auto"),
+    ("--model.ep_dispatch=deepep", "model.ep_dispatch", "alltoall"),
+    ("--model.router_fp32=null", "model.router_fp32", True),
+    ("--model.lm_head_fp32=null", "model.lm_head_fp32", True),
+    ("--train.ckpt_manager=dcp", "train.ckpt_manager", "orbax"),
+    ("--train.data_parallel_mode=fsdp", "train.data_parallel_mode", "fsdp2"),
+    ("--train.optimizer_dtype=fp32", "train.optimizer_dtype", "float32"),
+    ("--train.gradient_checkpointing_method=recompute_before_dispatch", "train.remat_policy",
+     "dots_attention_saveable"),
+    ("--train.gradient_checkpointing_method=no_recompute", "train.remat_policy", "none"),
+    ("--train.max_grad_norm=-1", "train.max_grad_norm", 0.0),
+])
+def test_pytorch_values_map_to_the_equivalent_with_a_note(override, field, value, caplog):
+    with caplog.at_level(logging.INFO, logger="xorl_jax.config"):
+        cfg = load_config(None, [override])
+    section, name = field.split(".")
+    assert getattr(getattr(cfg, section), name) == value
+    if "null" not in override:
+        assert override[2:].split("=")[0] in caplog.text  # one line says what became of it
+
+
 @pytest.mark.parametrize("override, needle", [
-    ("--model.attn_implementation=flash_attention_2", "use cudnn (GPU) or xla"),
-    ("--model.attn_implementation=flash_attention_3", "use cudnn (GPU) or xla"),
-    ("--model.attn_implementation=flash_attention_4", "use cudnn (GPU) or xla"),
-    ("--model.attn_implementation=sdpa", "use cudnn (GPU) or xla"),
-    ("--model.attn_implementation=eager", "use cudnn (GPU) or xla"),
-    ("--model.moe_implementation=quack", "use triton"),
-    ("--model.ep_dispatch=deepep", "use alltoall or ragged"),
-    ("--train.ckpt_manager=dcp", "use orbax"),
-    ("--train.optimizer=muon", "use adamw"),
-    ("--train.optimizer=anyprecision_adamw", "use adamw"),
-    ("--train.optimizer=signsgd", "use adamw"),
-    ("--train.data_parallel_mode=fsdp", "use fsdp2"),
-    ("--train.use_wandb=true", "use train.use_tensorboard"),
+    ("--train.optimizer=distsignsgd", "use signsgd"),
     ("--lora.enable_qlora=true", "QLoRA is not supported"),
     ("--train.enable_fp8_training=true", "FP8 training is not supported"),
-    ("--train.enable_activation_offload=true", "use train.remat_policy"),
-    ("--train.ce_num_chunks=8", "set train.ce_chunk_size"),
-    ("--train.gradient_checkpointing_method=recompute_before_dispatch", "use train.remat_policy"),
-    ("--train.ulysses_parallel_size=2", "train.ulysses_parallel_size=2 is not supported yet; set it to 1"),
+    ("--train.softmax_auxiliary_loss=true", "z-loss is not supported"),
+    ("--train.lr_start=1e-6", "warmup starts from a learning rate of 0"),
+    ("--train.gradient_checkpointing_method=sometimes", "not one of xorl's"),
+    ("--train.ulysses_parallel_size=2", "context and pipeline parallelism are not supported yet; set it to 1"),
     ("--train.ringattn_parallel_size=2", "set it to 1"),
     ("--train.pipeline_parallel_size=4", "set it to 1"),
 ])
-def test_pytorch_only_values_say_what_to_use(override, needle):
+def test_what_has_no_equivalent_says_what_to_use(override, needle):
     key = override[2:].split("=")[0]
     message = _error([override])
     assert key in message and needle in message
+
+
+@pytest.mark.parametrize("override", ["--train.use_wandb=true", "--train.enable_activation_offload=true",
+                                      "--train.fsdp_reduce_dtype=bf16", "--data.dataloader_drop_last=true"])
+def test_what_changes_no_training_warns_and_runs(override, caplog):
+    with caplog.at_level(logging.WARNING, logger="xorl_jax.config"):
+        load_config(None, [override])
+    assert override[2:].split("=")[0] in caplog.text and "not available" in caplog.text
 
 
 def test_supported_alternatives_are_accepted():
@@ -227,37 +256,19 @@ def test_supported_alternatives_are_accepted():
                                                                                                   "sgd")
 
 
-def test_xorl_config_ports_with_warnings(caplog):
-    """The dummy Qwen3-30B-A3B EP8 example from xorl, with its PyTorch values swapped for ours."""
-    raw = {
-        "model": {"model_path": "Qwen/Qwen3-30B-A3B", "attn_implementation": "cudnn", "moe_implementation": "triton",
-                  "merge_qkv": False, "train_router": False},
-        "data": {"datasets": [{"path": "dummy", "type": "tokenized", "max_seq_len": 8000}],
-                 "select_columns": ["input_ids", "labels"], "dataset_prepared_path": "last_prepared_dataset",
-                 "sample_packing_method": "sequential", "sample_packing_sequence_len": 32000,
-                 "dataloader_num_workers": 4, "dataloader_prefetch_factor": 2, "dataloader_pin_memory": True},
-        "train": {"output_dir": "outputs/bench", "data_parallel_mode": "fsdp2", "tensor_parallel_size": 1,
-                  "ulysses_parallel_size": 1, "ringattn_parallel_size": 1, "data_parallel_replicate_size": 1,
-                  "data_parallel_shard_size": 8, "expert_parallel_size": 8, "num_train_epochs": 5, "max_steps": 3,
-                  "micro_batch_size": 1, "gradient_accumulation_steps": 1, "optimizer": "adamw", "muon_lr": "1.0e-4",
-                  "lr": 1.0e-5, "lr_warmup_ratio": 0.005, "lr_decay_style": "cosine", "lr_decay_ratio": 1.0,
-                  "weight_decay": 0.01, "max_grad_norm": 1.0, "enable_mixed_precision": True,
-                  "enable_gradient_checkpointing": True, "gradient_checkpointing_method": "recompute_full_layer",
-                  "enable_full_shard": True, "enable_activation_offload": False, "init_device": "meta",
-                  "load_weights_mode": "all_ranks", "enable_full_determinism": False, "empty_cache_steps": 500,
-                  "enable_compile": True, "ckpt_manager": "orbax", "save_steps": 0, "save_hf_weights": False,
-                  "use_wandb": False},
-        "distill": {"enable_distillation": False},
-    }
-    with caplog.at_level(logging.WARNING, logger="xorl_jax.config"):
-        cfg = config_from_dict(raw)
-    warned = caplog.text
-    for key in ("train.init_device", "train.enable_compile", "train.load_weights_mode", "train.empty_cache_steps",
-                "train.muon_lr", "model.merge_qkv"):
-        assert key in warned
-    assert cfg.train.remat_policy == "full" and cfg.model.freeze_router is True
-    assert cfg.data.sample_packing_sequence_len == 32000 and cfg.train.expert_parallel_size == 8
+def test_keys_with_no_effect_are_named_in_one_info_line(caplog):
+    with caplog.at_level(logging.INFO, logger="xorl_jax.config"):
+        cfg = config_from_dict({"data": {"dataloader_pin_memory": True, "dataset_num_proc": 8},
+                                "train": {"init_device": "meta", "enable_compile": True, "empty_cache_steps": 500},
+                                "model": {"merge_qkv": False}, "distill": {"enable_distillation": False}})
+    lines = [r for r in caplog.records if "no effect here" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelno == logging.INFO
+    for key in ("data.dataloader_pin_memory", "data.dataset_num_proc", "train.init_device", "train.enable_compile",
+                "train.empty_cache_steps", "model.merge_qkv"):
+        assert key in lines[0].getMessage()
+    assert cfg == config_from_dict(None)  # and nothing else changed
     assert "distillation is not supported" in _error(raw={"distill": {"enable_distillation": True}})
+    assert "unknown key 'distill.teacher'" in _error(raw={"distill": {"teacher": "x"}})
 
 
 def test_renamed_key_conflicting_with_its_target():
@@ -274,7 +285,7 @@ def test_renamed_key_conflicting_with_its_target():
     (["--train.gradient_accumulation_steps=0"], "train.gradient_accumulation_steps must be >= 1"),
     (["--train.save_total_limit=0"], "train.save_total_limit must be >= 1"),
     (["--data.sample_packing_sequence_len=0"], "data.sample_packing_sequence_len must be > 0"),
-    (["--data.sample_packing_sequence_len=1000", "--data.pad_to_multiple_of=128"], "must be a multiple of"),
+    (["--data.pad_to_multiple_of=0"], "data.pad_to_multiple_of must be >= 1"),
     (["--lora.enable_lora=true", "--lora.lora_rank=0"], "lora.lora_rank must be >= 1"),
     (["--lora.enable_lora=true", "--train.tensor_parallel_size=2"], "cannot be combined with lora.enable_lora"),
     (["--lora.enable_lora=true", "--lora.lora_target_modules=[]"], "both empty"),
@@ -303,7 +314,8 @@ def test_impossible_combinations(overrides, needle):
 
 
 def test_edge_values_that_are_allowed():
-    cfg = load_config(None, ["--train.lr_warmup_ratio=0", "--train.lr_min=1e-5", "--train.max_steps=-1",
+    cfg = load_config(None, ["--train.lr_warmup_ratio=0", "--train.lr=1e-5", "--train.lr_min=1e-5",
+                             "--train.max_steps=-1",
                              "--train.expert_parallel_size=-1", "--train.data_parallel_shard_size=8",
                              "--train.max_grad_norm=0", "--lora.enable_lora=true",
                              "--lora.lora_rank=1", "--train.save_total_limit=1"])
@@ -391,4 +403,4 @@ def test_reference_lists_every_field():
     for cls in (*config_lib.SECTIONS.values(), DatasetConfig):
         for f in dataclasses.fields(cls):
             assert f"| `{f.name}` |" in text
-    assert "`flash_attention_3`" in text and "`train.enable_compile`" in text
+    assert "`flash_attention_3`" in text and "MIGRATING_FROM_XORL.md" in text

@@ -122,9 +122,14 @@ def test_bad_row_names_file_and_line_or_is_skipped(tmp_path, tok):
     assert it.rows_skipped == 2 and it.documents == 2
 
 
-def test_long_documents_truncate_or_split(tmp_path):
+def test_long_documents_drop_truncate_or_split(tmp_path):
+    path = write_jsonl(tmp_path / "tok.jsonl", [{"input_ids": list(range(1, 151))}, {"input_ids": [1, 2, 3]}])
+    kept = build_train_iterator(data_cfg(path, "tokenized"), None, global_batch_size=1)  # xorl's: drop
+    assert kept.documents == 1 and kept.docs.docs_dropped == 1 and len(kept.docs.ids[0]) == 3
     path = write_jsonl(tmp_path / "tok.jsonl", [{"input_ids": list(range(1, 151))}])
-    cut = build_train_iterator(data_cfg(path, "tokenized"), None, global_batch_size=1)
+    with pytest.raises(DataError, match="1 longer than their max_seq_len were dropped"):
+        build_train_iterator(data_cfg(path, "tokenized"), None, global_batch_size=1)
+    cut = build_train_iterator(data_cfg(path, "tokenized", long_sequence_policy="truncate"), None, global_batch_size=1)
     assert cut.documents == 1 and cut.documents_truncated == 1
     split = build_train_iterator(data_cfg(path, "tokenized", long_sequence_policy="split"), None,
                                  global_batch_size=1, seed=0)

@@ -62,11 +62,19 @@ class ModelConfig:
     ep_dispatch: str = _field("alltoall", "how tokens travel between expert-parallel ranks: alltoall (fixed-size "
                                           "buffers, any platform) or ragged (ragged all-to-all: only the real rows; "
                                           "GPU only)", choices=("alltoall", "ragged"))
-    scan_layers: bool = _field(True, "apply the layers with one scan (compile time flat in depth); false = unroll "
-                                     "them: no stacked copies of what remat keeps, longer compilation")
+    scan_layers: bool | str = _field(
+        "auto", "true = apply the layers with one scan (compile time flat in depth); false = unroll them (no stacked "
+        "copies of what remat keeps, longer compilation); auto = unrolled where that was measured faster (a remat "
+        "policy that keeps outputs, on models whose layers are all alike) and its compiled step fits the device, "
+        "else scanned; scanned on CPU (see train.remat_policy auto)")
     router_fp32: bool = _field(True, "compute router logits and softmax in float32")
     lm_head_fp32: bool = _field(True, "compute the output projection's logits and the loss in float32")
-    freeze_router: bool = _field(False, "do not update MoE router weights")
+    train_router: bool = _field(False, "as xorl's: true = the expert outputs' gradient reaches the MoE router "
+                                       "through the routing weights; false = the routing weights are detached "
+                                       "before the experts, so the router learns only from the load-balancing "
+                                       "loss (train.router_aux_loss_coef)")
+    freeze_router: bool = _field(False, "as xorl's: MoE router weights get no update and no optimizer state "
+                                        "(independent of train_router)")
     dtype: str = _field("bfloat16", "compute dtype of activations and matmuls (train.enable_mixed_precision: "
                                     "false forces float32; float16 is not offered: there is no loss scaling)",
                       choices=("bfloat16", "float32"))
@@ -82,37 +90,68 @@ class DatasetConfig:
     type: str = _field("tokenized", "tokenized: input_ids (+ labels) rows; messages: OpenAI chat format, loss on "
                                     "assistant turns; text: plain text, loss on all tokens",
                        choices=("tokenized", "messages", "text"))
-    split: str = _field("train", "split to read from a HF dataset on disk")
+    name: str | None = _field(None, "configuration (subset) of a HF dataset, as `datasets.load_dataset(path, name)` "
+                                    "reads it (a hub id or a local dataset repository); also names the dataset in "
+                                    "log lines")
+    split: str = _field("train", "split to read from a HF dataset (on disk or on the hub)")
+    revision: str | None = _field(None, "revision (branch, tag or commit) of a HF hub dataset")
     data_files: str | list[str] | None = _field(None, "file(s) or glob(s) inside path to read; null = all")
-    max_seq_len: int | None = _field(None, "longest document in tokens before data.long_sequence_policy "
-                                           "applies; null = data.sample_packing_sequence_len")
+    max_seq_len: int | None = _field(None, "longest document in tokens; a longer one is dropped (as in xorl), "
+                                           "truncated or split by data.long_sequence_policy; null = "
+                                           "data.sample_packing_sequence_len")
+    num_samples: int | None = _field(None, "documents of the `dummy` dataset (random tokens); null = 1024")
     weight: float | None = _field(None, "sampling weight when mixing datasets; null = proportional to size")
+    chat_template: str | None = _field(None, "messages: the chat template, a .jinja file or one shipped with xorl_jax "
+                                             "(chatml, qwen3, qwen3_5); null = the tokenizer's own (docs/DATA.md)")
+    chat_template_kwargs: dict[str, Any] | None = _field(None, "messages: variables for the chat template, e.g. "
+                                                               "{enable_thinking: false}")
+    mask_history: bool = _field(False, "messages: train only the last assistant turn of each conversation (false: "
+                                       "every assistant turn as the template renders it; docs/DATA.md)")
+
+
+def _check_chat_options(ds: DatasetConfig, key: str):
+    chat = [n for n in ("chat_template", "chat_template_kwargs", "mask_history") if getattr(ds, n)]
+    _need(ds.type == "messages" or not chat, f"{key}.{chat[0] if chat else ''} applies to type: messages only "
+                                             f"(this entry is type: {ds.type})")
+    if not (ds.chat_template or ds.chat_template_kwargs):
+        return
+    import os
+
+    from xorl_jax.data.chat import RESERVED_KWARGS, template_names  # no JAX here either
+
+    if ds.chat_template:
+        names = template_names()
+        _need(ds.chat_template in names or os.path.isfile(os.path.expanduser(ds.chat_template)),
+              f"{key}.chat_template={ds.chat_template!r} is neither a file nor a shipped template "
+              f"({'|'.join(names)}); give a .jinja file")
+    for name in ds.chat_template_kwargs or {}:
+        _need(name not in RESERVED_KWARGS, f"{key}.chat_template_kwargs.{name} is set by the data pipeline; "
+                                           f"remove it")
 
 
 @dataclass
 class DataConfig:
-    datasets: list[DatasetConfig] = _field(help="training datasets: list of {path, type, split, data_files, "
-                                                "max_seq_len, weight}", factory=list)
+    datasets: list[DatasetConfig] = _field(help="training datasets: list of {path, type, name, split, data_files, "
+                                                "max_seq_len, weight, ...}", factory=list)
     eval_datasets: list[DatasetConfig] = _field(help="evaluation datasets, same shape as datasets", factory=list)
     select_columns: list[str] | None = _field(None, "columns to keep from tokenized rows; null = all needed ones")
     dataset_prepared_path: str | None = _field(None, "directory caching tokenized documents (one .npz per "
                                                      "distinct datasets + tokenizer + limits); null = no cache")
     sample_packing_method: str = _field("sequential", "sequential: documents in order; multipack: bin-packing "
                                                       "for fewer pad tokens", choices=("sequential", "multipack"))
-    sample_packing_sequence_len: int = _field(4096, "tokens per packed row (the training sequence length)")
-    pad_to_multiple_of: int = _field(1, "sample_packing_sequence_len must be a multiple of this (e.g. 128 for "
-                                        "kernel tiles)")
-    long_sequence_policy: str = _field("truncate", "what to do with a document longer than its max_seq_len: "
-                                                   "keep the head or split it into pieces",
-                                       choices=("truncate", "split"))
+    sample_packing_sequence_len: int = _field(32000, "tokens of documents packed into one row (xorl's default)")
+    pad_to_multiple_of: int = _field(128, "packed rows are padded to a multiple of this, as in xorl: a row is "
+                                          "sample_packing_sequence_len rounded up to it (the training sequence "
+                                          "length)")
+    long_sequence_policy: str = _field("drop", "a document longer than its max_seq_len: drop it (xorl's filter; "
+                                               "the count is logged), keep its head (truncate) or cut it into "
+                                               "pieces (split)", choices=("drop", "truncate", "split"))
     skip_bad_rows: bool = _field(False, "skip malformed rows with a warning instead of stopping")
     seed: int = _field(42, "seed of data shuffling")
     shuffle: bool = _field(True, "shuffle documents every epoch")
     dataloader_num_workers: int = _field(0, "> 0: a background thread packs batches ahead of the device step "
                                             "(0 = in the main thread between steps)")
     dataloader_prefetch_factor: int | None = _field(None, "batches prepared ahead = num_workers x this; null = 2")
-    dataloader_pin_memory: bool = _field(False, "accepted for xorl configs; no effect (JAX copies batches to "
-                                                "the devices itself)")
 
 
 @dataclass
@@ -145,12 +184,25 @@ class TrainConfig:
     num_train_epochs: float = _field(1.0, "epochs over data.datasets (used when max_steps is null)")
     max_steps: int | None = _field(None, "optimizer updates to run; null or -1 = from num_train_epochs")
     # optimizer and schedule
-    optimizer: str = _field("adamw", "optimizer", choices=("adamw", "sgd"))
+    optimizer: str = _field(
+        "adamw", "optimizer: adamw; anyprecision_adamw (the same here: optimizer_dtype sets the moments' dtype); "
+        "sgd; signsgd (sign of the gradient, decoupled weight decay); muon (Newton-Schulz orthogonalised momentum "
+        "on the weight matrices, AdamW with lr for embeddings, lm_head, norms, routers, biases and vectors; "
+        "docs/OPTIMIZERS.md)", choices=("adamw", "anyprecision_adamw", "sgd", "signsgd", "muon"))
     optimizer_dtype: str = _field("float32", "dtype of optimizer moments", choices=("float32", "bfloat16"))
-    lr: float = _field(1e-5, "peak learning rate")
-    lr_min: float = _field(0.0, "learning rate at the end of decay")
-    lr_warmup_ratio: float = _field(0.03, "fraction of the steps spent in linear warmup from 0 to lr")
-    lr_decay_style: str = _field("cosine", "decay after warmup", choices=("constant", "linear", "cosine"))
+    muon_lr: float = _field(0.02, "muon: peak learning rate of the weight matrices (the lr schedule's shape "
+                                  "scaled to it; train.lr drives the AdamW part)")
+    muon_momentum: float = _field(0.95, "muon: momentum of the weight matrices (0 = no momentum buffer)")
+    muon_nesterov: bool = _field(True, "muon: Nesterov momentum")
+    muon_ns_steps: int = _field(5, "muon: Newton-Schulz iterations")
+    muon_adjust_lr_fn: str | None = _field(
+        None, "muon: learning-rate scale of a matrix with fan-out A and fan-in B: original (or null) = "
+        "sqrt(max(1, A/B)); match_rms_adamw = 0.2 * sqrt(max(A, B)) (muon then reuses AdamW's lr and weight decay)")
+    lr: float = _field(5e-5, "peak learning rate (xorl's default)")
+    lr_min: float = _field(1e-7, "learning rate at the end of decay (xorl's default)")
+    lr_warmup_ratio: float = _field(0.0, "fraction of the steps spent in linear warmup from 0 to lr")
+    lr_decay_style: str = _field("constant", "decay after warmup (xorl's default: constant)",
+                                 choices=("constant", "linear", "cosine"))
     lr_decay_ratio: float = _field(1.0, "fraction of the steps after warmup over which lr decays to lr_min "
                                         "(then it stays at lr_min)")
     weight_decay: float = _field(0.0, "decoupled weight decay (optim.default_decay_mask picks the "
@@ -164,13 +216,18 @@ class TrainConfig:
     enable_gradient_checkpointing: bool = _field(True, "rematerialise layer activations in the backward pass "
                                                        "with remat_policy")
     remat_policy: str = _field(
-        "full", "what a layer keeps for the backward pass: full = nothing (recompute the layer), dots_saveable = "
+        "auto", "what a layer keeps for the backward pass: full = nothing (recompute the layer), dots_saveable = "
         "matmul outputs, dots_attention_saveable = matmul (grouped expert GEMMs included), SwiGLU and "
-        "fused-attention outputs, dots_with_no_batch_dims_saveable = weight matmul outputs, "
-        "none = everything. Where memory allows, dots_attention_saveable is the fastest (one H200: Qwen3 1.7B at "
-        "4 x 4096 tokens about 10% shorter steps than full for about 7 GiB more, and faster than none; the "
-        "Qwen3-30B-A3B shapes cut to 4 layers 10% shorter for 1 GiB more, the Qwen3.5-35B-A3B cut 8% shorter)",
-        choices=("full", "dots_saveable", "dots_attention_saveable", "dots_with_no_batch_dims_saveable", "none"))
+        "fused-attention outputs, dots_with_no_batch_dims_saveable = weight matmul outputs, none = everything. "
+        "dots_attention_saveable is the fastest (one H200: Qwen3 1.7B at 4 x 4096 tokens about 10% shorter steps "
+        "than full for about 7 GiB more, and faster than none; the Qwen3-30B-A3B and Qwen3.5-35B-A3B shapes cut to "
+        "4 layers 10% and 8% shorter). auto = the fastest that fits: dots_attention_saveable, else full, each "
+        "compiled on the run's mesh (with model.scan_layers auto, unrolled before scanned) until one's peak in "
+        "XLA's memory analysis fits the device's limit with 10% to spare; that compiled step trains, and a start-up "
+        "line says what was picked, its planned GiB, the limit and the seconds spent. CPU reports no limit: full, "
+        "nothing compiled to choose",
+        choices=("auto", "full", "dots_saveable", "dots_attention_saveable", "dots_with_no_batch_dims_saveable",
+                 "none"))
     enable_full_shard: bool = _field(True, "accepted for xorl configs; parameters always stay sharded between "
                                            "uses (XLA gathers them per layer), false has no effect")
     ce_chunk_size: int = _field(2048, "tokens per chunk of the chunked cross-entropy: each chunk's [tokens, vocab] "
@@ -194,15 +251,19 @@ class TrainConfig:
     save_at_end: bool = _field(True, "save a training checkpoint when the run ends (false for benchmarks; a stop "
                                      "signal still saves)")
     save_async: bool = _field(True, "write checkpoints in the background while training continues")
-    save_hf_weights: bool = _field(False, "export Hugging Face safetensors (bf16) at the end of the run")
-    load_checkpoint_path: str | None = _field(None, "training checkpoint to resume from; auto = the newest "
-                                                    "complete one in output_dir, if any")
+    save_hf_weights: bool = _field(True, "export Hugging Face safetensors (bf16; a PEFT adapter with "
+                                         "lora.save_lora_only) at the end of the run")
+    load_checkpoint_path: str | None = _field("auto", "training checkpoint to resume from: auto = the newest "
+                                                      "readable one in output_dir, if any (a rerun resumes); none = "
+                                                      "start fresh (refused if output_dir holds checkpoints); or a "
+                                                      "step / checkpoints directory (docs/CHECKPOINTS.md)")
     eval_steps: int = _field(0, "evaluate on data.eval_datasets every N updates; 0 = only at the end")
     log_steps: int = _field(1, "log metrics every N updates")
     sample_eval_prompts: int = _field(0, "after training, print greedy answers to the first N conversations of "
                                          "data.eval_datasets (messages type); 0 = off")
     use_tensorboard: bool = _field(True, "write TensorBoard event files to output_dir")
-    use_wandb: bool = _field(False, "Weights & Biases logging is not available: must stay false")
+    use_wandb: bool = _field(False, "Weights & Biases logging is not available: true (xorl's default) logs a "
+                                    "warning and the metrics go to TensorBoard")
 
 
 @dataclass
@@ -226,85 +287,457 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # keys of xorl's training server (SERVER_KEYS) from a flat config or a `server` section, kept for the server mode
+    server: dict[str, Any] = field(default_factory=dict)
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "lora": LoraConfig}
 
 # ------------------------------------------------------------------------------ xorl (PyTorch) compatibility
-_USE_ADAMW = "not supported yet; use adamw (or sgd)"
-# Values of valid keys that name PyTorch machinery: key -> {value: what to use instead}.
-PYTORCH_VALUES: dict[str, dict[str, str]] = {
+# A xorl YAML runs as it is and means what it means in xorl. XORL_KEYS lists every key of xorl's config schema
+# (its local trainer's sections and its training server's flat keys); each one is a field here with the same meaning,
+# or it is in exactly one of the tables below. docs/MIGRATING_FROM_XORL.md is generated from them
+# (`python -m xorl_jax.config migrating`).
+XORL_KEYS: dict[str, tuple[str, ...]] = {section: tuple(names.split()) for section, names in {
+    "model": """
+        config_path model_path tokenizer_path foundation encoders attn_implementation
+        flash_attention_deterministic moe_implementation moe_routing_weights_before_down ep_dispatch
+        train_router freeze_router record_routing_weights deepep_buffer_size_gb deepep_num_sms
+        deepep_async_combine alltoall_combine_hidden_chunk_size basic_modules merge_qkv rmsnorm_mode
+        qwen35_rmsnorm_family router_fp32 lm_head_fp32 activation_native rope_native rope_class_b
+        attention_cast_bf16 sparse_mla_enabled sparse_mla_backend
+        """,
+    "data": """
+        datasets test_datasets dataset_prepared_path shuffle_merged_datasets shuffle_before_merging_datasets
+        push_dataset_to_hub hf_use_auth_token skip_prepare_dataset is_preprocess num_dataset_shards_to_save
+        dataset_shard_num dataset_shard_idx val_set_size dataset_num_proc sample_packing_method
+        sample_packing_group_size sample_packing_bin_size sample_packing_sequentially
+        sample_packing_mp_start_method eval_sample_packing sample_packing_sequence_len select_columns
+        dataloader_pin_memory dataloader_num_workers dataloader_prefetch_factor dataloader_drop_last
+        pad_to_multiple_of fa_max_length_bucket
+        """,
+    "data.datasets[]": """
+        path type name split revision trust_remote_code data_files ds_type shards shards_idx preprocess_shards
+        max_seq_len num_samples activations_path
+        """,
+    "train": """
+        output_dir lr lr_min lr_start weight_decay cautious_weight_decay no_decay_modules no_decay_params
+        optimizer optimizer_dtype anyprecision_adamw_denominator_chunk_size
+        anyprecision_adamw_reuse_grad_for_momentum anyprecision_adamw_state_cpu_offload muon_lr muon_momentum
+        muon_nesterov muon_ns_steps muon_adjust_lr_fn muon_ns_algorithm muon_ns_use_quack_kernels
+        muon_gram_ns_num_restarts muon_gram_ns_restart_iterations muon_grouped_gram_ns_fp32_byte_limit
+        muon_fallback_optimizer muon_grad_dtype muon_update_dtype muon_force_momentum_path muon_distributed_mode
+        max_grad_norm softmax_auxiliary_loss auxiliary_loss_multiplier moe_global_load_balancing ce_mode
+        ce_num_chunks micro_batch_size gradient_accumulation_steps defer_grad_sync_in_accumulation
+        num_train_epochs lr_warmup_ratio lr_decay_style lr_decay_ratio enable_mixed_precision fsdp_reduce_dtype
+        skip_param_upcast fp8_cfg enable_fp8_training enable_qarl qarl_quant_cfg qarl_calib_data qarl_calib_size
+        qarl_quant_sequence_length qarl_sync_format qarl_target_modules qarl_exclude_modules
+        fp8_training_num_first_layers_bf16 fp8_training_num_last_layers_bf16 fp8_training_allow_blackwell
+        fp8_training_blackwell_validation_artifact fp8_training_block_size fp8_training_backward
+        fp8_training_smoothquant_alpha fp8_training_lm_head_smoothquant_alpha fp8_training_activation_amax_scale
+        fp8_training_weight_amax_scale fp8_training_correction_mode fp8_training_module_overrides
+        fp8_training_moe_grouped_backend fp8_training_target_modules fp8_training_exclude_modules
+        fp8_training_allow_bf16_fallback enable_gradient_checkpointing enable_reentrant
+        gradient_checkpointing_method moe_checkpoint_method enable_full_shard enable_forward_prefetch
+        enable_backward_prefetch enable_activation_offload activation_gpu_limit
+        activation_offload_prefetch_count init_device load_weights_mode enable_full_determinism
+        high_precision_bf16 allow_cuda_launch_blocking prewarm_cuda_blas empty_cache_steps gc_steps
+        data_parallel_mode data_parallel_replicate_size data_parallel_shard_size expert_parallel_size
+        ep_intranode ep_outside ulysses_parallel_size tensor_parallel_size lm_head_tensor_parallel_size
+        ringattn_parallel_size pipeline_parallel_size pipeline_parallel_schedule
+        pipeline_parallel_virtual_stages pipeline_parallel_input_weight pipeline_parallel_output_weight
+        pipeline_parallel_num_layers_in_first_stage pipeline_parallel_num_layers_in_last_stage
+        pp_seq_len_bucket_size pp_variable_seq_lengths reshard_after_forward cp_fsdp_mode
+        fsdp_sharded_lm_head_loss fsdp_sharded_lm_head_loss_num_chunks moe_grad_reduce_mode ckpt_manager
+        save_async load_checkpoint_path load_optimizer save_steps save_epochs save_hf_weights seed
+        enable_compile compile_dynamic_shapes log_format enable_step_phase_timing step_phase_timing_sync_cuda
+        enable_per_component_timing enable_step_memory_profiling use_wandb wandb_project wandb_name wandb_tags
+        repo_commit wandb_log_interval enable_profiling profile_start_step profile_end_step profile_trace_dir
+        profile_record_shapes profile_profile_memory profile_with_stack profile_rank0_only max_steps
+        adam_betas adam_eps glm52_fullparam_fp8_training glm52_fullparam_trainable_expert_layers
+        glm52_fullparam_publish_dir
+        """,
+    "lora": """
+        enable_lora lora_rank lora_alpha lora_b_init_std lora_b_init_seed lora_target_modules
+        lora_target_manifest unfuse_for_lora save_lora_only enable_qlora block_fp8_qlora_training quant_format
+        quant_group_size merge_lora_interval reset_optimizer_on_merge exclude_modules enable_aqn aqn_alpha
+        moe_hybrid_shared_lora qlora_exclude_modules
+        """,
+    "distill": """
+        enable_distillation teacher_model_path distillation_loss_type distillation_loss_weight
+        stream_num_workers
+        """,
+    "server": """
+        model_name r3_payload_transport r3_payload_dir r3_payload_keep r3_payload_namespace_prefix storage_limit
+        idle_session_timeout log_level enable_self_test skip_initial_checkpoint log_gradient_norms
+        log_router_stats worker_bind_host worker_bind_port engine_connect_host worker_bind_address
+        worker_connection_timeout worker_max_retries enable_packing sample_packing_strategy
+        sample_packing_on_oversized max_lora_rank adapter_gradient_ownership_bucket_bytes lora_export_format
+        adapter_state_load_mode sync_inference_method receiver_kv_cache_dtype
+        """,
+}.items()}
+# Keys that only xorl's flat server format has; the section here they belong to is given by XORL_KEYS.
+SERVER_FORMAT_ONLY = frozenset({"train.adam_betas", "train.adam_eps", "train.glm52_fullparam_fp8_training",
+                                "train.glm52_fullparam_trainable_expert_layers", "train.glm52_fullparam_publish_dir",
+                                "lora.qlora_exclude_modules"})
+
+_ATTN = "auto (cuDNN attention on NVIDIA GPUs, XLA elsewhere)"
+# Values of fields here that name xorl's PyTorch machinery: key -> {xorl value: (value here, why)}; one info line each.
+XORL_VALUES: dict[str, dict[str, tuple[str, str]]] = {
     "model.attn_implementation": {
-        v: "a PyTorch attention backend; use cudnn (GPU) or xla, or auto"
-        for v in ("flash_attention_2", "flash_attention_3", "flash_attention_4", "sdpa", "eager", "native",
+        v: ("auto", f"a PyTorch attention kernel; {_ATTN}")
+        for v in ("flash_attention_2", "flash_attention_3", "flash_attention_4", "sdpa", "native", "eager",
                   "flex_attention")},
-    "model.moe_implementation": {"quack": "a PyTorch kernel library; use triton (or auto)"},
-    "model.ep_dispatch": {"deepep": "PyTorch-only (DeepEP); use alltoall or ragged"},
-    "train.optimizer": {v: _USE_ADAMW for v in ("anyprecision_adamw", "signsgd", "distsignsgd", "muon")},
-    "train.ckpt_manager": {"dcp": "PyTorch Distributed Checkpoint; use orbax"},
-    "train.data_parallel_mode": {"fsdp": "FSDP1; use fsdp2 (sharded params) or ddp"},
+    "model.moe_implementation": {"quack": ("triton", "Quack (CuTe-DSL) grouped GEMMs; the Triton grouped GEMM "
+                                                     "here")},
+    "model.ep_dispatch": {"deepep": ("alltoall", "DeepEP is PyTorch-only; XLA all-to-all exchanges the tokens")},
+    "train.ckpt_manager": {v: ("orbax", "PyTorch's checkpoint format; Orbax holds the same training state")
+                           for v in ("dcp", "torch")},
+    "train.data_parallel_mode": {"fsdp": ("fsdp2", "sharded parameters, gradients and optimizer state")},
+    "train.optimizer_dtype": {"fp32": ("float32", "xorl's spelling"),
+                              "bf16": ("bfloat16", "xorl's spelling")},  # and see _xorl_train_defaults
 }
 
-# xorl keys that mean nothing here: accepted, a warning says why, and dropped.
-IGNORED_KEYS: dict[str, str] = {
-    "model.merge_qkv": "q, k and v stay separate parameters here, as in the HF checkpoint",
-    "model.deepep_buffer_size_gb": "DeepEP is PyTorch-only",
-    "model.deepep_num_sms": "DeepEP is PyTorch-only",
-    "train.enable_compile": "not needed: XLA compiles every step",
+# Values with no counterpart here: rejected with what to use instead.
+PYTORCH_VALUES: dict[str, dict[str, str]] = {
+    "train.optimizer": {"distsignsgd": "a PyTorch FSDP hook that signs gradients before their reduction; use "
+                                       "signsgd (sign of the reduced gradient)"},
+}
+
+# xorl keys whose null means "xorl's default": null is dropped and the default here (the same meaning) applies.
+NULL_IS_DEFAULT = frozenset({"model.attn_implementation", "model.moe_implementation", "model.router_fp32",
+                             "model.lm_head_fp32", "lora.lora_target_modules", "data.datasets[].split",
+                             "data.datasets[].type", "train.gradient_checkpointing_method",
+                             "train.moe_checkpoint_method"})
+
+_DEEPEP = "DeepEP is PyTorch-only (ep_dispatch deepep runs as alltoall)"
+_PP = "pipeline parallelism is not available (train.pipeline_parallel_size must be 1)"
+_FP8 = "FP8 training is not available (train.enable_fp8_training)"
+_QARL = "QARL is not available (train.enable_qarl)"
+_QLORA = "QLoRA is not available (lora.enable_qlora)"
+_DISTILL = "distillation is not available (distill.enable_distillation)"
+_PARITY = "a kernel or rounding choice of xorl for bitwise parity with SGLang; the math is the same"
+_PROFILE = "xorl's step profiler settings; the trainer here does not profile (scripts/bench_train.py does)"
+_WANDB = "Weights & Biases is not available; metrics go to TensorBoard and the log"
+_TIMING = "xorl's per-phase step timers; scripts/bench_train.py times steps here"
+# xorl keys that change nothing here whatever their value (PyTorch kernels, memory and runtime knobs, features of
+# xorl's that are switched off): accepted, and one info line names those a config sets.
+NO_EFFECT_KEYS: dict[str, str] = {
+    "model.flash_attention_deterministic": "a FlashAttention flag; train.enable_full_determinism asks XLA for "
+                                           "deterministic GPU ops",
+    "model.moe_routing_weights_before_down": "where xorl's Triton experts round the routing weights to bf16",
+    "model.record_routing_weights": "PyTorch's recompute replay cache; XLA's rematerialisation recomputes the "
+                                    "routing exactly",
+    "model.deepep_buffer_size_gb": _DEEPEP,
+    "model.deepep_num_sms": _DEEPEP,
+    "model.deepep_async_combine": _DEEPEP,
+    "model.alltoall_combine_hidden_chunk_size": "memory chunking of xorl's expert combine; XLA plans the exchange",
+    "model.basic_modules": "FSDP wrapping units; sharding here follows the logical-axis rules (parallel/rules.py)",
+    "model.merge_qkv": "q, k and v (and gate, up) stay separate parameters here, as in the HF checkpoint",
+    "model.rmsnorm_mode": _PARITY,
+    "model.qwen35_rmsnorm_family": _PARITY,
+    "model.activation_native": _PARITY,
+    "model.rope_native": _PARITY,
+    "model.rope_class_b": _PARITY,
+    "model.attention_cast_bf16": _PARITY,
+    "model.sparse_mla_enabled": "GLM-5 only",
+    "model.sparse_mla_backend": "GLM-5 only",
+    "data.shuffle_before_merging_datasets": "the documents of all datasets are shuffled together every epoch "
+                                            "(data.shuffle)",
+    "data.hf_use_auth_token": "the datasets library reads the Hugging Face token from the environment",
+    "data.skip_prepare_dataset": "documents are tokenized when training starts, cached with dataset_prepared_path",
+    "data.is_preprocess": "there is no separate preprocessing command; data.dataset_prepared_path caches documents",
+    "data.num_dataset_shards_to_save": "the document cache is one file per dataset set",
+    "data.dataset_num_proc": "tokenization runs in the training process (batched)",
+    "data.sample_packing_group_size": "multipack packs the documents of a whole epoch at once",
+    "data.sample_packing_bin_size": "a packed row holds as many documents as fit",
+    "data.sample_packing_sequentially": "data.sample_packing_method picks the packing",
+    "data.sample_packing_mp_start_method": "packing runs in the training process",
+    "data.eval_sample_packing": "eval documents are always packed like the training ones",
+    "data.dataloader_pin_memory": "JAX copies host batches to the devices itself",
+    "data.fa_max_length_bucket": "a torch.compile recompilation guard; row shapes here are fixed",
+    "data.datasets[].ds_type": "the file format comes from the file names (.jsonl, .json, .parquet) or a saved "
+                               "HF dataset",
+    "data.datasets[].preprocess_shards": "memory chunking of xorl's preprocessing",
+    "train.no_decay_modules": "xorl's trainer does not pass it to its optimizer either (weight decay applies to "
+                              "every parameter there); here norms, biases and vectors never decay",
+    "train.no_decay_params": "xorl's trainer does not pass it to its optimizer either (weight decay applies to "
+                             "every parameter there); here norms, biases and vectors never decay",
+    "train.anyprecision_adamw_denominator_chunk_size": "a memory option of xorl's AnyPrecisionAdamW",
+    "train.anyprecision_adamw_reuse_grad_for_momentum": "a memory option of xorl's AnyPrecisionAdamW",
+    "train.anyprecision_adamw_state_cpu_offload": "a memory option of xorl's AnyPrecisionAdamW",
+    "train.muon_ns_algorithm": "Newton-Schulz runs as the standard iteration (Gram Newton-Schulz computes the same "
+                               "polynomial with other rounding)",
+    "train.muon_ns_use_quack_kernels": "Quack is a PyTorch kernel library; XLA compiles the iteration",
+    "train.muon_gram_ns_num_restarts": "Gram Newton-Schulz is not used",
+    "train.muon_gram_ns_restart_iterations": "Gram Newton-Schulz is not used",
+    "train.muon_grouped_gram_ns_fp32_byte_limit": "XLA plans the iteration's memory",
+    "train.muon_distributed_mode": "Newton-Schulz always sees the whole matrix of a sharded parameter (what xorl "
+                                   "calls full_gradient; its default shard_local orthogonalises each rank's shard)",
+    "train.auxiliary_loss_multiplier": "the z-loss (train.softmax_auxiliary_loss) is not available",
+    "train.ce_mode": "the loss is always a chunked float32 cross-entropy (train.ce_chunk_size)",
+    "train.ce_num_chunks": "the loss is chunked by train.ce_chunk_size tokens",
+    "train.defer_grad_sync_in_accumulation": "XLA schedules the gradient reduction of the accumulated step",
+    "train.qarl_quant_cfg": _QARL,
+    "train.qarl_calib_data": _QARL,
+    "train.qarl_calib_size": _QARL,
+    "train.qarl_quant_sequence_length": _QARL,
+    "train.qarl_sync_format": _QARL,
+    "train.qarl_target_modules": _QARL,
+    "train.qarl_exclude_modules": _QARL,
+    **{f"train.fp8_training_{n}": _FP8 for n in (
+        "num_first_layers_bf16", "num_last_layers_bf16", "allow_blackwell", "blackwell_validation_artifact",
+        "block_size", "backward", "smoothquant_alpha", "lm_head_smoothquant_alpha", "activation_amax_scale",
+        "weight_amax_scale", "correction_mode", "module_overrides", "moe_grouped_backend", "target_modules",
+        "exclude_modules", "allow_bf16_fallback")},
+    "train.glm52_fullparam_trainable_expert_layers": "GLM-5.2 only",
+    "train.glm52_fullparam_publish_dir": "GLM-5.2 only",
+    "train.enable_reentrant": "a PyTorch checkpointing variant; train.remat_policy decides what is recomputed",
+    "train.enable_forward_prefetch": "XLA schedules the parameter gathers",
+    "train.enable_backward_prefetch": "XLA schedules the parameter gathers",
+    "train.activation_gpu_limit": "activation offload is not available (train.enable_activation_offload)",
+    "train.activation_offload_prefetch_count": "activation offload is not available (train.enable_activation_offload)",
     "train.init_device": "the model is always built abstractly and each device materialises only its shard "
                          "(what meta-device init achieves in PyTorch)",
     "train.load_weights_mode": "the checkpoint reader decides how to read shards",
+    "train.high_precision_bf16": "a PyTorch matmul-precision switch for parity with xorl's server",
+    "train.allow_cuda_launch_blocking": "a PyTorch CUDA runtime guard",
+    "train.prewarm_cuda_blas": "a PyTorch CUDA runtime warm-up",
     "train.empty_cache_steps": "XLA manages device memory; there is no cache to empty",
-    "train.ce_mode": "the loss is always a chunked float32 cross-entropy (see train.ce_chunk_size)",
-    "train.pipeline_parallel_schedule": "pipeline parallelism is not supported",
-    "train.pipeline_parallel_virtual_stages": "pipeline parallelism is not supported",
-    "train.cp_fsdp_mode": "context parallelism is not supported",
-    "train.muon_lr": "muon is not supported",
-    "train.muon_momentum": "muon is not supported",
-    "train.muon_ns_steps": "muon is not supported",
-    "lora.quant_format": "QLoRA is not supported",
-    "lora.quant_group_size": "QLoRA is not supported",
+    "train.gc_steps": "Python garbage collection is left to Python",
+    "train.ep_intranode": "expert ranks are placed by the mesh (parallel/mesh.py)",
+    "train.ep_outside": "expert ranks are placed by the mesh (parallel/mesh.py)",
+    "train.lm_head_tensor_parallel_size": "the output head is sharded with the model and the loss is chunked",
+    "train.pipeline_parallel_schedule": _PP,
+    "train.pipeline_parallel_virtual_stages": _PP,
+    "train.pipeline_parallel_input_weight": _PP,
+    "train.pipeline_parallel_output_weight": _PP,
+    "train.pipeline_parallel_num_layers_in_first_stage": _PP,
+    "train.pipeline_parallel_num_layers_in_last_stage": _PP,
+    "train.pp_seq_len_bucket_size": _PP,
+    "train.pp_variable_seq_lengths": _PP,
+    "train.reshard_after_forward": "XLA gathers each layer's parameters where it uses them",
+    "train.cp_fsdp_mode": "context parallelism is not available yet (train.ulysses_parallel_size and "
+                          "train.ringattn_parallel_size must be 1)",
+    "train.fsdp_sharded_lm_head_loss": "the output head is sharded and the loss chunked (train.ce_chunk_size)",
+    "train.fsdp_sharded_lm_head_loss_num_chunks": "the output head is sharded and the loss chunked "
+                                                  "(train.ce_chunk_size)",
+    "train.enable_compile": "not needed: XLA compiles every step",
+    "train.compile_dynamic_shapes": "not needed: XLA compiles every step",
+    "train.log_format": "metrics are logged as key=value lines and to TensorBoard",
+    "train.enable_step_phase_timing": _TIMING,
+    "train.step_phase_timing_sync_cuda": _TIMING,
+    "train.enable_per_component_timing": _TIMING,
+    "train.enable_step_memory_profiling": _TIMING,
+    "train.wandb_project": _WANDB,
+    "train.wandb_name": _WANDB,
+    "train.wandb_tags": _WANDB,
+    "train.wandb_log_interval": _WANDB,
+    "train.repo_commit": "experiment metadata for Weights & Biases",
+    **{f"train.profile_{n}": _PROFILE for n in ("start_step", "end_step", "trace_dir", "record_shapes",
+                                                "profile_memory", "with_stack", "rank0_only")},
+    "lora.lora_b_init_seed": "LoRA B starts at zero (lora.lora_b_init_std 0)",
+    "lora.unfuse_for_lora": "q/k/v and gate/up are separate projections here; adapters attach to each",
+    "lora.quant_format": _QLORA,
+    "lora.quant_group_size": _QLORA,
+    "lora.exclude_modules": _QLORA,
+    "lora.qlora_exclude_modules": _QLORA,
+    "lora.reset_optimizer_on_merge": "LoRA merging is not available (lora.merge_lora_interval)",
+    "lora.aqn_alpha": "adaptive quantization noise is not available (lora.enable_aqn)",
+    "distill.teacher_model_path": _DISTILL,
+    "distill.distillation_loss_type": _DISTILL,
+    "distill.distillation_loss_weight": _DISTILL,
+    "distill.stream_num_workers": _DISTILL,
 }
 
-# xorl switches for features that do not exist here: false/0/None accepted silently, anything else is an error.
-UNSUPPORTED_SWITCHES: dict[str, str] = {
-    "train.enable_activation_offload": "activation offload is not supported; use train.remat_policy",
-    "train.enable_fp8_training": "FP8 training is not supported",
-    "train.enable_qarl": "QARL is not supported",
-    "train.softmax_auxiliary_loss": "not supported; the MoE aux loss follows HF's load_balancing_loss_func",
-    "train.moe_global_load_balancing": "not supported; the MoE aux loss follows HF's load_balancing_loss_func",
-    "lora.merge_lora_interval": "ReLoRA-style merging is not supported",
-    "lora.moe_hybrid_shared_lora": "hybrid shared LoRA is not supported",
-    "distill.enable_distillation": "distillation is not supported; remove the distill section",
+# xorl features that are not available here and whose absence changes memory, speed or bookkeeping, not what is
+# trained: key -> (accepted values, why). Another value gives one warning and the run goes on without the feature.
+NOT_AVAILABLE: dict[str, tuple[tuple, str]] = {
+    "data.push_dataset_to_hub": ((None, ""), "prepared data is never uploaded"),
+    "data.dataloader_drop_last": ((False, None), "the last incomplete batch of an epoch is completed with padding "
+                                                 "rows here, so every document is trained on"),
+    "train.fsdp_reduce_dtype": (("fp32", None), "gradients are reduced in float32 here"),
+    "train.moe_grad_reduce_mode": (("reduce_scatter", None), "expert gradients are reduced in float32 here"),
+    "train.enable_activation_offload": ((False, None), "activations stay on the devices; train.remat_policy trades "
+                                                       "memory for recomputation"),
+    "train.save_epochs": ((0, None), "checkpoints are saved every train.save_steps updates and at the end"),
+    "train.enable_profiling": ((False, None), _PROFILE),
 }
 
-_XORL_REMAT = {"recompute_full_layer": "full", "no_recompute": "none"}
-
-
-def _rename_remat(value):
-    if value in _XORL_REMAT:
-        return "train.remat_policy", _XORL_REMAT[value]
-    raise ConfigError(f"train.gradient_checkpointing_method {value!r} has no JAX equivalent; use train.remat_policy "
-                      f"(full|dots_saveable|dots_attention_saveable|dots_with_no_batch_dims_saveable|none)")
-
-
-def _rename_train_router(value):
-    if not isinstance(value, bool):
-        raise ConfigError(f"model.train_router must be a bool, got {value!r}")
-    return "model.freeze_router", not value
-
-
-def _reject_ce_num_chunks(value):
-    raise ConfigError("train.ce_num_chunks is not used; set train.ce_chunk_size (tokens per chunk) instead")
-
-
-# xorl names of fields that exist here under another name: key -> value -> (new key, new value).
-RENAMED_KEYS: dict[str, tuple[str, Callable[[Any], tuple[str, Any]]]] = {
-    "train.gradient_checkpointing_method": ("recompute_full_layer -> remat_policy full, no_recompute -> none",
-                                            _rename_remat),
-    "model.train_router": ("model.freeze_router = not train_router", _rename_train_router),
-    "train.ce_num_chunks": ("rejected: use train.ce_chunk_size", _reject_ce_num_chunks),
+# xorl features whose absence would change what is trained: key -> (accepted values, why); another value is an error.
+UNSUPPORTED_SWITCHES: dict[str, tuple[tuple, str]] = {
+    "model.foundation": ((None, {}), "extra model config is not supported; edit the checkpoint's config.json"),
+    "model.encoders": ((None, {}), "multimodal encoders are not supported (text models only)"),
+    "data.dataset_shard_num": ((None,), "training on a shard of the data is not supported; select files with "
+                                        "data.datasets[].data_files"),
+    "data.dataset_shard_idx": ((None,), "training on a shard of the data is not supported; select files with "
+                                        "data.datasets[].data_files"),
+    "data.val_set_size": ((None, 0), "a validation split carved out of the training data is not supported; give "
+                                     "data.eval_datasets"),
+    "data.datasets[].trust_remote_code": ((None, False), "remote dataset code is never run"),
+    "data.datasets[].shards": ((None,), "training on a shard of a dataset is not supported; select files with "
+                                        "data_files"),
+    "data.datasets[].shards_idx": ((None,), "training on a shard of a dataset is not supported; select files with "
+                                            "data_files"),
+    "data.datasets[].activations_path": ((None,), "distillation is not supported"),
+    "train.lr_start": ((0, None), "warmup starts from a learning rate of 0 here"),
+    "train.cautious_weight_decay": ((False, None), "cautious weight decay is not supported"),
+    "train.softmax_auxiliary_loss": ((False, None), "the z-loss is not supported"),
+    "train.moe_global_load_balancing": ((False, None), "the load-balancing loss is computed per micro-batch (HF's "
+                                                       "load_balancing_loss_func)"),
+    "train.fp8_cfg": ((None, {}), "FP8 training is not supported"),
+    "train.enable_fp8_training": ((False, None), "FP8 training is not supported"),
+    "train.enable_qarl": ((False, None), "QARL is not supported"),
+    "train.glm52_fullparam_fp8_training": ((False, None), "GLM-5.2 FP8 training is not supported"),
+    "train.load_optimizer": ((True, None), "a resume always restores the optimizer state here"),
+    "lora.lora_b_init_std": ((0, None), "LoRA B starts at zero here"),
+    "lora.lora_target_manifest": ((None,), "give lora.lora_target_modules"),
+    "lora.block_fp8_qlora_training": ((False, None), "QLoRA is not supported"),
+    "lora.merge_lora_interval": ((0, None), "ReLoRA-style merging is not supported"),
+    "lora.enable_aqn": ((False, None), "adaptive quantization noise is not supported"),
+    "lora.moe_hybrid_shared_lora": ((False, None), "hybrid shared LoRA is not supported"),
+    "distill.enable_distillation": ((False, None), "distillation is not supported; remove the distill section"),
 }
+
+# Recompute strategies of xorl (and the legacy alias moe_act) as the remat policies here: remat decides what is
+# recomputed in the backward pass, never the result.
+_XORL_REMAT = {"recompute_full_layer": "full", "recompute_before_dispatch": "dots_attention_saveable",
+               "moe_act": "dots_attention_saveable", "no_recompute": "none"}
+
+
+def _rename_remat(key):
+    def rename(value):
+        if value not in _XORL_REMAT:
+            raise ConfigError(f"{key} {value!r} is not one of xorl's ({'|'.join(_XORL_REMAT)}); or set "
+                              f"train.remat_policy")
+        return [("train.remat_policy", _XORL_REMAT[value])]
+    return rename
+
+
+def _rename_adam_betas(value):
+    if not (isinstance(value, (list, tuple)) and len(value) == 2):
+        raise ConfigError(f"train.adam_betas must be a list of two numbers [beta1, beta2], got {value!r}")
+    return [("train.adam_beta1", value[0]), ("train.adam_beta2", value[1])]
+
+
+# xorl keys of fields that exist here under another name or section: key -> (what it becomes, value -> [(key here,
+# value)]).
+RENAMED_KEYS: dict[str, tuple[str, Callable[[Any], list[tuple[str, Any]]]]] = {
+    "data.test_datasets": ("data.eval_datasets", lambda v: [("data.eval_datasets", v)]),
+    "data.shuffle_merged_datasets": ("data.shuffle", lambda v: [("data.shuffle", v)]),
+    "train.gradient_checkpointing_method": (
+        "train.remat_policy: " + ", ".join(f"{k} -> {v}" for k, v in _XORL_REMAT.items() if k != "moe_act"),
+        _rename_remat("train.gradient_checkpointing_method")),
+    "train.moe_checkpoint_method": ("train.remat_policy: moe_act -> dots_attention_saveable",
+                                    _rename_remat("train.moe_checkpoint_method")),
+    "train.skip_param_upcast": ("true: model.param_dtype bfloat16 (bf16 weights, updated with stochastic rounding)",
+                                lambda v: [("model.param_dtype", "bfloat16")] if v else []),
+    "train.adam_betas": ("train.adam_beta1, train.adam_beta2 (server format)", _rename_adam_betas),
+    "train.adam_eps": ("train.adam_epsilon (server format)",
+                       lambda v: [] if v is None else [("train.adam_epsilon", v)]),
+}
+
+# What the keys only xorl's training server reads are for. A flat (server format) config, or a `server` section,
+# keeps them in Config.server for the server mode; `python -m xorl_jax.train` names them once and ignores them.
+SERVER_KEYS: dict[str, str] = {
+    "model_name": "model identifier the server reports and checks",
+    "r3_payload_transport": "how routing-replay payloads reach the trainer",
+    "r3_payload_dir": "routing-replay payload directory",
+    "r3_payload_keep": "keep routing-replay payloads",
+    "r3_payload_namespace_prefix": "routing-replay payload namespace",
+    "storage_limit": "disk budget of saved sessions",
+    "idle_session_timeout": "seconds before an idle session is unloaded",
+    "log_level": "server log level",
+    "enable_self_test": "run a self-test after loading the model",
+    "skip_initial_checkpoint": "do not save a checkpoint at start-up",
+    "log_gradient_norms": "log per-layer-type gradient norms",
+    "log_router_stats": "log MoE router statistics",
+    "worker_bind_host": "worker socket host",
+    "worker_bind_port": "worker socket port",
+    "engine_connect_host": "host the API server connects to",
+    "worker_bind_address": "worker socket address",
+    "worker_connection_timeout": "seconds to wait for workers",
+    "worker_max_retries": "retries of failed worker operations",
+    "enable_packing": "pack request datums into rows",
+    "sample_packing_strategy": "how request datums are packed",
+    "sample_packing_on_oversized": "what to do with a datum longer than a row",
+    "max_lora_rank": "largest adapter rank a session may create",
+    "adapter_gradient_ownership_bucket_bytes": "adapter gradient bucket size",
+    "lora_export_format": "adapter export layout",
+    "adapter_state_load_mode": "how adapter state is loaded",
+    "sync_inference_method": "how weights reach the inference engine",
+    "receiver_kv_cache_dtype": "KV-cache dtype expected of the inference engine",
+}
+
+# Defaults of xorl's training server that differ from its local trainer's; a flat config that omits the key gets
+# the server's (as xorl's server would). data_parallel_shard_size and _replicate_size both 1 (the server's
+# defaults) mean all devices there.
+SERVER_DEFAULTS: dict[str, Any] = {"model.freeze_router": True, "lora.lora_rank": 32, "train.lr": 1e-5,
+                                   "train.weight_decay": 0.01}
+
+
+# Fields here with a note for xorl users (a default that is not xorl's, or more than xorl offers): key -> note.
+XORL_FIELD_NOTES: dict[str, str] = {
+    "model.train_router": "false (xorl's default) detaches the routing weights before the experts: the router "
+                          "learns from the load-balancing loss only",
+    "data.sample_packing_sequence_len": "documents are packed into this many tokens; the row is padded to a "
+                                        "multiple of pad_to_multiple_of, as in xorl",
+    "data.datasets[].type": "xorl reads `tokenized` rows only; `messages` and `text` are offered here too",
+    "data.datasets[].name": "the HF dataset configuration, as xorl passes it to `datasets.load_dataset`",
+    "data.datasets[].max_seq_len": "longer documents are dropped, as in xorl (data.long_sequence_policy `drop`, "
+                                   "the default; `truncate` and `split` are offered here too)",
+    "data.datasets[].num_samples": "the number of `dummy` documents (xorl: 4096 identical documents of max_seq_len "
+                                   "tokens; here random ones, 1024 by default)",
+    "model.attn_implementation": "xorl's null (FlashAttention 3, or 4 on its server) is `auto` here",
+    "model.moe_implementation": "xorl's null is `auto` here",
+    "model.router_fp32": "xorl's null means true, the default here",
+    "model.lm_head_fp32": "xorl's null means true, the default here",
+    "model.freeze_router": "the server format's default is true (applied to flat configs that omit it)",
+    "data.dataset_prepared_path": "xorl: `last_prepared_dataset`; here null: documents are cached only where you say",
+    "data.dataloader_num_workers": "xorl: 8 worker processes; here 0: batches are packed in the main thread between "
+                                   "steps (> 0: one background thread packs ahead)",
+    "data.dataloader_prefetch_factor": "xorl: 2; here null, which means 2",
+    "data.datasets[].split": "xorl: null (the split named like the run's, train); here `train`",
+    "train.output_dir": "xorl requires it; here `outputs`",
+    "train.optimizer_dtype": "xorl: `bf16`, which its adamw ignores (torch's AdamW keeps float32 moments) and its "
+                             "muon and anyprecision_adamw use; read the same way here: float32 for adamw and sgd, "
+                             "bfloat16 for muon and anyprecision_adamw unless the config sets it",
+    "train.data_parallel_replicate_size": "xorl: -1, which with data_parallel_shard_size -1 means one replica; here 1",
+    "train.data_parallel_shard_size": "the server format's 1 together with data_parallel_replicate_size 1 means all "
+                                      "devices (read as -1 in flat configs)",
+    "train.lr": "the server format's default is 1e-5 (applied to flat configs that omit it)",
+    "train.weight_decay": "the server format's default is 0.01 (applied to flat configs that omit it); here norms, "
+                          "biases and vectors never decay, in xorl every parameter does",
+    "train.ckpt_manager": "xorl: `dcp`; here `orbax` (xorl's `dcp` and `torch` are read as orbax)",
+    "train.save_async": "xorl: false; here true (the same checkpoint, written in the background)",
+    "train.use_wandb": "xorl: true; Weights & Biases is not available here (true: one warning; metrics go to "
+                       "TensorBoard)",
+    "lora.lora_rank": "the server format's default is 32 (applied to flat configs that omit it)",
+    "lora.lora_target_modules": "xorl's null is the architecture's list (Qwen3.5 adds its `g_proj`); here the list "
+                                "in docs/CONFIG.md",
+    "lora.save_lora_only": "xorl: false, but its trainer does not read it: a LoRA run always exports a PEFT adapter "
+                           "there; true here does the same (false exports merged full weights)",
+    "lora.enable_qlora": "must stay false: QLoRA is not supported yet",
+    "data.datasets[].path": "a local file or directory, a HF dataset saved to disk, a HF hub id or `dummy`; remote "
+                            "filesystems (s3://, gs://, https://) are not read here",
+    "train.max_grad_norm": "a value <= 0 means no clipping, as in xorl",
+    "train.ulysses_parallel_size": "must be 1 for now (context parallelism is not supported yet)",
+    "train.ringattn_parallel_size": "must be 1 for now (context parallelism is not supported yet)",
+    "train.pipeline_parallel_size": "must be 1 for now (pipeline parallelism is not supported yet)",
+    "train.load_checkpoint_path": "xorl: null, a fresh start unless a path (or `auto`) is given; here "
+                                  f"`{TrainConfig.load_checkpoint_path}`"
+                                  + (": a run resumes from the newest checkpoint in output_dir, if any (how to "
+                                     "start fresh: docs/CHECKPOINTS.md)" if TrainConfig.load_checkpoint_path == "auto"
+                                     else ""),
+}
+
+
+def _xorl_section_of(name: str) -> str | None:
+    for section, names in XORL_KEYS.items():
+        if name in names and section != "data.datasets[]":
+            return section
+    return None
+
 
 # ------------------------------------------------------------------------------------------------- types
 _FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^[-+]?(inf|nan)$", re.IGNORECASE)
@@ -328,7 +761,7 @@ def _type_name(tp) -> str:
         return "null"
     if typing.get_origin(tp) is list:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
-    if dataclasses.is_dataclass(tp):
+    if dataclasses.is_dataclass(tp) or typing.get_origin(tp) is dict:
         return "mapping"
     return tp.__name__
 
@@ -362,6 +795,9 @@ def _coerce(value, tp, key: str):
     elif tp is str:
         if isinstance(value, str):
             return value
+    elif typing.get_origin(tp) is dict:  # free-form mappings (template variables): string keys, YAML values
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return dict(value)
     elif typing.get_origin(tp) is list:
         if isinstance(value, (list, tuple)):
             (item_tp,) = typing.get_args(tp)
@@ -400,24 +836,172 @@ def _field_names(section: str) -> list[str]:
     return list(_hints(cls)) if cls else []
 
 
-def _translate_xorl(section: str, raw: dict) -> dict:
-    """Drop ignored xorl keys (with a warning), apply renames, reject unsupported switches."""
+def _xorl_key(key: str, shown: str, value, no_effect: list[str]) -> list[tuple[str, Any]] | None:
+    """How one xorl key arrives here: [(key here, value), ...] to set ([] = dropped), or None = keep it as it is.
+    `key` is the table key (data.datasets[].x for dataset entries), `shown` the key as the config spells it."""
+    if value is None and key in NULL_IS_DEFAULT:
+        return []
+    if key in NO_EFFECT_KEYS:
+        no_effect.append(shown)
+        return []
+    if key in NOT_AVAILABLE:
+        accepted, why = NOT_AVAILABLE[key]
+        if value not in accepted:
+            log.warning("config: %s: %r is not available here: %s", shown, value, why)
+        return []
+    if key in UNSUPPORTED_SWITCHES:
+        accepted, why = UNSUPPORTED_SWITCHES[key]
+        if value not in accepted:
+            raise ConfigError(f"{shown}: {value!r}: {why}")
+        return []
+    if key in RENAMED_KEYS:
+        moved = RENAMED_KEYS[key][1](value)
+        log.info("config: %s %r -> %s", shown, value, ", ".join(f"{k} {v!r}" for k, v in moved) or "nothing")
+        return moved
+    mapped = XORL_VALUES.get(key, {})
+    if isinstance(value, str) and value in mapped and key != "train.optimizer_dtype":
+        new, why = mapped[value]
+        log.info("config: %s %r -> %s (%s)", shown, value, new, why)
+        return [(key, new)]
+    return None
+
+
+def _translate_dataset(entry, prefix: str, no_effect: list[str]):
+    if not isinstance(entry, dict):
+        return entry  # _build says what is wrong
     out = {}
-    for name, value in raw.items():
-        key = f"{section}.{name}"
-        if key in IGNORED_KEYS:
-            log.warning("config: %s is ignored: %s", key, IGNORED_KEYS[key])
-        elif key in UNSUPPORTED_SWITCHES:
-            if value not in (None, False, 0):
-                raise ConfigError(f"{key}: {value!r}: {UNSUPPORTED_SWITCHES[key]}")
-        elif key in RENAMED_KEYS:
-            new_key, new_value = RENAMED_KEYS[key][1](value)
-            new_name = new_key.split(".", 1)[1]
-            if new_name in raw and raw[new_name] != new_value:
-                raise ConfigError(f"{key} ({value!r}) and {new_key} ({raw[new_name]!r}) disagree; keep only {new_key}")
-            out[new_name] = new_value
-        else:
+    for name, value in entry.items():
+        done = _xorl_key(f"data.datasets[].{name}", f"{prefix}.{name}", value, no_effect)
+        if done is None:
             out[name] = value
+    return out
+
+
+def _xorl_train_values(train: dict):
+    """optimizer_dtype as xorl reads it (its bf16 default and spelling only concern muon and anyprecision_adamw;
+    torch's AdamW keeps float32 moments) and max_grad_norm <= 0 (no clipping)."""
+    optimizer = train.get("optimizer", "adamw")
+    low_precision_state = optimizer in ("muon", "anyprecision_adamw")
+    value = train.get("optimizer_dtype")
+    if value == "fp32":
+        train["optimizer_dtype"] = "float32"
+        log.info("config: train.optimizer_dtype 'fp32' -> float32 (xorl's spelling)")
+    elif value == "bf16":
+        train["optimizer_dtype"] = "bfloat16" if low_precision_state else "float32"
+        if not low_precision_state:
+            log.info("config: train.optimizer_dtype 'bf16' -> float32 (in xorl it sets the state of muon and "
+                     "anyprecision_adamw; %s keeps float32 moments there)", optimizer)
+    elif "optimizer_dtype" not in train and low_precision_state:
+        train["optimizer_dtype"] = "bfloat16"
+        log.info("config: train.optimizer_dtype -> bfloat16 (xorl's default for %s's state)", optimizer)
+    norm = train.get("max_grad_norm")
+    if isinstance(norm, (int, float)) and not isinstance(norm, bool) and norm < 0:
+        log.info("config: train.max_grad_norm %s -> 0 (no clipping, as xorl reads a value <= 0)", norm)
+        train["max_grad_norm"] = 0.0
+
+
+def _check_section(section, value):
+    if section not in SECTIONS and section not in ("distill", "server"):
+        close = difflib.get_close_matches(str(section), [*SECTIONS, "server"], n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; the sections are {', '.join(SECTIONS)}"
+        raise ConfigError(f"unknown section '{section}'{hint}")
+    if value is not None and not isinstance(value, dict):
+        raise ConfigError(f"section '{section}' must be a mapping of keys to values, got {value!r}")
+    return value or {}
+
+
+def _server_section(values: dict) -> dict:
+    for name in values:
+        if name not in SERVER_KEYS:
+            close = difflib.get_close_matches(str(name), list(SERVER_KEYS), n=1, cutoff=0.6)
+            hint = f"; did you mean 'server.{close[0]}'?" if close else "; see docs/MIGRATING_FROM_XORL.md"
+            raise ConfigError(f"unknown key 'server.{name}'{hint}")
+    return dict(values)
+
+
+def _translate_xorl(raw: dict) -> dict:
+    """Sections of a config (xorl's keys or ours) as the dataclasses here read them: xorl's PyTorch values mapped
+    (an info line each), keys with no effect dropped (one info line), features that are not available warned about
+    or refused, renamed keys moved. Our own keys pass through unchanged."""
+    out: dict[str, dict] = {}
+    moved: list[tuple[str, Any, str, Any]] = []  # (xorl key, its value, key here, value)
+    no_effect: list[str] = []
+    for section, values in raw.items():
+        values = _check_section(section, values)
+        if section == "server":
+            out["server"] = _server_section(values)
+            continue
+        kept = out.setdefault(section, {}) if section != "distill" else {}
+        for name, value in values.items():
+            key = f"{section}.{name}"
+            if section == "distill" and name not in XORL_KEYS["distill"]:
+                raise ConfigError(f"unknown key '{key}'; the distill section takes xorl's keys "
+                                  f"({', '.join(XORL_KEYS['distill'])})")
+            if section == "data" and name in ("datasets", "eval_datasets", "test_datasets") \
+                    and isinstance(value, list):
+                value = [_translate_dataset(entry, f"data.{name}[{i}]", no_effect) for i, entry in enumerate(value)]
+            done = _xorl_key(key, key, value, no_effect)
+            if done is None:
+                kept[name] = value
+            else:
+                moved += [(key, value, new_key, new_value) for new_key, new_value in done]
+    for source, source_value, target, value in moved:
+        section, name = target.split(".", 1)
+        target_values = out.setdefault(section, {})
+        if name in target_values and target_values[name] != value:
+            raise ConfigError(f"{source} ({source_value!r}) and {target} ({target_values[name]!r}) disagree; keep "
+                              f"only {target}")
+        target_values[name] = value
+    _xorl_train_values(out.setdefault("train", {}))
+    if no_effect:
+        log.info("config: no effect here (xorl's PyTorch, runtime and switched-off options; "
+                 "docs/MIGRATING_FROM_XORL.md says why): %s", ", ".join(no_effect))
+    return out
+
+
+def _flat_section(name: str) -> str | None:
+    """The section of a key of a flat (xorl server format) config: xorl's, else the one field here of that name."""
+    section = _xorl_section_of(name)
+    if section is not None:
+        return section
+    owners = [s for s, cls in SECTIONS.items() if name in _hints(cls)]
+    return owners[0] if len(owners) == 1 else None
+
+
+def _sectioned(raw: dict) -> dict:
+    """A flat (xorl server format: the same keys, no sections) config as sections, with the server's defaults where
+    it omits them; a sectioned config as it is."""
+    named = set(SECTIONS) | {"distill", "server"}
+    outside = [k for k in raw if k not in named]
+    if not outside:
+        return raw
+    for k in outside:
+        if isinstance(raw[k], dict) and _flat_section(str(k)) is None:
+            _check_section(k, raw[k])  # a misspelt section: says so, with the nearest
+    if len(outside) < len(raw):
+        k = outside[0]
+        where = f"in section '{_flat_section(str(k))}'" if _flat_section(str(k)) else "in its section"
+        raise ConfigError(f"'{k}' is a top-level key in a config with sections; put it {where} (or write every key "
+                          f"flat, as xorl's server format does)")
+    out: dict[str, dict] = {}
+    for name, value in raw.items():
+        section = _flat_section(str(name))
+        if section is None:
+            names = [n for s, ns in XORL_KEYS.items() if s != "data.datasets[]" for n in ns]
+            names += [n for cls in SECTIONS.values() for n in _hints(cls)]
+            close = difflib.get_close_matches(str(name), names, n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else "; see docs/MIGRATING_FROM_XORL.md"
+            raise ConfigError(f"unknown key '{name}' in a flat (xorl server format) config{hint}")
+        out.setdefault(section, {})[name] = value
+    for key, value in SERVER_DEFAULTS.items():
+        section, name = key.split(".", 1)
+        out.setdefault(section, {}).setdefault(name, value)
+    train = out.setdefault("train", {})
+    if train.get("data_parallel_shard_size", 1) == 1 and train.get("data_parallel_replicate_size", 1) == 1:
+        train["data_parallel_shard_size"], train["data_parallel_replicate_size"] = -1, 1
+    log.info("config: a flat config (xorl's server format) read into sections; where it omits them, the server's "
+             "defaults apply: %s, and data-parallel sizes 1 x 1 mean all devices",
+             ", ".join(f"{k} {v}" for k, v in SERVER_DEFAULTS.items()))
     return out
 
 
@@ -476,12 +1060,13 @@ def validate(cfg: Config) -> Config:
             _need(ds.max_seq_len is None or ds.max_seq_len > 0, f"{key}.max_seq_len must be > 0, got {ds.max_seq_len}")
             _need(ds.weight is None or (math.isfinite(ds.weight) and ds.weight > 0),
                   f"{key}.weight must be > 0, got {ds.weight}")
+            _check_chat_options(ds, key)
     _need(d.sample_packing_sequence_len > 0,
           f"data.sample_packing_sequence_len must be > 0, got {d.sample_packing_sequence_len}")
     _need(d.pad_to_multiple_of >= 1, f"data.pad_to_multiple_of must be >= 1, got {d.pad_to_multiple_of}")
-    _need(d.sample_packing_sequence_len % d.pad_to_multiple_of == 0,
-          f"data.sample_packing_sequence_len ({d.sample_packing_sequence_len}) must be a multiple of "
-          f"data.pad_to_multiple_of ({d.pad_to_multiple_of})")
+    for i, ds in enumerate(d.datasets):
+        _need(ds.num_samples is None or ds.num_samples >= 1,
+              f"data.datasets[{i}].num_samples must be >= 1, got {ds.num_samples}")
     _need(d.dataloader_num_workers >= 0, f"data.dataloader_num_workers must be >= 0, got {d.dataloader_num_workers}")
     _need(d.dataloader_prefetch_factor is None or d.dataloader_prefetch_factor >= 1,
           f"data.dataloader_prefetch_factor must be >= 1, got {d.dataloader_prefetch_factor}")
@@ -489,8 +1074,8 @@ def validate(cfg: Config) -> Config:
     # parallelism
     for name in ("ulysses_parallel_size", "ringattn_parallel_size", "pipeline_parallel_size"):
         value = getattr(t, name)
-        _need(value == 1, f"train.{name}={value} is not supported yet; set it to 1 (use data, expert or tensor "
-                          f"parallelism)")
+        _need(value == 1, f"train.{name}={value}: context and pipeline parallelism are not supported yet; set it "
+                          f"to 1 (and give its devices to data, expert or tensor parallelism)")
     for name in ("data_parallel_shard_size", "data_parallel_replicate_size", "tensor_parallel_size"):
         value = getattr(t, name)
         _need(value == -1 or value >= 1, f"train.{name} must be -1 (fill) or >= 1, got {value}")
@@ -532,8 +1117,16 @@ def validate(cfg: Config) -> Config:
     _need(0 <= t.adam_beta2 < 1, f"train.adam_beta2 must be in [0, 1), got {t.adam_beta2}")
     _need(t.adam_epsilon > 0, f"train.adam_epsilon must be > 0, got {t.adam_epsilon}")
     _need(t.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0 (0 = no clipping), got {t.max_grad_norm}")
+    if t.optimizer == "muon":
+        _need(math.isfinite(t.muon_lr) and t.muon_lr > 0, f"train.muon_lr must be > 0, got {t.muon_lr}")
+        _need(0 <= t.muon_momentum < 1, f"train.muon_momentum must be in [0, 1), got {t.muon_momentum}")
+        _need(1 <= t.muon_ns_steps < 100, f"train.muon_ns_steps must be in [1, 99], got {t.muon_ns_steps}")
+        _need(t.muon_adjust_lr_fn in (None, "original", "match_rms_adamw"),
+              f"train.muon_adjust_lr_fn must be original, match_rms_adamw or null, got {t.muon_adjust_lr_fn!r}")
 
     # numerics, checkpoints, logging
+    _need(cfg.model.scan_layers in (True, False, "auto"),
+          f"model.scan_layers must be true, false or auto, got {cfg.model.scan_layers!r}")
     _need(t.ce_chunk_size >= 1, f"train.ce_chunk_size must be >= 1, got {t.ce_chunk_size}")
     _need(t.router_aux_loss_coef is None or t.router_aux_loss_coef >= 0,
           f"train.router_aux_loss_coef must be >= 0 (or null = the checkpoint's), got {t.router_aux_loss_coef}")
@@ -545,8 +1138,6 @@ def validate(cfg: Config) -> Config:
     _need(t.log_steps >= 1, f"train.log_steps must be >= 1, got {t.log_steps}")
     _need(t.sample_eval_prompts >= 0, f"train.sample_eval_prompts must be >= 0, got {t.sample_eval_prompts}")
     _need(bool(t.output_dir), "train.output_dir is empty; give a directory for checkpoints and metrics")
-    _need(not t.use_wandb, "train.use_wandb: Weights & Biases is not available; set it false and use "
-                           "train.use_tensorboard")
 
     # LoRA
     _need(not lo.enable_qlora, "lora.enable_qlora: QLoRA is not supported yet; set it false (plain LoRA works)")
@@ -566,38 +1157,32 @@ def validate(cfg: Config) -> Config:
 
 # ------------------------------------------------------------------------------------------------ loading
 def config_from_dict(raw: dict | None, overrides: list[str] | tuple = ()) -> Config:
-    """Config from plain data (a parsed YAML file or `config_to_dict` output) plus CLI-style overrides."""
+    """Config from plain data (a parsed YAML file, sectioned or xorl's flat server format, or `config_to_dict`
+    output) plus CLI-style overrides."""
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError(f"a config must be a mapping with sections {', '.join(SECTIONS)}, got {type(raw).__name__}")
-    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in _sectioned(raw).items()}
     for section, name, value in _parse_overrides(overrides):
         current = raw.setdefault(section, {})
+        if current is None:
+            current = raw[section] = {}
         if not isinstance(current, dict):
             raise ConfigError(f"section '{section}' must be a mapping of keys to values, got {current!r}")
         current[name] = value
-    sections = {}
-    for section, value in raw.items():
-        if section == "distill":  # xorl's distillation section: accepted only when it switches nothing on
-            if value is not None and not isinstance(value, dict):
-                raise ConfigError(f"section 'distill' must be a mapping of keys to values, got {value!r}")
-            for name, switch in (value or {}).items():
-                if name != "enable_distillation" and switch not in (None, False, 0, ""):
-                    log.warning("config: distill.%s is ignored: distillation is not supported", name)
-            _translate_xorl("distill", {"enable_distillation": (value or {}).get("enable_distillation")})
-            continue
-        if section not in SECTIONS:
-            close = difflib.get_close_matches(str(section), list(SECTIONS), n=1, cutoff=0.6)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; the sections are {', '.join(SECTIONS)}"
-            raise ConfigError(f"unknown section '{section}'{hint}")
-        if value is None:
-            value = {}
-        if not isinstance(value, dict):
-            raise ConfigError(f"section '{section}' must be a mapping of keys to values, got {value!r}")
-        sections[section] = _build(SECTIONS[section], _translate_xorl(section, value), section)
-    cfg = Config(**sections)
-    _warn_no_effect(cfg)
+    raw = _translate_xorl(raw)
+    server = raw.pop("server", {})
+    cfg = Config(**{section: _build(SECTIONS[section], values, section) for section, values in raw.items()},
+                 server=server)
+    if cfg.server:
+        log.info("config: kept for the server mode, not used by training: %s", ", ".join(sorted(cfg.server)))
+    m = cfg.model
+    if cfg.train.init_from == "auto" and not m.model_path and m.config_path:
+        log.info("config: no model.model_path: random initialisation from %s (train.init_from scratch), as xorl "
+                 "does", m.config_path)
+        cfg.train.init_from = "scratch"
     validate(cfg)
+    _warn_no_effect(cfg)
     _apply_data_parallel_mode(cfg.train)
     return cfg
 
@@ -605,6 +1190,15 @@ def config_from_dict(raw: dict | None, overrides: list[str] | tuple = ()) -> Con
 def _warn_no_effect(cfg: Config):
     if not cfg.train.enable_full_shard:
         log.warning("config: train.enable_full_shard false has no effect: parameters stay sharded between uses")
+    d = cfg.data
+    if d.sample_packing_sequence_len % d.pad_to_multiple_of:
+        log.info("config: data.sample_packing_sequence_len %d is not a multiple of data.pad_to_multiple_of %d: "
+                 "documents are packed into %d tokens and each row is padded to %d, as xorl pads packed rows",
+                 d.sample_packing_sequence_len, d.pad_to_multiple_of, d.sample_packing_sequence_len,
+                 -(-d.sample_packing_sequence_len // d.pad_to_multiple_of) * d.pad_to_multiple_of)
+    if cfg.train.use_wandb:
+        log.warning("config: train.use_wandb: Weights & Biases is not available here; metrics go to the log and "
+                    "TensorBoard (train.use_tensorboard)")
 
 
 def load_config(path: str | None, overrides: list[str] | tuple = ()) -> Config:
@@ -671,8 +1265,9 @@ def _parse_overrides(overrides) -> list[tuple[str, str, Any]]:
     return out
 
 
-def parse_cli(argv: list[str]) -> Config:
-    """`--config FILE` (or `--config=FILE`) plus overrides, checked for a runnable training job."""
+def parse_cli(argv: list[str], *, need_data: bool = True) -> Config:
+    """`--config FILE` (or `--config=FILE`) plus overrides, checked for a runnable training job (`need_data` false:
+    one that needs no data, such as the dry run)."""
     argv = list(argv)
     path = None
     rest = []
@@ -694,12 +1289,12 @@ def parse_cli(argv: list[str]) -> Config:
     if path is None and not rest:
         raise ConfigError("no config given; usage: python -m xorl_jax.train --config FILE [--section.key=value ...]")
     cfg = load_config(path, rest)
-    check_runnable(cfg)
+    check_runnable(cfg, need_data=need_data)
     return cfg
 
 
-def check_runnable(cfg: Config) -> Config:
-    """What a training run needs beyond a valid config: weights or an architecture, and data."""
+def check_runnable(cfg: Config, *, need_data: bool = True) -> Config:
+    """What a training run needs beyond a valid config: weights or an architecture, and data (`need_data`)."""
     m, t = cfg.model, cfg.train
     if t.init_from == "scratch":
         _need(bool(m.model_path or m.config_path),
@@ -707,7 +1302,7 @@ def check_runnable(cfg: Config) -> Config:
     else:
         _need(bool(m.model_path), "model.model_path is not set; give a HF or Orbax checkpoint directory "
                                   "(or --model.model_path=DIR)")
-    _need(bool(cfg.data.datasets), "data.datasets is empty; add at least one {path, type} entry")
+    _need(bool(cfg.data.datasets) or not need_data, "data.datasets is empty; add at least one {path, type} entry")
     return cfg
 
 
@@ -759,6 +1354,16 @@ def render_config_reference() -> str:
         if section == "data":
             out += ["### Entries of `data.datasets` and `data.eval_datasets`", "", *_table(DatasetConfig), ""]
     out += [
+        "## Defaults",
+        "",
+        "Omitted keys take xorl's defaults, so a xorl YAML trains here as it trains in xorl: among them",
+        "`train.lr` 5e-5, `train.lr_min` 1e-7, `train.lr_warmup_ratio` 0, `train.lr_decay_style` constant,",
+        "`train.save_hf_weights` true, `data.sample_packing_sequence_len` 32000, `data.pad_to_multiple_of` 128,",
+        "`data.long_sequence_policy` drop (xorl drops documents longer than `max_seq_len`) and",
+        "`model.train_router` false. Where a default here is not xorl's, it is for a reason given in",
+        "[MIGRATING_FROM_XORL.md](MIGRATING_FROM_XORL.md), which lists every xorl key; the one that matters most:",
+        f"`train.load_checkpoint_path` is `{TrainConfig.load_checkpoint_path}` here (xorl: null, a fresh start).",
+        "",
         "## Parallelism",
         "",
         "The devices form a mesh with axes `data`, `fsdp`, `expert` and `tensor`, sized as in xorl:",
@@ -778,24 +1383,71 @@ def render_config_reference() -> str:
         "",
         "## Coming from xorl",
         "",
-        "Values that name PyTorch machinery are rejected with what to use instead:",
-        "",
-        "| key | value | use instead |",
-        "|---|---|---|",
+        "A xorl YAML runs as it is, sectioned (xorl's local trainer) or flat (xorl's training server: the same",
+        "keys, no sections; the server-only keys are kept in `Config.server` for the server mode). Values that",
+        "name PyTorch machinery map to the equivalent here with an info line (`flash_attention_3` -> `auto`,",
+        "`quack` -> `triton`, `deepep` -> `alltoall`, `dcp` -> `orbax`, ...); keys with no effect here are",
+        "named in one info line; a feature that is not available gives a warning (or an error where it would",
+        "change what is trained). Every xorl key and what it does here: [MIGRATING_FROM_XORL.md](MIGRATING_FROM_XORL.md).",
     ]
-    for key, values in PYTORCH_VALUES.items():
-        for value, why in values.items():
-            out.append(f"| `{key}` | `{value}` | {why} |")
-    out += ["", "xorl keys accepted and ignored (a warning says why):", "", "| key | why |", "|---|---|"]
-    out += [f"| `{k}` | {why} |" for k, why in IGNORED_KEYS.items()]
-    out += ["", "xorl switches for features that do not exist here (false/0/null accepted, anything else is an",
-            "error; a `distill` section is accepted only with `enable_distillation` false):", "",
-            "| key | why |", "|---|---|"]
-    out += [f"| `{k}` | {why} |" for k, why in UNSUPPORTED_SWITCHES.items()]
-    out += ["", "xorl keys translated to fields here:", "", "| key | becomes |", "|---|---|"]
-    out += [f"| `{k}` | {how} |" for k, (how, _) in RENAMED_KEYS.items()]
     return "\n".join(out) + "\n"
 
 
+def _xorl_key_text(key: str) -> str:
+    """What a xorl key does here, for docs/MIGRATING_FROM_XORL.md."""
+    section, _, name = key.rpartition(".")
+    if key in NO_EFFECT_KEYS:
+        return f"no effect: {NO_EFFECT_KEYS[key]}"
+    if key in NOT_AVAILABLE:
+        accepted, why = NOT_AVAILABLE[key]
+        shown = " or ".join(f"`{yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}`"
+                            for v in accepted)
+        return f"not available: {why}; {shown} accepted, another value gives a warning"
+    if key in UNSUPPORTED_SWITCHES:
+        accepted, why = UNSUPPORTED_SWITCHES[key]
+        shown = " or ".join(f"`{yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}`"
+                            for v in accepted)
+        return f"must be {shown}: {why}"
+    if key in RENAMED_KEYS:
+        return f"becomes {RENAMED_KEYS[key][0]}"
+    if section == "server":
+        return f"server mode: {SERVER_KEYS[name]}"
+    parts = ["same field"]
+    parts += [f"`{value}` refused: {why}" for value, why in PYTORCH_VALUES.get(key, {}).items()]
+    mapped = XORL_VALUES.get(key, {})
+    if mapped:
+        parts.append("; ".join(f"{', '.join(f'`{v}`' for v in mapped if mapped[v][0] == new)} -> `{new}`"
+                               for new in dict.fromkeys(new for new, _ in mapped.values())))
+    if key in NULL_IS_DEFAULT:
+        parts.append("null = the default")
+    if key in XORL_FIELD_NOTES:
+        parts.append(XORL_FIELD_NOTES[key])
+    return "; ".join(parts)
+
+
+MIGRATING_MARKER = "<!-- generated from xorl_jax/config.py by `python -m xorl_jax.config migrating`; do not edit below -->"
+
+
+def render_migration_keys() -> str:
+    """The generated part of docs/MIGRATING_FROM_XORL.md: every xorl key and what it does here."""
+    titles = {"model": "`model`", "data": "`data`", "data.datasets[]": "`data.datasets[]` entries",
+              "train": "`train`", "lora": "`lora`", "distill": "`distill`",
+              "server": "Server-only keys (flat server configs)"}
+    out = [MIGRATING_MARKER, "", "## Every xorl key", ""]
+    for section, names in XORL_KEYS.items():
+        out += [f"### {titles[section]}", "", "| key | here |", "|---|---|"]
+        for name in names:
+            key = f"{section}.{name}"
+            mark = " (server format)" if key in SERVER_FORMAT_ONLY else ""
+            out.append(f"| `{name}`{mark} | {_xorl_key_text(key)} |")
+        out.append("")
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
-    print(render_config_reference(), end="")
+    import sys
+
+    if sys.argv[1:] == ["migrating"]:
+        print(render_migration_keys(), end="")
+    else:
+        print(render_config_reference(), end="")

@@ -8,6 +8,10 @@ gradients and optimizer state (exact, from the shardings) and the compiler's mem
 platform it compiled for: on fake CPU devices the GPU kernels are replaced by their jnp references, so the
 temporary-buffer figure is indicative only). Fails the way a real run would fail: an impossible mesh, a missing
 sharding rule (large replicated parameter), a shape that does not partition.
+
+`remat_policy` / `scan_layers` left at `auto` are resolved as a run resolves them (xorl_jax.autotune), against the
+devices' memory limit; fake CPU devices report none, so the plan assumes an 80 GiB H100 unless
+`--device-memory-gib N` names the GPU's memory (either times JAX's memory fraction), and says which.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import dataclasses
 import logging
 import re
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +29,8 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from xorl_jax import autotune
+from xorl_jax.autotune import peak_bytes
 from xorl_jax.config import Config, ConfigError
 
 log = logging.getLogger("xorl_jax")
@@ -43,6 +50,7 @@ class PlanReport:
     memory: dict  # the compiler's per-device estimate: argument/output/temp/alias bytes
     flops_per_token: float
     collectives: dict  # op name -> count in the compiled step (e.g. all-to-all for expert parallelism)
+    layers: Any = None  # autotune.Choice: what remat_policy / scan_layers auto picks (its line() None if explicit)
 
     def lines(self) -> list[str]:
         m = self.memory
@@ -50,13 +58,15 @@ class PlanReport:
             compiled = (f"compiled  in {self.compile_s:.1f}s on fake CPU devices; step arguments "
                         f"{_gib(m.get('argument', 0))} per device (temporaries are only estimated on GPUs)")
         else:
-            peak = m.get("argument", 0) + m.get("output", 0) + m.get("temp", 0) - m.get("alias", 0)
+            peak = peak_bytes(m)
             compiled = (f"compiled  in {self.compile_s:.1f}s; per device: arguments {_gib(m.get('argument', 0))}, "
                         f"temporaries {_gib(m.get('temp', 0))}, peak ~{_gib(peak)}")
         coll = ", ".join(f"{k} x{v}" for k, v in sorted(self.collectives.items())) or "none"
+        auto = self.layers.line() if self.layers is not None else None
         return [
             f"dry run   {self.model_type}, {_count(self.param_count, billions='B')} parameters, mesh {self.mesh} "
             f"({self.platform}), {self.tokens_per_step:,} tokens/step",
+            *([auto] if auto else []),
             f"per device  parameters {_gib(self.param_bytes_per_device)}, gradients ~{_gib(self.param_bytes_per_device)}, "
             f"optimizer state {_gib(self.optimizer_bytes_per_device)}; largest parameter shard "
             f"{self.largest_param_shard[0]} ({_gib(self.largest_param_shard[1])})",
@@ -92,26 +102,20 @@ def _shard_bytes(sds) -> int:
     return int(np.prod(shape)) * jnp.dtype(sds.dtype).itemsize
 
 
-def _memory(compiled) -> dict:
-    try:
-        ma = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001 - not every backend implements it
-        return {}
-    if ma is None:
-        return {}
-    names = {"argument": "argument_size_in_bytes", "output": "output_size_in_bytes",
-             "temp": "temp_size_in_bytes", "alias": "alias_size_in_bytes"}
-    return {k: int(getattr(ma, v, 0) or 0) for k, v in names.items()}
+def dry_run(cfg: Config, device_memory_gib: float | None = None) -> PlanReport:
+    """Lower and compile the configured train step on abstract inputs; see the module docstring.
 
-
-def dry_run(cfg: Config) -> PlanReport:
-    """Lower and compile the configured train step on abstract inputs; see the module docstring."""
+    `auto` layer settings (remat_policy, scan_layers) are resolved as the trainer resolves them, against the
+    devices' memory limit, or where they report none (CPU) `device_memory_gib` (default: an H100's 80 GiB) times
+    JAX's memory fraction; `device_memory_gib` also overrides what a GPU reports, to plan for another one."""
+    from xorl_jax.data.pipeline import row_length
     from xorl_jax.kernels.attention import SMALL_SEGMENTS, slots_for
     from xorl_jax.models.loading import abstract_model
     from xorl_jax.optim import params_with_path
     from xorl_jax.parallel import rules as rules_lib
-    from xorl_jax.train_setup import jit_train_step, loss_config_for, model_and_mesh, opt_state_shardings, optimizer_for
-    from xorl_jax.train_step import BATCH_KEYS, TrainState
+    from xorl_jax.train_setup import (abstract_batch, jit_train_step, loss_config_for, model_and_mesh,
+                                      opt_state_shardings, optimizer_for)
+    from xorl_jax.train_step import TrainState
 
     if cfg.lora.enable_lora:
         raise ConfigError("--dry-run covers full fine-tuning; set lora.enable_lora=false to plan the base model")
@@ -121,7 +125,7 @@ def dry_run(cfg: Config) -> PlanReport:
         abstract = abstract_model(cls, mcfg, options)
     rules_lib.check_replicated(abstract, mesh, rules)
     shardings = rules_lib.param_shardings(abstract, mesh, rules)
-    graphdef, state = nnx.split(abstract)
+    state = nnx.state(abstract)
     pdt = jnp.dtype(options.param_dtype)
     values, treedef = jax.tree.flatten(state)  # same leaf order as the shardings' tree (one per Param)
     params = treedef.unflatten([jax.ShapeDtypeStruct(v.shape, pdt, sharding=s)
@@ -139,26 +143,34 @@ def dry_run(cfg: Config) -> PlanReport:
     train_state = TrainState(step=counter, params=params, opt_state=opt_state, nonfinite_streak=counter,
                              skipped_total=counter)
 
-    dp = rules_lib.data_parallel_size(mesh)
-    micro_rows = t.micro_batch_size * dp
-    seq = cfg.data.sample_packing_sequence_len
-    batch_sharding = rules_lib.batch_sharding(mesh, leading_axes=1)
-    batch = {k: jax.ShapeDtypeStruct((t.gradient_accumulation_steps, micro_rows, seq), jnp.int32,
-                                     sharding=batch_sharding) for k in BATCH_KEYS}
+    micro_rows = t.micro_batch_size * rules_lib.data_parallel_size(mesh)
+    seq = row_length(cfg.data)  # sample_packing_sequence_len padded to pad_to_multiple_of, as the trainer's rows
+    batch = abstract_batch(cfg, mesh)
     loss_cfg = loss_config_for(cfg, mcfg, options)
     # The step the trainer compiles for rows of up to SMALL_SEGMENTS documents (its usual packed attention layout;
     # larger layouts keep tensors of the same shapes), not the device-side choice among layouts, whose residuals
     # would inflate the memory estimate.
     doc_slots = slots_for(SMALL_SEGMENTS) if abstract.options.attn_implementation == "cudnn" else None
-    step_fn = jit_train_step(graphdef, optimizer, loss_cfg, train_state, mesh, rules, doc_slots=doc_slots)
-    t0 = time.perf_counter()
-    compiled = step_fn.lower(train_state, batch).compile()
-    compile_s = time.perf_counter() - t0
+
+    def compile_step(graphdef):
+        step_fn = jit_train_step(graphdef, optimizer, loss_cfg, train_state, mesh, rules, doc_slots=doc_slots)
+        t0 = time.perf_counter()
+        compiled = step_fn.lower(train_state, batch).compile()
+        return compiled, time.perf_counter() - t0
+
+    platform = jax.devices()[0].platform
+    limit = autotune.device_limit() if device_memory_gib is None else None
+    if limit is None:
+        limit = autotune.planning_limit(device_memory_gib)
+    note = "fake CPU devices, jnp stand-ins for the GPU kernels: indicative" if platform == "cpu" else ""
+    layers, planned = autotune.choose_layer_settings(cfg, abstract, compile_step, limit=limit, note=note)
+    compiled, compile_s = planned if planned is not None else compile_step(nnx.graphdef(abstract))
     return PlanReport(
         model_type=str(hf_config.get("model_type")), param_count=param_count, mesh=dict(mesh.shape),
         platform=jax.devices()[0].platform, tokens_per_step=t.gradient_accumulation_steps * micro_rows * seq,
         param_bytes_per_device=sum(_shard_bytes(x) for _, x in leaves),
         optimizer_bytes_per_device=sum(_shard_bytes(x) for x in jax.tree.leaves(opt_state)),
-        largest_param_shard=(path, biggest), compile_s=compile_s, memory=_memory(compiled),
+        largest_param_shard=(path, biggest), compile_s=compile_s, memory=autotune.memory_of(compiled),
         flops_per_token=float(mcfg.flops_per_token(seq)), collectives=_collectives(compiled.as_text()),
+        layers=layers,
     )

@@ -1,11 +1,13 @@
 """CLI: python -m xorl_jax.train --config FILE [--section.key=value ...] [--dry-run [--fake-devices N]]
 
 --dry-run checks the config against the mesh and compiles the train step on abstract inputs (no weights, no data,
-no training; see xorl_jax/plan.py). --fake-devices N runs it on N CPU devices, e.g. an 8-GPU config on a laptop.
+no training; see xorl_jax/plan.py). --fake-devices N runs it on N CPU devices, e.g. an 8-GPU config on a laptop;
+--device-memory-gib G plans `auto` layer settings for GPUs of G GiB (default on CPU: an 80 GiB H100).
 
-Exit codes: 0 done, 2 bad config or input (one line on stderr says what and where), 1 the run stopped on purpose
-(e.g. too many non-finite steps; the last good checkpoint is intact), 75 stopped by SIGTERM/SIGUSR1 with a
-checkpoint of the last step saved (requeue and the same command resumes).
+Exit codes: 0 done, 2 bad config or input, or no space left to write a checkpoint or export (one line on stderr says
+what and where), 1 the run stopped on purpose (e.g. too many non-finite steps; the last good checkpoint is intact),
+75 stopped by SIGTERM/SIGUSR1 with a checkpoint of the last step saved (requeue and the same command resumes), 130
+stopped by Ctrl-C (SIGINT; complete checkpoints stay, nothing half-written looks complete).
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ def _input_errors():
     """Exception types that mean 'the user's config or input is wrong' (exit 2, one line, no traceback)."""
     from xorl_jax.checkpoint.hf import CheckpointError
     from xorl_jax.config import ConfigError
+    from xorl_jax.parallel.mesh import MeshError
 
-    errors = [ConfigError, CheckpointError]
+    errors = [ConfigError, CheckpointError, MeshError]
     try:
         from xorl_jax.data import DataError
 
@@ -42,11 +45,11 @@ def _quiet_library_logs():
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _dry_run_flags(argv: list[str]) -> tuple[list[str], bool, int]:
-    """Split --dry-run and --fake-devices N off the config arguments."""
+def _dry_run_flags(argv: list[str]) -> tuple[list[str], bool, int, float | None]:
+    """Split --dry-run, --fake-devices N and --device-memory-gib G off the config arguments."""
     from xorl_jax.config import ConfigError
 
-    rest, dry, fake = [], False, 0
+    rest, dry, fake, memory = [], False, 0, None
     it = iter(argv)
     for arg in it:
         if arg == "--dry-run":
@@ -56,28 +59,50 @@ def _dry_run_flags(argv: list[str]) -> tuple[list[str], bool, int]:
             if not value.isdigit() or int(value) < 1:
                 raise ConfigError(f"--fake-devices needs a positive device count, got {value!r}")
             fake = int(value)
+        elif arg == "--device-memory-gib" or arg.startswith("--device-memory-gib="):
+            value = arg.split("=", 1)[1] if "=" in arg else next(it, "")
+            try:
+                memory = float(value)
+            except ValueError:
+                memory = -1.0
+            if not memory > 0 or memory == float("inf"):
+                raise ConfigError(f"--device-memory-gib needs a GPU's memory in GiB (e.g. 80), got {value!r}")
         else:
             rest.append(arg)
     if fake and not dry:
         raise ConfigError("--fake-devices only goes with --dry-run (training on fake CPU devices is for tests)")
-    return rest, dry, fake
+    if memory is not None and not dry:
+        raise ConfigError("--device-memory-gib only goes with --dry-run (a run reads its devices' memory limit)")
+    return rest, dry, fake, memory
+
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("stopped: interrupted (Ctrl-C); checkpoints already complete are kept, nothing half-written looks "
+              "complete (train.load_checkpoint_path: auto resumes from the last one)", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv=None) -> int:
     from xorl_jax.config import ConfigError, parse_cli
 
     argv = sys.argv[1:] if argv is None else argv
     try:
-        argv, dry, fake_devices = _dry_run_flags(argv)
+        argv, dry, fake_devices, device_memory_gib = _dry_run_flags(argv)
         if fake_devices:  # before JAX initialises its backends
             os.environ["JAX_PLATFORMS"] = "cpu"
             flags = os.environ.get("XLA_FLAGS", "")
             os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={fake_devices}".strip()
-        cfg = parse_cli(argv)
+        logging.basicConfig(level=logging.INFO, format="%(message)s")  # the config's notes on xorl keys show
+        cfg = parse_cli(argv, need_data=not dry)  # a dry run compiles on abstract batches: no data needed
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     _quiet_library_logs()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from xorl_jax.preemption import EXIT_PREEMPTED
@@ -87,11 +112,19 @@ def main(argv=None) -> int:
         if dry:
             from xorl_jax.plan import dry_run
 
-            print("\n".join(dry_run(cfg).lines()), flush=True)
+            print("\n".join(dry_run(cfg, device_memory_gib).lines()), flush=True)
             return 0
         run(cfg)
     except _input_errors() as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a full disk anywhere else (metrics, logs): one line as well; anything else: raised
+        from xorl_jax.preflight import disk_full_error, disk_full_message
+
+        full = disk_full_error(e)
+        if full is None:
+            raise
+        print(f"error: {disk_full_message(full, cfg.train.output_dir)}", file=sys.stderr)
         return 2
     except Preempted as e:
         print(f"stopped: {e}", file=sys.stderr)

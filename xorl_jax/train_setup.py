@@ -61,6 +61,7 @@ def use_compilation_cache(setting: str | None) -> str | None:
 def model_and_mesh(cfg: Config):
     """(HF config dict, model class, family config, ModelOptions, mesh, rules): what a run is built from, before
     any weight exists."""
+    from xorl_jax.checkpoint.hf import CheckpointError
     from xorl_jax.models.loading import build_config, read_hf_config
     from xorl_jax.parallel import mesh as mesh_lib
     from xorl_jax.parallel import rules as rules_lib
@@ -69,7 +70,11 @@ def model_and_mesh(cfg: Config):
     if not source:
         raise ConfigError("model.model_path is not set; point it at a HF checkpoint directory (or config dir)")
     hf_config = read_hf_config(source)
-    cls, model_config = build_config(hf_config)
+    try:
+        cls, model_config = build_config(hf_config)
+    except CheckpointError as e:  # "config.json: ..." -> the file's path
+        where = source if os.path.isfile(source) else os.path.join(source, "config.json")
+        raise CheckpointError(f"{where}: {str(e).removeprefix('config.json: ')}") from None
     mesh = mesh_lib.build_mesh(cfg.train, model_config=model_config)
     return hf_config, cls, model_config, model_options(cfg), mesh, rules_lib.rules_for(cfg.train)
 
@@ -78,16 +83,21 @@ def model_options(cfg: Config) -> ModelOptions:
     m, t = cfg.model, cfg.train
     if m.ep_dispatch == "ragged" and t.expert_parallel_size not in (1, None) and jax.default_backend() == "cpu":
         raise ConfigError("model.ep_dispatch=ragged needs GPUs (XLA:CPU has no ragged all-to-all); use alltoall")
-    remat = t.remat_policy if t.enable_gradient_checkpointing else "none"
+    from xorl_jax import autotune
+
+    # `auto` layer settings start at the least-memory candidate; the trainer and the dry run resolve them once the
+    # step can be compiled (xorl_jax.autotune).
+    layers = autotune.provisional(*autotune.requested(cfg))
     return ModelOptions(
         dtype=m.dtype if t.enable_mixed_precision else "float32",
         param_dtype=m.param_dtype,
         attn_implementation=m.attn_implementation,
         moe_implementation=m.moe_implementation,
         gdn_implementation=m.gdn_implementation,
-        remat_policy=remat,
-        scan_layers=m.scan_layers,
+        remat_policy=layers.remat_policy,
+        scan_layers=layers.scan_layers,
         router_fp32=m.router_fp32,
+        train_router=m.train_router,
         ep_exchange={"alltoall": "padded", "ragged": "ragged"}[m.ep_dispatch],
     )
 
@@ -148,10 +158,20 @@ def optimizer_for(cfg: Config, params, total_steps: int):
         trainable = map_params_with_path(lambda names, x, axes: "router" not in names, params)
     schedule = build_schedule(lr=t.lr, lr_min=t.lr_min, total_steps=total_steps, warmup_ratio=t.lr_warmup_ratio,
                               decay_style=t.lr_decay_style, decay_ratio=t.lr_decay_ratio)
+    muon = {}
+    if t.optimizer == "muon":  # xorl: muon_lr follows the schedule's shape (warmup, decay to lr_min / lr of it)
+        from xorl_jax.optim import default_muon_dims
+
+        muon = dict(muon_dims=default_muon_dims(params), muon_momentum=t.muon_momentum,
+                    muon_nesterov=t.muon_nesterov, muon_ns_steps=t.muon_ns_steps,
+                    muon_adjust_lr_fn=t.muon_adjust_lr_fn,
+                    muon_schedule=build_schedule(lr=t.muon_lr, lr_min=t.lr_min * t.muon_lr / t.lr,
+                                                 total_steps=total_steps, warmup_ratio=t.lr_warmup_ratio,
+                                                 decay_style=t.lr_decay_style, decay_ratio=t.lr_decay_ratio))
     optimizer = build_optimizer(schedule=schedule, weight_decay=t.weight_decay, b1=t.adam_beta1, b2=t.adam_beta2,
                                 eps=t.adam_epsilon, max_grad_norm=t.max_grad_norm, optimizer=t.optimizer,
                                 optimizer_dtype=t.optimizer_dtype, decay_mask=default_decay_mask(params),
-                                trainable_mask=trainable)
+                                trainable_mask=trainable, **muon)
     return schedule, optimizer
 
 
@@ -166,6 +186,23 @@ def opt_state_shardings(optimizer, params, mesh):
     masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731 - frozen parameters (no state) stay empty
     return optax.tree_map_params(optimizer, lambda m, s: m if masked(m) else s, abstract, param_shardings,
                                  transform_non_params=lambda _: replicated, is_leaf=masked)
+
+
+def abstract_batch(cfg: Config, mesh, doc_slots: int | None = None) -> dict:
+    """A train step's batch as shapes: [accumulation, global micro-batch rows, tokens] int32 arrays sharded as the
+    trainer shards them, plus the packed attention layout (DOC_SLOTS_KEY) when `doc_slots` is given."""
+    from xorl_jax.data.pipeline import row_length
+    from xorl_jax.parallel import rules as rules_lib
+    from xorl_jax.train_step import BATCH_KEYS
+
+    t = cfg.train
+    shape = (t.gradient_accumulation_steps, t.micro_batch_size * rules_lib.data_parallel_size(mesh),
+             row_length(cfg.data))  # sample_packing_sequence_len padded to pad_to_multiple_of
+    sharding = rules_lib.batch_sharding(mesh, leading_axes=1)
+    batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding) for k in BATCH_KEYS}
+    if doc_slots is not None:
+        batch[DOC_SLOTS_KEY] = doc_slots
+    return batch
 
 
 def jit_train_step(graphdef, optimizer, loss_cfg, state, mesh, rules, *, merge_fn=None,

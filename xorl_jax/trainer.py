@@ -7,6 +7,8 @@ The trainer knows no model family: everything family-specific comes through the 
 from __future__ import annotations
 
 import collections
+import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -21,9 +23,9 @@ from xorl_jax.config import Config, ConfigError, config_to_dict
 from xorl_jax.data.pipeline import MAX_DOCUMENTS_KEY
 from xorl_jax.kernels.attention import document_slots, slots_for
 from xorl_jax.preemption import StopSignals
-from xorl_jax.train_setup import (DOC_SLOTS_KEY, MeshJit, TrainSteps, backend_summary, loss_config_for,
-                                  model_and_mesh, opt_state_shardings, optimizer_for, request_determinism,
-                                  use_compilation_cache)
+from xorl_jax.train_setup import (DOC_SLOTS_KEY, MeshJit, TrainSteps, abstract_batch, backend_summary,
+                                  loss_config_for, opt_state_shardings, optimizer_for,
+                                  request_determinism, use_compilation_cache)
 from xorl_jax.train_step import TrainState, make_eval_step, stack_micro_batches
 
 log = logging.getLogger("xorl_jax")
@@ -66,11 +68,15 @@ class Trainer:
         self.process_index, self.process_count = jax.process_index(), jax.process_count()
         self.is_main = self.process_index == 0
         self.output_dir = cfg.train.output_dir
-        if self.is_main:
-            os.makedirs(self.output_dir, exist_ok=True)
         # where the time to first step goes, for the summary: before the trainer (imports, JAX start), then each part
         self.startup_s = {"process start": process_age_s()}
-        for name, setup in (("model", self._setup_model), ("data", self._setup_data),
+        t0 = time.perf_counter()
+        self._check_inputs()  # seconds: a wrong path or a mismatched file is reported before anything expensive
+        self.resume_plan = self._plan_resume()  # before any expensive set-up: a refusal comes at once
+        self.startup_s["checks"] = time.perf_counter() - t0
+        # the data before the weights: a bad row is reported before a model load, and no setting of either needs
+        # the other (the mesh and the vocabulary size come from the checks)
+        for name, setup in (("data", self._setup_data), ("model", self._setup_model),
                             ("optimizer", self._setup_optimizer), ("checkpointing", self._setup_checkpointing)):
             t0 = time.perf_counter()
             setup()
@@ -95,13 +101,28 @@ class Trainer:
         return ", ".join(parts)
 
     # ----------------------------------------------------------------------------------------------- setup
+    def _check_inputs(self):
+        """xorl_jax.preflight's checks of every input (output_dir, data paths, config.json, mesh, the weights'
+        headers, tokenizer); keeps what they read: config, mesh, options, tokenizer, vocabulary size."""
+        from xorl_jax.kernels.attention import resolve_attn_implementation
+        from xorl_jax.preflight import check_run
+
+        inputs = check_run(self.cfg, is_main=self.is_main)
+        self.hf_config, self.model_cls, self.model_config = inputs.hf_config, inputs.model_cls, inputs.model_config
+        self.options, self.mesh, self.rules = inputs.options, inputs.mesh, inputs.rules
+        self.tokenizer, self.vocab_size = inputs.tokenizer, inputs.vocab_size
+        # as the model resolves it (set here: the data prefetch thread may shape batches before the model exists)
+        self.host_attention_layout = resolve_attn_implementation(self.options.attn_implementation,
+                                                                 self.options.dtype) == "cudnn"
+
     def _setup_model(self):
         from xorl_jax.checkpoint.orbax import load_model
         from xorl_jax.parallel import rules as rules_lib
 
         cfg = self.cfg
-        self.hf_config, self.model_cls, self.model_config, self.options, self.mesh, self.rules = model_and_mesh(cfg)
         init_from = cfg.train.init_from
+        log.info("model: %s", f"random init from {cfg.model.config_path or cfg.model.model_path}"
+                 if init_from == "scratch" else f"loading weights from {cfg.model.model_path}")
         with rules_lib.use_mesh(self.mesh, self.rules):
             if init_from == "scratch":
                 model = self._init_scratch()
@@ -148,21 +169,20 @@ class Trainer:
         return nnx.merge(graphdef, init())
 
     def _setup_data(self):
-        from xorl_jax.data import build_eval_batches, build_train_iterator, load_tokenizer
+        from xorl_jax.data import build_eval_batches, build_train_iterator
+        from xorl_jax.data.pipeline import row_length
         from xorl_jax.parallel.rules import data_parallel_size
 
         cfg = self.cfg
-        tok_path = cfg.model.tokenizer_path or cfg.model.model_path
-        self.tokenizer = load_tokenizer(tok_path)
         self.dp_size = data_parallel_size(self.mesh)
         self.micro_rows = cfg.train.micro_batch_size * self.dp_size  # rows of one global micro-batch
         self.accum = cfg.train.gradient_accumulation_steps
         self.rows_per_step = self.micro_rows * self.accum
-        self.seq_len = cfg.data.sample_packing_sequence_len
+        self.seq_len = row_length(cfg.data)  # sample_packing_sequence_len padded to pad_to_multiple_of
         self.train_iter = build_train_iterator(
             cfg.data, self.tokenizer, global_batch_size=self.rows_per_step,
             process_index=self.process_index, process_count=self.process_count, seed=cfg.data.seed,
-            micro_batches=self.accum,
+            micro_batches=self.accum, vocab_size=self.vocab_size,
         )
         self.batches_on_device = cfg.data.dataloader_num_workers > 0
         if self.batches_on_device:  # one thread packs and copies to the devices; the count sets how far ahead
@@ -174,7 +194,7 @@ class Trainer:
         if cfg.data.eval_datasets:
             self.eval_batches = list(build_eval_batches(
                 cfg.data, self.tokenizer, global_batch_size=self.micro_rows,
-                process_index=self.process_index, process_count=self.process_count,
+                process_index=self.process_index, process_count=self.process_count, vocab_size=self.vocab_size,
             ))
         rows_per_epoch = getattr(self.train_iter, "rows_per_epoch", None)
         if cfg.train.max_steps and cfg.train.max_steps > 0:
@@ -195,14 +215,37 @@ class Trainer:
                                 nonfinite_streak=counter(), skipped_total=counter())
         self.params = None  # the state owns them from here on
         merge_fn = self._merge_fn()
-        self.train_step = TrainSteps(self.graphdef, self.optimizer, self.loss_cfg, self.state, self.mesh,
-                                     self.rules, merge_fn=merge_fn)
+        self.layer_choice, self.train_step = self._choose_layer_settings(merge_fn)
         self.eval_step = MeshJit(jax.jit(make_eval_step(self.graphdef, self.loss_cfg, merge_fn=merge_fn)),
                                  self.mesh, self.rules)
         if merge_fn is not None:  # the frozen base goes in as an argument (never a baked-in constant, never donated)
             step_jit, eval_jit = self.train_step, self.eval_step
             self.train_step = lambda state, batch: step_jit(state, batch, self.frozen)
             self.eval_step = lambda params, micro: eval_jit(params, micro, self.frozen)
+
+    def _choose_layer_settings(self, merge_fn):
+        """Resolve remat_policy / scan_layers `auto` (xorl_jax.autotune): candidates compiled fastest first on this
+        mesh until one's step fits the devices. The step compiled for the choice is the one training runs (compiled
+        for the usual packed attention layout: a batch that needs another compiles its own, as always)."""
+        from xorl_jax.autotune import choose_layer_settings
+        from xorl_jax.kernels.attention import SMALL_SEGMENTS
+
+        extra = () if merge_fn is None else (self.frozen,)
+        batch = abstract_batch(self.cfg, self.mesh, slots_for(SMALL_SEGMENTS) if self.host_attention_layout else None)
+
+        def compile_step(graphdef):
+            steps = TrainSteps(graphdef, self.optimizer, self.loss_cfg, self.state, self.mesh, self.rules,
+                               merge_fn=merge_fn)
+            return steps.lower(self.state, batch, *extra).compile(), steps
+
+        choice, planned = choose_layer_settings(self.cfg, self.model, compile_step)
+        c = choice.candidate
+        self.options = dataclasses.replace(self.options, remat_policy=c.remat_policy, scan_layers=c.scan_layers)
+        self.graphdef = nnx.graphdef(self.model)
+        if planned is not None:
+            return choice, planned[1]
+        return choice, TrainSteps(self.graphdef, self.optimizer, self.loss_cfg, self.state, self.mesh, self.rules,
+                                  merge_fn=merge_fn)
 
     def _merge_fn(self):
         """LoRA: (adapters, frozen base) -> (base, per-layer merge run inside the layer scan); None without LoRA."""
@@ -220,6 +263,25 @@ class Trainer:
 
         targets, scale = self.lora_targets, self.lora_scale
         return jax.jit(lambda lora, frozen: merge_lora(frozen, lora, targets, scale))(self.state.params, self.frozen)
+
+    def _plan_resume(self):
+        """Which checkpoint this run starts from (checkpoint.training.plan_resume), from the files alone; then the
+        main process removes what an interrupted run left half-written."""
+        from xorl_jax.checkpoint.training import clean_temporaries, plan_resume
+        from xorl_jax.models.loading import read_hf_config
+
+        hf_config = getattr(self, "hf_config", None)  # compared with the checkpoint's before the model is built
+        if hf_config is None:
+            try:
+                hf_config = read_hf_config(self.cfg.model.config_path or self.cfg.model.model_path)
+            except Exception:  # noqa: BLE001 - a bad path is reported by the model's set-up
+                hf_config = None
+        plan = plan_resume(self.cfg.train.load_checkpoint_path, os.path.join(self.output_dir, "checkpoints"),
+                           hf_config=hf_config)
+        if self.is_main:
+            for path in clean_temporaries(self.output_dir):
+                log.info("removed %s (left half-written by an interrupted run)", path)
+        return plan
 
     def _setup_checkpointing(self):
         from xorl_jax.checkpoint.training import TrainCheckpointer
@@ -249,6 +311,7 @@ class Trainer:
             f"{self.param_count / 1e6:.1f}M parameters, init_from={self.cfg.train.init_from}",
             f"backends  {backend_summary(self.options)}, dtype={self.options.dtype}, "
             f"remat={self.options.remat_policy}, layers={'scanned' if self.options.scan_layers else 'unrolled'}",
+            *filter(None, [self.layer_choice.line()]),
             f"mesh      {dict(self.mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
             f"{self.process_count} process(es)",
             f"batch     {self.cfg.train.micro_batch_size} rows/device x {self.dp_size} data-parallel x "
@@ -291,30 +354,52 @@ class Trainer:
             count += int(n)
         return {"eval_loss": total / max(count, 1), "eval_tokens": count}
 
+    @contextlib.contextmanager
+    def _writing(self, what: str, path: str):
+        """A full disk (or quota, or file size limit) while writing `what` to `path` becomes one CheckpointError
+        line (exit 2) instead of a traceback; the main process first removes what was half written."""
+        from xorl_jax.checkpoint.hf import CheckpointError
+        from xorl_jax.checkpoint.training import clean_temporaries
+        from xorl_jax.preflight import disk_full_error, disk_full_message
+
+        try:
+            yield
+        except Exception as e:
+            full = disk_full_error(e)
+            if full is None:
+                raise
+            if self.is_main:
+                clean_temporaries(self.output_dir)
+            raise CheckpointError(disk_full_message(full, path, what, cleaned=self.is_main)) from None
+
+    def _wait_for_saves(self):
+        with self._writing("a checkpoint", self.checkpointer.directory):
+            self.checkpointer.wait()
+
     def save(self, step: int, *, force: bool = False):
         meta = {
             "step": step,
             "data_state": self.train_iter.get_state(),
             "config": config_to_dict(self.cfg),
             "hf_config": self.hf_config,
+            "source": self.export_source(),  # what an export of this checkpoint stands in for (convert to-hf)
             "skipped_total": int(self.state.skipped_total),
         }
-        self.checkpointer.save(step, self.state, meta, force=force)
+        with self._writing(f"the checkpoint of step {step}", self.checkpointer.directory):
+            self.checkpointer.save(step, self.state, meta, force=force)
 
     def maybe_resume(self) -> int:
-        path = self.cfg.train.load_checkpoint_path
-        if not path:
-            return 0
-        restored = self.checkpointer.restore(path, self.state)
+        """The step this run starts after: restores the checkpoint `resume_plan` picked (state and data position)."""
+        plan = self.resume_plan
+        restored = self.checkpointer.restore(plan, self.state)
         if restored is None:
-            if path == "auto":
+            if plan.setting == "auto":
                 log.info("no checkpoint in %s yet: starting from step 0", self.checkpointer.directory)
-                return 0
-            raise ConfigError(f"train.load_checkpoint_path {path!r} holds no complete checkpoint")
-        self.state, meta = restored
+            return 0
+        self.state, meta, step = restored
         self.train_iter.set_state(meta["data_state"])
-        log.info("resumed from step %d", meta["step"])
-        return int(meta["step"])
+        log.info("resumed from step %d (%s)", step, os.path.join(plan.root, str(step)))
+        return int(step)
 
     # ----------------------------------------------------------------------------------------------- loop
     def train(self) -> dict:
@@ -325,7 +410,11 @@ class Trainer:
             print(self.summary(), flush=True)
         start_step = self.maybe_resume()
         logger = MetricsLogger(self.output_dir, log_steps=t.log_steps, total_steps=self.total_steps,
-                               process_index=self.process_index, use_tensorboard=t.use_tensorboard)
+                               process_index=self.process_index, use_tensorboard=t.use_tensorboard,
+                               resume_step=start_step)  # lines of steps after it are redone: dropped
+        if start_step >= self.total_steps:
+            logger.info(f"the checkpoint of step {start_step} already completes this run's {self.total_steps} steps: "
+                        "nothing to train (raise train.max_steps to go on)")
         fpt = self.model_config.flops_per_token(self.seq_len)
         peak = peak_flops_per_device()
         step = start_step  # the last step whose metrics the host has read
@@ -408,19 +497,22 @@ class Trainer:
                     pending.append((metrics, clock.watch(metrics)))
                     if len(pending) > 1:
                         read(pending.popleft())
-                eval_metrics = self.evaluate() or eval_metrics
+                if step > start_step or not start_step:  # else a rerun of a finished run: its eval is logged
+                    eval_metrics = self.evaluate() or eval_metrics
                 if eval_metrics:
                     logger.log_eval(step, eval_metrics)
                 if t.save_at_end:
                     self.save(step, force=True)
-                self.checkpointer.wait()
+                self._wait_for_saves()
                 if t.save_hf_weights:
-                    self.export_hf(step)
+                    with self._writing(f"the HF export of step {step}",
+                                       os.path.join(self.output_dir, f"global_step_{step}")):
+                        self.export_hf(step)
                 if t.sample_eval_prompts:
                     self.print_samples(t.sample_eval_prompts)
             finally:
                 clock.close()
-                self.checkpointer.wait()
+                self._wait_for_saves()
                 logger.close()
                 if hasattr(self.train_iter, "close"):
                     self.train_iter.close()
@@ -430,9 +522,11 @@ class Trainer:
     def _stop_for_signal(self, name: str | None, step: int):
         if step not in self.checkpointer.manager.all_steps():  # nothing to save when resumed or saved right here
             self.save(step, force=True)
-        self.checkpointer.wait()
+        self._wait_for_saves()
+        how = ("the same command resumes from it" if self.cfg.train.load_checkpoint_path == "auto" else
+               "rerun with train.load_checkpoint_path=auto (the default) to resume from it")
         raise Preempted(f"{name or 'a stop signal'} received: stopped after step {step} with its checkpoint saved in "
-                        f"{self.checkpointer.directory}; the same command resumes (train.load_checkpoint_path: auto)")
+                        f"{self.checkpointer.directory}; {how}")
 
     def print_samples(self, n: int) -> list[tuple[str, str, str]]:
         """Greedy answers to the first `n` held-out conversations: (question, expected, answer) triples."""
@@ -460,11 +554,25 @@ class Trainer:
                 print(f"  {mark}{q!r} -> {got!r} (reference {want!r})", flush=True)
         return out
 
+    def export_source(self) -> dict:
+        """The export source record of this run (checkpoint.orbax.run_source), kept in every checkpoint's meta so
+        that `convert to-hf` of a checkpoint writes what the run's own export writes."""
+        if getattr(self, "_export_source", None) is None:
+            from xorl_jax.checkpoint.orbax import run_source
+
+            m, t = self.cfg.model, self.cfg.train
+            self._export_source = run_source(m.model_path, hf_config=self.hf_config, init_from=t.init_from,
+                                             dtype=self.options.dtype, tokenizer_path=m.tokenizer_path,
+                                             config_path=m.config_path)
+        return self._export_source
+
     def export_hf(self, step: int) -> str:
+        """`global_step_N/hf_ckpt`: a drop-in replacement of model.model_path (checkpoint.orbax.export_hf: tensors
+        the run did not train copied from the source, trained ones in the source's dtypes; LoRA merged), or with
+        lora.save_lora_only a PEFT adapter directory."""
         from xorl_jax.checkpoint.orbax import export_hf
 
         out = os.path.join(self.output_dir, f"global_step_{step}", "hf_ckpt")
-        m = self.cfg.model
         if self.frozen is not None and self.cfg.lora.save_lora_only:
             from xorl_jax import lora as lora_lib
 
@@ -473,11 +581,8 @@ class Trainer:
             log.warning("lora.save_lora_only: routed-expert adapters (lora_target_parameters) have no PEFT adapter "
                         "export; exporting merged full weights instead")
         model = nnx.merge(self.graphdef, self.full_params())
-        if m.model_path and self.cfg.train.init_from != "scratch":
-            source = m.model_path
-        else:  # trained from scratch: config.json from what built the model, tokenizer files from its directory
-            source = {"hf_config": self.hf_config, "source_path": m.tokenizer_path or m.config_path}
-        export_hf(model, out, source_dir_or_metadata=source, overwrite=True)
+        export_hf(model, out, source_dir_or_metadata={"hf_config": self.hf_config, "source": self.export_source()},
+                  overwrite=True)
         if self.is_main:
             print(f"exported HF weights to {out}", flush=True)
         return out

@@ -2,9 +2,10 @@
 every start.
 
 One `.npz` per distinct input: the key hashes each dataset's path, type, split and files (name, size, mtime),
-the tokenizer (its serialized vocabulary and chat template), the sequence limits and row options. Any change
-gives a new file; nothing is invalidated in place. Arrays only (no pickle); written to a temporary name and
-renamed, so a killed run never leaves a half-written cache and concurrent processes can write the same entry.
+the tokenizer (its serialized vocabulary and chat template), a messages dataset's chat template text, template
+variables and turn options, the sequence limits and row options. Any change gives a new file; nothing is
+invalidated in place. Arrays only (no pickle); written to a temporary name and renamed, so a killed run never
+leaves a half-written cache and concurrent processes can write the same entry.
 """
 from __future__ import annotations
 
@@ -12,15 +13,19 @@ import hashlib
 import json
 import logging
 import os
+import zipfile
 
 import numpy as np
 
+from xorl_jax.data.chat import fingerprint as chat_fingerprint
 from xorl_jax.data.pipeline import _get  # config sections or plain dicts, as the pipeline reads them
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 1
-STATS = ("rows_read", "rows_skipped", "docs_truncated", "docs_split", "tokens_dropped")
+FORMAT = 2  # 2: messages rows masked by locating each assistant turn in one render (xorl_jax.data.chat)
+# docs_dropped: documents longer than their limit under data.long_sequence_policy drop (a cache without it is
+# ignored by load: its stats have another length)
+STATS = ("rows_read", "rows_skipped", "docs_truncated", "docs_split", "tokens_dropped", "docs_dropped")
 
 
 def _files_fingerprint(path) -> list:
@@ -49,14 +54,18 @@ def _tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
-def cache_key(dataset_cfgs, tokenizer, data_cfg, seed: int) -> str:
-    datasets = [{k: _get(ds, k) for k in ("path", "type", "split", "data_files", "max_seq_len")}
-                | {"files": _files_fingerprint(_get(ds, "path"))} for ds in dataset_cfgs]
+def cache_key(dataset_cfgs, tokenizer, data_cfg, seed: int, *, vocab_size: int | None = None) -> str:
+    datasets = [{k: _get(ds, k) for k in ("path", "type", "name", "split", "revision", "data_files", "max_seq_len",
+                                          "num_samples")}
+                | {"files": _files_fingerprint(_get(ds, "path")), "chat": chat_fingerprint(ds, tokenizer)}
+                for ds in dataset_cfgs]
     spec = {
         "format": FORMAT, "datasets": datasets, "tokenizer": _tokenizer_fingerprint(tokenizer), "seed": int(seed),
         **{k: _get(data_cfg, k) for k in ("sample_packing_sequence_len", "long_sequence_policy", "skip_bad_rows",
                                           "select_columns")},
     }
+    if vocab_size is not None:  # the documents were checked against it: a model with fewer rows checks them again
+        spec["vocab_size"] = int(vocab_size)
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
@@ -67,11 +76,16 @@ def cache_file(directory: str, key: str) -> str:
 def save(path: str, ids: list, targets: list, stats: dict) -> None:
     lengths = np.asarray([len(x) for x in ids], np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}.npz"
-    np.savez(tmp, ids=np.concatenate(ids).astype(np.int32), targets=np.concatenate(targets).astype(np.int32),
-             offsets=offsets, stats=np.asarray([stats[k] for k in STATS], np.int64))
-    os.replace(tmp, path)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        np.savez(tmp, ids=np.concatenate(ids).astype(np.int32), targets=np.concatenate(targets).astype(np.int32),
+                 offsets=offsets, stats=np.asarray([stats[k] for k in STATS], np.int64))
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk or a read-only directory costs the cache, not the run
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        logger.warning(f"data: cannot write the cache {path} ({e.strerror or e}); continuing without it")
 
 
 def load(path: str):
@@ -81,8 +95,12 @@ def load(path: str):
             ids, targets, offsets, stats = z["ids"], z["targets"], z["offsets"], z["stats"]
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError) as e:
-        logger.warning(f"data: ignoring unreadable cache {path} ({e}); tokenizing again")
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # truncated or overwritten
+        logger.warning(f"data: ignoring unreadable cache {path} ({type(e).__name__}: {e}); tokenizing again")
+        return None
+    if (len(offsets) < 1 or len(stats) != len(STATS) or offsets[0] != 0 or offsets[-1] != len(ids)
+            or len(targets) != len(ids) or np.any(np.diff(offsets) < 0)):
+        logger.warning(f"data: ignoring inconsistent cache {path}; tokenizing again")
         return None
     cuts = list(zip(offsets[:-1], offsets[1:]))
     return ([ids[a:b].astype(np.int64) for a, b in cuts], [targets[a:b].astype(np.int64) for a, b in cuts],

@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 
+from xorl_jax.data.chat import ChatFormat
 from xorl_jax.data.documents import IGNORE, row_to_doc, text_docs, text_of
 from xorl_jax.data.packing import build_row, pack_first_fit_decreasing, pack_sequential
 from xorl_jax.data.sources import DataError, iter_rows
@@ -28,21 +29,52 @@ def _get(obj, name, default=None):
     return getattr(obj, name, default)
 
 
-def load_tokenizer(path):
-    """A fast tokenizer from a model or tokenizer directory (local files only, no remote code)."""
+# Files that hold a tokenizer's vocabulary (fast tokenizer, sentencepiece, or BPE vocab + merges). Without one,
+# transformers builds an empty tokenizer from tokenizer_config.json / config.json alone, and text encodes to nothing.
+VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def load_tokenizer(path, *, key: str = "model.tokenizer_path"):
+    """A fast tokenizer from a model or tokenizer directory (local files only, no remote code). `key`: the config
+    key that named the directory, for the error messages."""
     from transformers import AutoTokenizer
 
     if not path or not os.path.isdir(os.path.expanduser(str(path))):
-        raise DataError(f"tokenizer directory {path!r} not found; set model.tokenizer_path to a directory "
+        raise DataError(f"tokenizer directory {path!r} ({key}) not found; set model.tokenizer_path to a directory "
                         "holding tokenizer.json")
-    return AutoTokenizer.from_pretrained(os.path.expanduser(str(path)), local_files_only=True,
-                                         trust_remote_code=False)
+    path = os.path.expanduser(str(path))
+    if not any(os.path.isfile(os.path.join(path, name)) for name in VOCABULARY_FILES):
+        raise DataError(f"{path} ({key}) holds no tokenizer files ({', '.join(VOCABULARY_FILES)}); set "
+                        "model.tokenizer_path to the directory of the model's tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path} ({key}): the tokenizer cannot be loaded ({first}); set model.tokenizer_path to "
+                        "the directory of the model's tokenizer") from None
+    if len(tokenizer) < 2:
+        raise DataError(f"{path} ({key}): the tokenizer has {len(tokenizer)} tokens; set model.tokenizer_path to "
+                        "the directory of the model's tokenizer")
+    return tokenizer
+
+
+def check_token_range(ids: np.ndarray, targets: np.ndarray, vocab_size: int) -> None:
+    """Token ids and label ids (other than -100) must be rows of the model's embedding: [0, vocab_size)."""
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise DataError(f"input_ids outside [0, {vocab_size}) (min {ids.min()}, max {ids.max()}); the model's "
+                        f"config.json has vocab_size {vocab_size}: were these rows tokenized for another model?")
+    labels = targets[targets != IGNORE]
+    if labels.size and (labels.min() < 0 or labels.max() >= vocab_size):
+        raise DataError(f"labels outside [0, {vocab_size}) and not {IGNORE} (min {labels.min()}, max "
+                        f"{labels.max()}); the model's config.json has vocab_size {vocab_size}: use {IGNORE} for "
+                        "tokens without a loss and ids below vocab_size for the others")
 
 
 class Documents:
     """All documents of a list of dataset entries, tokenized, with long ones cut to their max length."""
 
-    def __init__(self, dataset_cfgs, tokenizer, data_cfg, *, seed: int = 0):
+    def __init__(self, dataset_cfgs, tokenizer, data_cfg, *, seed: int = 0, vocab_size: int | None = None):
+        """`vocab_size`: the model's (token and label ids must be below it); None = the tokenizer's size."""
         if not dataset_cfgs:
             raise DataError("data.datasets is empty; add at least one {path, type} entry")
         capacity = int(_get(data_cfg, "sample_packing_sequence_len"))
@@ -51,7 +83,7 @@ class Documents:
             from xorl_jax.data import cache
 
             path = cache.cache_file(_get(data_cfg, "dataset_prepared_path"),
-                                    cache.cache_key(dataset_cfgs, tokenizer, data_cfg, seed))
+                                    cache.cache_key(dataset_cfgs, tokenizer, data_cfg, seed, vocab_size=vocab_size))
             cached = cache.load(path)
         if cached is not None:
             self.ids, self.targets, stats = cached
@@ -59,42 +91,55 @@ class Documents:
                 setattr(self, name, value)
             logger.info(f"data: tokenized documents from the cache {path}")
         else:
-            self._tokenize(dataset_cfgs, tokenizer, data_cfg, seed, capacity)
+            self._tokenize(dataset_cfgs, tokenizer, data_cfg, seed, capacity, vocab_size)
         if not self.ids:
-            raise DataError(f"no documents read from {[_get(d, 'path') for d in dataset_cfgs]}")
+            dropped = getattr(self, "docs_dropped", 0)
+            why = (f" ({dropped} longer than their max_seq_len were dropped: data.long_sequence_policy drop; "
+                   f"raise max_seq_len or use truncate or split)" if dropped else "")
+            raise DataError(f"no documents read from {[_get(d, 'path') for d in dataset_cfgs]}{why}")
         if cached is None and _get(data_cfg, "dataset_prepared_path"):
             cache.save(path, self.ids, self.targets, {k: getattr(self, k) for k in cache.STATS})
         self.lengths = np.asarray([len(x) for x in self.ids], np.int64)
         msg = (f"data: {len(self.ids)} documents, {int(self.lengths.sum())} tokens from {self.rows_read} rows; "
-               f"{self.rows_skipped} bad rows skipped; {self.docs_truncated} documents truncated "
-               f"({self.tokens_dropped} tokens dropped), {self.docs_split} split (limit {capacity} tokens)")
+               f"{self.rows_skipped} bad rows skipped; {getattr(self, 'docs_dropped', 0)} documents dropped, "
+               f"{self.docs_truncated} truncated ({self.tokens_dropped} tokens dropped), {self.docs_split} split "
+               f"(limit {capacity} tokens)")
         logger.info(msg)
 
-    def _tokenize(self, dataset_cfgs, tokenizer, data_cfg, seed, capacity):
-        policy = _get(data_cfg, "long_sequence_policy", "truncate")
-        if policy not in ("truncate", "split"):
-            raise DataError(f"data.long_sequence_policy={policy!r}; use truncate or split")
+    def _tokenize(self, dataset_cfgs, tokenizer, data_cfg, seed, capacity, vocab_size=None):
+        policy = _get(data_cfg, "long_sequence_policy", "drop")
+        if policy not in ("drop", "truncate", "split"):
+            raise DataError(f"data.long_sequence_policy={policy!r}; use drop, truncate or split")
         skip_bad = bool(_get(data_cfg, "skip_bad_rows", False))
         columns = _get(data_cfg, "select_columns")
-        vocab = len(tokenizer) if tokenizer is not None else None
+        vocab = vocab_size if vocab_size is not None else len(tokenizer) if tokenizer is not None else None
         self.ids: list[np.ndarray] = []
         self.targets: list[np.ndarray] = []
-        self.rows_read = self.rows_skipped = self.docs_truncated = self.docs_split = 0
+        self.rows_read = self.rows_skipped = self.docs_truncated = self.docs_split = self.docs_dropped = 0
         self.tokens_dropped = 0
         for ds in dataset_cfgs:
             path, kind = _get(ds, "path"), _get(ds, "type", "tokenized")
             limit = min(int(_get(ds, "max_seq_len") or capacity), capacity)
             if path == "dummy":
-                docs = self._dummy(vocab or 1024, limit, seed)
+                docs = self._dummy(vocab or 1024, limit, seed, _get(ds, "num_samples") or DUMMY_DOCS)
             else:
                 docs = self._read(ds, path, kind, tokenizer, vocab, columns, skip_bad)
+            dropped = self.docs_dropped
             for ids, targets in docs:
                 self._add(ids, targets, limit, policy)
+            if self.docs_dropped > dropped:
+                logger.warning(f"data: {_get(ds, 'name') or path}: {self.docs_dropped - dropped} documents longer "
+                               f"than {limit} tokens dropped (data.long_sequence_policy drop, as xorl drops "
+                               f"samples longer than max_seq_len; truncate or split keep them)")
 
     def _read(self, ds, path, kind, tokenizer, vocab, columns, skip_bad):
         texts = []  # text rows wait for one batched tokenizer call
+        if kind in ("messages", "text") and tokenizer is None:
+            raise DataError(f"{path}: {kind} rows need a tokenizer; set model.tokenizer_path")
+        chat = ChatFormat.for_dataset(ds, tokenizer) if kind == "messages" else None
         for where, row in iter_rows(path, split=_get(ds, "split", "train") or "train",
-                                    data_files=_get(ds, "data_files"), columns=columns):
+                                    data_files=_get(ds, "data_files"), columns=columns, name=_get(ds, "name"),
+                                    revision=_get(ds, "revision")):
             self.rows_read += 1
             try:
                 if isinstance(row, Exception):
@@ -107,7 +152,10 @@ class Documents:
                         yield from text_docs(texts, tokenizer)
                         texts = []
                     continue
-                yield row_to_doc(row, kind, tokenizer, vocab)
+                doc = row_to_doc(row, kind, tokenizer, vocab, chat)
+                if vocab is not None and kind == "tokenized":
+                    check_token_range(*doc, vocab)
+                yield doc
             except DataError as e:
                 self._bad_row(where, e, skip_bad)
         if texts:
@@ -122,9 +170,9 @@ class Documents:
             logger.warning(f"skipping bad row {text}")
 
     @staticmethod
-    def _dummy(vocab: int, limit: int, seed: int):
+    def _dummy(vocab: int, limit: int, seed: int, count: int = DUMMY_DOCS):
         rng = np.random.default_rng([seed, 12345])
-        for _ in range(DUMMY_DOCS):
+        for _ in range(count):
             n = int(rng.integers(max(2, limit // 8), limit + 1))
             ids = rng.integers(0, vocab, n, dtype=np.int64)
             targets = np.full(n, IGNORE, np.int64)
@@ -135,6 +183,8 @@ class Documents:
         if len(ids) <= limit:
             self.ids.append(ids)
             self.targets.append(targets)
+        elif policy == "drop":
+            self.docs_dropped += 1
         elif policy == "truncate":
             self.docs_truncated += 1
             self.tokens_dropped += len(ids) - limit
@@ -145,6 +195,14 @@ class Documents:
             for s in range(0, len(ids), limit):
                 self.ids.append(ids[s:s + limit])
                 self.targets.append(targets[s:s + limit])
+
+
+def row_length(data_cfg) -> int:
+    """Tokens per packed row, as xorl pads them: sample_packing_sequence_len (what documents fill) rounded up to a
+    multiple of pad_to_multiple_of."""
+    length = int(_get(data_cfg, "sample_packing_sequence_len"))
+    multiple = int(_get(data_cfg, "pad_to_multiple_of", 1) or 1)
+    return -(-length // multiple) * multiple
 
 
 def _pack_epoch(docs: Documents, data_cfg, seed: int, epoch: int, shuffle: bool) -> list[list[int]]:
@@ -176,11 +234,7 @@ class _Batcher:
         if not 0 <= process_index < process_count:
             raise DataError(f"process_index {process_index} outside [0, {process_count})")
         self.docs, self.cfg = docs, data_cfg
-        self.capacity = int(_get(data_cfg, "sample_packing_sequence_len"))
-        multiple = int(_get(data_cfg, "pad_to_multiple_of", 1) or 1)
-        if self.capacity % multiple:
-            raise DataError(f"data.sample_packing_sequence_len={self.capacity} is not a multiple of "
-                            f"data.pad_to_multiple_of={multiple}")
+        self.capacity = row_length(data_cfg)  # documents fill sample_packing_sequence_len; padding the rest
         self.global_batch_size = global_batch_size
         self.micro_batches = micro_batches
         self.micro_rows = global_batch_size // micro_batches  # rows of one global micro-batch
@@ -268,16 +322,17 @@ class TrainIterator:
 
 
 def build_train_iterator(data_cfg, tokenizer, *, global_batch_size, process_index=0, process_count=1, seed=None,
-                         micro_batches=1):
+                         micro_batches=1, vocab_size=None):
     seed = _get(data_cfg, "seed", 0) if seed is None else seed
-    docs = Documents(_get(data_cfg, "datasets"), tokenizer, data_cfg, seed=seed)
+    docs = Documents(_get(data_cfg, "datasets"), tokenizer, data_cfg, seed=seed, vocab_size=vocab_size)
     return TrainIterator(docs, data_cfg, global_batch_size=global_batch_size, process_index=process_index,
                          process_count=process_count, seed=seed, micro_batches=micro_batches)
 
 
-def build_eval_batches(data_cfg, tokenizer, *, global_batch_size, process_index=0, process_count=1) -> list:
+def build_eval_batches(data_cfg, tokenizer, *, global_batch_size, process_index=0, process_count=1,
+                       vocab_size=None) -> list:
     """All eval documents once, in file order, packed the same way as training (no shuffle)."""
-    docs = Documents(_get(data_cfg, "eval_datasets"), tokenizer, data_cfg, seed=0)
+    docs = Documents(_get(data_cfg, "eval_datasets"), tokenizer, data_cfg, seed=0, vocab_size=vocab_size)
     rows = _pack_epoch(docs, data_cfg, 0, 0, shuffle=False)
     batcher = _Batcher(docs, data_cfg, global_batch_size, process_index, process_count)
     return [batcher.batch(rows, b) for b in range(batcher.batches_in(rows))]

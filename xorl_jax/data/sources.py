@@ -92,7 +92,20 @@ def _load_hf_disk(path: str, split: str):
     return ds
 
 
-def _load_hf_hub(path: str, split: str, data_files):
+def _load_hf_repo(path: str, name: str, split: str, data_files):
+    """Configuration `name` of a dataset repository downloaded to the directory `path` (datasets.load_dataset)."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{path}: reading its configuration {name!r} needs `pip install datasets`") from None
+    try:
+        return datasets.load_dataset(path, name=name, split=split, data_files=data_files)
+    except Exception as e:  # a missing configuration or split, unreadable files: one line either way
+        raise DataError(f"{path}: configuration {name!r}, split {split!r} cannot be read ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); check name and split") from None
+
+
+def _load_hf_hub(path: str, split: str, data_files, name: str | None = None, revision: str | None = None):
     try:
         import datasets
     except ImportError:
@@ -102,20 +115,71 @@ def _load_hf_hub(path: str, split: str, data_files):
         raise DataError(f"dataset path {path!r} is not a local file or directory, and the HF hub is disabled "
                         "(HF_HUB_OFFLINE); download it first or fix the path")
     try:
-        return datasets.load_dataset(path, split=split, data_files=data_files)
+        return datasets.load_dataset(path, name=name, split=split, data_files=data_files, revision=revision)
     except Exception as e:  # network, auth, missing repo: all end the same way for the user
         raise DataError(f"dataset path {path!r} is not a local file or directory, and loading it from the HF hub "
                         f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); check the path "
                         "or the network") from None
 
 
-def iter_rows(path: str, *, split: str = "train", data_files=None, columns=None) -> Iterator[tuple[str, object]]:
-    """Yields (where, row) for every row; a malformed JSON line is yielded as a DataError instance."""
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def _looks_local(path: str) -> bool:
+    """A path a user meant as a local file or directory (a hub id is `name` or `org/name`)."""
+    return (os.path.isabs(path) or path.startswith(("./", "../", "~")) or path.endswith(DATA_SUFFIXES)
+            or path.count("/") > 1 or os.sep != "/" and os.sep in path)
+
+
+def check_source(path, *, split: str = "train", data_files=None) -> None:
+    """Cheap checks of a dataset entry before any row is read: the path exists (or is a reachable hub id), its
+    files are readable, a saved HF dataset has the split. Raises DataError naming the path and what to do."""
+    if not path:
+        raise DataError("a dataset entry has no path; set its path")
+    if path == "dummy":
+        return
+    path = os.path.expanduser(str(path))
+    if _is_hf_saved_dataset(path):
+        splits_file = os.path.join(path, "dataset_dict.json")
+        if os.path.isfile(splits_file):
+            try:
+                with open(splits_file) as f:
+                    splits = json.load(f).get("splits")
+            except (OSError, ValueError, AttributeError):
+                splits = None
+            if isinstance(splits, list) and split not in splits:
+                raise DataError(f"{path}: split {split!r} not found; it has {sorted(splits)}; set split")
+        return
+    if os.path.exists(path):
+        for file in _expand_files(path, data_files):
+            if not os.access(file, os.R_OK):
+                raise DataError(f"{file} is not readable (permission denied); fix its permissions")
+        return
+    if _looks_local(path):
+        raise DataError(f"{path} not found; fix the dataset path (a local jsonl/parquet file, a directory of "
+                        "them, or a HF dataset saved with save_to_disk)")
+    if os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE"):
+        raise DataError(f"dataset path {path!r} is not a local file or directory, and the HF hub is disabled "
+                        "(HF_HUB_OFFLINE); download it first or fix the path")
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        raise DataError(f"dataset path {path!r} is not a local file or directory (loading it as a HF hub id needs "
+                        "`pip install datasets`); fix the path") from None
+
+
+def iter_rows(path: str, *, split: str = "train", data_files=None, columns=None, name: str | None = None,
+              revision: str | None = None) -> Iterator[tuple[str, object]]:
+    """Yields (where, row) for every row; a malformed JSON line is yielded as a DataError instance. `name`: the
+    configuration of a HF dataset (hub id, or a repository downloaded to a directory); `revision`: of a hub id."""
     if not path:
         raise DataError("a dataset entry has no path; set data.datasets[].path")
     path = os.path.expanduser(path)
     if _is_hf_saved_dataset(path):
         yield from _read_hf_dataset(_load_hf_disk(path, split), f"{path}[{split}]")
+        return
+    if name and os.path.isdir(path):
+        yield from _read_hf_dataset(_load_hf_repo(path, name, split, data_files), f"{path}[{name}][{split}]")
         return
     if os.path.exists(path):
         for file in _expand_files(path, data_files):
@@ -126,4 +190,5 @@ def iter_rows(path: str, *, split: str = "train", data_files=None, columns=None)
             else:
                 yield from _read_jsonl(file)
         return
-    yield from _read_hf_dataset(_load_hf_hub(path, split, data_files), f"{path}[{split}]")
+    label = f"{path}[{name}][{split}]" if name else f"{path}[{split}]"
+    yield from _read_hf_dataset(_load_hf_hub(path, split, data_files, name, revision), label)

@@ -159,6 +159,7 @@ class MoE(nnx.Module):
         norm_topk_prob: bool,
         shared_intermediate: int = 0,
         router_fp32: bool = True,
+        train_router: bool = True,
         dtype=jnp.float32,
         implementation: str = "auto",
         ep_exchange: str = "auto",
@@ -169,6 +170,7 @@ class MoE(nnx.Module):
         self.top_k = top_k
         self.norm_topk_prob = norm_topk_prob
         self.router_fp32 = router_fp32
+        self.train_router = train_router
         self.dtype = dtype
         self.implementation = implementation
         self.ep_exchange = ep_exchange  # how tokens travel between expert ranks (parallel/expert.py)
@@ -188,6 +190,8 @@ class MoE(nnx.Module):
         router_dt = jnp.float32 if self.router_fp32 else dt
         logits = jnp.dot(x.astype(router_dt), cast(self.router, router_dt))
         probs, top_w, top_i = route(logits, self.top_k, self.norm_topk_prob)
+        if not self.train_router:  # xorl's train_router false: the experts' gradient stops at the routing weights;
+            top_w = jax.lax.stop_gradient(top_w)  # the router still learns from the aux loss through `probs`
         w_gu, w_down = cast(self.gate_up_proj, dt), cast(self.down_proj, dt)
         from xorl_jax.parallel import rules as parallel_rules
 

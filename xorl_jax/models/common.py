@@ -27,6 +27,7 @@ class ModelOptions:
     remat_policy: str = "none"  # one of REMAT_POLICIES
     scan_layers: bool = True  # False: one traced copy per layer group (longer compile, no stacked residuals)
     router_fp32: bool = True
+    train_router: bool = True  # False: routing weights detached before the experts (xorl's train_router false)
     ep_exchange: str = "auto"  # expert-parallel token exchange: auto | padded (all_to_all) | ragged
 
     def __post_init__(self):

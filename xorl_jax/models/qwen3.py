@@ -119,6 +119,7 @@ class Qwen3DecoderLayer(nnx.Module):
                 intermediate=cfg.moe_intermediate_size,
                 norm_topk_prob=cfg.norm_topk_prob,
                 router_fp32=opts.router_fp32,
+                train_router=opts.train_router,
                 dtype=dt,
                 implementation=opts.moe_implementation,
                 ep_exchange=opts.ep_exchange,

@@ -169,6 +169,7 @@ class Qwen3_5DecoderLayer(nnx.Module):
                 norm_topk_prob=True,  # Qwen3.5-MoE always renormalises the top-k weights
                 shared_intermediate=cfg.shared_expert_intermediate_size,
                 router_fp32=opts.router_fp32,
+                train_router=opts.train_router,
                 dtype=dt,
                 implementation=opts.moe_implementation,
                 ep_exchange=opts.ep_exchange,
