@@ -1425,7 +1425,8 @@ def _xorl_key_text(key: str) -> str:
     return "; ".join(parts)
 
 
-MIGRATING_MARKER = "<!-- generated from xorl_jax/config.py by `python -m xorl_jax.config migrating`; do not edit below -->"
+MIGRATING_MARKER = ("<!-- generated from xorl_jax/config.py by `python -m xorl_jax.config migrating "
+                    "docs/MIGRATING_FROM_XORL.md`; do not edit below -->")
 
 
 def render_migration_keys() -> str:
@@ -1441,13 +1442,22 @@ def render_migration_keys() -> str:
             mark = " (server format)" if key in SERVER_FORMAT_ONLY else ""
             out.append(f"| `{name}`{mark} | {_xorl_key_text(key)} |")
         out.append("")
-    return "\n".join(out)
+    return "\n".join(out).rstrip("\n") + "\n"
 
 
 if __name__ == "__main__":
     import sys
 
-    if sys.argv[1:] == ["migrating"]:
-        print(render_migration_keys(), end="")
+    if sys.argv[1:2] == ["migrating"]:  # [FILE]: rewrite what follows the marker in FILE
+        if len(sys.argv) == 3:
+            import os
+
+            with open(sys.argv[2], encoding="utf-8") as f:
+                head = f.read().split(MIGRATING_MARKER)[0]
+            with open(sys.argv[2] + ".tmp", "w", encoding="utf-8") as f:
+                f.write(head + render_migration_keys())
+            os.replace(sys.argv[2] + ".tmp", sys.argv[2])
+        else:
+            print(render_migration_keys(), end="")
     else:
         print(render_config_reference(), end="")

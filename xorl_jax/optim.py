@@ -11,19 +11,25 @@ update k (k = 0 for the first update) is
   decay_ratio and floors at 1e-7; with decay_ratio 1.0 the two agree);
 - cosine: lr_min + (lr - lr_min) * (1 + cos(pi * (k - W) / (E - W))) / 2 until E, then lr_min.
 So decay_ratio < 1 reaches lr_min early (at fraction decay_ratio of training) and holds it.
+
+Muon (`build_optimizer(optimizer="muon")`, `scale_by_muon`): the weight matrices (`default_muon_dims`) get
+Newton-Schulz orthogonalised momentum, everything else AdamW; see docs/OPTIMIZERS.md.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import dataclasses
+import math
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 DECAY_STYLES = ("constant", "linear", "cosine")
-OPTIMIZERS = ("adamw", "anyprecision_adamw", "sgd", "signsgd")
+OPTIMIZERS = ("adamw", "anyprecision_adamw", "sgd", "signsgd", "muon")
 _STATE_DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
 NO_DECAY_NAME_PARTS = ("norm", "bias")
 
@@ -252,21 +258,169 @@ def scale_by_adam_low_precision(b1: float = 0.9, b2: float = 0.95, eps: float = 
     return optax.GradientTransformation(init, update)
 
 
+# ------------------------------------------------------------------------------------------------ muon
+# Newton-Schulz quintic coefficients of torch.optim.Muon (and xorl); eps floors the Frobenius norm as torch does.
+NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)
+NS_EPS = 1e-7
+MUON_ADJUST_LR_FNS = ("original", "match_rms_adamw")
+# Parameters that take AdamW under muon whatever their shape (xorl: embed_tokens, lm_head, norms, the router
+# "gate.weight", which also matches Qwen3.5's shared_expert_gate.weight). The Gated DeltaNet depthwise conv1d
+# [channels, kernel] is no matrix product either (xorl sends Qwen3.5's split q/k/v conv1d through Muon).
+MUON_ADAMW_NAME_PARTS = ("embed_tokens", "lm_head", "norm", "router", "shared_expert_gate", "conv1d")
+_MUON_BATCH_AXES = ("layers", "expert", None)  # None: the (gate, up) axis of a fused gate_up_proj
+
+
+@dataclasses.dataclass(frozen=True)
+class MatrixDims:
+    """How muon sees a parameter: a stack of matrices [fan_in, fan_out], one per index of the batch axes (scanned
+    layers, experts, the gate and up halves of a fused gate_up_proj), each orthogonalised on its own."""
+    batch: tuple[int, ...]
+    fan_in: tuple[int, ...]
+    fan_out: tuple[int, ...]
+
+
+def muon_matrix_dims(names: tuple[str, ...], x, axes: tuple | None) -> MatrixDims | bool:
+    """MatrixDims of a parameter muon orthogonalises, False for one that takes AdamW.
+
+    With logical axes (the models' nnx.Params): batch axes are layers, expert and the fused (gate, up) axis;
+    of the rest, the fan-in is `embed` when it comes first (q/k/v, gate/up, in_proj_*: [embed, out...]) and
+    everything before `embed` when it comes last (o_proj, down_proj, out_proj: [in..., embed]). Parameters
+    without an embed axis (norms, Gated DeltaNet's A_log, dt_bias, conv1d) or named in MUON_ADAMW_NAME_PARTS take
+    AdamW. Plain arrays (a LoRA tree: A [*batch, in, r], B [*batch, r, out]) are matrices over their last two
+    dims when they have two or more."""
+    if any(part in name.lower() for name in names for part in MUON_ADAMW_NAME_PARTS):
+        return False
+    ndim = len(jnp.shape(x))
+    if axes is None:
+        if ndim < 2:
+            return False
+        return MatrixDims(tuple(range(ndim - 2)), (ndim - 2,), (ndim - 1,))
+    batch = tuple(i for i, a in enumerate(axes) if a in _MUON_BATCH_AXES)
+    rest = [i for i in range(ndim) if i not in batch]
+    if len(rest) < 2 or "embed" not in (axes[rest[0]], axes[rest[-1]]):
+        return False
+    if axes[rest[0]] == "embed":
+        return MatrixDims(batch, (rest[0],), tuple(rest[1:]))
+    return MatrixDims(batch, tuple(rest[:-1]), (rest[-1],))
+
+
+def default_muon_dims(params) -> Any:
+    """`muon_matrix_dims` of every parameter, a pytree like `params` (MatrixDims or False leaves)."""
+    return map_params_with_path(muon_matrix_dims, params)
+
+
+def muon_lr_ratio(dims: MatrixDims, shape, adjust_lr_fn: str | None) -> float:
+    """torch.optim.Muon's learning-rate adjustment for one matrix of fan-out A and fan-in B (torch reads them
+    from its [out, in] weight): original / None = sqrt(max(1, A / B)), match_rms_adamw = 0.2 * sqrt(max(A, B))."""
+    fan_out = math.prod(shape[i] for i in dims.fan_out)
+    fan_in = math.prod(shape[i] for i in dims.fan_in)
+    if adjust_lr_fn in (None, "original"):
+        return math.sqrt(max(1.0, fan_out / fan_in))
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(fan_out, fan_in))
+    raise ValueError(f"muon_adjust_lr_fn {adjust_lr_fn!r} is not one of {MUON_ADJUST_LR_FNS} (or None)")
+
+
+def orthogonalize(x: jax.Array, dims: MatrixDims, ns_steps: int = 5) -> jax.Array:
+    """Newton-Schulz orthogonalisation (torch.optim.Muon's quintic iteration, in fp32) of every matrix of `x`
+    (see MatrixDims), each scaled by its own Frobenius norm first. Batch axes stay separate array axes (no
+    reshape merges an expert axis sharded under EP with the others), so GSPMD keeps them sharded; the matrix
+    axes are contracted wherever they live."""
+    a, b, c = NS_COEFFICIENTS
+    perm = dims.batch + dims.fan_in + dims.fan_out
+    xt = jnp.transpose(x.astype(jnp.float32), perm)
+    nb = len(dims.batch)
+    n_in = math.prod(xt.shape[nb:nb + len(dims.fan_in)])
+    m = xt.reshape(xt.shape[:nb] + (n_in, -1))
+    wide = m.shape[-2] <= m.shape[-1]  # iterate on the side with fewer rows: f(X^T) = f(X)^T
+    if not wide:
+        m = jnp.swapaxes(m, -1, -2)
+    norm = jnp.sqrt(jnp.sum(jnp.square(m), axis=(-2, -1), keepdims=True))
+    m = m / jnp.maximum(norm, NS_EPS)
+
+    def step(_, m):
+        gram = m @ jnp.swapaxes(m, -1, -2)
+        return a * m + (b * gram + c * (gram @ gram)) @ m
+
+    m = jax.lax.fori_loop(0, ns_steps, step, m)  # a loop, not unrolled: one copy per leaf in the compiled update
+    if not wide:
+        m = jnp.swapaxes(m, -1, -2)
+    return jnp.transpose(m.reshape(xt.shape), tuple(np.argsort(perm)))
+
+
+class MuonState(NamedTuple):
+    count: jax.Array  # int32 scalar: updates applied (seeds bf16 stochastic rounding)
+    mu: Any  # momentum buffers like the params; None with momentum 0 (no buffer, as in torch)
+
+
+def scale_by_muon(dims: list[MatrixDims], *, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
+                  adjust_lr_fn: str | None = None, state_dtype=jnp.float32, stochastic_rounding: bool = True,
+                  seed: int = 0x2545F491) -> optax.GradientTransformation:
+    """torch.optim.Muon's update direction (xorl's Muon without its sharding approximations), for the leaves
+    `dims` describes (in tree order; under `optax.multi_transform` the other leaves are masked out):
+
+        buf = momentum * buf + (1 - momentum) * g           (momentum 0: no buffer, u = g)
+        u = (1 - momentum) * g + momentum * buf              (nesterov; else u = buf)
+        update = muon_lr_ratio * orthogonalize(u)
+
+    Weight decay and the learning rate follow in the chain. The buffer is stored in `state_dtype` (bf16 with
+    unbiased stochastic rounding); the math is fp32."""
+    if momentum == 0:
+        state_dtype = None
+
+    def init(params):
+        mu = None if state_dtype is None else jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), state_dtype), params)
+        return MuonState(count=jnp.zeros((), jnp.int32), mu=mu)
+
+    def update(updates, state, params=None):
+        del params
+        leaves, treedef = jax.tree.flatten(updates)
+        if len(leaves) != len(dims):
+            raise ValueError(f"scale_by_muon was built for {len(dims)} matrices, got {len(leaves)} updates")
+        count = optax.safe_int32_increment(state.count)
+        mus = [None] * len(leaves) if state.mu is None else treedef.flatten_up_to(state.mu)
+        step_seed = _step_seed(count, seed)
+        out, new_mu = [], []
+        for i, (g, buf, d) in enumerate(zip(leaves, mus, dims)):
+            g32 = g.astype(jnp.float32)
+            if buf is None:
+                u = g32
+            else:
+                buf32 = momentum * buf.astype(jnp.float32) + (1.0 - momentum) * g32
+                u = (1.0 - momentum) * g32 + momentum * buf32 if nesterov else buf32
+                if stochastic_rounding and jnp.dtype(state_dtype) == jnp.bfloat16:
+                    new_mu.append(_stochastic_round_bf16(buf32, _fmix32(step_seed + jnp.uint32(i))))
+                else:
+                    new_mu.append(buf32.astype(state_dtype))
+            ratio = muon_lr_ratio(d, g.shape, adjust_lr_fn)
+            out.append((ratio * orthogonalize(u, d, ns_steps)).astype(g.dtype))
+        mu = None if state.mu is None else treedef.unflatten(new_mu)
+        return treedef.unflatten(out), MuonState(count=count, mu=mu)
+
+    return optax.GradientTransformation(init, update)
+
+
+
 def build_optimizer(*, schedule: optax.Schedule | float, weight_decay: float = 0.0, b1: float = 0.9,
                     b2: float = 0.95, eps: float = 1e-8, max_grad_norm: float | None = 1.0,
                     optimizer: str = "adamw", optimizer_dtype: str = "float32", decay_mask=None,
                     trainable_mask=None, momentum: float | None = None,
-                    stochastic_rounding: bool = True) -> optax.GradientTransformation:
+                    stochastic_rounding: bool = True, muon_dims=None, muon_schedule: optax.Schedule | float = None,
+                    muon_momentum: float = 0.95, muon_nesterov: bool = True, muon_ns_steps: int = 5,
+                    muon_adjust_lr_fn: str | None = None) -> optax.GradientTransformation:
     """The optax chain: clip by global norm -> optimizer -> decoupled (AdamW) or L2 (SGD) weight decay -> lr.
 
-    optimizer: adamw | anyprecision_adamw (the same; xorl's name) | sgd (torch semantics: L2 decay added to the
-      gradient; momentum = `momentum`, or b1 when that is None, as the config's adam_beta1 documents; 0 = plain
-      SGD) | signsgd (sign of the gradient, decoupled decay).
-    optimizer_dtype: float32 | bfloat16 (also fp32 | bf16): storage of Adam's mu and nu; bf16 uses unbiased
-      stochastic rounding unless stochastic_rounding=False.
+    optimizer: adamw | anyprecision_adamw (xorl's name for AdamW with optimizer_dtype moments: the same here) |
+      sgd (torch semantics: L2 decay added to the gradient; momentum = `momentum`, or b1 when that is None, as the
+      config's adam_beta1 documents; 0 = plain SGD) | signsgd (sign of the gradient, decoupled decay) |
+      muon (`scale_by_muon` with decoupled decay and `muon_schedule` on the leaves `muon_dims` marks as matrices,
+      AdamW with `schedule` on the others; xorl's split).
+    optimizer_dtype: float32 | bfloat16 (also fp32 | bf16): storage of Adam's mu and nu and of muon's momentum;
+      bf16 uses unbiased stochastic rounding unless stochastic_rounding=False.
     decay_mask: pytree of bool, True = decay (default: every parameter). Build one with `default_decay_mask`.
     trainable_mask: pytree of bool, False = frozen: frozen parameters get zero updates and no optimizer state,
       and gradient clipping sees only the trainable gradients.
+    muon_dims: pytree like the params of MatrixDims or False (`default_muon_dims`); required for muon.
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer {optimizer!r} is not supported; use one of {OPTIMIZERS}")
@@ -277,22 +431,37 @@ def build_optimizer(*, schedule: optax.Schedule | float, weight_decay: float = 0
     if max_grad_norm is not None and max_grad_norm > 0:
         parts.append(clip_by_global_norm(max_grad_norm))
     decay = [optax.add_decayed_weights(weight_decay, mask=decay_mask)] if weight_decay else []
-    if optimizer in ("adamw", "anyprecision_adamw"):
+
+    def adam():
         if state_dtype == jnp.float32:
-            parts.append(optax.scale_by_adam(b1=b1, b2=b2, eps=eps))
-        else:
-            parts.append(scale_by_adam_low_precision(b1, b2, eps, state_dtype=state_dtype,
-                                                     stochastic_rounding=stochastic_rounding))
-        parts += decay
+            return optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
+        return scale_by_adam_low_precision(b1, b2, eps, state_dtype=state_dtype,
+                                           stochastic_rounding=stochastic_rounding)
+
+    if optimizer in ("adamw", "anyprecision_adamw"):
+        parts += [adam(), *decay]
     elif optimizer == "sgd":
         parts += decay
         momentum = b1 if momentum is None else momentum
         if momentum:
             parts.append(optax.trace(decay=momentum, accumulator_dtype=state_dtype))
-    else:  # signsgd
-        parts.append(optax.scale_by_sign())
-        parts += decay
-    parts.append(optax.scale_by_learning_rate(schedule))
+    elif optimizer == "signsgd":
+        parts += [optax.scale_by_sign(), *decay]
+    if optimizer != "muon":
+        parts.append(optax.scale_by_learning_rate(schedule))
+    else:
+        if muon_dims is None:
+            raise ValueError("optimizer muon needs muon_dims (optim.default_muon_dims(params))")
+        trainable = (jax.tree.map(lambda d: True, muon_dims) if trainable_mask is None else trainable_mask)
+        labels = jax.tree.map(lambda d, m: "muon" if d and m else "adamw", muon_dims, trainable)
+        dims = [d for d, label in zip(jax.tree.leaves(muon_dims), jax.tree.leaves(labels)) if label == "muon"]
+        muon = optax.chain(
+            scale_by_muon(dims, momentum=muon_momentum, nesterov=muon_nesterov, ns_steps=muon_ns_steps,
+                          adjust_lr_fn=muon_adjust_lr_fn, state_dtype=state_dtype,
+                          stochastic_rounding=stochastic_rounding),
+            *decay, optax.scale_by_learning_rate(schedule if muon_schedule is None else muon_schedule))
+        adamw = optax.chain(adam(), *decay, optax.scale_by_learning_rate(schedule))
+        parts.append(optax.multi_transform({"muon": muon, "adamw": adamw}, labels))
     tx = optax.chain(*parts)
     if trainable_mask is None:
         return tx
