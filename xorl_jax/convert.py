@@ -2,6 +2,11 @@
 
     python -m xorl_jax.convert to-orbax --model-path HF_DIR --output DIR [--dtype bfloat16] [mesh options]
     python -m xorl_jax.convert to-hf --checkpoint DIR --output HF_DIR [--dtype D] [--expert-layout per-expert|fused]
+                                     [--text-only] [--max-shard-gb 5] [--overwrite]
+
+to-hf writes a drop-in replacement of the HF checkpoint the run started from (docs/CHECKPOINTS.md): tensors the run
+did not train (a vision tower, an MTP head) copied unchanged from it, trained ones in its dtypes, LoRA merged.
+Outputs are written under a temporary name and renamed when complete.
 
 Exit codes: 0 done, 2 bad input (one line on stderr). JAX is imported only after the arguments parse.
 """
@@ -25,16 +30,23 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--expert-parallel-size", default=1)
     o.add_argument("--tensor-parallel-size", default=1)
     o.add_argument("--no-mesh", action="store_true", help="store unsharded arrays from one device")
-    o.add_argument("--overwrite", action="store_true")
+    o.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory (only once the new "
+                                                               "one is complete; never one that holds the input)")
     h = sub.add_parser("to-hf", help="Orbax model directory or training step directory -> HF safetensors")
     h.add_argument("--checkpoint", required=True)
     h.add_argument("--output", required=True)
-    h.add_argument("--dtype", default=None, help="output dtype (default: the checkpoint's)")
+    h.add_argument("--dtype", default=None,
+                   help="dtype of the trained tensors (default: each tensor's dtype in the source checkpoint; "
+                        "model.dtype for a run from scratch); copied tensors keep theirs")
     h.add_argument("--expert-layout", choices=("per-expert", "fused"), default=None,
                    help="MoE expert tensors (default: the layout of the original HF checkpoint)")
+    h.add_argument("--text-only", action="store_true",
+                   help="write the language model alone (no vision tower or MTP tensors; a Qwen3.5 multimodal "
+                        "checkpoint becomes its *_text model), e.g. when the source checkpoint is gone")
     h.add_argument("--max-shard-gb", type=float, default=5.0,
                    help="safetensors shard size in GB (default 5, as HF); host memory is about one shard")
-    h.add_argument("--overwrite", action="store_true")
+    h.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory (only once the new "
+                                                               "one is complete; never one that holds the input)")
     return p
 
 
@@ -90,7 +102,8 @@ def main(argv=None) -> int:
             if args.max_shard_gb <= 0:
                 raise ValueError(f"--max-shard-gb must be positive, got {args.max_shard_gb}")
             ckpt.convert_checkpoint_to_hf(args.checkpoint, args.output, dtype=args.dtype, expert_layout=layout,
-                                          overwrite=args.overwrite, max_shard_bytes=int(args.max_shard_gb * 1e9))
+                                          overwrite=args.overwrite, max_shard_bytes=int(args.max_shard_gb * 1e9),
+                                          text_only=args.text_only)
             print(f"wrote {args.output} in {time.time() - t0:.1f}s")
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)

@@ -25,7 +25,7 @@ from xorl_jax.checkpoint.host_copy import contiguous, copy_into
 SIDE_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
     "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json", "generation_config.json",
-    "preprocessor_config.json", "video_preprocessor_config.json",
+    "preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json",
 )
 
 
@@ -58,7 +58,7 @@ def plan(model, keymap) -> dict:
 
 def check_keys(sources: dict, available: set, keymap, where: str, family: str) -> None:
     """Fail early (before writing anything) on tensors missing from, or unknown to, the key map."""
-    wanted = {k for src in sources.values() for _, keys in src.entries for k in keys}
+    wanted = mapped_keys(sources)
     missing = sorted(wanted - available)
     if missing:
         raise CheckpointError(f"{where}: {len(missing)} tensors the {family} key map needs are missing, e.g. "
@@ -68,6 +68,11 @@ def check_keys(sources: dict, available: set, keymap, where: str, family: str) -
     if extra:
         raise CheckpointError(f"{where}: {len(extra)} tensors the {family} key map does not know, e.g. {extra[:5]}; "
                               f"is model_type in config.json right?")
+
+
+def mapped_keys(sources: dict) -> set:
+    """Every HF key the plan reads (or writes)."""
+    return {k for src in sources.values() for _, keys in src.entries for k in keys}
 
 
 def _sliced_shape(shape, index) -> tuple:
@@ -138,14 +143,16 @@ def iter_hf_from_params(params: dict, sources: dict, fetch, dtype=None, *, param
 
     `params` maps our path -> array (jax or numpy); `fetch(array, layer or None)` returns a numpy copy of the whole
     parameter or of one stacked layer (so a multi-host array can be gathered layer by layer).
+    `dtype`: None (keep), one dtype, or a function HF key -> dtype (None keeps).
     `parameter_major`: every layer of one stacked parameter before the next parameter (the safetensors index
     maps each key to its shard, so any order loads the same).
     """
+    dtype_of = dtype if callable(dtype) else (lambda key: dtype)
     if parameter_major:
         for path, src in sources.items():
             for r, (tm, keys) in enumerate(src.entries):
                 for key, arr in zip(keys, tm.to_hf(fetch(params[path], r if src.stacked else None))):
-                    yield key, _cast(arr, dtype)
+                    yield key, _cast(arr, dtype_of(key))
         return
     stacked = [src for src in sources.values() if src.stacked]
     period = 1 + max((src.path[2] for src in stacked), default=0)
@@ -154,14 +161,14 @@ def iter_hf_from_params(params: dict, sources: dict, fetch, dtype=None, *, param
         if not src.stacked:
             tm, keys = src.entries[0]
             for key, arr in zip(keys, tm.to_hf(fetch(params[path], None))):
-                yield key, _cast(arr, dtype)
+                yield key, _cast(arr, dtype_of(key))
         else:
             for r, entry in enumerate(src.entries):
                 by_layer.setdefault(r * period + src.path[2], []).append((path, r, entry))
     for layer in sorted(by_layer):
         for path, r, (tm, keys) in by_layer[layer]:
             for key, arr in zip(keys, tm.to_hf(fetch(params[path], r))):
-                yield key, _cast(arr, dtype)
+                yield key, _cast(arr, dtype_of(key))
 
 
 def _cast(arr, dtype):
@@ -171,6 +178,7 @@ def _cast(arr, dtype):
 
 # ------------------------------------------------------------------------------------------------ directories
 def check_output(output: str, inputs, *, overwrite: bool) -> None:
+    """Refuse an output that is, holds or sits inside one of `inputs`, or (without `overwrite`) that has content."""
     out = os.path.realpath(output)
     for src in inputs:
         if src is None:
@@ -178,6 +186,9 @@ def check_output(output: str, inputs, *, overwrite: bool) -> None:
         s = os.path.realpath(src)
         if out == s or out.startswith(s.rstrip(os.sep) + os.sep):
             raise CheckpointError(f"output {output} is inside the input {src}; choose an output outside it")
+        if s.startswith(out.rstrip(os.sep) + os.sep):
+            raise CheckpointError(f"output {output} holds the input {src} (--overwrite would delete it); choose "
+                                  f"another output")
     if os.path.exists(output):
         if not os.path.isdir(output):
             raise CheckpointError(f"output {output} exists and is a file; choose another path")
@@ -186,7 +197,8 @@ def check_output(output: str, inputs, *, overwrite: bool) -> None:
 
 
 def temp_dir_for(output: str) -> str:
-    """A fresh sibling of `output` that a crash leaves clearly unfinished (`.<name>.incomplete-<id>`)."""
+    """A fresh sibling of `output` that a crash leaves clearly unfinished (`.<name>.incomplete-<id>`; the trainer's
+    start-up removes such leftovers of its own exports, checkpoint.training.EXPORT_TMP)."""
     parent, name = os.path.split(os.path.abspath(output.rstrip(os.sep)))
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{name}.incomplete-{uuid.uuid4().hex[:8]}")
@@ -206,13 +218,17 @@ def commit_dir(tmp: str, output: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def copy_side_files(src_dir: str | None, dst_dir: str) -> list:
+def copy_side_files(src_dirs, dst_dir: str) -> list:
+    """Copy the tokenizer, chat template and generation files into `dst_dir`, each from the first of `src_dirs`
+    (one directory or a list, in order of precedence) that has it."""
+    if isinstance(src_dirs, str) or src_dirs is None:
+        src_dirs = [src_dirs]
     copied = []
-    if not src_dir or not os.path.isdir(src_dir):
-        return copied
     for name in SIDE_FILES:
-        p = os.path.join(src_dir, name)
-        if os.path.isfile(p):
-            shutil.copy2(p, os.path.join(dst_dir, name))
-            copied.append(name)
+        for src_dir in src_dirs:
+            p = os.path.join(src_dir, name) if src_dir else None
+            if p and os.path.isfile(p):
+                shutil.copy2(p, os.path.join(dst_dir, name))
+                copied.append(name)
+                break
     return copied

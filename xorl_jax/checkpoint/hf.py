@@ -30,6 +30,7 @@ _DTYPES = {
     "BOOL": np.dtype(np.bool_),
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})  # what may be loaded as weights
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -133,6 +134,20 @@ class SafetensorsReader:
     def dtype(self, key):
         return self._where[key].dtype(key)
 
+    def check_float(self, skip_prefixes=()) -> None:
+        """Refuse integer or bool tensors (quantized or mislabelled weights): loading casts every tensor to the
+        parameter dtype, which would silently turn them into other numbers. `skip_prefixes`: tensors not loaded."""
+        skip = tuple(skip_prefixes or ())
+        bad = sorted(k for k, f in self._where.items()
+                     if f.header[k].get("dtype") not in FLOAT_DTYPES and not (skip and k.startswith(skip)))
+        if bad:
+            f = self._where[bad[0]]
+            raise CheckpointError(
+                f"{f.path}: tensor {bad[0]!r} has dtype {f.header[bad[0]].get('dtype')}"
+                + (f" ({len(bad)} non-float tensors)" if len(bad) > 1 else "")
+                + "; weights must be floating point (F32, BF16, F16, F64, F8): quantized or integer checkpoints "
+                  "are not supported, use the unquantized model")
+
     def get(self, key) -> np.ndarray:
         if key not in self._where:
             raise CheckpointError(f"{self.directory}: tensor {key!r} is missing from the checkpoint")
@@ -185,10 +200,12 @@ def write_safetensors(path: str, tensors: dict, metadata: dict | None = None) ->
 
 
 def write_sharded(directory: str, tensors: Iterable[tuple[str, np.ndarray]], *, max_shard_bytes: int = 5 * 10**9,
-                  metadata: dict | None = None) -> list[str]:
+                  metadata: dict | None = None, index: bool = False) -> list[str]:
     """Stream (key, array) pairs into ~max_shard_bytes shards plus model.safetensors.index.json.
 
-    Tensors are held only until their shard is written, so peak memory is about one shard.
+    One shard is written as model.safetensors without an index unless `index` (then model-00001-of-00001 and an
+    index, as transformers writes a sharded checkpoint). Tensors are held only until their shard is written, so
+    peak memory is about one shard.
     """
     shards, current, current_bytes, total = [], {}, 0, 0
     weight_map = {}
@@ -211,15 +228,15 @@ def write_sharded(directory: str, tensors: Iterable[tuple[str, np.ndarray]], *, 
     n = len(shards)
     names = []
     for i, (name, keys) in enumerate(shards):
-        final = f"model-{i + 1:05d}-of-{n:05d}.safetensors" if n > 1 else SINGLE_NAME
+        final = f"model-{i + 1:05d}-of-{n:05d}.safetensors" if n > 1 or index else SINGLE_NAME
         os.replace(os.path.join(directory, name), os.path.join(directory, final))
         names.append(final)
         for k in keys:
             weight_map[k] = final
-    if n > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    if n > 1 or index:
+        with_index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         tmp = os.path.join(directory, INDEX_NAME + ".tmp")
         with open(tmp, "w") as f:
-            json.dump(index, f, indent=2)
+            json.dump(with_index, f, indent=2)
         os.replace(tmp, os.path.join(directory, INDEX_NAME))
     return names

@@ -4,14 +4,22 @@ An Orbax model directory:
     DIR/params/        Orbax checkpoint of the parameters (pure dict tree, sharded arrays), either one Orbax
                        checkpoint, or, when written by the streaming converter, `parts.json` + `part-NNNNN/` Orbax
                        checkpoints each holding a subset of the tree (so only one part is ever in host memory)
-    DIR/xorl_jax.json  metadata: model_type, family, expert layout and dtype of the HF source, stored dtype, root
+    DIR/xorl_jax.json  metadata: model_type, family, expert layout and dtype of the HF source, stored dtype, root,
+                       and the export source record (`source`, see `source_record`)
     DIR/config.json    the HF config, plus tokenizer and generation files copied from the source
-A training step directory (`<output_dir>/checkpoints/<step>`) has `params/` in the same format and `meta/` (the
-trainer's JSON item, holding `hf_config`); `to-hf` reads both.
+A training step directory (`<output_dir>/checkpoints/<step>`) has `params/` (the trainer's nnx.State: each leaf
+may sit under a trailing `value` key; a LoRA run's holds only the adapters) and `meta/` (the trainer's JSON item,
+holding `hf_config`, the run's config and the export source record); `to-hf` and `load_model` read both kinds.
+
+An HF export stands in for the checkpoint the run started from (see `export_hf`): every source tensor the run did
+not train (vision tower, MTP head) is copied byte for byte from the source safetensors, trained tensors are written
+in the source's dtype, sharded with an index when the source was, with config and tokenizer files carried over.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -92,6 +100,21 @@ def save_params(directory, params_state, *, metadata: dict) -> None:
 
 def load_params(directory, abstract_params_state, shardings=None) -> dict:
     """The parameters as a pure dict of jax.Array, placed on `shardings` (a matching tree or {path: sharding})."""
+    try:
+        return _load_params(directory, abstract_params_state, shardings)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - Orbax/tensorstore errors on a damaged or foreign directory
+        raise _unreadable(directory, e) from None
+
+
+def _unreadable(directory, e) -> CheckpointError:
+    detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    return CheckpointError(f"{directory}: cannot read the Orbax parameters ({type(e).__name__}: {detail}); the "
+                           f"checkpoint is incomplete or corrupt, or its config.json does not match it")
+
+
+def _load_params(directory, abstract_params_state, shardings=None) -> dict:
     abstract = _flat(_pure(abstract_params_state))
     if shardings is not None:
         sh = shardings if isinstance(shardings, dict) and all(isinstance(k, tuple) for k in shardings) else _flat(
@@ -105,7 +128,9 @@ def load_params(directory, abstract_params_state, shardings=None) -> dict:
     ckptr = _checkpointer()
     index_path = os.path.join(params_dir, PARTS_INDEX)
     if not os.path.exists(index_path):
-        restored = _flat(ckptr.restore(params_dir, _nest(abstract)))
+        suffix = _leaf_suffix(params_dir)
+        target = _nest({p + suffix: a for p, a in abstract.items()})
+        restored = {p[:len(p) - len(suffix)]: v for p, v in _flat(ckptr.restore(params_dir, target)).items()}
     else:
         with open(index_path) as f:
             parts = json.load(f)["parts"]
@@ -138,6 +163,31 @@ def load_params(directory, abstract_params_state, shardings=None) -> dict:
     return _nest({p: restored[p] for p in abstract})
 
 
+VALUE_KEY = "value"  # where an nnx.Variable keeps its array when flax flattens it (the trainer saves nnx.State)
+
+
+def _metadata_tree(params_dir) -> dict:
+    md = _checkpointer().metadata(params_dir)
+    tree = getattr(md, "item_metadata", md)
+    tree = getattr(tree, "tree", tree)
+    return dict(tree) if not isinstance(tree, dict) else tree
+
+
+def _leaf_suffix(params_dir) -> tuple:
+    """('value',) when every stored leaf sits under a trailing `value` key (an nnx.State saved by the trainer),
+    else ()."""
+    paths = list(_flat(_metadata_tree(params_dir)))
+    return (VALUE_KEY,) if paths and all(len(p) > 1 and p[-1] == VALUE_KEY for p in paths) else ()
+
+
+def _param_name(keys) -> str:
+    """A stored leaf's parameter name, without the trailing `value` key of an nnx.State leaf."""
+    keys = [str(k) for k in keys]
+    if len(keys) > 1 and keys[-1] == VALUE_KEY:
+        keys = keys[:-1]
+    return ".".join(keys)
+
+
 def _piece_abstract(like, layers: int):
     import jax
 
@@ -163,28 +213,69 @@ def is_orbax_model_dir(path) -> bool:
         os.path.isfile(os.path.join(path, METADATA_NAME)) or os.path.isdir(os.path.join(path, "meta")))
 
 
+def checkpoint_dir(path, what: str = "--checkpoint") -> str:
+    """`path` if it is an Orbax model directory or a training step directory, else a CheckpointError that says
+    what is there instead (nothing, a run's checkpoints folder, an unfinished save, an HF directory)."""
+    if not path or not os.path.exists(path):
+        raise CheckpointError(f"{what} {path}: no such directory; pass a training step directory "
+                              f"(<output_dir>/checkpoints/<step>) or an Orbax model directory from to-orbax")
+    if is_orbax_model_dir(path):
+        return path
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{what} {path} is a file; pass a checkpoint directory")
+    if ".orbax-checkpoint-tmp" in os.path.basename(os.path.normpath(path)):
+        raise CheckpointError(f"{what} {path} is an unfinished save (interrupted while writing); use a complete "
+                              f"step directory beside it")
+    for base in (path, os.path.join(path, "checkpoints")):
+        steps = sorted(int(n) for n in (os.listdir(base) if os.path.isdir(base) else ())
+                       if n.isdigit() and is_orbax_model_dir(os.path.join(base, n)))
+        if steps:
+            raise CheckpointError(f"{what} {path} holds training steps {', '.join(map(str, steps[-5:]))}; pass one "
+                                  f"step directory, e.g. {os.path.join(base, str(steps[-1]))}")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        raise CheckpointError(f"{what} {path} is not an xorl_jax checkpoint (no {PARAMS_DIR}/ with {METADATA_NAME} "
+                              f"or meta/); it looks like an HF directory: convert HF directories with to-orbax")
+    raise CheckpointError(f"{what} {path} is not an xorl_jax checkpoint (expected {PARAMS_DIR}/ and "
+                          f"{METADATA_NAME} or meta/)")
+
+
 def read_metadata(directory) -> dict:
-    """xorl_jax.json, or for a training step directory what its `meta` item says (with defaults)."""
+    """xorl_jax.json, or for a training step directory what its `meta` item says (with defaults). Both carry the
+    export source record under `source` (absent in directories written by older versions)."""
     p = os.path.join(directory, METADATA_NAME)
     if os.path.isfile(p):
-        with open(p) as f:
-            return json.load(f)
+        try:
+            with open(p) as f:
+                return json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{p}: corrupt metadata ({e}); the checkpoint is damaged") from None
     meta = _training_meta(directory)
     if meta is None:
-        raise CheckpointError(f"{directory}: neither {METADATA_NAME} nor a training `meta` item; not an xorl_jax "
-                              f"checkpoint")
+        raise CheckpointError(f"{directory}: neither {METADATA_NAME} nor a readable training `meta` item; not an "
+                              f"xorl_jax checkpoint, or a damaged one")
     hf = meta.get("hf_config") or {}
-    source = meta.get("model_path") or ((meta.get("config") or {}).get("model") or {}).get("model_path")
-    out = {"model_type": hf.get("model_type"), "expert_layout": meta.get("expert_layout", "fused"),
-           "root": meta.get("root"), "source_dtype": meta.get("source_dtype"), "dtype": None,
-           "source_path": source, "hf_config": hf}
-    if source and os.path.isdir(source):  # the run's source still exists: take its layout and root from it
+    source = meta.get("source") or _legacy_training_source(meta)
+    lora = ((meta.get("config") or {}).get("lora") or {})
+    return {"model_type": hf.get("model_type"), "expert_layout": source.get("expert_layout") or "fused",
+            "root": source.get("root"), "source_dtype": source.get("dtype"), "dtype": None,
+            "source_path": source.get("path"), "hf_config": hf, "source": source,
+            "lora": lora if lora.get("enable_lora") else None, "run_config": meta.get("config") or {}}
+
+
+def _legacy_training_source(meta) -> dict:
+    """The source record of a training checkpoint written before records existed: from the run's model_path (taken
+    as it was written, relative paths against the current directory), when it still exists."""
+    model = (meta.get("config") or {}).get("model") or {}
+    train = (meta.get("config") or {}).get("train") or {}
+    path = meta.get("model_path") or model.get("model_path")
+    if train.get("init_from") != "scratch" and path and os.path.isabs(path) and os.path.isdir(path):
         try:
-            src_meta = _export_source(source)[0]
-            out.update({k: src_meta[k] for k in ("expert_layout", "root") if src_meta.get(k)})
+            return source_of(path, meta.get("hf_config"))
         except (CheckpointError, ValueError, OSError):
             pass
-    return out
+    return {"path": None, "model_path": path, "root": None, "expert_layout": "fused", "dtype": None, "dtypes": {},
+            "carried": None, "sharded": False,
+            "side_dirs": [d for d in (model.get("tokenizer_path"), path, model.get("config_path")) if d]}
 
 
 def _training_meta(directory):
@@ -281,26 +372,32 @@ def _open_hf(model_path, options=None, dtype=None, config_path=None):
     from xorl_jax.models.common import ModelOptions
     from xorl_jax.models.loading import abstract_model, build_config, detect_layout, read_hf_config
 
+    if model_path and os.path.isdir(os.path.join(model_path, PARAMS_DIR)):
+        raise CheckpointError(f"{model_path} is an xorl_jax (Orbax) checkpoint, not an HF directory; train from it "
+                              f"directly (model.model_path) or write HF safetensors with `convert to-hf`")
     hf_config = read_hf_config(config_path or model_path)
     cls, cfg = build_config(hf_config)
     reader = SafetensorsReader(model_path)
     root, layout = detect_layout(reader.keys())
     keymap = cls.hf_key_map(cfg, expert_layout=layout, root=root)
-    source_dtype = _source_dtype(reader)
-    if options is None:
-        name = _np_dtype(dtype).name if dtype else source_dtype
-        options = ModelOptions(dtype=name, param_dtype=name)
-    model = abstract_model(cls, cfg, options)
+    model = abstract_model(cls, cfg, options or ModelOptions())
     sources = ops.plan(model, keymap)
     ops.check_keys(sources, reader.keys(), keymap, model_path, cls.__name__)
+    mapped = ops.mapped_keys(sources)
+    reader.check_float(keymap.skipped_prefixes)
+    source_dtype = _source_dtype(reader, mapped)
+    if options is None:  # the parameters in the given dtype, else the source's
+        name = _np_dtype(dtype).name if dtype else source_dtype
+        model = abstract_model(cls, cfg, ModelOptions(dtype=name, param_dtype=name))
     info = {"model_type": hf_config.get("model_type"), "family": cls.__name__, "expert_layout": layout,
             "root": root, "source_dtype": source_dtype}
     return hf_config, model, reader, sources, info
 
 
-def _source_dtype(reader) -> str:
+def _source_dtype(reader, keys=None) -> str:
+    """The dtype holding most of the elements of `keys` (default: every tensor)."""
     counts = {}
-    for k in reader.keys():
+    for k in (reader.keys() if keys is None else keys):
         dt = reader.dtype(k)
         counts[dt.name] = counts.get(dt.name, 0) + int(np.prod(reader.shape(k)))
     return max(counts, key=counts.get) if counts else "float32"
@@ -342,7 +439,8 @@ def _axis_unsharded(sharding, axis) -> bool:
 
 
 def load_model(path, options, mesh=None, rules=None, *, config_path=None, shardings=None):
-    """A model from an HF directory (converted on the fly) or an Orbax model directory, sharded over `mesh`."""
+    """A model from an HF directory (converted on the fly), an Orbax model directory or a training step directory
+    (a LoRA run's: its base with the adapters merged), sharded over `mesh`."""
     import jax.numpy as jnp
     from flax import nnx
 
@@ -354,6 +452,9 @@ def load_model(path, options, mesh=None, rules=None, *, config_path=None, shardi
         model = abstract_model(cls, cfg, options)
         if shardings is None and mesh is not None:
             shardings = param_shardings_for(model, mesh, rules)
+        meta = read_metadata(path)
+        if meta.get("lora"):
+            return _place(lora_merged_model(path, meta), jnp.dtype(options.param_dtype), shardings, model)
         graphdef, abstract_state = nnx.split(model)
         want = jnp.dtype(options.param_dtype)
         abstract = {p: _retyped(a, want) for p, a in _flat(nnx.to_pure_dict(abstract_state)).items()}
@@ -369,6 +470,84 @@ def load_model(path, options, mesh=None, rules=None, *, config_path=None, shardi
     for p, _, arr in _iter_arrays(model, reader, sources, jnp.dtype(options.param_dtype), shardings):
         params[p].set_value(arr)
     return model
+
+
+def _host_sharding():
+    import jax
+
+    return jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])  # host RAM, not an accelerator
+
+
+def _place(model, dtype, shardings, like):
+    """`model`'s parameters cast to `dtype` and put on `shardings` ({path: sharding} or None: left where they are),
+    in a model built like `like` (the caller's options)."""
+    import jax
+    from flax import nnx
+
+    from xorl_jax.models.loading import param_paths
+
+    values = {p: v[...] for p, v in param_paths(model).items()}
+    graphdef, state = nnx.split(like)
+    flat = {}
+    for p, _ in _flat(nnx.to_pure_dict(state)).items():
+        x = values[p]
+        x = x.astype(dtype) if jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x
+        flat[p] = jax.device_put(x, shardings[p]) if shardings and shardings.get(p) is not None else x
+    nnx.replace_by_pure_dict(state, _nest(flat))
+    return nnx.merge(graphdef, state)
+
+
+def lora_merged_model(checkpoint, meta=None):
+    """The model a LoRA training checkpoint stands for, in host memory: its base model (the run's model_path,
+    read as the run read it) with the stored adapters merged, W + (alpha / r) A @ B, as the trainer merges them."""
+    import jax
+    from flax import nnx
+
+    from xorl_jax import lora as lora_lib
+    from xorl_jax.config import LoraConfig
+    from xorl_jax.models.common import ModelOptions
+
+    meta = meta or read_metadata(checkpoint)
+    source = meta.get("source") or {}
+    base = source.get("model_path")
+    if not base or not os.path.isdir(base):
+        raise CheckpointError(f"{checkpoint}: a LoRA checkpoint holds only the adapters, and its base model "
+                              f"{base or '(not recorded)'} is gone; put the base model back there to export or load it")
+    run_model = (meta.get("run_config") or {}).get("model") or {}
+    base_model = load_model(base, ModelOptions(param_dtype=run_model.get("param_dtype") or "float32"),
+                            shardings=_AllOn(_host_sharding()))
+    graphdef, frozen = nnx.split(base_model)
+    known = {f.name for f in dataclasses.fields(LoraConfig)}
+    lcfg = LoraConfig(**{k: v for k, v in meta["lora"].items() if k in known})
+    targets = lora_lib.lora_targets(frozen, lcfg)
+    abstract = jax.eval_shape(lambda: lora_lib.init_lora(frozen, targets, lcfg.lora_rank))
+    host = _host_sharding()
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=host), abstract)
+    params_dir = os.path.join(os.path.abspath(checkpoint), PARAMS_DIR)
+    try:
+        adapters = _checkpointer().restore(params_dir, abstract)
+    except Exception as e:  # noqa: BLE001 - a damaged directory, or adapters that do not match the recorded config
+        raise _unreadable(checkpoint, e) from None
+    scale = lora_lib.lora_scale(lcfg)
+    merged = jax.jit(lambda lo, fr: lora_lib.merge_lora(fr, lo, targets, scale))(adapters, frozen)
+    return nnx.merge(graphdef, merged)
+
+
+class _AllOn(dict):
+    """{path: sharding} that gives the same sharding for every path."""
+
+    def __init__(self, sharding):
+        super().__init__()
+        self.sharding = sharding
+
+    def get(self, key, default=None):
+        return self.sharding
+
+    def __getitem__(self, key):
+        return self.sharding
+
+    def __bool__(self):
+        return True
 
 
 def _retyped(a, dtype):
@@ -437,7 +616,8 @@ def convert_hf_to_orbax(model_path, output, *, dtype=None, mesh=None, rules=None
         if main:
             _write_json(os.path.join(params_dir, PARTS_INDEX), {"format": "xorl_jax.params.parts/1", "parts": parts})
             meta = dict(info, dtype=np.dtype(param_dtype).name, xorl_jax_version=_version(),
-                        source_path=os.path.abspath(model_path), total_bytes=total)
+                        source_path=os.path.abspath(model_path), total_bytes=total,
+                        source=hf_source_record(model_path, hf_config))
             _write_json(os.path.join(tmp, METADATA_NAME), meta)
             _write_json(os.path.join(tmp, "config.json"), hf_config)
             ops.copy_side_files(model_path, tmp)
@@ -522,11 +702,21 @@ def host_array(x) -> np.ndarray:
 
 
 def export_hf(model, output_dir, *, source_dir_or_metadata, dtype=None, expert_layout=None, overwrite=False,
-              max_shard_bytes: int = 5 * 10**9, stored=None) -> str:
-    """Write `model`'s weights as an HF safetensors directory (5 GB shards + index, config, tokenizer files).
+              max_shard_bytes: int = 5 * 10**9, stored=None, text_only: bool = False) -> str:
+    """Write `model`'s weights as an HF safetensors directory that stands in for the checkpoint it came from.
 
-    `source_dir_or_metadata`: the HF or Orbax directory the model came from, or a metadata dict (read_metadata);
-    it gives config.json, tokenizer files, root prefix and the defaults for `dtype` and `expert_layout`.
+    `source_dir_or_metadata`: the HF, Orbax or training step directory the model came from, or a metadata dict
+    (`read_metadata`'s, or {"hf_config": ..., "source": record} with a record from `source_of`/`run_source`;
+    {"hf_config", "source_path"} alone: no source weights, tokenizer files from source_path).
+    From the source record:
+    - every source tensor the key map does not produce (vision tower, MTP head) is copied byte for byte from the
+      source safetensors; if they cannot be (the source is gone or changed), CheckpointError, unless `text_only`;
+    - each written tensor has the dtype of the same tensor in the source (a run from scratch: the record's dtype,
+      model.dtype); `dtype` overrides that for the written tensors (never the copied ones);
+    - expert layout and key root as in the source (`expert_layout` overrides the layout); shards with an index
+      when the source had one; config.json (the run's), generation, tokenizer and chat template files copied.
+    `text_only`: only the language model, in its text-only layout (a multimodal config becomes its text_config),
+    nothing copied from the source safetensors.
     `stored`: {path: StoredArray} to read the weights from a checkpoint layer by layer instead of from `model`
     (which then only gives the structure and may be abstract).
     """
@@ -535,19 +725,34 @@ def export_hf(model, output_dir, *, source_dir_or_metadata, dtype=None, expert_l
     from xorl_jax.checkpoint.hf import write_sharded
     from xorl_jax.models.loading import param_paths
 
-    meta, hf_config, side_dir = _export_source(source_dir_or_metadata)
-    layout = expert_layout or meta.get("expert_layout") or "fused"
+    hf_config, rec = export_source(source_dir_or_metadata)
+    text_only = bool(text_only or rec.get("text_only"))
+    layout = expert_layout or rec.get("expert_layout") or "fused"
     if layout not in ("fused", "per_expert"):
         raise CheckpointError(f"expert layout {layout!r} is not one of fused, per_expert (per-expert)")
-    inputs = [side_dir] if side_dir else []
-    ops.check_output(output_dir, inputs, overwrite=overwrite)
+    src_root = rec.get("root") or _root_for(hf_config)
+    root = "model" if text_only else src_root
     cls = type(model)
-    keymap = cls.hf_key_map(model.config, expert_layout=layout, root=meta.get("root") or _root_for(hf_config))
+    keymap = cls.hf_key_map(model.config, expert_layout=layout, root=root)
     sources = ops.plan(model, keymap)
+    carried, carry_reader = (), None
+    if not text_only:
+        carried, carry_reader = _carry_plan(rec, keymap)
+    side_dirs = [d for d in rec.get("side_dirs") or () if d]
+    ops.check_output(output_dir, [rec.get("path"), rec.get("model_path")] + side_dirs, overwrite=overwrite)
     params = stored if stored is not None else {p: v[...] for p, v in param_paths(model).items()}
-    out_dtype = _np_dtype(dtype) if dtype else (
-        _np_dtype(meta["source_dtype"]) if meta.get("source_dtype") and not meta.get("dtype") else
-        _np_dtype(meta["dtype"]) if meta.get("dtype") else None)
+    override = _np_dtype(dtype) if dtype else None
+    default = _dtype_named(rec["dtype"]) if rec.get("dtype") else None
+    exceptions = rec.get("dtypes") or {}
+
+    def dtype_of(key):
+        if override is not None:
+            return override
+        if root != src_root and key.startswith(root + "."):
+            key = src_root + key[len(root):]
+        name = exceptions.get(key)
+        return _dtype_named(name) if name else default
+
     main = jax.process_index() == 0
     tmp = _broadcast_path(ops.temp_dir_for(output_dir) if main else None)
 
@@ -559,18 +764,16 @@ def export_hf(model, output_dir, *, source_dir_or_metadata, dtype=None, expert_l
     try:
         # from a checkpoint: one parameter's layers after another (each stored chunk decoded once); from device
         # arrays: layer by layer, the usual HF order
-        tensors = ops.iter_hf_from_params(params, sources, fetch, out_dtype,
-                                          parameter_major=stored is not None)
+        tensors = ops.iter_hf_from_params(params, sources, fetch, dtype_of, parameter_major=stored is not None)
         if main:
-            write_sharded(tmp, tensors, max_shard_bytes=max_shard_bytes)
-            config = dict(hf_config)
-            if out_dtype is not None:
-                name = np.dtype(out_dtype).name
-                for key in ("dtype", "torch_dtype"):
-                    if key in config or key == "dtype":
-                        config[key] = name
+            copied = ((k, carry_reader.read(k)) for k in carried)  # the source's bytes, unchanged
+            write_sharded(tmp, itertools.chain(tensors, copied), max_shard_bytes=max_shard_bytes,
+                          index=bool(rec.get("sharded")))
+            config = _export_config(hf_config, model, text_only=text_only,
+                                    dtype=(override or (default if not rec.get("path") else None)))
             _write_json(os.path.join(tmp, "config.json"), config)
-            ops.copy_side_files(side_dir, tmp)
+            if not ops.copy_side_files(side_dirs, tmp) and side_dirs:
+                logger.warning("export: no tokenizer or generation files found in %s", ", ".join(side_dirs))
             ops.commit_dir(tmp, output_dir)
         else:
             for _ in tensors:  # every process takes part in the gathers
@@ -585,31 +788,170 @@ def export_hf(model, output_dir, *, source_dir_or_metadata, dtype=None, expert_l
     return output_dir
 
 
+def _dtype_named(name):
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+def _carry_plan(rec, keymap):
+    """(keys to copy, reader of the source) for the tensors of the source that the run did not train."""
+    from xorl_jax.checkpoint.hf import SafetensorsReader
+
+    recorded = rec.get("carried")
+    path = rec.get("path")
+    if not path or not os.path.isdir(path):
+        if recorded:
+            raise CheckpointError(
+                f"the export must copy {len(recorded)} tensors the run did not train ({_summary(recorded)}) from "
+                f"its source checkpoint {path}, which is gone; put it back there, or pass --text-only to write the "
+                f"language model alone")
+        if recorded is None:
+            logger.warning("export: the source checkpoint %s is not known or gone; tensors the run did not train "
+                           "(a vision tower, an MTP head) cannot be copied if the source had any", path)
+        return (), None
+    reader = SafetensorsReader(path)
+    if recorded is None:  # a record from before the lists: what loading skipped is what the run did not train
+        recorded = sorted(k for k in reader.keys() if keymap.skipped_prefixes and k.startswith(keymap.skipped_prefixes))
+    missing = [k for k in recorded if k not in reader]
+    if missing:
+        raise CheckpointError(f"the source checkpoint {path} changed since the run read it: {len(missing)} tensors "
+                              f"the export must copy are gone, e.g. {missing[0]}; restore it, or pass --text-only")
+    return list(recorded), reader
+
+
+def _summary(keys) -> str:
+    groups = {}
+    for k in keys:
+        parts = k.split(".")
+        g = ".".join(parts[:2]) if parts[0] == "model" and len(parts) > 2 else parts[0]
+        groups[g] = groups.get(g, 0) + 1
+    return ", ".join(f"{n} under {g}.*" for g, n in sorted(groups.items()))
+
+
+def _export_config(hf_config, model, *, text_only: bool, dtype) -> dict:
+    """config.json of an export: the run's, with `dtype` (when given) as the weights' dtype; `text_only` turns a
+    multimodal config into its text model's (our classes carry transformers' text-model class names)."""
+    config = json.loads(json.dumps(hf_config))
+    if text_only and isinstance(config.get("text_config"), dict):
+        text = config["text_config"]
+        text["architectures"] = [type(model).__name__]
+        text["tie_word_embeddings"] = bool(model.config.tie_word_embeddings)
+        for key in ("dtype", "torch_dtype"):
+            if key in config and key not in text:
+                text[key] = config[key]
+        config = text
+    if dtype is not None:
+        name = np.dtype(dtype).name
+        config["dtype"] = name
+        if "torch_dtype" in config:
+            config["torch_dtype"] = name
+        if isinstance(config.get("text_config"), dict) and "dtype" in config["text_config"]:
+            config["text_config"]["dtype"] = name
+    return config
+
+
 def _root_for(hf_config) -> str:
     return "model.language_model" if "text_config" in hf_config else "model"
 
 
-def _export_source(src):
-    """(metadata, hf_config, directory with tokenizer files) from an HF dir, an Orbax dir or a metadata dict."""
+# ------------------------------------------------------------------------------------------ source records
+def hf_source_record(model_path, hf_config=None) -> dict:
+    """The export source record of an HF directory: what an export needs to stand in for it.
+
+    {"path": the HF directory whose untrained tensors are copied, "model_path": the directory a run loads,
+     "root", "expert_layout", "dtype": the dtype of most weight elements, "dtypes": {HF key: dtype} of weights in
+     another dtype, "carried": [HF keys the key map does not produce: copied byte for byte], "sharded": whether it
+     has model.safetensors.index.json, "side_dirs": [directories the config/tokenizer files come from]}
+    """
+    from xorl_jax.checkpoint.hf import INDEX_NAME, SafetensorsReader
+    from xorl_jax.models.common import ModelOptions
+    from xorl_jax.models.loading import abstract_model, build_config, detect_layout, read_hf_config
+
+    path = os.path.abspath(model_path)
+    hf_config = hf_config or read_hf_config(path)
+    reader = SafetensorsReader(path)
+    root, layout = detect_layout(reader.keys())
+    cls, cfg = build_config(hf_config)
+    sources = ops.plan(abstract_model(cls, cfg, ModelOptions()), cls.hf_key_map(cfg, expert_layout=layout, root=root))
+    mapped = ops.mapped_keys(sources) & reader.keys()
+    reader.check_float(cls.hf_key_map(cfg, expert_layout=layout, root=root).skipped_prefixes)
+    dtype = _source_dtype(reader, mapped)
+    return {"path": path, "model_path": path, "root": root, "expert_layout": layout, "dtype": dtype,
+            "dtypes": {k: reader.dtype(k).name for k in sorted(mapped) if reader.dtype(k).name != dtype},
+            "carried": sorted(reader.keys() - mapped), "sharded": os.path.isfile(os.path.join(path, INDEX_NAME)),
+            "side_dirs": [path]}
+
+
+def source_of(model_path, hf_config=None) -> dict:
+    """The export source record of a directory a run loads its weights from: an HF directory, an Orbax model
+    directory (its record, kept since to-orbax) or a training step directory (the record of its run)."""
+    path = os.path.abspath(model_path)
+    if not is_orbax_model_dir(path):
+        return hf_source_record(path, hf_config)
+    meta = read_metadata(path)
+    rec = meta.get("source")
+    if rec is None:  # written by an older version: its HF source, if still there
+        src = meta.get("source_path")
+        try:
+            rec = hf_source_record(src) if src and os.path.isdir(src) else None
+        except (CheckpointError, ValueError, OSError):
+            rec = None
+        if rec is None:
+            rec = {"path": None, "root": meta.get("root"), "expert_layout": meta.get("expert_layout"),
+                   "dtype": meta.get("source_dtype") or meta.get("dtype"), "dtypes": {}, "carried": None,
+                   "sharded": False, "side_dirs": [src] if src else []}
+    rec = dict(rec, model_path=path)
+    rec["side_dirs"] = _unique([path] + list(rec.get("side_dirs") or []))
+    return rec
+
+
+def run_source(model_path, *, hf_config, init_from: str, dtype: str, tokenizer_path=None, config_path=None) -> dict:
+    """The export source record of a training run (kept in every checkpoint's meta): its model_path's, or, for a
+    run from scratch, none (no tensors to copy; written in `dtype`, the run's model.dtype; a multimodal config is
+    exported text-only, as there is no vision tower to go with it). The tokenizer directory comes first."""
+    if init_from == "scratch" or not model_path:
+        rec = {"path": None, "model_path": None, "root": _root_for(hf_config), "expert_layout": "fused",
+               "dtype": np.dtype(_dtype_named(dtype)).name, "dtypes": {}, "carried": [], "sharded": False,
+               "side_dirs": [], "text_only": "text_config" in hf_config}
+    else:
+        rec = source_of(model_path, hf_config)
+    config_dir = config_path if not config_path or os.path.isdir(config_path) else os.path.dirname(config_path)
+    rec["side_dirs"] = _unique([tokenizer_path] + list(rec.get("side_dirs") or []) + [config_dir])
+    return rec
+
+
+def _unique(dirs) -> list:
+    out = []
+    for d in dirs:
+        if d and os.path.abspath(d) not in out:
+            out.append(os.path.abspath(d))
+    return out
+
+
+def export_source(src) -> tuple[dict, dict]:
+    """(hf_config, source record) from a directory or a metadata dict (see export_hf)."""
     if isinstance(src, dict):
         hf = src.get("hf_config") or {}
-        return src, hf, src.get("source_path")
-    if is_orbax_model_dir(src):
-        meta = read_metadata(src)
-        side = src if os.path.isfile(os.path.join(src, "config.json")) else meta.get("source_path")
-        return meta, hf_config_of(src), side
+        rec = src.get("source")
+        if rec is None:  # a bare metadata dict: no source weights to copy
+            side = src.get("source_path")
+            rec = {"path": None, "root": src.get("root"), "expert_layout": src.get("expert_layout"),
+                   "dtype": src.get("dtype"), "dtypes": {}, "carried": [], "sharded": False,
+                   "side_dirs": [side] if side else []}
+        return hf, rec
     from xorl_jax.checkpoint.hf import SafetensorsReader
-    from xorl_jax.models.loading import detect_layout, read_hf_config
+    from xorl_jax.models.loading import read_hf_config
 
+    if is_orbax_model_dir(src):
+        return hf_config_of(src), source_of(src)
     hf = read_hf_config(src)
-    meta = {"model_type": hf.get("model_type")}
     try:
-        reader = SafetensorsReader(src)
-        meta["root"], meta["expert_layout"] = detect_layout(reader.keys())
-        meta["source_dtype"] = _source_dtype(reader)
-    except CheckpointError:
-        pass  # a config-only directory: defaults apply
-    return meta, hf, src
+        SafetensorsReader(src)
+    except CheckpointError:  # a config-only directory: nothing to copy, files from it
+        return hf, {"path": None, "root": None, "expert_layout": None, "dtype": None, "dtypes": {}, "carried": [],
+                    "sharded": False, "side_dirs": [os.path.abspath(src)]}
+    return hf, hf_source_record(src, hf)
 
 
 class _Runs:
@@ -628,14 +970,25 @@ class StoredArray:
     chunks are decoded whole, so a layer is read as part of its chunk-aligned run of layers, kept in `runs` until
     another run is needed: reading one parameter's layers in order decodes each chunk once."""
 
-    def __init__(self, name: str, pieces: list, runs: _Runs):
+    def __init__(self, name: str, pieces: list, runs: _Runs, where: str = ""):
         self.name = name
         self.pieces = sorted(pieces, key=lambda p: p[0])
         self.runs = runs
+        self.where = where
         first = self.pieces[0][1]
         self.shape = (sum(h.shape[0] for _, h in self.pieces),) + tuple(first.shape[1:])
 
     def read(self, layer=None) -> np.ndarray:
+        try:
+            return self._read(layer)
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - tensorstore on missing or damaged chunk files
+            detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise CheckpointError(f"{self.where}: cannot read {self.name} ({detail}); the checkpoint is incomplete "
+                                  f"or corrupt") from None
+
+    def _read(self, layer=None) -> np.ndarray:
         if layer is None:
             parts = [np.asarray(h.read().result()) for _, h in self.pieces]
             return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
@@ -689,55 +1042,55 @@ def _stored_arrays(checkpoint) -> dict:
             meta = json.load(f)
         driver = "zarr3" if meta.get("use_zarr3") else "zarr"
         for entry in meta["tree_metadata"].values():
-            name = ".".join(str(k["key"]) for k in entry["key_metadata"])
+            stored = ".".join(str(k["key"]) for k in entry["key_metadata"])
+            name = _param_name([k["key"] for k in entry["key_metadata"]])
             if meta.get("use_ocdbt"):
-                kv = {"driver": "ocdbt", "base": f"file://{d}/", "path": name}
+                kv = {"driver": "ocdbt", "base": f"file://{d}/", "path": stored}
             else:
-                kv = {"driver": "file", "path": os.path.join(d, name)}
+                kv = {"driver": "file", "path": os.path.join(d, stored)}
             handle = ts.open({"driver": driver, "kvstore": kv}, open=True, read=True).result()
             pieces.setdefault(name, []).append((layers[name][0] if name in layers else 0, handle))
-    return {name: StoredArray(name, p, runs) for name, p in pieces.items()}
+    return {name: StoredArray(name, p, runs, checkpoint) for name, p in pieces.items()}
 
 
 def convert_checkpoint_to_hf(checkpoint, output, *, dtype=None, expert_layout=None, overwrite=False,
-                             max_shard_bytes: int = 5 * 10**9) -> str:
-    """Orbax model directory or training step directory -> HF safetensors directory.
+                             max_shard_bytes: int = 5 * 10**9, text_only: bool = False) -> str:
+    """Orbax model directory or training step directory -> HF safetensors directory standing in for the checkpoint
+    the run started from (see `export_hf`: untrained tensors copied from the source, the source's dtypes).
 
     Weights are read one stacked layer at a time (host memory about one layer's parameter plus one 5 GB output
-    shard); a checkpoint whose Orbax layout cannot be read that way is restored whole instead."""
+    shard); a checkpoint whose Orbax layout cannot be read that way is restored whole instead. A LoRA run's
+    checkpoint is its base model with the adapters merged (host memory about the model's size)."""
     import jax.numpy as jnp
     from flax import nnx
 
     from xorl_jax.models.common import ModelOptions
     from xorl_jax.models.loading import abstract_model, build_config
 
-    if not is_orbax_model_dir(checkpoint):
-        raise CheckpointError(f"{checkpoint}: not an xorl_jax checkpoint (expected {PARAMS_DIR}/ and "
-                              f"{METADATA_NAME} or meta/); convert HF directories with to-orbax")
+    checkpoint = checkpoint_dir(checkpoint)
     ops.check_output(output, [checkpoint], overwrite=overwrite)
     meta = read_metadata(checkpoint)
     hf_config = hf_config_of(checkpoint)
-    cls, cfg = build_config(hf_config)
-    model = abstract_model(cls, cfg, ModelOptions())
-    graphdef, abstract_state = nnx.split(model)
-    stored = _stored_dtypes(checkpoint)
-    lazy = _lazy_params(checkpoint, model)
-    if lazy is None:
-        abstract = {p: _retyped(a, jnp.dtype(stored.get(_name(p), a.dtype)))
-                    for p, a in _flat(nnx.to_pure_dict(abstract_state)).items()}
-        import jax
-
-        host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])  # host RAM, not an accelerator
-        params = load_params(checkpoint, _nest(abstract), {p: host for p in abstract})
-        nnx.replace_by_pure_dict(abstract_state, params)
-        model = nnx.merge(graphdef, abstract_state)
-    meta = dict(meta, hf_config=hf_config)
-    if not meta.get("dtype"):
-        meta["dtype"] = next(iter(stored.values()), None)
-    side = checkpoint if os.path.isfile(os.path.join(checkpoint, "config.json")) else meta.get("source_path")
-    meta["source_path"] = side
-    return export_hf(model, output, source_dir_or_metadata=meta, dtype=dtype, expert_layout=expert_layout,
-                     overwrite=overwrite, max_shard_bytes=max_shard_bytes, stored=lazy)
+    rec = source_of(checkpoint, hf_config)
+    lazy = None
+    if meta.get("lora"):
+        model = lora_merged_model(checkpoint, meta)
+    else:
+        cls, cfg = build_config(hf_config)
+        model = abstract_model(cls, cfg, ModelOptions())
+        graphdef, abstract_state = nnx.split(model)
+        lazy = _lazy_params(checkpoint, model)
+        if lazy is None:
+            stored = _stored_dtypes(checkpoint)
+            abstract = {p: _retyped(a, jnp.dtype(stored.get(_name(p), a.dtype)))
+                        for p, a in _flat(nnx.to_pure_dict(abstract_state)).items()}
+            host = _host_sharding()
+            params = load_params(checkpoint, _nest(abstract), {p: host for p in abstract})
+            nnx.replace_by_pure_dict(abstract_state, params)
+            model = nnx.merge(graphdef, abstract_state)
+    return export_hf(model, output, source_dir_or_metadata={"hf_config": hf_config, "source": rec}, dtype=dtype,
+                     expert_layout=expert_layout, overwrite=overwrite, max_shard_bytes=max_shard_bytes, stored=lazy,
+                     text_only=text_only)
 
 
 def _lazy_params(checkpoint, model):
@@ -766,12 +1119,11 @@ def _lazy_params(checkpoint, model):
 def _stored_dtypes(checkpoint) -> dict:
     """{param name: dtype name} as stored, read from the Orbax metadata (no array data is read)."""
     out = {}
-    ckptr = _checkpointer()
-    for d, _ in _param_dirs(checkpoint):
-        md = ckptr.metadata(d)
-        tree = getattr(md, "item_metadata", md)
-        tree = getattr(tree, "tree", tree)
-        for path, leaf in _flat(dict(tree) if not isinstance(tree, dict) else tree).items():
-            if hasattr(leaf, "dtype"):
-                out[_name(path)] = np.dtype(leaf.dtype).name
+    try:
+        for d, _ in _param_dirs(checkpoint):
+            for path, leaf in _flat(_metadata_tree(d)).items():
+                if hasattr(leaf, "dtype"):
+                    out[_param_name(path)] = np.dtype(leaf.dtype).name
+    except Exception as e:  # noqa: BLE001 - no or damaged Orbax metadata
+        raise _unreadable(checkpoint, e) from None
     return out

@@ -134,7 +134,14 @@ def iter_hf_tensors(model, keymap):
 
 def from_pretrained(path: str, dtype="float32", mesh=None, *, config_path: str | None = None,
                     options: ModelOptions | None = None):
-    """A ready-to-call model from a HF checkpoint directory (safetensors + config.json)."""
+    """A ready-to-call model from a HF checkpoint directory (safetensors + config.json), an Orbax model directory
+    (`convert to-orbax`) or a training step directory (`<output_dir>/checkpoints/<step>`; LoRA: adapters merged)."""
+    from xorl_jax.checkpoint import orbax as ckpt
+
+    if ckpt.is_orbax_model_dir(path):
+        dtype = jnp.dtype(dtype).name
+        return ckpt.load_model(path, options or ModelOptions(dtype=dtype, param_dtype=dtype), mesh=mesh,
+                               config_path=config_path)
     hf_config = read_hf_config(config_path or path)
     cls, cfg = build_config(hf_config)
     dtype = jnp.dtype(dtype).name
@@ -143,6 +150,7 @@ def from_pretrained(path: str, dtype="float32", mesh=None, *, config_path: str |
     reader = SafetensorsReader(path)
     root, layout = detect_layout(reader.keys())
     keymap = cls.hf_key_map(cfg, expert_layout=layout, root=root)
+    reader.check_float(keymap.skipped_prefixes)
     load_hf_weights(model, reader, keymap, param_dtype=jnp.dtype(options.param_dtype))
     if mesh is not None:
         from xorl_jax.parallel.rules import shard_model
