@@ -1,5 +1,5 @@
 """SIGUSR1 / SIGTERM (SLURM's time-limit warning and pre-emption): the run finishes its step, saves a checkpoint,
-exits 75, and the same command resumes from it."""
+exits 75, and the same command resumes from it (train.load_checkpoint_path left at its default, auto)."""
 
 import json
 import os
@@ -25,8 +25,7 @@ def test_stop_signals_set_a_flag_and_restore_handlers():
 
 def _train(out_dir, *extra):
     env = dict(os.environ, PYTHONPATH=ROOT)
-    cmd = [sys.executable, "-m", "xorl_jax.train", "--config", DEMO_CONFIG, *demo_overrides(out_dir),
-           "--train.load_checkpoint_path=auto", *extra]
+    cmd = [sys.executable, "-m", "xorl_jax.train", "--config", DEMO_CONFIG, *demo_overrides(out_dir), *extra]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -46,7 +45,7 @@ def test_signal_saves_a_checkpoint_exits_75_and_the_run_resumes(tmp_path):
     proc.send_signal(signal.SIGUSR1)
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == EXIT_PREEMPTED, err[-2000:]
-    assert "SIGUSR1" in err and "resumes" in err
+    assert "SIGUSR1" in err and "the same command resumes" in err
     saved = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
     assert saved and saved[-1] >= 2
     stopped_at = saved[-1]
@@ -54,4 +53,4 @@ def test_signal_saves_a_checkpoint_exits_75_and_the_run_resumes(tmp_path):
     out, err = again.communicate(timeout=240)
     assert again.returncode == 0, err[-2000:]
     assert f"resumed from step {stopped_at}" in out + err
-    assert _logged_steps(tmp_path)[-1] == stopped_at + 2
+    assert _logged_steps(tmp_path) == list(range(1, stopped_at + 3))  # each step once

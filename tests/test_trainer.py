@@ -70,11 +70,12 @@ def test_resume_is_bitwise(tmp_path):
     full = make_trainer(tmp_path / "full", save_steps=3, save_async=True)
     full.train()
     expected = flat_params(full.state)
-    # A second run that starts from the step-3 checkpoint of the first must end on the same bits.
+    # A second run that starts from the step-3 checkpoint of the first must end on the same bits (resuming from
+    # the output_dir's newest checkpoint is the default).
     resumed_dir = tmp_path / "resumed"
     os.makedirs(resumed_dir / "checkpoints")
     shutil.copytree(tmp_path / "full" / "checkpoints" / "3", resumed_dir / "checkpoints" / "3")
-    resumed = make_trainer(resumed_dir, load_checkpoint_path="auto")
+    resumed = make_trainer(resumed_dir)
     result = resumed.train()
     assert result["step"] == 6
     got = flat_params(resumed.state)
@@ -253,7 +254,8 @@ def test_sigkill_during_checkpoint_save_resumes_from_previous(tmp_path):
             proc.kill()
     complete = sorted(int(n) for n in os.listdir(ckpt) if n.isdigit())
     assert complete, os.listdir(ckpt)
-    resumed = make_trainer(out, load_checkpoint_path="auto", max_steps=complete[-1] + 2)
+    resumed = make_trainer(out, max_steps=complete[-1] + 2)  # the default resumes: no setting needed
+    assert not [n for n in os.listdir(ckpt) if "tmp" in n]  # the half-written step is cleaned up
     assert resumed.maybe_resume() == complete[-1]
     assert int(resumed.state.step) == complete[-1]
     result = resumed.train()

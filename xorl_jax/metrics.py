@@ -105,11 +105,40 @@ def _jsonable(v):
     return v
 
 
+def drop_lines_after(path: str, step: int) -> int:
+    """Remove the lines of `path` (metrics.jsonl) whose step is after `step`, and unreadable ones (a line torn by
+    a crash), by writing the rest to a temporary file renamed over it. Returns how many lines went."""
+    if not os.path.isfile(path):
+        return 0
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    keep = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+            if int(row["step"]) <= step:
+                keep.append(line)
+        except (ValueError, TypeError, KeyError):
+            pass
+    if len(keep) == len(lines):
+        return 0
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(line + "\n" for line in keep)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return len(lines) - len(keep)
+
+
 class MetricsLogger:
     """Progress line, metrics.jsonl and (if tensorboardX is installed) TensorBoard events, on process 0 only.
 
     On a TTY the train line is rewritten in place every step; otherwise a plain line is printed every `log_steps`
     steps and at the last step. Every train call is appended to `output_dir/metrics.jsonl` (flushed per line).
+    `resume_step` (the step a run starts after: a resumed checkpoint's, 0 for a fresh start) first drops the file's
+    lines of later steps, which an earlier run logged and this one redoes, so each step is there once; TensorBoard
+    is told the same (`purge_step`).
     """
 
     _LINE_KEYS = (("loss", "loss {:.4f}"), ("aux_loss", "aux {:.4f}"), ("lr", "lr {:.2e}"),
@@ -117,7 +146,8 @@ class MetricsLogger:
                   ("peak_memory_gib", "peak {:.1f} GiB"))
 
     def __init__(self, output_dir: str, *, log_steps: int = 1, total_steps: int | None = None,
-                 process_index: int | None = None, use_tensorboard: bool = True, stream=None, clock=time.monotonic):
+                 process_index: int | None = None, use_tensorboard: bool = True, stream=None, clock=time.monotonic,
+                 resume_step: int | None = None):
         if process_index is None:
             import jax
 
@@ -135,14 +165,22 @@ class MetricsLogger:
             return
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         os.makedirs(output_dir, exist_ok=True)
-        self._jsonl = open(os.path.join(output_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        path = os.path.join(output_dir, "metrics.jsonl")
+        if resume_step is not None:
+            dropped = drop_lines_after(path, resume_step)
+            if dropped:
+                self.info(f"metrics.jsonl: dropped {dropped} line(s) after step {resume_step}, logged by an earlier "
+                          "run and redone by this one")
+        self._jsonl = open(path, "a", encoding="utf-8")
         if use_tensorboard:
             try:
                 from tensorboardX import SummaryWriter
             except ImportError:
                 self.info("tensorboardX is not installed: TensorBoard logging is off (pip install tensorboardX)")
             else:
-                self._tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+                tb_dir = os.path.join(output_dir, "tensorboard")
+                purge = resume_step + 1 if resume_step is not None and os.path.isdir(tb_dir) else None
+                self._tb = SummaryWriter(tb_dir, purge_step=purge)
 
     # -------------------------------------------------------------------------------------------- output
     def _print(self, text: str, *, in_place: bool = False):

@@ -5,7 +5,7 @@ tasks), a warning signal before the time limit. The handler only sets a flag; th
 between steps, so a signal never interrupts a half-written checkpoint. With several processes the flag is
 agreed on (any process signalled -> all stop at the same step), otherwise one process would enter the checkpoint's
 collectives alone and the run would hang. The exit code tells the batch script to requeue the job; the next start
-resumes from that checkpoint (`train.load_checkpoint_path: auto`).
+of the same command resumes from that checkpoint (`train.load_checkpoint_path: auto`, the default).
 """
 from __future__ import annotations
 
