@@ -1,21 +1,34 @@
 r"""Full training steps, xorl_jax against HF transformers + torch on the same GPU(s), same shapes and batch.
 
-Each backend runs in its own subprocess (JAX and torch would fight over GPU memory), from a random init:
-forward, backward, AdamW update, gradient checkpointing. Reports tokens/s (total and per GPU), MFU (989 TFLOP/s
-bf16 for H100/H200, causal attention counted as 6 * H * d * (T + 1) per layer, MoE on active parameters), step
-time, time to first step (set-up and compilation included) and peak device memory (the largest over the devices).
+The xorl_jax side is the real training run: a YAML goes through `xorl_jax.config.parse_cli` and `Trainer` exactly as
+`python -m xorl_jax.train --config FILE` takes it (its defaults, `auto` remat and layer settings included), and the
+trainer's own loop runs the steps; the step time is the median of what that loop logs to metrics.jsonl after the
+warm-up steps, so the number benchmarked is the number a user sees. Only what a benchmark must fix is overridden:
+a temporary output directory, max_steps (warm-up + timed), no checkpoint, export, eval or resume, the compilation
+cache off (the first step's time is a compile, never a hit left by an earlier run), a log line per step.
 
-xorl_jax runs its real training step (Trainer: packed dummy documents, chunked cross-entropy, remat policy from
---remat); HF runs AutoModelForCausalLM.from_config in bf16 with sdpa, gradient checkpointing (unless --remat none)
-and fused AdamW, always on one GPU with --batch rows.
+Each backend runs in its own subprocess (JAX and torch would fight over GPU memory). Reports tokens/s (total and
+per GPU), MFU (989 TFLOP/s bf16 for H100/H200, causal attention counted as 6 * H * d * (T + 1) per layer, MoE on
+active parameters), step time, time to first step (from process start: set-up, choosing and compilation included)
+and peak device memory (the largest over the devices), plus the `auto` line of the run's start-up summary.
 
-One H100 (the default mesh is one device, whatever is visible):
+HF runs AutoModelForCausalLM.from_config (the same config.json, random init) in bf16 with sdpa, gradient
+checkpointing (unless xorl_jax's remat is none) and fused AdamW, always on one GPU with the per-device rows of the
+xorl_jax run (train.micro_batch_size) at its sequence length.
+
+A YAML of yours (any `--section.key=value` after it overrides it, as on the train command line):
+
+    python scripts/bench_train.py --config configs/qwen3_8b_full.yaml --train.max_steps=1 --backends jax
+
+Shapes by name (`--model`): the script writes a YAML first (random init, dummy packed documents, bf16 compute,
+one GPU unless mesh options say otherwise), prints where, and runs it the same way; option flags such as --remat,
+--scan-layers, --batch, --seq and the mesh sizes become config overrides (on --config too). One H100:
 
     python scripts/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --backends jax,hf
     python scripts/bench_train.py --model qwen3_30b_a3b --layers 6 --backends jax,hf
     python scripts/bench_train.py --model qwen3_1.7b --backends jax --profile /tmp/prof --xla-dump /tmp/xla
     python scripts/bench_train.py --model qwen3_1.7b --backends jax \
-        --sweep "remat=full,dots_saveable,dots_with_no_batch_dims_saveable;ce_chunk=1024,4096"
+        --sweep "remat=auto,full,dots_attention_saveable;scan_layers=true,false"
 
 Several GPUs of one host (xorl_jax only uses them; --batch is rows per data-parallel rank, so the global batch is
 --batch x (devices / tp)). NVLink multicast must stay off on these machines:
@@ -29,14 +42,15 @@ Several GPUs of one host (xorl_jax only uses them; --batch is rows per data-para
 
 Mesh options map to the train config: --fsdp = data_parallel_shard_size (expert ranks included), --ep =
 expert_parallel_size (carved out of the FSDP group, must divide it), --tp = tensor_parallel_size, --dp =
-data_parallel_replicate_size. The run uses dp x fsdp x tp devices (the first ones: CUDA_VISIBLE_DEVICES is set for
-the child, or the first of those already set there); -1 in one of them takes every visible device.
+data_parallel_replicate_size. With --model they default to one device; the run uses dp x fsdp x tp devices (the
+first ones: CUDA_VISIBLE_DEVICES is set for the child, or the first of those already set there); -1 in one of them
+takes every visible device. With --config and no mesh options the YAML's sizes and every visible device are used.
 
---profile DIR traces --profile-steps steady-state steps (after the timed ones) with jax.profiler into DIR/<run>/
-(open perfetto_trace.json.gz in ui.perfetto.dev) and prints device time per category (GEMM, cuDNN attention,
-Triton/Pallas kernels, fusions, collectives, copies) and the top ops (xorl_jax/profiling.py). --xla-dump DIR dumps
-the step's optimized HLO as text (XLA_FLAGS --xla_dump_to) and prints a summary of the module: fusions, custom
-calls, collectives, compiled memory and the largest temporary buffers.
+--profile DIR traces --profile-steps steady-state steps (after the trainer's loop, with its compiled step and state)
+with jax.profiler into DIR/<run>/ (open perfetto_trace.json.gz in ui.perfetto.dev) and prints device time per
+category (GEMM, cuDNN attention, Triton/Pallas kernels, fusions, collectives, copies) and the top ops
+(xorl_jax/profiling.py). --xla-dump DIR dumps the step's optimized HLO as text (XLA_FLAGS --xla_dump_to) and prints
+a summary of the module: fusions, custom calls, collectives, compiled memory and the largest temporary buffers.
 
 Smoke run on CPU fake devices (tiny model, a few seconds of compute):
 
@@ -94,7 +108,8 @@ COMMON = dict(hidden_act="silu", max_position_embeddings=65536, rms_norm_eps=1e-
               attention_bias=False, attention_dropout=0.0, initializer_range=0.02, use_cache=False)
 
 
-def hf_config(args) -> dict:
+def shape_config(args) -> dict:
+    """config.json of a --model shape (cut to --layers)."""
     cfg = dict(COMMON, **SHAPES[args.model])
     if args.layers:
         cfg["num_hidden_layers"] = args.layers
@@ -115,9 +130,37 @@ def remat_choices() -> tuple[str, ...]:
 
 
 def mesh_devices(args) -> int | None:
-    """Devices the mesh needs, or None when one size is -1 (every visible device)."""
+    """Devices the mesh needs, or None when one size is -1 or left to the YAML (every visible device)."""
     sizes = (args.dp, args.fsdp, args.tp)
-    return None if -1 in sizes else args.dp * args.fsdp * args.tp
+    return None if -1 in sizes or None in sizes else args.dp * args.fsdp * args.tp
+
+
+def apply_shape_defaults(args):
+    """--model runs: 4 rows of 4096 tokens on one device unless the flags say otherwise (--config: the YAML's)."""
+    if args.config is None and args.model is None:
+        args.model = "qwen3_1.7b"
+    if args.model is None:
+        return
+    for name, value in (("batch", 4), ("seq", 4096), ("dp", 1), ("fsdp", 1), ("ep", 1), ("tp", 1)):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
+def config_overrides(rest: list[str], p: argparse.ArgumentParser) -> list[str]:
+    """Arguments argparse did not know: `--section.key=value` / `--section.key value` overrides of the config."""
+    out, i = [], 0
+    while i < len(rest):
+        arg = rest[i]
+        key = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
+        if key.split(".", 1)[0] not in BENCH_SECTIONS or "." not in key:
+            p.error(f"unrecognized argument {arg!r} (config overrides look like --train.lr=2e-5)")
+        if "=" in arg or i + 1 >= len(rest):
+            out.append(arg)
+            i += 1
+        else:
+            out += [arg, rest[i + 1]]
+            i += 2
+    return out
 
 
 def _newest(pattern: str) -> str | None:
@@ -181,16 +224,102 @@ def _adam_direction(direction: str):
                                                           direction_from_stored=direction == "stored")
 
 
-def run_jax(args, cfg: dict) -> dict:
-    t0 = time.perf_counter()
+BENCH_SECTIONS = ("model", "data", "train", "lora")
+
+
+def write_shape_config(args, directory: str) -> str:
+    """--model: config.json of the shape and a YAML that trains it from scratch on dummy packed documents; returns
+    the YAML's path (what `python -m xorl_jax.train --config` would take)."""
+    import yaml
+
+    from xorl_jax.data.demo import DEMO_DIR
+
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(shape_config(args), f)
+    run = {
+        # the demo tokenizer: dummy documents are drawn from its vocabulary, which every shape's covers
+        "model": {"config_path": directory, "tokenizer_path": DEMO_DIR, "dtype": "bfloat16"},
+        "data": {"datasets": [{"path": "dummy"}], "sample_packing_method": "multipack"},
+        "train": {"init_from": "scratch", "gradient_accumulation_steps": 1, "lr": 1e-5},
+    }
+    path = os.path.join(directory, "bench.yaml")
+    with open(path, "w") as f:
+        f.write(f"# scripts/bench_train.py --model {args.model} --layers {args.layers}\n")
+        yaml.safe_dump(run, f, sort_keys=False)
+    return path
+
+
+def flag_overrides(args, mesh: bool = True) -> list[str]:
+    """The option flags given, as config overrides (applied to the YAML; unset flags leave it as it is)."""
+    out = []
+
+    def put(key, value):
+        if value is not None:
+            out.append(f"--{key}={value}")
+
+    if args.remat is not None:
+        put("train.enable_gradient_checkpointing", str(args.remat != "none").lower())
+        if args.remat != "none":
+            put("train.remat_policy", args.remat)
+    put("model.scan_layers", args.scan_layers)
+    put("model.attn_implementation", args.attn)
+    put("model.moe_implementation", args.moe)
+    put("model.gdn_implementation", args.gdn)
+    put("model.param_dtype", args.param_dtype)
+    put("train.optimizer_dtype", args.optimizer_dtype)
+    put("train.ce_chunk_size", args.ce_chunk)
+    put("train.micro_batch_size", args.batch)
+    put("data.sample_packing_sequence_len", args.seq)
+    if mesh:
+        put("train.data_parallel_replicate_size", args.dp)
+        put("train.data_parallel_shard_size", args.fsdp)
+        put("train.expert_parallel_size", args.ep)
+        put("train.tensor_parallel_size", args.tp)
+    return out
+
+
+def bench_overrides(args, out_dir: str) -> list[str]:
+    """What a benchmark must fix on top of the user's config (nothing that changes the step)."""
+    return [f"--train.output_dir={out_dir}", f"--train.max_steps={args.warmup + args.steps}",
+            "--train.save_at_end=false", "--train.save_steps=0", "--train.save_hf_weights=false",
+            "--train.load_checkpoint_path=null", "--train.eval_steps=0", "--data.eval_datasets=[]",
+            "--train.sample_eval_prompts=0", "--train.log_steps=1", "--train.use_tensorboard=false",
+            # off: the first step's time is a compile, never a hit left by an earlier run on the machine
+            "--train.compilation_cache_dir=null"]
+
+
+def resolve_mesh_flags(args, device_count: int):
+    """--fsdp -1 takes the devices dp x tp leave; --ep -1 then spans the whole FSDP group (the config allows only one
+    -1, so resolve them here where the device count is known)."""
+    fsdp, ep = args.fsdp, args.ep
+    dp, tp = args.dp or 1, args.tp or 1
+    if ep == -1 and fsdp == -1 and dp > 0 and tp > 0:
+        fsdp = device_count // (dp * tp)
+    if ep == -1 and fsdp not in (-1, None):
+        ep = fsdp
+    args.fsdp, args.ep = fsdp, ep
+
+
+def timed_steps(metrics_path: str, warmup: int) -> list[dict]:
+    """The train rows the trainer's loop logged after the warm-up steps."""
+    with open(metrics_path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    rows = [r for r in rows if r.get("split") == "train" and r.get("step_time_s") is not None]
+    return rows[warmup:]
+
+
+def run_jax(args, config_path: str, overrides: list[str]) -> dict:
+    import logging
+
     import jax
 
-    from xorl_jax.config import config_from_dict
-    from xorl_jax.data.demo import DEMO_DIR
-    from xorl_jax.metrics import peak_memory_gib
+    from xorl_jax.config import parse_cli
+    from xorl_jax.train import _quiet_library_logs
     from xorl_jax.train_setup import backend_summary
     from xorl_jax.trainer import Trainer
 
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # as the CLI: the run's own notes on stdout
+    _quiet_library_logs()
     if args.remat_keep_names:
         _remat_keep_names(args.remat_keep_names)
     if args.adam_direction:
@@ -199,55 +328,38 @@ def run_jax(args, cfg: dict) -> dict:
         from xorl_jax.kernels import attention
 
         attention.HOST_SIZES = tuple(int(m) for m in args.attn_sizes.split(","))
-    tmp = tempfile.mkdtemp(prefix="bench_train_")
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(cfg, f)
-    # --fsdp -1 takes the devices dp x tp leave; --ep -1 then spans the whole FSDP group (the config allows only
-    # one -1, so resolve them here where the device count is known)
-    fsdp, ep = args.fsdp, args.ep
-    if ep == -1 and fsdp == -1 and args.dp > 0 and args.tp > 0:
-        fsdp = jax.device_count() // (args.dp * args.tp)
-    if ep == -1 and fsdp != -1:
-        ep = fsdp
-    run_cfg = config_from_dict({
-        "model": {"config_path": tmp, "tokenizer_path": DEMO_DIR, "attn_implementation": args.attn,
-                  "moe_implementation": args.moe, "gdn_implementation": args.gdn, "dtype": "bfloat16",
-                  "param_dtype": args.param_dtype, "scan_layers": args.scan_layers == "true"},
-        "data": {"datasets": [{"path": "dummy"}], "sample_packing_sequence_len": args.seq,
-                 "sample_packing_method": "multipack"},
-        "train": {"output_dir": os.path.join(tmp, "out"), "init_from": "scratch", "micro_batch_size": args.batch,
-                  "gradient_accumulation_steps": 1, "max_steps": args.steps + args.warmup + args.profile_steps,
-                  "lr": 1e-5, "enable_gradient_checkpointing": args.remat != "none", "remat_policy": args.remat,
-                  "ce_chunk_size": args.ce_chunk, "optimizer_dtype": args.optimizer_dtype, "use_tensorboard": False,
-                  "data_parallel_replicate_size": args.dp, "data_parallel_shard_size": fsdp,
-                  "expert_parallel_size": ep, "tensor_parallel_size": args.tp,
-                  # off: the first step's time is a compile, never a hit left by an earlier run on the machine
-                  "compilation_cache_dir": None},
-    })
-    trainer = Trainer(run_cfg)
+    resolve_mesh_flags(args, jax.device_count())
+    out_dir = os.path.join(tempfile.mkdtemp(prefix="bench_train_"), "out")
+    argv = ["--config", config_path, *overrides, *flag_overrides(args), *bench_overrides(args, out_dir)]
+    print("jax: python -m xorl_jax.train " + " ".join(argv), flush=True)
+    trainer = Trainer(parse_cli(argv))
     if args.attn_layout == "device":  # the tier picked per layer on the device, as batches without a count are
         trainer.host_attention_layout = False
-    batches = [trainer._device_batch(next(trainer.train_iter)) for _ in range(2)]
-    state, metrics = trainer.train_step(trainer.state, batches[0])
-    jax.block_until_ready(metrics["loss"])
-    first = time.perf_counter() - t0
-    for i in range(args.warmup - 1):
-        state, metrics = trainer.train_step(state, batches[i % 2])
-    jax.block_until_ready(metrics["loss"])
-    times = []
-    for i in range(args.steps):
-        t = time.perf_counter()
-        state, metrics = trainer.train_step(state, batches[i % 2])
-        jax.block_until_ready(metrics["loss"])
-        times.append(time.perf_counter() - t)
-    step_s = sorted(times)[len(times) // 2]
-    result = {"step_s": step_s, "first_step_s": first, "loss": float(metrics["loss"]),
-              "peak_gib": peak_memory_gib(), "flops_per_token": trainer.model_config.flops_per_token(args.seq),
+    probe = None
+    if args.profile or args.xla_dump:  # a batch for the steps traced after the run (the loop may close its source)
+        rows = next(trainer.train_iter)
+        probe = rows if trainer.batches_on_device else trainer._device_batch(rows)
+    run = trainer.train()
+    rows = timed_steps(os.path.join(out_dir, "metrics.jsonl"), args.warmup)
+    if not rows:
+        raise SystemExit(f"jax: no timed step in {out_dir}/metrics.jsonl (--steps {args.steps})")
+    times = sorted(r["step_time_s"] for r in rows)
+    step_s = times[len(times) // 2]
+    first = run.get("process_age_at_first_step_s")
+    if first is None:  # no /proc: the trainer's set-up and its first step
+        first = sum(v for v in trainer.startup_s.values() if v) + (run.get("time_to_first_step_s") or 0.0)
+    peaks = [r["peak_memory_gib"] for r in rows if r.get("peak_memory_gib") is not None]
+    choice = trainer.layer_choice
+    result = {"step_s": step_s, "first_step_s": first, "loss": run.get("loss"), "peak_gib": max(peaks, default=None),
+              "flops_per_token": trainer.model_config.flops_per_token(trainer.seq_len),
               "params": trainer.param_count, "n_devices": trainer.mesh.size, "mesh": dict(trainer.mesh.shape),
               "dp_size": trainer.dp_size, "tokens_per_step": trainer.tokens_per_step(),
-              "device_kind": jax.devices()[0].device_kind, "backends": backend_summary(trainer.options)}
-    if args.profile or args.xla_dump:
-        result.update(inspect_step(args, trainer, state, batches[0], step_s, args.label))
+              "device_kind": jax.devices()[0].device_kind, "backends": backend_summary(trainer.options),
+              "remat_policy": trainer.options.remat_policy, "scan_layers": trainer.options.scan_layers,
+              "auto": choice.line(), "auto_compile_s": choice.compile_s, "steps_timed": len(times),
+              "command": "python -m xorl_jax.train " + " ".join(argv)}
+    if probe is not None:
+        result.update(inspect_step(args, trainer, trainer.state, probe, step_s, args.label))
     return result
 
 
@@ -258,7 +370,20 @@ def model_flops_per_token(cfg: dict, seq: int) -> float:
     return float(build_config(cfg)[1].flops_per_token(seq))
 
 
-def run_hf(args, cfg: dict) -> dict:
+def hf_side(args, config_path: str, overrides: list[str]) -> tuple[dict, int, int, bool]:
+    """(config.json, rows, tokens per row, gradient checkpointing) of the xorl_jax run, for HF's side."""
+    from xorl_jax.config import load_config
+    from xorl_jax.models.loading import read_hf_config
+
+    cfg = load_config(config_path, [*overrides, *flag_overrides(args, mesh=False)])
+    hf = read_hf_config(cfg.model.config_path or cfg.model.model_path)
+    if isinstance(hf.get("text_config"), dict) and "model_type" in hf["text_config"]:  # multimodal wrapper
+        hf = dict(hf["text_config"])
+    checkpointing = cfg.train.enable_gradient_checkpointing and cfg.train.remat_policy != "none"
+    return hf, cfg.train.micro_batch_size, cfg.data.sample_packing_sequence_len, checkpointing
+
+
+def run_hf(args, cfg: dict, batch: int, seq: int, checkpointing: bool) -> dict:
     t0 = time.perf_counter()
     import torch
     import transformers
@@ -283,12 +408,12 @@ def run_hf(args, cfg: dict) -> dict:
         except (TypeError, ValueError):
             continue
     model = model.cuda()
-    if args.remat != "none":  # HF has one checkpointing mode: the whole layer
+    if checkpointing:  # HF has one checkpointing mode: the whole layer
         model.gradient_checkpointing_enable()
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     g = torch.Generator(device="cuda").manual_seed(0)
-    ids = torch.randint(0, cfg["vocab_size"], (args.batch, args.seq), device="cuda", generator=g)
+    ids = torch.randint(0, cfg["vocab_size"], (batch, seq), device="cuda", generator=g)
 
     def step():
         out = model(input_ids=ids, labels=ids)
@@ -317,14 +442,16 @@ def run_hf(args, cfg: dict) -> dict:
     return {"step_s": sorted(times)[len(times) // 2] if times else None, "first_step_s": first,
             "loss": float(loss), "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
             "params": sum(p.numel() for p in model.parameters()), "steps_timed": len(times), "n_devices": 1,
-            "flops_per_token": model_flops_per_token(cfg, args.seq),
-            "mesh": None, "dp_size": 1, "tokens_per_step": args.batch * args.seq,
+            "flops_per_token": model_flops_per_token(cfg, seq),
+            "mesh": None, "dp_size": 1, "tokens_per_step": batch * seq, "gradient_checkpointing": checkpointing,
             "device_kind": torch.cuda.get_device_name(0)}
 
 
-def child(args):
-    cfg = hf_config(args)
-    result = run_jax(args, cfg) if args.child == "jax" else run_hf(args, cfg)
+def child(args, overrides: list[str]):
+    if args.child == "jax":
+        result = run_jax(args, args.config, overrides)
+    else:
+        result = run_hf(args, *hf_side(args, args.config, overrides))
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -368,22 +495,29 @@ def parse_sweep(spec: str | None) -> list[list[str]]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=sorted(SHAPES), default="qwen3_1.7b")
-    p.add_argument("--layers", type=int, default=0, help="cut the depth to this many layers (0 = full)")
-    p.add_argument("--batch", type=int, default=4, help="packed rows per data-parallel rank (HF: rows on its GPU)")
-    p.add_argument("--seq", type=int, default=4096)
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--config", default=None, help="a training YAML, run as python -m xorl_jax.train takes it (any "
+                   "--section.key=value arguments override it)")
+    p.add_argument("--model", choices=sorted(SHAPES), default=None, help="a shape by name instead of --config "
+                   "(default qwen3_1.7b): the script writes the YAML")
+    p.add_argument("--layers", type=int, default=0, help="--model: cut the depth to this many layers (0 = full)")
+    p.add_argument("--batch", type=int, default=None, help="train.micro_batch_size: packed rows per data-parallel "
+                   "rank (HF: rows on its GPU); --model default 4")
+    p.add_argument("--seq", type=int, default=None, help="data.sample_packing_sequence_len; --model default 4096")
+    p.add_argument("--steps", type=int, default=8, help="timed steps (their median is the step time)")
+    p.add_argument("--warmup", type=int, default=2, help="steps before the timed ones (the first compiles)")
     p.add_argument("--backends", default="jax,hf")
-    p.add_argument("--fsdp", type=int, default=1, help="train.data_parallel_shard_size (-1 = every visible device)")
-    p.add_argument("--ep", type=int, default=1, help="train.expert_parallel_size (divides --fsdp; -1 = all of it)")
-    p.add_argument("--tp", type=int, default=1, help="train.tensor_parallel_size")
-    p.add_argument("--dp", type=int, default=1, help="train.data_parallel_replicate_size (HSDP replicas)")
-    p.add_argument("--remat", default="full", choices=remat_choices(), help="train.remat_policy (none also turns "
-                   "HF's gradient checkpointing off)")
-    p.add_argument("--scan-layers", default="true", choices=("true", "false"), help="model.scan_layers (false: "
-                   "unrolled layers)")
-    p.add_argument("--attn", default="auto", help="model.attn_implementation")
+    p.add_argument("--fsdp", type=int, default=None, help="train.data_parallel_shard_size (-1 = every visible "
+                   "device); --model default 1")
+    p.add_argument("--ep", type=int, default=None, help="train.expert_parallel_size (divides --fsdp; -1 = all of "
+                   "it); --model default 1")
+    p.add_argument("--tp", type=int, default=None, help="train.tensor_parallel_size; --model default 1")
+    p.add_argument("--dp", type=int, default=None, help="train.data_parallel_replicate_size (HSDP replicas); "
+                   "--model default 1")
+    p.add_argument("--remat", default=None, choices=remat_choices(), help="train.remat_policy (none also turns "
+                   "gradient checkpointing off, HF's too); default: the config's (auto)")
+    p.add_argument("--scan-layers", default=None, choices=("true", "false", "auto"), help="model.scan_layers "
+                   "(false: unrolled layers); default: the config's (auto)")
+    p.add_argument("--attn", default=None, help="model.attn_implementation")
     p.add_argument("--attn-layout", default="host", choices=("host", "device"), help="the packed attention layout "
                    "fixed per batch on the host (what the trainer does) or picked per layer on the device")
     p.add_argument("--remat-keep-names", default=None, help="experiment: the named values dots_attention_saveable "
@@ -393,12 +527,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adam-direction", choices=("stored", "fresh"), default=None,
                    help="experiment, bf16 optimizer state: AdamW's direction from the stored moments or from the "
                    "moments before rounding (the default)")
-    p.add_argument("--moe", default="auto", help="model.moe_implementation")
-    p.add_argument("--gdn", default="auto", help="model.gdn_implementation")
-    p.add_argument("--ce-chunk", type=int, default=2048, help="train.ce_chunk_size (tokens per chunk of the "
+    p.add_argument("--moe", default=None, help="model.moe_implementation")
+    p.add_argument("--gdn", default=None, help="model.gdn_implementation")
+    p.add_argument("--ce-chunk", type=int, default=None, help="train.ce_chunk_size (tokens per chunk of the "
                    "chunked cross-entropy)")
-    p.add_argument("--param-dtype", default="float32")
-    p.add_argument("--optimizer-dtype", default="float32")
+    p.add_argument("--param-dtype", default=None, help="model.param_dtype")
+    p.add_argument("--optimizer-dtype", default=None, help="train.optimizer_dtype")
     p.add_argument("--hf-time-limit", type=float, default=240.0)
     p.add_argument("--profile", default=None, metavar="DIR", help="trace steady-state steps into DIR and summarise")
     p.add_argument("--profile-steps", type=int, default=3)
@@ -414,35 +548,49 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse(p: argparse.ArgumentParser, argv: list[str]):
+    args, rest = p.parse_known_args(argv)
+    overrides = config_overrides(rest, p)
+    apply_shape_defaults(args)
+    return args, overrides
+
+
 def main():
     p = build_parser()
-    args = p.parse_args()
+    args, overrides = parse(p, sys.argv[1:])
     if args.child:
-        return child(args)
-    if args.ep not in (1, -1) and args.fsdp not in (-1,) and args.fsdp % args.ep:
+        return child(args, overrides)
+    if args.config is not None and args.model is not None:
+        p.error("give --config FILE or --model NAME, not both")
+    if args.ep not in (None, 1, -1) and args.fsdp not in (None, -1) and args.fsdp % args.ep:
         p.error(f"--ep {args.ep} must divide --fsdp {args.fsdp} (expert ranks are carved out of the FSDP group)")
+    argv = sys.argv[1:]
+    if args.config is None:  # --model: the YAML the children (and a user, to reproduce) run
+        config = write_shape_config(args, tempfile.mkdtemp(prefix="bench_train_"))
+        print(f"config: {config} (python -m xorl_jax.train --config {config} trains the same)", flush=True)
+        argv = argv + ["--config", config]
+        args.config = config
     results, run_args = {}, {}
     for extra in parse_sweep(args.sweep):
-        point = p.parse_args(sys.argv[1:] + extra)
+        point, _ = parse(p, argv + extra)
         suffix = " ".join(f"{extra[i][2:]}={extra[i + 1]}" for i in range(0, len(extra), 2))
         for backend in point.backends.split(","):
             label = f"{backend} {suffix}".strip()
-            cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], *extra, "--child", backend,
-                   "--label", label]
+            cmd = [sys.executable, os.path.abspath(__file__), *argv, *extra, "--child", backend, "--label", label]
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=point.hf_time_limit + 1200,
                                   env=child_env(point, backend))
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:
-                print(f"{label}: failed (exit {proc.returncode})\n{proc.stderr[-3000:]}", flush=True)
+                print(f"{label}: failed (exit {proc.returncode})\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}",
+                      flush=True)
                 continue
             for note in (ln for ln in proc.stdout.splitlines() if ln.startswith(f"{backend}: ")):
-                print(note, flush=True)  # the child's notes on the path it took (e.g. FLA for HF's DeltaNet)
+                print(note, flush=True)  # the child's notes: the train command, the path HF took (e.g. FLA)
             results[label] = json.loads(line[7:])
             run_args[label] = point
     fpt = next((r["flops_per_token"] for r in results.values() if r.get("flops_per_token")), None)
-    mesh = f"dp={args.dp} fsdp={args.fsdp} ep={args.ep} tp={args.tp}"
-    print(f"\n{args.model} layers={args.layers or 'full'} batch={args.batch}/rank seq={args.seq} xorl_jax mesh {mesh}"
-          f" remat={args.remat} ce_chunk={args.ce_chunk}")
+    what = f"{args.model} layers={args.layers or 'full'}" if args.model else args.config
+    print(f"\n{what}{' ' + ' '.join(overrides) if overrides else ''}")
     w = max([8] + [len(k) for k in results])
     print(f"{'run':{w}} {'GPUs':>4} {'step ms':>9} {'tokens/step':>11} {'tok/s':>10} {'tok/s/GPU':>10} {'MFU':>6} "
           f"{'first step s':>12} {'peak GiB':>8} {'params':>14}")
@@ -458,6 +606,13 @@ def main():
         peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") else "-"
         print(f"{name:{w}} {n:4d} {r['step_s'] * 1e3:9.1f} {r['tokens_per_step']:11,} {tps:10,.0f} {tps / n:10,.0f} "
               f"{mfu:>6} {r['first_step_s']:12.1f} {peak:>8} {r['params']:14,}")
+    for name, r in results.items():
+        if "remat_policy" in r:
+            scan = "scanned" if r["scan_layers"] else "unrolled"
+            print(f"[{name}] {r['backends']}, remat={r['remat_policy']}, layers={scan}"
+                  + (f"\n[{name}] {r['auto']}" if r.get("auto") else ""))
+        elif "gradient_checkpointing" in r:
+            print(f"[{name}] gradient checkpointing {'on' if r['gradient_checkpointing'] else 'off'}")
     if "jax" in results and results.get("hf", {}).get("tokens_per_s"):
         ratio = results["jax"]["tokens_per_s_per_device"] / results["hf"]["tokens_per_s"]
         print(f"xorl_jax / HF throughput per GPU: {ratio:.2f}x")
@@ -468,7 +623,7 @@ def main():
             print(f"\n[{name}] {r['hlo_text']}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": results}, f, indent=1)
+            json.dump({"args": vars(args), "overrides": overrides, "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":
