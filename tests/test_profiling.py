@@ -199,7 +199,7 @@ def test_bench_train_jax_backend_fsdp_ep_profile(tmp_path):
     out = tmp_path / "result.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     cmd = [sys.executable, os.path.join(ROOT, "scripts", "bench_train.py"), "--model", "tiny_moe", "--layers", "1",
-           "--batch", "1", "--seq", "64", "--steps", "2", "--warmup", "1", "--backends", "jax", "--fsdp", "4",
+           "--batch", "1", "--seq", "128", "--steps", "2", "--warmup", "1", "--backends", "jax", "--fsdp", "4",
            "--ep", "4", "--profile", str(tmp_path / "prof"), "--profile-steps", "2", "--xla-dump",
            str(tmp_path / "xla"), "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
@@ -207,7 +207,10 @@ def test_bench_train_jax_backend_fsdp_ep_profile(tmp_path):
     assert "tok/s/GPU" in proc.stdout and "GEMM / dot" in proc.stdout and "optimized HLO" in proc.stdout
     r = json.loads(out.read_text())["results"]["jax"]
     assert r["n_devices"] == 4 and r["mesh"]["expert"] == 4 and r["dp_size"] == 4
-    assert r["tokens_per_step"] == 4 * 64
+    assert r["tokens_per_step"] == 4 * 128  # rows of 128 (data.pad_to_multiple_of)
+    # timed through the real entry point on the YAML it wrote, with the run's defaults (auto on CPU: full, scanned)
+    assert r["command"].startswith("python -m xorl_jax.train --config ") and r["steps_timed"] == 2
+    assert r["auto"].startswith("auto      remat_policy=full, scan_layers=true: cpu reports no memory limit")
     assert r["tokens_per_s"] == pytest.approx(r["tokens_per_s_per_device"] * 4)
     for key in ("step_s", "first_step_s", "loss", "params", "flops_per_token"):
         assert r[key] is not None, key
