@@ -357,6 +357,7 @@ def run_jax(args, config_path: str, overrides: list[str]) -> dict:
               "device_kind": jax.devices()[0].device_kind, "backends": backend_summary(trainer.options),
               "remat_policy": trainer.options.remat_policy, "scan_layers": trainer.options.scan_layers,
               "auto": choice.line(), "auto_compile_s": choice.compile_s, "steps_timed": len(times),
+              "startup_s": trainer.startup_s, "first_step_in_loop_s": run.get("time_to_first_step_s"),
               "command": "python -m xorl_jax.train " + " ".join(argv)}
     if probe is not None:
         result.update(inspect_step(args, trainer, trainer.state, probe, step_s, args.label))
