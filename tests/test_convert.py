@@ -1,5 +1,8 @@
 """Checkpoint conversion: HF -> Orbax -> HF bit-identical for all four families and both expert layouts,
-transformers reloads the export with identical logits, sharded conversion onto a 2x4 mesh, clear errors, atomicity.
+transformers reloads the export with identical logits, sharded conversion onto a 2x4 mesh, clear errors, atomicity;
+checkpoints written by the trainer itself (full and LoRA) export to the source bit for bit; a hub multimodal
+checkpoint's vision and MTP tensors are carried; the export dtype rule. Journeys through the CLI with real training
+steps: tests/integration/test_export_journey.py.
 """
 
 import json
@@ -15,7 +18,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3MoeConfig, Qwen3_5MoeTextConfig, Qwen3_5TextConfig
 
-from parity_utils import hf_logits, random_ids, randomize_norms
+import xorl_jax
+from parity_utils import assert_logits_close, hf_logits, random_ids, randomize_norms
 from xorl_jax import convert
 from xorl_jax.checkpoint import convert_ops
 from xorl_jax.checkpoint import orbax as ck
@@ -293,29 +297,179 @@ def test_interrupted_conversion_leaves_nothing_that_looks_complete(tmp_path, mon
     assert ck.is_orbax_model_dir(out) and ck.read_metadata(out)["family"] == "Qwen3ForCausalLM"
 
 
-def test_training_step_directory_exports(tmp_path):
-    """A trainer-style step dir: params saved with save_params' Orbax layout + a `meta` JSON item with hf_config."""
-    import orbax.checkpoint as ocp
+def tokenized_rows(path, n=8, length=40, seed=0):
+    """A few pre-tokenized rows (ids below the tiny vocabulary): training data that needs no tokenizer."""
+    rng = np.random.RandomState(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            ids = rng.randint(0, V, length).tolist()
+            f.write(json.dumps({"input_ids": ids, "labels": ids}) + "\n")
+    return str(path)
 
-    hf, src = make_hf(tmp_path, "qwen3_5", dtype=torch.float32)
-    model = ck.load_model(src, ModelOptions())
-    step = tmp_path / "run" / "checkpoints" / "7"
-    ck.save_params(str(step), nnx.state(model, nnx.Param), metadata={})
-    os.remove(step / ck.METADATA_NAME)
-    ocp.Checkpointer(ocp.JsonCheckpointHandler()).save(str(step / "meta"), args=ocp.args.JsonSave(
-        {"step": 7, "hf_config": json.load(open(os.path.join(src, "config.json"))), "model_path": src}))
-    assert ck.is_orbax_model_dir(str(step))
+
+def trainer_checkpoint(tmp_path, src, *extra):
+    """The trainer's own checkpoint of step 0 (its weights = the source's): `Trainer.save`, as a run writes it."""
+    from xorl_jax.config import load_config
+    from xorl_jax.trainer import Trainer
+
+    rows = tokenized_rows(tmp_path / "rows.jsonl")
+    cfg = load_config(None, [f"--model.model_path={src}", f"--data.datasets=[{{path: {rows}, type: tokenized}}]",
+                             "--data.sample_packing_sequence_len=128", "--data.long_sequence_policy=truncate",
+                             f"--train.output_dir={tmp_path / 'run'}", "--train.max_steps=1",
+                             "--train.save_async=false", *extra])
+    trainer = Trainer(cfg)
+    trainer.save(0)
+    trainer.checkpointer.wait()
+    return str(tmp_path / "run" / "checkpoints" / "0")
+
+
+LORA = ("--lora.enable_lora=true", "--lora.lora_rank=4", "--lora.lora_target_modules=[q_proj, in_proj_qkv, gate_proj]")
+
+
+@pytest.mark.parametrize("family,layout,lora", [("qwen3_moe", "per_expert", False), ("qwen3_5_moe", "fused", False),
+                                                ("qwen3_5", "per_expert", True)])
+def test_trainer_checkpoint_exports_the_source_bit_for_bit(tmp_path, family, layout, lora):
+    """A checkpoint written by the trainer (fp32 params of a bf16 source; LoRA: adapters only, B = 0) -> to-hf gives
+    back the source's tensors exactly, in its layout and dtype; from_pretrained reads the checkpoint as the source."""
+    _, src = make_hf(tmp_path, family, layout)
+    step = trainer_checkpoint(tmp_path, src, *(LORA if lora else ()))
+    assert ck.is_orbax_model_dir(step) and ck.read_metadata(step)["source"]["path"] == src
     out = str(tmp_path / "exported")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ck, "load_params", _no_whole_restore)
-        ck.convert_checkpoint_to_hf(str(step), out)
+        if not lora:
+            mp.setattr(ck, "load_params", _no_whole_restore)  # the trainer's layout is read layer by layer
+        assert convert.main(["to-hf", "--checkpoint", step, "--output", out]) == 0
     assert_same_tensors(src, out)
     assert os.path.exists(os.path.join(out, "tokenizer_config.json"))
-    # an Orbax layout the layer reader does not know falls back to restoring the whole model: same tensors
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ck, "_stored_arrays", lambda d: (_ for _ in ()).throw(KeyError("tree_metadata")))
-        ck.convert_checkpoint_to_hf(str(step), str(tmp_path / "whole"))
-    assert_same_tensors(src, str(tmp_path / "whole"))
+    assert json.load(open(os.path.join(out, "config.json"))) == json.load(open(os.path.join(src, "config.json")))
+    got, want = param_paths(xorl_jax.from_pretrained(step)), param_paths(xorl_jax.from_pretrained(src))
+    assert got.keys() == want.keys()
+    for path in want:
+        np.testing.assert_array_equal(np.asarray(got[path][...]), np.asarray(want[path][...]))
+    if family == "qwen3_5_moe":  # an Orbax layout the layer reader does not know: restored whole, same tensors
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(ck, "_stored_arrays", lambda d: (_ for _ in ()).throw(KeyError("tree_metadata")))
+            ck.convert_checkpoint_to_hf(step, str(tmp_path / "whole"))
+        assert_same_tensors(src, str(tmp_path / "whole"))
+
+
+def test_damaged_or_wrong_checkpoints_are_one_line_errors(tmp_path, capsys):
+    import shutil
+
+    _, src = make_hf(tmp_path, "qwen3", dtype=torch.float32)
+    step = trainer_checkpoint(tmp_path, src)
+    out = str(tmp_path / "out")
+    no_meta, truncated = str(tmp_path / "no_meta"), str(tmp_path / "truncated")
+    shutil.copytree(step, no_meta)
+    os.remove(os.path.join(no_meta, "params", "_METADATA"))
+    shutil.copytree(step, truncated)
+    for root, _, files in os.walk(os.path.join(truncated, "params")):
+        for name in files:
+            if not name.startswith("_") and not name.endswith(".txt"):
+                os.truncate(os.path.join(root, name), 10)
+    capsys.readouterr()
+    for checkpoint, message in [(no_meta, "_METADATA is missing"), (truncated, "incomplete or corrupt"),
+                                (str(tmp_path / "nowhere"), "no such directory"),
+                                (str(tmp_path / "run"), "holds training steps 0; pass one step directory"),
+                                (src, "looks like an HF directory")]:
+        code, err = _run_cli(["to-hf", "--checkpoint", checkpoint, "--output", out], capsys)
+        assert code == 2 and message in err and "\n" not in err, err
+    for model_path in (no_meta, truncated):  # as a run's model_path, or in from_pretrained
+        with pytest.raises(CheckpointError, match="incomplete"):
+            ck.load_model(model_path, ModelOptions())
+    # the output may not hold the input (--overwrite would delete it)
+    code, err = _run_cli(["to-hf", "--checkpoint", step, "--output", str(tmp_path / "run"), "--overwrite"], capsys)
+    assert code == 2 and "holds the input" in err and os.path.isdir(step)
+    assert not os.path.exists(out) and not [n for n in os.listdir(tmp_path) if "incomplete" in n]
+
+
+def _vl_checkpoint(tmp_path, dtype=torch.bfloat16):
+    """A Qwen3.5-MoE checkpoint in the hub's multimodal layout (transformers' own ...ForConditionalGeneration with
+    a tiny vision tower), sharded with an index, plus MTP tensors in a shard of their own as on the hub."""
+    from transformers import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
+
+    torch.manual_seed(0)
+    text = qwen3_5_moe().to_dict()
+    text["rope_parameters"] = dict(text["rope_parameters"], mrope_section=[2, 1, 1])
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=48, patch_size=4,
+                  num_position_embeddings=16, spatial_merge_size=2, temporal_patch_size=2)
+    hf = Qwen3_5MoeForConditionalGeneration(Qwen3_5MoeConfig(text_config=text, vision_config=vision,
+                                                              tie_word_embeddings=False)).to(dtype).eval()
+    path = tmp_path / "vl"
+    hf.save_pretrained(path, max_shard_size="100KB")
+    mtp = {"mtp.fc.weight": torch.randn(48, 96).to(dtype), "mtp.norm.weight": torch.ones(48).to(dtype),
+           "mtp.layers.0.self_attn.q_proj.weight": torch.randn(128, 48).to(dtype)}
+    save_file(mtp, str(path / "model-mtp.safetensors"), metadata={"format": "pt"})
+    index = json.load(open(path / "model.safetensors.index.json"))
+    index["weight_map"].update({k: "model-mtp.safetensors" for k in mtp})
+    json.dump(index, open(path / "model.safetensors.index.json", "w"))
+    return hf, str(path)
+
+
+def test_multimodal_source_round_trip_carries_vision_and_mtp(tmp_path, capsys):
+    """to-orbax keeps a record of the tensors it does not convert; to-hf copies them back from the source byte for
+    byte (an index, like the source); without the source it refuses, and --text-only writes the language model
+    alone as the text model, which transformers loads completely."""
+    import shutil
+
+    hf, src = _vl_checkpoint(tmp_path)
+    orb, back = str(tmp_path / "orbax"), str(tmp_path / "back")
+    meta = ck.convert_hf_to_orbax(src, orb)
+    untrained = sorted(k for k in SafetensorsReader(src).keys() if k.startswith(("model.visual.", "mtp.")))
+    assert meta["source"]["carried"] == untrained and len(untrained) > 20 and meta["source"]["sharded"]
+    ck.convert_checkpoint_to_hf(orb, back)
+    assert_same_tensors(src, back)
+    assert os.path.exists(os.path.join(back, "model.safetensors.index.json"))
+    moved = src + "-moved"
+    os.rename(src, moved)
+    try:
+        capsys.readouterr()
+        code, err = _run_cli(["to-hf", "--checkpoint", orb, "--output", str(tmp_path / "lost")], capsys)
+        assert code == 2 and f"{len(untrained)} tensors the run did not train" in err and "--text-only" in err, err
+        assert not os.path.exists(tmp_path / "lost")
+        text_only = str(tmp_path / "text_only")
+        assert convert.main(["to-hf", "--checkpoint", orb, "--output", text_only, "--text-only"]) == 0
+    finally:
+        os.rename(moved, src)
+    keys = SafetensorsReader(text_only).keys()
+    assert not any(k.startswith(("mtp.", "model.visual.", "model.language_model.")) for k in keys)
+    config = json.load(open(os.path.join(text_only, "config.json")))
+    assert config["model_type"] == "qwen3_5_moe_text" and config["architectures"] == ["Qwen3_5MoeForCausalLM"]
+    text_model, info = AutoModelForCausalLM.from_pretrained(text_only, dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and type(text_model).__name__ == "Qwen3_5MoeForCausalLM"
+    ids = random_ids(V, (1, 9))
+    assert_logits_close(hf_logits(text_model.eval(), ids), hf_logits(hf.float(), ids))  # (its rope is 3-D)
+    shutil.rmtree(text_only)
+
+
+def test_export_dtype_rule(tmp_path):
+    """Trained tensors take each source tensor's own dtype (a float32 tensor in a bf16 checkpoint stays float32);
+    a run from scratch writes model.dtype; `dtype` overrides the trained tensors only."""
+    _, src = make_hf(tmp_path, "qwen3", dtype=torch.bfloat16)
+    mixed = _copy_hf(src, str(tmp_path / "mixed"), edit_tensors=lambda t: {
+        k: (v.astype(np.float32) if k.endswith("norm.weight") else v) for k, v in t.items()})
+    model = ck.load_model(mixed, ModelOptions())
+    out = str(tmp_path / "out")
+    ck.export_hf(model, out, source_dir_or_metadata=mixed)
+    got = SafetensorsReader(out)
+    assert got.dtype("model.norm.weight") == np.float32 and got.dtype("lm_head.weight") == ml_dtypes.bfloat16
+    assert_same_tensors(mixed, out)
+    hf_config = json.load(open(os.path.join(src, "config.json")))
+    scratch = ck.run_source(None, hf_config=hf_config, init_from="scratch", dtype="float32")
+    ck.export_hf(model, out, source_dir_or_metadata={"hf_config": hf_config, "source": scratch}, overwrite=True)
+    assert {SafetensorsReader(out).dtype(k) for k in SafetensorsReader(out).keys()} == {np.dtype(np.float32)}
+    assert json.load(open(os.path.join(out, "config.json")))["dtype"] == "float32"
+    ck.export_hf(model, out, source_dir_or_metadata=mixed, dtype="float16", overwrite=True)
+    assert {SafetensorsReader(out).dtype(k) for k in SafetensorsReader(out).keys()} == {np.dtype(np.float16)}
+
+
+def test_quantized_source_is_refused(tmp_path, capsys):
+    _, src = make_hf(tmp_path, "qwen3", dtype=torch.float32)
+    quantized = _copy_hf(src, str(tmp_path / "int8"), edit_tensors=lambda t: {
+        k: (v.astype(np.int8) if k.endswith("q_proj.weight") else v) for k, v in t.items()})
+    capsys.readouterr()
+    code, err = _run_cli(["to-orbax", "--model-path", quantized, "--output", str(tmp_path / "o"), "--no-mesh"], capsys)
+    assert code == 2 and "q_proj.weight" in err and "\n" not in err, err
 
 
 def test_to_hf_reports_a_checkpoint_that_does_not_match_its_config(tmp_path):

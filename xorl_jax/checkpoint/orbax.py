@@ -170,13 +170,31 @@ def _metadata_tree(params_dir) -> dict:
     md = _checkpointer().metadata(params_dir)
     tree = getattr(md, "item_metadata", md)
     tree = getattr(tree, "tree", tree)
+    if tree is None:
+        raise CheckpointError(f"{params_dir}: Orbax cannot read its metadata; the checkpoint is incomplete or corrupt")
     return dict(tree) if not isinstance(tree, dict) else tree
+
+
+def _stored_key_paths(params_dir) -> list | None:
+    """The stored leaves' key paths from Orbax's `_METADATA` file (no array data read), or None without one."""
+    p = os.path.join(params_dir, "_METADATA")
+    if not os.path.isfile(p):
+        return None
+    try:
+        with open(p) as f:
+            entries = json.load(f)["tree_metadata"].values()
+        return [tuple(str(k["key"]) for k in e["key_metadata"]) for e in entries]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{p}: unreadable Orbax metadata ({type(e).__name__}); the checkpoint is incomplete "
+                              f"or corrupt") from None
 
 
 def _leaf_suffix(params_dir) -> tuple:
     """('value',) when every stored leaf sits under a trailing `value` key (an nnx.State saved by the trainer),
     else ()."""
-    paths = list(_flat(_metadata_tree(params_dir)))
+    paths = _stored_key_paths(params_dir)
+    if paths is None:
+        paths = list(_flat(_metadata_tree(params_dir)))
     return (VALUE_KEY,) if paths and all(len(p) > 1 and p[-1] == VALUE_KEY for p in paths) else ()
 
 
@@ -455,6 +473,7 @@ def load_model(path, options, mesh=None, rules=None, *, config_path=None, shardi
         meta = read_metadata(path)
         if meta.get("lora"):
             return _place(lora_merged_model(path, meta), jnp.dtype(options.param_dtype), shardings, model)
+        _check_stored(path)
         graphdef, abstract_state = nnx.split(model)
         want = jnp.dtype(options.param_dtype)
         abstract = {p: _retyped(a, want) for p, a in _flat(nnx.to_pure_dict(abstract_state)).items()}
@@ -470,6 +489,17 @@ def load_model(path, options, mesh=None, rules=None, *, config_path=None, shardi
     for p, _, arr in _iter_arrays(model, reader, sources, jnp.dtype(options.param_dtype), shardings):
         params[p].set_value(arr)
     return model
+
+
+def _check_stored(path) -> None:
+    """A missing or damaged file of an Orbax directory as a clear CheckpointError before Orbax reads it (Orbax's
+    own failure on one comes with pages of background-thread tracebacks)."""
+    try:
+        _stored_arrays(path)
+    except CheckpointError:
+        raise
+    except Exception:  # noqa: BLE001 - a layout this check does not know: Orbax reads it
+        pass
 
 
 def _host_sharding():
@@ -1033,11 +1063,18 @@ def _param_dirs(checkpoint) -> list:
 
 
 def _stored_arrays(checkpoint) -> dict:
-    """{parameter name: StoredArray} from the checkpoint's Orbax metadata; raises on a layout it does not know."""
+    """{parameter name: StoredArray} from the checkpoint's Orbax metadata (only array headers are read).
+    CheckpointError for a missing or damaged file; other errors mean a layout this reader does not know."""
     import tensorstore as ts
 
     pieces, runs = {}, _Runs()
     for d, layers in _param_dirs(checkpoint):
+        if not os.path.isdir(d):
+            raise CheckpointError(f"{checkpoint}: {os.path.relpath(d, checkpoint)}/ is missing; the checkpoint is "
+                                  f"incomplete")
+        if not os.path.isfile(os.path.join(d, "_METADATA")):
+            raise CheckpointError(f"{checkpoint}: {os.path.relpath(d, checkpoint)}/_METADATA is missing; the "
+                                  f"checkpoint is incomplete or damaged")
         with open(os.path.join(d, "_METADATA")) as f:
             meta = json.load(f)
         driver = "zarr3" if meta.get("use_zarr3") else "zarr"
@@ -1048,7 +1085,12 @@ def _stored_arrays(checkpoint) -> dict:
                 kv = {"driver": "ocdbt", "base": f"file://{d}/", "path": stored}
             else:
                 kv = {"driver": "file", "path": os.path.join(d, stored)}
-            handle = ts.open({"driver": driver, "kvstore": kv}, open=True, read=True).result()
+            try:
+                handle = ts.open({"driver": driver, "kvstore": kv}, open=True, read=True).result()
+            except Exception as e:  # noqa: BLE001 - tensorstore: missing or damaged files
+                detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                raise CheckpointError(f"{checkpoint}: cannot open the stored {name} ({detail}); the checkpoint is "
+                                      f"incomplete or corrupt") from None
             pieces.setdefault(name, []).append((layers[name][0] if name in layers else 0, handle))
     return {name: StoredArray(name, p, runs, checkpoint) for name, p in pieces.items()}
 
@@ -1100,6 +1142,8 @@ def _lazy_params(checkpoint, model):
 
     try:
         arrays = _stored_arrays(checkpoint)
+    except CheckpointError:
+        raise
     except Exception as e:  # noqa: BLE001 - an Orbax layout this reader does not know: restore it whole instead
         logger.info("to-hf: reading %s whole (%s: %s)", checkpoint, type(e).__name__, e)
         return None

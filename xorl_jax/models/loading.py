@@ -20,8 +20,14 @@ log = logging.getLogger(__name__)
 
 
 def read_hf_config(path: str) -> dict:
-    """config.json from a directory (or the file itself)."""
+    """config.json from a directory (or the file itself); for a training step directory (no config.json), the
+    HF config its run recorded."""
     cfg_path = path if os.path.isfile(path) else os.path.join(path, "config.json")
+    if not os.path.exists(cfg_path) and os.path.isdir(os.path.join(path, "meta")):
+        from xorl_jax.checkpoint.orbax import hf_config_of, is_orbax_model_dir
+
+        if is_orbax_model_dir(path):
+            return hf_config_of(path)
     if not os.path.exists(cfg_path):
         raise CheckpointError(f"{cfg_path} not found; set model.model_path (or model.config_path) to a HF model "
                               "directory holding config.json")
