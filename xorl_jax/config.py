@@ -474,6 +474,7 @@ NO_EFFECT_KEYS: dict[str, str] = {
     "train.muon_grouped_gram_ns_fp32_byte_limit": "XLA plans the iteration's memory",
     "train.muon_distributed_mode": "Newton-Schulz always sees the whole matrix of a sharded parameter (what xorl "
                                    "calls full_gradient; its default shard_local orthogonalises each rank's shard)",
+    "train.muon_force_momentum_path": "a debugging switch of xorl's Muon (the same update either way)",
     "train.auxiliary_loss_multiplier": "the z-loss (train.softmax_auxiliary_loss) is not available",
     "train.ce_mode": "the loss is always a chunked float32 cross-entropy (train.ce_chunk_size)",
     "train.ce_num_chunks": "the loss is chunked by train.ce_chunk_size tokens",
@@ -562,6 +563,8 @@ NOT_AVAILABLE: dict[str, tuple[tuple, str]] = {
                                                        "memory for recomputation"),
     "train.save_epochs": ((0, None), "checkpoints are saved every train.save_steps updates and at the end"),
     "train.enable_profiling": ((False, None), _PROFILE),
+    "train.muon_grad_dtype": ((None, "fp32"), "Muon reads the gradient in float32 here"),
+    "train.muon_update_dtype": ((None, "fp32"), "Newton-Schulz runs in float32 here"),
 }
 
 # xorl features whose absence would change what is trained: key -> (accepted values, why); another value is an error.
@@ -581,6 +584,7 @@ UNSUPPORTED_SWITCHES: dict[str, tuple[tuple, str]] = {
                                             "data_files"),
     "data.datasets[].activations_path": ((None,), "distillation is not supported"),
     "train.lr_start": ((0, None), "warmup starts from a learning rate of 0 here"),
+    "train.muon_fallback_optimizer": (("adamw", None), "the parameters Muon leaves out are trained with AdamW here"),
     "train.cautious_weight_decay": ((False, None), "cautious weight decay is not supported"),
     "train.softmax_auxiliary_loss": ((False, None), "the z-loss is not supported"),
     "train.moe_global_load_balancing": ((False, None), "the load-balancing loss is computed per micro-batch (HF's "
@@ -726,9 +730,9 @@ XORL_FIELD_NOTES: dict[str, str] = {
     "train.pipeline_parallel_size": "must be 1 for now (pipeline parallelism is not supported yet)",
     "train.load_checkpoint_path": "xorl: null, a fresh start unless a path (or `auto`) is given; here "
                                   f"`{TrainConfig.load_checkpoint_path}`"
-                                  + (": a run resumes from the newest checkpoint in output_dir, if any (how to "
-                                     "start fresh: docs/CHECKPOINTS.md)" if TrainConfig.load_checkpoint_path == "auto"
-                                     else ""),
+                                  + (": a run resumes from the newest checkpoint in output_dir, if any; null, "
+                                     "`''` (xorl's server configs) or `none` start fresh"
+                                     if TrainConfig.load_checkpoint_path == "auto" else ""),
 }
 
 
@@ -1152,6 +1156,9 @@ def validate(cfg: Config) -> Config:
               f"(as in xorl); use data_parallel_shard_size instead")
         _need(t.init_from != "scratch", "lora.enable_lora with train.init_from scratch trains adapters on random "
                                         "weights; use hf or orbax")
+        from xorl_jax.lora_names import check_config_targets  # no JAX there either
+
+        check_config_targets(cfg, ConfigError)  # against the model's config.json when it is readable
     return cfg
 
 

@@ -27,6 +27,17 @@ def shift_targets(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return targets
 
 
+def _labels_are_shifted(ids: np.ndarray, labels: np.ndarray) -> bool:
+    """xorl's test of a tokenized row: its first label (not -100) equal to the next input token means the labels are
+    already next-token targets; equal to its own input token (HF's convention, checked second), or no label, means
+    they are not. A first label equal to neither is taken as shifted, as xorl takes it."""
+    valid = np.flatnonzero(labels[:-1] != IGNORE)
+    if valid.size == 0:
+        return False
+    i = int(valid[0])
+    return labels[i] == ids[i + 1] or labels[i] != ids[i]
+
+
 def tokenized_doc(row: dict, vocab_size: int | None):
     ids = _int_list(row.get("input_ids"), "input_ids")
     if len(ids) == 0:
@@ -35,8 +46,11 @@ def tokenized_doc(row: dict, vocab_size: int | None):
         labels = _int_list(row["labels"], "labels")
         if len(labels) != len(ids):
             raise DataError(f"labels has {len(labels)} tokens but input_ids has {len(ids)}")
-        targets = np.full(len(ids), IGNORE, np.int64)
-        targets[:-1] = labels[1:]  # HF convention: unshifted labels; the shift happens here
+        if _labels_are_shifted(ids, labels):
+            targets = labels  # already next-token targets: used as they are
+        else:
+            targets = np.full(len(ids), IGNORE, np.int64)
+            targets[:-1] = labels[1:]  # HF convention: unshifted labels; the shift happens here
     else:
         targets = shift_targets(ids, np.ones(len(ids), bool))
     if vocab_size is not None and (ids.min() < 0 or ids.max() >= vocab_size):
