@@ -7,16 +7,20 @@ The candidates are (remat policy, scanned or unrolled layers) pairs in the order
   than `full` on the dense, MoE and hybrid shapes measured, for more memory;
 - unrolled layers keep what remat saves in each layer's own buffers instead of copying it into stacked ones: 4.4%
   shorter steps on Qwen3 1.7B with `dots_attention_saveable`, nothing gained under `full` (which keeps little) and
-  nothing for the hybrid Qwen3.5 cut, whose scan steps over a group of several layer kinds. So unrolled layers are
-  tried first only with a policy that keeps outputs and a model whose layers are all alike.
+  nothing for the hybrid Qwen3.5 cut, whose scan steps over a group of several layer kinds. So a policy that keeps
+  outputs runs unrolled on a model whose layers are all alike, scanned otherwise. Its scanned form is no candidate
+  beside the unrolled one: both plan the same memory (Qwen3 1.7B at 6 x 4096 tokens on an H100: 66.57 and 66.53
+  GiB), so where one does not fit neither does the other.
+
+So with both fields at `auto`: `dots_attention_saveable` unrolled (scanned for the hybrid), then `full` scanned.
 
 Each candidate's train step is compiled on the run's mesh and its per-device peak read from XLA's memory analysis
 (arguments + outputs + temporaries - aliased bytes); the first one whose peak fits the device's memory limit with
 MARGIN to spare wins, so a run whose first choice fits compiles nothing extra, and the compiled step is the one
 the run trains with (the persistent compilation cache makes a re-run's choosing cheap). Explicit settings are never
 changed: only the fields left at `auto` vary. Where the device reports no memory limit (CPU), nothing is compiled to
-choose: the last candidate (least memory; scanned layers compile fastest) is taken, which keeps CPU runs and tests as
-they were.
+choose: `provisional` (full remat unless set, scanned layers unless set: least memory, quickest compile) is taken,
+which keeps CPU runs and tests as they were.
 """
 
 from __future__ import annotations
@@ -73,10 +77,10 @@ class Choice:
             return None
         head = f"auto      {self.candidate}"
         if self.how == "only":
-            return f"{head}: the only candidate with the explicit settings (nothing compiled to choose)"
+            return f"{head}: the only candidate with the settings given (nothing compiled to choose)"
         if self.how == "no limit":
             return (f"{head}: {self.platform or 'this device'} reports no memory limit, so the least-memory "
-                    f"candidate of {len(self.candidates)}, nothing compiled to choose")
+                    f"settings, nothing compiled to choose")
         note = f" ({self.note})" if self.note else ""
         room = f"the limit of {_gib(self.limit.bytes)} less {self.margin:.0%} ({self.limit.source})"
         tried = "".join(f"; {c.remat_policy} {'scanned' if c.scan_layers else 'unrolled'} planned {_gib(b)}"
@@ -99,22 +103,20 @@ def requested(cfg) -> tuple[str, bool | str]:
 
 
 def candidates(remat: str, scan: bool | str, *, unrolling_pays: bool) -> list[Candidate]:
-    """Fastest first, then less memory; only the fields at `auto` vary. The last one needs the least memory."""
+    """Fastest first, then less memory; only the fields at `auto` vary (see the module docstring)."""
     out = []
     for policy in ([FAST_REMAT, SAFE_REMAT] if remat == AUTO else [remat]):
         if scan != AUTO:
-            scans = [scan]
-        elif policy != SAFE_REMAT and unrolling_pays:  # a policy that keeps per-layer outputs
-            scans = [False, True]
-        else:
-            scans = [True]
-        out += [Candidate(policy, s) for s in scans]
+            unrolled = not scan
+        else:  # unrolled where it was measured faster: a policy that keeps per-layer outputs, layers all alike
+            unrolled = policy != SAFE_REMAT and unrolling_pays
+        out.append(Candidate(policy, not unrolled))
     return out
 
 
 def provisional(remat: str, scan: bool | str) -> Candidate:
-    """What a model is built with before the choice: the least-memory candidate (the last of `candidates`, for any
-    model)."""
+    """What a model is built with before the choice, and the choice where devices report no memory limit: full remat
+    and scanned layers unless set (the least memory whatever the model, the quickest compile)."""
     return Candidate(SAFE_REMAT if remat == AUTO else remat, True if scan == AUTO else scan)
 
 
@@ -178,21 +180,22 @@ def planning_limit(device_memory_gib: float | None) -> Limit:
 
 
 def choose(cands: list[Candidate], plan: Callable[[Candidate], tuple[int, Any]], limit: Limit | None, *,
-           explicit: bool = False, margin: float = MARGIN, note: str = "",
+           fallback: Candidate | None = None, explicit: bool = False, margin: float = MARGIN, note: str = "",
            platform: str = "") -> tuple[Choice, Any]:
     """(the choice, what `plan` returned for it besides its bytes; None when nothing was planned).
 
     `plan(candidate) -> (planned peak bytes, artifact)` compiles one candidate. Candidates are planned in order and
     the first that fits `limit` with `margin` to spare wins; when none fits, the last (least memory). With one
-    candidate or no limit nothing is planned: the last candidate is taken."""
+    candidate nothing is planned; with no limit nothing is planned and `fallback` (default: the last candidate) is
+    taken."""
     cands = list(cands)
     last = cands[-1]
     if explicit:
         return Choice(last, "explicit", tuple(cands)), None
+    if limit is None:
+        return Choice(fallback or last, "no limit", tuple(cands), platform=platform), None
     if len(cands) == 1:
         return Choice(last, "only", tuple(cands)), None
-    if limit is None:
-        return Choice(last, "no limit", tuple(cands), platform=platform), None
     rejected, spent = [], 0.0
     for i, cand in enumerate(cands):
         t0 = time.perf_counter()
@@ -230,7 +233,7 @@ def choose_layer_settings(cfg, model, compile_step: Callable[[Any], Any], *, lim
         compiled, artifact = compile_step(nnx.graphdef(model))
         return peak_bytes(memory_of(compiled)), (compiled, artifact)
 
-    choice, planned = choose(cands, plan, limit, explicit=AUTO not in (remat, scan), note=note,
-                             platform=jax.devices()[0].platform)
+    choice, planned = choose(cands, plan, limit, fallback=provisional(remat, scan), explicit=AUTO not in (remat, scan),
+                             note=note, platform=jax.devices()[0].platform)
     set_layer_settings(model, choice.candidate)
     return choice, planned

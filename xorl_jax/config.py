@@ -222,7 +222,8 @@ class TrainConfig:
         "dots_attention_saveable is the fastest (one H200: Qwen3 1.7B at 4 x 4096 tokens about 10% shorter steps "
         "than full for about 7 GiB more, and faster than none; the Qwen3-30B-A3B and Qwen3.5-35B-A3B shapes cut to "
         "4 layers 10% and 8% shorter). auto = the fastest that fits: dots_attention_saveable, else full, each "
-        "compiled on the run's mesh (with model.scan_layers auto, unrolled before scanned) until one's peak in "
+        "compiled on the run's mesh (with model.scan_layers auto, dots_attention_saveable unrolled, scanned for the "
+        "hybrid Qwen3.5, and full scanned) until one's peak in "
         "XLA's memory analysis fits the device's limit with 10% to spare; that compiled step trains, and a start-up "
         "line says what was picked, its planned GiB, the limit and the seconds spent. CPU reports no limit: full, "
         "nothing compiled to choose",
