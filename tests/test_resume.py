@@ -157,7 +157,8 @@ def test_save_total_limit_keeps_the_resumed_runs_newest(tmp_path):
 
 
 def test_clean_temporaries_removes_only_clearly_temporary_directories(tmp_path):
-    keep = ["checkpoints/2", "checkpoints/notes", "global_step_4/hf_ckpt", "global_step_4/.hf_ckpt.incomplete-1234abcd.old"]
+    keep = ["checkpoints/2", "checkpoints/notes", "global_step_4/hf_ckpt",
+            "global_step_4/.hf_ckpt.incomplete-1234abcd.old"]
     gone = ["checkpoints/6.orbax-checkpoint-tmp-1700000000", "checkpoints/8.orbax-checkpoint-tmp",
             "global_step_4/.hf_ckpt.incomplete-1234abcd"]
     for p in keep + gone:
