@@ -4,6 +4,7 @@ with our logits, checkpoints resume."""
 
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -46,31 +47,96 @@ def flat(params):
     return {n: np.asarray(x) for n, x, _ in params_with_path(params)}
 
 
+def abstract_params(hf_config):
+    cls, mc = build_config(hf_config)
+    return nnx.state(nnx.eval_shape(lambda: cls(mc, ModelOptions(), rngs=nnx.Rngs(0))), nnx.Param)
+
+
+# Every kind of name: fused (qkv_proj, in_proj_ba, shared_expert.gate_up_proj, the experts' whole gate_up tensor),
+# split (xorl's linear-attention q/v rows of in_proj_qkv, gate/up halves), aliases (g_proj), MoE experts by module
+# name (one pair per expert), two adapters on one weight (experts' gate_proj + the whole-tensor pair).
 ALL_QWEN3_5 = LoraConfig(
     enable_lora=True, lora_rank=4, lora_alpha=8.0,
-    lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-                         "linear_attn.in_proj_qkv", "linear_attn.in_proj_z", "linear_attn.out_proj"],
-    lora_target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    lora_target_modules=["qkv_proj", "o_proj", "linear_attn.q_proj", "linear_attn.v_proj", "in_proj_ba", "g_proj",
+                         "gate_proj", "up_proj", "down_proj", "shared_expert.gate_up_proj"],
+    lora_target_parameters=["mlp.experts.gate_up_proj"])
+XORL_QWEN3_5_DEFAULT = ["q_proj", "k_proj", "v_proj", "g_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def test_targets_and_unknown_name_error():
-    _, params = build(read_hf_config(QWEN3_5_MOE_DIR))
-    names = {t.hf_name for t in L.lora_targets(params, ALL_QWEN3_5)}
-    assert names == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                     "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj",
-                     "linear_attn.in_proj_qkv", "linear_attn.in_proj_z", "linear_attn.out_proj",
-                     "mlp.experts.gate_up_proj", "mlp.experts.down_proj"}
-    with pytest.raises(ConfigError, match=r"'qproj' names no layer.*valid names: .*self_attn.q_proj"):
+def test_target_names_map_onto_our_parameters():
+    """xorl's, PEFT's and Axolotl's names on the Qwen3.5-MoE: which adapters, on which parameters, which shapes."""
+    params = abstract_params(read_hf_config(QWEN3_5_MOE_DIR))
+    targets = L.lora_targets(params, LoraConfig(enable_lora=True, lora_target_modules=XORL_QWEN3_5_DEFAULT))
+    assert {t.hf_name for t in targets} == {
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",  # full attention
+        "linear_attn.q_proj", "linear_attn.k_proj", "linear_attn.v_proj",  # rows of in_proj_qkv
+        "linear_attn.in_proj_z", "linear_attn.out_proj",  # g_proj, o_proj
+        "mlp.experts.gate_proj", "mlp.experts.up_proj", "mlp.experts.down_proj",  # one pair per routed expert
+        "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj"}
+    by = {(t.group, t.hf_name): t for t in targets}
+    q, v = by[0, "linear_attn.q_proj"], by[0, "linear_attn.v_proj"]  # in_proj_qkv [L, D, 2 * 64 + 128]
+    assert q.param_path[-1] == v.param_path[-1] == "in_proj_qkv" and (q.out_range, v.out_range) == ((0, 64),
+                                                                                                     (128, 256))
+    lora = jax.eval_shape(lambda: L.init_lora(params, targets, rank=4))
+    experts = lora["g0"]["mlp"]["experts"]  # E = 8, D = 128, F = 64, layers per group 2
+    assert (experts["gate_proj"]["lora_A"].shape, experts["gate_proj"]["lora_B"].shape) == ((2, 8, 128, 4),
+                                                                                             (2, 8, 4, 64))
+    assert (experts["down_proj"]["lora_A"].shape, experts["down_proj"]["lora_B"].shape) == ((2, 8, 64, 4),
+                                                                                            (2, 8, 4, 128))
+    # fused names: one pair whose output spans several parameters (or both halves of one)
+    fused = L.lora_targets(params, LoraConfig(enable_lora=True, lora_target_modules=[
+        "qkv_proj", "in_proj_qkvz", "in_proj_ba", "gate_up_proj"]))
+    spans = {}
+    for t in fused:
+        spans.setdefault((t.group, t.hf_name), []).append((t.param_path[-1], t.pair_range, t.out_range))
+    assert spans[1, "self_attn.qkv_proj"] == [("q_proj", (0, 256), None), ("k_proj", (256, 320), None),
+                                              ("v_proj", (320, 384), None)]
+    assert spans[0, "linear_attn.in_proj_qkvz"] == [("in_proj_qkv", (0, 256), None), ("in_proj_z", (256, 384), None)]
+    assert spans[0, "linear_attn.in_proj_ba"] == [("in_proj_b", (0, 4), None), ("in_proj_a", (4, 8), None)]
+    assert spans[0, "mlp.shared_expert.gate_up_proj"] == [("gate_up_proj", None, None)]  # one pair, 2F outputs
+    # on MoE experts gate_up_proj is xorl's: their gate and up adapters
+    assert spans[0, "mlp.experts.gate_proj"] == [("gate_up_proj", None, (0, 64))]
+    assert spans[0, "mlp.experts.up_proj"] == [("gate_up_proj", None, (64, 128))]
+
+    with pytest.raises(ConfigError, match=r"'qproj' is not a LoRA target name of this model; did you mean 'q_proj'\? valid names: "
+                                          r".*self_attn.q_proj"):
         L.lora_targets(params, LoraConfig(enable_lora=True, lora_target_modules=["qproj"]))
     with pytest.raises(ConfigError, match="lora_target_parameters: 'experts.up'"):
         L.lora_targets(params, LoraConfig(enable_lora=True, lora_target_modules=["q_proj"],
                                           lora_target_parameters=["experts.up"]))
     with pytest.raises(ConfigError, match="lora_dropout"):
         L.lora_targets(params, LoraConfig(enable_lora=True, lora_dropout=0.1))
-    # A dense-MLP name in a model whose layers are all MoE is skipped (the default target list stays usable).
-    _, moe = build(read_hf_config(DEMO_DIR))
+    # A name of another family is refused, as xorl refuses a target that adapts nothing.
+    moe = abstract_params(read_hf_config(DEMO_DIR))
+    with pytest.raises(ConfigError, match="'g_proj' names no layer of this model; valid names: .*q_proj"):
+        L.lora_targets(moe, LoraConfig(enable_lora=True, lora_target_modules=["q_proj", "g_proj"]))
+    # On an all-MoE Qwen3, xorl's default names adapt attention and every routed expert.
     assert {t.hf_name for t in L.lora_targets(moe, LoraConfig(enable_lora=True))} == {
-        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"}
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.experts.gate_proj", "mlp.experts.up_proj", "mlp.experts.down_proj"}
+
+
+def test_names_checked_when_the_config_is_loaded():
+    """load_config reads the model's config.json (no JAX, no model built) and refuses a name with a 'did you mean';
+    its table of what each family offers equals what lora.py finds in the built model."""
+    from xorl_jax import lora_names
+
+    with pytest.raises(ConfigError, match=r"'gateproj' is not a LoRA target name of this model \(qwen3_moe, .*"
+                                          r"did you mean 'gate_proj'\?"):
+        load_config(None, ["--lora.enable_lora=true", "--lora.lora_target_modules=[q_proj, gateproj]",
+                           f"--model.model_path={DEMO_DIR}"])
+    with pytest.raises(ConfigError, match="'in_proj_qkv' names no layer of this model"):
+        load_config(None, ["--lora.enable_lora=true", "--lora.lora_target_modules=[in_proj_qkv]",
+                           f"--model.config_path={DEMO_DIR}", "--train.init_from=hf"])
+    cfg = load_config(None, ["--lora.enable_lora=true", f"--lora.lora_target_modules={XORL_QWEN3_5_DEFAULT}",
+                             f"--model.model_path={QWEN3_5_MOE_DIR}"])
+    assert cfg.lora.lora_target_modules == XORL_QWEN3_5_DEFAULT
+    moe = read_hf_config(DEMO_DIR)
+    dense_3_5 = dict(read_hf_config(QWEN3_5_MOE_DIR), model_type="qwen3_5_text", intermediate_size=96)
+    for hf in (dict(TINY_QWEN3), moe, dict(moe, mlp_only_layers=[0]), read_hf_config(QWEN3_5_MOE_DIR), dense_3_5):
+        want = lora_names.available(lora_names.model_parts(hf))
+        got = L.available_names(abstract_params(hf))
+        assert (set(got[0]), set(got[1])) == (set(want[0]), set(want[1])), hf["model_type"]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -92,6 +158,8 @@ def test_step0_equals_base_with_frozen_base_dtype(dtype):
 
 
 def test_step0_equals_base_and_merge_is_w_plus_ab():
+    """B = 0: exactly the base model. Then each weight's merge is W + s A B restated by hand per name: fused pairs
+    split over their parameters, split pairs in their rows, per-expert pairs, and two pairs on one weight summed."""
     graphdef, params = build(read_hf_config(QWEN3_5_MOE_DIR))
     targets = L.lora_targets(params, ALL_QWEN3_5)
     lora = L.init_lora(params, targets, rank=4, seed=0)
@@ -104,37 +172,53 @@ def test_step0_equals_base_and_merge_is_w_plus_ab():
 
     lora = randomize_b(lora)
     merged, before = flat(L.merge_lora(params, lora, targets, scale)), flat(params)
-    def g(*keys):
-        node = lora
-        for k in keys:
-            node = node[k]
-        return {n: np.asarray(v) for n, v in node.items()}
 
-    # q_proj [L, D, H, e]: W + s * A B reshaped
-    p = g("g1", "self_attn", "q_proj")
-    w = before[("layers", "groups", "1", "self_attn", "q_proj")]
-    want = w + scale * np.einsum("lir,lro->lio", p["lora_A"], p["lora_B"]).reshape(w.shape)
-    np.testing.assert_allclose(merged[("layers", "groups", "1", "self_attn", "q_proj")], want, rtol=1e-6, atol=1e-6)
-    # o_proj [L, H, e, D]: input is (heads, head_dim)
-    p = g("g1", "self_attn", "o_proj")
-    w = before[("layers", "groups", "1", "self_attn", "o_proj")]
-    want = w + scale * np.einsum("lir,lro->lio", p["lora_A"], p["lora_B"]).reshape(w.shape)
-    np.testing.assert_allclose(merged[("layers", "groups", "1", "self_attn", "o_proj")], want, rtol=1e-6, atol=1e-6)
-    # fused shared-expert gate_up [L, D, 2, F]: gate and up pairs add into their halves
-    pg, pu = g("g0", "mlp", "shared_expert", "gate_proj"), g("g0", "mlp", "shared_expert", "up_proj")
-    key = ("layers", "groups", "0", "mlp", "shared_expert", "gate_up_proj")
-    want = before[key].copy()
-    want[:, :, 0] += scale * np.einsum("lir,lro->lio", pg["lora_A"], pg["lora_B"])
-    want[:, :, 1] += scale * np.einsum("lir,lro->lio", pu["lora_A"], pu["lora_B"])
-    np.testing.assert_allclose(merged[key], want, rtol=1e-6, atol=1e-6)
-    # routed experts [L, E, D, 2, F]: one pair per expert
-    p = g("g0", "mlp", "experts", "gate_up_proj")
-    key = ("layers", "groups", "0", "mlp", "gate_up_proj")
-    w = before[key]
-    want = w + scale * np.einsum("leir,lero->leio", p["lora_A"], p["lora_B"]).reshape(w.shape)
-    np.testing.assert_allclose(merged[key], want, rtol=1e-6, atol=1e-6)
-    # untouched parameters are the same arrays' values
-    np.testing.assert_array_equal(merged[("embed_tokens",)], before[("embed_tokens",)])
+    def ab(*key, cols=slice(None)):  # s * A @ B[..., cols] of the pair at `key`, in numpy
+        node = lora
+        for k in key:
+            node = node[k]
+        return scale * np.einsum("...ir,...ro->...io", np.asarray(node["lora_A"]), np.asarray(node["lora_B"])[
+            ..., cols])
+
+    def layer(g, *rest):
+        return ("layers", "groups", str(g)) + rest
+
+    want = {k: v.copy() for k, v in before.items()}
+    L2, E, D = 2, 8, 128
+    # full attention (group 1): qkv_proj is one pair across q [4 x 64], k [2 x 32], v [2 x 32]; o_proj
+    want[layer(1, "self_attn", "q_proj")] += ab("g1", "self_attn", "qkv_proj", cols=slice(0, 256)).reshape(L2, D, 4, 64)
+    want[layer(1, "self_attn", "k_proj")] += ab("g1", "self_attn", "qkv_proj", cols=slice(256, 320)).reshape(
+        L2, D, 2, 32)
+    want[layer(1, "self_attn", "v_proj")] += ab("g1", "self_attn", "qkv_proj", cols=slice(320, 384)).reshape(
+        L2, D, 2, 32)
+    want[layer(1, "self_attn", "o_proj")] += ab("g1", "self_attn", "o_proj").reshape(L2, 4, 32, D)
+    # linear attention (group 0): xorl's q and v rows of in_proj_qkv [q 64 | k 64 | v 128]; in_proj_ba one pair
+    # over b then a; g_proj = in_proj_z; o_proj = out_proj
+    want[layer(0, "linear_attn", "in_proj_qkv")][..., 0:64] += ab("g0", "linear_attn", "q_proj")
+    want[layer(0, "linear_attn", "in_proj_qkv")][..., 128:256] += ab("g0", "linear_attn", "v_proj")
+    want[layer(0, "linear_attn", "in_proj_b")] += ab("g0", "linear_attn", "in_proj_ba", cols=slice(0, 4))
+    want[layer(0, "linear_attn", "in_proj_a")] += ab("g0", "linear_attn", "in_proj_ba", cols=slice(4, 8))
+    want[layer(0, "linear_attn", "in_proj_z")] += ab("g0", "linear_attn", "in_proj_z").reshape(L2, D, 4, 32)
+    want[layer(0, "linear_attn", "out_proj")] += ab("g0", "linear_attn", "out_proj").reshape(L2, 4, 32, D)
+    for g in ("0", "1"):
+        # routed experts [L, E, D, 2, F]: per-expert gate and up pairs in their halves, plus the whole-tensor pair
+        w = want[layer(g, "mlp", "gate_up_proj")]
+        w[:, :, :, 0] += ab(f"g{g}", "mlp", "experts", "gate_proj")
+        w[:, :, :, 1] += ab(f"g{g}", "mlp", "experts", "up_proj")
+        w += ab(f"g{g}", "mlp", "experts", "gate_up_proj").reshape(L2, E, D, 2, 64)
+        want[layer(g, "mlp", "down_proj")] += ab(f"g{g}", "mlp", "experts", "down_proj")
+        # shared expert [L, D, 2, F]: gate_proj / up_proj pairs and the fused gate_up_proj pair
+        w = want[layer(g, "mlp", "shared_expert", "gate_up_proj")]
+        w[:, :, 0] += ab(f"g{g}", "mlp", "shared_expert", "gate_proj")
+        w[:, :, 1] += ab(f"g{g}", "mlp", "shared_expert", "up_proj")
+        w += ab(f"g{g}", "mlp", "shared_expert", "gate_up_proj").reshape(L2, D, 2, 64)
+        want[layer(g, "mlp", "shared_expert", "down_proj")] += ab(f"g{g}", "mlp", "shared_expert", "down_proj")
+    assert merged.keys() == want.keys()
+    changed = 0
+    for k in want:
+        np.testing.assert_allclose(merged[k], want[k], rtol=1e-6, atol=1e-6, err_msg=".".join(k))
+        changed += not np.array_equal(want[k], before[k])
+    assert changed == 17  # q k v o; in_proj_qkv, _b, _a, _z, out_proj; per group experts and shared expert x 2
 
 
 @pytest.mark.parametrize("family", ["qwen3", "qwen3_5_moe"])
@@ -146,14 +230,15 @@ def test_peft_adapter_round_trip_matches_our_logits(tmp_path, family):
 
     from xorl_jax.checkpoint.orbax import export_hf
 
-    if family == "qwen3":
+    if family == "qwen3":  # xorl's fused names: one pair each for q/k/v and for gate/up, split over HF's modules
         hf_config = dict(TINY_QWEN3)
-        cfg = LoraConfig(enable_lora=True, lora_rank=4, lora_alpha=8.0)  # q k v o gate up down
-    else:
+        cfg = LoraConfig(enable_lora=True, lora_rank=4, lora_alpha=8.0,
+                         lora_target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+    else:  # in_proj_qkv gets xorl's q and v rows and a whole-module pair side by side (rank 3 r in rank_pattern)
         hf_config = read_hf_config(QWEN3_5_MOE_DIR)
         cfg = LoraConfig(enable_lora=True, lora_rank=4, lora_alpha=16.0, lora_target_modules=[
-            "q_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "in_proj_qkv", "in_proj_z",
-            "linear_attn.out_proj"])
+            "qkv_proj", "o_proj", "linear_attn.q_proj", "linear_attn.v_proj", "in_proj_qkv", "in_proj_ba", "g_proj",
+            "shared_expert.gate_up_proj", "shared_expert.down_proj"])
     graphdef, params = build(hf_config)
     base_dir = str(tmp_path / "base")
     export_hf(nnx.merge(graphdef, params), base_dir, source_dir_or_metadata={"hf_config": hf_config})
@@ -163,7 +248,10 @@ def test_peft_adapter_round_trip_matches_our_logits(tmp_path, family):
     adapter = L.export_peft_adapter(str(tmp_path / "adapter"), lora, targets, rank=cfg.lora_rank,
                                     alpha=cfg.lora_alpha, period=len(model.layers.pattern),
                                     repeats=model.layers.repeats, base_model_name_or_path=base_dir)
-    assert json.load(open(os.path.join(adapter, "adapter_config.json")))["r"] == cfg.lora_rank
+    adapter_config = json.load(open(os.path.join(adapter, "adapter_config.json")))
+    assert adapter_config["r"] == cfg.lora_rank
+    if family == "qwen3_5_moe":
+        assert set(adapter_config["rank_pattern"].values()) == {3 * cfg.lora_rank}
 
     ids = np.random.default_rng(0).integers(1, hf_config["vocab_size"], (2, 20))
     ours = nnx.merge(graphdef, L.merge_lora(params, lora, targets, L.lora_scale(cfg)))
@@ -177,6 +265,37 @@ def test_peft_adapter_round_trip_matches_our_logits(tmp_path, family):
         want = hf(torch.as_tensor(ids)).logits.numpy()
     assert np.abs(want - plain).max() > 1e-3  # the adapter does something
     np.testing.assert_allclose(got, want, atol=2e-4, rtol=2e-4)
+
+
+def test_expert_adapter_export_is_xorls_per_expert_layout(tmp_path):
+    """Routed-expert adapters go to the PEFT directory as xorl writes them: `...mlp.experts.{e}.gate_proj.lora_A
+    .weight` [r, in] and `lora_B` [out, r] per expert; gate_proj here carries two pairs (its own and the whole-tensor
+    one), rank 2 r by rank_pattern. B A times each module's alpha / r is our merged delta of that expert."""
+    from safetensors.numpy import load_file
+
+    graphdef, params = build(read_hf_config(DEMO_DIR))
+    cfg = LoraConfig(enable_lora=True, lora_rank=4, lora_alpha=8.0, lora_target_modules=["gate_proj", "down_proj"],
+                     lora_target_parameters=["mlp.experts.gate_up_proj"])
+    targets = L.lora_targets(params, cfg)
+    lora = randomize_b(L.init_lora(params, targets, cfg.lora_rank, seed=3), scale=0.1)
+    out = L.export_peft_adapter(str(tmp_path / "adapter"), lora, targets, rank=4, alpha=8.0, period=1, repeats=2)
+    conf = json.load(open(os.path.join(out, "adapter_config.json")))
+    tensors = load_file(os.path.join(out, "adapter_model.safetensors"))
+    assert conf["target_modules"] == ["down_proj", "gate_proj", "up_proj"]
+    assert len(tensors) == 2 * 2 * 8 * 3  # A and B, 2 layers, 8 experts, 3 modules
+    deltas = L.lora_deltas(lora, targets, params, L.lora_scale(cfg))
+    gate_up = np.asarray(deltas[("layers", "groups", "0", "mlp", "gate_up_proj")])  # [L, E, D, 2, F]
+    down = np.asarray(deltas[("layers", "groups", "0", "mlp", "down_proj")])  # [L, E, F, D]
+    for i, e in ((0, 0), (1, 5)):
+        for module, want in (("gate_proj", gate_up[i, e, :, 0].T), ("up_proj", gate_up[i, e, :, 1].T),
+                             ("down_proj", down[i, e].T)):  # HF's [out, in]
+            name = f"model.layers.{i}.mlp.experts.{e}.{module}"
+            A, B = tensors[f"base_model.model.{name}.lora_A.weight"], tensors[f"base_model.model.{name}.lora_B.weight"]
+            rank = conf["rank_pattern"].get(re.escape(name), conf["r"])
+            alpha = conf["alpha_pattern"].get(re.escape(name), conf["lora_alpha"])
+            assert (A.shape[0], rank) == ((8, 8) if module == "gate_proj" else (4, 4)), module
+            np.testing.assert_allclose(alpha / rank * B @ A, want, rtol=1e-5, atol=1e-6, err_msg=name)
+            assert np.abs(want).max() > 1e-3
 
 
 # ---------------------------------------------------------------------------------------------- per-layer merge
@@ -209,9 +328,7 @@ def test_per_layer_merge_equals_whole_model_merge(family, remat, scan):
         hf_config, cfg = dict(TINY_QWEN3), LoraConfig(enable_lora=True, lora_rank=4, lora_alpha=8.0)
     elif family == "qwen3_moe":
         hf_config = read_hf_config(DEMO_DIR)
-        cfg = LoraConfig(enable_lora=True, lora_rank=4, lora_alpha=8.0,
-                         lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                         lora_target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+        cfg = LoraConfig(enable_lora=True, lora_rank=4, lora_alpha=8.0)  # xorl's names: experts' gate up down
     else:
         hf_config, cfg = read_hf_config(QWEN3_5_MOE_DIR), ALL_QWEN3_5
     cls, mc = build_config(hf_config)
@@ -324,7 +441,14 @@ def make_lora_trainer(out_dir, base_dir, lora=None, model=None, **train):
 
 
 def test_trainer_trains_only_adapters_and_exports_merged(tmp_path, demo_base):
-    trainer = make_lora_trainer(tmp_path, demo_base, save_hf_weights=True, lora={"save_lora_only": False})
+    """MoE LoRA as a xorl config writes it (gate_proj/up_proj/down_proj: a pair per routed expert; qkv_proj fused)
+    trains only the adapters, starts from the base model and exports base + BA."""
+    trainer = make_lora_trainer(tmp_path, demo_base, save_hf_weights=True, lora={
+        "save_lora_only": False, "lora_target_modules": "[qkv_proj, o_proj, gate_proj, up_proj, down_proj]",
+        "lora_target_parameters": "[]"})
+    assert {t.hf_name for t in trainer.lora_targets} == {"self_attn.qkv_proj", "self_attn.o_proj",
+                                                         "mlp.experts.gate_proj", "mlp.experts.up_proj",
+                                                         "mlp.experts.down_proj"}
     base_before = flat(trainer.frozen)
     lora_before = {k: np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(trainer.state.params)}
     # optimizer state: only adapter-sized arrays (Adam mu and nu) plus scalars
