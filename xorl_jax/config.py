@@ -45,8 +45,9 @@ def _field(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple
 @dataclass
 class ModelConfig:
     model_path: str | None = _field(
-        None, "Hugging Face checkpoint directory (safetensors + config.json) or an Orbax directory from "
-        "`xorl_jax.convert to-orbax`")
+        None, "Hugging Face checkpoint directory (safetensors + config.json), an Orbax directory from "
+        "`xorl_jax.convert to-orbax`, or a training step directory (output_dir/checkpoints/N: its weights, "
+        "a LoRA run's merged; fresh optimizer)")
     config_path: str | None = _field(None, "where config.json comes from if not model_path (needed for "
                                            "train.init_from: scratch without model_path)")
     tokenizer_path: str | None = _field(None, "tokenizer directory; null = model_path")
@@ -252,8 +253,11 @@ class TrainConfig:
     save_at_end: bool = _field(True, "save a training checkpoint when the run ends (false for benchmarks; a stop "
                                      "signal still saves)")
     save_async: bool = _field(True, "write checkpoints in the background while training continues")
-    save_hf_weights: bool = _field(True, "export Hugging Face safetensors (bf16; a PEFT adapter with "
-                                         "lora.save_lora_only) at the end of the run")
+    save_hf_weights: bool = _field(True, "export Hugging Face safetensors to output_dir/global_step_N/hf_ckpt at "
+                                         "the end of the run (a PEFT adapter with lora.save_lora_only): a drop-in "
+                                         "replacement of model_path: trained tensors in the source's dtypes "
+                                         "(model.dtype from scratch), untrained ones (vision tower, MTP) copied "
+                                         "unchanged, LoRA merged; docs/CHECKPOINTS.md")
     load_checkpoint_path: str | None = _field("auto", "training checkpoint to resume from: auto = the newest "
                                                       "readable one in output_dir, if any (a rerun resumes); none = "
                                                       "start fresh (refused if output_dir holds checkpoints); or a "
