@@ -10,17 +10,13 @@ B = 0 makes step 0 exactly the base model. Only the pairs are trained (and have 
 whatever dtype it was loaded in. Training merges per layer group inside the layer scan (`layer_merge_fn`), so one
 group's W_eff exists at a time; `merge_lora` merges the whole model (export, inspection).
 
-Names follow HF's module names (PEFT semantics: a target matches a module whose name relative to the decoder layer
-equals it or ends with "." + it):
-- lora_target_modules: self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj (dense MLP layers),
-  mlp.shared_expert.{gate,up,down}_proj (Qwen3.5-MoE), linear_attn.{in_proj_qkv,in_proj_z,in_proj_a,in_proj_b,
-  out_proj} (Qwen3.5 Gated DeltaNet).
-- lora_target_parameters: mlp.experts.gate_up_proj, mlp.experts.down_proj (routed experts: one pair per expert, the
-  pair carries the expert axis, so it is sharded with the experts under EP).
-
-Our MLPs fuse gate and up into one `gate_up_proj` [.., D, 2, F] parameter; gate_proj and up_proj still get their own
-pair (as in HF/PEFT), each adding into its half of the fused weight. The routed experts' fused `gate_up_proj` gets
-one pair whose output is the whole [2, F] (like PEFT's target_parameters on HF's fused [E, 2F, D] tensor).
+Names are those xorl, PEFT and Axolotl configs use (xorl_jax/lora_names.py lists them; docs/LORA.md says what each
+adapts). A pair may feed several parameters (fused names: qkv_proj -> q, k, v; in_proj_qkvz; gate_up_proj) or a
+slice of one (gate_proj / up_proj -> a half of our fused gate_up_proj [.., D, 2, F]; xorl's linear-attention
+q_proj -> the q rows of in_proj_qkv): each `LoraTarget` is one pair's contribution to one parameter. gate_proj,
+up_proj and down_proj on MoE layers give one pair per routed expert (the pair carries the expert axis, so it is
+sharded with the experts under EP), as xorl's; lora_target_parameters names the experts' whole tensors (PEFT's
+target_parameters).
 """
 
 from __future__ import annotations
