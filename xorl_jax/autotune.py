@@ -121,8 +121,9 @@ def provisional(remat: str, scan: bool | str) -> Candidate:
 
 
 def unrolling_pays(model) -> bool:
-    """Unrolling was measured to pay for layer stacks whose scan step is one layer (dense and MoE Qwen3), not for the
-    hybrid Qwen3.5 whose scan step is a group of linear- and full-attention layers."""
+    """Unrolling was measured to pay for a layer stack whose scan step is one layer (dense Qwen3; Qwen3-MoE is built
+    alike and treated alike), not for the hybrid Qwen3.5, whose scan step is a group of linear- and full-attention
+    layers."""
     return len(model.layers.pattern) == 1
 
 
