@@ -48,7 +48,8 @@ def _qwen3_moe_fused(path):
     torch.manual_seed(1)
     model = AutoModelForCausalLM.from_config(Qwen3MoeConfig(
         vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        intermediate_size=96, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, tie_word_embeddings=False))
+        intermediate_size=96, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+        tie_word_embeddings=False))
     os.makedirs(path)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(path, "model.safetensors"),
               metadata={"format": "pt"})
