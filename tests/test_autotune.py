@@ -36,6 +36,21 @@ def test_candidates_fastest_first_and_only_auto_fields_vary():
     assert provisional(DOTS, "auto") == Candidate(DOTS, True) and provisional("auto", False) == Candidate(FULL, False)
 
 
+@pytest.mark.parametrize("config_dir,pays", [("demo", True), ("demo_qwen3_5_moe", False)])
+def test_unrolling_is_planned_only_for_stacks_of_alike_layers(config_dir, pays):
+    """Qwen3(-MoE) scans one layer per step; the hybrid Qwen3.5 a group of linear- and full-attention layers."""
+    import os
+
+    from xorl_jax.data.demo import DEMO_DIR
+    from xorl_jax.models.common import ModelOptions
+    from xorl_jax.models.loading import abstract_model, build_config, read_hf_config
+
+    cls, mcfg = build_config(read_hf_config(os.path.join(os.path.dirname(DEMO_DIR), config_dir)))
+    model = abstract_model(cls, mcfg, ModelOptions())
+    assert autotune.unrolling_pays(model) is pays
+    assert candidates("auto", "auto", unrolling_pays=pays)[0] == Candidate(DOTS, not pays)
+
+
 def _planner(planned: dict):
     seen = []
 
