@@ -159,7 +159,7 @@ def test_dry_run_plans_auto_against_an_assumed_h100(tmp_path):
     line = next(ln for ln in report.lines() if ln.startswith("auto "))
     assert "an assumed 80 GiB H100 x 0.75" in line and "1 of 2 candidates compiled" in line
     assert report.compile_s > 0 and report.memory  # the plan reports the chosen step: the one compiled to choose
-    assert "indicative" in line  # fake CPU devices plan the GPU kernels with their jnp stand-ins
+    assert "CPU stand-ins for the GPU kernels" in line  # fake CPU devices plan the GPU kernels with jnp stand-ins
 
 
 @pytest.mark.parametrize("args,needle", [(["--device-memory-gib", "80"], "only goes with --dry-run"),
