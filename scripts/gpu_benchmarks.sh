@@ -28,6 +28,8 @@
 #             versus_hf, the hybrid cut in hybrid_tune)
 #   versus_hf 1 GPU:  the loss alone beside torch, then the dense 1.7B and MoE cuts beside HF in the same runs, and
 #             dense with remat dots_attention_saveable
+#   defaults_hf 1 GPU: the config defaults beside HF (dense 1.7B, MoE cut); defaults_old: the previous defaults
+#             (full remat, scanned) of the same shapes, then the hybrid cut under both
 #   hybrid_hf 1 GPU:  the hybrid cut beside HF (HF's first step autotunes FLA: minutes)
 #   hybrid_tune 1 GPU: the hybrid cut over remat policies (xorl_jax alone), then dense with XLA's conditionals in
 #             command buffers (device-side branches instead of a host wait per branch)
@@ -64,7 +66,7 @@
 # Multi-GPU stages keep NCCL_NVLS_ENABLE=0 (NVLink SHARP multicast off: not every multi-GPU host supports it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STAGES=${1:?usage: gpu_benchmarks.sh kernels|gdn|profiles|loss|dense|moe|hybrid|ttfs|tune|versus_hf|hybrid_hf|hybrid_tune|unroll|final_hf|final_hf_dense|final_hf_moe|profiles_final|optim_profile|optim_stacked|layout_memory|attn_sizes|adam_direction|hybrid_remat|layout_remat|multi|ep_check|ep_train|ep8_bisect|recheck|scale_moe|scale_dense|fsdp_8b|optim|ep8[,...] [OUT_DIR]}
+STAGES=${1:?usage: gpu_benchmarks.sh kernels|gdn|profiles|loss|dense|moe|hybrid|ttfs|tune|versus_hf|defaults_hf|defaults_old|hybrid_hf|hybrid_tune|unroll|final_hf|final_hf_dense|final_hf_moe|profiles_final|optim_profile|optim_stacked|layout_memory|attn_sizes|adam_direction|hybrid_remat|layout_remat|multi|ep_check|ep_train|ep8_bisect|recheck|scale_moe|scale_dense|fsdp_8b|optim|ep8[,...] [OUT_DIR]}
 OUT_DIR=${2:-${OUT:-/tmp/gpu_benchmarks}}
 WORK=${WORK:-/tmp/gpu_benchmarks_work}  # profiles, runs, cut configs: too many files for OUT_DIR
 mkdir -p "$OUT_DIR" "$WORK"
@@ -266,6 +268,24 @@ EOF
     LIMIT=200 run moe_hf python3 scripts/bench_train.py --model qwen3_30b_a3b --layers 4 --batch 2 --seq 4096 \
         --steps 4 --warmup 1 --param-dtype bfloat16 --optimizer-dtype bfloat16 --backends jax,hf \
         --json "$OUT_DIR/moe_hf.json"
+    ;;
+  defaults_hf)  # issue 27: the config defaults (remat_policy/scan_layers auto, fp32 state) beside HF in the same run
+    LIMIT=260 run defaults_dense_hf python3 scripts/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 5 \
+        --warmup 2 --backends jax,hf --json "$OUT_DIR/defaults_dense_hf.json"
+    LIMIT=240 run defaults_moe_hf python3 scripts/bench_train.py --model qwen3_30b_a3b --layers 4 --batch 2 \
+        --seq 4096 --steps 5 --warmup 2 --backends jax,hf --json "$OUT_DIR/defaults_moe_hf.json"
+    ;;
+  defaults_old)  # issue 27: the previous defaults (full remat, scanned) of the same shapes, then the hybrid cut
+    LIMIT=120 run olddefaults_dense python3 scripts/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 5 \
+        --warmup 2 --backends jax --remat full --scan-layers true --json "$OUT_DIR/olddefaults_dense.json"
+    LIMIT=120 run olddefaults_moe python3 scripts/bench_train.py --model qwen3_30b_a3b --layers 4 --batch 2 \
+        --seq 4096 --steps 5 --warmup 2 --backends jax --remat full --scan-layers true \
+        --json "$OUT_DIR/olddefaults_moe.json"
+    LIMIT=150 run defaults_hybrid python3 scripts/bench_train.py --model qwen3_5_35b_a3b --layers 4 --batch 2 \
+        --seq 4096 --steps 5 --warmup 2 --backends jax --json "$OUT_DIR/defaults_hybrid.json"
+    LIMIT=150 run olddefaults_hybrid python3 scripts/bench_train.py --model qwen3_5_35b_a3b --layers 4 --batch 2 \
+        --seq 4096 --steps 5 --warmup 2 --backends jax --remat full --scan-layers true \
+        --json "$OUT_DIR/olddefaults_hybrid.json"
     ;;
   hybrid_hf)
     LIMIT=420 run hybrid_hf python3 scripts/bench_train.py --model qwen3_5_35b_a3b --layers 4 --batch 2 --seq 4096 \
