@@ -286,7 +286,11 @@ def _legacy_training_source(meta) -> dict:
     model = (meta.get("config") or {}).get("model") or {}
     train = (meta.get("config") or {}).get("train") or {}
     path = meta.get("model_path") or model.get("model_path")
-    if train.get("init_from") != "scratch" and path and os.path.isabs(path) and os.path.isdir(path):
+    if train.get("init_from") == "scratch":
+        return run_source(None, hf_config=meta.get("hf_config") or {}, init_from="scratch",
+                          dtype=model.get("dtype") or "float32",
+                          tokenizer_path=model.get("tokenizer_path"), config_path=model.get("config_path"))
+    if path and os.path.isabs(path) and os.path.isdir(path):
         try:
             return source_of(path, meta.get("hf_config"))
         except (CheckpointError, ValueError, OSError):
@@ -769,7 +773,7 @@ def export_hf(model, output_dir, *, source_dir_or_metadata, dtype=None, expert_l
     if not text_only:
         carried, carry_reader = _carry_plan(rec, keymap)
     side_dirs = [d for d in rec.get("side_dirs") or () if d]
-    ops.check_output(output_dir, [rec.get("path"), rec.get("model_path")] + side_dirs, overwrite=overwrite)
+    ops.check_output(output_dir, [rec.get("path"), rec.get("model_path")], overwrite=overwrite)
     params = stored if stored is not None else {p: v[...] for p, v in param_paths(model).items()}
     override = _np_dtype(dtype) if dtype else None
     default = _dtype_named(rec["dtype"]) if rec.get("dtype") else None
@@ -834,8 +838,8 @@ def _carry_plan(rec, keymap):
         if recorded:
             raise CheckpointError(
                 f"the export must copy {len(recorded)} tensors the run did not train ({_summary(recorded)}) from "
-                f"its source checkpoint {path}, which is gone; put it back there, or pass --text-only to write the "
-                f"language model alone")
+                f"its source checkpoint {path}, which is gone; put it back there, or write the language model alone "
+                f"with `convert to-hf --text-only`")
         if recorded is None:
             logger.warning("export: the source checkpoint %s is not known or gone; tensors the run did not train "
                            "(a vision tower, an MTP head) cannot be copied if the source had any", path)
@@ -846,7 +850,8 @@ def _carry_plan(rec, keymap):
     missing = [k for k in recorded if k not in reader]
     if missing:
         raise CheckpointError(f"the source checkpoint {path} changed since the run read it: {len(missing)} tensors "
-                              f"the export must copy are gone, e.g. {missing[0]}; restore it, or pass --text-only")
+                              f"the export must copy are gone, e.g. {missing[0]}; restore it, or write the language "
+                              f"model alone with `convert to-hf --text-only`")
     return list(recorded), reader
 
 
