@@ -98,8 +98,8 @@ def test_target_names_map_onto_our_parameters():
     assert spans[0, "mlp.experts.gate_proj"] == [("gate_up_proj", None, (0, 64))]
     assert spans[0, "mlp.experts.up_proj"] == [("gate_up_proj", None, (64, 128))]
 
-    with pytest.raises(ConfigError, match=r"'qproj' is not a LoRA target name of this model; did you mean 'q_proj'\? valid names: "
-                                          r".*self_attn.q_proj"):
+    with pytest.raises(ConfigError, match=r"'qproj' is not a LoRA target name of this model; did you mean "
+                                          r"'q_proj'\? valid names: .*self_attn.q_proj"):
         L.lora_targets(params, LoraConfig(enable_lora=True, lora_target_modules=["qproj"]))
     with pytest.raises(ConfigError, match="lora_target_parameters: 'experts.up'"):
         L.lora_targets(params, LoraConfig(enable_lora=True, lora_target_modules=["q_proj"],
@@ -487,8 +487,8 @@ def test_trainer_trains_only_adapters_and_exports_merged(tmp_path, demo_base):
 
 def test_trainer_adapter_export_and_resume(tmp_path, demo_base):
     bf16 = {"param_dtype": "bfloat16"}  # the frozen base stays in bf16, the adapters in fp32
-    full = make_lora_trainer(tmp_path / "full", demo_base, save_steps=2, model=bf16,
-                             lora={"lora_target_parameters": "[]"})
+    adapters = {"lora_target_parameters": "[]", "lora_target_modules": "[q_proj, k_proj, v_proj, o_proj, down_proj]"}
+    full = make_lora_trainer(tmp_path / "full", demo_base, save_steps=2, model=bf16, lora=adapters)
     assert {x.dtype for x in jax.tree.leaves(full.frozen)} == {jnp.dtype(jnp.bfloat16)}
     assert {x.dtype for x in jax.tree.leaves(full.state.params)} == {jnp.dtype(jnp.float32)}
     full.train()
@@ -497,14 +497,18 @@ def test_trainer_adapter_export_and_resume(tmp_path, demo_base):
     assert adapter.endswith("lora_adapter")
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(adapter))
     cfg = json.load(open(os.path.join(adapter, "adapter_config.json")))
-    assert cfg["target_modules"] == ["self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj"]
+    assert cfg["target_modules"] == ["down_proj", "self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj",
+                                     "self_attn.v_proj"]  # routed experts per expert, as xorl writes them
+    from safetensors.numpy import load_file
+
+    tensors = load_file(os.path.join(adapter, "adapter_model.safetensors"))
+    assert tensors["base_model.model.model.layers.1.mlp.experts.7.down_proj.lora_B.weight"].shape == (128, 4)
     import shutil
 
     resumed_dir = tmp_path / "resumed"
     os.makedirs(resumed_dir / "checkpoints")
     shutil.copytree(tmp_path / "full" / "checkpoints" / "2", resumed_dir / "checkpoints" / "2")
-    resumed = make_lora_trainer(resumed_dir, demo_base, load_checkpoint_path="auto", model=bf16,
-                                lora={"lora_target_parameters": "[]"})
+    resumed = make_lora_trainer(resumed_dir, demo_base, load_checkpoint_path="auto", model=bf16, lora=adapters)
     assert resumed.train()["step"] == 4
     got = {k: np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(resumed.state.params)}
     assert got.keys() == expected.keys()

@@ -49,7 +49,7 @@ class LoraTarget:
     of a linear-attention layer -> the q rows of in_proj_qkv)."""
     hf_name: str  # the pair's name relative to a decoder layer, e.g. "self_attn.qkv_proj", "mlp.experts.gate_proj"
     group: int  # position in the scanned layer pattern (layer i = repeat * period + group)
-    param_path: tuple  # path of the base parameter in the model state, e.g. ("layers","groups","0","self_attn","q_proj")
+    param_path: tuple  # the base parameter's path in the state, e.g. ("layers","groups","0","self_attn","q_proj")
     key: tuple  # path of the pair in the LoRA tree, e.g. ("g0", "self_attn", "q_proj")
     batch_ndim: int  # leading dims with one pair each (layers[, experts])
     in_ndim: int  # input dims after the batch dims
