@@ -229,3 +229,24 @@ def test_config_builds_muon_with_scaled_schedule_and_lora_adapters_train():
     for _ in range(4):
         lora1, state, last = train_step(lora1, state)
     assert float(last) < float(first)
+
+
+def test_xorls_other_optimizer_names_run_from_the_config():
+    """signsgd and anyprecision_adamw, which xorl configs name, build from the config: signsgd moves each weight by
+    lr * sign(g); anyprecision_adamw is AdamW with optimizer_dtype moments (bf16 here)."""
+    from xorl_jax.config import load_config
+    from xorl_jax.train_setup import optimizer_for
+
+    params = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(3, 4)), jnp.float32)}
+    g = {"w": jnp.asarray(np.random.default_rng(1).normal(size=(3, 4)), jnp.float32)}
+    common = ["--train.lr=0.1", "--train.lr_warmup_ratio=0", "--train.lr_decay_style=constant",
+              "--train.weight_decay=0", "--train.max_grad_norm=0"]
+    _, tx = optimizer_for(load_config(None, ["--train.optimizer=signsgd", *common]), params, total_steps=2)
+    updates, _ = tx.update(g, tx.init(params), params)
+    np.testing.assert_array_equal(np.asarray(updates["w"]), -0.1 * np.sign(np.asarray(g["w"])))
+    cfg = load_config(None, ["--train.optimizer=anyprecision_adamw", "--train.optimizer_dtype=bf16", *common])
+    _, tx = optimizer_for(cfg, params, total_steps=2)
+    state = tx.init(params)
+    assert {x.dtype for x in jax.tree.leaves(state) if x.ndim} == {jnp.dtype(jnp.bfloat16)}
+    updates, _ = tx.update(g, state, params)
+    np.testing.assert_allclose(np.asarray(updates["w"]), -0.1 * np.sign(np.asarray(g["w"])), rtol=1e-2)  # step 1
