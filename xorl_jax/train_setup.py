@@ -162,6 +162,9 @@ def optimizer_for(cfg: Config, params, total_steps: int):
     if t.optimizer == "muon":  # xorl: muon_lr follows the schedule's shape (warmup, decay to lr_min / lr of it)
         from xorl_jax.optim import default_muon_dims
 
+        log.warning("muon: each HF weight matrix (every layer, expert, gate and up) is orthogonalised whole and "
+                    "scaled by its own fan-out / fan-in; xorl orthogonalises fused q/k/v as one, reads expert tensors "
+                    "as [E, in, out] and by default each rank's shard (docs/OPTIMIZERS.md)")
         muon = dict(muon_dims=default_muon_dims(params), muon_momentum=t.muon_momentum,
                     muon_nesterov=t.muon_nesterov, muon_ns_steps=t.muon_ns_steps,
                     muon_adjust_lr_fn=t.muon_adjust_lr_fn,
