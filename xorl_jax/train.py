@@ -33,6 +33,32 @@ def _input_errors():
     return tuple(errors)
 
 
+class _ReportedElsewhere(logging.Filter):
+    """Drops library records of what the CLI reports itself in one line: Orbax logs each failed write of a save
+    from its threads when the disk is full, and the interrupted wait for a save on Ctrl-C, tracebacks included."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from xorl_jax.preflight import disk_full_error
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, KeyboardInterrupt):
+            return False
+        return disk_full_error(exc) is None and disk_full_error(Exception(record.getMessage())) is None
+
+
+def _drop_closed_loop_noise(previous):
+    """After a failed save, late callbacks of Orbax's storage layer still try to reach its closed asyncio loop;
+    Python reports each as an unraisable RuntimeError. Those say nothing to a user; anything else is reported."""
+
+    def hook(args):
+        if args.exc_type is RuntimeError and str(args.exc_value) == "Event loop is closed":
+            return
+        previous(args)
+
+    hook.drops_closed_loop_noise = True
+    return hook
+
+
 def _quiet_library_logs():
     """Orbax and absl log every checkpoint detail at INFO; keep the run's own output readable."""
     try:
@@ -43,6 +69,11 @@ def _quiet_library_logs():
         pass
     for name in ("absl", "orbax", "jax._src.xla_bridge"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    reported = _ReportedElsewhere()
+    for target in (logging.getLogger("absl"), *logging.getLogger().handlers):
+        target.addFilter(reported)
+    if not getattr(sys.unraisablehook, "drops_closed_loop_noise", False):  # once per process (main may run again)
+        sys.unraisablehook = _drop_closed_loop_noise(sys.unraisablehook)
 
 
 def _dry_run_flags(argv: list[str]) -> tuple[list[str], bool, int, float | None]:
@@ -80,15 +111,22 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command stopp
 
 
 def main(argv=None) -> int:
+    run_info = {}  # the output directory, once the config is read
     try:
-        return _main(argv)
+        return _main(argv, run_info)
     except KeyboardInterrupt:
-        print("stopped: interrupted (Ctrl-C); checkpoints already complete are kept, nothing half-written looks "
-              "complete (train.load_checkpoint_path: auto resumes from the last one)", file=sys.stderr, flush=True)
+        # A save still in flight is cut off as the interpreter exits: it stays an unfinished (temporary) directory
+        # that no resume takes for a checkpoint, and the next run removes it; its thread's complaints are not news.
+        for name in ("absl", "orbax"):
+            logging.getLogger(name).disabled = True
+        where = f" in {os.path.join(run_info['output_dir'], 'checkpoints')}" if "output_dir" in run_info else ""
+        print(f"stopped: interrupted (Ctrl-C); the complete checkpoints{where} are kept, an unfinished save is "
+              "never taken for one (train.load_checkpoint_path: auto resumes from the last)", file=sys.stderr,
+              flush=True)
         return EXIT_INTERRUPTED
 
 
-def _main(argv=None) -> int:
+def _main(argv, run_info: dict) -> int:
     from xorl_jax.config import ConfigError, parse_cli
 
     argv = sys.argv[1:] if argv is None else argv
@@ -100,6 +138,8 @@ def _main(argv=None) -> int:
             os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={fake_devices}".strip()
         logging.basicConfig(level=logging.INFO, format="%(message)s")  # the config's notes on xorl keys show
         cfg = parse_cli(argv, need_data=not dry)  # a dry run compiles on abstract batches: no data needed
+        if not dry:
+            run_info["output_dir"] = cfg.train.output_dir
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -118,6 +158,12 @@ def _main(argv=None) -> int:
     except _input_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
+    except TrainingStopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 1
     except Exception as e:  # a full disk anywhere else (metrics, logs): one line as well; anything else: raised
         from xorl_jax.preflight import disk_full_error, disk_full_message
 
@@ -126,12 +172,6 @@ def _main(argv=None) -> int:
             raise
         print(f"error: {disk_full_message(full, cfg.train.output_dir)}", file=sys.stderr)
         return 2
-    except Preempted as e:
-        print(f"stopped: {e}", file=sys.stderr)
-        return EXIT_PREEMPTED
-    except TrainingStopped as e:
-        print(f"stopped: {e}", file=sys.stderr)
-        return 1
     return 0
 
 

@@ -369,6 +369,8 @@ class Trainer:
             if full is None:
                 raise
             if self.is_main:
+                with contextlib.suppress(Exception):  # the save's other writers finish (or fail) first
+                    self.checkpointer.wait()
                 clean_temporaries(self.output_dir)
             raise CheckpointError(disk_full_message(full, path, what, cleaned=self.is_main)) from None
 
@@ -385,7 +387,9 @@ class Trainer:
             "source": self.export_source(),  # what an export of this checkpoint stands in for (convert to-hf)
             "skipped_total": int(self.state.skipped_total),
         }
-        with self._writing(f"the checkpoint of step {step}", self.checkpointer.directory):
+        # a save in the background reports its failure at the next save or wait: name no step then
+        what = "a checkpoint" if self.cfg.train.save_async else f"the checkpoint of step {step}"
+        with self._writing(what, self.checkpointer.directory):
             self.checkpointer.save(step, self.state, meta, force=force)
 
     def maybe_resume(self) -> int:

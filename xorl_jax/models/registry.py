@@ -16,10 +16,14 @@ MODEL_TYPES = {
 
 
 def model_class(hf_config: dict):
+    """The model class for a HF config dict; CheckpointError (an input error) for a model_type not in the table."""
+    from xorl_jax.checkpoint.hf import CheckpointError
+
     model_type = hf_config.get("model_type")
     if model_type not in MODEL_TYPES:
-        raise ValueError(
-            f"config.json: model_type {model_type!r} is not supported; supported: {', '.join(sorted(MODEL_TYPES))}"
+        raise CheckpointError(
+            f"config.json: model_type {model_type!r} is not supported (supported: {', '.join(sorted(MODEL_TYPES))}); "
+            "point model.model_path (or model.config_path) at a Qwen3 or Qwen3.5 checkpoint"
         )
     module, name = MODEL_TYPES[model_type].split(":")
     return getattr(importlib.import_module(module), name)

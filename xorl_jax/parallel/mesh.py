@@ -53,7 +53,8 @@ def resolve_sizes(num_devices: int, *, data_parallel_replicate_size=1, data_para
     sizes = {k: _parse_size(k, v) for k, v in raw.items()}
     auto = [k for k, v in sizes.items() if v is None]
     if len(auto) > 1:
-        raise MeshError(f"only one of {auto} may be -1/'auto'; set the others to explicit sizes")
+        raise MeshError(f"only one of {', '.join('train.' + k for k in auto)} may be -1/'auto'; "
+                        "set the others to explicit sizes")
     rep, tp = sizes["data_parallel_replicate_size"], sizes["tensor_parallel_size"]
     shard, ep = sizes["data_parallel_shard_size"], sizes["expert_parallel_size"]
     if auto == ["expert_parallel_size"]:
@@ -62,7 +63,7 @@ def resolve_sizes(num_devices: int, *, data_parallel_replicate_size=1, data_para
         known = math.prod(v for k, v in sizes.items() if v is not None and k != "expert_parallel_size")
         if num_devices % known:
             raise MeshError(f"{num_devices} devices are not divisible by the product of the fixed parallel sizes "
-                            f"({known}); change {', '.join(SIZE_FIELDS)}")
+                            f"({known}); change {', '.join('train.' + k for k in SIZE_FIELDS)}")
         fill = num_devices // known
         if auto == ["data_parallel_shard_size"]:
             shard = fill
@@ -71,11 +72,11 @@ def resolve_sizes(num_devices: int, *, data_parallel_replicate_size=1, data_para
         else:
             tp = fill
     if rep * shard * tp != num_devices:
-        raise MeshError(f"data_parallel_replicate_size {rep} x data_parallel_shard_size {shard} x "
-                        f"tensor_parallel_size {tp} = {rep * shard * tp}, but there are {num_devices} devices; "
+        raise MeshError(f"train.data_parallel_replicate_size {rep} x train.data_parallel_shard_size {shard} x "
+                        f"train.tensor_parallel_size {tp} = {rep * shard * tp}, but the run has {num_devices} device(s); "
                         f"make the product equal the device count (or set one size to -1)")
     if shard % ep:
-        raise MeshError(f"expert_parallel_size {ep} must divide data_parallel_shard_size {shard} "
+        raise MeshError(f"train.expert_parallel_size {ep} must divide train.data_parallel_shard_size {shard} "
                         f"(expert ranks are carved out of the FSDP group)")
     return {"data": rep, "fsdp": shard // ep, "expert": ep, "tensor": tp}
 
@@ -87,16 +88,16 @@ def check_model_fits(sizes: dict[str, int], model_config: Any) -> None:
     ep, tp = sizes.get("expert", 1), sizes.get("tensor", 1)
     experts = getattr(model_config, "num_experts", 0) or 0
     if ep > 1 and not experts:
-        raise MeshError(f"expert_parallel_size {ep} > 1 but the model has no experts; set it to 1")
+        raise MeshError(f"train.expert_parallel_size {ep} > 1 but the model has no experts; set it to 1")
     if ep > 1 and experts % ep:
-        raise MeshError(f"num_experts {experts} is not divisible by expert_parallel_size {ep}; "
-                        f"pick an expert_parallel_size that divides it")
+        raise MeshError(f"num_experts {experts} (config.json) is not divisible by train.expert_parallel_size "
+                        f"{ep}; pick an expert_parallel_size that divides it")
     if tp > 1:
         for field in ("num_attention_heads", "num_key_value_heads", "linear_num_key_heads", "linear_num_value_heads"):
             n = getattr(model_config, field, None)
             if n and n % tp:
-                raise MeshError(f"{field} {n} is not divisible by tensor_parallel_size {tp}; "
-                                f"pick a tensor_parallel_size that divides it")
+                raise MeshError(f"{field} {n} (config.json) is not divisible by train.tensor_parallel_size "
+                                f"{tp}; pick a tensor_parallel_size that divides it")
 
 
 def _device_array(shape: tuple[int, ...], devices) -> np.ndarray:
