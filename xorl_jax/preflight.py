@@ -89,7 +89,7 @@ def tokenizer_for(cfg: Config, vocab_size: int):
     if not needs_tokenizer(cfg.data):
         return None
     path = m.tokenizer_path or m.model_path
-    key = "model.tokenizer_path" if m.tokenizer_path else "model.tokenizer_path (null, so model.model_path)"
+    key = "model.tokenizer_path" if m.tokenizer_path else "model.model_path; model.tokenizer_path is null"
     if not path:
         kinds = sorted({ds.type for ds in list(cfg.data.datasets) + list(cfg.data.eval_datasets)} &
                        set(TOKENIZER_DATA_TYPES))

@@ -176,4 +176,11 @@ def _main(argv, run_info: dict) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code == EXIT_INTERRUPTED:
+        # A save may still be running in background threads (Orbax, tensorstore); the interpreter's teardown under
+        # them can abort the process. Leave now: its files stay an unfinished save, removed by the next run.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -152,7 +152,7 @@ class Documents:
                         yield from text_docs(texts, tokenizer)
                         texts = []
                     continue
-                doc = row_to_doc(row, kind, tokenizer, vocab, chat)
+                doc = row_to_doc(row, kind, tokenizer, None, chat)  # token ranges: checked here, labels too
                 if vocab is not None and kind == "tokenized":
                     check_token_range(*doc, vocab)
                 yield doc
