@@ -16,15 +16,12 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
-import logging
 import os
 import tempfile
 from typing import Any
 
 from xorl_jax.checkpoint.hf import CheckpointError
 from xorl_jax.config import Config, ConfigError
-
-log = logging.getLogger("xorl_jax")
 
 TOKENIZER_DATA_TYPES = ("messages", "text")  # dataset types whose rows go through the tokenizer
 

@@ -73,8 +73,8 @@ def resolve_sizes(num_devices: int, *, data_parallel_replicate_size=1, data_para
             tp = fill
     if rep * shard * tp != num_devices:
         raise MeshError(f"train.data_parallel_replicate_size {rep} x train.data_parallel_shard_size {shard} x "
-                        f"train.tensor_parallel_size {tp} = {rep * shard * tp}, but the run has {num_devices} device(s); "
-                        f"make the product equal the device count (or set one size to -1)")
+                        f"train.tensor_parallel_size {tp} = {rep * shard * tp}, but the run has {num_devices} "
+                        f"device(s); make the product equal the device count (or set one size to -1)")
     if shard % ep:
         raise MeshError(f"train.expert_parallel_size {ep} must divide train.data_parallel_shard_size {shard} "
                         f"(expert ranks are carved out of the FSDP group)")
