@@ -473,6 +473,10 @@ def child_env(args, backend: str) -> dict:
     if backend == "jax" and args.no_command_buffers:
         flags += " --xla_gpu_enable_command_buffer="
     env["XLA_FLAGS"] = flags.strip()
+    if backend == "jax":
+        from xorl_jax.autotune import claim_device_memory
+
+        claim_device_memory(env)  # as python -m xorl_jax.train does
     if backend == "hf":  # the torch child imports xorl_jax only for the FLOP count: keep JAX off the GPU
         env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")

@@ -145,6 +145,9 @@ def _main(argv, run_info: dict) -> int:
         return 2
     _quiet_library_logs()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from xorl_jax.autotune import claim_device_memory
+
+    claim_device_memory()  # before JAX's backends start
     from xorl_jax.preemption import EXIT_PREEMPTED
     from xorl_jax.trainer import Preempted, TrainingStopped, run
 
