@@ -374,7 +374,7 @@ def model_flops_per_token(cfg: dict, seq: int) -> float:
 def hf_side(args, config_path: str, overrides: list[str]) -> tuple[dict, int, int, bool]:
     """(config.json, rows, tokens per row, gradient checkpointing) of the xorl_jax run, for HF's side."""
     from xorl_jax.config import load_config
-    from xorl_jax.models.loading import read_hf_config
+    from xorl_jax.checkpoint.orbax import read_hf_config
 
     cfg = load_config(config_path, [*overrides, *flag_overrides(args, mesh=False)])
     hf = read_hf_config(cfg.model.config_path or cfg.model.model_path)

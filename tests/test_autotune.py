@@ -43,7 +43,8 @@ def test_unrolling_is_planned_only_for_stacks_of_alike_layers(config_dir, pays):
 
     from xorl_jax.data.demo import DEMO_DIR
     from xorl_jax.models.common import ModelOptions
-    from xorl_jax.models.loading import abstract_model, build_config, read_hf_config
+    from xorl_jax.checkpoint.orbax import read_hf_config
+    from xorl_jax.models.loading import abstract_model, build_config
 
     cls, mcfg = build_config(read_hf_config(os.path.join(os.path.dirname(DEMO_DIR), config_dir)))
     model = abstract_model(cls, mcfg, ModelOptions())

@@ -4,8 +4,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from xorl_jax.checkpoint import host_copy
-from xorl_jax.checkpoint.host_copy import copy_into
+from xorl_jax.models import host_copy
+from xorl_jax.models.host_copy import copy_into
 
 
 def _views(rng, dtype):

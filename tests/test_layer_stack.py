@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from xorl_jax.checkpoint.orbax import read_hf_config
 from xorl_jax.data.demo import DEMO_DIR
 from xorl_jax.models.common import ModelOptions, unstack_layers
-from xorl_jax.models.loading import build_config, read_hf_config
+from xorl_jax.models.loading import build_config
 from xorl_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 
 DENSE = Qwen3Config(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,

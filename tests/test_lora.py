@@ -13,10 +13,11 @@ import pytest
 from flax import nnx
 
 from xorl_jax import lora as L
+from xorl_jax.checkpoint.orbax import read_hf_config
 from xorl_jax.config import ConfigError, LoraConfig, load_config
 from xorl_jax.data.demo import DEMO_DIR
 from xorl_jax.models.common import ModelOptions
-from xorl_jax.models.loading import build_config, read_hf_config
+from xorl_jax.models.loading import build_config
 from xorl_jax.optim import params_with_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,9 +12,10 @@ import pytest
 from flax import nnx
 
 from xorl_jax import optim as O
+from xorl_jax.checkpoint.orbax import read_hf_config
 from xorl_jax.data.demo import DEMO_DIR
 from xorl_jax.models.common import ModelOptions
-from xorl_jax.models.loading import build_config, read_hf_config
+from xorl_jax.models.loading import build_config
 
 QWEN3_5_MOE_DIR = DEMO_DIR + "_qwen3_5_moe"
 

@@ -5,7 +5,8 @@ __version__ = "0.1.0"
 
 def from_pretrained(path, dtype="float32", mesh=None, **kwargs):
     """Load a Hugging Face (safetensors) or xorl_jax checkpoint directory as a ready-to-call model."""
-    from xorl_jax.models.loading import from_pretrained as _from_pretrained
+    # imported on call: `import xorl_jax` (as `python -m xorl_jax.train` does first) stays free of JAX
+    from xorl_jax.checkpoint.pretrained import from_pretrained as _from_pretrained
 
     return _from_pretrained(path, dtype=dtype, mesh=mesh, **kwargs)
 

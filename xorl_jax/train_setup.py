@@ -11,9 +11,21 @@ import os
 import jax
 import jax.numpy as jnp
 
+from xorl_jax import autotune
+from xorl_jax.checkpoint.hf import CheckpointError
+from xorl_jax.checkpoint.orbax import read_hf_config
 from xorl_jax.config import Config, ConfigError
+from xorl_jax.data.pipeline import row_length
+from xorl_jax.kernels.attention import MASKED, resolve_attn_implementation
+from xorl_jax.kernels.gdn import auto_implementation as gdn_auto_implementation
+from xorl_jax.layers.moe import resolve_moe_implementation
 from xorl_jax.models.common import ModelOptions
-from xorl_jax.train_step import LossConfig, make_train_step
+from xorl_jax.models.loading import build_config
+from xorl_jax.optim import build_optimizer, build_schedule, default_decay_mask, default_muon_dims, map_params_with_path
+from xorl_jax.parallel import mesh as mesh_lib
+from xorl_jax.parallel import rules as rules_lib
+from xorl_jax.parallel.rules import use_mesh
+from xorl_jax.train_step import BATCH_KEYS, LossConfig, make_train_step
 
 log = logging.getLogger("xorl_jax")
 
@@ -61,11 +73,6 @@ def use_compilation_cache(setting: str | None) -> str | None:
 def model_and_mesh(cfg: Config):
     """(HF config dict, model class, family config, ModelOptions, mesh, rules): what a run is built from, before
     any weight exists."""
-    from xorl_jax.checkpoint.hf import CheckpointError
-    from xorl_jax.models.loading import build_config, read_hf_config
-    from xorl_jax.parallel import mesh as mesh_lib
-    from xorl_jax.parallel import rules as rules_lib
-
     source = cfg.model.config_path or cfg.model.model_path
     if not source:
         raise ConfigError("model.model_path is not set; point it at a HF checkpoint directory (or config dir)")
@@ -83,7 +90,6 @@ def model_options(cfg: Config) -> ModelOptions:
     m, t = cfg.model, cfg.train
     if m.ep_dispatch == "ragged" and t.expert_parallel_size not in (1, None) and jax.default_backend() == "cpu":
         raise ConfigError("model.ep_dispatch=ragged needs GPUs (XLA:CPU has no ragged all-to-all); use alltoall")
-    from xorl_jax import autotune
 
     # `auto` layer settings start at the least-memory candidate; the trainer and the dry run resolve them once the
     # step can be compiled (xorl_jax.autotune).
@@ -104,10 +110,6 @@ def model_options(cfg: Config) -> ModelOptions:
 
 def backend_summary(options: ModelOptions) -> str:
     """The configured kernel choices with what `auto` picks on this device, for the run's start-up lines."""
-    from xorl_jax.kernels.attention import resolve_attn_implementation
-    from xorl_jax.kernels.gdn import auto_implementation as gdn_auto_implementation
-    from xorl_jax.layers.moe import resolve_moe_implementation
-
     def show(name, resolved):
         return name if resolved == name else f"{name} ({resolved})"
 
@@ -127,14 +129,10 @@ class MeshJit:
         self.jitted, self.mesh, self.rules = jitted, mesh, rules
 
     def __call__(self, *args):
-        from xorl_jax.parallel.rules import use_mesh
-
         with use_mesh(self.mesh, self.rules):
             return self.jitted(*args)
 
     def lower(self, *args):
-        from xorl_jax.parallel.rules import use_mesh
-
         with use_mesh(self.mesh, self.rules):
             return self.jitted.lower(*args)
 
@@ -150,8 +148,6 @@ def loss_config_for(cfg: Config, model_config, options: ModelOptions) -> LossCon
 
 def optimizer_for(cfg: Config, params, total_steps: int):
     """(learning-rate schedule, optax optimizer) from the config; `params` may be abstract."""
-    from xorl_jax.optim import build_optimizer, build_schedule, default_decay_mask, map_params_with_path
-
     t = cfg.train
     trainable = None
     if cfg.model.freeze_router:  # MoE routers get no update and no optimizer state
@@ -160,8 +156,6 @@ def optimizer_for(cfg: Config, params, total_steps: int):
                               decay_style=t.lr_decay_style, decay_ratio=t.lr_decay_ratio)
     muon = {}
     if t.optimizer == "muon":  # xorl: muon_lr follows the schedule's shape (warmup, decay to lr_min / lr of it)
-        from xorl_jax.optim import default_muon_dims
-
         log.warning("muon: each HF weight matrix (every layer, expert, gate and up) is orthogonalised whole and "
                     "scaled by its own fan-out / fan-in; xorl orthogonalises fused q/k/v as one, reads expert tensors "
                     "as [E, in, out] and by default each rank's shard (docs/OPTIMIZERS.md)")
@@ -194,10 +188,6 @@ def opt_state_shardings(optimizer, params, mesh):
 def abstract_batch(cfg: Config, mesh, doc_slots: int | None = None) -> dict:
     """A train step's batch as shapes: [accumulation, global micro-batch rows, tokens] int32 arrays sharded as the
     trainer shards them, plus the packed attention layout (DOC_SLOTS_KEY) when `doc_slots` is given."""
-    from xorl_jax.data.pipeline import row_length
-    from xorl_jax.parallel import rules as rules_lib
-    from xorl_jax.train_step import BATCH_KEYS
-
     t = cfg.train
     shape = (t.gradient_accumulation_steps, t.micro_batch_size * rules_lib.data_parallel_size(mesh),
              row_length(cfg.data))  # sample_packing_sequence_len padded to pad_to_multiple_of
@@ -235,8 +225,6 @@ class TrainSteps:
 
     def for_batch(self, batch) -> tuple[MeshJit, dict]:
         """(the step for this batch's layout, the batch's arrays)."""
-        from xorl_jax.kernels.attention import MASKED
-
         slots = batch.get(DOC_SLOTS_KEY)
         if slots not in self._steps:
             if self._steps:  # a later variant compiles in the middle of the run: say why the step is slow

@@ -19,13 +19,30 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from xorl_jax import lora as lora_lib
+from xorl_jax.autotune import choose_layer_settings
+from xorl_jax.checkpoint.hf import CheckpointError
+from xorl_jax.checkpoint.orbax import _root_for, export_hf, host_array, load_model, read_hf_config, run_source
+from xorl_jax.checkpoint.training import TrainCheckpointer, clean_temporaries, plan_resume
 from xorl_jax.config import Config, ConfigError, config_to_dict
-from xorl_jax.data.pipeline import MAX_DOCUMENTS_KEY
-from xorl_jax.kernels.attention import document_slots, slots_for
+from xorl_jax.data import build_eval_batches, build_train_iterator
+from xorl_jax.data.pipeline import MAX_DOCUMENTS_KEY, row_length
+from xorl_jax.data.prefetch import Prefetcher
+from xorl_jax.data.sources import iter_rows
+from xorl_jax.generate import greedy_generate
+from xorl_jax.kernels.attention import SMALL_SEGMENTS, document_slots, resolve_attn_implementation, slots_for
+from xorl_jax.lora import layer_merge_fn, merge_lora
+from xorl_jax.metrics import (CompletionClock, MetricsLogger, estimate_memory_per_device, peak_flops_per_device,
+                              peak_memory_gib)
+from xorl_jax.models.loading import abstract_model
+from xorl_jax.optim import params_with_path
+from xorl_jax.parallel import distributed
+from xorl_jax.parallel import rules as rules_lib
+from xorl_jax.parallel.rules import batch_sharding, data_parallel_size, param_shardings
 from xorl_jax.preemption import StopSignals
-from xorl_jax.train_setup import (DOC_SLOTS_KEY, MeshJit, TrainSteps, abstract_batch, backend_summary,
-                                  loss_config_for, opt_state_shardings, optimizer_for,
-                                  request_determinism, use_compilation_cache)
+from xorl_jax.preflight import check_run, disk_full_error, disk_full_message
+from xorl_jax.train_setup import (DOC_SLOTS_KEY, MeshJit, TrainSteps, abstract_batch, backend_summary, loss_config_for,
+                                  opt_state_shardings, optimizer_for, request_determinism, use_compilation_cache)
 from xorl_jax.train_step import TrainState, make_eval_step, stack_micro_batches
 
 log = logging.getLogger("xorl_jax")
@@ -58,8 +75,6 @@ def _count_params(params) -> int:
 
 class Trainer:
     def __init__(self, cfg: Config):
-        from xorl_jax.parallel import distributed
-
         if cfg.train.enable_full_determinism:
             request_determinism()
         distributed.initialize()
@@ -85,8 +100,6 @@ class Trainer:
     def _nonfinite_culprits(self, metrics) -> str:
         """'loss nan, non-finite gradients in 3 of 120 parameters: a.b.c, ...' for a skipped step's log line (a
         parameter is named when its gradient holds a NaN or inf, or is so large that its squared norm overflows)."""
-        from xorl_jax.optim import params_with_path
-
         parts = [f"loss {float(metrics['loss']):g}"]
         flags = metrics.get("nonfinite_grads")
         if flags is not None:
@@ -104,9 +117,6 @@ class Trainer:
     def _check_inputs(self):
         """xorl_jax.preflight's checks of every input (output_dir, data paths, config.json, mesh, the weights'
         headers, tokenizer); keeps what they read: config, mesh, options, tokenizer, vocabulary size."""
-        from xorl_jax.kernels.attention import resolve_attn_implementation
-        from xorl_jax.preflight import check_run
-
         inputs = check_run(self.cfg, is_main=self.is_main)
         self.hf_config, self.model_cls, self.model_config = inputs.hf_config, inputs.model_cls, inputs.model_config
         self.options, self.mesh, self.rules = inputs.options, inputs.mesh, inputs.rules
@@ -116,9 +126,6 @@ class Trainer:
                                                                  self.options.dtype) == "cudnn"
 
     def _setup_model(self):
-        from xorl_jax.checkpoint.orbax import load_model
-        from xorl_jax.parallel import rules as rules_lib
-
         cfg = self.cfg
         init_from = cfg.train.init_from
         log.info("model: %s", f"random init from {cfg.model.config_path or cfg.model.model_path}"
@@ -135,8 +142,6 @@ class Trainer:
         self.param_count = _count_params(params)
         self.frozen = None  # LoRA: the frozen base parameters (self.state.params holds only the adapters)
         if cfg.lora.enable_lora:
-            from xorl_jax import lora as lora_lib
-
             self.lora_targets = lora_lib.lora_targets(params, cfg.lora)
             self.lora_scale = lora_lib.lora_scale(cfg.lora)
             self.frozen = params
@@ -151,9 +156,6 @@ class Trainer:
         self.host_attention_layout = model.options.attn_implementation == "cudnn"
 
     def _init_scratch(self):
-        from xorl_jax.models.loading import abstract_model
-        from xorl_jax.parallel.rules import param_shardings
-
         abstract = abstract_model(self.model_cls, self.model_config, self.options)
         shardings = param_shardings(abstract, self.mesh, self.rules)
         graphdef = nnx.graphdef(abstract)
@@ -169,10 +171,6 @@ class Trainer:
         return nnx.merge(graphdef, init())
 
     def _setup_data(self):
-        from xorl_jax.data import build_eval_batches, build_train_iterator
-        from xorl_jax.data.pipeline import row_length
-        from xorl_jax.parallel.rules import data_parallel_size
-
         cfg = self.cfg
         self.dp_size = data_parallel_size(self.mesh)
         self.micro_rows = cfg.train.micro_batch_size * self.dp_size  # rows of one global micro-batch
@@ -186,8 +184,6 @@ class Trainer:
         )
         self.batches_on_device = cfg.data.dataloader_num_workers > 0
         if self.batches_on_device:  # one thread packs and copies to the devices; the count sets how far ahead
-            from xorl_jax.data.prefetch import Prefetcher
-
             depth = cfg.data.dataloader_num_workers * (cfg.data.dataloader_prefetch_factor or 2)
             self.train_iter = Prefetcher(self.train_iter, depth, transform=self._device_batch)
         self.eval_batches = None
@@ -227,9 +223,6 @@ class Trainer:
         """Resolve remat_policy / scan_layers `auto` (xorl_jax.autotune): candidates compiled fastest first on this
         mesh until one's step fits the devices. The step compiled for the choice is the one training runs (compiled
         for the usual packed attention layout: a batch that needs another compiles its own, as always)."""
-        from xorl_jax.autotune import choose_layer_settings
-        from xorl_jax.kernels.attention import SMALL_SEGMENTS
-
         extra = () if merge_fn is None else (self.frozen,)
         batch = abstract_batch(self.cfg, self.mesh, slots_for(SMALL_SEGMENTS) if self.host_attention_layout else None)
 
@@ -251,7 +244,6 @@ class Trainer:
         """LoRA: (adapters, frozen base) -> (base, per-layer merge run inside the layer scan); None without LoRA."""
         if self.frozen is None:
             return None
-        from xorl_jax.lora import layer_merge_fn
 
         return layer_merge_fn(self.lora_targets, self.lora_scale)
 
@@ -259,7 +251,6 @@ class Trainer:
         """The model's parameters as the forward pass sees them (LoRA: base + scale * A @ B, merged whole)."""
         if self.frozen is None:
             return self.state.params
-        from xorl_jax.lora import merge_lora
 
         targets, scale = self.lora_targets, self.lora_scale
         return jax.jit(lambda lora, frozen: merge_lora(frozen, lora, targets, scale))(self.state.params, self.frozen)
@@ -267,9 +258,6 @@ class Trainer:
     def _plan_resume(self):
         """Which checkpoint this run starts from (checkpoint.training.plan_resume), from the files alone; then the
         main process removes what an interrupted run left half-written."""
-        from xorl_jax.checkpoint.training import clean_temporaries, plan_resume
-        from xorl_jax.models.loading import read_hf_config
-
         hf_config = getattr(self, "hf_config", None)  # compared with the checkpoint's before the model is built
         if hf_config is None:
             try:
@@ -284,8 +272,6 @@ class Trainer:
         return plan
 
     def _setup_checkpointing(self):
-        from xorl_jax.checkpoint.training import TrainCheckpointer
-
         self.checkpointer = TrainCheckpointer(
             os.path.join(self.output_dir, "checkpoints"),
             keep=self.cfg.train.save_total_limit,
@@ -297,8 +283,6 @@ class Trainer:
         return self.rows_per_step * self.seq_len
 
     def _memory_estimate(self) -> float:
-        from xorl_jax.metrics import estimate_memory_per_device
-
         trainable = None
         if self.frozen is not None:  # LoRA: the base is frozen (no gradients, no state)
             trainable = _count_params(self.params)
@@ -326,8 +310,6 @@ class Trainer:
         return "\n".join(lines)
 
     def _device_batch(self, rows: dict):
-        from xorl_jax.parallel.rules import batch_sharding
-
         stacked = stack_micro_batches(rows, self.accum)
         sharding = batch_sharding(self.mesh, leading_axes=1)
         batch = {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in stacked.items()}
@@ -342,7 +324,6 @@ class Trainer:
     def evaluate(self) -> dict | None:
         if not self.eval_batches:
             return None
-        from xorl_jax.parallel.rules import batch_sharding
 
         sharding = batch_sharding(self.mesh, leading_axes=0)
         total, count = 0.0, 0
@@ -358,10 +339,6 @@ class Trainer:
     def _writing(self, what: str, path: str):
         """A full disk (or quota, or file size limit) while writing `what` to `path` becomes one CheckpointError
         line (exit 2) instead of a traceback; the main process first removes what was half written."""
-        from xorl_jax.checkpoint.hf import CheckpointError
-        from xorl_jax.checkpoint.training import clean_temporaries
-        from xorl_jax.preflight import disk_full_error, disk_full_message
-
         try:
             yield
         except Exception as e:
@@ -407,8 +384,6 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------- loop
     def train(self) -> dict:
-        from xorl_jax.metrics import CompletionClock, MetricsLogger, peak_flops_per_device, peak_memory_gib
-
         t = self.cfg.train
         if self.is_main:
             print(self.summary(), flush=True)
@@ -534,9 +509,6 @@ class Trainer:
 
     def print_samples(self, n: int) -> list[tuple[str, str, str]]:
         """Greedy answers to the first `n` held-out conversations: (question, expected, answer) triples."""
-        from xorl_jax.data.sources import iter_rows
-        from xorl_jax.generate import greedy_generate
-
         ds = next((d for d in self.cfg.data.eval_datasets if d.type == "messages"), None)
         if ds is None:
             log.info("train.sample_eval_prompts: no messages-type eval dataset to take prompts from")
@@ -562,8 +534,6 @@ class Trainer:
         """The export source record of this run (checkpoint.orbax.run_source), kept in every checkpoint's meta so
         that `convert to-hf` of a checkpoint writes what the run's own export writes."""
         if getattr(self, "_export_source", None) is None:
-            from xorl_jax.checkpoint.orbax import run_source
-
             m, t = self.cfg.model, self.cfg.train
             self._export_source = run_source(m.model_path, hf_config=self.hf_config, init_from=t.init_from,
                                              dtype=self.options.dtype, tokenizer_path=m.tokenizer_path,
@@ -574,12 +544,8 @@ class Trainer:
         """`global_step_N/hf_ckpt`: a drop-in replacement of model.model_path (checkpoint.orbax.export_hf: tensors
         the run did not train copied from the source, trained ones in the source's dtypes; LoRA merged), or with
         lora.save_lora_only a PEFT adapter directory."""
-        from xorl_jax.checkpoint.orbax import export_hf
-
         out = os.path.join(self.output_dir, f"global_step_{step}", "hf_ckpt")
         if self.frozen is not None and self.cfg.lora.save_lora_only:
-            from xorl_jax import lora as lora_lib
-
             if lora_lib.peft_exportable(self.lora_targets):
                 return self.export_lora_adapter(step)
             log.warning("lora.save_lora_only: routed-expert adapters (lora_target_parameters) have no PEFT adapter "
@@ -593,9 +559,6 @@ class Trainer:
 
     def export_lora_adapter(self, step: int) -> str:
         """A PEFT adapter directory (adapter_config.json + adapter_model.safetensors) for the HF base model."""
-        from xorl_jax import lora as lora_lib
-        from xorl_jax.checkpoint.orbax import _root_for, host_array
-
         out = os.path.join(self.output_dir, f"global_step_{step}", "lora_adapter")
         lo = self.cfg.lora
         host = jax.tree.map(host_array, self.state.params)  # every process takes part in the gathers

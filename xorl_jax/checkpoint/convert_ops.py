@@ -19,7 +19,7 @@ import uuid
 import numpy as np
 
 from xorl_jax.checkpoint.hf import CheckpointError
-from xorl_jax.checkpoint.host_copy import contiguous, copy_into
+from xorl_jax.models.host_copy import contiguous, copy_into
 
 # Files that travel with the weights (tokenizer, chat template, generation defaults).
 SIDE_FILES = (

@@ -15,6 +15,8 @@ from typing import Iterable
 import ml_dtypes
 import numpy as np
 
+from xorl_jax.errors import CheckpointError  # noqa: F401 - where the checkpoint code and its callers import it from
+
 _DTYPES = {
     "F64": np.dtype(np.float64),
     "F32": np.dtype(np.float32),
@@ -34,10 +36,6 @@ FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})  #
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory or file that cannot be used as asked; the message says which and what to do."""
 
 
 def _read_header(path: str):

@@ -26,8 +26,14 @@ import os
 
 import numpy as np
 
+from xorl_jax import __version__
+from xorl_jax import lora as lora_lib
 from xorl_jax.checkpoint import convert_ops as ops
-from xorl_jax.checkpoint.hf import CheckpointError
+from xorl_jax.checkpoint.hf import INDEX_NAME, CheckpointError, SafetensorsReader, write_sharded
+from xorl_jax.config import LoraConfig
+from xorl_jax.models.common import ModelOptions
+from xorl_jax.models.loading import abstract_model, build_config, detect_layout, param_paths
+from xorl_jax.parallel.rules import param_shardings
 
 METADATA_NAME = "xorl_jax.json"
 PARAMS_DIR = "params"
@@ -328,6 +334,23 @@ def hf_config_of(directory) -> dict:
     return hf
 
 
+def read_hf_config(path: str) -> dict:
+    """config.json from a directory (or the file itself); for a training step directory (no config.json), the
+    HF config its run recorded."""
+    cfg_path = path if os.path.isfile(path) else os.path.join(path, "config.json")
+    if not os.path.exists(cfg_path) and os.path.isdir(os.path.join(path, "meta")):
+        if is_orbax_model_dir(path):
+            return hf_config_of(path)
+    if not os.path.exists(cfg_path):
+        raise CheckpointError(f"{cfg_path} not found; set model.model_path (or model.config_path) to a HF model "
+                              "directory holding config.json")
+    try:
+        with open(cfg_path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
+
+
 def _name(path) -> str:
     return ".".join(str(k) for k in path)
 
@@ -340,39 +363,23 @@ def _write_json(path, data) -> None:
 
 
 def _version() -> str:
-    from xorl_jax import __version__
-
     return __version__
 
 
 # ------------------------------------------------------------------------------------------- shardings
 def param_shardings_for(model, mesh, rules=None) -> dict:
     """{our path: NamedSharding} from the logical `axes` of each parameter, through the project's rules table."""
-    try:
-        from xorl_jax.parallel.rules import param_shardings
-    except ImportError:
-        param_shardings = None
-    if param_shardings is not None:
-        from flax import nnx
+    from flax import nnx
 
-        got = param_shardings(model, mesh, rules)
-        if isinstance(got, nnx.State):
-            return {tuple(p): getattr(v, "value", v) for p, v in nnx.to_flat_state(got)}
-        return _flat(_pure(got)) if not (isinstance(got, dict) and all(isinstance(k, tuple) for k in got)) else got
-    return logical_shardings(model, mesh, rules if isinstance(rules, dict) else DEFAULT_AXIS_RULES)
-
-
-# Used only until the project's rules table (parallel/rules.py) is importable: FSDP over `fsdp`, experts over
-# `expert`, heads and MLP width over `tensor`.
-DEFAULT_AXIS_RULES = {"embed": "fsdp", "vocab": "tensor", "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor",
-                      "expert": "expert", "expert_mlp": "tensor", "gdn_heads": "tensor"}
+    got = param_shardings(model, mesh, rules)
+    if isinstance(got, nnx.State):
+        return {tuple(p): getattr(v, "value", v) for p, v in nnx.to_flat_state(got)}
+    return _flat(_pure(got)) if not (isinstance(got, dict) and all(isinstance(k, tuple) for k in got)) else got
 
 
 def logical_shardings(model, mesh, axis_rules: dict) -> dict:
     """{our path: NamedSharding} with `axis_rules` {logical axis: mesh axis or None}; unknown axes replicate."""
     from jax.sharding import NamedSharding, PartitionSpec
-
-    from xorl_jax.models.loading import param_paths
 
     out = {}
     for path, var in param_paths(model).items():
@@ -390,10 +397,6 @@ def logical_shardings(model, mesh, axis_rules: dict) -> dict:
 
 # ------------------------------------------------------------------------------------- HF -> our arrays
 def _open_hf(model_path, options=None, dtype=None, config_path=None):
-    from xorl_jax.checkpoint.hf import SafetensorsReader
-    from xorl_jax.models.common import ModelOptions
-    from xorl_jax.models.loading import abstract_model, build_config, detect_layout, read_hf_config
-
     if model_path and os.path.isdir(os.path.join(model_path, PARAMS_DIR)):
         raise CheckpointError(f"{model_path} is an xorl_jax (Orbax) checkpoint, not an HF directory; train from it "
                               f"directly (model.model_path) or write HF safetensors with `convert to-hf`")
@@ -431,8 +434,6 @@ def _iter_arrays(model, reader, sources, param_dtype, shardings, read=None, max_
     With `max_piece_bytes`, a layer-stacked parameter larger than that (and not sharded over its layer axis)
     comes as several pieces along the layer axis, so only one piece is ever in host memory.
     """
-    from xorl_jax.models.loading import param_paths
-
     read = read or reader.read
     params = param_paths(model)
     unset = [p for p in params if p not in sources]
@@ -466,10 +467,8 @@ def load_model(path, options, mesh=None, rules=None, *, config_path=None, shardi
     import jax.numpy as jnp
     from flax import nnx
 
-    from xorl_jax.models.loading import abstract_model, build_config
-
     if is_orbax_model_dir(path):
-        hf_config = hf_config_of(path) if not config_path else _read_config(config_path)
+        hf_config = hf_config_of(path) if not config_path else read_hf_config(config_path)
         cls, cfg = build_config(hf_config)
         model = abstract_model(cls, cfg, options)
         if shardings is None and mesh is not None:
@@ -487,7 +486,6 @@ def load_model(path, options, mesh=None, rules=None, *, config_path=None, shardi
     _, model, reader, sources, _ = _open_hf(path, options=options, config_path=config_path)
     if shardings is None and mesh is not None:
         shardings = param_shardings_for(model, mesh, rules)
-    from xorl_jax.models.loading import param_paths
 
     params = param_paths(model)
     for p, _, arr in _iter_arrays(model, reader, sources, jnp.dtype(options.param_dtype), shardings):
@@ -518,8 +516,6 @@ def _place(model, dtype, shardings, like):
     import jax
     from flax import nnx
 
-    from xorl_jax.models.loading import param_paths
-
     values = {p: v[...] for p, v in param_paths(model).items()}
     graphdef, state = nnx.split(like)
     flat = {}
@@ -536,10 +532,6 @@ def lora_merged_model(checkpoint, meta=None):
     read as the run read it) with the stored adapters merged, W + (alpha / r) A @ B, as the trainer merges them."""
     import jax
     from flax import nnx
-
-    from xorl_jax import lora as lora_lib
-    from xorl_jax.config import LoraConfig
-    from xorl_jax.models.common import ModelOptions
 
     meta = meta or read_metadata(checkpoint)
     source = meta.get("source") or {}
@@ -588,12 +580,6 @@ def _retyped(a, dtype):
     import jax
 
     return jax.ShapeDtypeStruct(a.shape, dtype)
-
-
-def _read_config(p):
-    from xorl_jax.models.loading import read_hf_config
-
-    return read_hf_config(p)
 
 
 def convert_hf_to_orbax(model_path, output, *, dtype=None, mesh=None, rules=None, shardings=None,
@@ -756,9 +742,6 @@ def export_hf(model, output_dir, *, source_dir_or_metadata, dtype=None, expert_l
     """
     import jax
 
-    from xorl_jax.checkpoint.hf import write_sharded
-    from xorl_jax.models.loading import param_paths
-
     hf_config, rec = export_source(source_dir_or_metadata)
     text_only = bool(text_only or rec.get("text_only"))
     layout = expert_layout or rec.get("expert_layout") or "fused"
@@ -830,8 +813,6 @@ def _dtype_named(name):
 
 def _carry_plan(rec, keymap):
     """(keys to copy, reader of the source) for the tensors of the source that the run did not train."""
-    from xorl_jax.checkpoint.hf import SafetensorsReader
-
     recorded = rec.get("carried")
     path = rec.get("path")
     if not path or not os.path.isdir(path):
@@ -899,10 +880,6 @@ def hf_source_record(model_path, hf_config=None) -> dict:
      another dtype, "carried": [HF keys the key map does not produce: copied byte for byte], "sharded": whether it
      has model.safetensors.index.json, "side_dirs": [directories the config/tokenizer files come from]}
     """
-    from xorl_jax.checkpoint.hf import INDEX_NAME, SafetensorsReader
-    from xorl_jax.models.common import ModelOptions
-    from xorl_jax.models.loading import abstract_model, build_config, detect_layout, read_hf_config
-
     path = os.path.abspath(model_path)
     hf_config = hf_config or read_hf_config(path)
     reader = SafetensorsReader(path)
@@ -975,8 +952,6 @@ def export_source(src) -> tuple[dict, dict]:
                    "dtype": src.get("dtype"), "dtypes": {}, "carried": [], "sharded": False,
                    "side_dirs": [side] if side else []}
         return hf, rec
-    from xorl_jax.checkpoint.hf import SafetensorsReader
-    from xorl_jax.models.loading import read_hf_config
 
     if is_orbax_model_dir(src):
         return hf_config_of(src), source_of(src)
@@ -1111,9 +1086,6 @@ def convert_checkpoint_to_hf(checkpoint, output, *, dtype=None, expert_layout=No
     import jax.numpy as jnp
     from flax import nnx
 
-    from xorl_jax.models.common import ModelOptions
-    from xorl_jax.models.loading import abstract_model, build_config
-
     checkpoint = checkpoint_dir(checkpoint)
     ops.check_output(output, [checkpoint], overwrite=overwrite)
     meta = read_metadata(checkpoint)
@@ -1143,8 +1115,6 @@ def convert_checkpoint_to_hf(checkpoint, output, *, dtype=None, expert_layout=No
 def _lazy_params(checkpoint, model):
     """{path: StoredArray} for every parameter of the abstract `model`, or None (with a log line) when the stored
     layout cannot be read lazily; a shape that does not match the model is an error either way."""
-    from xorl_jax.models.loading import param_paths
-
     try:
         arrays = _stored_arrays(checkpoint)
     except CheckpointError:

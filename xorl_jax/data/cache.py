@@ -18,7 +18,8 @@ import zipfile
 import numpy as np
 
 from xorl_jax.data.chat import fingerprint as chat_fingerprint
-from xorl_jax.data.pipeline import _get  # config sections or plain dicts, as the pipeline reads them
+from xorl_jax.data.sources import _expand_files, _is_hf_saved_dataset
+from xorl_jax.data.sources import setting as _get
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +30,6 @@ STATS = ("rows_read", "rows_skipped", "docs_truncated", "docs_split", "tokens_dr
 
 
 def _files_fingerprint(path) -> list:
-    from xorl_jax.data.sources import _expand_files, _is_hf_saved_dataset
-
     if path == "dummy" or path is None:
         return []
     path = os.path.expanduser(str(path))

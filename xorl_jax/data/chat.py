@@ -24,8 +24,8 @@ import re
 
 import numpy as np
 
-from xorl_jax.data.documents import shift_targets
 from xorl_jax.data.sources import DataError
+from xorl_jax.data.targets import shift_targets
 
 TEMPLATE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "chat_templates")
 GENERATION_MARK = re.compile(r"\{%-?\s*generation\s*-?%\}")

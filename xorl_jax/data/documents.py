@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from xorl_jax.data.chat import ChatFormat
 from xorl_jax.data.sources import DataError
-
-IGNORE = -100
+from xorl_jax.data.targets import IGNORE, shift_targets
 
 
 def _int_list(value, name: str) -> np.ndarray:
@@ -18,13 +18,6 @@ def _int_list(value, name: str) -> np.ndarray:
     if arr.ndim != 1:
         raise DataError(f"column {name!r} must be a flat list of token ids, got shape {arr.shape}")
     return arr
-
-
-def shift_targets(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """target[t] = ids[t+1] where token t+1 is trainable, else -100; the last token has no target."""
-    targets = np.full(len(ids), IGNORE, np.int64)
-    targets[:-1] = np.where(mask[1:], ids[1:], IGNORE)
-    return targets
 
 
 def _labels_are_shifted(ids: np.ndarray, labels: np.ndarray) -> bool:
@@ -88,8 +81,6 @@ def messages_doc(row: dict, tokenizer, chat=None):
     """A conversation rendered with the chat template; trainable = each assistant turn's text and its end-of-turn
     token (see xorl_jax.data.chat and docs/DATA.md). `chat`: the dataset's ChatFormat (template, its variables,
     which turns); None = the tokenizer's template, every assistant turn."""
-    from xorl_jax.data.chat import ChatFormat
-
     return (chat or ChatFormat(tokenizer)).document(row)
 
 

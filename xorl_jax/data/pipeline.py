@@ -12,21 +12,17 @@ import os
 
 import numpy as np
 
+from xorl_jax.data import cache
 from xorl_jax.data.chat import ChatFormat
 from xorl_jax.data.documents import IGNORE, row_to_doc, text_docs, text_of
 from xorl_jax.data.packing import build_row, pack_first_fit_decreasing, pack_sequential
 from xorl_jax.data.sources import DataError, iter_rows
+from xorl_jax.data.sources import setting as _get
 
 logger = logging.getLogger(__name__)
 
 DUMMY_DOCS = 1024
 TEXT_BATCH = 256  # text rows per tokenizer call
-
-
-def _get(obj, name, default=None):
-    if isinstance(obj, dict):
-        return obj.get(name, default)
-    return getattr(obj, name, default)
 
 
 # Files that hold a tokenizer's vocabulary (fast tokenizer, sentencepiece, or BPE vocab + merges). Without one,
@@ -80,8 +76,6 @@ class Documents:
         capacity = int(_get(data_cfg, "sample_packing_sequence_len"))
         cached = None
         if _get(data_cfg, "dataset_prepared_path"):
-            from xorl_jax.data import cache
-
             path = cache.cache_file(_get(data_cfg, "dataset_prepared_path"),
                                     cache.cache_key(dataset_cfgs, tokenizer, data_cfg, seed, vocab_size=vocab_size))
             cached = cache.load(path)

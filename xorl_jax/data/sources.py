@@ -15,6 +15,13 @@ class DataError(ValueError):
     """A dataset cannot be read or one of its rows is malformed."""
 
 
+def setting(obj, name, default=None):
+    """A field of a config section or dataset entry, given as a config dataclass or a plain dict."""
+    if isinstance(obj, dict):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
 def _expand_files(path: str, data_files) -> list[str]:
     if os.path.isfile(path):
         return [path]

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from xorl_jax.checkpoint.host_copy import contiguous
+from xorl_jax.models.host_copy import contiguous
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 
+from xorl_jax.errors import CheckpointError
+
 # model_type -> "module:Class". Qwen3.5 multimodal wrappers (qwen3_5, qwen3_5_moe) are read through text_config.
 MODEL_TYPES = {
     "qwen3": "xorl_jax.models.qwen3:Qwen3ForCausalLM",
@@ -17,8 +19,6 @@ MODEL_TYPES = {
 
 def model_class(hf_config: dict):
     """The model class for a HF config dict; CheckpointError (an input error) for a model_type not in the table."""
-    from xorl_jax.checkpoint.hf import CheckpointError
-
     model_type = hf_config.get("model_type")
     if model_type not in MODEL_TYPES:
         raise CheckpointError(
