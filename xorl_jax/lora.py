@@ -35,7 +35,9 @@ import numpy as np
 
 from xorl_jax import lora_names
 from xorl_jax.config import ConfigError
+from xorl_jax.models.common import LayerTransform
 from xorl_jax.optim import map_params_with_path, params_with_path
+from xorl_jax.parallel.rules import logical_to_sharding
 
 log = logging.getLogger("xorl_jax")
 BATCH_AXES = ("layers", "expert")
@@ -223,33 +225,50 @@ def _set(tree, key, value):
     tree[key[-1]] = value
 
 
-def init_lora(params, targets: list[LoraTarget], rank: int, seed: int = 0, mesh=None, rules=None) -> dict:
-    """The LoRA tree: nested dicts {g<i>: {self_attn: {q_proj: {"lora_A": A, "lora_B": B}}}}, fp32.
-    A ~ N(0, 1) / rank, B = 0. With a mesh the batch dims (layers, experts) are sharded like the base weight."""
+def _pairs(params, targets: list[LoraTarget], rank: int, mesh=None, rules=None):
+    """(key, A shape, B shape, A sharding, B sharding) of each pair in init order (one per key: a fused name's pieces
+    share it); shardings None without a mesh, else the batch dims (layers, experts) sharded like the base weight."""
     base = _base_arrays(params)
-    tree: dict = {}
-    key = jax.random.PRNGKey(seed)
     pairs: dict = {}
-    for t in targets:  # one pair per key (a fused name's pieces share it)
+    for t in targets:
         pairs.setdefault(t.key, t)
-    for i, t in enumerate(pairs.values()):
+    for t in pairs.values():
         x, axes = base[t.param_path]
         b, n_in, n_out = _dims(t, x.shape)
         a_shape, b_shape = b + (n_in, rank), b + (rank, n_out)
+        sa = sb = None
+        if mesh is not None:
+            bax = tuple(axes[: t.batch_ndim])
+            sa = logical_to_sharding(bax + (None, None), mesh, rules, shape=a_shape)
+            sb = logical_to_sharding(bax + (None, None), mesh, rules, shape=b_shape)
+        yield t.key, a_shape, b_shape, sa, sb
+
+
+def init_lora(params, targets: list[LoraTarget], rank: int, seed: int = 0, mesh=None, rules=None) -> dict:
+    """The LoRA tree: nested dicts {g<i>: {self_attn: {q_proj: {"lora_A": A, "lora_B": B}}}}, fp32.
+    A ~ N(0, 1) / rank, B = 0. With a mesh the batch dims (layers, experts) are sharded like the base weight."""
+    tree: dict = {}
+    key = jax.random.PRNGKey(seed)
+    for i, (pair_key, a_shape, b_shape, sa, sb) in enumerate(_pairs(params, targets, rank, mesh, rules)):
         a_fn = lambda k, s=a_shape: jax.random.normal(k, s, jnp.float32) / rank  # noqa: E731
         b_fn = lambda s=b_shape: jnp.zeros(s, jnp.float32)  # noqa: E731
         k = jax.random.fold_in(key, i)
         if mesh is not None:
-            from xorl_jax.parallel.rules import logical_to_sharding
-
-            bax = tuple(axes[: t.batch_ndim])
-            sa = logical_to_sharding(bax + (None, None), mesh, rules, shape=a_shape)
-            sb = logical_to_sharding(bax + (None, None), mesh, rules, shape=b_shape)
             A = jax.jit(a_fn, out_shardings=sa)(k)
             B = jax.jit(b_fn, out_shardings=sb)()
         else:
             A, B = a_fn(k), b_fn()
-        _set(tree, t.key, {"lora_A": A, "lora_B": B})
+        _set(tree, pair_key, {"lora_A": A, "lora_B": B})
+    return tree
+
+
+def abstract_lora(params, targets: list[LoraTarget], rank: int, mesh=None, rules=None) -> dict:
+    """`init_lora`'s tree as shapes (jax.ShapeDtypeStruct, sharded as init_lora places the pairs): no memory, for
+    the dry run. `params` may be abstract."""
+    tree: dict = {}
+    for pair_key, a_shape, b_shape, sa, sb in _pairs(params, targets, rank, mesh, rules):
+        _set(tree, pair_key, {"lora_A": jax.ShapeDtypeStruct(a_shape, jnp.float32, sharding=sa),
+                              "lora_B": jax.ShapeDtypeStruct(b_shape, jnp.float32, sharding=sb)})
     return tree
 
 
@@ -323,8 +342,6 @@ def layer_merge_fn(targets: list[LoraTarget], scale: float):
     base, and the layer scan merges each layer group's adapters into that group's weights inside its step, so
     only one group's merged weights (and their gradient) exist at a time instead of a full-size copy of every
     adapted weight. Targets outside the layer stack (none today) are merged up front."""
-    from xorl_jax.models.common import LayerTransform
-
     inside = [t for t in targets if t.param_path[:len(LAYER_PREFIX)] == LAYER_PREFIX]
     outside = [t for t in targets if t.param_path[:len(LAYER_PREFIX)] != LAYER_PREFIX]
 

@@ -3,15 +3,27 @@
     python -m xorl_jax.train --config configs/qwen3_30b_a3b_ep8.yaml --dry-run --fake-devices 8
 
 Builds the mesh and the sharding rules, the model's shapes (no memory), parameter and optimizer shardings, and
-lowers and compiles the real train step for the configured batch. Reports bytes per device of parameters,
-gradients and optimizer state (exact, from the shardings) and the compiler's memory estimate of the step (on the
-platform it compiled for: on fake CPU devices the GPU kernels are replaced by their jnp references, so the
-temporary-buffer figure is indicative only). Fails the way a real run would fail: an impossible mesh, a missing
-sharding rule (large replicated parameter), a shape that does not partition.
+lowers and compiles the real train step for the configured batch, with the trainer's own functions: full fine-tuning,
+or LoRA (the frozen base in model.param_dtype as an argument of the step, the adapters as the trained parameters with
+the only optimizer state, merged per layer group inside the scan as the run merges them). Fails the way a real run
+would fail: an impossible mesh, a missing sharding rule (large replicated parameter), a shape that does not
+partition, a LoRA target the model does not have.
+
+Kernels: on a GPU the plan compiles what the run compiles. Elsewhere (fake CPU devices) each GPU kernel the run would
+take (cuDNN attention, the Triton grouped GEMM, the Pallas gated delta rule; `auto` as a GPU resolves it) is planned
+with its jnp reference, which has the same shapes; the `backends` line says so, kernel by kernel, and the config keeps
+its meaning.
+
+Memory per device: parameters, gradients and optimizer state exactly (from the shardings); the compiled step's
+arguments, temporaries and peak from XLA's memory analysis of the compiled program, or where the backend reports none
+an estimate (the state plus the activations one micro-batch keeps under the remat policy). On fake CPU devices the
+jnp references keep what the GPU kernels do not (the attention reference its [T, T] scores), so temporaries and peak
+lean high there. The `fits` line compares the peak with the device's memory limit less autotune.MARGIN: the limit the
+GPU's allocator reports, or where devices report none an 80 GiB H100 (`--device-memory-gib N` names another GPU),
+either times JAX's memory fraction.
 
 `remat_policy` / `scan_layers` left at `auto` are resolved as a run resolves them (xorl_jax.autotune), against the
-devices' memory limit; fake CPU devices report none, so the plan assumes an 80 GiB H100 unless
-`--device-memory-gib N` names the GPU's memory (either times JAX's memory fraction), and says which.
+same limit, and the line saying what was picked is printed.
 """
 
 from __future__ import annotations
@@ -39,41 +51,80 @@ log = logging.getLogger("xorl_jax")
 @dataclasses.dataclass
 class PlanReport:
     model_type: str
-    param_count: int
+    param_count: int  # the model's parameters (LoRA: the frozen base)
     mesh: dict
     platform: str
     tokens_per_step: int
-    param_bytes_per_device: int  # parameters as stored (param_dtype), this device's shards
+    param_bytes_per_device: int  # parameters as stored (param_dtype; LoRA: frozen base + adapters), this device's shards
     optimizer_bytes_per_device: int
     largest_param_shard: tuple[str, int]  # (path, bytes) of the biggest per-device parameter shard
     compile_s: float
-    memory: dict  # the compiler's per-device estimate: argument/output/temp/alias bytes
+    memory: dict  # the compiler's per-device estimate: argument/output/temp/alias bytes ({} where none is reported)
     flops_per_token: float
     collectives: dict  # op name -> count in the compiled step (e.g. all-to-all for expert parallelism)
     layers: Any = None  # autotune.Choice: what remat_policy / scan_layers auto picks (its line() None if explicit)
+    backends: str = ""  # the kernels configured, what a GPU runs and what this plan compiled
+    lora: str = ""  # LoRA: rank, targets, adapter and frozen parameter counts ("" without LoRA)
+    trainable_bytes_per_device: int | None = None  # gradients' bytes (None: every parameter is trained)
+    estimated_peak: int = 0  # peak per device where the backend reports no memory analysis (estimate)
+    limit: autotune.Limit | None = None  # the memory limit the `fits` line compares with
+
+    @property
+    def peak(self) -> int:
+        """Per-device peak of the step: XLA's memory analysis, else the estimate."""
+        return peak_bytes(self.memory) if self.memory else self.estimated_peak
+
+    @property
+    def fits(self) -> bool | None:
+        if self.limit is None:
+            return None
+        return self.peak <= (1.0 - autotune.MARGIN) * self.limit.bytes
 
     def lines(self) -> list[str]:
         m = self.memory
-        if self.platform == "cpu":  # the jnp references of the GPU kernels materialise what the kernels do not
-            compiled = (f"compiled  in {self.compile_s:.1f}s on fake CPU devices; step arguments "
-                        f"{_gib(m.get('argument', 0))} per device (temporaries are only estimated on GPUs)")
+        grads = self.param_bytes_per_device if self.trainable_bytes_per_device is None else self.trainable_bytes_per_device
+        if self.trainable_bytes_per_device is None:
+            params = f"parameters {_gib(self.param_bytes_per_device)}, gradients ~{_gib(grads)}"
         else:
-            peak = peak_bytes(m)
-            compiled = (f"compiled  in {self.compile_s:.1f}s; per device: arguments {_gib(m.get('argument', 0))}, "
-                        f"temporaries {_gib(m.get('temp', 0))}, peak ~{_gib(peak)}")
+            frozen = self.param_bytes_per_device - grads
+            params = (f"parameters {_gib(self.param_bytes_per_device)} (frozen base {_gib(frozen)}, adapters "
+                      f"{_gib(grads)}), gradients ~{_gib(grads)} (adapters)")
+        where = "on fake CPU devices" if self.platform == "cpu" else f"on {self.platform}"
+        if m:
+            lean = (" (jnp references of the GPU kernels: more temporaries than a GPU needs)"
+                    if self.platform == "cpu" else "")
+            compiled = (f"compiled  in {self.compile_s:.1f}s {where}; per device (XLA's memory analysis): arguments "
+                        f"{_gib(m.get('argument', 0))}, temporaries {_gib(m.get('temp', 0))}{lean}, "
+                        f"peak ~{_gib(self.peak)}")
+        else:
+            compiled = (f"compiled  in {self.compile_s:.1f}s {where}; the backend reports no memory analysis: peak "
+                        f"estimated ~{_gib(self.peak)} per device (state + the activations of one micro-batch)")
         coll = ", ".join(f"{k} x{v}" for k, v in sorted(self.collectives.items())) or "none"
         auto = self.layers.line() if self.layers is not None else None
         return [
             f"dry run   {self.model_type}, {_count(self.param_count, billions='B')} parameters, mesh {self.mesh} "
             f"({self.platform}), {self.tokens_per_step:,} tokens/step",
+            *([f"backends  {self.backends}"] if self.backends else []),
+            *([f"lora      {self.lora}"] if self.lora else []),
             *([auto] if auto else []),
-            f"per device  parameters {_gib(self.param_bytes_per_device)}, gradients ~{_gib(self.param_bytes_per_device)}, "
-            f"optimizer state {_gib(self.optimizer_bytes_per_device)}; largest parameter shard "
+            f"per device  {params}, optimizer state {_gib(self.optimizer_bytes_per_device)}; largest parameter shard "
             f"{self.largest_param_shard[0]} ({_gib(self.largest_param_shard[1])})",
             compiled,
+            *([self.fits_line()] if self.limit is not None else []),
             f"collectives in the step: {coll}",
             f"model     {_count(self.flops_per_token)} FLOP/token (training, active parameters)",
         ]
+
+    def fits_line(self) -> str:
+        usable = int((1.0 - autotune.MARGIN) * self.limit.bytes)
+        room = (f"{_gib(usable)} usable per device: {_gib(self.limit.bytes)} ({self.limit.source}) less "
+                f"{autotune.MARGIN:.0%} headroom")
+        if self.fits:
+            return f"fits      yes: peak ~{_gib(self.peak)} of {room}"
+        hint = ("; the CPU plan leans high (jnp references), --dry-run on the GPU plans exactly"
+                if self.platform == "cpu" else "")
+        return (f"fits      NO: peak ~{_gib(self.peak)} over {room}; fewer rows per device (train.micro_batch_size), "
+                f"full remat or more devices{hint}")
 
 
 def _count(n: float, billions: str = "G") -> str:
@@ -102,12 +153,86 @@ def _shard_bytes(sds) -> int:
     return int(np.prod(shape)) * jnp.dtype(sds.dtype).itemsize
 
 
+# ------------------------------------------------------------------------------------------------ kernels
+def _uses_gdn(model_config) -> bool:
+    return any("linear" in str(kind) for kind in getattr(model_config, "layer_kinds", ()))
+
+
+def plan_backends(options, model_config, platform: str):
+    """(options the plan compiles with, the `backends` line). On a GPU: the run's options and the run's line
+    (train_setup.backend_summary; an unavailable kernel fails as the run fails). Elsewhere: every GPU kernel the run
+    would take, configured or picked by `auto` as a GPU picks it, is replaced by its jnp reference (same shapes), and
+    the line names both; a setting a GPU would refuse is refused here too."""
+    from xorl_jax.layers.moe import MOE_REFERENCE
+    from xorl_jax.train_setup import backend_summary
+
+    if platform == "gpu":
+        return options, backend_summary(options)
+    parts, planned = [], {}
+
+    def show(kind, name, on_gpu, plan, reference, gpu="a GPU"):
+        planned[kind] = plan
+        if plan == on_gpu:
+            parts.append(f"{kind}={name}" + (f" ({plan})" if name != plan else ""))
+            return
+        picked = f"{on_gpu} on {gpu}; " if name != on_gpu else ""
+        parts.append(f"{kind}={name} ({picked}planned with {reference} on {platform.upper()})")
+
+    attn = options.attn_implementation
+    half = jnp.dtype(options.dtype) in (jnp.bfloat16, jnp.float16)
+    if attn == "cudnn" and not half:  # what resolve_attn_implementation refuses on a GPU
+        raise ConfigError(f"model.attn_implementation 'cudnn' needs bfloat16 or float16 compute, not "
+                          f"{jnp.dtype(options.dtype).name}; use model.dtype=bfloat16 or attn_implementation xla "
+                          "(or auto)")
+    on_gpu = "cudnn" if attn == "cudnn" or (attn == "auto" and half) else "xla"
+    show("attention", attn, on_gpu, "xla", "its jnp reference")
+    if getattr(model_config, "num_experts", 0):
+        moe = options.moe_implementation
+        on_gpu = "triton" if moe in ("auto", "triton") else moe  # auto: triton where jax-triton imports ([gpu] extra)
+        show("moe", moe, on_gpu, MOE_REFERENCE if on_gpu == "triton" else moe, "its jnp reference",
+             gpu="a GPU with jax-triton")
+    if _uses_gdn(model_config):
+        from xorl_jax.kernels.gdn import auto_implementation
+
+        gdn = options.gdn_implementation
+        pow2 = lambda d: d >= 16 and not d & (d - 1)  # noqa: E731 - the Pallas kernels' shape rule (kernels.gdn)
+        dims_fit = pow2(model_config.linear_key_head_dim) and pow2(model_config.linear_value_head_dim)
+        on_gpu = ("pallas" if dims_fit else "chunked") if gdn == "auto" else gdn
+        here = auto_implementation() if gdn == "auto" else gdn
+        show("gdn", gdn, on_gpu, "chunked" if on_gpu == "pallas" else here, "its chunked jnp reference")
+    replace = {f"{k}_implementation": v for k, v in (("attn", planned["attention"]), ("moe", planned.get("moe")),
+                                                      ("gdn", planned.get("gdn"))) if v is not None}
+    return dataclasses.replace(options, **replace), ", ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------ memory estimate
+def estimate_activation_bytes(cfg: Config, model_config, options, rows_per_device: int, seq: int) -> int:
+    """Rough per-device bytes the step keeps for one micro-batch beyond its state, for backends without a memory
+    analysis: each layer's saved activations under the remat policy (`full`: the layer input; otherwise its matmul
+    outputs as well), one layer's fp32 working set (recomputed in the backward) and one loss chunk's fp32 logits."""
+    n = rows_per_device * seq
+    D = int(getattr(model_config, "hidden_size", 0))
+    L = int(getattr(model_config, "num_hidden_layers", 0))
+    V = int(getattr(model_config, "vocab_size", 0))
+    if getattr(model_config, "num_experts", 0):
+        F = (int(model_config.num_experts_per_tok) * int(model_config.moe_intermediate_size)
+             + int(getattr(model_config, "shared_expert_intermediate_size", 0) or 0))
+    else:
+        F = int(getattr(model_config, "intermediate_size", 0))
+    width = 6 * D + 3 * F  # q, k, v, attention output, o_proj, residual; gate, up, down (order of magnitude)
+    saved = D if options.remat_policy == "full" else width
+    c = jnp.dtype(options.dtype).itemsize
+    return n * (L * saved * c + width * 4) + min(n, cfg.train.ce_chunk_size) * V * 4
+
+
+# ------------------------------------------------------------------------------------------------ the plan
 def dry_run(cfg: Config, device_memory_gib: float | None = None) -> PlanReport:
     """Lower and compile the configured train step on abstract inputs; see the module docstring.
 
     `auto` layer settings (remat_policy, scan_layers) are resolved as the trainer resolves them, against the
     devices' memory limit, or where they report none (CPU) `device_memory_gib` (default: an H100's 80 GiB) times
-    JAX's memory fraction; `device_memory_gib` also overrides what a GPU reports, to plan for another one."""
+    JAX's memory fraction; `device_memory_gib` also overrides what a GPU reports, to plan for another one. The
+    `fits` verdict uses the same limit."""
     from xorl_jax.data.pipeline import row_length
     from xorl_jax.kernels.attention import SMALL_SEGMENTS, slots_for
     from xorl_jax.models.loading import abstract_model
@@ -117,10 +242,10 @@ def dry_run(cfg: Config, device_memory_gib: float | None = None) -> PlanReport:
                                       opt_state_shardings, optimizer_for)
     from xorl_jax.train_step import TrainState
 
-    if cfg.lora.enable_lora:
-        raise ConfigError("--dry-run covers full fine-tuning; set lora.enable_lora=false to plan the base model")
     t = cfg.train
+    platform = jax.devices()[0].platform
     hf_config, cls, mcfg, options, mesh, rules = model_and_mesh(cfg)
+    options, backends = plan_backends(options, mcfg, platform)
     with rules_lib.use_mesh(mesh, rules):
         abstract = abstract_model(cls, mcfg, options)
     rules_lib.check_replicated(abstract, mesh, rules)
@@ -133,14 +258,32 @@ def dry_run(cfg: Config, device_memory_gib: float | None = None) -> PlanReport:
     leaves = [(names, x) for names, x, _ in params_with_path(params)]
     param_count = int(sum(np.prod(x.shape) for _, x in leaves))
     path, biggest = max((("/".join(names), _shard_bytes(x)) for names, x in leaves), key=lambda kv: kv[1])
+    base_bytes = sum(_shard_bytes(x) for _, x in leaves)
 
-    _, optimizer = optimizer_for(cfg, params, max(t.max_steps or 1000, 1))
-    opt_shardings = opt_state_shardings(optimizer, params, mesh)
+    # What the step trains: every parameter, or (LoRA, as Trainer._setup_model builds it) the adapters, with the
+    # frozen base passed to the step as an argument and merged per layer group inside the scan.
+    merge_fn, extra, lora_line, trainable_bytes = None, (), "", None
+    trained = params
+    if cfg.lora.enable_lora:
+        from xorl_jax import lora as lora_lib
+
+        targets = lora_lib.lora_targets(params, cfg.lora)
+        trained = lora_lib.abstract_lora(params, targets, cfg.lora.lora_rank, mesh=mesh, rules=rules)
+        merge_fn = lora_lib.layer_merge_fn(targets, lora_lib.lora_scale(cfg.lora))
+        extra = (params,)
+        trainable_bytes = sum(_shard_bytes(x) for x in jax.tree.leaves(trained))
+        lora_line = (f"rank {cfg.lora.lora_rank}, alpha {cfg.lora.lora_alpha:g}: "
+                     f"{_count(lora_lib.count_lora_params(trained))} adapter parameters (float32) trained on "
+                     f"{', '.join(sorted({x.hf_name for x in targets}))}; base {_count(param_count, billions='B')} "
+                     f"parameters frozen ({pdt.name})")
+
+    _, optimizer = optimizer_for(cfg, trained, max(t.max_steps or 1000, 1))
+    opt_shardings = opt_state_shardings(optimizer, trained, mesh)
     opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                             jax.eval_shape(optimizer.init, params), opt_shardings)
+                             jax.eval_shape(optimizer.init, trained), opt_shardings)
     replicated = NamedSharding(mesh, P())
     counter = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
-    train_state = TrainState(step=counter, params=params, opt_state=opt_state, nonfinite_streak=counter,
+    train_state = TrainState(step=counter, params=trained, opt_state=opt_state, nonfinite_streak=counter,
                              skipped_total=counter)
 
     micro_rows = t.micro_batch_size * rules_lib.data_parallel_size(mesh)
@@ -153,12 +296,12 @@ def dry_run(cfg: Config, device_memory_gib: float | None = None) -> PlanReport:
     doc_slots = slots_for(SMALL_SEGMENTS) if abstract.options.attn_implementation == "cudnn" else None
 
     def compile_step(graphdef):
-        step_fn = jit_train_step(graphdef, optimizer, loss_cfg, train_state, mesh, rules, doc_slots=doc_slots)
+        step_fn = jit_train_step(graphdef, optimizer, loss_cfg, train_state, mesh, rules, merge_fn=merge_fn,
+                                 doc_slots=doc_slots)
         t0 = time.perf_counter()
-        compiled = step_fn.lower(train_state, batch).compile()
+        compiled = step_fn.lower(train_state, batch, *extra).compile()
         return compiled, time.perf_counter() - t0
 
-    platform = jax.devices()[0].platform
     limit = autotune.device_limit() if device_memory_gib is None else None
     if limit is None:
         limit = autotune.planning_limit(device_memory_gib)
@@ -168,12 +311,20 @@ def dry_run(cfg: Config, device_memory_gib: float | None = None) -> PlanReport:
             "--dry-run on the GPU plans exactly") if platform == "cpu" else ""
     layers, planned = autotune.choose_layer_settings(cfg, abstract, compile_step, limit=limit, note=note)
     compiled, compile_s = planned if planned is not None else compile_step(nnx.graphdef(abstract))
+    memory = autotune.memory_of(compiled)
+    opt_bytes = sum(_shard_bytes(x) for x in jax.tree.leaves(opt_state))
+    lora_bytes = trainable_bytes or 0
+    estimated = 0
+    if not memory:  # no memory analysis: the state (parameters, gradients, optimizer state) plus activations
+        grads = base_bytes if trainable_bytes is None else trainable_bytes
+        estimated = base_bytes + lora_bytes + grads + opt_bytes + estimate_activation_bytes(
+            cfg, mcfg, abstract.options, t.micro_batch_size, seq)
     return PlanReport(
         model_type=str(hf_config.get("model_type")), param_count=param_count, mesh=dict(mesh.shape),
-        platform=jax.devices()[0].platform, tokens_per_step=t.gradient_accumulation_steps * micro_rows * seq,
-        param_bytes_per_device=sum(_shard_bytes(x) for _, x in leaves),
-        optimizer_bytes_per_device=sum(_shard_bytes(x) for x in jax.tree.leaves(opt_state)),
-        largest_param_shard=(path, biggest), compile_s=compile_s, memory=autotune.memory_of(compiled),
+        platform=platform, tokens_per_step=t.gradient_accumulation_steps * micro_rows * seq,
+        param_bytes_per_device=base_bytes + lora_bytes, optimizer_bytes_per_device=opt_bytes,
+        largest_param_shard=(path, biggest), compile_s=compile_s, memory=memory,
         flops_per_token=float(mcfg.flops_per_token(seq)), collectives=_collectives(compiled.as_text()),
-        layers=layers,
+        layers=layers, backends=backends, lora=lora_line, trainable_bytes_per_device=trainable_bytes,
+        estimated_peak=estimated, limit=limit,
     )

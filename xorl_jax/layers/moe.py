@@ -26,6 +26,9 @@ from xorl_jax.layers.permute import inverse_permutation, take_copies, take_rows
 from xorl_jax.layers.swiglu import swiglu
 
 MOE_IMPLEMENTATIONS = ("auto", "triton", "native", "eager")
+# Not a config value: the sorted path with the grouped GEMM's jnp reference (kernels.gmm), which the dry run plans in
+# place of triton on CPU (XLA:CPU's ragged_dot, `native`, expands into one dense product per expert).
+MOE_REFERENCE = "reference"
 
 
 @functools.lru_cache(maxsize=None)
@@ -41,6 +44,8 @@ def _warn_gpu_without_triton():
 
 
 def resolve_moe_implementation(name: str) -> str:
+    if name == MOE_REFERENCE:
+        return name
     if name not in MOE_IMPLEMENTATIONS:
         raise ValueError(f"moe_implementation {name!r} is not one of {MOE_IMPLEMENTATIONS}")
     if name in ("auto", "triton"):

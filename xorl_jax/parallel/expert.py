@@ -48,7 +48,7 @@ def padded_capacity(copies: int, ranks: int, factor: float = PADDED_CAPACITY_FAC
 
 def grouped_matmul(x_MK, w_GKN, group_sizes_G, implementation: str):
     """Rows of x grouped consecutively by group_sizes (rows past their sum are padding) times per-group weights."""
-    if implementation in ("triton",):
+    if implementation in ("triton", "reference"):  # the Triton kernel, or its jnp reference (dry run on CPU)
         from xorl_jax.kernels.gmm import gmm
 
         return gmm(x_MK, w_GKN, group_sizes_G, implementation=implementation)
