@@ -87,8 +87,8 @@ class Choice:
         if self.how == "only":
             return f"{head}: the only candidate with the settings given (nothing compiled to choose)"
         if self.how == "no limit":
-            return (f"{head}: {self.platform or 'this device'} reports no memory limit, so full remat and "
-                    f"scanned layers where left at auto (least memory), nothing compiled to choose")
+            return (f"{head}: {self.platform or 'this device'} reports no memory limit, so the fields left at auto "
+                    f"take the least-memory setting (full remat, scanned layers); nothing compiled to choose")
         note = f" ({self.note})" if self.note else ""
         room = f"the limit of {_gib(self.limit.bytes)} less {self.margin:.0%} ({self.limit.source})"
         tried = "".join(f"; {c.remat_policy} {'scanned' if c.scan_layers else 'unrolled'} planned {_gib(b)}"

@@ -14,6 +14,7 @@ Exit codes: 0 done, 2 bad input (one line on stderr). JAX is imported only after
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -50,6 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# The package's modules are imported inside the functions below, once the arguments parse: --help and a bad argument
+# answer without starting JAX (tests/test_convert.py checks it).
+
+
 def _mesh(args):
     from types import SimpleNamespace
 
@@ -80,6 +85,7 @@ def _rules(train):
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # no "PyTorch was not found" advice: not needed
     try:
         from xorl_jax.checkpoint.hf import CheckpointError
         from xorl_jax.checkpoint import orbax as ckpt

@@ -16,6 +16,9 @@ import logging
 import os
 import sys
 
+# The package's modules are imported inside the functions below: a bad config is reported before JAX starts, and
+# the environment (XLA_FLAGS for --fake-devices, the device-memory claim) is set before JAX reads it.
+
 
 def _input_errors():
     """Exception types that mean 'the user's config or input is wrong' (exit 2, one line, no traceback)."""
@@ -127,6 +130,8 @@ def main(argv=None) -> int:
 
 
 def _main(argv, run_info: dict) -> int:
+    # transformers advises at import that torch is missing; this project never needs torch (tokenizers only).
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from xorl_jax.config import ConfigError, parse_cli
 
     argv = sys.argv[1:] if argv is None else argv
