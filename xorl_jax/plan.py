@@ -42,8 +42,19 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from xorl_jax import autotune
+from xorl_jax import lora as lora_lib
 from xorl_jax.autotune import peak_bytes
 from xorl_jax.config import Config, ConfigError
+from xorl_jax.data.pipeline import row_length
+from xorl_jax.kernels.attention import SMALL_SEGMENTS, slots_for
+from xorl_jax.kernels.gdn import auto_implementation
+from xorl_jax.layers.moe import MOE_REFERENCE
+from xorl_jax.models.loading import abstract_model
+from xorl_jax.optim import params_with_path
+from xorl_jax.parallel import rules as rules_lib
+from xorl_jax.train_setup import (abstract_batch, backend_summary, jit_train_step, loss_config_for,
+                                  model_and_mesh, opt_state_shardings, optimizer_for)
+from xorl_jax.train_step import TrainState
 
 log = logging.getLogger("xorl_jax")
 
@@ -59,46 +70,74 @@ class PlanReport:
     optimizer_bytes_per_device: int
     largest_param_shard: tuple[str, int]  # (path, bytes) of the biggest per-device parameter shard
     compile_s: float
-    memory: dict  # the compiler's per-device estimate: argument/output/temp/alias bytes ({} where none is reported)
+    memory: dict  # XLA's memory analysis of the compiled step: argument/output/temp/alias bytes ({} where none)
     flops_per_token: float
     collectives: dict  # op name -> count in the compiled step (e.g. all-to-all for expert parallelism)
     layers: Any = None  # autotune.Choice: what remat_policy / scan_layers auto picks (its line() None if explicit)
     backends: str = ""  # the kernels configured, what a GPU runs and what this plan compiled
     lora: str = ""  # LoRA: rank, targets, adapter and frozen parameter counts ("" without LoRA)
     trainable_bytes_per_device: int | None = None  # gradients' bytes (None: every parameter is trained)
-    estimated_peak: int = 0  # peak per device where the backend reports no memory analysis (estimate)
+    activation_bytes: int = 0  # estimate_activation_bytes for the chosen layer settings
+    lora_merge_bytes: int = 0  # LoRA: one layer group's merged weights (float32), which the scan step holds
+    remat_policy: str = ""
+    micro_tokens: int = 0  # tokens of one micro-batch on one device
     limit: autotune.Limit | None = None  # the memory limit the `fits` line compares with
 
     @property
+    def gradient_bytes_per_device(self) -> int:
+        return (self.param_bytes_per_device if self.trainable_bytes_per_device is None
+                else self.trainable_bytes_per_device)
+
+    @property
+    def state_bytes(self) -> int:
+        """Parameters, gradients and optimizer state on one device (exact, from the shardings)."""
+        return self.param_bytes_per_device + self.gradient_bytes_per_device + self.optimizer_bytes_per_device
+
+    @property
+    def estimated_peak(self) -> int:
+        return self.state_bytes + self.activation_bytes + self.lora_merge_bytes
+
+    @property
+    def exact(self) -> bool:
+        """Whether XLA's memory analysis is of the program a run executes (compiled on a GPU, not CPU stand-ins)."""
+        return bool(self.memory) and self.platform != "cpu"
+
+    @property
     def peak(self) -> int:
-        """Per-device peak of the step: XLA's memory analysis, else the estimate."""
-        return peak_bytes(self.memory) if self.memory else self.estimated_peak
+        """The per-device peak the verdict uses: XLA's analysis of the run's program, else the estimate."""
+        return peak_bytes(self.memory) if self.exact else self.estimated_peak
+
+    @property
+    def usable(self) -> int:
+        return int((1.0 - autotune.MARGIN) * self.limit.bytes)
 
     @property
     def fits(self) -> bool | None:
-        if self.limit is None:
-            return None
-        return self.peak <= (1.0 - autotune.MARGIN) * self.limit.bytes
+        return None if self.limit is None else self.peak <= self.usable
 
     def lines(self) -> list[str]:
         m = self.memory
-        grads = self.param_bytes_per_device if self.trainable_bytes_per_device is None else self.trainable_bytes_per_device
+        grads = self.gradient_bytes_per_device
         if self.trainable_bytes_per_device is None:
             params = f"parameters {_gib(self.param_bytes_per_device)}, gradients ~{_gib(grads)}"
         else:
-            frozen = self.param_bytes_per_device - grads
-            params = (f"parameters {_gib(self.param_bytes_per_device)} (frozen base {_gib(frozen)}, adapters "
-                      f"{_gib(grads)}), gradients ~{_gib(grads)} (adapters)")
+            params = (f"parameters {_gib(self.param_bytes_per_device)} (frozen base "
+                      f"{_gib(self.param_bytes_per_device - grads)}, adapters {_gib(grads)}), gradients ~{_gib(grads)} "
+                      "(adapters)")
         where = "on fake CPU devices" if self.platform == "cpu" else f"on {self.platform}"
-        if m:
-            lean = (" (jnp references of the GPU kernels: more temporaries than a GPU needs)"
-                    if self.platform == "cpu" else "")
-            compiled = (f"compiled  in {self.compile_s:.1f}s {where}; per device (XLA's memory analysis): arguments "
-                        f"{_gib(m.get('argument', 0))}, temporaries {_gib(m.get('temp', 0))}{lean}, "
-                        f"peak ~{_gib(self.peak)}")
+        if not m:
+            compiled = f"compiled  in {self.compile_s:.1f}s {where}; the backend reports no memory analysis"
         else:
-            compiled = (f"compiled  in {self.compile_s:.1f}s {where}; the backend reports no memory analysis: peak "
-                        f"estimated ~{_gib(self.peak)} per device (state + the activations of one micro-batch)")
+            what = ("XLA's memory analysis of this CPU program, which leans high: the jnp references keep more than "
+                    "the GPU kernels" if self.platform == "cpu" else "XLA's memory analysis")
+            compiled = (f"compiled  in {self.compile_s:.1f}s {where}; per device, {what}: arguments "
+                        f"{_gib(m.get('argument', 0))}, temporaries {_gib(m.get('temp', 0))}, "
+                        f"peak ~{_gib(peak_bytes(m))}")
+        estimate = (f"estimate  ~{_gib(self.estimated_peak)} per device on a GPU: parameters, gradients and optimizer "
+                    f"state {_gib(self.state_bytes)} + activations ~{_gib(self.activation_bytes)} (remat "
+                    f"{self.remat_policy}, {self.micro_tokens:,} tokens per micro-batch)"
+                    + (f" + one layer group's merged LoRA weights {_gib(self.lora_merge_bytes)}"
+                       if self.lora_merge_bytes else ""))
         coll = ", ".join(f"{k} x{v}" for k, v in sorted(self.collectives.items())) or "none"
         auto = self.layers.line() if self.layers is not None else None
         return [
@@ -110,21 +149,28 @@ class PlanReport:
             f"per device  {params}, optimizer state {_gib(self.optimizer_bytes_per_device)}; largest parameter shard "
             f"{self.largest_param_shard[0]} ({_gib(self.largest_param_shard[1])})",
             compiled,
+            *([] if self.exact else [estimate]),
             *([self.fits_line()] if self.limit is not None else []),
             f"collectives in the step: {coll}",
             f"model     {_count(self.flops_per_token)} FLOP/token (training, active parameters)",
         ]
 
     def fits_line(self) -> str:
-        usable = int((1.0 - autotune.MARGIN) * self.limit.bytes)
-        room = (f"{_gib(usable)} usable per device: {_gib(self.limit.bytes)} ({self.limit.source}) less "
-                f"{autotune.MARGIN:.0%} headroom")
+        room = (f"{_gib(self.usable)} usable per device ({_gib(self.limit.bytes)}: {self.limit.source}; less "
+                f"{autotune.MARGIN:.0%} headroom)")
+        if self.exact:
+            verdict = "yes" if self.fits else "NO"
+            return f"fits      {verdict}: peak ~{_gib(self.peak)} of {room}" + (
+                "" if self.fits else "; fewer rows per device (train.micro_batch_size), full remat or more devices")
+        upper = peak_bytes(self.memory) if self.memory and self.platform == "cpu" else None
+        if upper is not None and upper <= self.usable and self.fits:  # the CPU program, which leans high, fits too
+            return f"fits      yes: estimated ~{_gib(self.peak)} and the CPU program's ~{_gib(upper)} of {room}"
         if self.fits:
-            return f"fits      yes: peak ~{_gib(self.peak)} of {room}"
-        hint = ("; the CPU plan leans high (jnp references), --dry-run on the GPU plans exactly"
-                if self.platform == "cpu" else "")
-        return (f"fits      NO: peak ~{_gib(self.peak)} over {room}; fewer rows per device (train.micro_batch_size), "
-                f"full remat or more devices{hint}")
+            bound = (f"; the CPU program's ~{_gib(upper)} does not: --dry-run on the GPU decides"
+                     if upper is not None else "")
+            return f"fits      likely: estimated ~{_gib(self.peak)} of {room}{bound}"
+        return (f"fits      NO (estimate): ~{_gib(self.peak)} over {room}; fewer rows per device "
+                "(train.micro_batch_size), full remat or more devices")
 
 
 def _count(n: float, billions: str = "G") -> str:
@@ -163,9 +209,6 @@ def plan_backends(options, model_config, platform: str):
     (train_setup.backend_summary; an unavailable kernel fails as the run fails). Elsewhere: every GPU kernel the run
     would take, configured or picked by `auto` as a GPU picks it, is replaced by its jnp reference (same shapes), and
     the line names both; a setting a GPU would refuse is refused here too."""
-    from xorl_jax.layers.moe import MOE_REFERENCE
-    from xorl_jax.train_setup import backend_summary
-
     if platform == "gpu":
         return options, backend_summary(options)
     parts, planned = [], {}
@@ -192,8 +235,6 @@ def plan_backends(options, model_config, platform: str):
         show("moe", moe, on_gpu, MOE_REFERENCE if on_gpu == "triton" else moe, "its jnp reference",
              gpu="a GPU with jax-triton")
     if _uses_gdn(model_config):
-        from xorl_jax.kernels.gdn import auto_implementation
-
         gdn = options.gdn_implementation
         pow2 = lambda d: d >= 16 and not d & (d - 1)  # noqa: E731 - the Pallas kernels' shape rule (kernels.gdn)
         dims_fit = pow2(model_config.linear_key_head_dim) and pow2(model_config.linear_value_head_dim)
@@ -206,23 +247,36 @@ def plan_backends(options, model_config, platform: str):
 
 
 # ------------------------------------------------------------------------------------------------ memory estimate
-def estimate_activation_bytes(cfg: Config, model_config, options, rows_per_device: int, seq: int) -> int:
-    """Rough per-device bytes the step keeps for one micro-batch beyond its state, for backends without a memory
-    analysis: each layer's saved activations under the remat policy (`full`: the layer input; otherwise its matmul
-    outputs as well), one layer's fp32 working set (recomputed in the backward) and one loss chunk's fp32 logits."""
-    n = rows_per_device * seq
+def estimate_activation_bytes(cfg: Config, model_config, options, tokens: int) -> int:
+    """Rough bytes one device keeps for a micro-batch of `tokens` beyond its parameters, gradients and optimizer state,
+    for a GPU run (the fused kernels keep no [T, T] scores): the activations each layer saves under the remat policy
+    (`full`: the layer input; otherwise its projection, MLP / routed-expert outputs as well), one layer's float32
+    working set (what the backward recomputes) and one loss chunk's float32 logits and their gradient. Checked against
+    XLA's analysis on an H100 (docs/MULTIHOST.md)."""
     D = int(getattr(model_config, "hidden_size", 0))
     L = int(getattr(model_config, "num_hidden_layers", 0))
     V = int(getattr(model_config, "vocab_size", 0))
-    if getattr(model_config, "num_experts", 0):
-        F = (int(model_config.num_experts_per_tok) * int(model_config.moe_intermediate_size)
-             + int(getattr(model_config, "shared_expert_intermediate_size", 0) or 0))
+    if getattr(model_config, "num_experts", 0):  # routed copies: gathered input, gate/up, SwiGLU and down outputs
+        routed = int(model_config.num_experts_per_tok) * (2 * D + 3 * int(model_config.moe_intermediate_size))
+        dense_f = int(getattr(model_config, "shared_expert_intermediate_size", 0) or 0)
     else:
-        F = int(getattr(model_config, "intermediate_size", 0))
-    width = 6 * D + 3 * F  # q, k, v, attention output, o_proj, residual; gate, up, down (order of magnitude)
+        routed, dense_f = 0, int(getattr(model_config, "intermediate_size", 0))
+    width = 6 * D + 3 * dense_f + routed  # per token: q, k, v, attention and o_proj outputs, residual; the MLP's
     saved = D if options.remat_policy == "full" else width
     c = jnp.dtype(options.dtype).itemsize
-    return n * (L * saved * c + width * 4) + min(n, cfg.train.ce_chunk_size) * V * 4
+    return tokens * (L * saved * c + width * 4) + 2 * min(tokens, cfg.train.ce_chunk_size) * V * 4
+
+
+def _merged_group_bytes(params, targets) -> int:
+    """LoRA: bytes per device of one scan step's merged weights (W + scale * A @ B in float32, lora.layer_merge_fn)
+    over the adapted parameters: a stacked weight's shard without its layers axis."""
+    shards = {tuple(names): x for names, x, _ in params_with_path(params)}
+    total = 0
+    for path in {t.param_path for t in targets}:
+        x = shards[path]
+        shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+        total += int(np.prod(shape[1:])) * 4  # the leading axis is the layer groups' repeats
+    return total
 
 
 # ------------------------------------------------------------------------------------------------ the plan
@@ -233,15 +287,6 @@ def dry_run(cfg: Config, device_memory_gib: float | None = None) -> PlanReport:
     devices' memory limit, or where they report none (CPU) `device_memory_gib` (default: an H100's 80 GiB) times
     JAX's memory fraction; `device_memory_gib` also overrides what a GPU reports, to plan for another one. The
     `fits` verdict uses the same limit."""
-    from xorl_jax.data.pipeline import row_length
-    from xorl_jax.kernels.attention import SMALL_SEGMENTS, slots_for
-    from xorl_jax.models.loading import abstract_model
-    from xorl_jax.optim import params_with_path
-    from xorl_jax.parallel import rules as rules_lib
-    from xorl_jax.train_setup import (abstract_batch, jit_train_step, loss_config_for, model_and_mesh,
-                                      opt_state_shardings, optimizer_for)
-    from xorl_jax.train_step import TrainState
-
     t = cfg.train
     platform = jax.devices()[0].platform
     hf_config, cls, mcfg, options, mesh, rules = model_and_mesh(cfg)
@@ -262,16 +307,15 @@ def dry_run(cfg: Config, device_memory_gib: float | None = None) -> PlanReport:
 
     # What the step trains: every parameter, or (LoRA, as Trainer._setup_model builds it) the adapters, with the
     # frozen base passed to the step as an argument and merged per layer group inside the scan.
-    merge_fn, extra, lora_line, trainable_bytes = None, (), "", None
+    merge_fn, extra, lora_line, trainable_bytes, merge_bytes = None, (), "", None, 0
     trained = params
     if cfg.lora.enable_lora:
-        from xorl_jax import lora as lora_lib
-
         targets = lora_lib.lora_targets(params, cfg.lora)
         trained = lora_lib.abstract_lora(params, targets, cfg.lora.lora_rank, mesh=mesh, rules=rules)
         merge_fn = lora_lib.layer_merge_fn(targets, lora_lib.lora_scale(cfg.lora))
         extra = (params,)
         trainable_bytes = sum(_shard_bytes(x) for x in jax.tree.leaves(trained))
+        merge_bytes = _merged_group_bytes(params, targets)
         lora_line = (f"rank {cfg.lora.lora_rank}, alpha {cfg.lora.lora_alpha:g}: "
                      f"{_count(lora_lib.count_lora_params(trained))} adapter parameters (float32) trained on "
                      f"{', '.join(sorted({x.hf_name for x in targets}))}; base {_count(param_count, billions='B')} "
@@ -313,18 +357,15 @@ def dry_run(cfg: Config, device_memory_gib: float | None = None) -> PlanReport:
     compiled, compile_s = planned if planned is not None else compile_step(nnx.graphdef(abstract))
     memory = autotune.memory_of(compiled)
     opt_bytes = sum(_shard_bytes(x) for x in jax.tree.leaves(opt_state))
-    lora_bytes = trainable_bytes or 0
-    estimated = 0
-    if not memory:  # no memory analysis: the state (parameters, gradients, optimizer state) plus activations
-        grads = base_bytes if trainable_bytes is None else trainable_bytes
-        estimated = base_bytes + lora_bytes + grads + opt_bytes + estimate_activation_bytes(
-            cfg, mcfg, abstract.options, t.micro_batch_size, seq)
+    micro_tokens = t.micro_batch_size * seq
     return PlanReport(
         model_type=str(hf_config.get("model_type")), param_count=param_count, mesh=dict(mesh.shape),
         platform=platform, tokens_per_step=t.gradient_accumulation_steps * micro_rows * seq,
-        param_bytes_per_device=base_bytes + lora_bytes, optimizer_bytes_per_device=opt_bytes,
+        param_bytes_per_device=base_bytes + (trainable_bytes or 0), optimizer_bytes_per_device=opt_bytes,
         largest_param_shard=(path, biggest), compile_s=compile_s, memory=memory,
         flops_per_token=float(mcfg.flops_per_token(seq)), collectives=_collectives(compiled.as_text()),
         layers=layers, backends=backends, lora=lora_line, trainable_bytes_per_device=trainable_bytes,
-        estimated_peak=estimated, limit=limit,
+        activation_bytes=estimate_activation_bytes(cfg, mcfg, abstract.options, micro_tokens),
+        lora_merge_bytes=merge_bytes, remat_policy=abstract.options.remat_policy, micro_tokens=micro_tokens,
+        limit=limit,
     )
