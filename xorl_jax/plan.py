@@ -15,12 +15,14 @@ with its jnp reference, which has the same shapes; the `backends` line says so, 
 its meaning.
 
 Memory per device: parameters, gradients and optimizer state exactly (from the shardings); the compiled step's
-arguments, temporaries and peak from XLA's memory analysis of the compiled program, or where the backend reports none
-an estimate (the state plus the activations one micro-batch keeps under the remat policy). On fake CPU devices the
-jnp references keep what the GPU kernels do not (the attention reference its [T, T] scores), so temporaries and peak
-lean high there. The `fits` line compares the peak with the device's memory limit less autotune.MARGIN: the limit the
-GPU's allocator reports, or where devices report none an 80 GiB H100 (`--device-memory-gib N` names another GPU),
-either times JAX's memory fraction.
+arguments, temporaries and peak from XLA's memory analysis of the compiled program. On a GPU that analysis is of the
+program the run executes and decides the `fits` line. On fake CPU devices it is printed but leans high, by several
+times at long sequences (the jnp references keep what the GPU kernels do not: the attention reference its [T, T]
+scores, the grouped-GEMM reference a mask and an fp32 product per expert), so there, and wherever a backend reports
+no analysis, the verdict uses an estimate for a GPU: the exact state plus `estimate_activation_bytes` plus, for LoRA,
+one layer group's merged weights (within +3..+13% of XLA's analysis on an H100, docs/MULTIHOST.md). The `fits` line
+compares with the device's memory limit less autotune.MARGIN: the limit the GPU's allocator reports, or where
+devices report none an 80 GiB H100 (`--device-memory-gib N` names another GPU), either times JAX's memory fraction.
 
 `remat_policy` / `scan_layers` left at `auto` are resolved as a run resolves them (xorl_jax.autotune), against the
 same limit, and the line saying what was picked is printed.

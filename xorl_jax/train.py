@@ -1,8 +1,10 @@
 """CLI: python -m xorl_jax.train --config FILE [--section.key=value ...] [--dry-run [--fake-devices N]]
 
 --dry-run checks the config against the mesh and compiles the train step on abstract inputs (no weights, no data,
-no training; see xorl_jax/plan.py). --fake-devices N runs it on N CPU devices, e.g. an 8-GPU config on a laptop;
---device-memory-gib G plans `auto` layer settings for GPUs of G GiB (default on CPU: an 80 GiB H100).
+no training; full fine-tuning and LoRA; see xorl_jax/plan.py) and says whether it fits the GPU's memory.
+--fake-devices N runs it on N CPU devices, e.g. an 8-GPU config on a laptop (GPU-only kernels are planned with their
+jnp references, and the plan says so); --device-memory-gib G plans `auto` layer settings and the memory verdict for
+GPUs of G GiB (default on CPU: an 80 GiB H100).
 
 Exit codes: 0 done, 2 bad config or input, or no space left to write a checkpoint or export (one line on stderr says
 what and where), 1 the run stopped on purpose (e.g. too many non-finite steps; the last good checkpoint is intact),
