@@ -23,7 +23,7 @@ Two or four H200s (NVLink multicast must stay off):
 
 --check compares with a one-device reference built from each device's tokens run on their own, and prints
 the errors per leaf; also against the whole batch on one device, raw (`experts_sorted`) and through the layer's
-token chunks (`in_token_chunks`, layers/moe.py).
+token chunks (`in_token_chunks`, layers/experts.py).
 
 Smoke run on CPU fake devices (tiny shape, fp32, also checks EP against one device):
 
@@ -85,7 +85,8 @@ def main(argv=None) -> dict:
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from xorl_jax.layers.moe import experts_sorted, in_token_chunks, resolve_moe_implementation, route
+    from xorl_jax.layers.experts import experts_sorted, in_token_chunks, route
+    from xorl_jax.layers.moe import resolve_moe_implementation
     from xorl_jax.parallel.expert import PADDED_CAPACITY_FACTOR, experts_ep
     from xorl_jax.parallel.mesh import build_mesh
     from xorl_jax.parallel.rules import batch_sharding

@@ -17,6 +17,7 @@ path; --hlo-summary lists the kernels XLA emits for each fwd+bwd program (fusion
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import statistics
@@ -194,22 +195,22 @@ def tune(B, T, seg, q, k, v, g, beta, do, iters):
     from xorl_jax.kernels.gdn import pallas as P
 
     cases, _ = kernel_cases(B, T, seg, q, k, v, g, beta, do)
-    default = dict(P.LAUNCH)
     for name, (f, fargs) in cases.items():
         sequential = name.startswith("state_") and name != "state_grads"  # a loop over chunks: stages pipeline it
         options = [(w, s) for w in (2, 4, 8) for s in ((1, 2, 3) if sequential else (1, 2))]
         times = {}
         for opt in options:
-            P.LAUNCH[name] = opt
+            launch = dataclasses.replace(P.LAUNCH, **{name: opt})
             try:
-                times[opt] = time_jax(jax.jit(functools.partial(f, C=64, interpret=INTERPRET)), fargs, iters)
+                times[opt] = time_jax(jax.jit(functools.partial(f, C=64, interpret=INTERPRET, launch=launch)), fargs,
+                                      iters)
             except Exception as e:  # noqa: BLE001 - a setting Triton rejects (e.g. out of shared memory)
                 print(f"[tune {name}] warps={opt[0]} stages={opt[1]}: {type(e).__name__}", flush=True)
-        P.LAUNCH[name] = default[name]
+        default = getattr(P.LAUNCH, name)
         best = min(times, key=times.get)
         print(f"[tune {name}] " + " | ".join(f"w{o[0]}s{o[1]} {t:.3f}" for o, t in times.items())
-              + f" | best w{best[0]}s{best[1]} {times[best]:.3f} ms vs current w{default[name][0]}s{default[name][1]} "
-              f"{times.get(default[name], float('nan')):.3f} ms", flush=True)
+              + f" | best w{best[0]}s{best[1]} {times[best]:.3f} ms vs current w{default[0]}s{default[1]} "
+              f"{times.get(default, float('nan')):.3f} ms", flush=True)
 
 
 def breakdown(B, T, seg, q, k, v, g, beta, do, iters, fb_ms=None):
@@ -225,8 +226,8 @@ def breakdown(B, T, seg, q, k, v, g, beta, do, iters, fb_ms=None):
     u, w, Pm, qd, ke, ed, vn, h = (r[n] for n in ("u", "w", "Pm", "qd", "ke", "ed", "vn", "h"))
     intra_in, X, do_t, zero_state = r["intra_in"], r["X"], r["do_t"], r["zero_state"]
     dvn, dw, dP, dqd, dke = (r[n] for n in ("dvn", "dw", "dP", "dqd", "dke"))
-    state_vjp = jax.jit(lambda res, cts: P._state_pass_bwd(C, INTERPRET, "pallas", res, cts))
-    intra_vjp = jax.jit(lambda res, cts: P._intra_pass_bwd(C, INTERPRET, res, cts))
+    state_vjp = jax.jit(lambda res, cts: P._state_pass_bwd(C, INTERPRET, "pallas", P.LAUNCH, res, cts))
+    intra_vjp = jax.jit(lambda res, cts: P._intra_pass_bwd(C, INTERPRET, P.LAUNCH, res, cts))
     whole = {
         "state-pass vjp bwd": time_jax(state_vjp, ((u, w, Pm, qd, ke, ed, vn, h), (do_t, zero_state)), iters),
         "intra-pass vjp bwd": time_jax(intra_vjp, ((*intra_in, X), (dvn, dw, dP, dqd, dke)), iters),

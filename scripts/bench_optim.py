@@ -21,7 +21,6 @@ writes the clipped gradient once for its three readers: what the GPU compiler do
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import re
 
@@ -60,14 +59,11 @@ def single_hash_noise(shape, seed):
 
 
 def jax_case(shapes, param_dtype, optimizer_dtype, iters, rounding="hash", donate=False, profile=None, label=""):
-    adam = optim.scale_by_adam_low_precision
-    if rounding == "stored":  # hash rounding, the direction from the stored moments (the experiment)
-        optim.scale_by_adam_low_precision = functools.partial(adam, direction_from_stored=True)
-    try:
-        tx = optim.build_optimizer(schedule=1e-4, weight_decay=0.1, optimizer_dtype=optimizer_dtype,
-                                   stochastic_rounding=rounding != "nearest")
-    finally:
-        optim.scale_by_adam_low_precision = adam
+    noise = {"threefry": threefry_noise, "single": single_hash_noise}.get(rounding, optim._rounding_noise)
+    # "stored": hash rounding, the direction from the stored moments (the experiment)
+    tx = optim.build_optimizer(schedule=1e-4, weight_decay=0.1, optimizer_dtype=optimizer_dtype,
+                               stochastic_rounding=rounding != "nearest",
+                               adam_direction_from_stored=rounding == "stored", rounding_noise=noise)
     keys = jax.random.split(jax.random.key(0), len(shapes))
     params = [jax.random.normal(k, s, jnp.float32).astype(param_dtype) * 0.02 for k, s in zip(keys, shapes)]
     grads = [(p * 0.1).astype(param_dtype) for p in params]
@@ -77,18 +73,13 @@ def jax_case(shapes, param_dtype, optimizer_dtype, iters, rounding="hash", donat
         updates, state = tx.update(grads, state, params)
         if rounding == "nearest":
             return optax.apply_updates(params, updates), state
-        return optim.apply_updates(params, updates, jnp.ones((), jnp.int32)), state  # the train step's way
+        # the train step's way
+        return optim.apply_updates(params, updates, jnp.ones((), jnp.int32), rounding_noise=noise), state
 
-    saved = optim._rounding_noise
-    if rounding in ("threefry", "single"):
-        optim._rounding_noise = threefry_noise if rounding == "threefry" else single_hash_noise
-    try:
-        # donated: parameters and state updated in place, as the train step does (XLA must then order each
-        # leaf's reads of the old moments before their writes, or copy them)
-        fn = jax.jit(step, donate_argnums=(0, 2) if donate else ())
-        compiled = fn.lower(params, grads, state).compile()
-    finally:
-        optim._rounding_noise = saved
+    # donated: parameters and state updated in place, as the train step does (XLA must then order each leaf's reads
+    # of the old moments before their writes, or copy them)
+    fn = jax.jit(step, donate_argnums=(0, 2) if donate else ())
+    compiled = fn.lower(params, grads, state).compile()
     mem = compiled.memory_analysis()
     temp = mem.temp_size_in_bytes / GIB if mem is not None else float("nan")
     if donate:

@@ -206,22 +206,22 @@ def inspect_step(args, trainer, state, batch, step_s: float, label: str) -> dict
     return out
 
 
-def _remat_keep_names(names: str):
-    """Experiment: the named values `dots_attention_saveable` keeps ("none" = only matmuls and attention)."""
-    from xorl_jax.models import common
+def experiments(args):
+    """The experiment flags as the trainer takes them (unset flags: every run's defaults): the named values
+    `dots_attention_saveable` keeps ("none" = only matmuls and attention), the slot counts the host may fix the packed
+    attention layout at, and AdamW's direction from the stored (rounded) bf16 moments or from them before rounding
+    (the default)."""
+    from xorl_jax.train_setup import Experiments
 
-    common.SAVED_NAMES = () if names == "none" else tuple(names.split(","))
-
-
-def _adam_direction(direction: str):
-    """Experiment: AdamW's direction from the stored (rounded) bf16 moments or from them before rounding (the
-    default)."""
-    import functools
-
-    from xorl_jax import optim
-
-    optim.scale_by_adam_low_precision = functools.partial(optim.scale_by_adam_low_precision,
-                                                          direction_from_stored=direction == "stored")
+    changes = {}
+    if args.remat_keep_names:
+        names = args.remat_keep_names
+        changes["remat_saved_names"] = () if names == "none" else tuple(names.split(","))
+    if args.attn_sizes:
+        changes["attn_slot_sizes"] = tuple(int(m) for m in args.attn_sizes.split(","))
+    if args.adam_direction:
+        changes["adam_direction_from_stored"] = args.adam_direction == "stored"
+    return Experiments(**changes)
 
 
 BENCH_SECTIONS = ("model", "data", "train", "lora")
@@ -320,19 +320,11 @@ def run_jax(args, config_path: str, overrides: list[str]) -> dict:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # as the CLI: the run's own notes on stdout
     _quiet_library_logs()
-    if args.remat_keep_names:
-        _remat_keep_names(args.remat_keep_names)
-    if args.adam_direction:
-        _adam_direction(args.adam_direction)
-    if args.attn_sizes:  # experiment: the slot counts the host may fix the packed attention layout at
-        from xorl_jax.kernels import attention
-
-        attention.HOST_SIZES = tuple(int(m) for m in args.attn_sizes.split(","))
     resolve_mesh_flags(args, jax.device_count())
     out_dir = os.path.join(tempfile.mkdtemp(prefix="bench_train_"), "out")
     argv = ["--config", config_path, *overrides, *flag_overrides(args), *bench_overrides(args, out_dir)]
     print("jax: python -m xorl_jax.train " + " ".join(argv), flush=True)
-    trainer = Trainer(parse_cli(argv))
+    trainer = Trainer(parse_cli(argv), experiments(args))
     if args.attn_layout == "device":  # the tier picked per layer on the device, as batches without a count are
         trainer.host_attention_layout = False
     probe = None

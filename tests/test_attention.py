@@ -100,24 +100,24 @@ def test_document_slots_on_the_host_agree_with_the_device_choice():
 
 
 def test_finer_host_sizes_fit_the_batch_and_attend_like_the_reference(monkeypatch):
-    """With finer host sizes (the experiment `HOST_SIZES`) the host picks the smallest that holds every row, the
-    largest stays max_segments, and attention on that layout equals the reference (cuDNN's packed call replaced by
-    a jnp stand-in that sees documents only through the offsets and lengths)."""
+    """With finer host sizes (the experiment `ModelOptions.attn_slot_sizes`) the host picks the smallest that holds
+    every row, the largest stays max_segments, and attention on that layout equals the reference (cuDNN's packed call
+    replaced by a jnp stand-in that sees documents only through the offsets and lengths)."""
     seg_few = _segments(2, 64, [[10, 30, 20], [64]])  # 4 segments counting the padding
     seg_many = _segments(2, 64, [[4] * 12, [64]])  # 13 segments counting the padding
     assert attn_lib.document_slots(np.asarray(seg_few), 64) == 8  # default: the device's tiers
-    monkeypatch.setattr(attn_lib, "HOST_SIZES", (4, 8, 16, 32))
-    assert attn_lib.host_tiers(64) == (4, 8, 16, 32, 64) and attn_lib.host_tiers(12) == (4, 8, 12)
-    assert attn_lib.document_slots(np.asarray(seg_few), 64) == 4
-    assert attn_lib.document_slots(np.asarray(seg_many), 64) == 16
-    assert attn_lib.document_slots(np.asarray(seg_many), 12) == attn_lib.MASKED
+    fine = (4, 8, 16, 32)
+    assert attn_lib.host_tiers(64, fine) == (4, 8, 16, 32, 64) and attn_lib.host_tiers(12, fine) == (4, 8, 12)
+    assert attn_lib.document_slots(np.asarray(seg_few), 64, fine) == 4
+    assert attn_lib.document_slots(np.asarray(seg_many), 64, fine) == 16
+    assert attn_lib.document_slots(np.asarray(seg_many), 12, fine) == attn_lib.MASKED
     assert attn_lib.segment_tiers(64) == (8, 64)  # the device-side choice keeps its two tiers
 
     monkeypatch.setattr(attn_lib, "resolve_attn_implementation", lambda name, dtype=None: "cudnn")
     monkeypatch.setattr(attn_lib, "_cudnn_packed", _attention_from_layout)
     q, k, v = _inputs(2, 64, 4, 2, 16, jnp.float32, seed=9)
     for seg in (seg_few, seg_many):
-        slots = attn_lib.document_slots(np.asarray(seg), 64)
+        slots = attn_lib.document_slots(np.asarray(seg), 64, fine)
         layout = attn_lib.packed_layout(seg, 64, slots=slots)
         assert layout.tiers == (slots,)
         out = attention(q, k, v, segment_ids=seg, implementation="cudnn", max_segments=64, layout=layout)
@@ -145,9 +145,8 @@ def test_auto_picks_cudnn_only_for_half_precision(monkeypatch):
 @pytest.mark.parametrize("host_layout", [False, True, "fine"], ids=["device_tier", "host_tier", "host_fine_sizes"])
 @pytest.mark.parametrize("d,H,K", [(128, 16, 8), (256, 8, 2)])
 @pytest.mark.parametrize("layout", ["none", "packed", "many", "overflow"])
-def test_cudnn_matches_reference_on_gpu(d, H, K, layout, host_layout, monkeypatch):
-    if host_layout == "fine":  # the experiment's sizes: 4 slots for "packed", 16 for "many"
-        monkeypatch.setattr(attn_lib, "HOST_SIZES", (4, 8, 16, 32))
+def test_cudnn_matches_reference_on_gpu(d, H, K, layout, host_layout):
+    sizes = (4, 8, 16, 32) if host_layout == "fine" else None  # the experiment's: 4 slots for "packed", 16 for "many"
     B, T = 2, 512
     q, k, v = _inputs(B, T, H, K, d, jnp.bfloat16, seed=d + H)
     seg = None
@@ -160,7 +159,7 @@ def test_cudnn_matches_reference_on_gpu(d, H, K, layout, host_layout, monkeypatc
     def loss(fn, q, k, v):
         return jnp.sum(fn(q, k, v).astype(jnp.float32) ** 2)
 
-    slots = attn_lib.document_slots(np.asarray(seg), max_segments) if host_layout and seg is not None else None
+    slots = attn_lib.document_slots(np.asarray(seg), max_segments, sizes) if host_layout and seg is not None else None
     fixed = None if slots is None else attn_lib.packed_layout(seg, max_segments, slots=slots)
     fast = lambda q, k, v: attention(q, k, v, segment_ids=seg, implementation="cudnn",  # noqa: E731
                                      max_segments=max_segments, layout=fixed)

@@ -221,20 +221,19 @@ def test_dataset_prepared_path_caches_tokenized_documents(tmp_path, tok, monkeyp
     assert len(list((tmp_path / "prep").iterdir())) == 3
 
 
-def test_text_rows_tokenized_in_batches_equal_one_by_one(tmp_path, tok, monkeypatch):
-    """Text rows go through the tokenizer in batches (TEXT_BATCH): the same documents, in order, as one call per
+def test_text_rows_tokenized_in_batches_equal_one_by_one(tmp_path, tok):
+    """Text rows go through the tokenizer in batches (`text_batch`): the same documents, in order, as one call per
     row; a bad row inside a batch is named or skipped like any other."""
-    from xorl_jax.data import pipeline
     from xorl_jax.data.pipeline import Documents
 
-    monkeypatch.setattr(pipeline, "TEXT_BATCH", 4)
     rows = [{"text": f"row {i}: " + "word " * (i % 7 + 1)} for i in range(11)]
     rows.insert(6, {"text": ""})
     path = write_jsonl(tmp_path / "t.jsonl", rows)
+    strict = data_cfg(path, "text")
     with pytest.raises(DataError, match=r"t.jsonl:7.*skip_bad_rows"):
-        build_train_iterator(data_cfg(path, "text"), tok, global_batch_size=1)
+        Documents(strict.datasets, tok, strict, text_batch=4)
     cfg = data_cfg(path, "text", skip_bad_rows=True)
-    docs = Documents(cfg.datasets, tok, cfg)
+    docs = Documents(cfg.datasets, tok, cfg, text_batch=4)
     assert docs.rows_skipped == 1 and len(docs.ids) == 11
     for (ids, targets), got_ids, got_targets in zip((row_to_doc(r, "text", tok) for r in rows if r["text"]),
                                                      docs.ids, docs.targets):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xorl_jax.layers.moe import experts_dense, route
+from xorl_jax.layers.experts import experts_dense, experts_sorted, in_token_chunks, route
 from xorl_jax.parallel.expert import experts_ep, resolve_exchange
 from xorl_jax.parallel.mesh import build_mesh
 
@@ -53,19 +53,17 @@ def test_ep_matches_dense_values_and_grads(sizes, skew, capacity_factor):
 
 
 @pytest.mark.parametrize("path", ["sorted", "ep8", "ep2_tp2"])
-def test_token_chunks_match_one_pass(path, monkeypatch):
+def test_token_chunks_match_one_pass(path):
     """Tokens through the experts in chunks (lax.map, the last one padded) give the one-pass values and gradients:
     3 tokens per chunk, so 64 tokens take 22 chunks on one device and 8 tokens per device take 3 under EP 8."""
-    import xorl_jax.layers.moe as moe
-
-    monkeypatch.setattr(moe, "MAX_COPY_ELEMENTS", 3 * K * D)
+    cap = 3 * K * D
     x, top_i, top_w, w_gu, w_down = inputs(False)
     if path == "sorted":
-        fn = moe.in_token_chunks(lambda *a: moe.experts_sorted(*a, implementation="native"), K, D)
+        fn = in_token_chunks(lambda *a: experts_sorted(*a, implementation="native"), K, D, max_copy_elements=cap)
     else:
         mesh = build_mesh(**(dict(data_parallel_shard_size=8, expert_parallel_size=8) if path == "ep8" else
                              dict(data_parallel_shard_size=4, expert_parallel_size=2, tensor_parallel_size=2)))
-        fn = lambda *a: experts_ep(*a, mesh=mesh, implementation="native")  # noqa: E731
+        fn = lambda *a: experts_ep(*a, mesh=mesh, implementation="native", max_copy_elements=cap)  # noqa: E731
     cot = jnp.cos(jnp.arange(N * D).reshape(N, D))
     grad = lambda f: jax.jit(jax.value_and_grad(  # noqa: E731
         lambda *a: jnp.sum(f(a[0], top_i, *a[1:]) * cot), argnums=(0, 1, 2, 3)))

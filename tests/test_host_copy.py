@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 from xorl_jax.models import host_copy
-from xorl_jax.models.host_copy import copy_into
+from xorl_jax.models.host_copy import Tiles, copy_into
+
+SMALL_TILES = Tiles(small=1, block=16, last=64)  # the tiled path even for these small arrays
 
 
 def _views(rng, dtype):
@@ -24,15 +26,12 @@ def _views(rng, dtype):
 
 @pytest.mark.parametrize("src_dtype,dtype", [(np.float32, np.float32), (np.float32, ml_dtypes.bfloat16),
                                              (ml_dtypes.bfloat16, np.float32)])
-def test_copy_into_equals_plain_assignment(monkeypatch, src_dtype, dtype):
+def test_copy_into_equals_plain_assignment(src_dtype, dtype):
     """Every view shape the key maps make, and the casts a load does (bf16 checkpoint -> fp32 parameters)."""
-    monkeypatch.setattr(host_copy, "_SMALL", 1)  # take the tiled path even for these small arrays
-    monkeypatch.setattr(host_copy, "_BLOCK", 16)
-    monkeypatch.setattr(host_copy, "_LAST", 64)
     for name, view in _views(np.random.default_rng(0), src_dtype).items():
         want = np.empty(view.shape, dtype)
         want[...] = view
-        got = copy_into(np.full(view.shape, np.nan, dtype), view)
+        got = copy_into(np.full(view.shape, np.nan, dtype), view, SMALL_TILES)
         np.testing.assert_array_equal(got.astype(np.float32), want.astype(np.float32), err_msg=name)
 
 
@@ -41,12 +40,12 @@ def test_copy_into_rejects_other_shapes():
         copy_into(np.empty((3, 4)), np.zeros((4, 3)))
 
 
-def test_contiguous_is_ascontiguousarray(monkeypatch):
-    monkeypatch.setattr(host_copy, "_SMALL", 1)
+def test_contiguous_is_ascontiguousarray():
+    tiles = Tiles(small=1)
     a = np.random.default_rng(1).standard_normal((300, 500)).astype(np.float32)
-    assert host_copy.contiguous(a) is a  # nothing to do: no copy, like numpy
+    assert host_copy.contiguous(a, tiles=tiles) is a  # nothing to do: no copy, like numpy
     for view, dtype in ((a.T, None), (a.T, ml_dtypes.bfloat16), (a, ml_dtypes.bfloat16), (a[:, ::2], None)):
-        got = host_copy.contiguous(view, dtype)
+        got = host_copy.contiguous(view, dtype, tiles)
         want = np.ascontiguousarray(view, dtype)
         assert got.flags.c_contiguous and got.dtype == want.dtype
         np.testing.assert_array_equal(got.astype(np.float32), want.astype(np.float32))

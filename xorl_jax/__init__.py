@@ -1,6 +1,6 @@
 """xorl_jax: train the Qwen3 family with JAX/XLA."""
 
-__version__ = "0.1.0"
+from xorl_jax.version import __version__
 
 
 def from_pretrained(path, dtype="float32", mesh=None, **kwargs):

@@ -27,6 +27,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from xorl_jax.parallel.rules import _as_tuple, current, logical_to_spec, shard_map_compat
+
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
@@ -236,7 +238,6 @@ def _on_devices(plan: _TokenPlan, h_ND, w_DV, labels_N, valid_N, with_grads: boo
     """_token_chunks on each device's own tokens (split over the batch mesh axes), the loss summed across them and
     dW reduced once (reduce-scattered to the head's FSDP shards where they divide it); a plain call without a
     multi-device mesh context."""
-    from xorl_jax.parallel.rules import _as_tuple, current, logical_to_spec, shard_map_compat
     from jax.sharding import PartitionSpec as P
 
     run = functools.partial(_token_chunks, plan, with_grads=with_grads, with_dw=with_dw)
@@ -295,8 +296,6 @@ _ce_tokens.defvjp(_ce_tokens_fwd, _ce_tokens_bwd, symbolic_zeros=True)
 
 def _vocab_is_split() -> bool:
     """True when the current mesh splits the head's vocab axis over a tensor-parallel axis of size > 1."""
-    from xorl_jax.parallel.rules import current
-
     ctx = current()
     if ctx is None:
         return False

@@ -174,12 +174,13 @@ def _rounding_noise(shape, seed: jax.Array) -> jax.Array:
     return _fmix32(_fmix32(_element_index(shape) ^ seed) + seed) >> 16
 
 
-def _stochastic_round_bf16(x32: jax.Array, seed: jax.Array) -> jax.Array:
+def _stochastic_round_bf16(x32: jax.Array, seed: jax.Array, noise=_rounding_noise) -> jax.Array:
     """fp32 -> bf16 rounding up or down with probability proportional to the distance (unbiased), so small
     EMA updates (e.g. (1 - b2) with b2 = 0.999) are not lost to round-to-nearest. seed: uint32 scalar, distinct
-    per step and per tensor."""
+    per step and per tensor. noise(shape, seed): 16 random bits per element (`_rounding_noise`; benchmarks compare
+    others)."""
     bits = jax.lax.bitcast_convert_type(x32, jnp.uint32)
-    rounded = (bits + _rounding_noise(x32.shape, seed)) & jnp.uint32(0xFFFF0000)
+    rounded = (bits + noise(x32.shape, seed)) & jnp.uint32(0xFFFF0000)
     out = jax.lax.bitcast_convert_type(rounded, jnp.float32)
     return jnp.where(jnp.isfinite(x32), out, x32).astype(jnp.bfloat16)
 
@@ -192,7 +193,7 @@ def _step_seed(count: jax.Array, salt: int) -> jax.Array:
 _PARAM_ROUNDING_SALT = 0x5BD1E995  # the weights' stream, apart from Adam's moments (salted by their `seed`)
 
 
-def apply_updates(params, updates, step: jax.Array):
+def apply_updates(params, updates, step: jax.Array, *, rounding_noise=_rounding_noise):
     """params + updates, like optax.apply_updates, except that a bf16 parameter takes the sum in fp32 and rounds
     it stochastically (unbiased): with round-to-nearest an update below half a bf16 step of its weight is lost
     every time (at lr 1e-5 that is every update of a weight above about 0.005), so bf16 weights would stop
@@ -205,7 +206,7 @@ def apply_updates(params, updates, step: jax.Array):
     for i, (p, u) in enumerate(zip(leaves, deltas)):
         if p.dtype == jnp.bfloat16:
             out.append(_stochastic_round_bf16(p.astype(jnp.float32) + u.astype(jnp.float32),
-                                              _fmix32(seed + jnp.uint32(i))))
+                                              _fmix32(seed + jnp.uint32(i)), rounding_noise))
         else:
             out.append((p + u).astype(p.dtype))
     return treedef.unflatten(out)
@@ -213,7 +214,8 @@ def apply_updates(params, updates, step: jax.Array):
 
 def scale_by_adam_low_precision(b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8, *,
                                 state_dtype=jnp.bfloat16, stochastic_rounding: bool = True,
-                                seed: int = 0, direction_from_stored: bool = False) -> optax.GradientTransformation:
+                                seed: int = 0, direction_from_stored: bool = False,
+                                rounding_noise=_rounding_noise) -> optax.GradientTransformation:
     """Adam scaling with mu and nu stored in `state_dtype` (math in fp32). The state has optax's
     ScaleByAdamState layout, so checkpoints look like the fp32 ones with smaller leaves.
 
@@ -242,8 +244,8 @@ def scale_by_adam_low_precision(b1: float = 0.9, b2: float = 0.95, eps: float = 
             mu32 = b1 * mu.astype(jnp.float32) + (1.0 - b1) * g32
             nu32 = b2 * nu.astype(jnp.float32) + (1.0 - b2) * g32 * g32
             if stochastic_rounding and jnp.dtype(state_dtype) == jnp.bfloat16:
-                new_mu.append(_stochastic_round_bf16(mu32, _fmix32(step_seed + jnp.uint32(2 * i))))
-                new_nu.append(_stochastic_round_bf16(nu32, _fmix32(step_seed + jnp.uint32(2 * i + 1))))
+                new_mu.append(_stochastic_round_bf16(mu32, _fmix32(step_seed + jnp.uint32(2 * i)), rounding_noise))
+                new_nu.append(_stochastic_round_bf16(nu32, _fmix32(step_seed + jnp.uint32(2 * i + 1)), rounding_noise))
             else:
                 new_mu.append(mu32.astype(state_dtype))
                 new_nu.append(nu32.astype(state_dtype))
@@ -355,7 +357,7 @@ class MuonState(NamedTuple):
 
 def scale_by_muon(dims: list[MatrixDims], *, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
                   adjust_lr_fn: str | None = None, state_dtype=jnp.float32, stochastic_rounding: bool = True,
-                  seed: int = 0x2545F491) -> optax.GradientTransformation:
+                  seed: int = 0x2545F491, rounding_noise=_rounding_noise) -> optax.GradientTransformation:
     """torch.optim.Muon's update direction (xorl's Muon without its sharding approximations), for the leaves
     `dims` describes (in tree order; under `optax.multi_transform` the other leaves are masked out):
 
@@ -389,7 +391,7 @@ def scale_by_muon(dims: list[MatrixDims], *, momentum: float = 0.95, nesterov: b
                 buf32 = momentum * buf.astype(jnp.float32) + (1.0 - momentum) * g32
                 u = (1.0 - momentum) * g32 + momentum * buf32 if nesterov else buf32
                 if stochastic_rounding and jnp.dtype(state_dtype) == jnp.bfloat16:
-                    new_mu.append(_stochastic_round_bf16(buf32, _fmix32(step_seed + jnp.uint32(i))))
+                    new_mu.append(_stochastic_round_bf16(buf32, _fmix32(step_seed + jnp.uint32(i)), rounding_noise))
                 else:
                     new_mu.append(buf32.astype(state_dtype))
             ratio = muon_lr_ratio(d, g.shape, adjust_lr_fn)
@@ -407,7 +409,8 @@ def build_optimizer(*, schedule: optax.Schedule | float, weight_decay: float = 0
                     trainable_mask=None, momentum: float | None = None,
                     stochastic_rounding: bool = True, muon_dims=None, muon_schedule: optax.Schedule | float = None,
                     muon_momentum: float = 0.95, muon_nesterov: bool = True, muon_ns_steps: int = 5,
-                    muon_adjust_lr_fn: str | None = None) -> optax.GradientTransformation:
+                    muon_adjust_lr_fn: str | None = None, adam_direction_from_stored: bool = False,
+                    rounding_noise=_rounding_noise) -> optax.GradientTransformation:
     """The optax chain: clip by global norm -> optimizer -> decoupled (AdamW) or L2 (SGD) weight decay -> lr.
 
     optimizer: adamw | anyprecision_adamw (xorl's name for AdamW with optimizer_dtype moments: the same here) |
@@ -421,6 +424,8 @@ def build_optimizer(*, schedule: optax.Schedule | float, weight_decay: float = 0
     trainable_mask: pytree of bool, False = frozen: frozen parameters get zero updates and no optimizer state,
       and gradient clipping sees only the trainable gradients.
     muon_dims: pytree like the params of MatrixDims or False (`default_muon_dims`); required for muon.
+    adam_direction_from_stored, rounding_noise: experiments on the bf16 state (`scale_by_adam_low_precision`,
+      `_stochastic_round_bf16`); the defaults are what training uses.
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer {optimizer!r} is not supported; use one of {OPTIMIZERS}")
@@ -436,7 +441,9 @@ def build_optimizer(*, schedule: optax.Schedule | float, weight_decay: float = 0
         if state_dtype == jnp.float32:
             return optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
         return scale_by_adam_low_precision(b1, b2, eps, state_dtype=state_dtype,
-                                           stochastic_rounding=stochastic_rounding)
+                                           stochastic_rounding=stochastic_rounding,
+                                           direction_from_stored=adam_direction_from_stored,
+                                           rounding_noise=rounding_noise)
 
     if optimizer in ("adamw", "anyprecision_adamw"):
         parts += [adam(), *decay]
@@ -458,7 +465,7 @@ def build_optimizer(*, schedule: optax.Schedule | float, weight_decay: float = 0
         muon = optax.chain(
             scale_by_muon(dims, momentum=muon_momentum, nesterov=muon_nesterov, ns_steps=muon_ns_steps,
                           adjust_lr_fn=muon_adjust_lr_fn, state_dtype=state_dtype,
-                          stochastic_rounding=stochastic_rounding),
+                          stochastic_rounding=stochastic_rounding, rounding_noise=rounding_noise),
             *decay, optax.scale_by_learning_rate(schedule if muon_schedule is None else muon_schedule))
         adamw = optax.chain(adam(), *decay, optax.scale_by_learning_rate(schedule))
         parts.append(optax.multi_transform({"muon": muon, "adamw": adamw}, labels))

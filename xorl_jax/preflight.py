@@ -20,8 +20,13 @@ import os
 import tempfile
 from typing import Any
 
-from xorl_jax.checkpoint.hf import CheckpointError
+from xorl_jax.checkpoint.hf import CheckpointError, SafetensorsReader
+from xorl_jax.checkpoint.orbax import PARAMS_DIR, PARTS_INDEX, is_orbax_model_dir
 from xorl_jax.config import Config, ConfigError
+from xorl_jax.data import DataError, load_tokenizer
+from xorl_jax.data.sources import check_source
+from xorl_jax.models.loading import detect_layout
+from xorl_jax.train_setup import model_and_mesh
 
 TOKENIZER_DATA_TYPES = ("messages", "text")  # dataset types whose rows go through the tokenizer
 
@@ -62,8 +67,6 @@ def check_output_dir(path: str) -> None:
 
 def check_datasets(data_cfg) -> None:
     """Every train and eval dataset path exists and has readable data files (before any row is read)."""
-    from xorl_jax.data.sources import DataError, check_source
-
     for section in ("datasets", "eval_datasets"):
         for i, ds in enumerate(getattr(data_cfg, section) or []):
             try:
@@ -80,8 +83,6 @@ def needs_tokenizer(data_cfg) -> bool:
 
 def tokenizer_for(cfg: Config, vocab_size: int):
     """The run's tokenizer, or None where only tokenized rows are read; its size checked against vocab_size."""
-    from xorl_jax.data import DataError, load_tokenizer
-
     m = cfg.model
     if not needs_tokenizer(cfg.data):
         return None
@@ -102,8 +103,6 @@ def tokenizer_for(cfg: Config, vocab_size: int):
 
 def _orbax_item_dirs(params_dir: str) -> list[str]:
     """The Orbax checkpoint directories that hold a model's parameters (one, or the parts of a streamed one)."""
-    from xorl_jax.checkpoint.orbax import PARTS_INDEX
-
     index = os.path.join(params_dir, PARTS_INDEX)
     if not os.path.exists(index):
         return [params_dir]
@@ -118,8 +117,6 @@ def _orbax_item_dirs(params_dir: str) -> list[str]:
 
 def check_orbax_dir(path: str) -> None:
     """An Orbax model (or training step) directory: the parts index and each checkpoint's metadata read back."""
-    from xorl_jax.checkpoint.orbax import PARAMS_DIR
-
     for item in _orbax_item_dirs(os.path.join(path, PARAMS_DIR)):
         meta = os.path.join(item, "_METADATA")
         try:
@@ -139,10 +136,6 @@ def check_orbax_dir(path: str) -> None:
 def check_weights(cfg: Config, model_cls, model_config) -> None:
     """model.model_path holds weights the model can load: safetensors headers (every loaded tensor a float) or
     an Orbax directory's metadata. Reads headers and small JSON files only."""
-    from xorl_jax.checkpoint.hf import SafetensorsReader
-    from xorl_jax.checkpoint.orbax import is_orbax_model_dir
-    from xorl_jax.models.loading import detect_layout
-
     path = cfg.model.model_path
     if not os.path.isdir(path):
         what = "is a file" if os.path.exists(path) else "not found"
@@ -159,8 +152,6 @@ def check_weights(cfg: Config, model_cls, model_config) -> None:
 
 def check_run(cfg: Config, *, is_main: bool = True) -> RunInputs:
     """Every check above, cheapest first; returns what they read. See the module docstring."""
-    from xorl_jax.train_setup import model_and_mesh
-
     if is_main:
         check_output_dir(cfg.train.output_dir)
     check_datasets(cfg.data)

@@ -4,6 +4,7 @@ cache). Shared by the trainer and the dry run (plan.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -19,7 +20,7 @@ from xorl_jax.data.pipeline import row_length
 from xorl_jax.kernels.attention import MASKED, resolve_attn_implementation
 from xorl_jax.kernels.gdn import auto_implementation as gdn_auto_implementation
 from xorl_jax.layers.moe import resolve_moe_implementation
-from xorl_jax.models.common import ModelOptions
+from xorl_jax.models.common import SAVED_NAMES, ModelOptions
 from xorl_jax.models.loading import build_config
 from xorl_jax.optim import build_optimizer, build_schedule, default_decay_mask, default_muon_dims, map_params_with_path
 from xorl_jax.parallel import mesh as mesh_lib
@@ -108,6 +109,20 @@ def model_options(cfg: Config) -> ModelOptions:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class Experiments:
+    """Switches that benchmarks set (scripts/bench_train.py) and configs do not: what the trainer passes on to the
+    model options and the optimizer. The defaults are every run's."""
+
+    remat_saved_names: tuple[str, ...] = SAVED_NAMES  # ModelOptions.remat_saved_names
+    attn_slot_sizes: tuple[int, ...] | None = None  # ModelOptions.attn_slot_sizes
+    adam_direction_from_stored: bool = False  # optim.build_optimizer's
+
+    def model_options(self, options: ModelOptions) -> ModelOptions:
+        return dataclasses.replace(options, remat_saved_names=self.remat_saved_names,
+                                   attn_slot_sizes=self.attn_slot_sizes)
+
+
 def backend_summary(options: ModelOptions) -> str:
     """The configured kernel choices with what `auto` picks on this device, for the run's start-up lines."""
     def show(name, resolved):
@@ -146,7 +161,7 @@ def loss_config_for(cfg: Config, model_config, options: ModelOptions) -> LossCon
                       logits_dtype=jnp.float32 if cfg.model.lm_head_fp32 else options.compute_dtype)
 
 
-def optimizer_for(cfg: Config, params, total_steps: int):
+def optimizer_for(cfg: Config, params, total_steps: int, experiments: Experiments = Experiments()):
     """(learning-rate schedule, optax optimizer) from the config; `params` may be abstract."""
     t = cfg.train
     trainable = None
@@ -168,7 +183,8 @@ def optimizer_for(cfg: Config, params, total_steps: int):
     optimizer = build_optimizer(schedule=schedule, weight_decay=t.weight_decay, b1=t.adam_beta1, b2=t.adam_beta2,
                                 eps=t.adam_epsilon, max_grad_norm=t.max_grad_norm, optimizer=t.optimizer,
                                 optimizer_dtype=t.optimizer_dtype, decay_mask=default_decay_mask(params),
-                                trainable_mask=trainable, **muon)
+                                trainable_mask=trainable,
+                                adam_direction_from_stored=experiments.adam_direction_from_stored, **muon)
     return schedule, optimizer
 
 

@@ -41,8 +41,9 @@ from xorl_jax.parallel import rules as rules_lib
 from xorl_jax.parallel.rules import batch_sharding, data_parallel_size, param_shardings
 from xorl_jax.preemption import StopSignals
 from xorl_jax.preflight import check_run, disk_full_error, disk_full_message
-from xorl_jax.train_setup import (DOC_SLOTS_KEY, MeshJit, TrainSteps, abstract_batch, backend_summary, loss_config_for,
-                                  opt_state_shardings, optimizer_for, request_determinism, use_compilation_cache)
+from xorl_jax.train_setup import (DOC_SLOTS_KEY, Experiments, MeshJit, TrainSteps, abstract_batch, backend_summary,
+                                  loss_config_for, opt_state_shardings, optimizer_for, request_determinism,
+                                  use_compilation_cache)
 from xorl_jax.train_step import TrainState, make_eval_step, stack_micro_batches
 
 log = logging.getLogger("xorl_jax")
@@ -74,7 +75,9 @@ def _count_params(params) -> int:
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, experiments: Experiments = Experiments()):
+        """experiments: benchmarks' switches (train_setup.Experiments); the default is every run's."""
+        self.experiments = experiments
         if cfg.train.enable_full_determinism:
             request_determinism()
         distributed.initialize()
@@ -119,7 +122,7 @@ class Trainer:
         headers, tokenizer); keeps what they read: config, mesh, options, tokenizer, vocabulary size."""
         inputs = check_run(self.cfg, is_main=self.is_main)
         self.hf_config, self.model_cls, self.model_config = inputs.hf_config, inputs.model_cls, inputs.model_config
-        self.options, self.mesh, self.rules = inputs.options, inputs.mesh, inputs.rules
+        self.options, self.mesh, self.rules = self.experiments.model_options(inputs.options), inputs.mesh, inputs.rules
         self.tokenizer, self.vocab_size = inputs.tokenizer, inputs.vocab_size
         # as the model resolves it (set here: the data prefetch thread may shape batches before the model exists)
         self.host_attention_layout = resolve_attn_implementation(self.options.attn_implementation,
@@ -201,7 +204,7 @@ class Trainer:
             raise ConfigError("train.max_steps is not set and the dataset size is unknown; set train.max_steps")
 
     def _setup_optimizer(self):
-        self.schedule, self.optimizer = optimizer_for(self.cfg, self.params, self.total_steps)
+        self.schedule, self.optimizer = optimizer_for(self.cfg, self.params, self.total_steps, self.experiments)
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         opt_state = jax.jit(self.optimizer.init, out_shardings=opt_state_shardings(self.optimizer, self.params,
                                                                                    self.mesh))(self.params)
@@ -224,7 +227,9 @@ class Trainer:
         mesh until one's step fits the devices. The step compiled for the choice is the one training runs (compiled
         for the usual packed attention layout: a batch that needs another compiles its own, as always)."""
         extra = () if merge_fn is None else (self.frozen,)
-        batch = abstract_batch(self.cfg, self.mesh, slots_for(SMALL_SEGMENTS) if self.host_attention_layout else None)
+        sizes = self.options.attn_slot_sizes
+        batch = abstract_batch(self.cfg, self.mesh,
+                               slots_for(SMALL_SEGMENTS, sizes=sizes) if self.host_attention_layout else None)
 
         def compile_step(graphdef):
             steps = TrainSteps(graphdef, self.optimizer, self.loss_cfg, self.state, self.mesh, self.rules,
@@ -316,9 +321,9 @@ class Trainer:
         if self.host_attention_layout:
             documents = rows.get(MAX_DOCUMENTS_KEY)  # the whole global batch's, from the data pipeline
             if documents is not None:
-                batch[DOC_SLOTS_KEY] = slots_for(int(documents))
+                batch[DOC_SLOTS_KEY] = slots_for(int(documents), sizes=self.options.attn_slot_sizes)
             elif self.process_count == 1:  # rows from elsewhere: this process holds them all
-                batch[DOC_SLOTS_KEY] = document_slots(stacked["segment_ids"])
+                batch[DOC_SLOTS_KEY] = document_slots(stacked["segment_ids"], sizes=self.options.attn_slot_sizes)
         return batch
 
     def evaluate(self) -> dict | None:

@@ -26,7 +26,6 @@ import os
 
 import numpy as np
 
-from xorl_jax import __version__
 from xorl_jax import lora as lora_lib
 from xorl_jax.checkpoint import convert_ops as ops
 from xorl_jax.checkpoint.hf import INDEX_NAME, CheckpointError, SafetensorsReader, write_sharded
@@ -34,6 +33,7 @@ from xorl_jax.config import LoraConfig
 from xorl_jax.models.common import ModelOptions
 from xorl_jax.models.loading import abstract_model, build_config, detect_layout, param_paths
 from xorl_jax.parallel.rules import param_shardings
+from xorl_jax.version import __version__
 
 METADATA_NAME = "xorl_jax.json"
 PARAMS_DIR = "params"

@@ -22,7 +22,7 @@ from xorl_jax.data.sources import setting as _get
 logger = logging.getLogger(__name__)
 
 DUMMY_DOCS = 1024
-TEXT_BATCH = 256  # text rows per tokenizer call
+TEXT_BATCH = 256  # text rows per tokenizer call (Documents' default)
 
 
 # Files that hold a tokenizer's vocabulary (fast tokenizer, sentencepiece, or BPE vocab + merges). Without one,
@@ -69,8 +69,11 @@ def check_token_range(ids: np.ndarray, targets: np.ndarray, vocab_size: int) -> 
 class Documents:
     """All documents of a list of dataset entries, tokenized, with long ones cut to their max length."""
 
-    def __init__(self, dataset_cfgs, tokenizer, data_cfg, *, seed: int = 0, vocab_size: int | None = None):
-        """`vocab_size`: the model's (token and label ids must be below it); None = the tokenizer's size."""
+    def __init__(self, dataset_cfgs, tokenizer, data_cfg, *, seed: int = 0, vocab_size: int | None = None,
+                 text_batch: int = TEXT_BATCH):
+        """`vocab_size`: the model's (token and label ids must be below it); None = the tokenizer's size.
+        `text_batch`: text rows per tokenizer call (the documents are the same for any)."""
+        self.text_batch = text_batch
         if not dataset_cfgs:
             raise DataError("data.datasets is empty; add at least one {path, type} entry")
         capacity = int(_get(data_cfg, "sample_packing_sequence_len"))
@@ -142,7 +145,7 @@ class Documents:
                     row = {k: v for k, v in row.items() if k in columns or k in ("input_ids", "labels")}
                 if kind == "text":
                     texts.append(text_of(row))
-                    if len(texts) == TEXT_BATCH:
+                    if len(texts) == self.text_batch:
                         yield from text_docs(texts, tokenizer)
                         texts = []
                     continue

@@ -16,6 +16,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from xorl_jax.parallel.rules import current, per_shard
+
 ATTN_IMPLEMENTATIONS = ("auto", "cudnn", "xla")
 
 
@@ -114,32 +116,34 @@ def layout_branch(count_B, tiers) -> jax.Array:
 
 MASKED = 0  # `document_slots` of a batch with a row of more documents than the largest tier: explicit mask
 
-# Slot counts the host may fix the layout at; None = the device's tiers (`segment_tiers`). An experiment
-# (`bench_train.py --attn-sizes 4,8,16,32,64`): cuDNN's packed backward costs time in proportion to the slots, so
-# finer sizes fit batches more closely, at one compile per size a run meets. Not measured end to end yet.
-HOST_SIZES: tuple[int, ...] | None = None
 
+def host_tiers(max_segments: int, sizes: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """The slot counts `slots_for` chooses among, smallest first; the largest is always `max_segments`.
 
-def host_tiers(max_segments: int) -> tuple[int, ...]:
-    """The slot counts `slots_for` chooses among, smallest first; the largest is always `max_segments`."""
-    sizes = segment_tiers(max_segments) if HOST_SIZES is None else HOST_SIZES
+    sizes: the slot counts the host may fix the layout at (`ModelOptions.attn_slot_sizes`); None = the device's tiers
+    (`segment_tiers`). Finer sizes are an experiment (`bench_train.py --attn-sizes 4,8,16,32,64`): cuDNN's packed
+    backward costs time in proportion to the slots, so they fit batches more closely, at one compile per size a run
+    meets. Not measured end to end yet."""
+    sizes = segment_tiers(max_segments) if sizes is None else sizes
     return tuple(sorted({min(m, max_segments) for m in sizes} | {max_segments}))
 
 
-def document_slots(segment_ids, max_segments: int = 64) -> int:
+def document_slots(segment_ids, max_segments: int = 64, sizes: tuple[int, ...] | None = None) -> int:
     """Host side, from a batch's segment ids (numpy, any leading shape, tokens last): the slot count of the
-    smallest tier of `host_tiers` that holds every row's documents, or MASKED when a row has more than
-    `max_segments`. Given to the model as `doc_slots`, it fixes the layout at trace time: no per-layer `switch`,
-    which cost 2% of the step and 15 GiB on one H200 (Qwen3 1.7B, 4 x 4096; docs/PERFORMANCE.md)."""
+    smallest tier of `host_tiers(max_segments, sizes)` that holds every row's documents, or MASKED when a row has
+    more than `max_segments`. Given to the model as `doc_slots`, it fixes the layout at trace time: no per-layer
+    `switch`, which cost 2% of the step and 15 GiB on one H200 (Qwen3 1.7B, 4 x 4096; docs/PERFORMANCE.md)."""
     import numpy as np
 
     seg = np.asarray(segment_ids)
-    return slots_for(1 + int(np.max(np.sum(seg[..., 1:] != seg[..., :-1], axis=-1), initial=0)), max_segments)
+    return slots_for(1 + int(np.max(np.sum(seg[..., 1:] != seg[..., :-1], axis=-1), initial=0)), max_segments,
+                     sizes)
 
 
-def slots_for(documents: int, max_segments: int = 64) -> int:
-    """The slot count of the smallest tier that holds `documents` per row (segments, padding counted), or MASKED."""
-    return next((m for m in host_tiers(max_segments) if documents <= m), MASKED)
+def slots_for(documents: int, max_segments: int = 64, sizes: tuple[int, ...] | None = None) -> int:
+    """The slot count of the smallest tier of `host_tiers(max_segments, sizes)` that holds `documents` per row
+    (segments, padding counted), or MASKED."""
+    return next((m for m in host_tiers(max_segments, sizes) if documents <= m), MASKED)
 
 
 class PackedLayout(NamedTuple):
@@ -176,8 +180,6 @@ _ROWS = ("batch", None)
 def _per_device_names(H: int, K: int):
     """Logical names of q and k/v for the per-device cuDNN call: rows over the batch axes, heads over `tensor` when
     both head counts divide it (else every device takes all heads of its rows)."""
-    from xorl_jax.parallel.rules import current
-
     ctx = current()
     tp = ctx.axis_size("tensor") if ctx is not None else 1
     if H % tp == 0 and K % tp == 0:
@@ -191,8 +193,6 @@ def attention(q_BTHd, k_BTKd, v_BTKd, *, segment_ids=None, scale=None, implement
     impl = resolve_attn_implementation(implementation, q_BTHd.dtype)
     if impl == "xla":
         return attention_reference(q_BTHd, k_BTKd, v_BTKd, segment_ids=segment_ids, scale=scale)
-    from xorl_jax.parallel.rules import per_shard
-
     scale = q_BTHd.shape[-1] ** -0.5 if scale is None else scale
     _Q, _KV = _per_device_names(q_BTHd.shape[2], k_BTKd.shape[2])
     if segment_ids is None:

@@ -14,9 +14,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from xorl_jax.kernels.gdn import gated_delta_rule
 from xorl_jax.layers.conv import causal_conv1d_silu
 from xorl_jax.layers.linear import cast, param
 from xorl_jax.layers.norm import GatedRMSNorm
+from xorl_jax.parallel.rules import per_shard
 
 
 GDN_IMPLEMENTATIONS = ("auto", "pallas", "chunked", "recurrent")
@@ -63,10 +65,6 @@ class GatedDeltaNet(nnx.Module):
         self.out_proj = param(rngs, (value_heads, value_dim, hidden), ("gdn_heads", "head_dim", "embed"))
 
     def __call__(self, x_BTD, segment_ids=None, valid=None):
-        from xorl_jax.parallel.rules import per_shard
-
-        from xorl_jax.kernels.gdn import gated_delta_rule
-
         dt = self.dtype
         B, T, _ = x_BTD.shape
         x = x_BTD.astype(dt)

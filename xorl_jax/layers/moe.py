@@ -20,10 +20,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from xorl_jax.kernels.gmm import _cached_unavailable_reason, triton_available
+from xorl_jax.layers.experts import experts_dense, experts_sorted, in_token_chunks, route
 from xorl_jax.layers.linear import cast, param
 from xorl_jax.layers.mlp import MLP
-from xorl_jax.layers.permute import inverse_permutation, take_copies, take_rows
-from xorl_jax.layers.swiglu import swiglu
+from xorl_jax.parallel import rules as parallel_rules
+from xorl_jax.parallel.expert import PADDED_CAPACITY_FACTOR, experts_ep
 
 MOE_IMPLEMENTATIONS = ("auto", "triton", "native", "eager")
 # Not a config value: the sorted path with the grouped GEMM's jnp reference (kernels.gmm), which the dry run plans in
@@ -35,8 +37,6 @@ MOE_REFERENCE = "reference"
 def _warn_gpu_without_triton():
     """On an NVIDIA GPU the native path (XLA's ragged_dot) is about 20x slower than the Triton grouped GEMM (an MoE
     step of Qwen3-30B-A3B cut to 4 layers, one H200: 1734 vs 87 ms): say so once rather than train slowly."""
-    from xorl_jax.kernels.gmm import _cached_unavailable_reason
-
     if jax.default_backend() == "gpu":
         logging.getLogger("xorl_jax").warning(
             "moe_implementation auto: the Triton grouped GEMM is unavailable (%s); the experts run on XLA's "
@@ -49,8 +49,6 @@ def resolve_moe_implementation(name: str) -> str:
     if name not in MOE_IMPLEMENTATIONS:
         raise ValueError(f"moe_implementation {name!r} is not one of {MOE_IMPLEMENTATIONS}")
     if name in ("auto", "triton"):
-        from xorl_jax.kernels.gmm import triton_available
-
         if triton_available():
             return "triton"
         if name == "triton":
@@ -61,79 +59,6 @@ def resolve_moe_implementation(name: str) -> str:
         _warn_gpu_without_triton()
         return "native"
     return name
-
-
-def route(logits_NE, top_k: int, normalize: bool):
-    """Router probabilities (fp32), top-k expert ids and their weights (renormalised when `normalize`)."""
-    probs = jax.nn.softmax(logits_NE.astype(jnp.float32), axis=-1)
-    top_w, top_i = jax.lax.top_k(probs, top_k)
-    if normalize:
-        top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
-    return probs, top_w, top_i
-
-
-def experts_sorted(x_ND, top_i, top_w, w_gate_up_EDCF, w_down_EFD, implementation: str):
-    """Dropless experts through a grouped GEMM over token copies sorted by expert."""
-    from xorl_jax.kernels.gmm import gmm
-
-    N, D = x_ND.shape
-    E, _, _, F = w_gate_up_EDCF.shape
-    k = top_i.shape[-1]
-    flat_expert = top_i.reshape(-1)
-    order = jnp.argsort(flat_expert, stable=True)
-    inverse = inverse_permutation(order)
-    group_sizes = jnp.bincount(flat_expert, length=E).astype(jnp.int32)
-    x_sorted = take_copies(x_ND, order, inverse, k)
-    gmm_impl = "ragged_dot" if implementation == "native" else implementation
-    h = gmm(x_sorted, w_gate_up_EDCF.reshape(E, D, 2 * F), group_sizes, implementation=gmm_impl)
-    a = swiglu(h, -1)
-    y_sorted = gmm(a, w_down_EFD, group_sizes, implementation=gmm_impl)
-    y_copies = take_rows(y_sorted, inverse, order).reshape(N, k, D)
-    return jnp.sum(y_copies * top_w[..., None].astype(y_copies.dtype), axis=1)
-
-
-# Token copies (tokens x k x hidden elements) one pass of the experts handles; more tokens go in chunks. On an H200
-# the one-GPU MoE layer of Qwen3-30B-A3B at 16384 tokens (2^28 copy elements) disagreed with the same tokens run
-# as two halves (0.21 of the largest token gradient), while 8192 tokens (2^27) agreed with 4096-token halves and
-# with two GPUs under EP; the grouped GEMM, argsort and bincount were each right at that size alone, so the cause is
-# most likely an XLA op of the dispatch or combine (not pinned down). Chunks of at most 2^27 keep every device at
-# the verified size. (With tensor parallelism and no EP the chunks are of the global token arrays.)
-MAX_COPY_ELEMENTS = 2**27
-
-
-def in_token_chunks(fn, top_k: int, hidden: int):
-    """fn(x_ND, top_i, top_w, *weights) -> y_ND over tokens in sequential chunks of at most MAX_COPY_ELEMENTS
-    copy elements (`lax.map`; tokens are independent, weight gradients add up over the chunks). The last chunk is
-    padded with zero-weight copies of expert 0 where the chunks do not divide N."""
-
-    def run(x_ND, top_i, top_w, *weights):
-        N = x_ND.shape[0]
-        per_chunk = max(1, MAX_COPY_ELEMENTS // (top_k * hidden))
-        if N <= per_chunk:
-            return fn(x_ND, top_i, top_w, *weights)
-        chunks = -(-N // per_chunk)
-        size = -(-N // chunks)
-        pad = chunks * size - N
-
-        def split(a):
-            a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
-            return a.reshape(chunks, size, *a.shape[1:])
-
-        y = jax.lax.map(lambda c: fn(*c, *weights), (split(x_ND), split(top_i), split(top_w)))
-        return y.reshape(chunks * size, -1)[:N]
-
-    return run
-
-
-def experts_dense(x_ND, top_i, top_w, w_gate_up_EDCF, w_down_EFD):
-    """Reference: each expert on every token, combined with a dense [N, E] weight matrix (zeros off the top-k)."""
-    N = x_ND.shape[0]
-    E = w_gate_up_EDCF.shape[0]
-    combine = jnp.zeros((N, E), top_w.dtype).at[jnp.arange(N)[:, None], top_i].set(top_w)
-    h = jnp.einsum("nd,edcf->necf", x_ND, w_gate_up_EDCF)
-    a = swiglu(h, 2)
-    y = jnp.einsum("nef,efd->ned", a, w_down_EFD)
-    return jnp.einsum("ned,ne->nd", y, combine.astype(y.dtype))
 
 
 def _local_experts(implementation: str, ctx, top_k: int, hidden: int):
@@ -147,10 +72,8 @@ def _local_experts(implementation: str, ctx, top_k: int, hidden: int):
     fn = in_token_chunks(fn, top_k, hidden)
     if ctx is None or ctx.axis_size("tensor") > 1:
         return fn
-    from xorl_jax.parallel.rules import per_shard
-
     tokens = ("batch", None)
-    return per_shard(fn, in_names=(tokens, tokens, tokens, None, None), out_names=tokens)
+    return parallel_rules.per_shard(fn, in_names=(tokens, tokens, tokens, None, None), out_names=tokens)
 
 
 class MoE(nnx.Module):
@@ -168,6 +91,7 @@ class MoE(nnx.Module):
         dtype=jnp.float32,
         implementation: str = "auto",
         ep_exchange: str = "auto",
+        ep_capacity_factor: float = PADDED_CAPACITY_FACTOR,
         rngs: nnx.Rngs,
     ):
         if top_k > num_experts:
@@ -179,6 +103,7 @@ class MoE(nnx.Module):
         self.dtype = dtype
         self.implementation = implementation
         self.ep_exchange = ep_exchange  # how tokens travel between expert ranks (parallel/expert.py)
+        self.ep_capacity_factor = ep_capacity_factor  # the padded exchange's buffer over the balanced share
         self.router = param(rngs, (hidden, num_experts), ("embed", None))
         self.gate_up_proj = param(rngs, (num_experts, hidden, 2, intermediate), ("expert", "embed", None, "expert_mlp"))
         self.down_proj = param(rngs, (num_experts, intermediate, hidden), ("expert", "expert_mlp", "embed"))
@@ -198,14 +123,10 @@ class MoE(nnx.Module):
         if not self.train_router:  # xorl's train_router false: the experts' gradient stops at the routing weights;
             top_w = jax.lax.stop_gradient(top_w)  # the router still learns from the aux loss through `probs`
         w_gu, w_down = cast(self.gate_up_proj, dt), cast(self.down_proj, dt)
-        from xorl_jax.parallel import rules as parallel_rules
-
         ctx = parallel_rules.current()
         if ctx is not None and ctx.axis_size("expert") > 1:  # expert parallelism: shard_map all-to-all path
-            from xorl_jax.parallel.expert import experts_ep
-
             y = experts_ep(x, top_i, top_w.astype(dt), w_gu, w_down, mesh=ctx.mesh, implementation=self.implementation,
-                           exchange=self.ep_exchange)
+                           exchange=self.ep_exchange, capacity_factor=self.ep_capacity_factor)
         else:
             y = _local_experts(self.implementation, ctx, self.top_k, D)(x, top_i, top_w.astype(dt), w_gu, w_down)
         if self.has_shared_expert:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -11,8 +12,18 @@ from flax import nnx, struct
 
 from xorl_jax.kernels.gmm import CHECKPOINT_NAME as GMM_CHECKPOINT_NAME
 from xorl_jax.layers.swiglu import CHECKPOINT_NAME as SWIGLU_CHECKPOINT_NAME
+from xorl_jax.parallel.expert import PADDED_CAPACITY_FACTOR
+from xorl_jax.parallel.rules import constrain as constrain_by_rules
 
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_attention_saveable", "dots_with_no_batch_dims_saveable")
+
+# Named values `dots_attention_saveable` keeps besides dot_general outputs (`ModelOptions.remat_saved_names`): the
+# grouped expert GEMMs' (custom calls on GPU, which a dot_general test does not see) and the SwiGLU activations
+# (elementwise, but recomputing them rereads the gate/up product: 6.7 ms of a 400 ms Qwen3 1.7B step on an H200). The
+# Gated DeltaNet kernels name their forward products too (`kernels.gdn.CHECKPOINT_NAME`, for `bench_train.py
+# --remat-keep-names`) but are not kept: on the Qwen3.5-35B-A3B cut (one H200) keeping them cost 1.1 GiB and no time
+# (118.3 vs 117.5 ms).
+SAVED_NAMES = (GMM_CHECKPOINT_NAME, SWIGLU_CHECKPOINT_NAME)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +40,11 @@ class ModelOptions:
     router_fp32: bool = True
     train_router: bool = True  # False: routing weights detached before the experts (xorl's train_router false)
     ep_exchange: str = "auto"  # expert-parallel token exchange: auto | padded (all_to_all) | ragged
+    # Not config fields (benchmarks set them; every run takes these defaults):
+    ep_capacity_factor: float = PADDED_CAPACITY_FACTOR  # padded exchange: buffer rows per destination / balanced share
+    remat_saved_names: tuple[str, ...] = SAVED_NAMES  # named values dots_attention_saveable keeps besides matmuls
+    attn_slot_sizes: tuple[int, ...] | None = None  # slot counts the host may fix the packed attention layout at
+    #                                                  (kernels.attention.host_tiers); None = its two tiers
 
     def __post_init__(self):
         if self.remat_policy not in REMAT_POLICIES:
@@ -46,28 +62,29 @@ class ModelOutput:
     aux_loss: Any = None  # MoE load-balancing loss, unscaled (HF's `aux_loss`); 0 for dense models
 
 
-# Named values `dots_attention_saveable` keeps besides dot_general outputs: the grouped expert GEMMs' (custom calls
-# on GPU, which a dot_general test does not see) and the SwiGLU activations (elementwise, but recomputing them
-# rereads the gate/up product: 6.7 ms of a 400 ms Qwen3 1.7B step on an H200). The Gated DeltaNet kernels name their
-# forward products too (`kernels.gdn.CHECKPOINT_NAME`, for `bench_train.py --remat-keep-names`) but are not kept:
-# on the Qwen3.5-35B-A3B cut (one H200) keeping them cost 1.1 GiB and no time (118.3 vs 117.5 ms).
-SAVED_NAMES = (GMM_CHECKPOINT_NAME, SWIGLU_CHECKPOINT_NAME)
+@functools.lru_cache(maxsize=None)
+def _dots_and_attention(saved_names: tuple[str, ...]):
+    """Save matmul outputs, the values named `saved_names` (by default the grouped expert GEMMs' outputs and the
+    SwiGLU activations) and the fused attention kernel's outputs (its result and softmax statistics): the backward
+    then recomputes only cheap work (norms, RoPE, token permutations, the Gated DeltaNet kernels' forward), never a
+    matmul or an attention forward."""
+    named = jax.checkpoint_policies.save_only_these_names(*saved_names)
+
+    def policy(prim, *avals, **params):
+        return (jax.checkpoint_policies.dots_saveable(prim, *avals, **params)
+                or named(prim, *avals, **params)
+                or prim.name.startswith("dot_product_attention_fwd"))
+
+    return policy
 
 
-def _dots_and_attention(prim, *avals, **params):
-    """Save matmul outputs (the grouped expert GEMMs' too), the SwiGLU activations and the fused attention kernel's
-    outputs (its result and softmax statistics): the backward then recomputes only cheap work (norms, RoPE, token
-    permutations, the Gated DeltaNet kernels' forward), never a matmul or an attention forward."""
-    return (jax.checkpoint_policies.dots_saveable(prim, *avals, **params)
-            or jax.checkpoint_policies.save_only_these_names(*SAVED_NAMES)(prim, *avals, **params)
-            or prim.name.startswith("dot_product_attention_fwd"))
-
-
-def checkpoint_policy(name: str):
+def checkpoint_policy(name: str, saved_names: Sequence[str] = SAVED_NAMES):
+    """The jax.checkpoint policy of a REMAT_POLICIES name (None = save nothing); `saved_names` for
+    dots_attention_saveable."""
     if name == "full":
         return None
     if name == "dots_attention_saveable":
-        return _dots_and_attention
+        return _dots_and_attention(tuple(saved_names))
     return getattr(jax.checkpoint_policies, name)
 
 
@@ -130,7 +147,7 @@ class LayerStack(nnx.Module):
                 node.set_metadata(axes=("layers",) + tuple(node.get_metadata()["axes"]))
 
     def __call__(self, carry, *, remat_policy: str = "none", layer_transform: LayerTransform | None = None,
-                 scan: bool = True, **ctx):
+                 scan: bool = True, saved_names: Sequence[str] = SAVED_NAMES, **ctx):
         """carry -> carry through every layer; each layer is called as `layer(carry, **ctx) -> carry`.
 
         With `layer_transform`, each step runs its layers on `fn(step's parameters, step's slice of extra)`. Under
@@ -155,7 +172,7 @@ class LayerStack(nnx.Module):
             # Without remat but with a transform, the backward of each layer's matmuls would keep every layer's
             # transformed (e.g. merged LoRA) weights: a full-size copy. Save every product as "none" would, and
             # rebuild the weights from the base and the small extra slices in the backward instead.
-            policy = (checkpoint_policy(remat_policy) if remat_policy != "none"
+            policy = (checkpoint_policy(remat_policy, saved_names) if remat_policy != "none"
                       else jax.checkpoint_policies.dots_saveable)
             if policy is not None and fn is not None:
                 policy = _without_extra_products(policy, extra)
@@ -199,6 +216,4 @@ HIDDEN = ("batch", "seq", "embed")  # the residual stream [B, T, D] between subl
 def constrain(x, names):
     """Shard activation `x` by its logical axis `names` (e.g. ("batch", "seq", "embed")) under the current mesh
     and rules (`xorl_jax.parallel.rules.use_mesh`); a no-op without one."""
-    from xorl_jax.parallel.rules import constrain as constrain_by_rules
-
     return constrain_by_rules(x, names)

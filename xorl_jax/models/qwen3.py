@@ -123,6 +123,7 @@ class Qwen3DecoderLayer(nnx.Module):
                 dtype=dt,
                 implementation=opts.moe_implementation,
                 ep_exchange=opts.ep_exchange,
+                ep_capacity_factor=opts.ep_capacity_factor,
                 rngs=rngs,
             )
         else:
@@ -252,6 +253,7 @@ def causal_lm_forward(model, input_ids, positions, segment_ids, return_hidden, *
     attn_layout = packed_layout(segment_ids, slots=doc_slots) if packed else None
     h, stats = model.layers(
         (h, stats), remat_policy=opts.remat_policy, layer_transform=layer_transform, scan=opts.scan_layers,
+        saved_names=opts.remat_saved_names,
         cos=cos, sin=sin, segment_ids=segment_ids, valid=valid, attn_layout=attn_layout,
     )
     h = model.norm(h)

@@ -173,6 +173,7 @@ class Qwen3_5DecoderLayer(nnx.Module):
                 dtype=dt,
                 implementation=opts.moe_implementation,
                 ep_exchange=opts.ep_exchange,
+                ep_capacity_factor=opts.ep_capacity_factor,
                 rngs=rngs,
             )
         else:

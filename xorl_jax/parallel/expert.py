@@ -26,10 +26,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from xorl_jax.layers.moe import in_token_chunks
-from xorl_jax.parallel.rules import shard_map_compat
+from xorl_jax.layers.experts import MAX_COPY_ELEMENTS, in_token_chunks, local_experts
 from xorl_jax.layers.permute import inverse_permutation, take_copies, take_rows, take_unique
-from xorl_jax.layers.swiglu import swiglu
+from xorl_jax.parallel.rules import shard_map_compat
 
 EXCHANGES = ("auto", "padded", "ragged")
 # Padded exchange: buffer rows per destination = this x the balanced share. 2 absorbs the usual imbalance of a
@@ -44,30 +43,6 @@ def padded_capacity(copies: int, ranks: int, factor: float = PADDED_CAPACITY_FAC
     if cap > 8:
         cap = -(-cap // 8) * 8
     return min(copies, cap)
-
-
-def grouped_matmul(x_MK, w_GKN, group_sizes_G, implementation: str):
-    """Rows of x grouped consecutively by group_sizes (rows past their sum are padding) times per-group weights."""
-    if implementation in ("triton", "reference"):  # the Triton kernel, or its jnp reference (dry run on CPU)
-        from xorl_jax.kernels.gmm import gmm
-
-        return gmm(x_MK, w_GKN, group_sizes_G, implementation=implementation)
-    return jax.lax.ragged_dot(x_MK, w_GKN, group_sizes_G)
-
-
-def local_experts(x_MD, expert_M, num_local: int, w_gate_up_EDCF, w_down_EFD, implementation: str):
-    """SwiGLU experts on rows x with local expert ids (num_local marks padding rows, whose output is 0)."""
-    E, D, _, F = w_gate_up_EDCF.shape
-    order = jnp.argsort(expert_M, stable=True)
-    inverse = inverse_permutation(order)
-    sizes = jnp.bincount(expert_M, length=num_local + 1)[:num_local].astype(jnp.int32)
-    xs = take_rows(x_MD, order, inverse)
-    h = grouped_matmul(xs, w_gate_up_EDCF.reshape(E, D, 2 * F), sizes, implementation)
-    a = swiglu(h, -1)
-    ys = grouped_matmul(a, w_down_EFD, sizes, implementation)
-    valid = (jnp.arange(xs.shape[0]) < jnp.sum(sizes))[:, None]
-    ys = jnp.where(valid, ys, 0)
-    return take_rows(ys, inverse, order)
 
 
 def _padded_exchange(x_sorted, dest, pos, recv_counts, recv_R, cap, w_gu, w_down, *, expert_axis, tensor_axis,
@@ -168,9 +143,12 @@ def resolve_exchange(exchange: str) -> str:
 
 def experts_ep(x_ND, top_i, top_w, w_gate_up_EDCF, w_down_EFD, *, mesh, implementation: str = "native",
                exchange: str = "auto", expert_axis: str = "expert", tensor_axis: str | None = "tensor",
-               batch_axes=("data", "fsdp", "expert"), capacity_factor: float = PADDED_CAPACITY_FACTOR):
+               batch_axes=("data", "fsdp", "expert"), capacity_factor: float = PADDED_CAPACITY_FACTOR,
+               max_copy_elements: int = MAX_COPY_ELEMENTS):
     """Dropless expert-parallel MoE over global arrays (called under jit): x [N, D] with N split over
-    `batch_axes`, expert weights split over `expert_axis` (and F over `tensor_axis` when it divides)."""
+    `batch_axes`, expert weights split over `expert_axis` (and F over `tensor_axis` when it divides).
+    capacity_factor: the padded exchange's buffer rows per destination over the balanced share;
+    max_copy_elements: token copies x hidden per device in one pass of the experts (`in_token_chunks`)."""
     E, D, _, F = w_gate_up_EDCF.shape
     R = mesh.shape[expert_axis]
     if E % R:
@@ -188,7 +166,8 @@ def experts_ep(x_ND, top_i, top_w, w_gate_up_EDCF, w_down_EFD, *, mesh, implemen
                              exchange=resolve_exchange(exchange),
                              implementation="native" if implementation == "eager" else implementation,
                              all_axes=tuple(mesh.axis_names), capacity_factor=capacity_factor)
-    body = in_token_chunks(body, top_i.shape[-1], D)  # every device runs the same chunk count (equal token shares)
+    # every device runs the same chunk count (equal token shares)
+    body = in_token_chunks(body, top_i.shape[-1], D, max_copy_elements)
     f = shard_map_compat(body, mesh,
                          in_specs=(tok, tok, tok, P(expert_axis, None, None, tensor), P(expert_axis, tensor, None)),
                          out_specs=tok)

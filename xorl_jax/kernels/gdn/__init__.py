@@ -8,12 +8,10 @@ run-to-run equality; see tests/test_gdn_pallas.py and docs/PERFORMANCE.md).
 
 from __future__ import annotations
 
+from xorl_jax.kernels.gdn.pallas import CHECKPOINT_NAME, gated_delta_rule_pallas
 from xorl_jax.kernels.gdn.reference import gated_delta_rule_chunked, gated_delta_rule_recurrent
 
 IMPLEMENTATIONS = ("auto", "pallas", "chunked", "recurrent")
-# The name the Pallas kernels' forward outputs carry (what their backward rules keep: per-chunk products, chunk
-# states), so a remat policy can keep them instead of running both forward kernels again in the backward.
-CHECKPOINT_NAME = "gdn_kernel"
 
 
 def auto_implementation(dk: int | None = None, dv: int | None = None) -> str:
@@ -38,9 +36,8 @@ def gated_delta_rule(q, k, v, g, beta, *, segment_ids=None, scale=None, use_qk_l
         return gated_delta_rule_recurrent(q, k, v, g, beta, **kwargs)
     if implementation == "chunked":
         return gated_delta_rule_chunked(q, k, v, g, beta, **kwargs)
-    from xorl_jax.kernels.gdn.pallas import gated_delta_rule_pallas
-
     return gated_delta_rule_pallas(q, k, v, g, beta, **kwargs)
 
 
-__all__ = ["gated_delta_rule", "gated_delta_rule_chunked", "gated_delta_rule_recurrent", "IMPLEMENTATIONS"]
+__all__ = ["CHECKPOINT_NAME", "gated_delta_rule", "gated_delta_rule_chunked", "gated_delta_rule_recurrent",
+           "IMPLEMENTATIONS"]

@@ -23,6 +23,7 @@ V value head dim, BV the value-dim block one program owns.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -30,10 +31,12 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 
-from xorl_jax.kernels.gdn import CHECKPOINT_NAME
 from xorl_jax.kernels.gdn.reference import _initial_state, _prepare, document_starts, l2norm, unit_lower_inverse
 
 F32 = jnp.float32
+# The name the kernels' forward outputs carry (what their backward rules keep: per-chunk products, chunk states), so
+# a remat policy can keep them instead of running both forward kernels again in the backward.
+CHECKPOINT_NAME = "gdn_kernel"
 # Both defaults are the kernels. H100, T 8192 (4 packed documents), Hv 32, dk = dv = 128, bf16, same run
 # (scripts/bench_gdn.py, docs/PERFORMANCE.md): fwd+bwd 4.3 ms with both kernels, 9.5 ms with the intra terms in XLA,
 # 24.5 ms with the intra kernels but the state-pass cotangents as XLA einsums (fp32 HIGHEST-precision products,
@@ -105,20 +108,31 @@ def _specs(B, H, Tp, N, K, V, BV):
     return seq, seq_v, per_chunk, state, states
 
 
-# Triton launch settings (num_warps, num_stages) per kernel, read when a kernel is traced; `scripts/bench_gdn.py
-# --tune` times alternatives on a GPU. The state passes walk chunks sequentially (one program per head and value
-# block); the per-chunk kernels (intra fwd/bwd, state grads) run one program per chunk and head.
-LAUNCH = {"state_fwd": (4, 1), "state_bwd": (4, 1), "state_grads": (8, 1), "intra_fwd": (8, 1), "intra_bwd": (8, 1)}
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """Triton launch settings (num_warps, num_stages) per kernel, passed to the kernels as `launch=`;
+    `scripts/bench_gdn.py --tune` times alternatives on a GPU. The state passes walk chunks sequentially (one program
+    per head and value block); the per-chunk kernels (intra fwd/bwd, state grads) run one program per chunk and
+    head."""
+
+    state_fwd: tuple[int, int] = (4, 1)
+    state_bwd: tuple[int, int] = (4, 1)
+    state_grads: tuple[int, int] = (8, 1)
+    intra_fwd: tuple[int, int] = (8, 1)
+    intra_bwd: tuple[int, int] = (8, 1)
 
 
-def _compiler_params(kernel: str):
-    from jax.experimental.pallas import triton as plgpu
+LAUNCH = Launch()  # what the model runs
 
-    warps, stages = LAUNCH[kernel]
+
+def _compiler_params(launch: Launch, kernel: str):
+    from jax.experimental.pallas import triton as plgpu  # GPU lowering: imported only where a kernel compiles for it
+
+    warps, stages = getattr(launch, kernel)
     return plgpu.CompilerParams(num_warps=warps, num_stages=stages)
 
 
-def _scan_fwd_call(u, w, P, qd, ke, ed, h0, *, C, interpret):
+def _scan_fwd_call(u, w, P, qd, ke, ed, h0, *, C, interpret, launch=LAUNCH):
     B, H, Tp, K = w.shape
     V, N = u.shape[-1], Tp // C
     BV = _value_block(V)
@@ -136,12 +150,12 @@ def _scan_fwd_call(u, w, P, qd, ke, ed, h0, *, C, interpret):
         in_specs=[seq_v, seq(K), seq(C), seq(K), seq(K), per_chunk, state],
         out_specs=[seq_v, seq_v, states, state],
         interpret=interpret,
-        compiler_params=None if interpret else _compiler_params("state_fwd"),
+        compiler_params=None if interpret else _compiler_params(launch, "state_fwd"),
         name="gdn_state_fwd",
     )(u, w, P, qd, ke, ed, h0)
 
 
-def _scan_bwd_call(do, w, P, qd, ke, ed, dst, *, C, interpret):
+def _scan_bwd_call(do, w, P, qd, ke, ed, dst, *, C, interpret, launch=LAUNCH):
     B, H, Tp, K = w.shape
     V, N = do.shape[-1], Tp // C
     BV = _value_block(V)
@@ -158,7 +172,7 @@ def _scan_bwd_call(do, w, P, qd, ke, ed, dst, *, C, interpret):
         in_specs=[seq_v, seq(K), seq(C), seq(K), seq(K), per_chunk, state],
         out_specs=[states, seq_v, state],
         interpret=interpret,
-        compiler_params=None if interpret else _compiler_params("state_bwd"),
+        compiler_params=None if interpret else _compiler_params(launch, "state_bwd"),
         name="gdn_state_bwd",
     )(do, w, P, qd, ke, ed, dst)
 
@@ -169,14 +183,14 @@ def _named(outputs):
     return [checkpoint_name(x, CHECKPOINT_NAME) for x in outputs]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _state_pass(u, w, P, qd, ke, ed, h0, C, interpret, state_grads):
-    o, _, _, s_final = _scan_fwd_call(u, w, P, qd, ke, ed, h0, C=C, interpret=interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _state_pass(u, w, P, qd, ke, ed, h0, C, interpret, state_grads, launch):
+    o, _, _, s_final = _scan_fwd_call(u, w, P, qd, ke, ed, h0, C=C, interpret=interpret, launch=launch)
     return o, s_final
 
 
-def _state_pass_fwd(u, w, P, qd, ke, ed, h0, C, interpret, state_grads):
-    o, v_new, h, s_final = _named(_scan_fwd_call(u, w, P, qd, ke, ed, h0, C=C, interpret=interpret))
+def _state_pass_fwd(u, w, P, qd, ke, ed, h0, C, interpret, state_grads, launch):
+    o, v_new, h, s_final = _named(_scan_fwd_call(u, w, P, qd, ke, ed, h0, C=C, interpret=interpret, launch=launch))
     return (o, s_final), (u, w, P, qd, ke, ed, v_new, h)
 
 
@@ -192,7 +206,7 @@ def _state_grads_kernel(do_ref, dvn_ref, vn_ref, h_ref, dh_ref, dw_ref, dqd_ref,
     ded_ref[...] = jnp.sum(h.astype(F32) * dh, axis=1)  # row sums; the caller adds the K rows
 
 
-def _state_grads_call(do, dvn, v_new, h, dh, *, C, interpret):
+def _state_grads_call(do, dvn, v_new, h, dh, *, C, interpret, launch=LAUNCH):
     B, H, Tp, V = do.shape
     N, K = Tp // C, h.shape[3]
     dd = v_new.dtype
@@ -209,20 +223,20 @@ def _state_grads_call(do, dvn, v_new, h, dh, *, C, interpret):
         out_specs=[rows(K), rows(K), rows(C), rows(K),
                    pl.BlockSpec((None, None, None, K), lambda b, hh, n: (b, hh, n, 0))],
         interpret=interpret,
-        compiler_params=None if interpret else _compiler_params("state_grads"),
+        compiler_params=None if interpret else _compiler_params(launch, "state_grads"),
         name="gdn_state_grads",
     )(do, dvn, v_new, h, dh)
 
 
-def _state_pass_bwd(C, interpret, state_grads, res, cts):
+def _state_pass_bwd(C, interpret, state_grads, launch, res, cts):
     u, w, P, qd, ke, ed, v_new, h = res
     do, dst = cts
     do = do.astype(w.dtype)
-    dh, dvn, ds0 = _scan_bwd_call(do, w, P, qd, ke, ed, dst.astype(F32), C=C, interpret=interpret)
+    dh, dvn, ds0 = _scan_bwd_call(do, w, P, qd, ke, ed, dst.astype(F32), C=C, interpret=interpret, launch=launch)
     # The rest is independent per chunk. The XLA einsums run as fp32 products at HIGHEST precision (about 30 GFLOP
     # at T 8192, 32 heads) over fp32 copies of h, dh and the [B, H, T, V] tensors; the kernel avoids both.
     if state_grads == "pallas":
-        dw, dqd, dP, dke, ded = _state_grads_call(do, dvn, v_new, h, dh, C=C, interpret=interpret)
+        dw, dqd, dP, dke, ded = _state_grads_call(do, dvn, v_new, h, dh, C=C, interpret=interpret, launch=launch)
         ded = ded.sum(-1)
     else:
         dw, dqd, dP, dke, ded = _state_grads_xla(do, dvn, v_new, h, dh, C)
@@ -397,7 +411,7 @@ def _intra_specs(B, Tp, Hk, H, K, V, C):
     return keyed, by_head, per_token_head, per_token, chunk_out
 
 
-def _intra_fwd_call(qn, kn, v, gam, beta, doc, carry, *, C, interpret):
+def _intra_fwd_call(qn, kn, v, gam, beta, doc, carry, *, C, interpret, launch=LAUNCH):
     B, Tp, Hk, K = qn.shape
     H, V = v.shape[2], v.shape[3]
     dd = v.dtype
@@ -410,12 +424,12 @@ def _intra_fwd_call(qn, kn, v, gam, beta, doc, carry, *, C, interpret):
         in_specs=[keyed, keyed, by_head(V), per_token_head, per_token_head, per_token, per_token],
         out_specs=[chunk_out(X) for X, _ in shapes],
         interpret=interpret,
-        compiler_params=None if interpret else _compiler_params("intra_fwd"),
+        compiler_params=None if interpret else _compiler_params(launch, "intra_fwd"),
         name="gdn_intra_fwd",
     )(qn, kn, v, gam, beta, doc, carry)
 
 
-def _intra_bwd_call(qn, kn, v, gam, beta, doc, carry, X, du, dw, dP, dqd, dke, *, C, interpret):
+def _intra_bwd_call(qn, kn, v, gam, beta, doc, carry, X, du, dw, dP, dqd, dke, *, C, interpret, launch=LAUNCH):
     B, Tp, Hk, K = qn.shape
     H, V = v.shape[2], v.shape[3]
     keyed, by_head, per_token_head, per_token, chunk_out = _intra_specs(B, Tp, Hk, H, K, V, C)
@@ -429,24 +443,25 @@ def _intra_bwd_call(qn, kn, v, gam, beta, doc, carry, X, du, dw, dP, dqd, dke, *
                   chunk_out(V), chunk_out(K), chunk_out(C), chunk_out(K), chunk_out(K)],
         out_specs=[by_head(K), by_head(K), by_head(V), per_token_head, per_token_head],
         interpret=interpret,
-        compiler_params=None if interpret else _compiler_params("intra_bwd"),
+        compiler_params=None if interpret else _compiler_params(launch, "intra_bwd"),
         name="gdn_intra_bwd",
     )(qn, kn, v, gam, beta, doc, carry, X, du, dw, dP, dqd, dke)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _intra_pass(qn, kn, v, gam, beta, doc, carry, C, interpret):
-    return tuple(_intra_fwd_call(qn, kn, v, gam, beta, doc, carry, C=C, interpret=interpret)[:5])
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _intra_pass(qn, kn, v, gam, beta, doc, carry, C, interpret, launch):
+    return tuple(_intra_fwd_call(qn, kn, v, gam, beta, doc, carry, C=C, interpret=interpret, launch=launch)[:5])
 
 
-def _intra_pass_fwd(qn, kn, v, gam, beta, doc, carry, C, interpret):
-    *outs, X = _named(_intra_fwd_call(qn, kn, v, gam, beta, doc, carry, C=C, interpret=interpret))
+def _intra_pass_fwd(qn, kn, v, gam, beta, doc, carry, C, interpret, launch):
+    *outs, X = _named(_intra_fwd_call(qn, kn, v, gam, beta, doc, carry, C=C, interpret=interpret, launch=launch))
     return tuple(outs), (qn, kn, v, gam, beta, doc, carry, X)
 
 
-def _intra_pass_bwd(C, interpret, res, cts):
+def _intra_pass_bwd(C, interpret, launch, res, cts):
     qn, kn, v, gam, beta, doc, carry, X = res
-    dq, dk, dv, dgam, dbeta = _intra_bwd_call(qn, kn, v, gam, beta, doc, carry, X, *cts, C=C, interpret=interpret)
+    dq, dk, dv, dgam, dbeta = _intra_bwd_call(qn, kn, v, gam, beta, doc, carry, X, *cts, C=C, interpret=interpret,
+                                              launch=launch)
     B, Tp, Hk, K = qn.shape
     G = v.shape[2] // Hk
     if G > 1:  # value heads of one group share the key head
@@ -489,12 +504,13 @@ def _intra_kernel_inputs(q, k, v, g, beta, starts, C, scale, use_qk_l2norm, dd):
 
 def gated_delta_rule_pallas(q, k, v, g, beta, *, segment_ids=None, scale=None, use_qk_l2norm=True,
                             initial_state=None, output_final_state=False, chunk_size=64, interpret=None,
-                            intra=None, state_grads=None):
+                            intra=None, state_grads=None, launch: Launch = LAUNCH):
     """Same contract as `reference.gated_delta_rule_chunked`; products take bf16 operands when v is bf16.
 
     `intra`: "pallas" (intra-chunk kernels) or "xla" (batched XLA products); None = INTRA_DEFAULT.
     `state_grads`: "pallas" (`_state_grads_kernel`) or "xla" (einsums) for the state pass's per-chunk cotangents;
     None = STATE_GRADS_DEFAULT.
+    `launch`: the kernels' Triton launch settings (`Launch`).
 
     GPU constraints (Triton): dk and dv powers of two >= 16, chunk_size 16, 32 or 64.
     `interpret=None` runs the kernels in Pallas interpret mode unless the default backend is a GPU.
@@ -524,14 +540,14 @@ def gated_delta_rule_pallas(q, k, v, g, beta, *, segment_ids=None, scale=None, u
         raise ValueError(f"state_grads must be 'pallas' or 'xla', got {state_grads!r}")
     if intra == "xla":
         u, w, P, qd, ke, ed = _intra_xla(q, k, v, g, beta, starts, C, scale, use_qk_l2norm, dd)
-        o, s_final = _state_pass(u, w, P, qd, ke, ed, h0, C, bool(interpret), state_grads)
+        o, s_final = _state_pass(u, w, P, qd, ke, ed, h0, C, bool(interpret), state_grads, launch)
         o = jnp.moveaxis(o, 1, 2)[:, :T].astype(v.dtype)
         return o, (s_final if output_final_state else None)
     if intra != "pallas":
         raise ValueError(f"intra must be 'pallas' or 'xla', got {intra!r}")
 
     intra_in, ed = _intra_kernel_inputs(q, k, v, g, beta, starts, C, scale, use_qk_l2norm, dd)
-    u, w, P, qd, ke = _intra_pass(*intra_in, C, bool(interpret))
-    o, s_final = _state_pass(u, w, P, qd, ke, ed, h0, C, bool(interpret), state_grads)
+    u, w, P, qd, ke = _intra_pass(*intra_in, C, bool(interpret), launch)
+    o, s_final = _state_pass(u, w, P, qd, ke, ed, h0, C, bool(interpret), state_grads, launch)
     o = jnp.moveaxis(o, 1, 2)[:, :T].astype(v.dtype)  # [B, H, Tp, V] -> [B, T, H, V]
     return o, (s_final if output_final_state else None)

@@ -80,6 +80,7 @@ def _gmm(x, w, group_sizes, implementation: str):
             f"gmm implementation 'triton' is not available on this device: {reason}; "
             "use moe_implementation: native or eager"
         )
+    # imported here: triton.py imports triton and jax_triton, optional GPU dependencies absent from CPU installs
     from xorl_jax.kernels.gmm.triton import gmm_triton
 
     return gmm_triton(x, w.astype(x.dtype), group_sizes)
