@@ -188,3 +188,32 @@ def test_interpret_bf16_close_to_fp32_reference(intra, state_grads):
     for name, a, b in zip("q k v g beta h0".split(), g_p, g_r):
         assert np.all(np.isfinite(np.asarray(a, np.float32))), name
         assert _rel(a, b) < 1.5e-2, (name, _rel(a, b))  # measured 2e-3 to 5e-3
+
+
+def test_launch_settings_reach_every_kernel():
+    """The Triton launch settings passed in (a frozen `Launch`) are the ones each of the five kernels is built with,
+    forward and backward; traced only, for the GPU (compiling needs one), with the defaults left as they were."""
+    from xorl_jax.kernels.gdn.pallas import LAUNCH, Launch
+
+    launch = Launch(state_fwd=(2, 1), state_bwd=(2, 3), state_grads=(4, 2), intra_fwd=(2, 2), intra_bwd=(4, 1))
+    q, k, v, g, beta, _ = make_inputs(40, 1, 64, 2, 2, 16, 16, jnp.bfloat16)
+
+    def loss(q, k, v):
+        o, _ = gated_delta_rule_pallas(q, k, v, g, beta, chunk_size=16, interpret=False, launch=launch)
+        return jnp.sum(o.astype(jnp.float32))
+
+    def kernels(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                yield str(eqn.params["name"]), eqn.params["compiler_params"]
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (list, tuple)) else [param]:
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        yield from kernels(inner)
+
+    built = {name: (p.num_warps, p.num_stages)
+             for name, p in kernels(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v).jaxpr)}
+    assert built == {f"gdn_{kernel}": getattr(launch, kernel) for kernel in
+                     ("state_fwd", "state_bwd", "state_grads", "intra_fwd", "intra_bwd")}, built
+    assert LAUNCH == Launch() and LAUNCH.state_fwd == (4, 1) and LAUNCH.intra_bwd == (8, 1)
