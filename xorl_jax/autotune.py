@@ -20,7 +20,9 @@ MARGIN to spare wins, so a run whose first choice fits compiles nothing extra, a
 the run trains with (the persistent compilation cache makes a re-run's choosing cheap). Explicit settings are never
 changed: only the fields left at `auto` vary. Where the device reports no memory limit (CPU), nothing is compiled to
 choose: `provisional` (full remat unless set, scanned layers unless set: least memory, quickest compile) is taken,
-which keeps CPU runs and tests as they were.
+which keeps CPU runs and tests as they were. The dry run on fake CPU devices plans for a GPU it does not have: it passes
+an estimate of each candidate's GPU peak instead (its compiled CPU program keeps what the GPU kernels do not), so
+nothing is compiled to choose there either, and the choice is the one compiled.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class Choice:
     rejected: tuple[tuple[Candidate, int], ...] = ()  # tried first, did not fit: (candidate, planned bytes)
     note: str = ""  # e.g. how indicative the plan is (fake CPU devices)
     platform: str = ""
+    estimated: bool = False  # candidates planned by an estimate (the dry run on CPU), not compiled
 
     @property
     def compiled(self) -> int:
@@ -93,7 +96,9 @@ class Choice:
         room = f"the limit of {_gib(self.limit.bytes)} less {self.margin:.0%} ({self.limit.source})"
         tried = "".join(f"; {c.remat_policy} {'scanned' if c.scan_layers else 'unrolled'} planned {_gib(b)}"
                         for c, b in self.rejected)
-        cost = f"{self.compiled} of {len(self.candidates)} candidates compiled in {self.compile_s:.1f}s"
+        cost = (f"{self.compiled} of {len(self.candidates)} candidates estimated, nothing compiled to choose"
+                if self.estimated else
+                f"{self.compiled} of {len(self.candidates)} candidates compiled in {self.compile_s:.1f}s")
         if self.how == "fits":
             return f"{head}: planned {_gib(self.planned)}/device{note} fits {room}{tried}; {cost}"
         return (f"{head}: no candidate fits {room}{tried}; this one, the least memory, plans {_gib(self.planned)}/"
@@ -225,10 +230,11 @@ def set_layer_settings(model, cand: Candidate) -> None:
 
 
 def choose_layer_settings(cfg, model, compile_step: Callable[[Any], Any], *, limit: Limit | None | str = "device",
-                          note: str = "") -> tuple[Choice, Any]:
+                          note: str = "", estimate: Callable[[Candidate], int] | None = None) -> tuple[Choice, Any]:
     """Resolve `auto` for `model`: (choice, compile_step's result for the chosen graphdef, or None when nothing was
     compiled). `compile_step(graphdef) -> (compiled executable, artifact)` compiles the train step for a graphdef;
-    the model is left set to the choice. `limit`: "device" = what the devices report."""
+    the model is left set to the choice. `limit`: "device" = what the devices report. `estimate(candidate) -> bytes`
+    plans candidates without compiling them (the dry run on CPU, whose compiled programs are not a GPU's)."""
     import jax
     from flax import nnx
 
@@ -239,10 +245,13 @@ def choose_layer_settings(cfg, model, compile_step: Callable[[Any], Any], *, lim
 
     def plan(cand):
         set_layer_settings(model, cand)
+        if estimate is not None:
+            return estimate(cand), None
         compiled, artifact = compile_step(nnx.graphdef(model))
         return peak_bytes(memory_of(compiled)), (compiled, artifact)
 
     choice, planned = choose(cands, plan, limit, fallback=provisional(remat, scan), explicit=AUTO not in (remat, scan),
                              note=note, platform=jax.devices()[0].platform)
+    choice.estimated = estimate is not None
     set_layer_settings(model, choice.candidate)
     return choice, planned

@@ -25,7 +25,8 @@ compares with the device's memory limit less autotune.MARGIN: the limit the GPU'
 devices report none an 80 GiB H100 (`--device-memory-gib N` names another GPU), either times JAX's memory fraction.
 
 `remat_policy` / `scan_layers` left at `auto` are resolved as a run resolves them (xorl_jax.autotune), against the
-same limit, and the line saying what was picked is printed.
+same limit (off a GPU by the same estimate, without compiling the candidates), and the line saying what was picked
+is printed.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from xorl_jax.layers.moe import MOE_REFERENCE
 from xorl_jax.models.loading import abstract_model
 from xorl_jax.optim import params_with_path
 from xorl_jax.parallel import rules as rules_lib
-from xorl_jax.train_setup import (abstract_batch, backend_summary, jit_train_step, loss_config_for,
+from xorl_jax.train_setup import (Experiments, abstract_batch, backend_summary, jit_train_step, loss_config_for,
                                   model_and_mesh, opt_state_shardings, optimizer_for)
 from xorl_jax.train_step import TrainState
 
@@ -282,17 +283,18 @@ def _merged_group_bytes(params, targets) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ the plan
-def dry_run(cfg: Config, device_memory_gib: float | None = None) -> PlanReport:
+def dry_run(cfg: Config, device_memory_gib: float | None = None, experiments: Experiments = Experiments()
+            ) -> PlanReport:
     """Lower and compile the configured train step on abstract inputs; see the module docstring.
 
     `auto` layer settings (remat_policy, scan_layers) are resolved as the trainer resolves them, against the
     devices' memory limit, or where they report none (CPU) `device_memory_gib` (default: an H100's 80 GiB) times
     JAX's memory fraction; `device_memory_gib` also overrides what a GPU reports, to plan for another one. The
-    `fits` verdict uses the same limit."""
+    `fits` verdict uses the same limit. `experiments`: benchmarks' switches, as the trainer takes them."""
     t = cfg.train
     platform = jax.devices()[0].platform
     hf_config, cls, mcfg, options, mesh, rules = model_and_mesh(cfg)
-    options, backends = plan_backends(options, mcfg, platform)
+    options, backends = plan_backends(experiments.model_options(options), mcfg, platform)
     with rules_lib.use_mesh(mesh, rules):
         abstract = abstract_model(cls, mcfg, options)
     rules_lib.check_replicated(abstract, mesh, rules)
@@ -323,7 +325,7 @@ def dry_run(cfg: Config, device_memory_gib: float | None = None) -> PlanReport:
                      f"{', '.join(sorted({x.hf_name for x in targets}))}; base {_count(param_count, billions='B')} "
                      f"parameters frozen ({pdt.name})")
 
-    _, optimizer = optimizer_for(cfg, trained, max(t.max_steps or 1000, 1))
+    _, optimizer = optimizer_for(cfg, trained, max(t.max_steps or 1000, 1), experiments)
     opt_shardings = opt_state_shardings(optimizer, trained, mesh)
     opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                              jax.eval_shape(optimizer.init, trained), opt_shardings)
@@ -339,7 +341,8 @@ def dry_run(cfg: Config, device_memory_gib: float | None = None) -> PlanReport:
     # The step the trainer compiles for rows of up to SMALL_SEGMENTS documents (its usual packed attention layout;
     # larger layouts keep tensors of the same shapes), not the device-side choice among layouts, whose residuals
     # would inflate the memory estimate.
-    doc_slots = slots_for(SMALL_SEGMENTS) if abstract.options.attn_implementation == "cudnn" else None
+    doc_slots = (slots_for(SMALL_SEGMENTS, sizes=abstract.options.attn_slot_sizes)
+                 if abstract.options.attn_implementation == "cudnn" else None)
 
     def compile_step(graphdef):
         step_fn = jit_train_step(graphdef, optimizer, loss_cfg, train_state, mesh, rules, merge_fn=merge_fn,
@@ -351,15 +354,24 @@ def dry_run(cfg: Config, device_memory_gib: float | None = None) -> PlanReport:
     limit = autotune.device_limit() if device_memory_gib is None else None
     if limit is None:
         limit = autotune.planning_limit(device_memory_gib)
-    # The jnp stand-ins keep what the GPU kernels do not (the attention reference its [T, T] scores): Qwen3 1.7B at
-    # 4 x 4096, dots_attention_saveable unrolled, planned 180 GiB on fake CPU devices and 51.2 GiB on an H100.
-    note = ("CPU stand-ins for the GPU kernels plan more than a GPU needs, so this leans to less memory than a GPU run; "
-            "--dry-run on the GPU plans exactly") if platform == "cpu" else ""
-    layers, planned = autotune.choose_layer_settings(cfg, abstract, compile_step, limit=limit, note=note)
-    compiled, compile_s = planned if planned is not None else compile_step(nnx.graphdef(abstract))
-    memory = autotune.memory_of(compiled)
     opt_bytes = sum(_shard_bytes(x) for x in jax.tree.leaves(opt_state))
     micro_tokens = t.micro_batch_size * seq
+    # parameters (LoRA: frozen base and adapters), gradients (LoRA: adapters) and optimizer state: PlanReport.state_bytes
+    state_bytes = base_bytes + (base_bytes if trainable_bytes is None else 2 * trainable_bytes) + opt_bytes
+
+    def estimate(cand):  # PlanReport.estimated_peak of a candidate's layer settings
+        opts = dataclasses.replace(abstract.options, remat_policy=cand.remat_policy, scan_layers=cand.scan_layers)
+        return state_bytes + estimate_activation_bytes(cfg, mcfg, opts, micro_tokens) + merge_bytes
+
+    # Off a GPU the compiled program keeps what the GPU kernels do not (the attention reference its [T, T] scores:
+    # Qwen3 1.7B at 4 x 4096, dots_attention_saveable unrolled, planned 180 GiB on fake CPU devices and 51.2 GiB on an
+    # H100), so `auto` is chosen there by the estimate for a GPU, and only the choice is compiled.
+    on_gpu = platform == "gpu"
+    note = "" if on_gpu else "estimated for a GPU: parameters, gradients, optimizer state and activations"
+    layers, planned = autotune.choose_layer_settings(cfg, abstract, compile_step, limit=limit, note=note,
+                                                     estimate=None if on_gpu else estimate)
+    compiled, compile_s = planned if planned is not None else compile_step(nnx.graphdef(abstract))
+    memory = autotune.memory_of(compiled)
     return PlanReport(
         model_type=str(hf_config.get("model_type")), param_count=param_count, mesh=dict(mesh.shape),
         platform=platform, tokens_per_step=t.gradient_accumulation_steps * micro_rows * seq,
