@@ -60,7 +60,8 @@ def test_dry_run_reports_exact_shards_and_expert_parallel_collectives(tmp_path):
     # XLA's memory analysis of the CPU program: arguments hold at least the state; on CPU the verdict uses the estimate
     # for a GPU (parameters, gradients, optimizer state + activations)
     assert ep.memory["argument"] >= ep.param_bytes_per_device + ep.optimizer_bytes_per_device and ep.memory["temp"] > 0
-    assert ep.peak == ep.estimated_peak > ep.state_bytes == 2 * ep.param_bytes_per_device + ep.optimizer_bytes_per_device
+    state = 2 * ep.param_bytes_per_device + ep.optimizer_bytes_per_device
+    assert ep.peak == ep.estimated_peak > ep.state_bytes == state
     assert ep.fits and "fits      yes" in text and "80 GiB H100" in text and "estimate  ~" in text
 
 
@@ -159,7 +160,8 @@ def test_dense_lora_dry_run_through_main(tmp_path, monkeypatch, capsys):
     state = report.param_bytes_per_device + report.trainable_bytes_per_device + report.optimizer_bytes_per_device
     assert report.memory == {} and report.peak == report.estimated_peak > state
     assert report.lora_merge_bytes > 0 and not report.fits
-    assert "reports no memory analysis" in out and "fits      NO (estimate)" in out and "--device-memory-gib 0.001" in out
+    assert "reports no memory analysis" in out and "fits      NO (estimate)" in out
+    assert "--device-memory-gib 0.001" in out
     assert f"lora      rank {r}" in out and "self_attn.q_proj" in out and "mlp.gate_proj" in out
 
 
@@ -172,8 +174,8 @@ def test_dry_run_lora_adapters_are_the_trainers(tmp_path):
     from xorl_jax.parallel import rules as rules_lib
     from xorl_jax.train_setup import model_and_mesh
 
-    cfg = demo_cfg(tmp_path, *lora_args(DEMO_DIR), "--lora.lora_rank=4", "--lora.lora_target_modules=[qkv_proj, up_proj]",
-                   expert_parallel_size=2)
+    cfg = demo_cfg(tmp_path, *lora_args(DEMO_DIR), "--lora.lora_rank=4",
+                   "--lora.lora_target_modules=[qkv_proj, up_proj]", expert_parallel_size=2)
     _, cls, mcfg, options, mesh, rules = model_and_mesh(cfg)
     with rules_lib.use_mesh(mesh, rules):
         params = nnx.state(abstract_model(cls, mcfg, options))

@@ -69,7 +69,7 @@ class PlanReport:
     mesh: dict
     platform: str
     tokens_per_step: int
-    param_bytes_per_device: int  # parameters as stored (param_dtype; LoRA: frozen base + adapters), this device's shards
+    param_bytes_per_device: int  # this device's shards of the parameters (LoRA: frozen base + adapters)
     optimizer_bytes_per_device: int
     largest_param_shard: tuple[str, int]  # (path, bytes) of the biggest per-device parameter shard
     compile_s: float
@@ -356,7 +356,7 @@ def dry_run(cfg: Config, device_memory_gib: float | None = None, experiments: Ex
         limit = autotune.planning_limit(device_memory_gib)
     opt_bytes = sum(_shard_bytes(x) for x in jax.tree.leaves(opt_state))
     micro_tokens = t.micro_batch_size * seq
-    # parameters (LoRA: frozen base and adapters), gradients (LoRA: adapters) and optimizer state: PlanReport.state_bytes
+    # parameters (LoRA: frozen base and adapters), gradients (LoRA: adapters), optimizer state: PlanReport.state_bytes
     state_bytes = base_bytes + (base_bytes if trainable_bytes is None else 2 * trainable_bytes) + opt_bytes
 
     def estimate(cand):  # PlanReport.estimated_peak of a candidate's layer settings
