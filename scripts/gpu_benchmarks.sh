@@ -114,7 +114,7 @@ case "$1" in
     run gdn_tests python3 -m pytest -m gpu -q tests/test_gdn_pallas.py --timeout 300
     # every intra / state-grads mode timed, each kernel on real values, FLA and the jnp reference in the same run
     run gdn_vs_fla python3 scripts/bench_gdn.py --iters 10 --shapes packed --skip-check --breakdown
-    # Triton launch settings of each kernel (set the winners in kernels/gdn/pallas.py LAUNCH, then re-run the above)
+    # Triton launch settings of each kernel (set the winners as kernels/gdn/pallas.py Launch's defaults, then re-run)
     run gdn_tune python3 scripts/bench_gdn.py --iters 10 --shapes packed --skip-check --no-fla --no-reference \
         --impls pallas+sg --tune
     ;;
@@ -357,18 +357,18 @@ DYNAMIC_SLICE_FUSION,CONDITIONAL" LIMIT=70 run dense_conditional_graphs python3 
     ;;
   layout_memory)
     # the ep8 recipe's Qwen3-30B-A3B step at 6 layers on one GPU, compiled for the usual packed layout (8 document
-    # slots) and the large one (64): its memory as XLA plans it (the run's peak rose 68 -> 82 GiB at the first
-    # batch that needed 64)
+    # slots) and the large one (64, the only slot count the host may then pick): its memory as XLA plans it (the
+    # run's peak rose 68 -> 82 GiB at the first batch that needed 64)
     cut_config configs/models/qwen3_30b_a3b 6 "$WORK/models/layout_memory"
     for slots in 8 64; do
       LIMIT=110 run "layout_memory_$slots" python3 -c "
-from xorl_jax.kernels import attention
-attention.slots_for = lambda documents, max_segments=64: $slots
 from xorl_jax.config import parse_cli
 from xorl_jax.plan import dry_run
+from xorl_jax.train_setup import Experiments
 cfg = parse_cli(['--config', 'configs/qwen3_30b_a3b_ep8.yaml', '--model.config_path=$WORK/models/layout_memory',
                  '--train.expert_parallel_size=1'])
-print('slots $slots'); print(chr(10).join(dry_run(cfg).lines()))"
+plan = dry_run(cfg, experiments=Experiments(attn_slot_sizes=($slots,)))
+print('slots $slots'); print(chr(10).join(plan.lines()))"
     done
     ;;
   optim_stacked)
