@@ -4,6 +4,7 @@ published ones render), ChatML, and templates with {% generation %} markers; tem
 with a DataError naming the turn."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -238,3 +239,30 @@ def test_cache_key_follows_the_template_its_variables_and_turn_options(tok, tmp_
     assert key(chat_template="qwen3") == keys[1]
     template.write_text(resolve_template("chatml", tok) + "{# edited #}")
     assert key(chat_template=str(template)) != keys[-1]
+
+
+def test_export_serves_with_the_training_datas_own_chat_template(tmp_path, caplog):
+    """A run whose messages data names its own template exports chat_template.jinja with that template; datasets
+    with different templates leave the source's in place and say so."""
+    from types import SimpleNamespace
+
+    from xorl_jax.data.chat import TEMPLATE_DIR
+    from xorl_jax.trainer import Trainer
+
+    def run(*specs):
+        out = tmp_path / f"export{len(list(tmp_path.iterdir()))}"
+        out.mkdir()
+        (out / "chat_template.jinja").write_text("source template")
+        datasets = [SimpleNamespace(type="messages", chat_template=s) for s in specs]
+        datasets.append(SimpleNamespace(type="tokenized", chat_template=None))
+        me = SimpleNamespace(cfg=SimpleNamespace(data=SimpleNamespace(datasets=datasets)),
+                             tokenizer=SimpleNamespace(chat_template="tokenizer template"))
+        Trainer._carry_training_chat_template(me, str(out))
+        return (out / "chat_template.jinja").read_text(), sorted(p.name for p in out.iterdir())
+
+    shipped = open(os.path.join(TEMPLATE_DIR, "chatml.jinja")).read()
+    assert run("chatml", "chatml") == (shipped, ["chat_template.jinja"])
+    assert run(None) == ("source template", ["chat_template.jinja"])  # the tokenizer's own: nothing to change
+    with caplog.at_level("WARNING"):
+        assert run("chatml", None)[0] == "source template"
+    assert "2 different chat templates" in caplog.text

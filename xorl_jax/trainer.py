@@ -559,8 +559,33 @@ class Trainer:
         export_hf(model, out, source_dir_or_metadata={"hf_config": self.hf_config, "source": self.export_source()},
                   overwrite=True)
         if self.is_main:
+            self._carry_training_chat_template(out)
             print(f"exported HF weights to {out}", flush=True)
         return out
+
+    def _carry_training_chat_template(self, out: str) -> None:
+        """The model learnt the chat format of its messages datasets: where they name their own `chat_template`, the
+        export serves with that one (chat_template.jinja, which transformers, vLLM and SGLang read before
+        tokenizer_config.json's), not the source's. Several different templates: the source's stays, with a warning."""
+        from xorl_jax.data.chat import resolve_template
+
+        specs = [d.chat_template for d in self.cfg.data.datasets if d.type == "messages"]
+        if not any(specs):
+            return
+        texts = {resolve_template(spec, self.tokenizer) for spec in specs}
+        if len(texts) > 1:
+            names = sorted({spec or "the tokenizer's own" for spec in specs})
+            log.warning("export: the messages datasets use %d different chat templates (%s); the export keeps the "
+                        "source's, put the one to serve with in %s/chat_template.jinja", len(texts),
+                        ", ".join(names), out)
+            return
+        specs = [spec for spec in specs if spec]
+        path = os.path.join(out, "chat_template.jinja")
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(texts.pop())
+        os.replace(tmp, path)
+        log.info("export: chat_template.jinja is the training data's template (%s)", specs[0])
 
     def export_lora_adapter(self, step: int) -> str:
         """A PEFT adapter directory (adapter_config.json + adapter_model.safetensors) for the HF base model."""
