@@ -59,6 +59,7 @@ def _mesh(args):
     from types import SimpleNamespace
 
     from xorl_jax.parallel import mesh as mesh_lib
+    from xorl_jax.parallel import rules as rules_lib
 
     train = SimpleNamespace(
         data_parallel_replicate_size=args.data_parallel_replicate_size,
@@ -66,21 +67,7 @@ def _mesh(args):
         expert_parallel_size=args.expert_parallel_size,
         tensor_parallel_size=args.tensor_parallel_size,
     )
-    try:
-        return mesh_lib.build_mesh(train), train
-    except TypeError:
-        return mesh_lib.build_mesh(train, model_config=None), train
-
-
-def _rules(train):
-    try:
-        from xorl_jax.parallel import rules as rules_lib
-    except ImportError:
-        return None
-    try:
-        return rules_lib.rules_for(train)
-    except Exception:  # noqa: BLE001 - a rules table that needs more config fields: fall back to its default
-        return None
+    return mesh_lib.build_mesh(train), rules_lib.rules_for(train)
 
 
 def main(argv=None) -> int:
@@ -97,8 +84,7 @@ def main(argv=None) -> int:
         if args.command == "to-orbax":
             mesh = rules = None
             if not args.no_mesh:
-                mesh, train = _mesh(args)
-                rules = _rules(train)
+                mesh, rules = _mesh(args)
             meta = ckpt.convert_hf_to_orbax(args.model_path, args.output, dtype=args.dtype, mesh=mesh, rules=rules,
                                             overwrite=args.overwrite)
             print(f"wrote {args.output} ({meta.get('family')}, {meta.get('dtype')}, "

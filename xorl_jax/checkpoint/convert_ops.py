@@ -1,8 +1,8 @@
 """Streaming HF <-> xorl_jax tensor conversion, one parameter at a time, built on the family key maps.
 
-`loading.iter_our_tensors` stacks a whole scan group at once; the converters here build one parameter (all its
-layers) at a time, and each device shard of it from only the layers and slices that shard owns, so host memory
-stays near one parameter however large the model is. With several processes, each host reads only the layers its
+Every HF load (the trainer's, `from_pretrained`'s and `convert to-orbax`'s, through `orbax.load_model` /
+`orbax._iter_arrays`) builds one parameter (all its layers) at a time, and each device shard of it from only the
+layers and slices that shard owns, so host memory stays near one parameter however large the model is. With several processes, each host reads only the layers its
 devices hold.
 
 Also: the plan of which HF tensors make which parameter (with the unknown/missing-tensor checks), atomic output
@@ -61,8 +61,8 @@ def check_keys(sources: dict, available: set, keymap, where: str, family: str) -
     wanted = mapped_keys(sources)
     missing = sorted(wanted - available)
     if missing:
-        raise CheckpointError(f"{where}: {len(missing)} tensors the {family} key map needs are missing, e.g. "
-                              f"{missing[:5]}; the checkpoint is incomplete or config.json does not match it")
+        raise CheckpointError(f"{where}: tensors {missing[:5]} ({len(missing)} in all) that the {family} key map "
+                              f"needs are missing; the checkpoint is incomplete or config.json does not match it")
     skipped = keymap.skipped_prefixes or ("\0",)
     extra = sorted(k for k in available - wanted if not k.startswith(skipped))
     if extra:

@@ -410,6 +410,10 @@ def _open_hf(model_path, options=None, dtype=None, config_path=None):
     ops.check_keys(sources, reader.keys(), keymap, model_path, cls.__name__)
     mapped = ops.mapped_keys(sources)
     reader.check_float(keymap.skipped_prefixes)
+    skipped = sorted(k for k in reader.keys() if keymap.skipped_prefixes and k.startswith(keymap.skipped_prefixes))
+    if skipped:
+        logger.info("skipped %d checkpoint tensors not used for text training (%s)", len(skipped),
+                    ", ".join(sorted({".".join(k.split(".")[:2]) for k in skipped})))
     source_dtype = _source_dtype(reader, mapped)
     if options is None:  # the parameters in the given dtype, else the source's
         name = _np_dtype(dtype).name if dtype else source_dtype

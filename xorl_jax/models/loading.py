@@ -41,25 +41,6 @@ def param_paths(model) -> dict:
     return {tuple(path): var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-def iter_our_tensors(model, keymap, get):
-    """Yield (our path, numpy array, HF keys used) built from HF tensors fetched by `get(key)`."""
-    for tm in keymap.globals:
-        yield tm.ours, tm.to_ours([get(k) for k in tm.hf]), tm.hf
-    stack = model.layers
-    p = len(stack.pattern)
-    for j in range(p):
-        per_path, used = {}, {}
-        for r in range(stack.repeats):
-            i = r * p + j
-            prefix = f"{keymap.layer_prefix}.{i}."
-            for tm in keymap.layer_maps(i):
-                keys = tuple(prefix + k for k in tm.hf)
-                per_path.setdefault(tm.ours, []).append(tm.to_ours([get(k) for k in keys]))
-                used.setdefault(tm.ours, []).extend(keys)
-        for ours, arrays in per_path.items():
-            yield ("layers", "groups", j) + ours, np.stack(arrays), tuple(used[ours])
-
-
 def iter_hf_tensors(model, keymap):
     """Yield (HF key, numpy array) for export, in the model's own dtypes."""
     params = param_paths(model)
