@@ -88,14 +88,14 @@ def rss():
 def hwm():  # VmHWM: peak RSS of this process image (ru_maxrss would carry the parent's peak across exec)
     with open('/proc/self/status') as f:
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith('VmHWM'))
-import jax, orbax.checkpoint, xorl_jax.checkpoint.orbax as ck
+import jax, orbax.checkpoint, xorl_jax.checkpoint.orbax as ck, xorl_jax.checkpoint.export as ex
 base = rss()
 t0 = time.time()
 if sys.argv[1] == 'to-orbax':
     kw = {'part_bytes': int(sys.argv[5])} if len(sys.argv) > 5 else {}
     ck.convert_hf_to_orbax(sys.argv[2], sys.argv[3], dtype=sys.argv[4] or None, overwrite=True, **kw)
 else:
-    ck.convert_checkpoint_to_hf(sys.argv[2], sys.argv[3], overwrite=True, max_shard_bytes=int(float(sys.argv[4]) * 1e9))
+    ex.convert_checkpoint_to_hf(sys.argv[2], sys.argv[3], overwrite=True, max_shard_bytes=int(float(sys.argv[4]) * 1e9))
 dt = time.time() - t0
 peak = hwm()
 print(json.dumps({"seconds": dt, "base_rss": base, "peak_rss": peak}))

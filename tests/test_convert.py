@@ -22,6 +22,7 @@ import xorl_jax
 from parity_utils import assert_logits_close, hf_logits, random_ids, randomize_norms
 from xorl_jax import convert
 from xorl_jax.checkpoint import convert_ops
+from xorl_jax.checkpoint import export as ex
 from xorl_jax.checkpoint import orbax as ck
 from xorl_jax.checkpoint.hf import CheckpointError, SafetensorsReader
 from xorl_jax.models.common import ModelOptions
@@ -110,7 +111,7 @@ def test_round_trip_bit_identical_and_transformers_logits(tmp_path, family, layo
     if small_parts:
         assert len(parts) > 3 and any(p.get("layers") for p in parts)
     assert os.path.exists(os.path.join(orb, "tokenizer_config.json"))
-    ck.convert_checkpoint_to_hf(orb, back)  # defaults: the source's dtype and layout
+    ex.convert_checkpoint_to_hf(orb, back)  # defaults: the source's dtype and layout
     assert_same_tensors(src, back)
     assert os.path.exists(os.path.join(back, "tokenizer_config.json"))
     original = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
@@ -134,7 +135,7 @@ def test_other_expert_layout_and_dtype(tmp_path):
     # fused fp32 -> orbax -> per-expert: the same values as the bf16-rounded source
     orb2 = str(tmp_path / "orbax2")
     ck.convert_hf_to_orbax(fused, orb2)
-    ck.convert_checkpoint_to_hf(orb2, pe, expert_layout="per_expert", dtype="bfloat16")
+    ex.convert_checkpoint_to_hf(orb2, pe, expert_layout="per_expert", dtype="bfloat16")
     ref, got = SafetensorsReader(src), SafetensorsReader(pe)
     assert ref.keys() == got.keys()
     for k in ("model.layers.1.mlp.experts.3.up_proj.weight", "model.layers.0.self_attn.q_proj.weight"):
@@ -349,7 +350,7 @@ def test_trainer_checkpoint_exports_the_source_bit_for_bit(tmp_path, family, lay
     if family == "qwen3_5_moe":  # an Orbax layout the layer reader does not know: restored whole, same tensors
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(ck, "_stored_arrays", lambda d: (_ for _ in ()).throw(KeyError("tree_metadata")))
-            ck.convert_checkpoint_to_hf(step, str(tmp_path / "whole"))
+            ex.convert_checkpoint_to_hf(step, str(tmp_path / "whole"))
         assert_same_tensors(src, str(tmp_path / "whole"))
 
 
@@ -417,7 +418,7 @@ def test_multimodal_source_round_trip_carries_vision_and_mtp(tmp_path, capsys):
     meta = ck.convert_hf_to_orbax(src, orb)
     untrained = sorted(k for k in SafetensorsReader(src).keys() if k.startswith(("model.visual.", "mtp.")))
     assert meta["source"]["carried"] == untrained and len(untrained) > 20 and meta["source"]["sharded"]
-    ck.convert_checkpoint_to_hf(orb, back)
+    ex.convert_checkpoint_to_hf(orb, back)
     assert_same_tensors(src, back)
     assert os.path.exists(os.path.join(back, "model.safetensors.index.json"))
     moved = src + "-moved"
@@ -450,16 +451,16 @@ def test_export_dtype_rule(tmp_path):
         k: (v.astype(np.float32) if k.endswith("norm.weight") else v) for k, v in t.items()})
     model = ck.load_model(mixed, ModelOptions())
     out = str(tmp_path / "out")
-    ck.export_hf(model, out, source_dir_or_metadata=mixed)
+    ex.export_hf(model, out, source_dir_or_metadata=mixed)
     got = SafetensorsReader(out)
     assert got.dtype("model.norm.weight") == np.float32 and got.dtype("lm_head.weight") == ml_dtypes.bfloat16
     assert_same_tensors(mixed, out)
     hf_config = json.load(open(os.path.join(src, "config.json")))
     scratch = ck.run_source(None, hf_config=hf_config, init_from="scratch", dtype="float32")
-    ck.export_hf(model, out, source_dir_or_metadata={"hf_config": hf_config, "source": scratch}, overwrite=True)
+    ex.export_hf(model, out, source_dir_or_metadata={"hf_config": hf_config, "source": scratch}, overwrite=True)
     assert {SafetensorsReader(out).dtype(k) for k in SafetensorsReader(out).keys()} == {np.dtype(np.float32)}
     assert json.load(open(os.path.join(out, "config.json")))["dtype"] == "float32"
-    ck.export_hf(model, out, source_dir_or_metadata=mixed, dtype="float16", overwrite=True)
+    ex.export_hf(model, out, source_dir_or_metadata=mixed, dtype="float16", overwrite=True)
     assert {SafetensorsReader(out).dtype(k) for k in SafetensorsReader(out).keys()} == {np.dtype(np.float16)}
 
 
@@ -481,7 +482,7 @@ def test_to_hf_reports_a_checkpoint_that_does_not_match_its_config(tmp_path):
     cfg["intermediate_size"] = 128
     json.dump(cfg, open(cfg_path, "w"))
     with pytest.raises(CheckpointError, match="do not match"):
-        ck.convert_checkpoint_to_hf(orb, str(tmp_path / "out"))
+        ex.convert_checkpoint_to_hf(orb, str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out")
 
 

@@ -229,7 +229,7 @@ def test_peft_adapter_round_trip_matches_our_logits(tmp_path, family):
     peft = pytest.importorskip("peft")
     import transformers
 
-    from xorl_jax.checkpoint.orbax import export_hf
+    from xorl_jax.checkpoint.export import export_hf
 
     if family == "qwen3":  # xorl's fused names: one pair each for q/k/v and for gate/up, split over HF's modules
         hf_config = dict(TINY_QWEN3)
@@ -408,7 +408,7 @@ def test_per_layer_merge_temp_memory_below_merged_model(remat):
 @pytest.fixture(scope="module")
 def demo_base(tmp_path_factory):
     """The demo Qwen3-MoE with random weights, saved as an HF directory (LoRA needs init_from hf)."""
-    from xorl_jax.checkpoint.orbax import export_hf
+    from xorl_jax.checkpoint.export import export_hf
 
     hf_config = read_hf_config(DEMO_DIR)
     graphdef, params = build(hf_config, seed=5)

@@ -75,6 +75,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # no "PyTorch was not found" advice: not needed
     try:
         from xorl_jax.checkpoint.hf import CheckpointError
+        from xorl_jax.checkpoint import export
         from xorl_jax.checkpoint import orbax as ckpt
     except ImportError as e:  # pragma: no cover - broken install
         print(f"error: {e}", file=sys.stderr)
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
             layout = {"per-expert": "per_expert", "fused": "fused", None: None}[args.expert_layout]
             if args.max_shard_gb <= 0:
                 raise ValueError(f"--max-shard-gb must be positive, got {args.max_shard_gb}")
-            ckpt.convert_checkpoint_to_hf(args.checkpoint, args.output, dtype=args.dtype, expert_layout=layout,
+            export.convert_checkpoint_to_hf(args.checkpoint, args.output, dtype=args.dtype, expert_layout=layout,
                                           overwrite=args.overwrite, max_shard_bytes=int(args.max_shard_gb * 1e9),
                                           text_only=args.text_only)
             print(f"wrote {args.output} in {time.time() - t0:.1f}s")

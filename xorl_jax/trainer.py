@@ -22,7 +22,8 @@ from flax import nnx
 from xorl_jax import lora as lora_lib
 from xorl_jax.autotune import choose_layer_settings
 from xorl_jax.checkpoint.hf import CheckpointError
-from xorl_jax.checkpoint.orbax import _root_for, export_hf, host_array, load_model, read_hf_config, run_source
+from xorl_jax.checkpoint.export import export_hf, host_array
+from xorl_jax.checkpoint.orbax import _root_for, load_model, read_hf_config, run_source
 from xorl_jax.checkpoint.training import TrainCheckpointer, clean_temporaries, plan_resume
 from xorl_jax.config import Config, ConfigError, config_to_dict
 from xorl_jax.data import build_eval_batches, build_train_iterator
@@ -546,7 +547,7 @@ class Trainer:
         return self._export_source
 
     def export_hf(self, step: int) -> str:
-        """`global_step_N/hf_ckpt`: a drop-in replacement of model.model_path (checkpoint.orbax.export_hf: tensors
+        """`global_step_N/hf_ckpt`: a drop-in replacement of model.model_path (checkpoint.export.export_hf: tensors
         the run did not train copied from the source, trained ones in the source's dtypes; LoRA merged), or with
         lora.save_lora_only a PEFT adapter directory."""
         out = os.path.join(self.output_dir, f"global_step_{step}", "hf_ckpt")
