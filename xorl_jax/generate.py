@@ -12,9 +12,13 @@ import numpy as np
 from flax import nnx
 
 
-def greedy_generate(model, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int = 24) -> list[str]:
-    """The assistant's greedy reply to each conversation (rendered with the tokenizer's chat template)."""
-    prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+def greedy_generate(model, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int = 24,
+                    chat_template: str | None = None, chat_template_kwargs: dict | None = None) -> list[str]:
+    """The assistant's greedy reply to each conversation, rendered with `chat_template` (template text; default the
+    tokenizer's) and its extra variables, as the data pipeline renders the training conversations."""
+    extra = dict(chat_template_kwargs or {})
+    prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True,
+                                             chat_template=chat_template, **extra) for c in conversations]
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     length = max(len(x) for x in ids) + max_new_tokens
     buf = np.zeros((len(ids), length), np.int32)

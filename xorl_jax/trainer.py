@@ -27,6 +27,7 @@ from xorl_jax.checkpoint.orbax import _root_for, load_model, read_hf_config, run
 from xorl_jax.checkpoint.training import TrainCheckpointer, clean_temporaries, plan_resume
 from xorl_jax.config import Config, ConfigError, config_to_dict
 from xorl_jax.data import build_eval_batches, build_train_iterator
+from xorl_jax.data.chat import resolve_template
 from xorl_jax.data.pipeline import MAX_DOCUMENTS_KEY, row_length
 from xorl_jax.data.prefetch import Prefetcher
 from xorl_jax.data.sources import iter_rows
@@ -527,7 +528,9 @@ class Trainer:
             if len(convs) == n:
                 break
         model = nnx.merge(self.graphdef, self.full_params())
-        answers = greedy_generate(model, self.tokenizer, [c[:-1] for c in convs])
+        template = resolve_template(ds.chat_template, self.tokenizer) if ds.chat_template else None
+        answers = greedy_generate(model, self.tokenizer, [c[:-1] for c in convs], chat_template=template,
+                                  chat_template_kwargs=ds.chat_template_kwargs)
         out = [(c[-2]["content"], c[-1]["content"], a) for c, a in zip(convs, answers)]
         if self.is_main:
             print("held-out questions, greedy answers:", flush=True)
@@ -568,8 +571,6 @@ class Trainer:
         """The model learnt the chat format of its messages datasets: where they name their own `chat_template`, the
         export serves with that one (chat_template.jinja, which transformers, vLLM and SGLang read before
         tokenizer_config.json's), not the source's. Several different templates: the source's stays, with a warning."""
-        from xorl_jax.data.chat import resolve_template
-
         specs = [d.chat_template for d in self.cfg.data.datasets if d.type == "messages"]
         if not any(specs):
             return
