@@ -361,12 +361,6 @@ def lora_scale(lora_cfg) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ PEFT export
-def peft_exportable(targets: list[LoraTarget]) -> bool:
-    """Every adapter exports as a PEFT adapter directory (routed experts in xorl's per-expert layout)."""
-    del targets
-    return True
-
-
 def _hf_modules(t: LoraTarget) -> list[tuple[str, int, int]]:
     """The HF modules of t's base parameter: (name relative to a layer, first and end column of the parameter's
     flattened output). Routed experts: the name without the expert index."""

@@ -23,7 +23,7 @@ from xorl_jax import lora as lora_lib
 from xorl_jax.autotune import choose_layer_settings
 from xorl_jax.checkpoint.hf import CheckpointError
 from xorl_jax.checkpoint.export import export_hf, host_array
-from xorl_jax.checkpoint.orbax import _root_for, load_model, read_hf_config, run_source
+from xorl_jax.checkpoint.orbax import _root_for, load_model, run_source
 from xorl_jax.checkpoint.training import TrainCheckpointer, clean_temporaries, plan_resume
 from xorl_jax.config import Config, ConfigError, config_to_dict
 from xorl_jax.data import build_eval_batches, build_train_iterator
@@ -265,14 +265,9 @@ class Trainer:
     def _plan_resume(self):
         """Which checkpoint this run starts from (checkpoint.training.plan_resume), from the files alone; then the
         main process removes what an interrupted run left half-written."""
-        hf_config = getattr(self, "hf_config", None)  # compared with the checkpoint's before the model is built
-        if hf_config is None:
-            try:
-                hf_config = read_hf_config(self.cfg.model.config_path or self.cfg.model.model_path)
-            except Exception:  # noqa: BLE001 - a bad path is reported by the model's set-up
-                hf_config = None
+        # the checks' config.json, compared with the checkpoint's before the model is built
         plan = plan_resume(self.cfg.train.load_checkpoint_path, os.path.join(self.output_dir, "checkpoints"),
-                           hf_config=hf_config)
+                           hf_config=self.hf_config)
         if self.is_main:
             for path in clean_temporaries(self.output_dir):
                 log.info("removed %s (left half-written by an interrupted run)", path)
@@ -555,10 +550,7 @@ class Trainer:
         lora.save_lora_only a PEFT adapter directory."""
         out = os.path.join(self.output_dir, f"global_step_{step}", "hf_ckpt")
         if self.frozen is not None and self.cfg.lora.save_lora_only:
-            if lora_lib.peft_exportable(self.lora_targets):
-                return self.export_lora_adapter(step)
-            log.warning("lora.save_lora_only: routed-expert adapters (lora_target_parameters) have no PEFT adapter "
-                        "export; exporting merged full weights instead")
+            return self.export_lora_adapter(step)  # every adapter, routed experts included, has a PEFT layout
         model = nnx.merge(self.graphdef, self.full_params())
         export_hf(model, out, source_dir_or_metadata={"hf_config": self.hf_config, "source": self.export_source()},
                   overwrite=True)
