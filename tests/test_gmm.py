@@ -118,9 +118,13 @@ def _numpy_gather_gmm(x, w, sizes, order, copies, dy):
 
 def test_gather_reference_matches_numpy_forward_and_grads():
     x, w, sizes, order, inverse, dy = _routed_inputs(7, 40, 3, 24, 20, 6, jnp.float32)
-    y, vjp = jax.vjp(lambda a, b: gmm_gather(a, b, jnp.asarray(sizes), jnp.asarray(order), jnp.asarray(inverse), 3,
-                                             implementation="reference"), x, w)
-    got = (y, *vjp(dy))
+    @jax.jit
+    def fwd_bwd(x, w, dy):
+        y, vjp = jax.vjp(lambda a, b: gmm_gather(a, b, jnp.asarray(sizes), jnp.asarray(order), jnp.asarray(inverse),
+                                                 3, implementation="reference"), x, w)
+        return (y, *vjp(dy))
+
+    got = fwd_bwd(x, w, dy)
     want = _numpy_gather_gmm(x, np.asarray(w), sizes, order, 3, np.asarray(dy))
     for name, g, wnt in zip(("y", "dx", "dw"), got, want):
         np.testing.assert_allclose(g, wnt, rtol=1e-5, atol=1e-5, err_msg=name)
