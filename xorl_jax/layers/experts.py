@@ -36,7 +36,9 @@ def experts_sorted(x_ND, top_i, top_w, w_gate_up_EDCF, w_down_EFD, implementatio
     group_sizes = jnp.bincount(flat_expert, length=E).astype(jnp.int32)
     w_gate_up = w_gate_up_EDCF.reshape(E, D, 2 * F)
     gmm_impl = "ragged_dot" if implementation == "native" else implementation
-    if implementation == "triton":  # the kernels read each token's row in place: no sorted copy in memory
+    # Triton in bf16/fp16: the kernels read each token's row in place, no sorted copy in memory (fp32 compute keeps
+    # the sorted copy: its gathered kernels have not been run on a GPU)
+    if implementation == "triton" and x_ND.dtype != jnp.float32:
         h = gmm_gather(x_ND, w_gate_up, group_sizes, order, inverse, k)
     else:
         h = gmm(take_copies(x_ND, order, inverse, k), w_gate_up, group_sizes, implementation=gmm_impl)
