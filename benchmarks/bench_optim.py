@@ -1,7 +1,7 @@
 """The optimizer update alone (clip by global norm + AdamW + apply), on a parameter tree with Qwen3 1.7B's leaf
 shapes: xorl_jax's variants against torch's fused AdamW on the same GPU, same run.
 
-    PYTHONPATH=. python scripts/bench_optim.py [--layers 28 --hidden 2048 --ffn 6144 --vocab 151936] [--iters 10]
+    PYTHONPATH=. python benchmarks/bench_optim.py [--layers 28 --hidden 2048 --ffn 6144 --vocab 151936] [--iters 10]
 
 Variants: fp32 parameters and state (optax's AdamW); bf16 parameters and bf16 state, both rounded stochastically (as
 the train step does) by the counter hash in `xorl_jax.optim` (the default for `optimizer_dtype: bfloat16`), by a
@@ -110,7 +110,7 @@ def time_donated(compiled, params, grads, state, iters):
 
 def profile_update(compiled, params, grads, state, donate, pdir, steps=3):
     """The compiled update's HLO counts and a trace of a few calls, summarised (kernels, calls, ms per update)."""
-    from xorl_jax import profiling
+    import profiling  # benchmarks/profiling.py (this script's folder is on sys.path)
 
     hlo_text = compiled.as_text()
     with jax.profiler.trace(pdir, create_perfetto_trace=True):

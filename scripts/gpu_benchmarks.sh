@@ -113,58 +113,58 @@ case "$1" in
   gdn)
     run gdn_tests python3 -m pytest -m gpu -q tests/test_gdn_pallas.py --timeout 300
     # every intra / state-grads mode timed, each kernel on real values, FLA and the jnp reference in the same run
-    run gdn_vs_fla python3 scripts/bench_gdn.py --iters 10 --shapes packed --skip-check --breakdown
+    run gdn_vs_fla python3 benchmarks/bench_gdn.py --iters 10 --shapes packed --skip-check --breakdown
     # Triton launch settings of each kernel (set the winners as kernels/gdn/pallas.py Launch's defaults, then re-run)
-    run gdn_tune python3 scripts/bench_gdn.py --iters 10 --shapes packed --skip-check --no-fla --no-reference \
+    run gdn_tune python3 benchmarks/bench_gdn.py --iters 10 --shapes packed --skip-check --no-fla --no-reference \
         --impls pallas+sg --tune
     ;;
   dense)
-    run dense_hf python3 scripts/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 6 --backends jax,hf \
+    run dense_hf python3 benchmarks/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 6 --backends jax,hf \
         --profile "$WORK/prof_dense" --json "$OUT_DIR/dense.json"
-    run dense_sweep python3 scripts/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 6 --backends jax \
+    run dense_sweep python3 benchmarks/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 6 --backends jax \
         --sweep "remat=full,dots_with_no_batch_dims_saveable,dots_saveable;ce_chunk=1024,4096" \
         --json "$OUT_DIR/dense_sweep.json"
     ;;
   profiles)
     # command buffers off: each profile row then names its fusion's JAX op and source line (steps run a few % slower)
-    LIMIT=150 run dense_prof python3 scripts/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 4 \
+    LIMIT=150 run dense_prof python3 benchmarks/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 4 \
         --backends jax --profile "$WORK/prof_dense" --no-command-buffers --json "$OUT_DIR/dense_prof.json"
-    LIMIT=170 run moe_prof python3 scripts/bench_train.py --model qwen3_30b_a3b --layers 4 --batch 2 --seq 4096 \
+    LIMIT=170 run moe_prof python3 benchmarks/bench_train.py --model qwen3_30b_a3b --layers 4 --batch 2 --seq 4096 \
         --steps 4 --warmup 1 --param-dtype bfloat16 --optimizer-dtype bfloat16 --backends jax \
         --profile "$WORK/prof_moe" --no-command-buffers --json "$OUT_DIR/moe_prof.json"
-    LIMIT=200 run hybrid_prof python3 scripts/bench_train.py --model qwen3_5_35b_a3b --layers 4 --batch 2 --seq 4096 \
+    LIMIT=200 run hybrid_prof python3 benchmarks/bench_train.py --model qwen3_5_35b_a3b --layers 4 --batch 2 --seq 4096 \
         --steps 4 --warmup 1 --param-dtype bfloat16 --optimizer-dtype bfloat16 --backends jax \
         --profile "$WORK/prof_hybrid" --no-command-buffers --json "$OUT_DIR/hybrid_prof.json"
     ;;
   loss)
-    run loss_dense python3 scripts/bench_loss.py --tokens 16384 --hidden 2048
-    run loss_moe python3 scripts/bench_loss.py --tokens 8192 --hidden 2048 --chunks 8192,16384,32768
+    run loss_dense python3 benchmarks/bench_loss.py --tokens 16384 --hidden 2048
+    run loss_moe python3 benchmarks/bench_loss.py --tokens 8192 --hidden 2048 --chunks 8192,16384,32768
     ;;
   moe)
     # bf16 parameters and AdamW state on both sides: fp32 state at these depths does not fit 80 GB
-    run moe_jax python3 scripts/bench_train.py --model qwen3_30b_a3b --layers 4 --batch 2 --seq 4096 --steps 4 \
+    run moe_jax python3 benchmarks/bench_train.py --model qwen3_30b_a3b --layers 4 --batch 2 --seq 4096 --steps 4 \
         --warmup 1 --param-dtype bfloat16 --optimizer-dtype bfloat16 --backends jax --profile "$WORK/prof_moe" \
         --json "$OUT_DIR/moe.json"
-    run moe_hf python3 scripts/bench_train.py --model qwen3_30b_a3b --layers 4 --batch 2 --seq 4096 --steps 4 \
+    run moe_hf python3 benchmarks/bench_train.py --model qwen3_30b_a3b --layers 4 --batch 2 --seq 4096 --steps 4 \
         --warmup 1 --param-dtype bfloat16 --optimizer-dtype bfloat16 --backends jax,hf --json "$OUT_DIR/moe_hf.json"
     ;;
   hybrid)
-    run hybrid_jax python3 scripts/bench_train.py --model qwen3_5_35b_a3b --layers 4 --batch 2 --seq 4096 --steps 4 \
+    run hybrid_jax python3 benchmarks/bench_train.py --model qwen3_5_35b_a3b --layers 4 --batch 2 --seq 4096 --steps 4 \
         --warmup 1 --param-dtype bfloat16 --optimizer-dtype bfloat16 --backends jax --profile "$WORK/prof_hybrid" \
         --json "$OUT_DIR/hybrid.json"
     # HF's first step autotunes FLA's kernels (about 4 minutes on an H100)
-    run hybrid_hf python3 scripts/bench_train.py --model qwen3_5_35b_a3b --layers 4 --batch 2 --seq 4096 --steps 3 \
+    run hybrid_hf python3 benchmarks/bench_train.py --model qwen3_5_35b_a3b --layers 4 --batch 2 --seq 4096 --steps 3 \
         --warmup 1 --hf-time-limit 60 --backends hf --json "$OUT_DIR/hybrid_hf.json"
     ;;
   ttfs)
     rm -rf "$WORK/xla_cache"
-    run ttfs_cold python3 scripts/bench_ttfs.py --workdir "$WORK/ttfs" --compilation-cache "$WORK/xla_cache"
-    run ttfs_warm python3 scripts/bench_ttfs.py --workdir "$WORK/ttfs" --compilation-cache "$WORK/xla_cache"
+    run ttfs_cold python3 benchmarks/bench_ttfs.py --workdir "$WORK/ttfs" --compilation-cache "$WORK/xla_cache"
+    run ttfs_warm python3 benchmarks/bench_ttfs.py --workdir "$WORK/ttfs" --compilation-cache "$WORK/xla_cache"
     ;;
   multi)
     run parallel_tests python3 -m pytest -q tests/test_parallel_gpu.py tests/test_expert_parallel.py -m gpu --timeout 300
-    LIMIT=120 run bench_ep python3 scripts/bench_ep.py
-    LIMIT=120 run bench_ep_skewed python3 scripts/bench_ep.py --routing skewed
+    LIMIT=120 run bench_ep python3 benchmarks/bench_ep.py
+    LIMIT=120 run bench_ep_skewed python3 benchmarks/bench_ep.py --routing skewed
     stage scale_moe
     ;;
   ep_check)
@@ -176,35 +176,35 @@ case "$1" in
         tests/test_gmm.py::test_triton_matches_ragged_dot_at_moe_layer_sizes
     XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_experimental_ragged_all_to_all_use_device_kernel=true \
 --xla_gpu_experimental_enable_nccl_symmetric_buffers=true" LIMIT=90 run bench_ep_ragged_device_kernel \
-        python3 scripts/bench_ep.py --devices 2
+        python3 benchmarks/bench_ep.py --devices 2
     ;;
   scale_moe)
     # per-GPU throughput on all GPUs against one GPU, the same model and rows per GPU (bf16 state on both sides)
-    LIMIT=150 run moe_1gpu python3 scripts/bench_train.py --model qwen3_30b_a3b --layers 4 --batch 2 --seq 4096 \
+    LIMIT=150 run moe_1gpu python3 benchmarks/bench_train.py --model qwen3_30b_a3b --layers 4 --batch 2 --seq 4096 \
         --steps 4 --warmup 1 --param-dtype bfloat16 --optimizer-dtype bfloat16 --backends jax --json "$OUT_DIR/moe_1gpu.json"
-    LIMIT=200 run moe_ep python3 scripts/bench_train.py --model qwen3_30b_a3b --layers 4 --batch 2 --seq 4096 \
+    LIMIT=200 run moe_ep python3 benchmarks/bench_train.py --model qwen3_30b_a3b --layers 4 --batch 2 --seq 4096 \
         --steps 4 --warmup 1 --param-dtype bfloat16 --optimizer-dtype bfloat16 --fsdp -1 --ep -1 --backends jax \
         --profile "$WORK/prof_ep" --json "$OUT_DIR/moe_ep.json"
     ;;
   scale_dense)
     # FSDP over all GPUs against one GPU, same rows per GPU: Qwen3 1.7B (fp32 master + state), Qwen3-8B (bf16 state:
     # fp32 state does not fit one GPU), then Qwen3-8B as users would run it on these GPUs (fp32, FSDP)
-    LIMIT=120 run dense_1gpu python3 scripts/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 4 \
+    LIMIT=120 run dense_1gpu python3 benchmarks/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 4 \
         --warmup 1 --backends jax --json "$OUT_DIR/dense_1gpu.json"
-    LIMIT=140 run dense_fsdp python3 scripts/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 4 \
+    LIMIT=140 run dense_fsdp python3 benchmarks/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 4 \
         --warmup 1 --fsdp -1 --backends jax --json "$OUT_DIR/dense_fsdp.json"
     for n in 1 -1; do
-      LIMIT=160 run "fsdp_8b_bf16_$n" python3 scripts/bench_train.py --model qwen3_8b --batch 2 --seq 4096 --steps 4 \
+      LIMIT=160 run "fsdp_8b_bf16_$n" python3 benchmarks/bench_train.py --model qwen3_8b --batch 2 --seq 4096 --steps 4 \
           --warmup 1 --fsdp $n --param-dtype bfloat16 --optimizer-dtype bfloat16 --backends jax \
           --json "$OUT_DIR/fsdp_8b_bf16_$n.json"
     done
     ;;
   fsdp_8b)
-    LIMIT=180 run fsdp_8b python3 scripts/bench_train.py --model qwen3_8b --batch 2 --seq 4096 --steps 4 --warmup 1 \
+    LIMIT=180 run fsdp_8b python3 benchmarks/bench_train.py --model qwen3_8b --batch 2 --seq 4096 --steps 4 --warmup 1 \
         --fsdp -1 --backends jax --json "$OUT_DIR/fsdp_8b.json"
     ;;
   optim)
-    run optim python3 scripts/bench_optim.py
+    run optim python3 benchmarks/bench_optim.py
     ;;
   ep_train)
     cut_config configs/models/qwen3_30b_a3b 2 "$WORK/models/ep_train"
@@ -248,64 +248,64 @@ EOF
     # exchange's capacity factor (2 is the worst-case buffer at EP 2), then the EP scaling row measured with the bug
     LIMIT=150 run bf16_packed_tests python3 -m pytest -q -m gpu --timeout 140 tests/test_parallel_gpu.py \
         -k "bf16_packed or cudnn_packed"
-    LIMIT=120 run bench_ep_capacity python3 scripts/bench_ep.py --exchanges padded --capacity-factors 2,1.5,1.25
+    LIMIT=120 run bench_ep_capacity python3 benchmarks/bench_ep.py --exchanges padded --capacity-factors 2,1.5,1.25
     stage scale_moe
     ;;
   tune)
-    LIMIT=170 run dense_remat python3 scripts/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 5 \
+    LIMIT=170 run dense_remat python3 benchmarks/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 5 \
         --warmup 1 --backends jax --sweep "remat=full,dots_attention_saveable,none" --json "$OUT_DIR/dense_remat.json"
-    LIMIT=150 run moe_remat python3 scripts/bench_train.py --model qwen3_30b_a3b --layers 4 --batch 2 --seq 4096 \
+    LIMIT=150 run moe_remat python3 benchmarks/bench_train.py --model qwen3_30b_a3b --layers 4 --batch 2 --seq 4096 \
         --steps 4 --warmup 1 --param-dtype bfloat16 --optimizer-dtype bfloat16 --backends jax \
         --sweep "remat=full,dots_attention_saveable" --json "$OUT_DIR/moe_remat.json"
     ;;
   versus_hf)
-    LIMIT=80 run loss_dense python3 scripts/bench_loss.py --tokens 16384 --hidden 2048 --chunks 1024,2048,4096 \
+    LIMIT=80 run loss_dense python3 benchmarks/bench_loss.py --tokens 16384 --hidden 2048 --chunks 1024,2048,4096 \
         --vocab-chunk 8192 --no-reference
-    LIMIT=230 run dense_hf python3 scripts/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 5 \
+    LIMIT=230 run dense_hf python3 benchmarks/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 5 \
         --warmup 1 --backends jax,hf --json "$OUT_DIR/dense_hf.json"
-    LIMIT=60 run dense_dots_attn python3 scripts/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 5 \
+    LIMIT=60 run dense_dots_attn python3 benchmarks/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 5 \
         --warmup 1 --backends jax --remat dots_attention_saveable --json "$OUT_DIR/dense_dots_attn.json"
-    LIMIT=200 run moe_hf python3 scripts/bench_train.py --model qwen3_30b_a3b --layers 4 --batch 2 --seq 4096 \
+    LIMIT=200 run moe_hf python3 benchmarks/bench_train.py --model qwen3_30b_a3b --layers 4 --batch 2 --seq 4096 \
         --steps 4 --warmup 1 --param-dtype bfloat16 --optimizer-dtype bfloat16 --backends jax,hf \
         --json "$OUT_DIR/moe_hf.json"
     ;;
   defaults_hf)  # issue 27: the config defaults (remat_policy/scan_layers auto, fp32 state) beside HF in the same run
-    LIMIT=260 run defaults_dense_hf python3 scripts/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 5 \
+    LIMIT=260 run defaults_dense_hf python3 benchmarks/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 5 \
         --warmup 2 --backends jax,hf --json "$OUT_DIR/defaults_dense_hf.json"
-    LIMIT=240 run defaults_moe_hf python3 scripts/bench_train.py --model qwen3_30b_a3b --layers 4 --batch 2 \
+    LIMIT=240 run defaults_moe_hf python3 benchmarks/bench_train.py --model qwen3_30b_a3b --layers 4 --batch 2 \
         --seq 4096 --steps 5 --warmup 2 --backends jax,hf --json "$OUT_DIR/defaults_moe_hf.json"
     ;;
   defaults_old)  # issue 27: the previous defaults (full remat, scanned) of the same shapes, then the hybrid cut
-    LIMIT=120 run olddefaults_dense python3 scripts/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 5 \
+    LIMIT=120 run olddefaults_dense python3 benchmarks/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 5 \
         --warmup 2 --backends jax --remat full --scan-layers true --json "$OUT_DIR/olddefaults_dense.json"
-    LIMIT=120 run olddefaults_moe python3 scripts/bench_train.py --model qwen3_30b_a3b --layers 4 --batch 2 \
+    LIMIT=120 run olddefaults_moe python3 benchmarks/bench_train.py --model qwen3_30b_a3b --layers 4 --batch 2 \
         --seq 4096 --steps 5 --warmup 2 --backends jax --remat full --scan-layers true \
         --json "$OUT_DIR/olddefaults_moe.json"
-    LIMIT=150 run defaults_hybrid python3 scripts/bench_train.py --model qwen3_5_35b_a3b --layers 4 --batch 2 \
+    LIMIT=150 run defaults_hybrid python3 benchmarks/bench_train.py --model qwen3_5_35b_a3b --layers 4 --batch 2 \
         --seq 4096 --steps 5 --warmup 2 --backends jax --json "$OUT_DIR/defaults_hybrid.json"
-    LIMIT=150 run olddefaults_hybrid python3 scripts/bench_train.py --model qwen3_5_35b_a3b --layers 4 --batch 2 \
+    LIMIT=150 run olddefaults_hybrid python3 benchmarks/bench_train.py --model qwen3_5_35b_a3b --layers 4 --batch 2 \
         --seq 4096 --steps 5 --warmup 2 --backends jax --remat full --scan-layers true \
         --json "$OUT_DIR/olddefaults_hybrid.json"
     ;;
   hybrid_hf)
-    LIMIT=420 run hybrid_hf python3 scripts/bench_train.py --model qwen3_5_35b_a3b --layers 4 --batch 2 --seq 4096 \
+    LIMIT=420 run hybrid_hf python3 benchmarks/bench_train.py --model qwen3_5_35b_a3b --layers 4 --batch 2 --seq 4096 \
         --steps 3 --warmup 1 --param-dtype bfloat16 --optimizer-dtype bfloat16 --backends jax,hf --hf-time-limit 60 \
         --json "$OUT_DIR/hybrid_hf.json"
     ;;
   hybrid_tune)
-    LIMIT=230 run hybrid_remat python3 scripts/bench_train.py --model qwen3_5_35b_a3b --layers 4 --batch 2 --seq 4096 \
+    LIMIT=230 run hybrid_remat python3 benchmarks/bench_train.py --model qwen3_5_35b_a3b --layers 4 --batch 2 --seq 4096 \
         --steps 4 --warmup 1 --param-dtype bfloat16 --optimizer-dtype bfloat16 --backends jax \
         --sweep "remat=full,dots_attention_saveable" --json "$OUT_DIR/hybrid_remat.json"
     XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,\
-DYNAMIC_SLICE_FUSION,CONDITIONAL" LIMIT=70 run dense_conditional_graphs python3 scripts/bench_train.py \
+DYNAMIC_SLICE_FUSION,CONDITIONAL" LIMIT=70 run dense_conditional_graphs python3 benchmarks/bench_train.py \
         --model qwen3_1.7b --batch 4 --seq 4096 --steps 5 --warmup 1 --backends jax --remat dots_attention_saveable \
         --json "$OUT_DIR/dense_conditional_graphs.json"
     ;;
   unroll)
-    LIMIT=330 run dense_unroll python3 scripts/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 5 \
+    LIMIT=330 run dense_unroll python3 benchmarks/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 5 \
         --warmup 1 --backends jax --sweep "scan_layers=true,false;remat=full,dots_attention_saveable" \
         --json "$OUT_DIR/dense_unroll.json"
-    LIMIT=200 run moe_unroll python3 scripts/bench_train.py --model qwen3_30b_a3b --layers 4 --batch 2 --seq 4096 \
+    LIMIT=200 run moe_unroll python3 benchmarks/bench_train.py --model qwen3_30b_a3b --layers 4 --batch 2 --seq 4096 \
         --steps 4 --warmup 1 --param-dtype bfloat16 --optimizer-dtype bfloat16 --backends jax \
         --sweep "scan_layers=true,false" --json "$OUT_DIR/moe_unroll.json"
     ;;
@@ -314,32 +314,32 @@ DYNAMIC_SLICE_FUSION,CONDITIONAL" LIMIT=70 run dense_conditional_graphs python3 
     stage final_hf_moe
     ;;
   final_hf_dense)
-    LIMIT=260 run dense_final_hf python3 scripts/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 5 \
+    LIMIT=260 run dense_final_hf python3 benchmarks/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 5 \
         --warmup 1 --backends jax,hf --scan-layers false --remat dots_attention_saveable \
         --json "$OUT_DIR/dense_final_hf.json"
     ;;
   final_hf_moe)
-    LIMIT=220 run moe_final_hf python3 scripts/bench_train.py --model qwen3_30b_a3b --layers 4 --batch 2 --seq 4096 \
+    LIMIT=220 run moe_final_hf python3 benchmarks/bench_train.py --model qwen3_30b_a3b --layers 4 --batch 2 --seq 4096 \
         --steps 4 --warmup 1 --param-dtype bfloat16 --optimizer-dtype bfloat16 --backends jax,hf --scan-layers false \
         --remat dots_attention_saveable --json "$OUT_DIR/moe_final_hf.json"
     ;;
   profiles_final)
-    LIMIT=150 run dense_prof_final python3 scripts/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 4 \
+    LIMIT=150 run dense_prof_final python3 benchmarks/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 4 \
         --warmup 1 --backends jax --scan-layers false --remat dots_attention_saveable --profile "$WORK/prof_dense" \
         --no-command-buffers --profile-top 22 --json "$OUT_DIR/dense_prof_final.json"
-    LIMIT=150 run moe_prof_final python3 scripts/bench_train.py --model qwen3_30b_a3b --layers 4 --batch 2 --seq 4096 \
+    LIMIT=150 run moe_prof_final python3 benchmarks/bench_train.py --model qwen3_30b_a3b --layers 4 --batch 2 --seq 4096 \
         --steps 4 --warmup 1 --param-dtype bfloat16 --optimizer-dtype bfloat16 --backends jax --scan-layers false \
         --profile "$WORK/prof_moe" --no-command-buffers --profile-top 22 --json "$OUT_DIR/moe_prof_final.json"
-    LIMIT=150 run hybrid_unroll python3 scripts/bench_train.py --model qwen3_5_35b_a3b --layers 4 --batch 2 \
+    LIMIT=150 run hybrid_unroll python3 benchmarks/bench_train.py --model qwen3_5_35b_a3b --layers 4 --batch 2 \
         --seq 4096 --steps 4 --warmup 1 --param-dtype bfloat16 --optimizer-dtype bfloat16 --backends jax \
         --remat dots_attention_saveable --sweep "scan_layers=true,false" --json "$OUT_DIR/hybrid_unroll.json"
     ;;
   optim_profile)
-    TAIL=100 LIMIT=300 run optim_profile python3 scripts/bench_optim.py --no-torch --donate --cases 0,1,5,4 --iters 5 \
+    TAIL=100 LIMIT=300 run optim_profile python3 benchmarks/bench_optim.py --no-torch --donate --cases 0,1,5,4 --iters 5 \
         --profile "$WORK/optim_profile"
     ;;
   hybrid_remat)
-    hybrid=(python3 scripts/bench_train.py --model qwen3_5_35b_a3b --layers 4 --batch 2 --seq 4096 --steps 4
+    hybrid=(python3 benchmarks/bench_train.py --model qwen3_5_35b_a3b --layers 4 --batch 2 --seq 4096 --steps 4
             --warmup 1 --param-dtype bfloat16 --optimizer-dtype bfloat16 --backends jax --scan-layers false)
     LIMIT=100 run hybrid_full "${hybrid[@]}" --remat full --json "$OUT_DIR/hybrid_full.json"
     LIMIT=100 run hybrid_dots_no_gdn "${hybrid[@]}" --remat dots_attention_saveable \
@@ -350,7 +350,7 @@ DYNAMIC_SLICE_FUSION,CONDITIONAL" LIMIT=70 run dense_conditional_graphs python3 
     ;;
   attn_sizes)
     run attention_gpu_tests python3 -m pytest -m gpu -q tests/test_attention.py --timeout 300
-    dense=(python3 scripts/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 6 --warmup 2
+    dense=(python3 benchmarks/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 6 --warmup 2
            --backends jax --remat dots_attention_saveable --scan-layers false)
     LIMIT=90 run dense_sizes_default "${dense[@]}" --json "$OUT_DIR/dense_sizes_default.json"
     LIMIT=90 run dense_sizes_fine "${dense[@]}" --attn-sizes 4,8,16,32,64 --json "$OUT_DIR/dense_sizes_fine.json"
@@ -372,15 +372,15 @@ print('slots $slots'); print(chr(10).join(plan.lines()))"
     done
     ;;
   optim_stacked)
-    LIMIT=200 run optim_stacked python3 scripts/bench_optim.py --donate --cases 0,1,5,4 --iters 10
+    LIMIT=200 run optim_stacked python3 benchmarks/bench_optim.py --donate --cases 0,1,5,4 --iters 10
     ;;
   adam_direction)
     for direction in stored fresh; do
-      LIMIT=90 run "dense_bf16_$direction" python3 scripts/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 \
+      LIMIT=90 run "dense_bf16_$direction" python3 benchmarks/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 \
           --steps 6 --warmup 2 --backends jax --remat dots_attention_saveable --scan-layers false \
           --param-dtype bfloat16 --optimizer-dtype bfloat16 --adam-direction "$direction" \
           --json "$OUT_DIR/dense_bf16_$direction.json"
-      LIMIT=80 run "moe_$direction" python3 scripts/bench_train.py --model qwen3_30b_a3b --layers 4 --batch 2 \
+      LIMIT=80 run "moe_$direction" python3 benchmarks/bench_train.py --model qwen3_30b_a3b --layers 4 --batch 2 \
           --seq 4096 --steps 8 --warmup 2 --param-dtype bfloat16 --optimizer-dtype bfloat16 --backends jax \
           --scan-layers false --remat dots_attention_saveable --adam-direction "$direction" \
           --json "$OUT_DIR/moe_$direction.json"
@@ -388,7 +388,7 @@ print('slots $slots'); print(chr(10).join(plan.lines()))"
     ;;
   layout_remat)
     run attention_gpu_tests python3 -m pytest -m gpu -q tests/test_attention.py --timeout 300
-    dense=(python3 scripts/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 5 --warmup 1
+    dense=(python3 benchmarks/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --steps 5 --warmup 1
            --backends jax --remat dots_attention_saveable --scan-layers false)
     LIMIT=90 run dense_layout_device "${dense[@]}" --attn-layout device --json "$OUT_DIR/dense_layout_device.json"
     LIMIT=90 run dense_layout_host "${dense[@]}" --json "$OUT_DIR/dense_layout_host.json"
@@ -396,7 +396,7 @@ print('slots $slots'); print(chr(10).join(plan.lines()))"
     LIMIT=90 run dense_bf16 "${dense[@]}" --param-dtype bfloat16 --optimizer-dtype bfloat16 \
         --json "$OUT_DIR/dense_bf16.json"
     for remat in full dots_attention_saveable none; do
-      LIMIT=80 run "moe_$remat" python3 scripts/bench_train.py --model qwen3_30b_a3b --layers 4 --batch 2 \
+      LIMIT=80 run "moe_$remat" python3 benchmarks/bench_train.py --model qwen3_30b_a3b --layers 4 --batch 2 \
           --seq 4096 --steps 6 --warmup 2 --param-dtype bfloat16 --optimizer-dtype bfloat16 --backends jax \
           --scan-layers false --remat "$remat" --json "$OUT_DIR/moe_$remat.json"
     done

@@ -111,7 +111,7 @@ def model_options(cfg: Config) -> ModelOptions:
 
 @dataclasses.dataclass(frozen=True)
 class Experiments:
-    """Switches that benchmarks set (scripts/bench_train.py) and configs do not: what the trainer passes on to the
+    """Switches that benchmarks set (benchmarks/bench_train.py) and configs do not: what the trainer passes on to the
     model options and the optimizer. The defaults are every run's."""
 
     remat_saved_names: tuple[str, ...] = SAVED_NAMES  # ModelOptions.remat_saved_names
