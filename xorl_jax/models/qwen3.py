@@ -80,6 +80,12 @@ class Qwen3Config:
     def layer_kinds(self) -> list[str]:
         return ["moe" if self.is_moe_layer(i) else "dense" for i in range(self.num_hidden_layers)]
 
+    def tensor_parallel_divisors(self) -> dict[str, int]:
+        return {"num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads}
+
+    def lora_parts(self) -> frozenset[str]:
+        return frozenset({"attention"} | {"routed_experts" if k == "moe" else "dense_mlp" for k in self.layer_kinds})
+
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (active parameters for MoE); see models/flops.py."""
         D = self.hidden_size

@@ -104,6 +104,21 @@ class Qwen3_5Config:
         mlp = "moe" if self.num_experts else "dense"
         return [(t, mlp) for t in self.layer_types]
 
+    def tensor_parallel_divisors(self) -> dict[str, int]:
+        return {"num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
+                "linear_num_key_heads": self.linear_num_key_heads,
+                "linear_num_value_heads": self.linear_num_value_heads}
+
+    def lora_parts(self) -> frozenset[str]:
+        parts = {"attention" if t == "full_attention" else "linear_attention" for t in self.layer_types}
+        if self.num_experts:
+            parts.add("routed_experts")
+            if self.shared_expert_intermediate_size:
+                parts.add("shared_expert")
+        else:
+            parts.add("dense_mlp")
+        return frozenset(parts)
+
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (active parameters for MoE); see models/flops.py."""
         D = self.hidden_size
