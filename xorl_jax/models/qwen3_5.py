@@ -23,8 +23,9 @@ from xorl_jax.layers.moe import MoE, resolve_moe_implementation
 from xorl_jax.layers.norm import RMSNorm
 from xorl_jax.models import flops
 from xorl_jax.models import keymap as km
-from xorl_jax.models.common import HIDDEN, LayerStack, ModelOptions, ModelOutput, constrain, rope_theta
-from xorl_jax.models.qwen3 import attention_maps, causal_lm_forward, lm_globals, mlp_maps, moe_maps
+from xorl_jax.models.common import (HIDDEN, LayerStack, ModelOptions, ModelOutput, causal_lm_forward, constrain,
+                                    rope_theta)
+from xorl_jax.models.keymap import attention_maps, lm_globals, mlp_maps, moe_maps
 
 LAYER_TYPES = ("linear_attention", "full_attention")
 
