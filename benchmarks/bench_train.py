@@ -209,8 +209,7 @@ def inspect_step(args, trainer, state, batch, step_s: float, label: str) -> dict
 def experiments(args):
     """The experiment flags as the trainer takes them (unset flags: every run's defaults): the named values
     `dots_attention_saveable` keeps ("none" = only matmuls and attention), the slot counts the host may fix the packed
-    attention layout at, and AdamW's direction from the stored (rounded) bf16 moments or from them before rounding
-    (the default)."""
+    attention layout at."""
     from xorl_jax.train_setup import Experiments
 
     changes = {}
@@ -219,8 +218,6 @@ def experiments(args):
         changes["remat_saved_names"] = () if names == "none" else tuple(names.split(","))
     if args.attn_sizes:
         changes["attn_slot_sizes"] = tuple(int(m) for m in args.attn_sizes.split(","))
-    if args.adam_direction:
-        changes["adam_direction_from_stored"] = args.adam_direction == "stored"
     return Experiments(**changes)
 
 
@@ -521,9 +518,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "keeps, comma-separated, or none (default: models.common.SAVED_NAMES)")
     p.add_argument("--attn-sizes", default=None, help="experiment: comma-separated slot counts the host may fix the "
                    "packed cuDNN attention layout at (default: kernels.attention.segment_tiers, 8 and 64)")
-    p.add_argument("--adam-direction", choices=("stored", "fresh"), default=None,
-                   help="experiment, bf16 optimizer state: AdamW's direction from the stored moments or from the "
-                   "moments before rounding (the default)")
     p.add_argument("--moe", default=None, help="model.moe_implementation")
     p.add_argument("--gdn", default=None, help="model.gdn_implementation")
     p.add_argument("--ce-chunk", type=int, default=None, help="train.ce_chunk_size (tokens per chunk of the "
