@@ -1,9 +1,10 @@
 """LoRA target names as xorl, PEFT and Axolotl write them, and which of them a model has.
 
 No JAX here: the config loader checks `lora.lora_target_modules` / `lora_target_parameters` against the model's
-config.json before any device is touched (`check_config_targets`; which parts a model has comes from its family,
-`FamilyConfig.lora_parts`, whose module imports JAX but starts nothing). xorl_jax/lora.py turns the names into adapters on the
-actual parameters; a test checks that both agree on every family.
+config.json before any device is touched (`check_config_targets`). Which layer parts a model has comes from its
+family (`FamilyConfig.lora_parts`, models/base.py; the family's module imports JAX but starts nothing).
+xorl_jax/lora.py turns the names into adapters on the actual parameters; a test checks that both agree on every
+family.
 
 A name is relative to a decoder layer. A target matches a name that equals it or ends with "." + it (PEFT's rule),
 so `q_proj` matches `self_attn.q_proj` and, in Qwen3.5's linear-attention layers, `linear_attn.q_proj` (xorl
