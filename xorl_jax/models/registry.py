@@ -7,8 +7,12 @@ and this table names it (tests/test_model_interface.py checks both). docs/ADDING
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 from xorl_jax.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from xorl_jax.models.base import CausalLM
 
 # model_type -> "module:Class". Qwen3.5 multimodal wrappers (qwen3_5, qwen3_5_moe) are read through text_config.
 MODEL_TYPES = {
@@ -21,12 +25,12 @@ MODEL_TYPES = {
 }
 
 
-def _load(target: str):
+def _load(target: str) -> type[CausalLM]:
     module, name = target.split(":")
     return getattr(importlib.import_module(module), name)
 
 
-def model_class(hf_config: dict):
+def model_class(hf_config: dict) -> type[CausalLM]:
     """The model class for a HF config dict; CheckpointError (an input error) for a model_type not in the table."""
     model_type = hf_config.get("model_type")
     if model_type not in MODEL_TYPES:
@@ -37,6 +41,6 @@ def model_class(hf_config: dict):
     return _load(MODEL_TYPES[model_type])
 
 
-def model_classes() -> dict[str, type]:
+def model_classes() -> dict[str, type[CausalLM]]:
     """{model_type: model class} of every registered family (imports each family module)."""
     return {model_type: _load(target) for model_type, target in MODEL_TYPES.items()}
