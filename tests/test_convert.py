@@ -504,7 +504,7 @@ def test_to_orbax_peak_memory_is_bounded(tmp_path):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("bench_convert", os.path.join(os.path.dirname(__file__), "..",
-                                                                               "scripts", "bench_convert.py"))
+                                                                               "benchmarks", "bench_convert.py"))
     bc = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bc)
     cfg = bc.synthetic_config(0.2, hidden=512, inter=1536, vocab=8192, heads=8, kv_heads=2, head_dim=64)

@@ -142,7 +142,7 @@ def _bench_ep():
     import importlib.util
     import os
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "bench_ep.py")
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_ep.py")
     spec = importlib.util.spec_from_file_location("bench_ep", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
@@ -166,7 +166,7 @@ def test_ep_matches_one_device_at_moe_layer_size_on_gpus():
 
 
 def test_bench_ep_tiny_on_four_devices(tmp_path):
-    """scripts/bench_ep.py --tiny on 4 of the fake devices: runs, and its EP step (padded exchange at two capacity
+    """benchmarks/bench_ep.py --tiny on 4 of the fake devices: runs, and its EP step (padded exchange at two capacity
     factors) gives the one-device loss and gradients."""
     import json
 

@@ -233,7 +233,7 @@ def test_bench_loss_script_runs_tiny():
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root)
-    out = subprocess.run([sys.executable, os.path.join(root, "scripts", "bench_loss.py"), "--tiny"], env=env,
+    out = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_loss.py"), "--tiny"], env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [ln for ln in out.stdout.splitlines() if ln.startswith(("jnp reference", "chunked"))]

@@ -1,5 +1,5 @@
-"""Profile summaries: a real XLA:CPU trace, a hand-made GPU-style trace, and scripts/bench_train.py's jax backend on
-4 fake devices with FSDP x EP and --profile."""
+"""Profile summaries (benchmarks/profiling.py): a real XLA:CPU trace, a hand-made GPU-style trace, and
+benchmarks/bench_train.py's jax backend on 4 fake devices with FSDP x EP and --profile."""
 
 import gzip
 import json
@@ -11,9 +11,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from xorl_jax import profiling
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # the profiling helpers live beside the benchmarks
+
+import profiling  # noqa: E402
 
 
 def test_cpu_trace_dot_is_gemm_and_totals_add_up(tmp_path):
@@ -195,10 +196,10 @@ allocation 2: size 2048, output shape is |f32[512]|, maybe-live-out:
 
 
 def test_bench_train_jax_backend_fsdp_ep_profile(tmp_path):
-    """scripts/bench_train.py end to end on 4 fake CPU devices: tiny MoE, FSDP 4 x EP 4, --profile, --xla-dump."""
+    """benchmarks/bench_train.py end to end on 4 fake CPU devices: tiny MoE, FSDP 4 x EP 4, --profile, --xla-dump."""
     out = tmp_path / "result.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    cmd = [sys.executable, os.path.join(ROOT, "scripts", "bench_train.py"), "--model", "tiny_moe", "--layers", "1",
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_train.py"), "--model", "tiny_moe", "--layers", "1",
            "--batch", "1", "--seq", "128", "--steps", "2", "--warmup", "1", "--backends", "jax", "--fsdp", "4",
            "--ep", "4", "--profile", str(tmp_path / "prof"), "--profile-steps", "2", "--xla-dump",
            str(tmp_path / "xla"), "--json", str(out)]

@@ -422,9 +422,9 @@ _QARL = "QARL is not available (train.enable_qarl)"
 _QLORA = "QLoRA is not available (lora.enable_qlora)"
 _DISTILL = "distillation is not available (distill.enable_distillation)"
 _PARITY = "a kernel or rounding choice of xorl for bitwise parity with SGLang; the math is the same"
-_PROFILE = "xorl's step profiler settings; the trainer here does not profile (scripts/bench_train.py does)"
+_PROFILE = "xorl's step profiler settings; the trainer here does not profile (benchmarks/bench_train.py does)"
 _WANDB = "Weights & Biases is not available; metrics go to TensorBoard and the log"
-_TIMING = "xorl's per-phase step timers; scripts/bench_train.py times steps here"
+_TIMING = "xorl's per-phase step timers; benchmarks/bench_train.py times steps here"
 # xorl keys that change nothing here whatever their value (PyTorch kernels, memory and runtime knobs, features of
 # xorl's that are switched off): accepted, and one info line names those a config sets.
 NO_EFFECT_KEYS: dict[str, str] = {

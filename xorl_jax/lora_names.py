@@ -1,8 +1,10 @@
 """LoRA target names as xorl, PEFT and Axolotl write them, and which of them a model has.
 
 No JAX here: the config loader checks `lora.lora_target_modules` / `lora_target_parameters` against the model's
-config.json before JAX starts (`check_config_targets`). xorl_jax/lora.py turns the names into adapters on the
-actual parameters; a test checks that both agree on every family.
+config.json before any device is touched (`check_config_targets`). Which layer parts a model has comes from its
+family (`FamilyConfig.lora_parts`, models/base.py; the family's module imports JAX but starts nothing).
+xorl_jax/lora.py turns the names into adapters on the actual parameters; a test checks that both agree on every
+family.
 
 A name is relative to a decoder layer. A target matches a name that equals it or ends with "." + it (PEFT's rule),
 so `q_proj` matches `self_attn.q_proj` and, in Qwen3.5's linear-attention layers, `linear_attn.q_proj` (xorl
@@ -15,6 +17,8 @@ from __future__ import annotations
 import difflib
 import json
 import os
+
+from xorl_jax.models import registry
 
 ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "self_attn.qkv_proj")
 LINEAR_ATTENTION = (
@@ -44,30 +48,15 @@ def matches(name: str, target: str) -> bool:
 
 
 def model_parts(hf_config: dict) -> set[str] | None:
-    """The layer parts (keys of PARTS) a model of this config.json has; None for a model_type not known here."""
-    model_type = hf_config.get("model_type") or ""
-    text = hf_config.get("text_config") or hf_config
-    if model_type in ("qwen3", "qwen3_moe"):
-        parts = {"attention"}
-        experts = (text.get("num_experts") or text.get("num_local_experts") or 0) if model_type == "qwen3_moe" else 0
-        step = text.get("decoder_sparse_step", 1) or 1
-        mlp_only = set(text.get("mlp_only_layers") or ())
-        kinds = {experts > 0 and i not in mlp_only and (i + 1) % step == 0 for i in range(text["num_hidden_layers"])}
-        parts |= {"routed_experts" if moe else "dense_mlp" for moe in kinds}
-        return parts
-    if model_type.startswith("qwen3_5"):
-        n = text["num_hidden_layers"]
-        types = text.get("layer_types") or ["linear_attention" if (i + 1) % text.get("full_attention_interval", 4)
-                                             else "full_attention" for i in range(n)]
-        parts = {"attention" if t == "full_attention" else "linear_attention" for t in types}
-        if "moe" in model_type:
-            parts.add("routed_experts")
-            if text.get("shared_expert_intermediate_size", 0):
-                parts.add("shared_expert")
-        else:
-            parts.add("dense_mlp")
-        return parts
-    return None
+    """The layer parts (keys of PARTS) a model of this config.json has, as its family says (`lora_parts` of the
+    family config, models/base.py); None for a model_type not registered or a config.json the family refuses (the
+    model load reports that)."""
+    if hf_config.get("model_type") not in registry.MODEL_TYPES:
+        return None
+    try:
+        return set(registry.model_class(hf_config).config_class.from_hf(hf_config).lora_parts())
+    except (KeyError, ValueError, TypeError):
+        return None
 
 
 def available(parts) -> tuple[tuple[str, ...], tuple[str, ...]]:

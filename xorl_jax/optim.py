@@ -30,7 +30,7 @@ from flax import nnx
 
 DECAY_STYLES = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "anyprecision_adamw", "sgd", "signsgd", "muon")
-_STATE_DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
+_STATE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # the config maps xorl's fp32 / bf16 to these
 NO_DECAY_NAME_PARTS = ("norm", "bias")
 
 
@@ -174,13 +174,12 @@ def _rounding_noise(shape, seed: jax.Array) -> jax.Array:
     return _fmix32(_fmix32(_element_index(shape) ^ seed) + seed) >> 16
 
 
-def _stochastic_round_bf16(x32: jax.Array, seed: jax.Array, noise=_rounding_noise) -> jax.Array:
+def _stochastic_round_bf16(x32: jax.Array, seed: jax.Array) -> jax.Array:
     """fp32 -> bf16 rounding up or down with probability proportional to the distance (unbiased), so small
     EMA updates (e.g. (1 - b2) with b2 = 0.999) are not lost to round-to-nearest. seed: uint32 scalar, distinct
-    per step and per tensor. noise(shape, seed): 16 random bits per element (`_rounding_noise`; benchmarks compare
-    others)."""
+    per step and per tensor."""
     bits = jax.lax.bitcast_convert_type(x32, jnp.uint32)
-    rounded = (bits + noise(x32.shape, seed)) & jnp.uint32(0xFFFF0000)
+    rounded = (bits + _rounding_noise(x32.shape, seed)) & jnp.uint32(0xFFFF0000)
     out = jax.lax.bitcast_convert_type(rounded, jnp.float32)
     return jnp.where(jnp.isfinite(x32), out, x32).astype(jnp.bfloat16)
 
@@ -193,7 +192,7 @@ def _step_seed(count: jax.Array, salt: int) -> jax.Array:
 _PARAM_ROUNDING_SALT = 0x5BD1E995  # the weights' stream, apart from Adam's moments (salted by their `seed`)
 
 
-def apply_updates(params, updates, step: jax.Array, *, rounding_noise=_rounding_noise):
+def apply_updates(params, updates, step: jax.Array):
     """params + updates, like optax.apply_updates, except that a bf16 parameter takes the sum in fp32 and rounds
     it stochastically (unbiased): with round-to-nearest an update below half a bf16 step of its weight is lost
     every time (at lr 1e-5 that is every update of a weight above about 0.005), so bf16 weights would stop
@@ -206,7 +205,7 @@ def apply_updates(params, updates, step: jax.Array, *, rounding_noise=_rounding_
     for i, (p, u) in enumerate(zip(leaves, deltas)):
         if p.dtype == jnp.bfloat16:
             out.append(_stochastic_round_bf16(p.astype(jnp.float32) + u.astype(jnp.float32),
-                                              _fmix32(seed + jnp.uint32(i)), rounding_noise))
+                                              _fmix32(seed + jnp.uint32(i))))
         else:
             out.append((p + u).astype(p.dtype))
     return treedef.unflatten(out)
@@ -214,17 +213,11 @@ def apply_updates(params, updates, step: jax.Array, *, rounding_noise=_rounding_
 
 def scale_by_adam_low_precision(b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8, *,
                                 state_dtype=jnp.bfloat16, stochastic_rounding: bool = True,
-                                seed: int = 0, direction_from_stored: bool = False,
-                                rounding_noise=_rounding_noise) -> optax.GradientTransformation:
+                                seed: int = 0) -> optax.GradientTransformation:
     """Adam scaling with mu and nu stored in `state_dtype` (math in fp32). The state has optax's
-    ScaleByAdamState layout, so checkpoints look like the fp32 ones with smaller leaves.
-
-    direction_from_stored (an experiment): the update direction from the moments as stored (rounded) instead of
-    their fp32 values before rounding (differs by the rounding only). Then nothing reads a leaf's old moments after
-    its new ones are computed, so the in-place update needs no copy of them. Measured on an H200: faster on one
-    leaf per layer (18.5 vs 22.7 ms for Qwen3 1.7B), no faster on the models' stacked leaves (8.56 vs 8.47 ms), and
-    whole train steps were slower (Qwen3 1.7B 369.2 vs 365.7 ms; the Qwen3-30B-A3B cut 90.4 vs 85.9 ms and 3.8 GiB
-    more; docs/PERFORMANCE.md)."""
+    ScaleByAdamState layout, so checkpoints look like the fp32 ones with smaller leaves. The update direction comes
+    from the new moments before they are rounded for storage (taking it from the stored ones was measured slower
+    inside the train step: docs/PERFORMANCE.md, finished investigations)."""
 
     def init(params):
         zeros = lambda p: jnp.zeros(jnp.shape(p), state_dtype)  # noqa: E731
@@ -244,13 +237,11 @@ def scale_by_adam_low_precision(b1: float = 0.9, b2: float = 0.95, eps: float = 
             mu32 = b1 * mu.astype(jnp.float32) + (1.0 - b1) * g32
             nu32 = b2 * nu.astype(jnp.float32) + (1.0 - b2) * g32 * g32
             if stochastic_rounding and jnp.dtype(state_dtype) == jnp.bfloat16:
-                new_mu.append(_stochastic_round_bf16(mu32, _fmix32(step_seed + jnp.uint32(2 * i)), rounding_noise))
-                new_nu.append(_stochastic_round_bf16(nu32, _fmix32(step_seed + jnp.uint32(2 * i + 1)), rounding_noise))
+                new_mu.append(_stochastic_round_bf16(mu32, _fmix32(step_seed + jnp.uint32(2 * i))))
+                new_nu.append(_stochastic_round_bf16(nu32, _fmix32(step_seed + jnp.uint32(2 * i + 1))))
             else:
                 new_mu.append(mu32.astype(state_dtype))
                 new_nu.append(nu32.astype(state_dtype))
-            if direction_from_stored:
-                mu32, nu32 = new_mu[-1].astype(jnp.float32), new_nu[-1].astype(jnp.float32)
             mu_hat = mu32 / (1.0 - b1 ** c)
             nu_hat = nu32 / (1.0 - b2 ** c)
             out.append((mu_hat / (jnp.sqrt(nu_hat) + eps)).astype(g.dtype))
@@ -357,7 +348,7 @@ class MuonState(NamedTuple):
 
 def scale_by_muon(dims: list[MatrixDims], *, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
                   adjust_lr_fn: str | None = None, state_dtype=jnp.float32, stochastic_rounding: bool = True,
-                  seed: int = 0x2545F491, rounding_noise=_rounding_noise) -> optax.GradientTransformation:
+                  seed: int = 0x2545F491) -> optax.GradientTransformation:
     """torch.optim.Muon's update direction (xorl's Muon without its sharding approximations), for the leaves
     `dims` describes (in tree order; under `optax.multi_transform` the other leaves are masked out):
 
@@ -391,7 +382,7 @@ def scale_by_muon(dims: list[MatrixDims], *, momentum: float = 0.95, nesterov: b
                 buf32 = momentum * buf.astype(jnp.float32) + (1.0 - momentum) * g32
                 u = (1.0 - momentum) * g32 + momentum * buf32 if nesterov else buf32
                 if stochastic_rounding and jnp.dtype(state_dtype) == jnp.bfloat16:
-                    new_mu.append(_stochastic_round_bf16(buf32, _fmix32(step_seed + jnp.uint32(i)), rounding_noise))
+                    new_mu.append(_stochastic_round_bf16(buf32, _fmix32(step_seed + jnp.uint32(i))))
                 else:
                     new_mu.append(buf32.astype(state_dtype))
             ratio = muon_lr_ratio(d, g.shape, adjust_lr_fn)
@@ -409,8 +400,7 @@ def build_optimizer(*, schedule: optax.Schedule | float, weight_decay: float = 0
                     trainable_mask=None, momentum: float | None = None,
                     stochastic_rounding: bool = True, muon_dims=None, muon_schedule: optax.Schedule | float = None,
                     muon_momentum: float = 0.95, muon_nesterov: bool = True, muon_ns_steps: int = 5,
-                    muon_adjust_lr_fn: str | None = None, adam_direction_from_stored: bool = False,
-                    rounding_noise=_rounding_noise) -> optax.GradientTransformation:
+                    muon_adjust_lr_fn: str | None = None) -> optax.GradientTransformation:
     """The optax chain: clip by global norm -> optimizer -> decoupled (AdamW) or L2 (SGD) weight decay -> lr.
 
     optimizer: adamw | anyprecision_adamw (xorl's name for AdamW with optimizer_dtype moments: the same here) |
@@ -418,14 +408,12 @@ def build_optimizer(*, schedule: optax.Schedule | float, weight_decay: float = 0
       config's adam_beta1 documents; 0 = plain SGD) | signsgd (sign of the gradient, decoupled decay) |
       muon (`scale_by_muon` with decoupled decay and `muon_schedule` on the leaves `muon_dims` marks as matrices,
       AdamW with `schedule` on the others; xorl's split).
-    optimizer_dtype: float32 | bfloat16 (also fp32 | bf16): storage of Adam's mu and nu and of muon's momentum;
+    optimizer_dtype: float32 | bfloat16: storage of Adam's mu and nu and of muon's momentum;
       bf16 uses unbiased stochastic rounding unless stochastic_rounding=False.
     decay_mask: pytree of bool, True = decay (default: every parameter). Build one with `default_decay_mask`.
     trainable_mask: pytree of bool, False = frozen: frozen parameters get zero updates and no optimizer state,
       and gradient clipping sees only the trainable gradients.
     muon_dims: pytree like the params of MatrixDims or False (`default_muon_dims`); required for muon.
-    adam_direction_from_stored, rounding_noise: experiments on the bf16 state (`scale_by_adam_low_precision`,
-      `_stochastic_round_bf16`); the defaults are what training uses.
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer {optimizer!r} is not supported; use one of {OPTIMIZERS}")
@@ -441,9 +429,7 @@ def build_optimizer(*, schedule: optax.Schedule | float, weight_decay: float = 0
         if state_dtype == jnp.float32:
             return optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
         return scale_by_adam_low_precision(b1, b2, eps, state_dtype=state_dtype,
-                                           stochastic_rounding=stochastic_rounding,
-                                           direction_from_stored=adam_direction_from_stored,
-                                           rounding_noise=rounding_noise)
+                                           stochastic_rounding=stochastic_rounding)
 
     if optimizer in ("adamw", "anyprecision_adamw"):
         parts += [adam(), *decay]
@@ -465,7 +451,7 @@ def build_optimizer(*, schedule: optax.Schedule | float, weight_decay: float = 0
         muon = optax.chain(
             scale_by_muon(dims, momentum=muon_momentum, nesterov=muon_nesterov, ns_steps=muon_ns_steps,
                           adjust_lr_fn=muon_adjust_lr_fn, state_dtype=state_dtype,
-                          stochastic_rounding=stochastic_rounding, rounding_noise=rounding_noise),
+                          stochastic_rounding=stochastic_rounding),
             *decay, optax.scale_by_learning_rate(schedule if muon_schedule is None else muon_schedule))
         adamw = optax.chain(adam(), *decay, optax.scale_by_learning_rate(schedule))
         parts.append(optax.multi_transform({"muon": muon, "adamw": adamw}, labels))

@@ -325,7 +325,7 @@ def dry_run(cfg: Config, device_memory_gib: float | None = None, experiments: Ex
                      f"{', '.join(sorted({x.hf_name for x in targets}))}; base {_count(param_count, billions='B')} "
                      f"parameters frozen ({pdt.name})")
 
-    _, optimizer = optimizer_for(cfg, trained, max(t.max_steps or 1000, 1), experiments)
+    _, optimizer = optimizer_for(cfg, trained, max(t.max_steps or 1000, 1))
     opt_shardings = opt_state_shardings(optimizer, trained, mesh)
     opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                              jax.eval_shape(optimizer.init, trained), opt_shardings)

@@ -111,12 +111,11 @@ def model_options(cfg: Config) -> ModelOptions:
 
 @dataclasses.dataclass(frozen=True)
 class Experiments:
-    """Switches that benchmarks set (scripts/bench_train.py) and configs do not: what the trainer passes on to the
-    model options and the optimizer. The defaults are every run's."""
+    """Switches that benchmarks set (benchmarks/bench_train.py) and configs do not: what the trainer passes on to the
+    model options. The defaults are every run's."""
 
     remat_saved_names: tuple[str, ...] = SAVED_NAMES  # ModelOptions.remat_saved_names
     attn_slot_sizes: tuple[int, ...] | None = None  # ModelOptions.attn_slot_sizes
-    adam_direction_from_stored: bool = False  # optim.build_optimizer's
 
     def model_options(self, options: ModelOptions) -> ModelOptions:
         return dataclasses.replace(options, remat_saved_names=self.remat_saved_names,
@@ -161,7 +160,7 @@ def loss_config_for(cfg: Config, model_config, options: ModelOptions) -> LossCon
                       logits_dtype=jnp.float32 if cfg.model.lm_head_fp32 else options.compute_dtype)
 
 
-def optimizer_for(cfg: Config, params, total_steps: int, experiments: Experiments = Experiments()):
+def optimizer_for(cfg: Config, params, total_steps: int):
     """(learning-rate schedule, optax optimizer) from the config; `params` may be abstract."""
     t = cfg.train
     trainable = None
@@ -183,8 +182,7 @@ def optimizer_for(cfg: Config, params, total_steps: int, experiments: Experiment
     optimizer = build_optimizer(schedule=schedule, weight_decay=t.weight_decay, b1=t.adam_beta1, b2=t.adam_beta2,
                                 eps=t.adam_epsilon, max_grad_norm=t.max_grad_norm, optimizer=t.optimizer,
                                 optimizer_dtype=t.optimizer_dtype, decay_mask=default_decay_mask(params),
-                                trainable_mask=trainable,
-                                adam_direction_from_stored=experiments.adam_direction_from_stored, **muon)
+                                trainable_mask=trainable, **muon)
     return schedule, optimizer
 
 

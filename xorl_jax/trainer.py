@@ -206,7 +206,7 @@ class Trainer:
             raise ConfigError("train.max_steps is not set and the dataset size is unknown; set train.max_steps")
 
     def _setup_optimizer(self):
-        self.schedule, self.optimizer = optimizer_for(self.cfg, self.params, self.total_steps, self.experiments)
+        self.schedule, self.optimizer = optimizer_for(self.cfg, self.params, self.total_steps)
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         opt_state = jax.jit(self.optimizer.init, out_shardings=opt_state_shardings(self.optimizer, self.params,
                                                                                    self.mesh))(self.params)

@@ -1,4 +1,5 @@
-"""Pieces every model family shares: runtime options, the scanned layer stack, the output type, HF config reading."""
+"""Pieces every model family shares: runtime options, the scanned layer stack, the causal-LM forward (embedding,
+layers, norm, logits), the output type, HF config reading."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from xorl_jax.kernels.attention import packed_layout
 from xorl_jax.kernels.gmm import CHECKPOINT_NAME as GMM_CHECKPOINT_NAME
-from xorl_jax.layers.moe import EXPERT_WEIGHTS_NAME
+from xorl_jax.layers.linear import cast
+from xorl_jax.layers.moe import EXPERT_WEIGHTS_NAME, load_balancing_loss
+from xorl_jax.layers.rope import rope_cos_sin
 from xorl_jax.layers.swiglu import CHECKPOINT_NAME as SWIGLU_CHECKPOINT_NAME
 from xorl_jax.parallel.expert import PADDED_CAPACITY_FACTOR
 from xorl_jax.parallel.rules import constrain as constrain_by_rules
@@ -221,3 +225,35 @@ def constrain(x, names):
     """Shard activation `x` by its logical axis `names` (e.g. ("batch", "seq", "embed")) under the current mesh
     and rules (`xorl_jax.parallel.rules.use_mesh`); a no-op without one."""
     return constrain_by_rules(x, names)
+
+
+def causal_lm_forward(model, input_ids, positions, segment_ids, return_hidden, *, rotary_dim, num_experts=None,
+                      layer_transform=None, doc_slots=None):
+    """Embedding -> scanned layers -> final norm -> logits; shared by the families. doc_slots: see
+    `kernels.attention.document_slots` (None: the packed attention layout's tier is picked on the device)."""
+    cfg, opts = model.config, model.options
+    B, T = input_ids.shape
+    dt = opts.compute_dtype
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    valid = jnp.ones((B, T), bool) if segment_ids is None else segment_ids != 0
+    h = cast(model.embed_tokens, dt)[input_ids]
+    cos, sin = rope_cos_sin(positions, rotary_dim or cfg.head_dim, cfg.rope_theta, dt)
+    E = (num_experts if num_experts is not None else cfg.num_experts) or 1
+    stats = jnp.zeros((2, E), jnp.float32)
+    # The documents' attention layout once for all layers (and outside remat: not recomputed in the backward).
+    packed = segment_ids is not None and opts.attn_implementation == "cudnn"
+    attn_layout = packed_layout(segment_ids, slots=doc_slots) if packed else None
+    h, stats = model.layers(
+        (h, stats), remat_policy=opts.remat_policy, layer_transform=layer_transform, scan=opts.scan_layers,
+        saved_names=opts.remat_saved_names,
+        cos=cos, sin=sin, segment_ids=segment_ids, valid=valid, attn_layout=attn_layout,
+    )
+    h = model.norm(h)
+    aux = jnp.zeros((), jnp.float32)
+    if model.num_moe_layers:
+        aux = load_balancing_loss(stats, model.num_moe_layers, jnp.sum(valid))
+    if return_hidden:
+        return ModelOutput(hidden_states=h, aux_loss=aux)
+    logits = jnp.einsum("btd,dv->btv", h, model.head_weight(dt), preferred_element_type=jnp.float32)
+    return ModelOutput(logits=logits, aux_loss=aux)

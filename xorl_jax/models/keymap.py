@@ -128,3 +128,41 @@ class FamilyKeyMap:
     globals: tuple  # TensorMaps relative to the checkpoint root
     layer_maps: Callable[[int], Sequence[TensorMap]]  # layer index -> its TensorMaps
     skipped_prefixes: tuple = ()  # HF keys deliberately not loaded (vision tower, MTP head), logged once
+
+
+# ---------------------------------------------------------------------- pieces of HF decoder layers
+# Shared by the families whose HF checkpoints name their layers this way (Qwen3, Qwen3-MoE, Qwen3.5).
+def lm_globals(tied: bool, prefix: str) -> tuple:
+    maps = [
+        identity(("embed_tokens",), f"{prefix}.embed_tokens.weight"),
+        identity(("norm", "weight"), f"{prefix}.norm.weight"),
+    ]
+    if not tied:
+        maps.append(linear(("lm_head",), "lm_head.weight"))
+    return tuple(maps)
+
+
+def attention_maps(heads: int, kv_heads: int) -> list:
+    return [
+        linear_heads_out(("self_attn", "q_proj"), "self_attn.q_proj.weight", heads),
+        linear_heads_out(("self_attn", "k_proj"), "self_attn.k_proj.weight", kv_heads),
+        linear_heads_out(("self_attn", "v_proj"), "self_attn.v_proj.weight", kv_heads),
+        linear_heads_in(("self_attn", "o_proj"), "self_attn.o_proj.weight", heads),
+        identity(("self_attn", "q_norm", "weight"), "self_attn.q_norm.weight"),
+        identity(("self_attn", "k_norm", "weight"), "self_attn.k_norm.weight"),
+    ]
+
+
+def mlp_maps(ours: tuple, hf: str) -> list:
+    return [
+        fused_gate_up(ours + ("gate_up_proj",), f"{hf}.gate_proj.weight", f"{hf}.up_proj.weight"),
+        linear(ours + ("down_proj",), f"{hf}.down_proj.weight"),
+    ]
+
+
+def moe_maps(num_experts: int, expert_layout: str) -> list:
+    return [
+        linear(("mlp", "router"), "mlp.gate.weight"),
+        experts_gate_up(("mlp", "gate_up_proj"), "mlp.experts", num_experts, expert_layout),
+        experts_down(("mlp", "down_proj"), "mlp.experts", num_experts, expert_layout),
+    ]

@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax.numpy as jnp
 from flax import nnx
 
 from xorl_jax.layers.attention import Attention
-from xorl_jax.layers.linear import cast, param
+from xorl_jax.layers.linear import param
 from xorl_jax.layers.mlp import MLP
-from xorl_jax.layers.moe import MoE, load_balancing_loss, resolve_moe_implementation
+from xorl_jax.layers.moe import MoE, resolve_moe_implementation
 from xorl_jax.layers.norm import RMSNorm
-from xorl_jax.layers.rope import rope_cos_sin
-from xorl_jax.kernels.attention import packed_layout, resolve_attn_implementation
-from xorl_jax.models.common import HIDDEN, LayerStack, ModelOptions, ModelOutput, constrain, rope_theta
+from xorl_jax.kernels.attention import resolve_attn_implementation
+from xorl_jax.models.common import (HIDDEN, LayerStack, ModelOptions, ModelOutput, causal_lm_forward, constrain,
+                                    rope_theta)
 from xorl_jax.models import flops
 from xorl_jax.models import keymap as km
+from xorl_jax.models.keymap import attention_maps, lm_globals, mlp_maps, moe_maps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +79,12 @@ class Qwen3Config:
     @property
     def layer_kinds(self) -> list[str]:
         return ["moe" if self.is_moe_layer(i) else "dense" for i in range(self.num_hidden_layers)]
+
+    def tensor_parallel_divisors(self) -> dict[str, int]:
+        return {"num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads}
+
+    def lora_parts(self) -> frozenset[str]:
+        return frozenset({"attention"} | {"routed_experts" if k == "moe" else "dense_mlp" for k in self.layer_kinds})
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (active parameters for MoE); see models/flops.py."""
@@ -196,71 +202,3 @@ class Qwen3ForCausalLM(nnx.Module):
 
 class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
     """Qwen3-MoE: the same module as Qwen3 with sparse MoE blocks (chosen by the config)."""
-
-
-def lm_globals(tied: bool, prefix: str) -> tuple:
-    maps = [
-        km.identity(("embed_tokens",), f"{prefix}.embed_tokens.weight"),
-        km.identity(("norm", "weight"), f"{prefix}.norm.weight"),
-    ]
-    if not tied:
-        maps.append(km.linear(("lm_head",), "lm_head.weight"))
-    return tuple(maps)
-
-
-def attention_maps(heads: int, kv_heads: int) -> list:
-    return [
-        km.linear_heads_out(("self_attn", "q_proj"), "self_attn.q_proj.weight", heads),
-        km.linear_heads_out(("self_attn", "k_proj"), "self_attn.k_proj.weight", kv_heads),
-        km.linear_heads_out(("self_attn", "v_proj"), "self_attn.v_proj.weight", kv_heads),
-        km.linear_heads_in(("self_attn", "o_proj"), "self_attn.o_proj.weight", heads),
-        km.identity(("self_attn", "q_norm", "weight"), "self_attn.q_norm.weight"),
-        km.identity(("self_attn", "k_norm", "weight"), "self_attn.k_norm.weight"),
-    ]
-
-
-def mlp_maps(ours: tuple, hf: str) -> list:
-    return [
-        km.fused_gate_up(ours + ("gate_up_proj",), f"{hf}.gate_proj.weight", f"{hf}.up_proj.weight"),
-        km.linear(ours + ("down_proj",), f"{hf}.down_proj.weight"),
-    ]
-
-
-def moe_maps(num_experts: int, expert_layout: str) -> list:
-    return [
-        km.linear(("mlp", "router"), "mlp.gate.weight"),
-        km.experts_gate_up(("mlp", "gate_up_proj"), "mlp.experts", num_experts, expert_layout),
-        km.experts_down(("mlp", "down_proj"), "mlp.experts", num_experts, expert_layout),
-    ]
-
-
-def causal_lm_forward(model, input_ids, positions, segment_ids, return_hidden, *, rotary_dim, num_experts=None,
-                      layer_transform=None, doc_slots=None):
-    """Embedding -> scanned layers -> final norm -> logits; shared by the Qwen families. doc_slots: see
-    `kernels.attention.document_slots` (None: the packed attention layout's tier is picked on the device)."""
-    cfg, opts = model.config, model.options
-    B, T = input_ids.shape
-    dt = opts.compute_dtype
-    if positions is None:
-        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    valid = jnp.ones((B, T), bool) if segment_ids is None else segment_ids != 0
-    h = cast(model.embed_tokens, dt)[input_ids]
-    cos, sin = rope_cos_sin(positions, rotary_dim or cfg.head_dim, cfg.rope_theta, dt)
-    E = (num_experts if num_experts is not None else cfg.num_experts) or 1
-    stats = jnp.zeros((2, E), jnp.float32)
-    # The documents' attention layout once for all layers (and outside remat: not recomputed in the backward).
-    packed = segment_ids is not None and opts.attn_implementation == "cudnn"
-    attn_layout = packed_layout(segment_ids, slots=doc_slots) if packed else None
-    h, stats = model.layers(
-        (h, stats), remat_policy=opts.remat_policy, layer_transform=layer_transform, scan=opts.scan_layers,
-        saved_names=opts.remat_saved_names,
-        cos=cos, sin=sin, segment_ids=segment_ids, valid=valid, attn_layout=attn_layout,
-    )
-    h = model.norm(h)
-    aux = jnp.zeros((), jnp.float32)
-    if model.num_moe_layers:
-        aux = load_balancing_loss(stats, model.num_moe_layers, jnp.sum(valid))
-    if return_hidden:
-        return ModelOutput(hidden_states=h, aux_loss=aux)
-    logits = jnp.einsum("btd,dv->btv", h, model.head_weight(dt), preferred_element_type=jnp.float32)
-    return ModelOutput(logits=logits, aux_loss=aux)

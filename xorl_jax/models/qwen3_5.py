@@ -23,8 +23,9 @@ from xorl_jax.layers.moe import MoE, resolve_moe_implementation
 from xorl_jax.layers.norm import RMSNorm
 from xorl_jax.models import flops
 from xorl_jax.models import keymap as km
-from xorl_jax.models.common import HIDDEN, LayerStack, ModelOptions, ModelOutput, constrain, rope_theta
-from xorl_jax.models.qwen3 import attention_maps, causal_lm_forward, lm_globals, mlp_maps, moe_maps
+from xorl_jax.models.common import (HIDDEN, LayerStack, ModelOptions, ModelOutput, causal_lm_forward, constrain,
+                                    rope_theta)
+from xorl_jax.models.keymap import attention_maps, lm_globals, mlp_maps, moe_maps
 
 LAYER_TYPES = ("linear_attention", "full_attention")
 
@@ -103,6 +104,21 @@ class Qwen3_5Config:
     def layer_kinds(self) -> list[tuple]:
         mlp = "moe" if self.num_experts else "dense"
         return [(t, mlp) for t in self.layer_types]
+
+    def tensor_parallel_divisors(self) -> dict[str, int]:
+        return {"num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
+                "linear_num_key_heads": self.linear_num_key_heads,
+                "linear_num_value_heads": self.linear_num_value_heads}
+
+    def lora_parts(self) -> frozenset[str]:
+        parts = {"attention" if t == "full_attention" else "linear_attention" for t in self.layer_types}
+        if self.num_experts:
+            parts.add("routed_experts")
+            if self.shared_expert_intermediate_size:
+                parts.add("shared_expert")
+        else:
+            parts.add("dense_mlp")
+        return frozenset(parts)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (active parameters for MoE); see models/flops.py."""

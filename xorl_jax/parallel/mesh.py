@@ -92,9 +92,8 @@ def check_model_fits(sizes: dict[str, int], model_config: Any) -> None:
     if ep > 1 and experts % ep:
         raise MeshError(f"num_experts {experts} (config.json) is not divisible by train.expert_parallel_size "
                         f"{ep}; pick an expert_parallel_size that divides it")
-    if tp > 1:
-        for field in ("num_attention_heads", "num_key_value_heads", "linear_num_key_heads", "linear_num_value_heads"):
-            n = getattr(model_config, field, None)
+    if tp > 1:  # the family names what tensor parallelism splits (models.base.FamilyConfig)
+        for field, n in model_config.tensor_parallel_divisors().items():
             if n and n % tp:
                 raise MeshError(f"{field} {n} (config.json) is not divisible by train.tensor_parallel_size "
                                 f"{tp}; pick a tensor_parallel_size that divides it")

@@ -38,7 +38,7 @@ F32 = jnp.float32
 # a remat policy can keep them instead of running both forward kernels again in the backward.
 CHECKPOINT_NAME = "gdn_kernel"
 # Both defaults are the kernels. H100, T 8192 (4 packed documents), Hv 32, dk = dv = 128, bf16, same run
-# (scripts/bench_gdn.py, docs/PERFORMANCE.md): fwd+bwd 4.3 ms with both kernels, 9.5 ms with the intra terms in XLA,
+# (benchmarks/bench_gdn.py, docs/PERFORMANCE.md): fwd+bwd 4.3 ms with both kernels, 9.5 ms with the intra terms in XLA,
 # 24.5 ms with the intra kernels but the state-pass cotangents as XLA einsums (fp32 HIGHEST-precision products,
 # about 30 GFLOP: the cost once thought to lie "outside the kernels"). The "xla" variants stay as references and
 # for shapes the Triton kernels do not take.
@@ -111,7 +111,7 @@ def _specs(B, H, Tp, N, K, V, BV):
 @dataclasses.dataclass(frozen=True)
 class Launch:
     """Triton launch settings (num_warps, num_stages) per kernel, passed to the kernels as `launch=`;
-    `scripts/bench_gdn.py --tune` times alternatives on a GPU. The state passes walk chunks sequentially (one program
+    `benchmarks/bench_gdn.py --tune` times alternatives on a GPU. The state passes walk chunks sequentially (one program
     per head and value block); the per-chunk kernels (intra fwd/bwd, state grads) run one program per chunk and
     head."""
 

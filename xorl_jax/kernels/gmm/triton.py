@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 import jax_triton as jt
 
-# Hopper (H100/H200) bf16 tiles, chosen by a per-kernel sweep on an H100 (scripts/bench_gmm.py --sweep); the
+# Hopper (H100/H200) bf16 tiles, chosen by a per-kernel sweep on an H100 (benchmarks/bench_gmm.py --sweep); the
 # runtime autotuner picks one per call site and caches it for the process.
 _MM_CONFIGS = [
     triton.Config({"BM": 128, "BN": 256, "BK": 64}, num_stages=4, num_warps=8),

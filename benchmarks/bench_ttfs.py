@@ -1,7 +1,7 @@
 """Time to first step of a real training command: `python -m xorl_jax.train` on an HF checkpoint with Qwen3-8B
 shapes (synthetic bf16 weights, written once into --workdir), loading, sharding, compilation and one step included.
 
-    python scripts/bench_ttfs.py --workdir DIR [--layers N] [--seq 4096] [--param-dtype bfloat16]
+    python benchmarks/bench_ttfs.py --workdir DIR [--layers N] [--seq 4096] [--param-dtype bfloat16]
 
 Prints the trainer's own timings (the process's age at the first step, the step's compile-included time) and the
 wall time of the command. One GPU holds Qwen3-8B with bf16 parameters and AdamW state (~66 GB); fp32 state needs

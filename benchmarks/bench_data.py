@@ -1,7 +1,7 @@
 """Host cost of the data pipeline: start-up (tokenize or read the cache, pack epoch 0) and time per global batch.
 
     python scripts/make_text_corpus.py --out data/docstrings
-    python scripts/bench_data.py --data data/docstrings --rows 64 --seq 8192 [--cache DIR]
+    python benchmarks/bench_data.py --data data/docstrings --rows 64 --seq 8192 [--cache DIR]
 
 Runs twice when --cache is given (cold: tokenize and write the cache; warm: read it), each in a fresh process.
 """

@@ -1,6 +1,6 @@
 """Grouped expert GEMM benchmark: xorl Triton kernels against their peers, measured in the same run.
 
-    PYTHONPATH=. python scripts/bench_gmm.py [--shapes qwen3-30b,qwen3.5-35b,qwen3-235b-ep8] [--rows 32768,131072]
+    PYTHONPATH=. python benchmarks/bench_gmm.py [--shapes qwen3-30b,qwen3.5-35b,qwen3-235b-ep8] [--rows 32768,131072]
 
 Shapes: M rows, K = D hidden, N = F expert intermediate, E experts (the gate/up-like product M x D -> F).
 `--impls ...,gather` adds the MoE dispatch: the token copies sorted by expert gathered by XLA before the kernel,

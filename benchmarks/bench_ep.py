@@ -12,14 +12,14 @@ Shape: the Qwen3-30B-A3B MoE layer (hidden 2048, 128 experts, top-8, moe_interme
 
 One H100 (baseline only; EP needs 2+ devices):
 
-    python scripts/bench_ep.py
+    python benchmarks/bench_ep.py
 
 Two or four H200s (NVLink multicast must stay off):
 
-    NCCL_NVLS_ENABLE=0 python scripts/bench_ep.py                       # EP over every GPU
-    NCCL_NVLS_ENABLE=0 python scripts/bench_ep.py --tokens 16384 --routing skewed
-    NCCL_NVLS_ENABLE=0 python scripts/bench_ep.py --ep 2                # 4 GPUs: EP 2 x 2 expert replicas
-    NCCL_NVLS_ENABLE=0 python scripts/bench_ep.py --experts 256 --moe-intermediate 512   # Qwen3.5-35B-A3B
+    NCCL_NVLS_ENABLE=0 python benchmarks/bench_ep.py                       # EP over every GPU
+    NCCL_NVLS_ENABLE=0 python benchmarks/bench_ep.py --tokens 16384 --routing skewed
+    NCCL_NVLS_ENABLE=0 python benchmarks/bench_ep.py --ep 2                # 4 GPUs: EP 2 x 2 expert replicas
+    NCCL_NVLS_ENABLE=0 python benchmarks/bench_ep.py --experts 256 --moe-intermediate 512   # Qwen3.5-35B-A3B
 
 --check compares with a one-device reference built from each device's tokens run on their own, and prints
 the errors per leaf; also against the whole batch on one device, raw (`experts_sorted`) and through the layer's
@@ -27,7 +27,7 @@ token chunks (`in_token_chunks`, layers/experts.py).
 
 Smoke run on CPU fake devices (tiny shape, fp32, also checks EP against one device):
 
-    JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=4 python scripts/bench_ep.py --tiny
+    JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=4 python benchmarks/bench_ep.py --tiny
 """
 
 from __future__ import annotations

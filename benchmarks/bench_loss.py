@@ -2,7 +2,7 @@
 vocabulary chunks) against the full-logits jnp reference and HF's way in torch (bf16 logits, upcast,
 F.cross_entropy), same GPU, same run.
 
-    PYTHONPATH=. python scripts/bench_loss.py [--tokens 16384 --hidden 2048 --vocab 151936]
+    PYTHONPATH=. python benchmarks/bench_loss.py [--tokens 16384 --hidden 2048 --vocab 151936]
         [--chunks 1024,2048,4096] [--vocab-chunk 8192] [--iters 10] [--no-torch] [--no-reference]
 
 Reports the median fwd+bwd time, the rate of the head matmuls actually run (token chunks and the full-logits paths

@@ -18,26 +18,26 @@ xorl_jax run (train.micro_batch_size) at its sequence length.
 
 A YAML of yours (any `--section.key=value` after it overrides it, as on the train command line):
 
-    python scripts/bench_train.py --config configs/qwen3_8b_full.yaml --train.max_steps=1 --backends jax
+    python benchmarks/bench_train.py --config configs/qwen3_8b_full.yaml --train.max_steps=1 --backends jax
 
 Shapes by name (`--model`): the script writes a YAML first (random init, dummy packed documents, bf16 compute,
 one GPU unless mesh options say otherwise), prints where, and runs it the same way; option flags such as --remat,
 --scan-layers, --batch, --seq and the mesh sizes become config overrides (on --config too). One H100:
 
-    python scripts/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --backends jax,hf
-    python scripts/bench_train.py --model qwen3_30b_a3b --layers 6 --backends jax,hf
-    python scripts/bench_train.py --model qwen3_1.7b --backends jax --profile /tmp/prof --xla-dump /tmp/xla
-    python scripts/bench_train.py --model qwen3_1.7b --backends jax \
+    python benchmarks/bench_train.py --model qwen3_1.7b --batch 4 --seq 4096 --backends jax,hf
+    python benchmarks/bench_train.py --model qwen3_30b_a3b --layers 6 --backends jax,hf
+    python benchmarks/bench_train.py --model qwen3_1.7b --backends jax --profile /tmp/prof --xla-dump /tmp/xla
+    python benchmarks/bench_train.py --model qwen3_1.7b --backends jax \
         --sweep "remat=auto,full,dots_attention_saveable;scan_layers=true,false"
 
 Several GPUs of one host (xorl_jax only uses them; --batch is rows per data-parallel rank, so the global batch is
 --batch x (devices / tp)). NVLink multicast must stay off on these machines:
 
-    NCCL_NVLS_ENABLE=0 python scripts/bench_train.py --model qwen3_8b --layers 8 --fsdp 2 --backends jax,hf
-    NCCL_NVLS_ENABLE=0 python scripts/bench_train.py --model qwen3_30b_a3b --layers 8 --fsdp 4 --ep 4 \
+    NCCL_NVLS_ENABLE=0 python benchmarks/bench_train.py --model qwen3_8b --layers 8 --fsdp 2 --backends jax,hf
+    NCCL_NVLS_ENABLE=0 python benchmarks/bench_train.py --model qwen3_30b_a3b --layers 8 --fsdp 4 --ep 4 \
         --backends jax --profile /tmp/prof_ep4
-    NCCL_NVLS_ENABLE=0 python scripts/bench_train.py --model qwen3_8b --layers 8 --fsdp 2 --tp 2 --backends jax
-    NCCL_NVLS_ENABLE=0 python scripts/bench_train.py --model qwen3_5_35b_a3b --layers 4 --fsdp -1 --ep 2 \
+    NCCL_NVLS_ENABLE=0 python benchmarks/bench_train.py --model qwen3_8b --layers 8 --fsdp 2 --tp 2 --backends jax
+    NCCL_NVLS_ENABLE=0 python benchmarks/bench_train.py --model qwen3_5_35b_a3b --layers 4 --fsdp -1 --ep 2 \
         --backends jax                                   # --fsdp -1: every visible GPU
 
 Mesh options map to the train config: --fsdp = data_parallel_shard_size (expert ranks included), --ep =
@@ -49,12 +49,12 @@ takes every visible device. With --config and no mesh options the YAML's sizes a
 --profile DIR traces --profile-steps steady-state steps (after the trainer's loop, with its compiled step and state)
 with jax.profiler into DIR/<run>/ (open perfetto_trace.json.gz in ui.perfetto.dev) and prints device time per
 category (GEMM, cuDNN attention, Triton/Pallas kernels, fusions, collectives, copies) and the top ops
-(xorl_jax/profiling.py). --xla-dump DIR dumps the step's optimized HLO as text (XLA_FLAGS --xla_dump_to) and prints
+(benchmarks/profiling.py). --xla-dump DIR dumps the step's optimized HLO as text (XLA_FLAGS --xla_dump_to) and prints
 a summary of the module: fusions, custom calls, collectives, compiled memory and the largest temporary buffers.
 
 Smoke run on CPU fake devices (tiny model, a few seconds of compute):
 
-    JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=4 python scripts/bench_train.py \
+    JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=4 python benchmarks/bench_train.py \
         --model tiny_moe --layers 1 --batch 1 --seq 64 --backends jax --fsdp 4 --ep 4 --steps 2 --warmup 1
 """
 
@@ -174,7 +174,7 @@ def inspect_step(args, trainer, state, batch, step_s: float, label: str) -> dict
     """--profile / --xla-dump: trace a few steps and summarise them; summarise the optimized HLO module."""
     import jax
 
-    from xorl_jax import profiling
+    import profiling  # benchmarks/profiling.py (this script's folder is on sys.path)
 
     out = {}
     compiled = trainer.train_step.lower(state, batch).compile()  # cached: the step compiled already
@@ -209,8 +209,7 @@ def inspect_step(args, trainer, state, batch, step_s: float, label: str) -> dict
 def experiments(args):
     """The experiment flags as the trainer takes them (unset flags: every run's defaults): the named values
     `dots_attention_saveable` keeps ("none" = only matmuls and attention), the slot counts the host may fix the packed
-    attention layout at, and AdamW's direction from the stored (rounded) bf16 moments or from them before rounding
-    (the default)."""
+    attention layout at."""
     from xorl_jax.train_setup import Experiments
 
     changes = {}
@@ -219,8 +218,6 @@ def experiments(args):
         changes["remat_saved_names"] = () if names == "none" else tuple(names.split(","))
     if args.attn_sizes:
         changes["attn_slot_sizes"] = tuple(int(m) for m in args.attn_sizes.split(","))
-    if args.adam_direction:
-        changes["adam_direction_from_stored"] = args.adam_direction == "stored"
     return Experiments(**changes)
 
 
@@ -244,7 +241,7 @@ def write_shape_config(args, directory: str) -> str:
     }
     path = os.path.join(directory, "bench.yaml")
     with open(path, "w") as f:
-        f.write(f"# scripts/bench_train.py --model {args.model} --layers {args.layers}\n")
+        f.write(f"# benchmarks/bench_train.py --model {args.model} --layers {args.layers}\n")
         yaml.safe_dump(run, f, sort_keys=False)
     return path
 
@@ -523,9 +520,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "compute dtype)")
     p.add_argument("--attn-sizes", default=None, help="experiment: comma-separated slot counts the host may fix the "
                    "packed cuDNN attention layout at (default: kernels.attention.segment_tiers, 8 and 64)")
-    p.add_argument("--adam-direction", choices=("stored", "fresh"), default=None,
-                   help="experiment, bf16 optimizer state: AdamW's direction from the stored moments or from the "
-                   "moments before rounding (the default)")
     p.add_argument("--moe", default=None, help="model.moe_implementation")
     p.add_argument("--gdn", default=None, help="model.gdn_implementation")
     p.add_argument("--ce-chunk", type=int, default=None, help="train.ce_chunk_size (tokens per chunk of the "

@@ -1,13 +1,12 @@
 """The optimizer update alone (clip by global norm + AdamW + apply), on a parameter tree with Qwen3 1.7B's leaf
 shapes: xorl_jax's variants against torch's fused AdamW on the same GPU, same run.
 
-    PYTHONPATH=. python scripts/bench_optim.py [--layers 28 --hidden 2048 --ffn 6144 --vocab 151936] [--iters 10]
+    PYTHONPATH=. python benchmarks/bench_optim.py [--layers 28 --hidden 2048 --ffn 6144 --vocab 151936] [--iters 10]
 
 Variants: fp32 parameters and state (optax's AdamW); bf16 parameters and bf16 state, both rounded stochastically (as
-the train step does) by the counter hash in `xorl_jax.optim` (the default for `optimizer_dtype: bfloat16`), by a
-single hash (an experiment), by jax.random threefry bits (the earlier way, kept here only as the comparison),
-rounded to nearest, and hash-rounded with the update direction taken from the stored moments (an experiment:
-`scale_by_adam_low_precision(direction_from_stored=True)`, faster alone, slower inside the train step). Torch:
+the train step does) by the counter hash in `xorl_jax.optim` (the default for `optimizer_dtype: bfloat16`), and
+rounded to nearest. (Threefry bits, a single hash and the direction from the stored moments were compared here until
+2026-12-06: docs/PERFORMANCE.md, finished investigations.) Torch:
 `AdamW(fused=True)` with fp32 and with bf16 parameters (its state follows the parameter dtype; no stochastic
 rounding). Reports the median time of one update and the bytes it must move at least (read parameters, gradients
 and state, write parameters and state) as an achieved bandwidth. `--tiny` is a CPU smoke run.
@@ -46,24 +45,9 @@ def leaf_shapes(layers, hidden, ffn, vocab, heads=16, kv_heads=8, head_dim=128, 
     return layer_leaves + [(vocab, hidden), (hidden,)]
 
 
-def threefry_noise(shape, seed):
-    """16 random bits per element from jax.random (threefry): what bf16 stochastic rounding used before the hash."""
-    key = jax.random.key(seed.astype(jnp.int32))
-    return jax.random.bits(key, shape, jnp.uint32) >> 16
-
-
-def single_hash_noise(shape, seed):
-    """16 random bits per element from one MurmurHash3 finaliser instead of two chained: cheaper, yet measured
-    slower inside the MoE train step (see docs/PERFORMANCE.md); kept here to find out why."""
-    return optim._fmix32(optim._element_index(shape) ^ seed) >> 16
-
-
 def jax_case(shapes, param_dtype, optimizer_dtype, iters, rounding="hash", donate=False, profile=None, label=""):
-    noise = {"threefry": threefry_noise, "single": single_hash_noise}.get(rounding, optim._rounding_noise)
-    # "stored": hash rounding, the direction from the stored moments (the experiment)
     tx = optim.build_optimizer(schedule=1e-4, weight_decay=0.1, optimizer_dtype=optimizer_dtype,
-                               stochastic_rounding=rounding != "nearest",
-                               adam_direction_from_stored=rounding == "stored", rounding_noise=noise)
+                               stochastic_rounding=rounding != "nearest")
     keys = jax.random.split(jax.random.key(0), len(shapes))
     params = [jax.random.normal(k, s, jnp.float32).astype(param_dtype) * 0.02 for k, s in zip(keys, shapes)]
     grads = [(p * 0.1).astype(param_dtype) for p in params]
@@ -74,7 +58,7 @@ def jax_case(shapes, param_dtype, optimizer_dtype, iters, rounding="hash", donat
         if rounding == "nearest":
             return optax.apply_updates(params, updates), state
         # the train step's way
-        return optim.apply_updates(params, updates, jnp.ones((), jnp.int32), rounding_noise=noise), state
+        return optim.apply_updates(params, updates, jnp.ones((), jnp.int32)), state
 
     # donated: parameters and state updated in place, as the train step does (XLA must then order each leaf's reads
     # of the old moments before their writes, or copy them)
@@ -110,7 +94,7 @@ def time_donated(compiled, params, grads, state, iters):
 
 def profile_update(compiled, params, grads, state, donate, pdir, steps=3):
     """The compiled update's HLO counts and a trace of a few calls, summarised (kernels, calls, ms per update)."""
-    from xorl_jax import profiling
+    import profiling  # benchmarks/profiling.py (this script's folder is on sys.path)
 
     hlo_text = compiled.as_text()
     with jax.profiler.trace(pdir, create_perfetto_trace=True):
@@ -161,7 +145,7 @@ def main():
     p.add_argument("--donate", action="store_true", help="donate parameters and state, as the train step does")
     p.add_argument("--per-layer-leaves", action="store_true", help="xorl_jax cases on one leaf per layer and weight "
                    "(as torch holds them; this benchmark's layout before 2026-12-03) instead of stacked layers")
-    p.add_argument("--cases", default=None, help="comma-separated subset of the xorl_jax cases by index (0-5)")
+    p.add_argument("--cases", default=None, help="comma-separated subset of the xorl_jax cases by index (0-2)")
     p.add_argument("--profile", default=None, metavar="DIR", help="trace each xorl_jax case into DIR and print "
                    "its HLO counts and kernel summary")
     a = p.parse_args()
@@ -176,10 +160,7 @@ def main():
     print(f"{'case':50s} {'params':>8s} {'ms':>9s} {'GB/s':>8s} {'temp GiB':>9s}")
     cases = [("jax fp32 params + fp32 state (optax)", "float32", "float32", "hash"),
              ("jax bf16 params + bf16 state, hash rounding", "bfloat16", "bfloat16", "hash"),
-             ("jax bf16 params + bf16 state, single-hash rounding", "bfloat16", "bfloat16", "single"),
-             ("jax bf16 params + bf16 state, threefry rounding", "bfloat16", "bfloat16", "threefry"),
-             ("jax bf16 params + bf16 state, round to nearest", "bfloat16", "bfloat16", "nearest"),
-             ("jax bf16 + bf16 state, hash rounding, direction from stored", "bfloat16", "bfloat16", "stored")]
+             ("jax bf16 params + bf16 state, round to nearest", "bfloat16", "bfloat16", "nearest")]
     if a.cases:
         cases = [cases[int(i)] for i in a.cases.split(",")]
     for name, pd, od, rounding in cases:

@@ -1,6 +1,6 @@
 """Benchmark `convert to-orbax` / `to-hf` on a synthetic Qwen3 checkpoint: throughput and peak host memory.
 
-    python scripts/bench_convert.py --gb 4 --workdir DIR [--dtype bfloat16] [--to-hf]
+    python benchmarks/bench_convert.py --gb 4 --workdir DIR [--dtype bfloat16] [--to-hf]
 
 Writes a random Qwen3-shaped safetensors checkpoint of about --gb GB (bf16, 2 GB shards), then runs the
 conversion in a fresh process and reports MB/s and peak RSS against the bound "largest stored parameter + 1 GB"

@@ -8,7 +8,7 @@ of the Pallas output and gradients against the fp32 jnp reference, and whether t
 FLA 0.6.0 refuses its gated backward on Hopper with Triton < 3.7.1 (a Triton miscompile, FLA issue 640); for timing
 only, `--fla-bypass-guard` (default on) flips that version flag. Its backward values are then not trusted.
 
-Usage: PYTHONPATH=. python scripts/bench_gdn.py [--iters 20] [--no-fla] [--no-reference] [--skip-check]
+Usage: PYTHONPATH=. python benchmarks/bench_gdn.py [--iters 20] [--no-fla] [--no-reference] [--skip-check]
            [--impls pallas,pal+xla,pallas+sg,pal+xla+sg,jnp] [--breakdown] [--tune] [--hlo-summary] [--dump-hlo DIR]
 --breakdown times each Pallas kernel and each custom_vjp backward whole, against the fwd+bwd of the intra="pallas"
 path; --hlo-summary lists the kernels XLA emits for each fwd+bwd program (fusions, GEMM calls, copies).

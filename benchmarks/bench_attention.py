@@ -1,6 +1,6 @@
 """Time causal attention backends on the GPU: cuDNN (no segments, packed segments, masked fallback) and XLA.
 
-python scripts/bench_attention.py [--batch 2 --seq 4096 --heads 32 --kv-heads 8 --head-dim 128 --docs 4]
+python benchmarks/bench_attention.py [--batch 2 --seq 4096 --heads 32 --kv-heads 8 --head-dim 128 --docs 4]
 Forward and forward+backward medians (ms) and TFLOP/s counting causal FLOPs only (2 * 2 * B * H * d * T^2 / 2 per
 fwd for one document; documents reduce the real work, so packed rows are also reported as effective TFLOP/s).
 """
