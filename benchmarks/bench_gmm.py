@@ -3,6 +3,8 @@
     PYTHONPATH=. python benchmarks/bench_gmm.py [--shapes qwen3-30b,qwen3.5-35b,qwen3-235b-ep8] [--rows 32768,131072]
 
 Shapes: M rows, K = D hidden, N = F expert intermediate, E experts (the gate/up-like product M x D -> F).
+`--impls ...,gather` adds the MoE dispatch: the token copies sorted by expert gathered by XLA before the kernel,
+against the kernels reading each token's row in place (`kernels.gmm.gmm_gather`), M / 8 tokens of top-8 routing.
 Peers: jax.lax.ragged_dot, tokamax.ragged_dot (if it imports), torch._grouped_mm (separate process: the two
 frameworks do not share the GPU allocator), and the ceilings: a dense cuBLAS product of the same FLOPs and a batched
 einsum over equal groups. forward = 2MKN FLOPs; forward+backward = 3 x 2MKN (y, dx, dw).
@@ -19,6 +21,7 @@ import time
 
 import numpy as np
 
+TOP_K = 8  # copies per token of the `gather` case (Qwen3-MoE's and Qwen3.5-MoE's num_experts_per_tok)
 SHAPES = {  # name: (E, K, N)
     "qwen3-30b": (128, 2048, 768),
     "qwen3.5-35b": (256, 2048, 512),
@@ -141,6 +144,27 @@ def jax_cases(E, K, N, M, routing, impls, iters):
 
     if "triton" in impls:
         grouped("xorl triton", lambda a, b, s: gmm(a, b, s, implementation="triton"))
+    if "gather" in impls and M % TOP_K == 0:
+        # the MoE dispatch: M / TOP_K tokens, each copied TOP_K times, copies sorted by expert; the sorted rows
+        # gathered by XLA then the plain kernel (before), against the kernels reading the token rows in place
+        from xorl_jax.kernels.gmm import gmm_gather
+
+        experts = rng.permutation(np.repeat(np.arange(E), sizes))
+        order_np = np.argsort(experts, kind="stable").astype(np.int32)
+        inverse_np = np.empty_like(order_np)
+        inverse_np[order_np] = np.arange(M, dtype=np.int32)
+        order, inverse = jnp.asarray(order_np), jnp.asarray(inverse_np)
+        tokens = x[: M // TOP_K]
+        for name, f in (("xorl triton, XLA gather first",
+                         lambda a, b, s: gmm(a[order // TOP_K], b, s, implementation="triton")),
+                        ("xorl triton, rows gathered in-kernel",
+                         lambda a, b, s: gmm_gather(a, b, s, order, inverse, TOP_K))):
+            try:
+                t_f = time_fn(jax.jit(f), (tokens, w, gs), iters)
+                t_fb = time_fn(fwd_bwd_of(f), (tokens, w, gs, dy), iters)
+                results[name] = (flops / t_f / 1e12, 3 * flops / t_fb / 1e12, t_f * 1e3, t_fb * 1e3)
+            except Exception as err:  # noqa: BLE001
+                results[name] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
     if "ragged_dot" in impls:
         # XLA's dense masked lowering materialises [E, M, N] fp32 forward and [E, M, K] fp32 backward
         if 4.0 * E * M * N > 40e9:

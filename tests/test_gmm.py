@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xorl_jax.kernels.gmm import gmm, gmm_ragged_dot, gmm_reference, triton_available
+from xorl_jax.kernels.gmm import gmm, gmm_gather, gmm_ragged_dot, gmm_reference, triton_available
 
 GROUP_CASES = {
     "random_with_padding": lambda rng, M, E: _random_sizes(rng, M - 37, E),
@@ -88,6 +88,56 @@ def test_ragged_dot_matches_reference_with_grads(case):
         outs[impl] = (y, *vjp(dy))
     for got, want in zip(outs["ragged_dot"], outs["reference"]):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _routed_inputs(seed, S, copies, K, N, E, dtype):
+    """Tokens x [S, K], each copied `copies` times to random experts (distinct per token), the copies sorted by expert:
+    (x, w, group_sizes, order, inverse, dy over the sorted copies)."""
+    rng = np.random.default_rng(seed)
+    experts = np.stack([rng.choice(E, size=copies, replace=False) for _ in range(S)]).reshape(-1)
+    order = np.argsort(experts, kind="stable").astype(np.int32)
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(order.size, dtype=np.int32)
+    sizes = np.bincount(experts, minlength=E).astype(np.int32)
+    x = jnp.asarray(rng.standard_normal((S, K)), dtype)
+    w = jnp.asarray(rng.standard_normal((E, K, N)) / np.sqrt(K), dtype)
+    dy = jnp.asarray(rng.standard_normal((S * copies, N)), dtype)
+    return x, w, sizes, order, inverse, dy
+
+
+def _numpy_gather_gmm(x, w, sizes, order, copies, dy):
+    """y, dx, dw of gmm(x[order // copies]) in float64: dx sums each token's copies."""
+    source = order // copies
+    xs = np.asarray(x, np.float64)[source]
+    y = _numpy_gmm(xs, w, sizes)
+    dxs, dw = _numpy_grads(xs, w, sizes, dy)
+    dx = np.zeros(np.shape(x))
+    np.add.at(dx, source, dxs)
+    return y, dx, dw
+
+
+def test_gather_reference_matches_numpy_forward_and_grads():
+    x, w, sizes, order, inverse, dy = _routed_inputs(7, 40, 3, 24, 20, 6, jnp.float32)
+    @jax.jit
+    def fwd_bwd(x, w, dy):
+        y, vjp = jax.vjp(lambda a, b: gmm_gather(a, b, jnp.asarray(sizes), jnp.asarray(order), jnp.asarray(inverse),
+                                                 3, implementation="reference"), x, w)
+        return (y, *vjp(dy))
+
+    got = fwd_bwd(x, w, dy)
+    want = _numpy_gather_gmm(x, np.asarray(w), sizes, order, 3, np.asarray(dy))
+    for name, g, wnt in zip(("y", "dx", "dw"), got, want):
+        np.testing.assert_allclose(g, wnt, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_gather_bad_arguments_name_the_culprit():
+    x, w, sizes, order, inverse, _ = _routed_inputs(8, 8, 2, 8, 8, 4, jnp.float32)
+    with pytest.raises(ValueError, match="order/inverse of S \\* copies entries"):
+        gmm_gather(x, w, jnp.asarray(sizes), jnp.asarray(order), jnp.asarray(inverse), 3)
+    with pytest.raises(ValueError, match="implementation 'native'"):
+        gmm_gather(x, w, jnp.asarray(sizes), jnp.asarray(order), jnp.asarray(inverse), 2, implementation="native")
+    with pytest.raises(RuntimeError, match="not available on this device"):
+        gmm_gather(x, w, jnp.asarray(sizes), jnp.asarray(order), jnp.asarray(inverse), 2)
 
 
 def test_reference_keeps_bf16_dtype_and_accumulates_in_fp32():
@@ -243,3 +293,39 @@ def test_triton_matches_ragged_dot_at_moe_layer_sizes(M, E, real):
         assert np.all(np.isfinite(g)), f"{name}: non-finite elements"
         err = float(np.abs(g - wnt).max() / np.abs(wnt).max())
         assert err < 2e-2, f"{name}: max error {err:.2e} of the largest entry"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("shape", [(500, 4, 256, 384, 16), (333, 8, 200, 72, 64), (1024, 8, 512, 1536, 128)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_triton_gather_matches_numpy_on_gpu(shape, dtype):
+    """The gathered-row kernels (token copies read from the unsorted tokens) against float64 numpy on random routing,
+    poisoned memory, two runs bit-identical, and against the plain kernel on the gathered rows."""
+    S, copies, K, N, E = shape
+    x, w, sizes, order, inverse, dy = _routed_inputs(zlib.crc32(str(shape).encode()), S, copies, K, N, E, dtype)
+    gs, order_j, inverse_j = jnp.asarray(sizes), jnp.asarray(order), jnp.asarray(inverse)
+
+    @jax.jit
+    def gathered(x, w, dy):
+        y, vjp = jax.vjp(lambda a, b: gmm_gather(a, b, gs, order_j, inverse_j, copies), x, w)
+        return (y, *vjp(dy))
+
+    @jax.jit
+    def plain(x, w, dy):
+        y, vjp = jax.vjp(lambda a, b: gmm(a[order_j // copies], b, gs, implementation="triton"), x, w)
+        return (y, *vjp(dy))
+
+    _poison_allocator(4 * max(S * copies * max(K, N), E * K * N))
+    got = jax.block_until_ready(gathered(x, w, dy))
+    again = jax.block_until_ready(gathered(x, w, dy))
+    f32 = lambda a: np.asarray(a.astype(jnp.float32), np.float64)  # noqa: E731
+    want = _numpy_gather_gmm(f32(x), f32(w), sizes, order, copies, f32(dy))
+    tol = 2e-2 if dtype == jnp.bfloat16 else 1e-4
+    for name, g, a, p, wnt in zip(("y", "dx", "dw"), got, again, plain(x, w, dy), want):
+        assert g.dtype == dtype, name
+        np.testing.assert_array_equal(f32(g), f32(a), err_msg=f"{name}: two runs differ")
+        assert np.all(np.isfinite(f32(g))), f"{name}: unwritten (NaN-poisoned) elements"
+        scale = max(1.0, float(np.abs(wnt).max()))
+        np.testing.assert_allclose(f32(g), wnt, rtol=tol, atol=tol * scale, err_msg=name)
+        np.testing.assert_allclose(f32(g), f32(p), rtol=tol, atol=tol * scale, err_msg=f"{name} vs plain kernel")

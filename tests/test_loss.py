@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xorl_jax.loss import _plan, chunked_cross_entropy, cross_entropy_reference
+from xorl_jax.loss import _logsumexp_rows, _plan, chunked_cross_entropy, cross_entropy_reference
 
 METHODS = ("tokens", "vocab")
 
@@ -39,6 +39,19 @@ def _assert_matches_reference(h, w, labels, soft_cap=None, **kw):
     np.testing.assert_allclose(loss, ref, rtol=1e-5)
     np.testing.assert_allclose(dh, dh_ref, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(dw, dw_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_one_pass_logsumexp_matches_jax_on_random_and_edge_rows():
+    """The token chunks' single-pass logsumexp (running max and rescaled sum) against jax.nn.logsumexp."""
+    ours, theirs = jax.jit(_logsumexp_rows), jax.jit(lambda z: jax.nn.logsumexp(z, axis=-1))
+    for seed, shape in enumerate([(5, 3), (16, 4099)]):
+        z = np.random.default_rng(seed).standard_normal(shape).astype(np.float32) * 40.0
+        np.testing.assert_allclose(ours(z), theirs(z), rtol=1e-6, atol=1e-5)
+    inf, nan = np.inf, np.nan
+    z = np.array([[-inf, -inf, 0.5], [-inf, -inf, -inf], [1e30, -1e30, 3.0], [nan, 1.0, 2.0], [88.0, 89.0, -90.0]],
+                 np.float32)
+    np.testing.assert_array_equal(np.isnan(ours(z)), [False, False, False, True, False])
+    np.testing.assert_allclose(ours(z), theirs(z), rtol=1e-6)
 
 
 # (300, 200): chunks wide enough to be aligned to 128 columns, so padded to 2 x 256

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from xorl_jax.kernels.gmm import gmm
+from xorl_jax.kernels.gmm import gmm, gmm_gather
 from xorl_jax.layers.permute import inverse_permutation, take_copies, take_rows
 from xorl_jax.layers.swiglu import swiglu
 
@@ -34,9 +34,14 @@ def experts_sorted(x_ND, top_i, top_w, w_gate_up_EDCF, w_down_EFD, implementatio
     order = jnp.argsort(flat_expert, stable=True)
     inverse = inverse_permutation(order)
     group_sizes = jnp.bincount(flat_expert, length=E).astype(jnp.int32)
-    x_sorted = take_copies(x_ND, order, inverse, k)
+    w_gate_up = w_gate_up_EDCF.reshape(E, D, 2 * F)
     gmm_impl = "ragged_dot" if implementation == "native" else implementation
-    h = gmm(x_sorted, w_gate_up_EDCF.reshape(E, D, 2 * F), group_sizes, implementation=gmm_impl)
+    # Triton in bf16/fp16: the kernels read each token's row in place, no sorted copy in memory (fp32 compute keeps
+    # the sorted copy: its gathered kernels have not been run on a GPU)
+    if implementation == "triton" and x_ND.dtype != jnp.float32:
+        h = gmm_gather(x_ND, w_gate_up, group_sizes, order, inverse, k)
+    else:
+        h = gmm(take_copies(x_ND, order, inverse, k), w_gate_up, group_sizes, implementation=gmm_impl)
     a = swiglu(h, -1)
     y_sorted = gmm(a, w_down_EFD, group_sizes, implementation=gmm_impl)
     y_copies = take_rows(y_sorted, inverse, order).reshape(N, k, D)

@@ -5,7 +5,8 @@ Expert weights are fused: `gate_up_proj` [E, D, 2, F] (index 0 = gate) and `down
 `moe_implementation`:
 - `eager`: every expert on every token, weighted by a dense [N, E] combine matrix. The reference; tiny models only.
 - `native`: token copies sorted by expert, `jax.lax.ragged_dot` grouped GEMM (fine on CPU, very slow on GPU).
-- `triton`: the same sorted path with the jax-triton grouped GEMM kernel (NVIDIA GPUs).
+- `triton`: the same sorted path with the jax-triton grouped GEMM kernels (NVIDIA GPUs); the gate/up product reads
+  each token's row in place instead of a sorted copy of the tokens.
 - `auto`: triton on NVIDIA GPUs when available, otherwise native.
 
 Shapes: N tokens, D hidden, E experts, F expert intermediate, k experts per token.
@@ -19,6 +20,7 @@ import logging
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from xorl_jax.kernels.gmm import _cached_unavailable_reason, triton_available
 from xorl_jax.layers.experts import experts_dense, experts_sorted, in_token_chunks, route
@@ -28,6 +30,19 @@ from xorl_jax.parallel import rules as parallel_rules
 from xorl_jax.parallel.expert import PADDED_CAPACITY_FACTOR, experts_ep
 
 MOE_IMPLEMENTATIONS = ("auto", "triton", "native", "eager")
+# The name of the expert weights in the compute dtype, so a remat policy can keep them for the backward: recomputing
+# the fp32 -> bf16 cast there rereads the fp32 weights, and makes XLA copy every layer's fp32 slice of the stacked
+# parameters so the backward can read it (on the Qwen3-30B-A3B cut with fp32 parameters, one H100: 4.8 ms of casts
+# and 6.5 ms of copies in a 128 ms step; 116 ms with them kept, docs/PERFORMANCE.md). Kept, they cost 2 bytes per
+# local expert parameter per layer. `dots_attention_saveable` keeps them (models.common.SAVED_NAMES), except under a layer transform.
+EXPERT_WEIGHTS_NAME = "expert_weights"
+
+
+def _compute_weights(w: nnx.Param, dtype) -> jax.Array:
+    """Expert weights in the compute dtype, named for the remat policy only where a cast happens: weights already in
+    the compute dtype would be saved as a second copy of themselves for nothing."""
+    value = cast(w, dtype)
+    return value if w[...].dtype == value.dtype else checkpoint_name(value, EXPERT_WEIGHTS_NAME)
 # Not a config value: the sorted path with the grouped GEMM's jnp reference (kernels.gmm), which the dry run plans in
 # place of triton on CPU (XLA:CPU's ragged_dot, `native`, expands into one dense product per expert).
 MOE_REFERENCE = "reference"
@@ -122,7 +137,7 @@ class MoE(nnx.Module):
         probs, top_w, top_i = route(logits, self.top_k, self.norm_topk_prob)
         if not self.train_router:  # xorl's train_router false: the experts' gradient stops at the routing weights;
             top_w = jax.lax.stop_gradient(top_w)  # the router still learns from the aux loss through `probs`
-        w_gu, w_down = cast(self.gate_up_proj, dt), cast(self.down_proj, dt)
+        w_gu, w_down = _compute_weights(self.gate_up_proj, dt), _compute_weights(self.down_proj, dt)
         ctx = parallel_rules.current()
         if ctx is not None and ctx.axis_size("expert") > 1:  # expert parallelism: shard_map all-to-all path
             y = experts_ep(x, top_i, top_w.astype(dt), w_gu, w_down, mesh=ctx.mesh, implementation=self.implementation,

@@ -86,4 +86,30 @@ def _gmm(x, w, group_sizes, implementation: str):
     return gmm_triton(x, w.astype(x.dtype), group_sizes)
 
 
-__all__ = ["CHECKPOINT_NAME", "gmm", "gmm_reference", "gmm_ragged_dot", "triton_available", "IMPLEMENTATIONS"]
+def gmm_gather(x_SK, w, group_sizes, order, inverse, copies: int, implementation: str = "triton"):
+    """gmm(x_SK[order // copies], w, group_sizes) without writing the gathered rows to memory: the rows of x are
+    copied `copies` times (copy c of row s is entry s * copies + c) and taken in the order `order`, a permutation of
+    the S * copies entries whose inverse is `inverse` (the MoE dispatch: token copies sorted by expert). "triton":
+    the kernels read each row from x in place; "reference": the jnp gather then gmm_reference (tests, CPU). The input
+    gradient sums each row's copies in fp32. Output named CHECKPOINT_NAME."""
+    M = order.shape[0]
+    if x_SK.ndim != 2 or M != x_SK.shape[0] * copies or inverse.shape != order.shape:
+        raise ValueError(f"gmm_gather needs x [S, K] and order/inverse of S * copies entries; got x {x_SK.shape}, "
+                         f"order {order.shape}, inverse {inverse.shape}, copies {copies}")
+    source = (order // copies).astype(jnp.int32)
+    if implementation == "reference":
+        return gmm(x_SK[source], w, group_sizes, implementation="reference")
+    if implementation != "triton":
+        raise ValueError(f"gmm_gather implementation {implementation!r} is not one of ('triton', 'reference')")
+    reason = _cached_unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"gmm_gather implementation 'triton' is not available on this device: {reason}")
+    from xorl_jax.kernels.gmm.triton import gmm_gather_triton  # optional GPU dependency, as in _gmm
+
+    y = gmm_gather_triton(x_SK, w.astype(x_SK.dtype), group_sizes.astype(jnp.int32), source,
+                          inverse.astype(jnp.int32), copies)
+    return checkpoint_name(y, CHECKPOINT_NAME)
+
+
+__all__ = ["CHECKPOINT_NAME", "gmm", "gmm_gather", "gmm_reference", "gmm_ragged_dot", "triton_available",
+           "IMPLEMENTATIONS"]

@@ -4,6 +4,8 @@ Shapes: M rows (sorted by group), K input features, N output features, E groups 
   forward  y_MN[rows of g]  = x_MK[rows of g] @ w_EKN[g]
   dgrad    dx_MK[rows of g] = dy_MN[rows of g] @ w_EKN[g]^T   (the forward kernel reading w transposed)
   wgrad    dw_EKN[g]        = x_MK[rows of g]^T @ dy_MN[rows of g]   (zero for an empty group)
+Gathered rows (`gmm_gather_triton`): row r of x is x_SK[source_M[r]], read by the forward and wgrad kernels straight
+from the unsorted source (the MoE's token copies sorted by expert never go to memory).
 
 Schedule: no host synchronisation. Every program of the forward/dgrad kernel reads group_sizes (E int32) and finds
 its own (group, row tile) from the cumulative per-group tile counts, so the launch grid is a static upper bound:
@@ -14,6 +16,7 @@ Tiles are autotuned among a few configs at the first run of each call site (jax-
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -68,11 +71,12 @@ def _tile_of_program(gs_ptr, t, M: tl.constexpr, E: tl.constexpr, E_BLOCK: tl.co
 
 
 @triton.jit
-def _gmm_kernel(x_ptr, w_ptr, gs_ptr, y_ptr,
+def _gmm_kernel(x_ptr, w_ptr, gs_ptr, src_ptr, y_ptr,
                 M: tl.constexpr, K: tl.constexpr, N: tl.constexpr, E: tl.constexpr, E_BLOCK: tl.constexpr,
                 stride_we: tl.constexpr, stride_wk: tl.constexpr, stride_wn: tl.constexpr, IEEE: tl.constexpr,
-                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """y[rows] = x[rows, :K] @ W_g with W_g[k, n] at w_ptr + g*stride_we + k*stride_wk + n*stride_wn."""
+                GATHER: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """y[rows] = x[rows, :K] @ W_g with W_g[k, n] at w_ptr + g*stride_we + k*stride_wk + n*stride_wn; GATHER: row r
+    of x is x[src[r]] (src_ptr: M int32)."""
     pid = tl.program_id(0)
     N_TILES: tl.constexpr = (N + BN - 1) // BN
     t = pid // N_TILES
@@ -86,7 +90,11 @@ def _gmm_kernel(x_ptr, w_ptr, gs_ptr, y_ptr,
     g_safe = tl.minimum(g, E - 1)
     k_iters = tl.where(g < E, tl.cdiv(K, BK), 0)
     offs_k = tl.arange(0, BK)
-    x_ptrs = x_ptr + rows[:, None].to(tl.int64) * K + offs_k[None, :]
+    if GATHER:
+        x_rows = tl.load(src_ptr + rows, mask=row_ok & (rows < M), other=0)
+    else:
+        x_rows = rows
+    x_ptrs = x_ptr + x_rows[:, None].to(tl.int64) * K + offs_k[None, :]
     w_ptrs = w_ptr + g_safe.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k in range(0, k_iters):
@@ -108,10 +116,10 @@ def _gmm_kernel(x_ptr, w_ptr, gs_ptr, y_ptr,
 
 
 @triton.jit
-def _gmm_wgrad_kernel(x_ptr, dy_ptr, gs_ptr, dw_ptr,
+def _gmm_wgrad_kernel(x_ptr, dy_ptr, gs_ptr, src_ptr, dw_ptr,
                       M: tl.constexpr, K: tl.constexpr, N: tl.constexpr, E: tl.constexpr, E_BLOCK: tl.constexpr,
-                      IEEE: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
-    """dw[g, k tile, n tile] = sum over the rows of group g of x[row, k]^T dy[row, n]."""
+                      IEEE: tl.constexpr, GATHER: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
+    """dw[g, k tile, n tile] = sum over the rows of group g of x[row, k]^T dy[row, n]; GATHER: x[src[row], k]."""
     pid = tl.program_id(0)
     g = tl.program_id(1)
     N_TILES: tl.constexpr = (N + BN - 1) // BN
@@ -132,6 +140,9 @@ def _gmm_wgrad_kernel(x_ptr, dy_ptr, gs_ptr, dw_ptr,
     acc = tl.zeros((BK, BN), dtype=tl.float32)
     for _ in range(0, tl.cdiv(row_end - row_start, BM)):
         row_ok = rows < row_end
+        if GATHER:
+            x_rows = tl.load(src_ptr + rows, mask=row_ok, other=0)
+            x_ptrs = x_ptr + x_rows[:, None].to(tl.int64) * K + ks[None, :]
         if K % BK == 0:
             a = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
         else:
@@ -151,8 +162,8 @@ def _gmm_wgrad_kernel(x_ptr, dy_ptr, gs_ptr, dw_ptr,
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=k_ok[:, None] & n_ok[None, :])
 
 
-_gmm_autotuned = triton.autotune(configs=_MM_CONFIGS, key=["M", "K", "N", "E"])(_gmm_kernel)
-_wgrad_autotuned = triton.autotune(configs=_WGRAD_CONFIGS, key=["M", "K", "N", "E"])(_gmm_wgrad_kernel)
+_gmm_autotuned = triton.autotune(configs=_MM_CONFIGS, key=["M", "K", "N", "E", "GATHER"])(_gmm_kernel)
+_wgrad_autotuned = triton.autotune(configs=_WGRAD_CONFIGS, key=["M", "K", "N", "E", "GATHER"])(_gmm_wgrad_kernel)
 
 
 def _e_block(E: int) -> int:
@@ -171,9 +182,11 @@ def _check(x, w_dtype):
         raise TypeError(f"triton gmm needs x and w of one dtype, got {x.dtype} and {w_dtype}")
 
 
-def _matmul(x_MK, w, group_sizes_E, *, K: int, N: int, transpose_w: bool, config=None):
-    """Rows of x (width K) times per-group matrices of w: w [E, K, N], or w [E, N, K] read transposed."""
-    M = x_MK.shape[0]
+def _matmul(x_MK, w, group_sizes_E, *, K: int, N: int, transpose_w: bool, source_M=None, config=None):
+    """Rows of x (width K) times per-group matrices of w: w [E, K, N], or w [E, N, K] read transposed. With
+    source_M (int32 [M]), row r is x[source_M[r]] and x may have any number of rows."""
+    M = x_MK.shape[0] if source_M is None else source_M.shape[0]
+    gather = source_M is not None
     E = w.shape[0]
     if transpose_w:  # w is [E, N_w, K_w] = [E, N, K] here: reduction over its last axis
         strides = dict(stride_we=K * N, stride_wk=1, stride_wn=K)
@@ -188,18 +201,19 @@ def _matmul(x_MK, w, group_sizes_E, *, K: int, N: int, transpose_w: bool, config
         params = {}
         kernel = _gmm_autotuned
     return jt.triton_call(
-        x_MK, w, group_sizes_E,
+        x_MK, w, group_sizes_E, source_M if gather else group_sizes_E,  # an unread stand-in without gather
         kernel=kernel,
         out_shape=jax.ShapeDtypeStruct((M, N), x_MK.dtype),
         grid=lambda meta: ((_cdiv(M, meta["BM"]) + E + 1) * _cdiv(N, meta["BN"]),),
-        name="gmm_dgrad" if transpose_w else "gmm_fwd",
-        M=M, K=K, N=N, E=E, E_BLOCK=_e_block(E), IEEE=ieee, **strides, **params,
+        name="gmm_dgrad" if transpose_w else ("gmm_gather_fwd" if gather else "gmm_fwd"),
+        M=M, K=K, N=N, E=E, E_BLOCK=_e_block(E), IEEE=ieee, GATHER=gather, **strides, **params,
     )
 
 
-def _wgrad(x_MK, dy_MN, group_sizes_E, E: int, out_dtype, config=None):
-    M, K = x_MK.shape
-    N = dy_MN.shape[1]
+def _wgrad(x_MK, dy_MN, group_sizes_E, E: int, out_dtype, source_M=None, config=None):
+    M, N = dy_MN.shape
+    K = x_MK.shape[1]
+    gather = source_M is not None
     ieee = x_MK.dtype == jnp.float32
     config = config or _untuned(_WGRAD_CONFIGS[0])
     if ieee or config is not None:
@@ -209,18 +223,18 @@ def _wgrad(x_MK, dy_MN, group_sizes_E, E: int, out_dtype, config=None):
         params = {}
         kernel = _wgrad_autotuned
     return jt.triton_call(
-        x_MK, dy_MN, group_sizes_E,
+        x_MK, dy_MN, group_sizes_E, source_M if gather else group_sizes_E,  # an unread stand-in without gather
         kernel=kernel,
         out_shape=jax.ShapeDtypeStruct((E, K, N), out_dtype),
         grid=lambda meta: (_cdiv(K, meta["BK"]) * _cdiv(N, meta["BN"]), E),
-        name="gmm_wgrad",
-        M=M, K=K, N=N, E=E, E_BLOCK=_e_block(E), IEEE=ieee, **params,
+        name="gmm_gather_wgrad" if gather else "gmm_wgrad",
+        M=M, K=K, N=N, E=E, E_BLOCK=_e_block(E), IEEE=ieee, GATHER=gather, **params,
     )
 
 
-def gmm_forward(x_MK, w_EKN, group_sizes_E, config=None):
+def gmm_forward(x_MK, w_EKN, group_sizes_E, config=None, source_M=None):
     E, K, N = w_EKN.shape
-    return _matmul(x_MK, w_EKN, group_sizes_E, K=K, N=N, transpose_w=False, config=config)
+    return _matmul(x_MK, w_EKN, group_sizes_E, K=K, N=N, transpose_w=False, source_M=source_M, config=config)
 
 
 def gmm_dgrad(dy_MN, w_EKN, group_sizes_E, config=None):
@@ -228,8 +242,8 @@ def gmm_dgrad(dy_MN, w_EKN, group_sizes_E, config=None):
     return _matmul(dy_MN, w_EKN, group_sizes_E, K=N, N=K, transpose_w=True, config=config)
 
 
-def gmm_wgrad(x_MK, dy_MN, group_sizes_E, num_groups: int, out_dtype=None, config=None):
-    return _wgrad(x_MK, dy_MN, group_sizes_E, num_groups, out_dtype or x_MK.dtype, config=config)
+def gmm_wgrad(x_MK, dy_MN, group_sizes_E, num_groups: int, out_dtype=None, config=None, source_M=None):
+    return _wgrad(x_MK, dy_MN, group_sizes_E, num_groups, out_dtype or x_MK.dtype, source_M=source_M, config=config)
 
 
 @jax.custom_vjp
@@ -253,3 +267,32 @@ def _gmm_bwd(res, dy_MN):
 
 
 gmm_triton.defvjp(_gmm_fwd, _gmm_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def gmm_gather_triton(x_SK, w_EKN, group_sizes_E, source_M, inverse_M, copies: int):
+    """Grouped GEMM of gathered rows: row r is x_SK[source_M[r]], where source_M = order // copies for a permutation
+    `order` of S * copies entries (copy c of source row s is entry s * copies + c) whose inverse is `inverse_M`.
+    The forward and weight-gradient kernels read the source rows in place; the input gradient sums each source
+    row's copies in fp32. Differentiable in x and w."""
+    _check(x_SK, w_EKN.dtype)
+    return gmm_forward(x_SK, w_EKN, group_sizes_E.astype(jnp.int32), source_M=source_M.astype(jnp.int32))
+
+
+def _gather_fwd(x_SK, w_EKN, group_sizes_E, source_M, inverse_M, copies):
+    y = gmm_gather_triton(x_SK, w_EKN, group_sizes_E, source_M, inverse_M, copies)
+    return y, (x_SK, w_EKN, group_sizes_E, source_M, inverse_M)
+
+
+def _gather_bwd(copies, res, dy_MN):
+    x_SK, w_EKN, group_sizes_E, source_M, inverse_M = res
+    gs = group_sizes_E.astype(jnp.int32)
+    dy_MN = dy_MN.astype(x_SK.dtype)
+    dx_MK = gmm_dgrad(dy_MN, w_EKN, gs)
+    dx_SK = jnp.sum(dx_MK[inverse_M].reshape(-1, copies, dx_MK.shape[1]).astype(jnp.float32), axis=1)
+    dw_EKN = gmm_wgrad(x_SK, dy_MN, gs, w_EKN.shape[0], w_EKN.dtype, source_M=source_M.astype(jnp.int32))
+    zero = lambda a: np.zeros(a.shape, jax.dtypes.float0)  # noqa: E731
+    return dx_SK.astype(x_SK.dtype), dw_EKN, zero(group_sizes_E), zero(source_M), zero(inverse_M)
+
+
+gmm_gather_triton.defvjp(_gather_fwd, _gather_bwd)
