@@ -45,6 +45,10 @@ CHECKPOINT_NAME = "gdn_kernel"
 INTRA_DEFAULT = "pallas"
 # The state pass's per-chunk cotangents: "pallas" (`_state_grads_kernel`) or "xla" (batched einsums).
 STATE_GRADS_DEFAULT = "pallas"
+# Kernel layout: "split" (pallas_split.py: state passes split at document starts, outputs in their own parallel
+# kernel) or "fused" (this file: one state pass per row that also writes the outputs).
+KERNELS = ("split", "fused")
+KERNELS_DEFAULT = "split"
 
 
 def _dot(a, b, trans_a=False, trans_b=False, dtype=None):
@@ -120,6 +124,11 @@ class Launch:
     state_grads: tuple[int, int] = (8, 1)
     intra_fwd: tuple[int, int] = (8, 1)
     intra_bwd: tuple[int, int] = (8, 1)
+    out_fwd: tuple[int, int] = (4, 1)  # "split" kernels only (pallas_split.py)
+    dvl: tuple[int, int] = (4, 1)
+    # Operand dtype of the split intra kernel's WY-inverse products: "float32" (TF32 on the tensor cores) or
+    # "bfloat16".
+    inverse_dtype: str = "float32"
 
 
 LAUNCH = Launch()  # what the model runs
@@ -504,13 +513,15 @@ def _intra_kernel_inputs(q, k, v, g, beta, starts, C, scale, use_qk_l2norm, dd):
 
 def gated_delta_rule_pallas(q, k, v, g, beta, *, segment_ids=None, scale=None, use_qk_l2norm=True,
                             initial_state=None, output_final_state=False, chunk_size=64, interpret=None,
-                            intra=None, state_grads=None, launch: Launch = LAUNCH):
+                            intra=None, state_grads=None, launch: Launch = LAUNCH, kernels=None):
     """Same contract as `reference.gated_delta_rule_chunked`; products take bf16 operands when v is bf16.
 
     `intra`: "pallas" (intra-chunk kernels) or "xla" (batched XLA products); None = INTRA_DEFAULT.
     `state_grads`: "pallas" (`_state_grads_kernel`) or "xla" (einsums) for the state pass's per-chunk cotangents;
     None = STATE_GRADS_DEFAULT.
     `launch`: the kernels' Triton launch settings (`Launch`).
+    `kernels`: "split" or "fused" (see KERNELS_DEFAULT); `intra` and `state_grads` choose among the fused layout's
+    variants and are ignored by "split".
 
     GPU constraints (Triton): dk and dv powers of two >= 16, chunk_size 16, 32 or 64.
     `interpret=None` runs the kernels in Pallas interpret mode unless the default backend is a GPU.
@@ -534,6 +545,17 @@ def gated_delta_rule_pallas(q, k, v, g, beta, *, segment_ids=None, scale=None, u
     dd = jnp.bfloat16 if v.dtype == jnp.bfloat16 else F32
     starts = document_starts(segment_ids, T, B)
     h0 = _initial_state(initial_state, B, H, K, V)
+    kernels = KERNELS_DEFAULT if kernels is None else kernels
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+    if kernels == "split":
+        from xorl_jax.kernels.gdn.pallas_split import document_runs, split_pass
+
+        intra_in, ed = _intra_kernel_inputs(q, k, v, g, beta, starts, C, scale, use_qk_l2norm, dd)
+        Tp = intra_in[0].shape[1]
+        first, nxt = document_runs(intra_in[6], B, Tp // C, C, segment_ids is not None)
+        o, s_final = split_pass(*intra_in, ed, first, nxt, h0, C, bool(interpret), launch)
+        return o[:, :T].astype(v.dtype), (s_final if output_final_state else None)
     intra = INTRA_DEFAULT if intra is None else intra
     state_grads = STATE_GRADS_DEFAULT if state_grads is None else state_grads
     if state_grads not in ("pallas", "xla"):
