@@ -129,6 +129,7 @@ class Launch:
     # Operand dtype of the split intra kernel's WY-inverse products: "float32" (TF32 on the tensor cores) or
     # "bfloat16".
     inverse_dtype: str = "float32"
+    state_block_v: int = 32  # value columns per program in the split state passes
 
 
 LAUNCH = Launch()  # what the model runs

@@ -169,7 +169,7 @@ def _state_fwd(u, w, kn, gam, doc, ed, first, nxt, h0, *, C, interpret, launch):
     P = _p()
     B, H, Tp, K = w.shape
     V, N, R, G = u.shape[-1], Tp // C, first.shape[1], H // kn.shape[2]
-    BV = P._value_block(V)
+    BV = min(V, launch.state_block_v)
     s = _state_specs(B, H, G, Tp, N, K, BV, R)
     out_shape = (
         jax.ShapeDtypeStruct((B, H, Tp, V), w.dtype),  # v_new
@@ -307,7 +307,7 @@ def _state_bwd(dvl, do, qn, kn, w, gam, doc, carry, ed, first, nxt, dst, *, C, i
     P = _p()
     B, H, Tp, K = w.shape
     V, N, R, G = dvl.shape[-1], Tp // C, first.shape[1], H // kn.shape[2]
-    BV = P._value_block(V)
+    BV = min(V, launch.state_block_v)
     s = _state_specs(B, H, G, Tp, N, K, BV, R)
     out_shape = (
         jax.ShapeDtypeStruct((B, H, N, K, V), w.dtype),  # chunk-end state cotangents
