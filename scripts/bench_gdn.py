@@ -129,12 +129,22 @@ def rel(a, b):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
+_REFERENCE = {}  # (B, T, id of q) -> the fp32 reference's output and gradients, computed once per shape
+
+
+def _reference(seg, q, k, v, g, beta, do):
+    key = (*q.shape[:2], id(q))
+    if key not in _REFERENCE:
+        with jax.default_matmul_precision("float32"):
+            ref_fwd, ref_fb = jax_fns(gated_delta_rule_chunked, seg)
+            f32 = [x.astype(jnp.float32) for x in (q, k, v, g, beta, do)]
+            _REFERENCE[key] = ref_fwd(*f32[:5]), ref_fb(*f32)
+    return _REFERENCE[key]
+
+
 def check(B, T, seg, q, k, v, g, beta, do, impl):
     pallas_fwd, pallas_fb = jax_fns(impl, seg)
-    with jax.default_matmul_precision("float32"):
-        ref_fwd, ref_fb = jax_fns(gated_delta_rule_chunked, seg)
-        f32 = [x.astype(jnp.float32) for x in (q, k, v, g, beta, do)]
-        o_ref, g_ref = ref_fwd(*f32[:5]), ref_fb(*f32)
+    o_ref, g_ref = _reference(seg, q, k, v, g, beta, do)
     o1, o2 = pallas_fwd(q, k, v, g, beta), pallas_fwd(q, k, v, g, beta)
     g1, g2 = pallas_fb(q, k, v, g, beta, do), pallas_fb(q, k, v, g, beta, do)
     same = bool(np.array_equal(np.asarray(o1, np.float32), np.asarray(o2, np.float32))) and all(
@@ -381,12 +391,6 @@ def main():
         impls = dict(IMPLS)
         impls |= {} if args.no_reference else {"jnp": gated_delta_rule_chunked}
         wanted = args.impls.split(",")
-        checked = not args.skip_check and name in args.check_shapes.split(",")
-        for impl_name in args.check.split(",") if checked else []:
-            errs, same, finite = check(B, T, seg, q, k, v, g, beta, do, impls[impl_name])
-            print(f"[check {label} {impl_name}] rel err vs fp32 reference: "
-                  + " ".join(f"{n} {e:.2e}" for n, e in errs.items()) + f" | deterministic {same} | finite {finite}",
-                  flush=True)
         for impl_name, impl in ((n, impls[n]) for n in wanted if n in impls):
             fwd, fb = jax_fns(impl, seg)
             if args.hlo_summary and impl_name != "jnp":
@@ -406,6 +410,12 @@ def main():
             print(f"[time {label}] fla: fwd {f:.3f} ms, fwd+bwd {fb:.3f} ms, peak {peak:.2f} GiB", flush=True)
         for impl_name, (f, fb, peak) in res.items():
             rows.append((label, impl_name, f, fb, peak))
+        checked = not args.skip_check and name in args.check_shapes.split(",")
+        for impl_name in args.check.split(",") if checked else []:
+            errs, same, finite = check(B, T, seg, q, k, v, g, beta, do, impls[impl_name])
+            print(f"[check {label} {impl_name}] rel err vs fp32 reference: "
+                  + " ".join(f"{n} {e:.2e}" for n, e in errs.items()) + f" | deterministic {same} | finite {finite}",
+                  flush=True)
         if args.breakdown:
             split_breakdown(B, T, seg, q, k, v, g, beta, do, args.iters)
         if args.tune:
