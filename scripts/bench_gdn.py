@@ -251,7 +251,7 @@ def split_kernel_cases(B, T, seg, q, k, v, g, beta, do, launch=LAUNCH):
         "dvl": (S._dvl, (qn, kn, gam, doc, carry, do_d)),
         "state_bwd": (S._state_bwd, (dvl, do_d, qn, kn, w, gam, doc, carry, ed, first, nxt, zero_state)),
         "state_grads": (S._state_grads, (do_d, dvn, vn, h, dh)),
-        "intra_bwd": (P._intra_bwd_call, (*intra_in, X, dvn, dw, dP, dqd, dke)),
+        "intra_bwd": (S._intra_bwd, (*intra_in, X, dvn, dw, dP, dqd, dke)),
     }
 
 

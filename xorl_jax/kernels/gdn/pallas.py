@@ -130,6 +130,12 @@ class Launch:
     # "bfloat16".
     inverse_dtype: str = "float32"
     state_block_v: int = 32  # value columns per program in the split state passes
+    # Split state passes: load the next chunk's tiles into registers while this chunk computes (False: load each
+    # chunk's tiles when it starts and leave overlap to Triton's pipelining, num_stages > 1).
+    state_prefetch: bool = True
+    # Split path: the intra backward that orders its products to keep fewer [C, K] fp32 tiles live (False: the fused
+    # layout's `_intra_bwd_kernel`).
+    intra_bwd_staged: bool = True
 
 
 LAUNCH = Launch()  # what the model runs

@@ -5,7 +5,8 @@ Forward (3 launches): `_intra_fwd` (per chunk and head: WY inverse X, u, w), `_s
 v_new = u - w S, S <- e^{g_last} S + k^T (te * v_new); stores each chunk's start state), `_out_fwd` (per chunk and
 head: o = (q S) * sc + (q k^T * Gamma) v_new, written straight into [B, T, H, V]).
 Backward (4 launches): `_dvl` (per chunk: the intra-chunk part of dv_new, P^T do), `_state_bwd` (sequential, reverse),
-then the per-chunk cotangent kernel and the intra backward shared with the fused layout (pallas.py).
+then the fused layout's per-chunk cotangent kernel (pallas.py) and the intra backward (`_intra_bwd`, the fused
+layout's math with its products ordered to keep fewer tiles live).
 
 Document runs: a chunk that holds a document start (at any token) does not carry the state it received to its end
 (its end decay is 0), and its new document's tokens read no carried state. So the forward recurrence splits into
@@ -125,7 +126,7 @@ def _state_specs(B, H, G, Tp, N, K, BV, R):
 
 
 def _state_fwd_kernel(u_ref, w_ref, k_ref, gam_ref, doc_ref, ed_ref, first_ref, nxt_ref, h0_ref,
-                      vn_ref, h_ref, st_ref, *, N, C):
+                      vn_ref, h_ref, st_ref, *, N, C, prefetch):
     dd = w_ref.dtype
     r = pl.program_id(2)
     f, nx = _scalar(first_ref, r), _scalar(nxt_ref, r)
@@ -144,17 +145,23 @@ def _state_fwd_kernel(u_ref, w_ref, k_ref, gam_ref, doc_ref, ed_ref, first_ref, 
         return w_ref[rows, :], k_ref[rows, :], u_ref[rows, :], _to_end(gam_ref, doc_ref, n, C)
 
     def body(n, carry):
-        S, (w, k, u, te) = carry
-        nxt_tiles = load(jnp.minimum(n + 1, N - 1))  # issued before this chunk's products: hides their latency
+        if prefetch:
+            S, (w, k, u, te) = carry
+            nxt_tiles = load(jnp.minimum(n + 1, N - 1))  # issued before this chunk's products: hides their latency
+        else:
+            S, nxt_tiles = carry, ()
+            w, k, u, te = load(n)
         S_d = S.astype(dd)
         h_ref[n] = S_d
         v_new = u.astype(F32) - _dot(w, S_d)
         vn_ref[pl.ds(n * C, C), :] = v_new.astype(dd)
         ed = ed_ref[pl.ds(n, 1)]
         S = ed[:, None] * S + _dot(k, (v_new * te[:, None]).astype(dd), trans_a=True)
-        return S, nxt_tiles
+        return (S, nxt_tiles) if prefetch else S
 
-    S, _ = jax.lax.fori_loop(start, stop, body, (S0, load(jnp.minimum(start, N - 1))))
+    init = (S0, load(jnp.minimum(start, N - 1))) if prefetch else S0
+    S = jax.lax.fori_loop(start, stop, body, init)
+    S = S[0] if prefetch else S
 
     @pl.when(valid & (nx >= N))
     def _():
@@ -177,7 +184,7 @@ def _state_fwd(u, w, kn, gam, doc, ed, first, nxt, h0, *, C, interpret, launch):
         jax.ShapeDtypeStruct((B, H, K, V), F32),  # final state
     )
     return pl.pallas_call(
-        functools.partial(_state_fwd_kernel, N=N, C=C),
+        functools.partial(_state_fwd_kernel, N=N, C=C, prefetch=launch.state_prefetch),
         out_shape=out_shape,
         grid=(V // BV, B * H, R),
         in_specs=[s["seq_v"], s["seq"](K), s["keyed"], s["per_token_head"], s["per_token"], s["per_chunk"],
@@ -260,7 +267,7 @@ def _dvl(qn, kn, gam, doc, carry, do, *, C, interpret, launch):
 
 
 def _state_bwd_kernel(dvl_ref, do_ref, q_ref, k_ref, w_ref, gam_ref, doc_ref, carry_ref, ed_ref, first_ref, nxt_ref,
-                      dst_ref, dh_ref, dvn_ref, ds0_ref, *, N, C):
+                      dst_ref, dh_ref, dvn_ref, ds0_ref, *, N, C, prefetch):
     """Reverse pass: dv_new = dvl + te * (k dS), dS <- e^{g_last} dS + q^T (sc * do) - w^T dv_new; dS is the
     cotangent of the chunk-end state. Run r walks from the next run's first chunk (entered with dS = 0: only rows of
     earlier documents reach the chunk start, and they do not read dS) down to its own first chunk."""
@@ -284,9 +291,13 @@ def _state_bwd_kernel(dvl_ref, do_ref, q_ref, k_ref, w_ref, gam_ref, doc_ref, ca
                 _to_end(gam_ref, doc_ref, n, C), _gate(gam_ref, carry_ref, n, C))
 
     def body(i, carry):
-        dS, (q, k, w, do, dvl, te, sc) = carry
         n = top - i
-        nxt_tiles = load(jnp.maximum(n - 1, 0))
+        if prefetch:
+            dS, (q, k, w, do, dvl, te, sc) = carry
+            nxt_tiles = load(jnp.maximum(n - 1, 0))
+        else:
+            dS, nxt_tiles = carry, ()
+            q, k, w, do, dvl, te, sc = load(n)
         dS_d = dS.astype(dd)
         dh_ref[n] = dS_d
         dv_new = dvl.astype(F32) + te[:, None] * _dot(k, dS_d)
@@ -294,9 +305,11 @@ def _state_bwd_kernel(dvl_ref, do_ref, q_ref, k_ref, w_ref, gam_ref, doc_ref, ca
         ed = ed_ref[pl.ds(n, 1)]
         dS = (ed[:, None] * dS + _dot(q, (do.astype(F32) * sc[:, None]).astype(dd), trans_a=True)
               - _dot(w, dv_new.astype(dd), trans_a=True))
-        return dS, nxt_tiles
+        return (dS, nxt_tiles) if prefetch else dS
 
-    dS, _ = jax.lax.fori_loop(0, count, body, (dS0, load(jnp.clip(top, 0, N - 1))))
+    init = (dS0, load(jnp.clip(top, 0, N - 1))) if prefetch else dS0
+    dS = jax.lax.fori_loop(0, count, body, init)
+    dS = dS[0] if prefetch else dS
 
     @pl.when(valid & (f == 0))
     def _():
@@ -315,7 +328,7 @@ def _state_bwd(dvl, do, qn, kn, w, gam, doc, carry, ed, first, nxt, dst, *, C, i
         jax.ShapeDtypeStruct((B, H, K, V), F32),  # initial-state cotangent
     )
     return pl.pallas_call(
-        functools.partial(_state_bwd_kernel, N=N, C=C),
+        functools.partial(_state_bwd_kernel, N=N, C=C, prefetch=launch.state_prefetch),
         out_shape=out_shape,
         grid=(V // BV, B * H, R),
         in_specs=[s["seq_v"], s["token_v"], s["keyed"], s["keyed"], s["seq"](K), s["per_token_head"],
@@ -349,6 +362,82 @@ def _state_grads(do, dvn, vn, h, dh, *, C, interpret, launch):
         compiler_params=None if interpret else P._compiler_params(launch, "state_grads"),
         name="gdn_split_state_grads",
     )(do, dvn, vn, h, dh)
+
+
+def _intra_bwd_staged_kernel(q_ref, k_ref, v_ref, gam_ref, beta_ref, doc_ref, carry_ref, a_ref,
+                             du_ref, dw_ref, dp_ref, dqd_ref, dke_ref,
+                             dq_ref, dk_ref, dv_ref, dgam_ref, dbeta_ref, *, C):
+    """`pallas._intra_bwd_kernel`'s math in stages (u, then w, then L, P, qd, ke), each finishing with what it
+    owns, so at most a few [C, K] fp32 tiles are live at once; q, k, v stay bf16 until a stage needs them."""
+    P = _p()
+    dd = q_ref.dtype
+    beta = beta_ref[...].astype(F32)
+    _, decay, sc, te, row, col = P._chunk_terms(gam_ref, doc_ref, carry_ref, C)
+    Xd = a_ref[...].astype(dd)
+    # u = X (beta v):  d(beta v) = X^T du
+    v = v_ref[...]
+    U = _dot(Xd, (beta[:, None] * v.astype(F32)).astype(dd))
+    dbv = _dot(Xd, du_ref[...], trans_a=True)
+    dL = _dot(dbv.astype(dd), U.astype(dd), trans_b=True)
+    dv_ref[...] = beta[:, None] * dbv
+    dbeta = jnp.sum(dbv * v.astype(F32), axis=1)
+    # w = X (beta sc k):  d(beta sc k) = X^T dw;  dL = -strictlower(d(beta v) u^T + d(beta sc k) w^T)
+    k = k_ref[...]
+    k32 = k.astype(F32)
+    W = _dot(Xd, ((beta * sc)[:, None] * k32).astype(dd))
+    dbw = _dot(Xd, dw_ref[...], trans_a=True)
+    dL = -jnp.where(row > col, dL + _dot(dbw.astype(dd), W.astype(dd), trans_b=True), 0.0)
+    dbw_k = jnp.sum(dbw * k32, axis=1)
+    dk = (beta * sc)[:, None] * dbw
+    dsc = beta * dbw_k
+    dbeta = dbeta + sc * dbw_k
+    # L = strictlower(beta_i (k k^T) * Gamma)
+    dLk = dL * _dot(k, k, trans_b=True) * decay
+    dbeta = dbeta + jnp.sum(dLk, axis=1)
+    dgamma_mat = beta[:, None] * dLk  # d Gamma_ij * Gamma_ij
+    dkk = (dL * beta[:, None] * decay).astype(dd)
+    dk = dk + _dot(dkk, k) + _dot(dkk, k, trans_a=True)
+    # P = (q k^T) * Gamma
+    q = q_ref[...]
+    dP = dp_ref[...].astype(F32)
+    dgamma_mat = dgamma_mat + dP * _dot(q, k, trans_b=True) * decay
+    dqk = (dP * decay).astype(dd)
+    dk = dk + _dot(dqk, q, trans_a=True)
+    # qd = q * sc
+    dqd = dqd_ref[...].astype(F32)
+    dq_ref[...] = _dot(dqk, k) + dqd * sc[:, None]
+    dsc = dsc + jnp.sum(dqd * q.astype(F32), axis=1)
+    # ke = k * te
+    dke = dke_ref[...].astype(F32)
+    dk_ref[...] = dk + dke * te[:, None]
+    dte_te = jnp.sum(dke * k32, axis=1) * te
+    idx = jax.lax.broadcasted_iota(jnp.int32, (C,), 0)
+    dgam_ref[...] = (jnp.sum(dgamma_mat, axis=1) - jnp.sum(dgamma_mat, axis=0) + dsc * sc - dte_te
+                     + jnp.where(idx == C - 1, jnp.sum(dte_te), 0.0))
+    dbeta_ref[...] = dbeta
+
+
+def _intra_bwd(qn, kn, v, gam, beta, doc, carry, X, du, dw, dP, dqd, dke, *, C, interpret, launch):
+    P = _p()
+    if not launch.intra_bwd_staged:
+        return P._intra_bwd_call(qn, kn, v, gam, beta, doc, carry, X, du, dw, dP, dqd, dke, C=C,
+                                 interpret=interpret, launch=launch)
+    B, Tp, Hk, K = qn.shape
+    H, V = v.shape[2], v.shape[3]
+    keyed, by_head, per_token_head, per_token, chunk_out = P._intra_specs(B, Tp, Hk, H, K, V, C)
+    return pl.pallas_call(
+        functools.partial(_intra_bwd_staged_kernel, C=C),
+        out_shape=[jax.ShapeDtypeStruct((B, Tp, H, K), F32), jax.ShapeDtypeStruct((B, Tp, H, K), F32),
+                   jax.ShapeDtypeStruct((B, Tp, H, V), F32), jax.ShapeDtypeStruct((B, Tp, H), F32),
+                   jax.ShapeDtypeStruct((B, Tp, H), F32)],
+        grid=(B, Tp // C, H),
+        in_specs=[keyed, keyed, by_head(V), per_token_head, per_token_head, per_token, per_token, chunk_out(C),
+                  chunk_out(V), chunk_out(K), chunk_out(C), chunk_out(K), chunk_out(K)],
+        out_specs=[by_head(K), by_head(K), by_head(V), per_token_head, per_token_head],
+        interpret=interpret,
+        compiler_params=None if interpret else P._compiler_params(launch, "intra_bwd"),
+        name="gdn_split_intra_bwd",
+    )(qn, kn, v, gam, beta, doc, carry, X, du, dw, dP, dqd, dke)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -390,7 +479,7 @@ def _split_bwd(C, interpret, launch, res, cts):
     dvl = _dvl(qn, kn, gam, doc, carry, do, **kw)
     dh, dvn, ds0 = _state_bwd(dvl, do, qn, kn, w, gam, doc, carry, ed, first, nxt, dst.astype(F32), **kw)
     dw, dqd, dP, dke, ded = _state_grads(do, dvn, vn, h, dh, **kw)
-    dq, dk, dv, dgam, dbeta = P._intra_bwd_call(qn, kn, v, gam, beta, doc, carry, X, dvn, dw, dP, dqd, dke, **kw)
+    dq, dk, dv, dgam, dbeta = _intra_bwd(qn, kn, v, gam, beta, doc, carry, X, dvn, dw, dP, dqd, dke, **kw)
     B, Tp, Hk, K = qn.shape
     G = v.shape[2] // Hk
     if G > 1:  # value heads of one group share the key head
