@@ -9,7 +9,7 @@ FLA 0.6.0 refuses its gated backward on Hopper with Triton < 3.7.1 (a Triton mis
 only, `--fla-bypass-guard` (default on) flips that version flag. Its backward values are then not trusted.
 
 Usage: PYTHONPATH=. python scripts/bench_gdn.py [--iters 20] [--no-fla] [--no-reference] [--skip-check]
-           [--impls split,fused,jnp] [--check split] [--breakdown] [--breakdown-fused] [--tune state_fwd,...]
+           [--impls split,fused,jnp] [--check split] [--breakdown] [--breakdown-fused] [--tune all|state_fwd,...]
            [--hlo-summary] [--dump-hlo DIR]
 --breakdown times each kernel of the split path (the default); --breakdown-fused each kernel and custom_vjp backward
 of the fused path; --tune times the named split kernels under several launch settings; --hlo-summary lists the
@@ -48,8 +48,8 @@ def _pallas(kernels="split", **kw):
 IMPLS = {
     "split": _pallas(),
     "split-bf16inv": _pallas(launch=dict(inverse_dtype="bfloat16")),
-    "split-bv64": _pallas(launch=dict(state_block_v=64)),
-    "split-bv16": _pallas(launch=dict(state_block_v=16)),
+    "split-bv64": _pallas(launch=dict(block_v_fwd=64, block_v_bwd=64)),
+    "split-bv16": _pallas(launch=dict(block_v_fwd=16, block_v_bwd=16)),
     "fused": _pallas("fused", intra="pallas", state_grads="pallas"),
     "fused-xla-intra": _pallas("fused", intra="xla", state_grads="pallas"),
     "fused-xla-sg": _pallas("fused", intra="pallas", state_grads="xla"),
@@ -265,29 +265,58 @@ def split_breakdown(B, T, seg, q, k, v, g, beta, do, iters):
           + f" | fwd kernels {fwd:.3f} ms, all {sum(t.values()):.3f} ms", flush=True)
 
 
+TUNE_OPTIONS = {  # per split kernel: launch overrides tried, each against the defaults
+    "intra_fwd": [dict(intra_fwd=(4, 1)), dict(intra_fwd=(8, 1)), dict(intra_fwd=(16, 1)),
+                  dict(inverse_dtype="bfloat16")],
+    "state_fwd": [dict(state_fwd=(2, 1)), dict(state_fwd=(4, 1)), dict(state_fwd=(8, 1)), dict(state_fwd=(4, 3)),
+                  dict(prefetch_fwd=False), dict(prefetch_fwd=False, state_fwd=(4, 3)), dict(block_v_fwd=16),
+                  dict(block_v_fwd=64)],
+    "out_fwd": [dict(out_fwd=(4, 1)), dict(out_fwd=(8, 1))],
+    "dvl": [dict(dvl=(4, 1)), dict(dvl=(8, 1))],
+    "state_bwd": [dict(state_bwd=(2, 1)), dict(state_bwd=(4, 1)), dict(state_bwd=(8, 1)), dict(state_bwd=(4, 3)),
+                  dict(prefetch_bwd=False), dict(prefetch_bwd=False, state_bwd=(4, 3)), dict(block_v_bwd=16),
+                  dict(block_v_bwd=64)],
+    "state_grads": [dict(state_grads=(4, 1)), dict(state_grads=(8, 1))],
+    "intra_bwd": [dict(intra_bwd=(4, 1)), dict(intra_bwd=(8, 1)), dict(intra_bwd=(16, 1)),
+                  dict(intra_bwd_staged=False)],
+}
+
+
 def split_tune(B, T, seg, q, k, v, g, beta, do, iters, kernels):
-    """Launch settings (num_warps, num_stages; the state passes also their value block) per split kernel."""
+    """Times each named split kernel under each of its TUNE_OPTIONS (compiled in parallel threads, timed one by one)
+    and returns the launch overrides of the fastest option per kernel."""
+    from concurrent.futures import ThreadPoolExecutor
+
     cases = split_kernel_cases(B, T, seg, q, k, v, g, beta, do)
-    for name in kernels.split(","):
-        sequential = name in ("state_fwd", "state_bwd")
-        options = [dict([(name, (w, s))]) for w in (2, 4, 8) for s in ((1, 2, 3) if sequential else (1, 2))]
-        if sequential:
-            options += [dict([(name, getattr(LAUNCH, name))], state_block_v=bv) for bv in (16, 64)]
-        if name == "intra_fwd":
-            options += [dict(inverse_dtype="bfloat16")]
-        times = {}
+    jobs = []
+    for name in kernels:
         f, fargs = cases[name]
-        for opt in options:
+        for opt in TUNE_OPTIONS[name]:
             launch = dataclasses.replace(LAUNCH, **opt)
-            key = " ".join(f"{k_}={v_}" for k_, v_ in opt.items())
-            try:
-                times[key] = time_jax(jax.jit(functools.partial(f, C=64, interpret=INTERPRET, launch=launch)), fargs,
-                                      iters)
-            except Exception as e:  # noqa: BLE001 - a setting Triton rejects (e.g. out of shared memory)
-                print(f"[tune {name}] {key}: {type(e).__name__}", flush=True)
-        best = min(times, key=times.get)
-        print(f"[tune split {name}] " + " | ".join(f"{o} {t:.3f}" for o, t in times.items())
-              + f" | best {best} {times[best]:.3f} ms", flush=True)
+            jobs.append((name, opt, jax.jit(functools.partial(f, C=64, interpret=INTERPRET, launch=launch)), fargs))
+
+    def compile_job(job):
+        try:
+            return job[2].lower(*job[3]).compile()
+        except Exception as e:  # noqa: BLE001 - a setting Triton rejects (e.g. out of shared memory)
+            return e
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        compiled = list(pool.map(compile_job, jobs))
+    times = {}
+    for (name, opt, _, fargs), exe in zip(jobs, compiled):
+        key = " ".join(f"{k_}={v_}" for k_, v_ in opt.items())
+        if isinstance(exe, Exception):
+            print(f"[tune {name}] {key}: {type(exe).__name__}: {str(exe)[:200]}", flush=True)
+            continue
+        times.setdefault(name, []).append((time_jax(exe, fargs, iters), key, opt))
+    best = {}
+    for name, rows in times.items():
+        t, key, opt = min(rows, key=lambda r: r[0])
+        best |= opt
+        print(f"[tune split {name}] " + " | ".join(f"{kk} {tt:.3f}" for tt, kk, _ in rows)
+              + f" | best {key} {t:.3f} ms", flush=True)
+    return best
 
 
 def breakdown(B, T, seg, q, k, v, g, beta, do, iters, fb_ms=None):
@@ -359,6 +388,16 @@ def hlo_summary(label, fn, args, top=25):
               f"{cost.get('bytes accessed', float('nan')) / 2**30:.2f} GiB accessed (custom calls not counted)")
 
 
+def run_fla(res, label, B, T, cu, q, k, v, g, beta, do, iters):
+    try:
+        res["fla"] = fla_bench(B, T, cu, q, k, v, g, beta, do, iters)
+    except Exception as e:  # noqa: BLE001 - report and go on with the JAX numbers
+        print(f"[fla {label}] failed: {type(e).__name__}: {e}")
+        return
+    f, fb, peak = res["fla"]
+    print(f"[time {label}] fla: fwd {f:.3f} ms, fwd+bwd {fb:.3f} ms, peak {peak:.2f} GiB", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--iters", type=int, default=20)
@@ -368,8 +407,10 @@ def main():
     ap.add_argument("--shapes", default="packed,batch")
     ap.add_argument("--breakdown", action="store_true", help="also time the Pallas path's pieces")
     ap.add_argument("--breakdown-fused", action="store_true", help="time the fused layout's pieces")
-    ap.add_argument("--tune", default="", help="comma list of split kernels to time under several launch settings")
-    ap.add_argument("--impls", default="split,fused,jnp", help="JAX paths to time, of: " + ", ".join(IMPLS) + ", jnp")
+    ap.add_argument("--tune", default="", help="split kernels to time under several launch settings (comma list, or "
+                    "'all'), at the first shape; the fastest settings then run as the impl 'split-tuned'")
+    ap.add_argument("--impls", default="split,fused,jnp", help="paths to time in this order, of: " + ", ".join(IMPLS) + ", jnp, split-tuned (after --tune), "
+                    "fla (FLA runs after the JAX paths unless named)")
     ap.add_argument("--check", default="split", help="paths checked against the fp32 reference")
     ap.add_argument("--check-shapes", default="packed", help="shapes (packed, batch) the check runs at")
     ap.add_argument("--hlo-summary", action="store_true",
@@ -391,7 +432,17 @@ def main():
         impls = dict(IMPLS)
         impls |= {} if args.no_reference else {"jnp": gated_delta_rule_chunked}
         wanted = args.impls.split(",")
-        for impl_name, impl in ((n, impls[n]) for n in wanted if n in impls):
+        if args.tune and name == args.shapes.split(",")[0]:
+            best = split_tune(B, T, seg, q, k, v, g, beta, do, args.iters,
+                              list(TUNE_OPTIONS) if args.tune == "all" else args.tune.split(","))
+            print(f"[tune] fastest settings: {dataclasses.replace(LAUNCH, **best)}", flush=True)
+            IMPLS["split-tuned"] = _pallas(launch=best)
+        impls |= {n: IMPLS[n] for n in ("split-tuned",) if n in IMPLS}
+        for impl_name, impl in ((n, impls.get(n)) for n in wanted if n in impls or n == "fla"):
+            if impl_name == "fla":
+                if not args.no_fla:
+                    run_fla(res, label, B, T, cu, q, k, v, g, beta, do, args.iters)
+                continue
             fwd, fb = jax_fns(impl, seg)
             if args.hlo_summary and impl_name != "jnp":
                 hlo_summary(f"{label} {impl_name}", fb, (q, k, v, g, beta, do))
@@ -400,14 +451,8 @@ def main():
                               jax_peak_gib(fb, (q, k, v, g, beta, do)))
             print(f"[time {label}] {impl_name}: fwd {res[impl_name][0]:.3f} ms, fwd+bwd {res[impl_name][1]:.3f} ms, "
                   f"peak {res[impl_name][2]:.2f} GiB", flush=True)
-        if not args.no_fla:
-            try:
-                res["fla"] = fla_bench(B, T, cu, q, k, v, g, beta, do, args.iters)
-            except Exception as e:  # noqa: BLE001 - report and go on with the JAX numbers
-                print(f"[fla {label}] failed: {type(e).__name__}: {e}")
-        if "fla" in res:
-            f, fb, peak = res["fla"]
-            print(f"[time {label}] fla: fwd {f:.3f} ms, fwd+bwd {fb:.3f} ms, peak {peak:.2f} GiB", flush=True)
+        if not args.no_fla and "fla" not in wanted:
+            run_fla(res, label, B, T, cu, q, k, v, g, beta, do, args.iters)
         for impl_name, (f, fb, peak) in res.items():
             rows.append((label, impl_name, f, fb, peak))
         checked = not args.skip_check and name in args.check_shapes.split(",")
@@ -418,8 +463,6 @@ def main():
                   flush=True)
         if args.breakdown:
             split_breakdown(B, T, seg, q, k, v, g, beta, do, args.iters)
-        if args.tune:
-            split_tune(B, T, seg, q, k, v, g, beta, do, args.iters, args.tune)
         if args.breakdown_fused:
             breakdown(B, T, seg, q, k, v, g, beta, do, args.iters, res.get("fused", (None, None))[1])
     print(f"\n{'shape':<20}{'impl':<14}{'fwd ms':>9}{'f+b ms':>9}{'peak GiB':>10}{'fwd/FLA':>9}{'f+b/FLA':>9}")

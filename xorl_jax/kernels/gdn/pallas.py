@@ -129,10 +129,13 @@ class Launch:
     # Operand dtype of the split intra kernel's WY-inverse products: "float32" (TF32 on the tensor cores) or
     # "bfloat16".
     inverse_dtype: str = "float32"
-    state_block_v: int = 32  # value columns per program in the split state passes
-    # Split state passes: load the next chunk's tiles into registers while this chunk computes (False: load each
-    # chunk's tiles when it starts and leave overlap to Triton's pipelining, num_stages > 1).
-    state_prefetch: bool = True
+    # Split state passes (forward, backward): value columns per program, and whether the next chunk's tiles are
+    # loaded into registers while this chunk computes (False: each chunk loads its tiles when it starts and overlap
+    # is left to Triton's pipelining, num_stages > 1).
+    block_v_fwd: int = 32
+    block_v_bwd: int = 32
+    prefetch_fwd: bool = True
+    prefetch_bwd: bool = True
     # Split path: the intra backward that orders its products to keep fewer [C, K] fp32 tiles live (False: the fused
     # layout's `_intra_bwd_kernel`).
     intra_bwd_staged: bool = True

@@ -94,7 +94,7 @@ def _intra_fwd(qn, kn, v, gam, beta, doc, carry, *, C, interpret, launch):
     H, V = v.shape[2], v.shape[3]
     dd = v.dtype
     keyed, by_head, per_token_head, per_token, chunk_out = P._intra_specs(B, Tp, Hk, H, K, V, C)
-    shapes = [(V, dd), (K, dd), (C, F32)]  # u, w, X
+    shapes = [(V, dd), (K, dd), (C, dd)]  # u, w, X (the backward's products read X at the dot dtype)
     return pl.pallas_call(
         functools.partial(_intra_fwd_kernel, C=C, inverse_dtype=None if launch.inverse_dtype == "float32" else jnp.dtype(launch.inverse_dtype)),
         out_shape=[jax.ShapeDtypeStruct((B, H, Tp, X), t) for X, t in shapes],
@@ -176,7 +176,7 @@ def _state_fwd(u, w, kn, gam, doc, ed, first, nxt, h0, *, C, interpret, launch):
     P = _p()
     B, H, Tp, K = w.shape
     V, N, R, G = u.shape[-1], Tp // C, first.shape[1], H // kn.shape[2]
-    BV = min(V, launch.state_block_v)
+    BV = min(V, launch.block_v_fwd)
     s = _state_specs(B, H, G, Tp, N, K, BV, R)
     out_shape = (
         jax.ShapeDtypeStruct((B, H, Tp, V), w.dtype),  # v_new
@@ -184,7 +184,7 @@ def _state_fwd(u, w, kn, gam, doc, ed, first, nxt, h0, *, C, interpret, launch):
         jax.ShapeDtypeStruct((B, H, K, V), F32),  # final state
     )
     return pl.pallas_call(
-        functools.partial(_state_fwd_kernel, N=N, C=C, prefetch=launch.state_prefetch),
+        functools.partial(_state_fwd_kernel, N=N, C=C, prefetch=launch.prefetch_fwd),
         out_shape=out_shape,
         grid=(V // BV, B * H, R),
         in_specs=[s["seq_v"], s["seq"](K), s["keyed"], s["per_token_head"], s["per_token"], s["per_chunk"],
@@ -320,7 +320,7 @@ def _state_bwd(dvl, do, qn, kn, w, gam, doc, carry, ed, first, nxt, dst, *, C, i
     P = _p()
     B, H, Tp, K = w.shape
     V, N, R, G = dvl.shape[-1], Tp // C, first.shape[1], H // kn.shape[2]
-    BV = min(V, launch.state_block_v)
+    BV = min(V, launch.block_v_bwd)
     s = _state_specs(B, H, G, Tp, N, K, BV, R)
     out_shape = (
         jax.ShapeDtypeStruct((B, H, N, K, V), w.dtype),  # chunk-end state cotangents
@@ -328,7 +328,7 @@ def _state_bwd(dvl, do, qn, kn, w, gam, doc, carry, ed, first, nxt, dst, *, C, i
         jax.ShapeDtypeStruct((B, H, K, V), F32),  # initial-state cotangent
     )
     return pl.pallas_call(
-        functools.partial(_state_bwd_kernel, N=N, C=C, prefetch=launch.state_prefetch),
+        functools.partial(_state_bwd_kernel, N=N, C=C, prefetch=launch.prefetch_bwd),
         out_shape=out_shape,
         grid=(V // BV, B * H, R),
         in_specs=[s["seq_v"], s["token_v"], s["keyed"], s["keyed"], s["seq"](K), s["per_token_head"],
