@@ -29,7 +29,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from xorl_jax.kernels.gdn.pallas import LAUNCH, gated_delta_rule_pallas
+from xorl_jax.kernels.gdn.pallas import FUSED_LAUNCH, LAUNCH, gated_delta_rule_pallas
 from xorl_jax.kernels.gdn.reference import gated_delta_rule_chunked
 
 HK, HV, DK, DV = 16, 32, 128, 128
@@ -38,7 +38,7 @@ INTERPRET = False  # the kernel-level timings run compiled Triton; True only for
 
 
 def _pallas(kernels="split", **kw):
-    launch = dataclasses.replace(LAUNCH, **kw.pop("launch", {}))
+    launch = dataclasses.replace(LAUNCH if kernels == "split" else FUSED_LAUNCH, **kw.pop("launch", {}))
     return functools.partial(gated_delta_rule_pallas, kernels=kernels, launch=launch, **kw)
 
 
@@ -332,8 +332,8 @@ def breakdown(B, T, seg, q, k, v, g, beta, do, iters, fb_ms=None):
     u, w, Pm, qd, ke, ed, vn, h = (r[n] for n in ("u", "w", "Pm", "qd", "ke", "ed", "vn", "h"))
     intra_in, X, do_t, zero_state = r["intra_in"], r["X"], r["do_t"], r["zero_state"]
     dvn, dw, dP, dqd, dke = (r[n] for n in ("dvn", "dw", "dP", "dqd", "dke"))
-    state_vjp = jax.jit(lambda res, cts: P._state_pass_bwd(C, INTERPRET, "pallas", P.LAUNCH, res, cts))
-    intra_vjp = jax.jit(lambda res, cts: P._intra_pass_bwd(C, INTERPRET, P.LAUNCH, res, cts))
+    state_vjp = jax.jit(lambda res, cts: P._state_pass_bwd(C, INTERPRET, "pallas", P.FUSED_LAUNCH, res, cts))
+    intra_vjp = jax.jit(lambda res, cts: P._intra_pass_bwd(C, INTERPRET, P.FUSED_LAUNCH, res, cts))
     whole = {
         "state-pass vjp bwd": time_jax(state_vjp, ((u, w, Pm, qd, ke, ed, vn, h), (do_t, zero_state)), iters),
         "intra-pass vjp bwd": time_jax(intra_vjp, ((*intra_in, X), (dvn, dw, dP, dqd, dke)), iters),
@@ -409,7 +409,8 @@ def main():
     ap.add_argument("--breakdown-fused", action="store_true", help="time the fused layout's pieces")
     ap.add_argument("--tune", default="", help="split kernels to time under several launch settings (comma list, or "
                     "'all'), at the first shape; the fastest settings then run as the impl 'split-tuned'")
-    ap.add_argument("--impls", default="split,fused,jnp", help="paths to time in this order, of: " + ", ".join(IMPLS) + ", jnp, split-tuned (after --tune), "
+    ap.add_argument("--impls", default="split,fused,jnp",
+                    help="paths to time in this order, of: " + ", ".join(IMPLS) + ", jnp, split-tuned (after --tune), "
                     "fla (FLA runs after the JAX paths unless named)")
     ap.add_argument("--check", default="split", help="paths checked against the fp32 reference")
     ap.add_argument("--check-shapes", default="packed", help="shapes (packed, batch) the check runs at")

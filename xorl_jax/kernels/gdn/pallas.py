@@ -121,8 +121,8 @@ class Launch:
 
     state_fwd: tuple[int, int] = (4, 1)
     state_bwd: tuple[int, int] = (4, 1)
-    state_grads: tuple[int, int] = (8, 1)
-    intra_fwd: tuple[int, int] = (8, 1)
+    state_grads: tuple[int, int] = (4, 1)
+    intra_fwd: tuple[int, int] = (4, 1)
     intra_bwd: tuple[int, int] = (8, 1)
     out_fwd: tuple[int, int] = (4, 1)  # "split" kernels only (pallas_split.py)
     dvl: tuple[int, int] = (4, 1)
@@ -132,16 +132,20 @@ class Launch:
     # Split state passes (forward, backward): value columns per program, and whether the next chunk's tiles are
     # loaded into registers while this chunk computes (False: each chunk loads its tiles when it starts and overlap
     # is left to Triton's pipelining, num_stages > 1).
-    block_v_fwd: int = 32
+    block_v_fwd: int = 64
     block_v_bwd: int = 32
     prefetch_fwd: bool = True
-    prefetch_bwd: bool = True
+    prefetch_bwd: bool = False
     # Split path: the intra backward that orders its products to keep fewer [C, K] fp32 tiles live (False: the fused
     # layout's `_intra_bwd_kernel`).
     intra_bwd_staged: bool = True
 
 
-LAUNCH = Launch()  # what the model runs
+# What the model runs: the split kernels' fastest settings of `scripts/bench_gdn.py --tune all` (H100, B1 T8192,
+# 4 documents, 2026-12-06; docs/PERFORMANCE.md).
+LAUNCH = Launch()
+# The fused layout's own settings (tuned for its kernels before the split layout existed).
+FUSED_LAUNCH = Launch(state_grads=(8, 1), intra_fwd=(8, 1))
 
 
 def _compiler_params(launch: Launch, kernel: str):
@@ -151,7 +155,7 @@ def _compiler_params(launch: Launch, kernel: str):
     return plgpu.CompilerParams(num_warps=warps, num_stages=stages)
 
 
-def _scan_fwd_call(u, w, P, qd, ke, ed, h0, *, C, interpret, launch=LAUNCH):
+def _scan_fwd_call(u, w, P, qd, ke, ed, h0, *, C, interpret, launch=FUSED_LAUNCH):
     B, H, Tp, K = w.shape
     V, N = u.shape[-1], Tp // C
     BV = _value_block(V)
@@ -174,7 +178,7 @@ def _scan_fwd_call(u, w, P, qd, ke, ed, h0, *, C, interpret, launch=LAUNCH):
     )(u, w, P, qd, ke, ed, h0)
 
 
-def _scan_bwd_call(do, w, P, qd, ke, ed, dst, *, C, interpret, launch=LAUNCH):
+def _scan_bwd_call(do, w, P, qd, ke, ed, dst, *, C, interpret, launch=FUSED_LAUNCH):
     B, H, Tp, K = w.shape
     V, N = do.shape[-1], Tp // C
     BV = _value_block(V)
@@ -225,7 +229,7 @@ def _state_grads_kernel(do_ref, dvn_ref, vn_ref, h_ref, dh_ref, dw_ref, dqd_ref,
     ded_ref[...] = jnp.sum(h.astype(F32) * dh, axis=1)  # row sums; the caller adds the K rows
 
 
-def _state_grads_call(do, dvn, v_new, h, dh, *, C, interpret, launch=LAUNCH):
+def _state_grads_call(do, dvn, v_new, h, dh, *, C, interpret, launch=FUSED_LAUNCH):
     B, H, Tp, V = do.shape
     N, K = Tp // C, h.shape[3]
     dd = v_new.dtype
@@ -430,7 +434,7 @@ def _intra_specs(B, Tp, Hk, H, K, V, C):
     return keyed, by_head, per_token_head, per_token, chunk_out
 
 
-def _intra_fwd_call(qn, kn, v, gam, beta, doc, carry, *, C, interpret, launch=LAUNCH):
+def _intra_fwd_call(qn, kn, v, gam, beta, doc, carry, *, C, interpret, launch=FUSED_LAUNCH):
     B, Tp, Hk, K = qn.shape
     H, V = v.shape[2], v.shape[3]
     dd = v.dtype
@@ -448,7 +452,7 @@ def _intra_fwd_call(qn, kn, v, gam, beta, doc, carry, *, C, interpret, launch=LA
     )(qn, kn, v, gam, beta, doc, carry)
 
 
-def _intra_bwd_call(qn, kn, v, gam, beta, doc, carry, X, du, dw, dP, dqd, dke, *, C, interpret, launch=LAUNCH):
+def _intra_bwd_call(qn, kn, v, gam, beta, doc, carry, X, du, dw, dP, dqd, dke, *, C, interpret, launch=FUSED_LAUNCH):
     B, Tp, Hk, K = qn.shape
     H, V = v.shape[2], v.shape[3]
     keyed, by_head, per_token_head, per_token, chunk_out = _intra_specs(B, Tp, Hk, H, K, V, C)
@@ -523,13 +527,13 @@ def _intra_kernel_inputs(q, k, v, g, beta, starts, C, scale, use_qk_l2norm, dd):
 
 def gated_delta_rule_pallas(q, k, v, g, beta, *, segment_ids=None, scale=None, use_qk_l2norm=True,
                             initial_state=None, output_final_state=False, chunk_size=64, interpret=None,
-                            intra=None, state_grads=None, launch: Launch = LAUNCH, kernels=None):
+                            intra=None, state_grads=None, launch: Launch | None = None, kernels=None):
     """Same contract as `reference.gated_delta_rule_chunked`; products take bf16 operands when v is bf16.
 
     `intra`: "pallas" (intra-chunk kernels) or "xla" (batched XLA products); None = INTRA_DEFAULT.
     `state_grads`: "pallas" (`_state_grads_kernel`) or "xla" (einsums) for the state pass's per-chunk cotangents;
     None = STATE_GRADS_DEFAULT.
-    `launch`: the kernels' Triton launch settings (`Launch`).
+    `launch`: the kernels' Triton launch settings (`Launch`; None = LAUNCH for "split", FUSED_LAUNCH for "fused").
     `kernels`: "split" or "fused" (see KERNELS_DEFAULT); `intra` and `state_grads` choose among the fused layout's
     variants and are ignored by "split".
 
@@ -558,6 +562,8 @@ def gated_delta_rule_pallas(q, k, v, g, beta, *, segment_ids=None, scale=None, u
     kernels = KERNELS_DEFAULT if kernels is None else kernels
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+    if launch is None:
+        launch = LAUNCH if kernels == "split" else FUSED_LAUNCH
     if kernels == "split":
         from xorl_jax.kernels.gdn.pallas_split import document_runs, split_pass
 

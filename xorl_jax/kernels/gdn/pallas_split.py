@@ -94,9 +94,11 @@ def _intra_fwd(qn, kn, v, gam, beta, doc, carry, *, C, interpret, launch):
     H, V = v.shape[2], v.shape[3]
     dd = v.dtype
     keyed, by_head, per_token_head, per_token, chunk_out = P._intra_specs(B, Tp, Hk, H, K, V, C)
+    # fp32 operands run as TF32 products on the GPU (Triton's default for an fp32 dot)
+    inverse_dtype = None if launch.inverse_dtype == "float32" else jnp.dtype(launch.inverse_dtype)
     shapes = [(V, dd), (K, dd), (C, dd)]  # u, w, X (the backward's products read X at the dot dtype)
     return pl.pallas_call(
-        functools.partial(_intra_fwd_kernel, C=C, inverse_dtype=None if launch.inverse_dtype == "float32" else jnp.dtype(launch.inverse_dtype)),
+        functools.partial(_intra_fwd_kernel, C=C, inverse_dtype=inverse_dtype),
         out_shape=[jax.ShapeDtypeStruct((B, H, Tp, X), t) for X, t in shapes],
         grid=(B, Tp // C, H),
         in_specs=[keyed, keyed, by_head(V), per_token_head, per_token_head, per_token, per_token],
