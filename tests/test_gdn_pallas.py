@@ -57,7 +57,8 @@ def test_interpret_matches_reference_forward_and_grads(shape, kernels):
 def test_interpret_split_document_runs_match_recurrence():
     """The split state passes run each document run as its own program. Documents of one token at the row start, a
     start on a chunk's first token, two starts in one chunk and a start in the last chunk give the recurrence's
-    outputs, final state and (against the chunked form) gradients; a row without documents runs as one run."""
+    outputs, final state and (against the chunked form) gradients, also with empty run slots skipped; a row without
+    documents runs as one run."""
     from xorl_jax.kernels.gdn.pallas_split import document_runs
 
     T, C, docs = 80, 16, [1, 1, 14, 20, 3, 25, 16]
@@ -73,8 +74,10 @@ def test_interpret_split_document_runs_match_recurrence():
     assert list(np.asarray(first[0])) == want + [T // C] * (T // C - len(want))
     assert list(np.asarray(nxt[0, : len(want)])) == want[1:] + [T // C]
     pallas = lambda *a, **kw: gated_delta_rule_pallas(*a, chunk_size=C, interpret=True, kernels="split", **kw)
-    for segments in (seg, None):
-        o_p, s_p = jax.jit(lambda *a: pallas(*a[:5], segment_ids=segments, initial_state=a[5],
+    from xorl_jax.kernels.gdn.pallas import Launch
+
+    for segments, launch in ((seg, Launch()), (seg, Launch(skip_empty_runs=True)), (None, Launch())):
+        o_p, s_p = jax.jit(lambda *a: pallas(*a[:5], segment_ids=segments, initial_state=a[5], launch=launch,
                                              output_final_state=True))(q, k, v, g, beta, h0)
         o_r, s_r = gated_delta_rule_recurrent(q, k, v, g, beta, segment_ids=segments, initial_state=h0,
                                               output_final_state=True)

@@ -1,6 +1,10 @@
 """Chunked gated delta rule with Pallas GPU kernels, forward and backward tied with `custom_vjp`.
 
-Split of the work:
+Two layouts, picked by `kernels=`: "split" (pallas_split.py, the default: state passes split at document starts,
+outputs in their own parallel kernel) and "fused", this file's kernels, described here. The split layout reuses this
+file's chunk terms, per-chunk cotangent kernel and launch settings.
+
+Split of the work (fused layout):
   * the pass over chunks that carries the [dk, dv] state is the only sequential step: one Pallas kernel walks the
     chunks forward (state, output, chunk-start states, v_new), one walks them backward (state cotangent, dv_new).
     The state stays in fp32 registers for the whole pass; products take bf16 operands when the inputs are bf16.
@@ -136,6 +140,9 @@ class Launch:
     block_v_bwd: int = 32
     prefetch_fwd: bool = True
     prefetch_bwd: bool = False
+    # Split state passes: run slots past a row's last run return at once (False: they compute a clamped peel and
+    # store nothing). Not yet timed on a GPU, so off.
+    skip_empty_runs: bool = False
     # Split path: the intra backward that orders its products to keep fewer [C, K] fp32 tiles live (False: the fused
     # layout's `_intra_bwd_kernel`).
     intra_bwd_staged: bool = True

@@ -59,7 +59,7 @@ def _to_end(gam_ref, doc_ref, n, C):
     rows = pl.ds(n * C, C)
     gam, doc = gam_ref[rows], doc_ref[rows]
     gl, dl = gam_ref[pl.ds(n * C + C - 1, 1)], doc_ref[pl.ds(n * C + C - 1, 1)]
-    return jnp.where(doc == dl, jnp.exp(gl - gam), 0.0)  # gam falls along the chunk: gl - gam <= 0, no overflow
+    return jnp.where(doc == dl, jnp.exp(gl - gam), 0.0)  # decays g <= 0: gam falls, gl - gam <= 0
 
 
 def _gate(gam_ref, carry_ref, n, C):
@@ -128,46 +128,54 @@ def _state_specs(B, H, G, Tp, N, K, BV, R):
 
 
 def _state_fwd_kernel(u_ref, w_ref, k_ref, gam_ref, doc_ref, ed_ref, first_ref, nxt_ref, h0_ref,
-                      vn_ref, h_ref, st_ref, *, N, C, prefetch):
+                      vn_ref, h_ref, st_ref, *, N, C, prefetch, skip_empty):
     dd = w_ref.dtype
     r = pl.program_id(2)
     f, nx = _scalar(first_ref, r), _scalar(nxt_ref, r)
     valid = f < N
-    fl = jnp.minimum(f, N - 1)
-    # Run r > 0 enters its first chunk with S = 0: v_new = u there, and only the new document's rows reach the end.
-    rows = pl.ds(fl * C, C)
-    te = _to_end(gam_ref, doc_ref, fl, C)
-    S_peel = _dot(k_ref[rows, :], (u_ref[rows, :].astype(F32) * te[:, None]).astype(dd), trans_a=True)
-    S0 = jnp.where(f == 0, h0_ref[...].astype(F32), S_peel)
-    start = jnp.where(f == 0, 0, f + 1)
-    stop = jnp.where(valid, jnp.minimum(nx, N - 1) + 1, start)
 
-    def load(n):
-        rows = pl.ds(n * C, C)
-        return w_ref[rows, :], k_ref[rows, :], u_ref[rows, :], _to_end(gam_ref, doc_ref, n, C)
+    def run():
+        fl = jnp.minimum(f, N - 1)
+        # Run r > 0 enters its first chunk with S = 0: v_new = u there, and only the new document's rows reach the
+        # chunk end.
+        rows = pl.ds(fl * C, C)
+        te = _to_end(gam_ref, doc_ref, fl, C)
+        S_peel = _dot(k_ref[rows, :], (u_ref[rows, :].astype(F32) * te[:, None]).astype(dd), trans_a=True)
+        S0 = jnp.where(f == 0, h0_ref[...].astype(F32), S_peel)
+        start = jnp.where(f == 0, 0, f + 1)
+        stop = jnp.where(valid, jnp.minimum(nx, N - 1) + 1, start)
 
-    def body(n, carry):
-        if prefetch:
-            S, (w, k, u, te) = carry
-            nxt_tiles = load(jnp.minimum(n + 1, N - 1))  # issued before this chunk's products: hides their latency
-        else:
-            S, nxt_tiles = carry, ()
-            w, k, u, te = load(n)
-        S_d = S.astype(dd)
-        h_ref[n] = S_d
-        v_new = u.astype(F32) - _dot(w, S_d)
-        vn_ref[pl.ds(n * C, C), :] = v_new.astype(dd)
-        ed = ed_ref[pl.ds(n, 1)]
-        S = ed[:, None] * S + _dot(k, (v_new * te[:, None]).astype(dd), trans_a=True)
-        return (S, nxt_tiles) if prefetch else S
+        def load(n):
+            rows = pl.ds(n * C, C)
+            return w_ref[rows, :], k_ref[rows, :], u_ref[rows, :], _to_end(gam_ref, doc_ref, n, C)
 
-    init = (S0, load(jnp.minimum(start, N - 1))) if prefetch else S0
-    S = jax.lax.fori_loop(start, stop, body, init)
-    S = S[0] if prefetch else S
+        def body(n, carry):
+            if prefetch:
+                S, (w, k, u, te) = carry
+                nxt_tiles = load(jnp.minimum(n + 1, N - 1))  # issued before this chunk's products: hides latency
+            else:
+                S, nxt_tiles = carry, ()
+                w, k, u, te = load(n)
+            S_d = S.astype(dd)
+            h_ref[n] = S_d
+            v_new = u.astype(F32) - _dot(w, S_d)
+            vn_ref[pl.ds(n * C, C), :] = v_new.astype(dd)
+            ed = ed_ref[pl.ds(n, 1)]
+            S = ed[:, None] * S + _dot(k, (v_new * te[:, None]).astype(dd), trans_a=True)
+            return (S, nxt_tiles) if prefetch else S
 
-    @pl.when(valid & (nx >= N))
-    def _():
-        st_ref[...] = S
+        init = (S0, load(jnp.minimum(start, N - 1))) if prefetch else S0
+        S = jax.lax.fori_loop(start, stop, body, init)
+        S = S[0] if prefetch else S
+
+        @pl.when(valid & (nx >= N))
+        def _():
+            st_ref[...] = S
+
+    if skip_empty:
+        pl.when(valid)(run)
+    else:
+        run()
 
 
 def _dot(a, b, trans_a=False, trans_b=False, dtype=None):
@@ -186,7 +194,8 @@ def _state_fwd(u, w, kn, gam, doc, ed, first, nxt, h0, *, C, interpret, launch):
         jax.ShapeDtypeStruct((B, H, K, V), F32),  # final state
     )
     return pl.pallas_call(
-        functools.partial(_state_fwd_kernel, N=N, C=C, prefetch=launch.prefetch_fwd),
+        functools.partial(_state_fwd_kernel, N=N, C=C, prefetch=launch.prefetch_fwd,
+                          skip_empty=launch.skip_empty_runs),
         out_shape=out_shape,
         grid=(V // BV, B * H, R),
         in_specs=[s["seq_v"], s["seq"](K), s["keyed"], s["per_token_head"], s["per_token"], s["per_chunk"],
@@ -269,7 +278,7 @@ def _dvl(qn, kn, gam, doc, carry, do, *, C, interpret, launch):
 
 
 def _state_bwd_kernel(dvl_ref, do_ref, q_ref, k_ref, w_ref, gam_ref, doc_ref, carry_ref, ed_ref, first_ref, nxt_ref,
-                      dst_ref, dh_ref, dvn_ref, ds0_ref, *, N, C, prefetch):
+                      dst_ref, dh_ref, dvn_ref, ds0_ref, *, N, C, prefetch, skip_empty):
     """Reverse pass: dv_new = dvl + te * (k dS), dS <- e^{g_last} dS + q^T (sc * do) - w^T dv_new; dS is the
     cotangent of the chunk-end state. Run r walks from the next run's first chunk (entered with dS = 0: only rows of
     earlier documents reach the chunk start, and they do not read dS) down to its own first chunk."""
@@ -277,45 +286,52 @@ def _state_bwd_kernel(dvl_ref, do_ref, q_ref, k_ref, w_ref, gam_ref, doc_ref, ca
     r = pl.program_id(2)
     f, nx = _scalar(first_ref, r), _scalar(nxt_ref, r)
     valid = f < N
-    is_last = valid & (nx >= N)
-    pc = jnp.minimum(nx, N - 1)
-    rows = pl.ds(pc * C, C)
-    sc = _gate(gam_ref, carry_ref, pc, C)
-    dS_peel = (_dot(q_ref[rows, :], (do_ref[rows, :].astype(F32) * sc[:, None]).astype(dd), trans_a=True)
-               - _dot(w_ref[rows, :], dvl_ref[rows, :], trans_a=True))
-    dS0 = jnp.where(is_last, dst_ref[...], dS_peel)
-    top = jnp.where(is_last, N - 1, nx - 1)
-    count = jnp.where(valid, top - f + 1, 0)
 
-    def load(n):
-        rows = pl.ds(n * C, C)
-        return (q_ref[rows, :], k_ref[rows, :], w_ref[rows, :], do_ref[rows, :], dvl_ref[rows, :],
-                _to_end(gam_ref, doc_ref, n, C), _gate(gam_ref, carry_ref, n, C))
+    def run():
+        is_last = valid & (nx >= N)
+        pc = jnp.minimum(nx, N - 1)
+        rows = pl.ds(pc * C, C)
+        sc = _gate(gam_ref, carry_ref, pc, C)
+        dS_peel = (_dot(q_ref[rows, :], (do_ref[rows, :].astype(F32) * sc[:, None]).astype(dd), trans_a=True)
+                   - _dot(w_ref[rows, :], dvl_ref[rows, :], trans_a=True))
+        dS0 = jnp.where(is_last, dst_ref[...], dS_peel)
+        top = jnp.where(is_last, N - 1, nx - 1)
+        count = jnp.where(valid, top - f + 1, 0)
 
-    def body(i, carry):
-        n = top - i
-        if prefetch:
-            dS, (q, k, w, do, dvl, te, sc) = carry
-            nxt_tiles = load(jnp.maximum(n - 1, 0))
-        else:
-            dS, nxt_tiles = carry, ()
-            q, k, w, do, dvl, te, sc = load(n)
-        dS_d = dS.astype(dd)
-        dh_ref[n] = dS_d
-        dv_new = dvl.astype(F32) + te[:, None] * _dot(k, dS_d)
-        dvn_ref[pl.ds(n * C, C), :] = dv_new.astype(dd)
-        ed = ed_ref[pl.ds(n, 1)]
-        dS = (ed[:, None] * dS + _dot(q, (do.astype(F32) * sc[:, None]).astype(dd), trans_a=True)
-              - _dot(w, dv_new.astype(dd), trans_a=True))
-        return (dS, nxt_tiles) if prefetch else dS
+        def load(n):
+            rows = pl.ds(n * C, C)
+            return (q_ref[rows, :], k_ref[rows, :], w_ref[rows, :], do_ref[rows, :], dvl_ref[rows, :],
+                    _to_end(gam_ref, doc_ref, n, C), _gate(gam_ref, carry_ref, n, C))
 
-    init = (dS0, load(jnp.clip(top, 0, N - 1))) if prefetch else dS0
-    dS = jax.lax.fori_loop(0, count, body, init)
-    dS = dS[0] if prefetch else dS
+        def body(i, carry):
+            n = top - i
+            if prefetch:
+                dS, (q, k, w, do, dvl, te, sc) = carry
+                nxt_tiles = load(jnp.maximum(n - 1, 0))
+            else:
+                dS, nxt_tiles = carry, ()
+                q, k, w, do, dvl, te, sc = load(n)
+            dS_d = dS.astype(dd)
+            dh_ref[n] = dS_d
+            dv_new = dvl.astype(F32) + te[:, None] * _dot(k, dS_d)
+            dvn_ref[pl.ds(n * C, C), :] = dv_new.astype(dd)
+            ed = ed_ref[pl.ds(n, 1)]
+            dS = (ed[:, None] * dS + _dot(q, (do.astype(F32) * sc[:, None]).astype(dd), trans_a=True)
+                  - _dot(w, dv_new.astype(dd), trans_a=True))
+            return (dS, nxt_tiles) if prefetch else dS
 
-    @pl.when(valid & (f == 0))
-    def _():
-        ds0_ref[...] = dS
+        init = (dS0, load(jnp.clip(top, 0, N - 1))) if prefetch else dS0
+        dS = jax.lax.fori_loop(0, count, body, init)
+        dS = dS[0] if prefetch else dS
+
+        @pl.when(valid & (f == 0))
+        def _():
+            ds0_ref[...] = dS
+
+    if skip_empty:
+        pl.when(valid)(run)
+    else:
+        run()
 
 
 def _state_bwd(dvl, do, qn, kn, w, gam, doc, carry, ed, first, nxt, dst, *, C, interpret, launch):
@@ -330,7 +346,8 @@ def _state_bwd(dvl, do, qn, kn, w, gam, doc, carry, ed, first, nxt, dst, *, C, i
         jax.ShapeDtypeStruct((B, H, K, V), F32),  # initial-state cotangent
     )
     return pl.pallas_call(
-        functools.partial(_state_bwd_kernel, N=N, C=C, prefetch=launch.prefetch_bwd),
+        functools.partial(_state_bwd_kernel, N=N, C=C, prefetch=launch.prefetch_bwd,
+                          skip_empty=launch.skip_empty_runs),
         out_shape=out_shape,
         grid=(V // BV, B * H, R),
         in_specs=[s["seq_v"], s["token_v"], s["keyed"], s["keyed"], s["seq"](K), s["per_token_head"],
