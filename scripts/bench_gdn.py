@@ -50,6 +50,8 @@ IMPLS = {
     "split-bf16inv": _pallas(launch=dict(inverse_dtype="bfloat16")),
     "split-bv64": _pallas(launch=dict(block_v_fwd=64, block_v_bwd=64)),
     "split-bv16": _pallas(launch=dict(block_v_fwd=16, block_v_bwd=16)),
+    "split-fold": _pallas(launch=dict(fold_state_grads=True)),
+    "split-next": _pallas(launch=dict(fold_state_grads=True, skip_empty_runs=True)),  # the options not yet timed
     "fused": _pallas("fused", intra="pallas", state_grads="pallas"),
     "fused-xla-intra": _pallas("fused", intra="xla", state_grads="pallas"),
     "fused-xla-sg": _pallas("fused", intra="pallas", state_grads="xla"),
@@ -252,6 +254,7 @@ def split_kernel_cases(B, T, seg, q, k, v, g, beta, do, launch=LAUNCH):
         "state_bwd": (S._state_bwd, (dvl, do_d, qn, kn, w, gam, doc, carry, ed, first, nxt, zero_state)),
         "state_grads": (S._state_grads, (do_d, dvn, vn, h, dh)),
         "intra_bwd": (S._intra_bwd, (*intra_in, X, dvn, dw, dP, dqd, dke)),
+        "intra_bwd_folded": (S._intra_bwd_folded, (*intra_in, X, dvn, do_d, vn, h, dh)),
     }
 
 
@@ -280,6 +283,8 @@ TUNE_OPTIONS = {  # per split kernel: launch overrides tried, each against the d
     "state_grads": [dict(state_grads=(4, 1)), dict(state_grads=(8, 1))],
     "intra_bwd": [dict(intra_bwd=(4, 1)), dict(intra_bwd=(8, 1)), dict(intra_bwd=(16, 1)),
                   dict(intra_bwd_staged=False)],
+    # replaces state_grads + intra_bwd when fold_state_grads is on; compare with their sum (not merged into the best)
+    "intra_bwd_folded": [dict(intra_bwd=(4, 1)), dict(intra_bwd=(8, 1))],
 }
 
 
@@ -314,7 +319,7 @@ def split_tune(B, T, seg, q, k, v, g, beta, do, iters, kernels):
     best = {}
     for name, rows in times.items():
         t, key, opt = min(rows, key=lambda r: r[0])
-        best |= opt
+        best |= {} if name == "intra_bwd_folded" else opt
         print(f"[tune split {name}] " + " | ".join(f"{kk} {tt:.3f}" for tt, kk, _ in rows)
               + f" | best {key} {t:.3f} ms", flush=True)
     return best

@@ -57,8 +57,8 @@ def test_interpret_matches_reference_forward_and_grads(shape, kernels):
 def test_interpret_split_document_runs_match_recurrence():
     """The split state passes run each document run as its own program. Documents of one token at the row start, a
     start on a chunk's first token, two starts in one chunk and a start in the last chunk give the recurrence's
-    outputs, final state and (against the chunked form) gradients, also with empty run slots skipped; a row without
-    documents runs as one run."""
+    outputs, final state and (against the chunked form) gradients, also with empty run slots skipped and the state
+    grads folded into the intra backward; a row without documents runs as one run."""
     from xorl_jax.kernels.gdn.pallas_split import document_runs
 
     T, C, docs = 80, 16, [1, 1, 14, 20, 3, 25, 16]
@@ -83,7 +83,9 @@ def test_interpret_split_document_runs_match_recurrence():
                                               output_final_state=True)
         np.testing.assert_allclose(o_p, o_r, atol=2e-5, rtol=2e-5)
         np.testing.assert_allclose(s_p, s_r, atol=2e-5, rtol=2e-5)
-    g_p = _loss_grads(pallas, q, k, v, g, beta, h0, seg)
+    # the backward with the options not yet on by default (the default backward: the tests above and below)
+    options = Launch(skip_empty_runs=True, fold_state_grads=True)
+    g_p = _loss_grads(lambda *a, **kw: pallas(*a, launch=options, **kw), q, k, v, g, beta, h0, seg)
     g_r = _loss_grads(lambda *a, **kw: gated_delta_rule_chunked(*a, chunk_size=C, **kw), q, k, v, g, beta, h0, seg)
     for name, a, b in zip("q k v g beta h0".split(), g_p, g_r):
         np.testing.assert_allclose(a, b, atol=5e-5, rtol=5e-5, err_msg=name)

@@ -143,6 +143,9 @@ class Launch:
     # Split state passes: run slots past a row's last run return at once (False: they compute a clamped peel and
     # store nothing). Not yet timed on a GPU, so off.
     skip_empty_runs: bool = False
+    # Split backward: the per-chunk cotangent products (dw, dP, dqd, dke) inside the intra backward, one launch and
+    # no round trip of those four through HBM (its launch settings are intra_bwd's). Not yet timed on a GPU, so off.
+    fold_state_grads: bool = False
     # Split path: the intra backward that orders its products to keep fewer [C, K] fp32 tiles live (False: the fused
     # layout's `_intra_bwd_kernel`).
     intra_bwd_staged: bool = True

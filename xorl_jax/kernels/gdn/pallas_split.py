@@ -383,9 +383,8 @@ def _state_grads(do, dvn, vn, h, dh, *, C, interpret, launch):
     )(do, dvn, vn, h, dh)
 
 
-def _intra_bwd_staged_kernel(q_ref, k_ref, v_ref, gam_ref, beta_ref, doc_ref, carry_ref, a_ref,
-                             du_ref, dw_ref, dp_ref, dqd_ref, dke_ref,
-                             dq_ref, dk_ref, dv_ref, dgam_ref, dbeta_ref, *, C):
+def _intra_bwd_stages(q_ref, k_ref, v_ref, gam_ref, beta_ref, doc_ref, carry_ref, a_ref, du_ref, cts,
+                      dq_ref, dk_ref, dv_ref, dgam_ref, dbeta_ref, C):
     """`pallas._intra_bwd_kernel`'s math in stages (u, then w, then L, P, qd, ke), each finishing with what it
     owns, so at most a few [C, K] fp32 tiles are live at once; q, k, v stay bf16 until a stage needs them."""
     P = _p()
@@ -404,7 +403,7 @@ def _intra_bwd_staged_kernel(q_ref, k_ref, v_ref, gam_ref, beta_ref, doc_ref, ca
     k = k_ref[...]
     k32 = k.astype(F32)
     W = _dot(Xd, ((beta * sc)[:, None] * k32).astype(dd))
-    dbw = _dot(Xd, dw_ref[...], trans_a=True)
+    dbw = _dot(Xd, cts.dw(), trans_a=True)
     dL = -jnp.where(row > col, dL + _dot(dbw.astype(dd), W.astype(dd), trans_b=True), 0.0)
     dbw_k = jnp.sum(dbw * k32, axis=1)
     dk = (beta * sc)[:, None] * dbw
@@ -418,22 +417,82 @@ def _intra_bwd_staged_kernel(q_ref, k_ref, v_ref, gam_ref, beta_ref, doc_ref, ca
     dk = dk + _dot(dkk, k) + _dot(dkk, k, trans_a=True)
     # P = (q k^T) * Gamma
     q = q_ref[...]
-    dP = dp_ref[...].astype(F32)
+    dP = cts.dP().astype(F32)
     dgamma_mat = dgamma_mat + dP * _dot(q, k, trans_b=True) * decay
     dqk = (dP * decay).astype(dd)
     dk = dk + _dot(dqk, q, trans_a=True)
     # qd = q * sc
-    dqd = dqd_ref[...].astype(F32)
+    dqd = cts.dqd().astype(F32)
     dq_ref[...] = _dot(dqk, k) + dqd * sc[:, None]
     dsc = dsc + jnp.sum(dqd * q.astype(F32), axis=1)
     # ke = k * te
-    dke = dke_ref[...].astype(F32)
+    dke = cts.dke().astype(F32)
     dk_ref[...] = dk + dke * te[:, None]
     dte_te = jnp.sum(dke * k32, axis=1) * te
     idx = jax.lax.broadcasted_iota(jnp.int32, (C,), 0)
     dgam_ref[...] = (jnp.sum(dgamma_mat, axis=1) - jnp.sum(dgamma_mat, axis=0) + dsc * sc - dte_te
                      + jnp.where(idx == C - 1, jnp.sum(dte_te), 0.0))
     dbeta_ref[...] = dbeta
+
+
+class _Cotangents:
+    """The state pass's per-chunk cotangents, read from refs (`read`) or computed from the chunk's do, v_new, start
+    state h and end-state cotangent dh (`computed`, the products of `pallas._state_grads_kernel`)."""
+
+    def __init__(self, dw, dP, dqd, dke):
+        self.dw, self.dP, self.dqd, self.dke = dw, dP, dqd, dke
+
+    @classmethod
+    def read(cls, dw_ref, dp_ref, dqd_ref, dke_ref):
+        return cls(lambda: dw_ref[...], lambda: dp_ref[...], lambda: dqd_ref[...], lambda: dke_ref[...])
+
+    @classmethod
+    def computed(cls, du_ref, do_ref, vn_ref, h_ref, dh_ref, dd):
+        return cls(lambda: (-_dot(du_ref[...], h_ref[...], trans_b=True)).astype(dd),
+                   lambda: _dot(do_ref[...], vn_ref[...], trans_b=True),
+                   lambda: _dot(do_ref[...], h_ref[...], trans_b=True),
+                   lambda: _dot(vn_ref[...], dh_ref[...], trans_b=True))
+
+
+def _intra_bwd_staged_kernel(q_ref, k_ref, v_ref, gam_ref, beta_ref, doc_ref, carry_ref, a_ref,
+                             du_ref, dw_ref, dp_ref, dqd_ref, dke_ref,
+                             dq_ref, dk_ref, dv_ref, dgam_ref, dbeta_ref, *, C):
+    _intra_bwd_stages(q_ref, k_ref, v_ref, gam_ref, beta_ref, doc_ref, carry_ref, a_ref, du_ref,
+                      _Cotangents.read(dw_ref, dp_ref, dqd_ref, dke_ref), dq_ref, dk_ref, dv_ref, dgam_ref,
+                      dbeta_ref, C)
+
+
+def _intra_bwd_folded_kernel(q_ref, k_ref, v_ref, gam_ref, beta_ref, doc_ref, carry_ref, a_ref,
+                             du_ref, do_ref, vn_ref, h_ref, dh_ref,
+                             dq_ref, dk_ref, dv_ref, dgam_ref, dbeta_ref, ded_ref, *, C):
+    """The staged intra backward with the per-chunk cotangent products done in place (no dw, dP, dqd, dke in HBM)."""
+    cts = _Cotangents.computed(du_ref, do_ref, vn_ref, h_ref, dh_ref, q_ref.dtype)
+    _intra_bwd_stages(q_ref, k_ref, v_ref, gam_ref, beta_ref, doc_ref, carry_ref, a_ref, du_ref, cts,
+                      dq_ref, dk_ref, dv_ref, dgam_ref, dbeta_ref, C)
+    ded_ref[...] = jnp.sum(h_ref[...].astype(F32) * dh_ref[...].astype(F32), axis=1)  # row sums
+
+
+def _intra_bwd_folded(qn, kn, v, gam, beta, doc, carry, X, du, do, vn, h, dh, *, C, interpret, launch):
+    """dq, dk, dv, dgam, dbeta and ded [B, H, N, K] (row sums of the end-decay cotangent) in one launch."""
+    P = _p()
+    B, Tp, Hk, K = qn.shape
+    H, V = v.shape[2], v.shape[3]
+    keyed, by_head, per_token_head, per_token, chunk_out = P._intra_specs(B, Tp, Hk, H, K, V, C)
+    state = pl.BlockSpec((None, None, None, K, V), lambda b, n, h: (b, h, n, 0, 0))
+    return pl.pallas_call(
+        functools.partial(_intra_bwd_folded_kernel, C=C),
+        out_shape=[jax.ShapeDtypeStruct((B, Tp, H, K), F32), jax.ShapeDtypeStruct((B, Tp, H, K), F32),
+                   jax.ShapeDtypeStruct((B, Tp, H, V), F32), jax.ShapeDtypeStruct((B, Tp, H), F32),
+                   jax.ShapeDtypeStruct((B, Tp, H), F32), jax.ShapeDtypeStruct((B, H, Tp // C, K), F32)],
+        grid=(B, Tp // C, H),
+        in_specs=[keyed, keyed, by_head(V), per_token_head, per_token_head, per_token, per_token, chunk_out(C),
+                  chunk_out(V), by_head(V), chunk_out(V), state, state],
+        out_specs=[by_head(K), by_head(K), by_head(V), per_token_head, per_token_head,
+                   pl.BlockSpec((None, None, None, K), lambda b, n, h: (b, h, n, 0))],
+        interpret=interpret,
+        compiler_params=None if interpret else P._compiler_params(launch, "intra_bwd"),
+        name="gdn_split_intra_bwd_folded",
+    )(qn, kn, v, gam, beta, doc, carry, X, du, do, vn, h, dh)
 
 
 def _intra_bwd(qn, kn, v, gam, beta, doc, carry, X, du, dw, dP, dqd, dke, *, C, interpret, launch):
@@ -497,8 +556,12 @@ def _split_bwd(C, interpret, launch, res, cts):
     do = do.astype(w.dtype)
     dvl = _dvl(qn, kn, gam, doc, carry, do, **kw)
     dh, dvn, ds0 = _state_bwd(dvl, do, qn, kn, w, gam, doc, carry, ed, first, nxt, dst.astype(F32), **kw)
-    dw, dqd, dP, dke, ded = _state_grads(do, dvn, vn, h, dh, **kw)
-    dq, dk, dv, dgam, dbeta = _intra_bwd(qn, kn, v, gam, beta, doc, carry, X, dvn, dw, dP, dqd, dke, **kw)
+    if launch.fold_state_grads:
+        dq, dk, dv, dgam, dbeta, ded = _intra_bwd_folded(qn, kn, v, gam, beta, doc, carry, X, dvn, do, vn, h, dh,
+                                                         **kw)
+    else:
+        dw, dqd, dP, dke, ded = _state_grads(do, dvn, vn, h, dh, **kw)
+        dq, dk, dv, dgam, dbeta = _intra_bwd(qn, kn, v, gam, beta, doc, carry, X, dvn, dw, dP, dqd, dke, **kw)
     B, Tp, Hk, K = qn.shape
     G = v.shape[2] // Hk
     if G > 1:  # value heads of one group share the key head
