@@ -9,9 +9,11 @@ FLA 0.6.0 refuses its gated backward on Hopper with Triton < 3.7.1 (a Triton mis
 only, `--fla-bypass-guard` (default on) flips that version flag. Its backward values are then not trusted.
 
 Usage: PYTHONPATH=. python benchmarks/bench_gdn.py [--iters 20] [--no-fla] [--no-reference] [--skip-check]
-           [--impls pallas,pal+xla,pallas+sg,pal+xla+sg,jnp] [--breakdown] [--tune] [--hlo-summary] [--dump-hlo DIR]
---breakdown times each Pallas kernel and each custom_vjp backward whole, against the fwd+bwd of the intra="pallas"
-path; --hlo-summary lists the kernels XLA emits for each fwd+bwd program (fusions, GEMM calls, copies).
+           [--impls split,fused,jnp] [--check split] [--breakdown] [--breakdown-fused] [--tune all|state_fwd,...]
+           [--hlo-summary] [--dump-hlo DIR]
+--breakdown times each kernel of the split path (the default); --breakdown-fused each kernel and custom_vjp backward
+of the fused path; --tune times the named split kernels under several launch settings; --hlo-summary lists the
+kernels XLA emits for each fwd+bwd program (fusions, GEMM calls, copies).
 """
 
 from __future__ import annotations
@@ -27,12 +29,33 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from xorl_jax.kernels.gdn.pallas import gated_delta_rule_pallas
+from xorl_jax.kernels.gdn.pallas import FUSED_LAUNCH, LAUNCH, gated_delta_rule_pallas
 from xorl_jax.kernels.gdn.reference import gated_delta_rule_chunked
 
 HK, HV, DK, DV = 16, 32, 128, 128
 GIB = 2**30
 INTERPRET = False  # the kernel-level timings run compiled Triton; True only for a CPU smoke test of this script
+
+
+def _pallas(kernels="split", **kw):
+    launch = dataclasses.replace(LAUNCH if kernels == "split" else FUSED_LAUNCH, **kw.pop("launch", {}))
+    return functools.partial(gated_delta_rule_pallas, kernels=kernels, launch=launch, **kw)
+
+
+# The JAX paths the benchmark can time. split: pallas_split.py (the default); fused: the one-pass-per-row layout with
+# the intra and state-grads kernels (the default before); the fused variants with XLA pieces ("xla" intra terms,
+# XLA einsum state grads) stay for reference.
+IMPLS = {
+    "split": _pallas(),
+    "split-bf16inv": _pallas(launch=dict(inverse_dtype="bfloat16")),
+    "split-bv64": _pallas(launch=dict(block_v_fwd=64, block_v_bwd=64)),
+    "split-bv16": _pallas(launch=dict(block_v_fwd=16, block_v_bwd=16)),
+    "split-fold": _pallas(launch=dict(fold_state_grads=True)),
+    "split-next": _pallas(launch=dict(fold_state_grads=True, skip_empty_runs=True)),  # the options not yet timed
+    "fused": _pallas("fused", intra="pallas", state_grads="pallas"),
+    "fused-xla-intra": _pallas("fused", intra="xla", state_grads="pallas"),
+    "fused-xla-sg": _pallas("fused", intra="pallas", state_grads="xla"),
+}
 
 
 def make_inputs(B, T, seed=0):
@@ -108,12 +131,22 @@ def rel(a, b):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def check(B, T, seg, q, k, v, g, beta, do, intra=None):
-    pallas_fwd, pallas_fb = jax_fns(functools.partial(gated_delta_rule_pallas, intra=intra), seg)
-    with jax.default_matmul_precision("float32"):
-        ref_fwd, ref_fb = jax_fns(gated_delta_rule_chunked, seg)
-        f32 = [x.astype(jnp.float32) for x in (q, k, v, g, beta, do)]
-        o_ref, g_ref = ref_fwd(*f32[:5]), ref_fb(*f32)
+_REFERENCE = {}  # (B, T, id of q) -> the fp32 reference's output and gradients, computed once per shape
+
+
+def _reference(seg, q, k, v, g, beta, do):
+    key = (*q.shape[:2], id(q))
+    if key not in _REFERENCE:
+        with jax.default_matmul_precision("float32"):
+            ref_fwd, ref_fb = jax_fns(gated_delta_rule_chunked, seg)
+            f32 = [x.astype(jnp.float32) for x in (q, k, v, g, beta, do)]
+            _REFERENCE[key] = ref_fwd(*f32[:5]), ref_fb(*f32)
+    return _REFERENCE[key]
+
+
+def check(B, T, seg, q, k, v, g, beta, do, impl):
+    pallas_fwd, pallas_fb = jax_fns(impl, seg)
+    o_ref, g_ref = _reference(seg, q, k, v, g, beta, do)
     o1, o2 = pallas_fwd(q, k, v, g, beta), pallas_fwd(q, k, v, g, beta)
     g1, g2 = pallas_fb(q, k, v, g, beta, do), pallas_fb(q, k, v, g, beta, do)
     same = bool(np.array_equal(np.asarray(o1, np.float32), np.asarray(o2, np.float32))) and all(
@@ -190,27 +223,106 @@ def kernel_cases(B, T, seg, q, k, v, g, beta, do):
     return cases, residuals
 
 
-def tune(B, T, seg, q, k, v, g, beta, do, iters):
-    """Each kernel under several Triton launch settings (num_warps, num_stages); prints times and the best."""
+def split_kernel_cases(B, T, seg, q, k, v, g, beta, do, launch=LAUNCH):
+    """{kernel: (function of (C, interpret, launch) -> outputs, its arguments)} for each kernel of the split path, on
+    the values it sees inside the fwd+bwd program."""
     from xorl_jax.kernels.gdn import pallas as P
+    from xorl_jax.kernels.gdn import pallas_split as S
+    from xorl_jax.kernels.gdn.reference import document_starts
 
-    cases, _ = kernel_cases(B, T, seg, q, k, v, g, beta, do)
-    for name, (f, fargs) in cases.items():
-        sequential = name.startswith("state_") and name != "state_grads"  # a loop over chunks: stages pipeline it
-        options = [(w, s) for w in (2, 4, 8) for s in ((1, 2, 3) if sequential else (1, 2))]
-        times = {}
-        for opt in options:
-            launch = dataclasses.replace(P.LAUNCH, **{name: opt})
-            try:
-                times[opt] = time_jax(jax.jit(functools.partial(f, C=64, interpret=INTERPRET, launch=launch)), fargs,
-                                      iters)
-            except Exception as e:  # noqa: BLE001 - a setting Triton rejects (e.g. out of shared memory)
-                print(f"[tune {name}] warps={opt[0]} stages={opt[1]}: {type(e).__name__}", flush=True)
-        default = getattr(P.LAUNCH, name)
-        best = min(times, key=times.get)
-        print(f"[tune {name}] " + " | ".join(f"w{o[0]}s{o[1]} {t:.3f}" for o, t in times.items())
-              + f" | best w{best[0]}s{best[1]} {times[best]:.3f} ms vs current w{default[0]}s{default[1]} "
-              f"{times.get(default, float('nan')):.3f} ms", flush=True)
+    C, dd = 64, jnp.bfloat16
+    starts = document_starts(seg, T, B)
+    prep = jax.jit(lambda *a: P._intra_kernel_inputs(*a, starts, C, None, True, dd))
+    intra_in, ed = prep(q, k, v, g, beta)
+    qn, kn, vv, gam, bb, doc, carry = intra_in
+    Tp = qn.shape[1]
+    first, nxt = S.document_runs(carry, B, Tp // C, C, seg is not None)
+    zero_state = jnp.zeros((B, HV, DK, DV), jnp.float32)
+    run = lambda f: jax.jit(functools.partial(f, C=C, interpret=INTERPRET, launch=launch))  # noqa: E731
+    u, w, X = run(S._intra_fwd)(*intra_in)
+    vn, h, _ = run(S._state_fwd)(u, w, kn, gam, doc, ed, first, nxt, zero_state)
+    do_d = do.astype(dd)
+    dvl = run(S._dvl)(qn, kn, gam, doc, carry, do_d)
+    dh, dvn, _ = run(S._state_bwd)(dvl, do_d, qn, kn, w, gam, doc, carry, ed, first, nxt, zero_state)
+    dw, dqd, dP, dke, _ = run(S._state_grads)(do_d, dvn, vn, h, dh)
+    out = functools.partial(S._out_fwd, out_dtype=dd)
+    return {
+        "intra_fwd": (S._intra_fwd, intra_in),
+        "state_fwd": (S._state_fwd, (u, w, kn, gam, doc, ed, first, nxt, zero_state)),
+        "out_fwd": (lambda *a, **kw: out(*a, **kw), (qn, kn, gam, doc, carry, h, vn)),
+        "dvl": (S._dvl, (qn, kn, gam, doc, carry, do_d)),
+        "state_bwd": (S._state_bwd, (dvl, do_d, qn, kn, w, gam, doc, carry, ed, first, nxt, zero_state)),
+        "state_grads": (S._state_grads, (do_d, dvn, vn, h, dh)),
+        "intra_bwd": (S._intra_bwd, (*intra_in, X, dvn, dw, dP, dqd, dke)),
+        "intra_bwd_folded": (S._intra_bwd_folded, (*intra_in, X, dvn, do_d, vn, h, dh)),
+    }
+
+
+def split_breakdown(B, T, seg, q, k, v, g, beta, do, iters):
+    """Each kernel of the split path alone (forward kernels, then backward kernels)."""
+    cases = split_kernel_cases(B, T, seg, q, k, v, g, beta, do)
+    t = {name: time_jax(jax.jit(functools.partial(f, C=64, interpret=INTERPRET, launch=LAUNCH)), fargs, iters)
+         for name, (f, fargs) in cases.items()}
+    fwd = sum(t[n] for n in ("intra_fwd", "state_fwd", "out_fwd"))
+    print(f"[breakdown split B{B} T{T}] " + " | ".join(f"{n} {x:.3f}" for n, x in t.items())
+          + f" | fwd kernels {fwd:.3f} ms, all {sum(t.values()):.3f} ms", flush=True)
+
+
+TUNE_OPTIONS = {  # per split kernel: launch overrides tried, each against the defaults
+    "intra_fwd": [dict(intra_fwd=(4, 1)), dict(intra_fwd=(8, 1)), dict(intra_fwd=(16, 1)),
+                  dict(inverse_dtype="bfloat16")],
+    "state_fwd": [dict(state_fwd=(2, 1)), dict(state_fwd=(4, 1)), dict(state_fwd=(8, 1)), dict(state_fwd=(4, 3)),
+                  dict(prefetch_fwd=False), dict(prefetch_fwd=False, state_fwd=(4, 3)), dict(block_v_fwd=16),
+                  dict(block_v_fwd=64), dict(block_v_fwd=64, skip_empty_runs=True)],
+    "out_fwd": [dict(out_fwd=(4, 1)), dict(out_fwd=(8, 1))],
+    "dvl": [dict(dvl=(4, 1)), dict(dvl=(8, 1))],
+    "state_bwd": [dict(state_bwd=(2, 1)), dict(state_bwd=(4, 1)), dict(state_bwd=(8, 1)), dict(state_bwd=(4, 3)),
+                  dict(prefetch_bwd=False), dict(prefetch_bwd=False, state_bwd=(4, 3)), dict(block_v_bwd=16),
+                  dict(block_v_bwd=64), dict(prefetch_bwd=False, skip_empty_runs=True),
+                  dict(prefetch_bwd=False, block_v_bwd=64)],
+    "state_grads": [dict(state_grads=(4, 1)), dict(state_grads=(8, 1))],
+    "intra_bwd": [dict(intra_bwd=(4, 1)), dict(intra_bwd=(8, 1)), dict(intra_bwd=(16, 1)),
+                  dict(intra_bwd_staged=False)],
+    # replaces state_grads + intra_bwd when fold_state_grads is on; compare with their sum (not merged into the best)
+    "intra_bwd_folded": [dict(intra_bwd=(4, 1)), dict(intra_bwd=(8, 1))],
+}
+
+
+def split_tune(B, T, seg, q, k, v, g, beta, do, iters, kernels):
+    """Times each named split kernel under each of its TUNE_OPTIONS (compiled in parallel threads, timed one by one)
+    and returns the launch overrides of the fastest option per kernel."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = split_kernel_cases(B, T, seg, q, k, v, g, beta, do)
+    jobs = []
+    for name in kernels:
+        f, fargs = cases[name]
+        for opt in TUNE_OPTIONS[name]:
+            launch = dataclasses.replace(LAUNCH, **opt)
+            jobs.append((name, opt, jax.jit(functools.partial(f, C=64, interpret=INTERPRET, launch=launch)), fargs))
+
+    def compile_job(job):
+        try:
+            return job[2].lower(*job[3]).compile()
+        except Exception as e:  # noqa: BLE001 - a setting Triton rejects (e.g. out of shared memory)
+            return e
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        compiled = list(pool.map(compile_job, jobs))
+    times = {}
+    for (name, opt, _, fargs), exe in zip(jobs, compiled):
+        key = " ".join(f"{k_}={v_}" for k_, v_ in opt.items())
+        if isinstance(exe, Exception):
+            print(f"[tune {name}] {key}: {type(exe).__name__}: {str(exe)[:200]}", flush=True)
+            continue
+        times.setdefault(name, []).append((time_jax(exe, fargs, iters), key, opt))
+    best = {}
+    for name, rows in times.items():
+        t, key, opt = min(rows, key=lambda r: r[0])
+        best |= {} if name == "intra_bwd_folded" else opt
+        print(f"[tune split {name}] " + " | ".join(f"{kk} {tt:.3f}" for tt, kk, _ in rows)
+              + f" | best {key} {t:.3f} ms", flush=True)
+    return best
 
 
 def breakdown(B, T, seg, q, k, v, g, beta, do, iters, fb_ms=None):
@@ -226,8 +338,8 @@ def breakdown(B, T, seg, q, k, v, g, beta, do, iters, fb_ms=None):
     u, w, Pm, qd, ke, ed, vn, h = (r[n] for n in ("u", "w", "Pm", "qd", "ke", "ed", "vn", "h"))
     intra_in, X, do_t, zero_state = r["intra_in"], r["X"], r["do_t"], r["zero_state"]
     dvn, dw, dP, dqd, dke = (r[n] for n in ("dvn", "dw", "dP", "dqd", "dke"))
-    state_vjp = jax.jit(lambda res, cts: P._state_pass_bwd(C, INTERPRET, "pallas", P.LAUNCH, res, cts))
-    intra_vjp = jax.jit(lambda res, cts: P._intra_pass_bwd(C, INTERPRET, P.LAUNCH, res, cts))
+    state_vjp = jax.jit(lambda res, cts: P._state_pass_bwd(C, INTERPRET, "pallas", P.FUSED_LAUNCH, res, cts))
+    intra_vjp = jax.jit(lambda res, cts: P._intra_pass_bwd(C, INTERPRET, P.FUSED_LAUNCH, res, cts))
     whole = {
         "state-pass vjp bwd": time_jax(state_vjp, ((u, w, Pm, qd, ke, ed, vn, h), (do_t, zero_state)), iters),
         "intra-pass vjp bwd": time_jax(intra_vjp, ((*intra_in, X), (dvn, dw, dP, dqd, dke)), iters),
@@ -282,6 +394,16 @@ def hlo_summary(label, fn, args, top=25):
               f"{cost.get('bytes accessed', float('nan')) / 2**30:.2f} GiB accessed (custom calls not counted)")
 
 
+def run_fla(res, label, B, T, cu, q, k, v, g, beta, do, iters):
+    try:
+        res["fla"] = fla_bench(B, T, cu, q, k, v, g, beta, do, iters)
+    except Exception as e:  # noqa: BLE001 - report and go on with the JAX numbers
+        print(f"[fla {label}] failed: {type(e).__name__}: {e}")
+        return
+    f, fb, peak = res["fla"]
+    print(f"[time {label}] fla: fwd {f:.3f} ms, fwd+bwd {fb:.3f} ms, peak {peak:.2f} GiB", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--iters", type=int, default=20)
@@ -290,9 +412,14 @@ def main():
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--shapes", default="packed,batch")
     ap.add_argument("--breakdown", action="store_true", help="also time the Pallas path's pieces")
-    ap.add_argument("--tune", action="store_true", help="time each kernel under several Triton launch settings")
-    ap.add_argument("--impls", default="pallas,pal+xla,pallas+sg,pal+xla+sg,jnp",
-                    help="JAX paths to time: pallas = intra kernels, pal+xla = intra in XLA, +sg = state-grads kernel")
+    ap.add_argument("--breakdown-fused", action="store_true", help="time the fused layout's pieces")
+    ap.add_argument("--tune", default="", help="split kernels to time under several launch settings (comma list, or "
+                    "'all'), at the first shape; the fastest settings then run as the impl 'split-tuned'")
+    ap.add_argument("--impls", default="split,fused,jnp",
+                    help="paths to time in this order, of: " + ", ".join(IMPLS) + ", jnp, split-tuned (after --tune), "
+                    "fla (FLA runs after the JAX paths unless named)")
+    ap.add_argument("--check", default="split", help="paths checked against the fp32 reference")
+    ap.add_argument("--check-shapes", default="packed", help="shapes (packed, batch) the check runs at")
     ap.add_argument("--hlo-summary", action="store_true",
                     help="print the kernels of each optimized fwd+bwd program (largest outputs first)")
     ap.add_argument("--dump-hlo", metavar="DIR", help="XLA dump of the fwd+bwd programs (text HLO, every pass)")
@@ -308,42 +435,48 @@ def main():
         seg, cu = segments_for(B, T, docs)
         q, k, v, g, beta, do = make_inputs(B, T)
         label = f"B{B} T{T}" + (f" {len(docs)} docs" if docs else "")
-        for intra in [] if args.skip_check else ["pallas", "xla"]:
-            errs, same, finite = check(B, T, seg, q, k, v, g, beta, do, intra)
-            print(f"[check {label} intra={intra}] rel err vs fp32 reference: "
-                  + " ".join(f"{n} {e:.2e}" for n, e in errs.items()) + f" | deterministic {same} | finite {finite}",
-                  flush=True)
         res = {}
-        # name: intra mode + state-grads mode ("sg" = `_state_grads_kernel`, else the XLA einsums)
-        impls = [("pallas", functools.partial(gated_delta_rule_pallas, intra="pallas", state_grads="xla")),
-                 ("pal+xla", functools.partial(gated_delta_rule_pallas, intra="xla", state_grads="xla")),
-                 ("pallas+sg", functools.partial(gated_delta_rule_pallas, intra="pallas", state_grads="pallas")),
-                 ("pal+xla+sg", functools.partial(gated_delta_rule_pallas, intra="xla", state_grads="pallas"))]
-        impls += [] if args.no_reference else [("jnp", gated_delta_rule_chunked)]
+        impls = dict(IMPLS)
+        impls |= {} if args.no_reference else {"jnp": gated_delta_rule_chunked}
         wanted = args.impls.split(",")
-        for impl_name, impl in (x for x in impls if x[0] in wanted):
+        if args.tune and name == args.shapes.split(",")[0]:
+            best = split_tune(B, T, seg, q, k, v, g, beta, do, args.iters,
+                              list(TUNE_OPTIONS) if args.tune == "all" else args.tune.split(","))
+            print(f"[tune] fastest settings: {dataclasses.replace(LAUNCH, **best)}", flush=True)
+            IMPLS["split-tuned"] = _pallas(launch=best)
+        impls |= {n: IMPLS[n] for n in ("split-tuned",) if n in IMPLS}
+        for impl_name, impl in ((n, impls.get(n)) for n in wanted if n in impls or n == "fla"):
+            if impl_name == "fla":
+                if not args.no_fla:
+                    run_fla(res, label, B, T, cu, q, k, v, g, beta, do, args.iters)
+                continue
             fwd, fb = jax_fns(impl, seg)
             if args.hlo_summary and impl_name != "jnp":
                 hlo_summary(f"{label} {impl_name}", fb, (q, k, v, g, beta, do))
             res[impl_name] = (time_jax(fwd, (q, k, v, g, beta), args.iters),
                               time_jax(fb, (q, k, v, g, beta, do), args.iters),
                               jax_peak_gib(fb, (q, k, v, g, beta, do)))
-        if not args.no_fla:
-            try:
-                res["fla"] = fla_bench(B, T, cu, q, k, v, g, beta, do, args.iters)
-            except Exception as e:  # noqa: BLE001 - report and go on with the JAX numbers
-                print(f"[fla {label}] failed: {type(e).__name__}: {e}")
+            print(f"[time {label}] {impl_name}: fwd {res[impl_name][0]:.3f} ms, fwd+bwd {res[impl_name][1]:.3f} ms, "
+                  f"peak {res[impl_name][2]:.2f} GiB", flush=True)
+        if not args.no_fla and "fla" not in wanted:
+            run_fla(res, label, B, T, cu, q, k, v, g, beta, do, args.iters)
         for impl_name, (f, fb, peak) in res.items():
             rows.append((label, impl_name, f, fb, peak))
-            print(f"[time {label}] {impl_name}: fwd {f:.3f} ms, fwd+bwd {fb:.3f} ms, peak {peak:.2f} GiB", flush=True)
-        if args.tune:
-            tune(B, T, seg, q, k, v, g, beta, do, args.iters)
+        checked = not args.skip_check and name in args.check_shapes.split(",")
+        for impl_name in args.check.split(",") if checked else []:
+            errs, same, finite = check(B, T, seg, q, k, v, g, beta, do, impls[impl_name])
+            print(f"[check {label} {impl_name}] rel err vs fp32 reference: "
+                  + " ".join(f"{n} {e:.2e}" for n, e in errs.items()) + f" | deterministic {same} | finite {finite}",
+                  flush=True)
         if args.breakdown:
-            breakdown(B, T, seg, q, k, v, g, beta, do, args.iters, res.get("pallas+sg", (None, None))[1])
-    print(f"\n{'shape':<20}{'impl':<8}{'fwd ms':>9}{'f+b ms':>9}{'peak GiB':>10}{'f+b / best pallas':>19}")
+            split_breakdown(B, T, seg, q, k, v, g, beta, do, args.iters)
+        if args.breakdown_fused:
+            breakdown(B, T, seg, q, k, v, g, beta, do, args.iters, res.get("fused", (None, None))[1])
+    print(f"\n{'shape':<20}{'impl':<14}{'fwd ms':>9}{'f+b ms':>9}{'peak GiB':>10}{'fwd/FLA':>9}{'f+b/FLA':>9}")
     for label, impl_name, f, fb, peak in rows:
-        base = min((r[3] for r in rows if r[0] == label and r[1].startswith("pal")), default=fb)
-        print(f"{label:<20}{impl_name:<8}{f:9.3f}{fb:9.3f}{peak:10.2f}{fb / base:18.2f}x")
+        fla = next((r for r in rows if r[0] == label and r[1] == "fla"), None)
+        ratios = f"{f / fla[2]:9.2f}{fb / fla[3]:9.2f}" if fla else ""
+        print(f"{label:<20}{impl_name:<14}{f:9.3f}{fb:9.3f}{peak:10.2f}{ratios}")
 
 
 if __name__ == "__main__":

@@ -36,12 +36,13 @@ INTERPRET_SHAPES = [  # B, T, Hk, Hv, K, V, chunk
 ]
 
 
-@pytest.mark.parametrize("shape", INTERPRET_SHAPES)
-def test_interpret_matches_reference_forward_and_grads(shape):
+# split at T a multiple of the chunk: test_interpret_split_document_runs_match_recurrence
+@pytest.mark.parametrize("shape,kernels", [(INTERPRET_SHAPES[0], "split"), (INTERPRET_SHAPES[1], "fused")])
+def test_interpret_matches_reference_forward_and_grads(shape, kernels):
     B, T, Hk, Hv, K, V, C = shape
     q, k, v, g, beta, h0 = make_inputs(20, B, T, Hk, Hv, K, V)
     seg = random_segments(21, B, T)
-    pallas = lambda *a, **kw: gated_delta_rule_pallas(*a, chunk_size=C, interpret=True, **kw)
+    pallas = lambda *a, **kw: gated_delta_rule_pallas(*a, chunk_size=C, interpret=True, kernels=kernels, **kw)
     o_p, s_p = jax.jit(lambda *a: pallas(*a[:5], segment_ids=seg, initial_state=a[5], output_final_state=True))(
         q, k, v, g, beta, h0)
     o_r, s_r = gated_delta_rule_recurrent(q, k, v, g, beta, segment_ids=seg, initial_state=h0, output_final_state=True)
@@ -53,7 +54,44 @@ def test_interpret_matches_reference_forward_and_grads(shape):
         np.testing.assert_allclose(a, b, atol=5e-5, rtol=5e-5, err_msg=name)
 
 
-@pytest.mark.parametrize("intra", ["pallas", "xla"])
+def test_interpret_split_document_runs_match_recurrence():
+    """The split state passes run each document run as its own program. Documents of one token at the row start, a
+    start on a chunk's first token, two starts in one chunk and a start in the last chunk give the recurrence's
+    outputs, final state and (against the chunked form) gradients, also with empty run slots skipped and the state
+    grads folded into the intra backward; a row without documents runs as one run."""
+    from xorl_jax.kernels.gdn.pallas_split import document_runs
+
+    T, C, docs = 80, 16, [1, 1, 14, 20, 3, 25, 16]
+    B, Hk, Hv, K, V = 1, 1, 2, 16, 16
+    q, k, v, g, beta, h0 = make_inputs(50, B, T, Hk, Hv, K, V)
+    seg = jnp.asarray(np.concatenate([np.full(n, i + 1) for i, n in enumerate(docs)])[None], jnp.int32)
+    starts = np.cumsum(docs)[:-1]
+    carry = np.ones((B, T), np.int32)  # as the kernels' inputs hold it: 0 from a start to its chunk's end
+    for s in starts:
+        carry[0, s : (s // C + 1) * C] = 0
+    first, nxt = document_runs(jnp.asarray(carry), B, T // C, C, True)
+    want = sorted({0} | {int(s) // C for s in starts})  # [0, 1, 2, 4]
+    assert list(np.asarray(first[0])) == want + [T // C] * (T // C - len(want))
+    assert list(np.asarray(nxt[0, : len(want)])) == want[1:] + [T // C]
+    pallas = lambda *a, **kw: gated_delta_rule_pallas(*a, chunk_size=C, interpret=True, kernels="split", **kw)
+    from xorl_jax.kernels.gdn.pallas import Launch
+
+    for segments, launch in ((seg, Launch()), (seg, Launch(skip_empty_runs=True)), (None, Launch())):
+        o_p, s_p = jax.jit(lambda *a: pallas(*a[:5], segment_ids=segments, initial_state=a[5], launch=launch,
+                                             output_final_state=True))(q, k, v, g, beta, h0)
+        o_r, s_r = gated_delta_rule_recurrent(q, k, v, g, beta, segment_ids=segments, initial_state=h0,
+                                              output_final_state=True)
+        np.testing.assert_allclose(o_p, o_r, atol=2e-5, rtol=2e-5)
+        np.testing.assert_allclose(s_p, s_r, atol=2e-5, rtol=2e-5)
+    # the backward with the options not yet on by default (the default backward: the tests above and below)
+    options = Launch(skip_empty_runs=True, fold_state_grads=True)
+    g_p = _loss_grads(lambda *a, **kw: pallas(*a, launch=options, **kw), q, k, v, g, beta, h0, seg)
+    g_r = _loss_grads(lambda *a, **kw: gated_delta_rule_chunked(*a, chunk_size=C, **kw), q, k, v, g, beta, h0, seg)
+    for name, a, b in zip("q k v g beta h0".split(), g_p, g_r):
+        np.testing.assert_allclose(a, b, atol=5e-5, rtol=5e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("intra", ["split", "pallas"])
 def test_remat_keeps_the_kernels_forward_products_and_gradients_hold(intra):
     """The kernels name their forward products: a policy saving that name keeps them (the backward does not run
     the forward kernels again; `dots_attention_saveable` leaves them out by default, measured no faster), and the
@@ -66,7 +104,8 @@ def test_remat_keeps_the_kernels_forward_products_and_gradients_hold(intra):
     B, T, Hk, Hv, K, V, C = INTERPRET_SHAPES[0]
     q, k, v, g, beta, h0 = make_inputs(30, B, T, Hk, Hv, K, V)
     seg = random_segments(31, B, T)
-    pallas = lambda *a, **kw: gated_delta_rule_pallas(*a, chunk_size=C, interpret=True, intra=intra, **kw)
+    layout = dict(kernels="split") if intra == "split" else dict(kernels="fused", intra=intra)
+    pallas = lambda *a, **kw: gated_delta_rule_pallas(*a, chunk_size=C, interpret=True, **layout, **kw)
     policy = jax.checkpoint_policies.save_only_these_names(CHECKPOINT_NAME)
     remat = lambda *a, **kw: jax.checkpoint(lambda *x: pallas(*x, **kw), policy=policy)(*a)  # noqa: E731
     out = io.StringIO()
@@ -116,11 +155,15 @@ def _gpu_case(dtype_name):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("state_grads", ["pallas", "xla"])
-@pytest.mark.parametrize("dtype,intra", [(jnp.float32, "pallas"), (jnp.bfloat16, "pallas"), (jnp.bfloat16, "xla")])
-def test_gpu_matches_fp32_reference_and_is_deterministic(dtype, intra, state_grads):
+@pytest.mark.parametrize("dtype,layout", [
+    (jnp.float32, dict(kernels="split")),
+    (jnp.bfloat16, dict(kernels="split")),
+    (jnp.bfloat16, dict(kernels="fused", intra="pallas", state_grads="pallas")),
+    (jnp.bfloat16, dict(kernels="fused", intra="xla", state_grads="xla")),
+], ids=["split-f32", "split-bf16", "fused-bf16", "fused-xla-bf16"])
+def test_gpu_matches_fp32_reference_and_is_deterministic(dtype, layout):
     (q, k, v, g, beta, h0), seg, (o_r, s_r, g_r) = _gpu_case(jnp.dtype(dtype).name)
-    pallas = lambda *a, **kw: gated_delta_rule_pallas(*a, interpret=False, intra=intra, state_grads=state_grads, **kw)
+    pallas = lambda *a, **kw: gated_delta_rule_pallas(*a, interpret=False, **layout, **kw)
     run = jax.jit(lambda *a: pallas(*a, segment_ids=seg, initial_state=h0, output_final_state=True))
     o_p, s_p = run(q, k, v, g, beta)
     o_p2, s_p2 = run(q, k, v, g, beta)
@@ -149,7 +192,8 @@ def test_interpret_xla_intra_variant_matches_reference():
     B, T, Hk, Hv, K, V, C = 1, 37, 1, 2, 16, 16, 16
     q, k, v, g, beta, h0 = make_inputs(23, B, T, Hk, Hv, K, V)
     seg = random_segments(24, B, T)
-    pallas = lambda *a, **kw: gated_delta_rule_pallas(*a, chunk_size=C, interpret=True, intra="xla", **kw)
+    pallas = lambda *a, **kw: gated_delta_rule_pallas(*a, chunk_size=C, interpret=True, kernels="fused", intra="xla",
+                                                      **kw)
     g_p = _loss_grads(pallas, q, k, v, g, beta, h0, seg)
     g_r = _loss_grads(gated_delta_rule_recurrent, q, k, v, g, beta, h0, seg)
     for name, a, b in zip("q k v g beta h0".split(), g_p, g_r):
@@ -172,17 +216,16 @@ def test_interpret_state_grads_kernel_matches_einsums():
     np.testing.assert_allclose(ded.sum(-1), want[4], rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("state_grads", ["pallas", "xla"])
-@pytest.mark.parametrize("intra", ["pallas", "xla"])
-def test_interpret_bf16_close_to_fp32_reference(intra, state_grads):
+@pytest.mark.parametrize("layout", [dict(kernels="split"), dict(kernels="fused", intra="pallas", state_grads="xla")],
+                         ids=["split", "fused-xla-state-grads"])
+def test_interpret_bf16_close_to_fp32_reference(layout):
     """bf16 inputs take bf16 products in every kernel: gradients stay within bf16 rounding of the fp32 reference."""
     B, T, Hk, Hv, K, V, C = 1, 40, 1, 2, 16, 16, 16
     q, k, v, g, beta, h0 = make_inputs(26, B, T, Hk, Hv, K, V)
     seg = random_segments(27, B, T)
     q16, k16, v16, b16 = (x.astype(jnp.bfloat16) for x in (q, k, v, beta))
     ref_in = [x.astype(jnp.float32) for x in (q16, k16, v16)] + [g, b16.astype(jnp.float32)]
-    pallas = lambda *a, **kw: gated_delta_rule_pallas(*a, chunk_size=C, interpret=True, intra=intra,
-                                                      state_grads=state_grads, **kw)
+    pallas = lambda *a, **kw: gated_delta_rule_pallas(*a, chunk_size=C, interpret=True, **layout, **kw)
     g_p = _loss_grads(pallas, q16, k16, v16, g, b16, h0, seg)
     g_r = _loss_grads(gated_delta_rule_recurrent, *ref_in, h0, seg)
     for name, a, b in zip("q k v g beta h0".split(), g_p, g_r):
@@ -195,14 +238,20 @@ def test_launch_settings_reach_every_kernel():
     forward and backward; traced only, for the GPU (compiling needs one), with the defaults left as they were."""
     from xorl_jax.kernels.gdn.pallas import LAUNCH, Launch
 
-    launch = Launch(state_fwd=(2, 1), state_bwd=(2, 3), state_grads=(4, 2), intra_fwd=(2, 2), intra_bwd=(4, 1))
+    launch = Launch(state_fwd=(2, 1), state_bwd=(2, 3), state_grads=(4, 2), intra_fwd=(2, 2), intra_bwd=(4, 1),
+                    out_fwd=(8, 2), dvl=(2, 3))
     q, k, v, g, beta, _ = make_inputs(40, 1, 64, 2, 2, 16, 16, jnp.bfloat16)
 
-    def loss(q, k, v):
-        o, _ = gated_delta_rule_pallas(q, k, v, g, beta, chunk_size=16, interpret=False, launch=launch)
-        return jnp.sum(o.astype(jnp.float32))
+    def built_with(kernels):
+        def loss(q, k, v):
+            o, _ = gated_delta_rule_pallas(q, k, v, g, beta, chunk_size=16, interpret=False, launch=launch,
+                                           kernels=kernels)
+            return jnp.sum(o.astype(jnp.float32))
 
-    def kernels(jaxpr):
+        return {name: (p.num_warps, p.num_stages)
+                for name, p in kernels_in(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v).jaxpr)}
+
+    def kernels_in(jaxpr):
         for eqn in jaxpr.eqns:
             if eqn.primitive.name == "pallas_call":
                 yield str(eqn.params["name"]), eqn.params["compiler_params"]
@@ -210,10 +259,11 @@ def test_launch_settings_reach_every_kernel():
                 for sub in param if isinstance(param, (list, tuple)) else [param]:
                     inner = getattr(sub, "jaxpr", sub)
                     if hasattr(inner, "eqns"):
-                        yield from kernels(inner)
+                        yield from kernels_in(inner)
 
-    built = {name: (p.num_warps, p.num_stages)
-             for name, p in kernels(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v).jaxpr)}
-    assert built == {f"gdn_{kernel}": getattr(launch, kernel) for kernel in
-                     ("state_fwd", "state_bwd", "state_grads", "intra_fwd", "intra_bwd")}, built
+    fused, split = built_with("fused"), built_with("split")
+    assert fused == {f"gdn_{kernel}": getattr(launch, kernel) for kernel in
+                     ("state_fwd", "state_bwd", "state_grads", "intra_fwd", "intra_bwd")}, fused
+    split_kernels = ("intra_fwd", "state_fwd", "out_fwd", "dvl", "state_bwd", "state_grads", "intra_bwd")
+    assert split == {f"gdn_split_{kernel}": getattr(launch, kernel) for kernel in split_kernels}, split
     assert LAUNCH == Launch() and LAUNCH.state_fwd == (4, 1) and LAUNCH.intra_bwd == (8, 1)

@@ -1,6 +1,10 @@
 """Chunked gated delta rule with Pallas GPU kernels, forward and backward tied with `custom_vjp`.
 
-Split of the work:
+Two layouts, picked by `kernels=`: "split" (pallas_split.py, the default: state passes split at document starts,
+outputs in their own parallel kernel) and "fused", this file's kernels, described here. The split layout reuses this
+file's chunk terms, per-chunk cotangent kernel and launch settings.
+
+Split of the work (fused layout):
   * the pass over chunks that carries the [dk, dv] state is the only sequential step: one Pallas kernel walks the
     chunks forward (state, output, chunk-start states, v_new), one walks them backward (state cotangent, dv_new).
     The state stays in fp32 registers for the whole pass; products take bf16 operands when the inputs are bf16.
@@ -45,6 +49,10 @@ CHECKPOINT_NAME = "gdn_kernel"
 INTRA_DEFAULT = "pallas"
 # The state pass's per-chunk cotangents: "pallas" (`_state_grads_kernel`) or "xla" (batched einsums).
 STATE_GRADS_DEFAULT = "pallas"
+# Kernel layout: "split" (pallas_split.py: state passes split at document starts, outputs in their own parallel
+# kernel) or "fused" (this file: one state pass per row that also writes the outputs).
+KERNELS = ("split", "fused")
+KERNELS_DEFAULT = "split"
 
 
 def _dot(a, b, trans_a=False, trans_b=False, dtype=None):
@@ -117,12 +125,37 @@ class Launch:
 
     state_fwd: tuple[int, int] = (4, 1)
     state_bwd: tuple[int, int] = (4, 1)
-    state_grads: tuple[int, int] = (8, 1)
-    intra_fwd: tuple[int, int] = (8, 1)
+    state_grads: tuple[int, int] = (4, 1)
+    intra_fwd: tuple[int, int] = (4, 1)
     intra_bwd: tuple[int, int] = (8, 1)
+    out_fwd: tuple[int, int] = (4, 1)  # "split" kernels only (pallas_split.py)
+    dvl: tuple[int, int] = (4, 1)
+    # Operand dtype of the split intra kernel's WY-inverse products: "float32" (TF32 on the tensor cores) or
+    # "bfloat16".
+    inverse_dtype: str = "float32"
+    # Split state passes (forward, backward): value columns per program, and whether the next chunk's tiles are
+    # loaded into registers while this chunk computes (False: each chunk loads its tiles when it starts and overlap
+    # is left to Triton's pipelining, num_stages > 1).
+    block_v_fwd: int = 64
+    block_v_bwd: int = 32
+    prefetch_fwd: bool = True
+    prefetch_bwd: bool = False
+    # Split state passes: run slots past a row's last run return at once (False: they compute a clamped peel and
+    # store nothing). Not yet timed on a GPU, so off.
+    skip_empty_runs: bool = False
+    # Split backward: the per-chunk cotangent products (dw, dP, dqd, dke) inside the intra backward, one launch and
+    # no round trip of those four through HBM (its launch settings are intra_bwd's). Not yet timed on a GPU, so off.
+    fold_state_grads: bool = False
+    # Split path: the intra backward that orders its products to keep fewer [C, K] fp32 tiles live (False: the fused
+    # layout's `_intra_bwd_kernel`).
+    intra_bwd_staged: bool = True
 
 
-LAUNCH = Launch()  # what the model runs
+# What the model runs: the split kernels' fastest settings of `benchmarks/bench_gdn.py --tune all` (H100, B1 T8192,
+# 4 documents, 2026-12-06; docs/PERFORMANCE.md).
+LAUNCH = Launch()
+# The fused layout's own settings (tuned for its kernels before the split layout existed).
+FUSED_LAUNCH = Launch(state_grads=(8, 1), intra_fwd=(8, 1))
 
 
 def _compiler_params(launch: Launch, kernel: str):
@@ -132,7 +165,7 @@ def _compiler_params(launch: Launch, kernel: str):
     return plgpu.CompilerParams(num_warps=warps, num_stages=stages)
 
 
-def _scan_fwd_call(u, w, P, qd, ke, ed, h0, *, C, interpret, launch=LAUNCH):
+def _scan_fwd_call(u, w, P, qd, ke, ed, h0, *, C, interpret, launch=FUSED_LAUNCH):
     B, H, Tp, K = w.shape
     V, N = u.shape[-1], Tp // C
     BV = _value_block(V)
@@ -155,7 +188,7 @@ def _scan_fwd_call(u, w, P, qd, ke, ed, h0, *, C, interpret, launch=LAUNCH):
     )(u, w, P, qd, ke, ed, h0)
 
 
-def _scan_bwd_call(do, w, P, qd, ke, ed, dst, *, C, interpret, launch=LAUNCH):
+def _scan_bwd_call(do, w, P, qd, ke, ed, dst, *, C, interpret, launch=FUSED_LAUNCH):
     B, H, Tp, K = w.shape
     V, N = do.shape[-1], Tp // C
     BV = _value_block(V)
@@ -206,7 +239,7 @@ def _state_grads_kernel(do_ref, dvn_ref, vn_ref, h_ref, dh_ref, dw_ref, dqd_ref,
     ded_ref[...] = jnp.sum(h.astype(F32) * dh, axis=1)  # row sums; the caller adds the K rows
 
 
-def _state_grads_call(do, dvn, v_new, h, dh, *, C, interpret, launch=LAUNCH):
+def _state_grads_call(do, dvn, v_new, h, dh, *, C, interpret, launch=FUSED_LAUNCH):
     B, H, Tp, V = do.shape
     N, K = Tp // C, h.shape[3]
     dd = v_new.dtype
@@ -411,7 +444,7 @@ def _intra_specs(B, Tp, Hk, H, K, V, C):
     return keyed, by_head, per_token_head, per_token, chunk_out
 
 
-def _intra_fwd_call(qn, kn, v, gam, beta, doc, carry, *, C, interpret, launch=LAUNCH):
+def _intra_fwd_call(qn, kn, v, gam, beta, doc, carry, *, C, interpret, launch=FUSED_LAUNCH):
     B, Tp, Hk, K = qn.shape
     H, V = v.shape[2], v.shape[3]
     dd = v.dtype
@@ -429,7 +462,7 @@ def _intra_fwd_call(qn, kn, v, gam, beta, doc, carry, *, C, interpret, launch=LA
     )(qn, kn, v, gam, beta, doc, carry)
 
 
-def _intra_bwd_call(qn, kn, v, gam, beta, doc, carry, X, du, dw, dP, dqd, dke, *, C, interpret, launch=LAUNCH):
+def _intra_bwd_call(qn, kn, v, gam, beta, doc, carry, X, du, dw, dP, dqd, dke, *, C, interpret, launch=FUSED_LAUNCH):
     B, Tp, Hk, K = qn.shape
     H, V = v.shape[2], v.shape[3]
     keyed, by_head, per_token_head, per_token, chunk_out = _intra_specs(B, Tp, Hk, H, K, V, C)
@@ -504,13 +537,15 @@ def _intra_kernel_inputs(q, k, v, g, beta, starts, C, scale, use_qk_l2norm, dd):
 
 def gated_delta_rule_pallas(q, k, v, g, beta, *, segment_ids=None, scale=None, use_qk_l2norm=True,
                             initial_state=None, output_final_state=False, chunk_size=64, interpret=None,
-                            intra=None, state_grads=None, launch: Launch = LAUNCH):
+                            intra=None, state_grads=None, launch: Launch | None = None, kernels=None):
     """Same contract as `reference.gated_delta_rule_chunked`; products take bf16 operands when v is bf16.
 
     `intra`: "pallas" (intra-chunk kernels) or "xla" (batched XLA products); None = INTRA_DEFAULT.
     `state_grads`: "pallas" (`_state_grads_kernel`) or "xla" (einsums) for the state pass's per-chunk cotangents;
     None = STATE_GRADS_DEFAULT.
-    `launch`: the kernels' Triton launch settings (`Launch`).
+    `launch`: the kernels' Triton launch settings (`Launch`; None = LAUNCH for "split", FUSED_LAUNCH for "fused").
+    `kernels`: "split" or "fused" (see KERNELS_DEFAULT); `intra` and `state_grads` choose among the fused layout's
+    variants and are ignored by "split".
 
     GPU constraints (Triton): dk and dv powers of two >= 16, chunk_size 16, 32 or 64.
     `interpret=None` runs the kernels in Pallas interpret mode unless the default backend is a GPU.
@@ -534,6 +569,19 @@ def gated_delta_rule_pallas(q, k, v, g, beta, *, segment_ids=None, scale=None, u
     dd = jnp.bfloat16 if v.dtype == jnp.bfloat16 else F32
     starts = document_starts(segment_ids, T, B)
     h0 = _initial_state(initial_state, B, H, K, V)
+    kernels = KERNELS_DEFAULT if kernels is None else kernels
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+    if launch is None:
+        launch = LAUNCH if kernels == "split" else FUSED_LAUNCH
+    if kernels == "split":
+        from xorl_jax.kernels.gdn.pallas_split import document_runs, split_pass
+
+        intra_in, ed = _intra_kernel_inputs(q, k, v, g, beta, starts, C, scale, use_qk_l2norm, dd)
+        Tp = intra_in[0].shape[1]
+        first, nxt = document_runs(intra_in[6], B, Tp // C, C, segment_ids is not None)
+        o, s_final = split_pass(*intra_in, ed, first, nxt, h0, C, bool(interpret), launch)
+        return o[:, :T].astype(v.dtype), (s_final if output_final_state else None)
     intra = INTRA_DEFAULT if intra is None else intra
     state_grads = STATE_GRADS_DEFAULT if state_grads is None else state_grads
     if state_grads not in ("pallas", "xla"):
