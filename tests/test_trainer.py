@@ -89,12 +89,12 @@ def test_next_step_is_dispatched_before_metrics_are_read_except_at_saves(tmp_pat
 
     trainer = make_trainer(tmp_path, save_steps=3, eval_steps=0, save_at_end=True)
     events, dispatched = [], []
-    step_fn = trainer.train_step
+    step_fn = trainer.engine.train_step
 
-    def recording_step(state, batch):
+    def recording_step(batch):
         dispatched.append(len(dispatched) + 1)
         events.append(f"d{dispatched[-1]}")
-        return step_fn(state, batch)
+        return step_fn(batch)
 
     real_get = jax.device_get
 
@@ -105,7 +105,7 @@ def test_next_step_is_dispatched_before_metrics_are_read_except_at_saves(tmp_pat
         return out
 
     real_save = trainer.save
-    monkeypatch.setattr(trainer, "train_step", recording_step)
+    monkeypatch.setattr(trainer.engine, "train_step", recording_step)
     monkeypatch.setattr(trainer, "save", lambda step, **kw: (events.append(f"S{step}"), real_save(step, **kw))[1])
     monkeypatch.setattr(trainer_lib.jax, "device_get", recording_get)
     trainer.train()

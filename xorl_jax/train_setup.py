@@ -233,10 +233,13 @@ class TrainSteps:
     entry, set by the host from its segment ids; absent = the layout picked on the device). Each variant compiles
     the first time a batch needs it; runs see one or two."""
 
-    def __init__(self, graphdef, optimizer, loss_cfg, state, mesh, rules, *, merge_fn=None):
+    def __init__(self, graphdef, optimizer, loss_cfg, state, mesh, rules, *, merge_fn=None, frozen=None):
+        """With `merge_fn` (LoRA), `frozen` is the base every call passes after the batch (an argument: never a
+        baked-in constant, never donated)."""
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
         self._make = functools.partial(jit_train_step, graphdef, optimizer, loss_cfg, abstract, mesh, rules,
                                        merge_fn=merge_fn)
+        self._extra = () if merge_fn is None else (frozen,)
         self._steps: dict = {}
 
     def for_batch(self, batch) -> tuple[MeshJit, dict]:
@@ -250,10 +253,10 @@ class TrainSteps:
             self._steps[slots] = self._make(doc_slots=slots)
         return self._steps[slots], {k: v for k, v in batch.items() if k != DOC_SLOTS_KEY}
 
-    def __call__(self, state, batch, *rest):
+    def __call__(self, state, batch):
         step, arrays = self.for_batch(batch)
-        return step(state, arrays, *rest)
+        return step(state, arrays, *self._extra)
 
-    def lower(self, state, batch, *rest):
+    def lower(self, state, batch):
         step, arrays = self.for_batch(batch)
-        return step.lower(state, arrays, *rest)
+        return step.lower(state, arrays, *self._extra)
