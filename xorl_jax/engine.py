@@ -8,6 +8,8 @@ run inputs (xorl_jax.preflight.RunInputs); no data iteration, no logging loop, n
     engine.save(step, {"data_state": ...})     # a training checkpoint (the engine adds config, counters, source)
     engine.restore(plan) -> (meta, step) | None
     engine.full_params(), engine.merged_model()  # the weights the forward pass sees (LoRA merged)
+    engine.device_batch(rows)                  # host rows ([A, B, T] arrays) -> arrays sharded over the mesh
+    engine.make_steps(optimizer=o, state=s, merge_fn=f)  # the jitted step of another optimizer / adapter
 
 What the step is made of stays public for code that builds its own steps (per-token log-probabilities, a custom
 loss with gradients accumulated over calls, per-request optimizer settings):
@@ -16,7 +18,10 @@ loss with gradients accumulated over calls, per-request optimizer settings):
 - LoRA: `frozen` is the base, `state.params` the adapters, `merge_fn(adapters, frozen) -> (params, layer_transform)`
   the merge the steps run (pass `layer_transform` to the model call); `new_adapter(lora_cfg, seed)` makes another
   adapter over the same frozen base, and `new_state(params, optimizer)` the TrainState an optimizer starts it with;
-- `loss_cfg` (train_step.LossConfig), `optimizer` / `schedule` (optax), `options` (models.common.ModelOptions).
+- `loss_cfg` (train_step.LossConfig), `optimizer` / `schedule` (optax), `options` (models.common.ModelOptions);
+- `layout_planner` (kernels.attention.LayoutPlanner, None unless attention is cuDNN): the AttentionLayout of a batch
+  (`layout_planner.plan(documents, segment_ids)`), put under train_step.LAYOUT_KEY of a train batch or passed to the
+  model call as `attention_layout`; a static value, so each layout compiles its own step.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from xorl_jax.checkpoint.hf import CheckpointError
 from xorl_jax.checkpoint.orbax import load_model, run_source
 from xorl_jax.checkpoint.training import ResumePlan, TrainCheckpointer, clean_temporaries
 from xorl_jax.config import Config, config_to_dict
-from xorl_jax.kernels.attention import SMALL_SEGMENTS, slots_for
+from xorl_jax.kernels.attention import layout_planner
 from xorl_jax.lora import layer_merge_fn, merge_lora
 from xorl_jax.models.loading import abstract_model
 from xorl_jax.parallel import rules as rules_lib
@@ -130,6 +135,8 @@ class TrainEngine:
                      lora_lib.count_lora_params(adapter.params),
                      ", ".join(sorted({t.hf_name for t in self.lora_targets})), self.param_count)
         self.loss_cfg = loss_config_for(cfg, self.model_config, self.options)
+        # cuDNN attention: each batch's packed layout is planned on the host (None: attention takes no layout)
+        self.layout_planner = layout_planner(self.options)
 
     def _init_scratch(self):
         abstract = abstract_model(self.model_cls, self.model_config, self.options)
@@ -165,9 +172,7 @@ class TrainEngine:
         """Resolve remat_policy / scan_layers `auto` (xorl_jax.autotune): candidates compiled fastest first on this
         mesh until one's step fits the devices. The step compiled for the choice is the one training runs (compiled
         for the usual packed attention layout: a batch that needs another compiles its own, as always)."""
-        sizes = self.options.attn_slot_sizes
-        host_layout = self.model.options.attn_implementation == "cudnn"  # as the model resolved `auto`
-        batch = abstract_batch(self.cfg, self.mesh, slots_for(SMALL_SEGMENTS, sizes=sizes) if host_layout else None)
+        batch = abstract_batch(self.cfg, self.mesh, self.layout_planner.usual() if self.layout_planner else None)
 
         def compile_step(graphdef):
             steps = self.make_steps(graphdef)

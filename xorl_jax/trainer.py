@@ -25,7 +25,7 @@ from xorl_jax.data import build_eval_batches, build_train_iterator
 from xorl_jax.data.pipeline import MAX_DOCUMENTS_KEY, row_length
 from xorl_jax.data.prefetch import Prefetcher
 from xorl_jax.engine import TrainEngine, device_arrays
-from xorl_jax.kernels.attention import document_slots, resolve_attn_implementation, slots_for
+from xorl_jax.kernels.attention import layout_planner
 from xorl_jax.metrics import (CompletionClock, MetricsLogger, estimate_memory_per_device, peak_flops_per_device,
                               peak_memory_gib)
 from xorl_jax.optim import params_with_path
@@ -33,9 +33,8 @@ from xorl_jax.parallel import distributed
 from xorl_jax.parallel.rules import data_parallel_size
 from xorl_jax.preemption import StopSignals
 from xorl_jax.preflight import check_run
-from xorl_jax.train_setup import (DOC_SLOTS_KEY, Experiments, backend_summary, request_determinism,
-                                  use_compilation_cache)
-from xorl_jax.train_step import stack_micro_batches
+from xorl_jax.train_setup import Experiments, backend_summary, request_determinism, use_compilation_cache
+from xorl_jax.train_step import LAYOUT_KEY, stack_micro_batches
 
 log = logging.getLogger("xorl_jax")
 
@@ -138,10 +137,8 @@ class Trainer:
         self.tokenizer, self.vocab_size = inputs.tokenizer, inputs.vocab_size
         # cuDNN's packed attention layout is fixed per batch on the host (every process alike: the data pipeline
         # counts the documents of the whole global batch) instead of being picked in every layer on the device;
-        # as the model resolves it (set here: the data prefetch thread may shape batches before the model exists)
-        self.attn_slot_sizes = self.inputs.options.attn_slot_sizes
-        self.host_attention_layout = resolve_attn_implementation(self.inputs.options.attn_implementation,
-                                                                 self.inputs.options.dtype) == "cudnn"
+        # set here: the data prefetch thread may shape batches before the model exists
+        self.layout_planner = layout_planner(self.inputs.options)
 
     def _plan_resume(self):
         """Which checkpoint this run starts from (checkpoint.training.plan_resume), from the files alone; then the
@@ -217,12 +214,13 @@ class Trainer:
     def _device_batch(self, rows: dict):
         stacked = stack_micro_batches(rows, self.accum)
         batch = device_arrays(stacked, self.mesh, leading_axes=1)
-        if self.host_attention_layout:
-            documents = rows.get(MAX_DOCUMENTS_KEY)  # the whole global batch's, from the data pipeline
-            if documents is not None:
-                batch[DOC_SLOTS_KEY] = slots_for(int(documents), sizes=self.attn_slot_sizes)
-            elif self.process_count == 1:  # rows from elsewhere: this process holds them all
-                batch[DOC_SLOTS_KEY] = document_slots(stacked["segment_ids"], sizes=self.attn_slot_sizes)
+        if self.layout_planner is not None:
+            # the whole global batch's document count, from the data pipeline; rows from elsewhere: counted here
+            # when this process holds them all, else the device picks
+            layout = self.layout_planner.plan(rows.get(MAX_DOCUMENTS_KEY),
+                                              stacked["segment_ids"] if self.process_count == 1 else None)
+            if layout is not None:
+                batch[LAYOUT_KEY] = layout
         return batch
 
     def evaluate(self) -> dict | None:
