@@ -64,10 +64,10 @@ class CausalLM(Protocol):
     num_moe_layers: int
 
     def __call__(self, input_ids, positions=None, segment_ids=None, *, return_hidden: bool = False,
-                 layer_transform=None, doc_slots: int | None = None) -> ModelOutput:
+                 layer_transform=None, attention_layout=None) -> ModelOutput:
         """Logits (or, with return_hidden, the final-norm hidden states for a chunked loss) and the MoE aux loss.
         `segment_ids` packs documents (0 = padding); `layer_transform` rewrites each scan step's parameters (LoRA);
-        `doc_slots` is the packed attention layout the host chose."""
+        `attention_layout` (kernels.attention.AttentionLayout, static) is the packed attention layout the host planned."""
         ...
 
     def head_weight(self, dtype=None):

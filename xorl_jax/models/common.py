@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from xorl_jax.kernels.attention import packed_layout
+from xorl_jax.kernels.attention import AttentionLayout, packed_layout_for
 from xorl_jax.kernels.gmm import CHECKPOINT_NAME as GMM_CHECKPOINT_NAME
 from xorl_jax.layers.linear import cast
 from xorl_jax.layers.moe import EXPERT_WEIGHTS_NAME, load_balancing_loss
@@ -228,9 +228,9 @@ def constrain(x, names):
 
 
 def causal_lm_forward(model, input_ids, positions, segment_ids, return_hidden, *, rotary_dim, num_experts=None,
-                      layer_transform=None, doc_slots=None):
-    """Embedding -> scanned layers -> final norm -> logits; shared by the families. doc_slots: see
-    `kernels.attention.document_slots` (None: the packed attention layout's tier is picked on the device)."""
+                      layer_transform=None, attention_layout: AttentionLayout | None = None):
+    """Embedding -> scanned layers -> final norm -> logits; shared by the families. attention_layout: see
+    kernels.attention.AttentionLayout (None: the packed attention layout's tier is picked on the device)."""
     cfg, opts = model.config, model.options
     B, T = input_ids.shape
     dt = opts.compute_dtype
@@ -243,7 +243,7 @@ def causal_lm_forward(model, input_ids, positions, segment_ids, return_hidden, *
     stats = jnp.zeros((2, E), jnp.float32)
     # The documents' attention layout once for all layers (and outside remat: not recomputed in the backward).
     packed = segment_ids is not None and opts.attn_implementation == "cudnn"
-    attn_layout = packed_layout(segment_ids, slots=doc_slots) if packed else None
+    attn_layout = packed_layout_for(segment_ids, attention_layout) if packed else None
     h, stats = model.layers(
         (h, stats), remat_policy=opts.remat_policy, layer_transform=layer_transform, scan=opts.scan_layers,
         saved_names=opts.remat_saved_names,

@@ -16,7 +16,7 @@ from xorl_jax.layers.linear import param
 from xorl_jax.layers.mlp import MLP
 from xorl_jax.layers.moe import MoE, resolve_moe_implementation
 from xorl_jax.layers.norm import RMSNorm
-from xorl_jax.kernels.attention import resolve_attn_implementation
+from xorl_jax.kernels.attention import AttentionLayout, resolve_attn_implementation
 from xorl_jax.models.common import (HIDDEN, LayerStack, ModelOptions, ModelOutput, causal_lm_forward, constrain,
                                     rope_theta)
 from xorl_jax.models import flops
@@ -177,12 +177,12 @@ class Qwen3ForCausalLM(nnx.Module):
         return w if dtype is None else w.astype(dtype)
 
     def __call__(self, input_ids, positions=None, segment_ids=None, *, return_hidden: bool = False,
-                 layer_transform=None, doc_slots: int | None = None) -> ModelOutput:
+                 layer_transform=None, attention_layout: AttentionLayout | None = None) -> ModelOutput:
         """`layer_transform` (models.common.LayerTransform) rewrites each scanned layer group's parameters inside
-        the layer scan (LoRA merges its adapters there, one group at a time). `doc_slots` (static): the packed
-        attention layout the host chose for this batch (`kernels.attention.document_slots`)."""
+        the layer scan (LoRA merges its adapters there, one group at a time). `attention_layout` (static): the
+        packed attention layout the host planned for this batch (kernels.attention.AttentionLayout)."""
         return causal_lm_forward(self, input_ids, positions, segment_ids, return_hidden, rotary_dim=None,
-                                 layer_transform=layer_transform, doc_slots=doc_slots)
+                                 layer_transform=layer_transform, attention_layout=attention_layout)
 
     @staticmethod
     def hf_key_map(cfg: Qwen3Config, *, expert_layout: str = "fused", root: str = "model") -> km.FamilyKeyMap:
