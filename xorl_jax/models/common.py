@@ -185,6 +185,25 @@ class LayerStack(nnx.Module):
             carry, _ = step(carry, xs)
         return carry
 
+    def cached(self, carry, caches, **ctx):
+        """Sampling's pass: carry -> (carry, updates). Each layer is called as `layer.cached(carry, cache, **ctx) ->
+        (carry, update)` with its slice of `caches`: a tuple over the pattern of pytrees stacked [repeats, ...]
+        (None: prefill, no cache yet). `updates` is stacked the same way (the new tokens' entries). No remat, no
+        layer transform: nothing is differentiated here."""
+        graphdef, state = nnx.split(self.groups)
+        period = len(self.pattern)
+        caches = (None,) * period if caches is None else tuple(caches)
+
+        def step(carry, xs):
+            group_state, cache_slices = xs
+            updates = []
+            for layer, cache in zip(nnx.merge(graphdef, group_state), cache_slices):
+                carry, update = layer.cached(carry, cache, **ctx)
+                updates.append(update)
+            return carry, tuple(updates)
+
+        return jax.lax.scan(step, carry, (state, caches))
+
 
 def unstack_layers(tree, n: int) -> list:
     """The `n` slices along the leading axis of every leaf, as `n` trees. `lax.split` rather than indexing: its

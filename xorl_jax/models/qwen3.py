@@ -142,6 +142,25 @@ class Qwen3DecoderLayer(nnx.Module):
             y = self.mlp(x)
         return h + y.astype(h.dtype), stats
 
+    def cached(self, carry, cache, *, cos, sin, segment_ids, valid, cache_valid=None, attn_layout=None):
+        """The layer for sampling: (carry, its KV cache or None for prefill) -> (carry, new tokens' k, v)."""
+        h, stats = carry
+        h = constrain(h, HIDDEN)
+        y, update = self.self_attn.cached(self.input_layernorm(h), cos, sin, cache, segment_ids=segment_ids,
+                                          cache_valid=cache_valid, layout=attn_layout)
+        return mlp_residual(self, h + y.astype(h.dtype), stats, valid), update
+
+
+def mlp_residual(layer, h, stats, valid):
+    """The second half of a decoder layer (post-attention norm, MLP or MoE, residual) for the sampling path."""
+    x = layer.post_attention_layernorm(h)
+    if isinstance(layer.mlp, MoE):
+        y, layer_stats = layer.mlp(x, valid)
+        stats = stats + layer_stats
+    else:
+        y = layer.mlp(x)
+    return h + y.astype(h.dtype), stats
+
 
 class Qwen3ForCausalLM(nnx.Module):
     """Qwen3 dense and Qwen3-MoE causal LM. Call: model(input_ids, positions, segment_ids) -> ModelOutput."""
@@ -177,6 +196,12 @@ class Qwen3ForCausalLM(nnx.Module):
         attention layout the host chose for this batch (`kernels.attention.document_slots`)."""
         return causal_lm_forward(self, input_ids, positions, segment_ids, return_hidden, rotary_dim=None,
                                  layer_transform=layer_transform, doc_slots=doc_slots)
+
+    def cached_forward(self, input_ids, positions, segment_ids, caches, cache_valid=None, *, all_logits=False):
+        """Sampling's forward (xorl_jax.sampling): last position's logits [B, V] fp32 and the new cache entries of
+        every layer. caches None: prefill; else decode against them (see `causal_lm_cached`)."""
+        return causal_lm_cached(self, input_ids, positions, segment_ids, caches, cache_valid, rotary_dim=None,
+                                all_logits=all_logits)
 
     @staticmethod
     def hf_key_map(cfg: Qwen3Config, *, expert_layout: str = "fused", root: str = "model") -> km.FamilyKeyMap:
@@ -264,3 +289,24 @@ def causal_lm_forward(model, input_ids, positions, segment_ids, return_hidden, *
         return ModelOutput(hidden_states=h, aux_loss=aux)
     logits = jnp.einsum("btd,dv->btv", h, model.head_weight(dt), preferred_element_type=jnp.float32)
     return ModelOutput(logits=logits, aux_loss=aux)
+
+
+def causal_lm_cached(model, input_ids, positions, segment_ids, caches, cache_valid, *, rotary_dim,
+                     all_logits=False):
+    """`causal_lm_forward` for sampling: each layer's `cached` reads its cache slice (a tuple over the scanned
+    pattern of pytrees stacked over repeats; None = prefill) and returns the new tokens' entries, stacked the same
+    way. Returns (logits [B, V] fp32 of the last position, or [B, T, V] with all_logits, updates)."""
+    cfg, opts = model.config, model.options
+    dt = opts.compute_dtype
+    valid = jnp.ones(input_ids.shape, bool) if segment_ids is None else segment_ids != 0
+    h = cast(model.embed_tokens, dt)[input_ids]
+    cos, sin = rope_cos_sin(positions, rotary_dim or cfg.head_dim, cfg.rope_theta, dt)
+    stats = jnp.zeros((2, cfg.num_experts or 1), jnp.float32)
+    packed = caches is None and segment_ids is not None and opts.attn_implementation == "cudnn"
+    attn_layout = packed_layout(segment_ids) if packed else None
+    (h, _), updates = model.layers.cached(
+        (h, stats), caches, cos=cos, sin=sin, segment_ids=segment_ids, valid=valid, cache_valid=cache_valid,
+        attn_layout=attn_layout)
+    h = model.norm(h if all_logits else h[:, -1:])
+    logits = jnp.einsum("btd,dv->btv", h, model.head_weight(dt), preferred_element_type=jnp.float32)
+    return (logits if all_logits else logits[:, 0]), updates

@@ -1,0 +1,117 @@
+"""The compiled part of sampling: prefill of left-padded prompts, then a `lax.while_loop` of one-token decode steps
+over the cache, ending early once every row has stopped.
+
+Layout. Prompts are left-padded to a bucket P (row b has pad_b = P - len_b pad tokens, segment 0), so every row's
+next token goes to the same cache index and the prefill's last position is every row's last prompt token. Positions
+are exact: token i of a prompt has position i, the j-th new token position len_b + j. The cache holds S = P + N
+entries (N the new-token bucket): attention layers keep k, v [repeats, B, S, K, d], written at index P + t for
+step t; Gated DeltaNet layers keep their recurrent state and conv window (`layers.gdn.DeltaNetState`), replaced
+each step. Pad tokens never count: attention masks cache index < pad_b, and the DeltaNet state restarts at a row's
+first token (its segment starts there).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from xorl_jax.layers.attention import KVEntries
+from xorl_jax.models.common import constrain
+from xorl_jax.sampling.choose import choose_tokens, stop_hits
+
+_KV_NAMES = (None, "batch", None, "kv_heads", None)  # [repeats, B, S, K, d]
+
+
+def cache_from_prefill(updates, length: int):
+    """The decode cache from the prefill's per-layer entries: k, v placed in zeroed [.., S = length, ..] buffers;
+    DeltaNet states as they are."""
+
+    def one(entry):
+        if isinstance(entry, KVEntries):
+            def grow(x):
+                R, B, P, K, d = x.shape
+                buf = constrain(jnp.zeros((R, B, length, K, d), x.dtype), _KV_NAMES)
+                return constrain(jax.lax.dynamic_update_slice(buf, x, (0, 0, 0, 0, 0)), _KV_NAMES)
+            return KVEntries(grow(entry.k), grow(entry.v))
+        return entry
+
+    return tuple(one(e) for e in updates)
+
+
+def write_cache(caches, updates, index):
+    """`caches` with one decode step's entries: new k, v written at sequence index `index`, states replaced."""
+
+    def one(cache, entry):
+        if isinstance(cache, KVEntries):
+            put = lambda buf, x: constrain(jax.lax.dynamic_update_slice(buf, x.astype(buf.dtype),  # noqa: E731
+                                                                        (0, 0, index, 0, 0)), _KV_NAMES)
+            return KVEntries(put(cache.k, entry.k), put(cache.v, entry.v))
+        return entry
+
+    return tuple(one(c, e) for c, e in zip(caches, updates))
+
+
+def row_keys(seeds_B, sample_index_B):
+    """Each row's PRNG key from its seed and sample index (so a sequence does not depend on its batch)."""
+    base = jax.random.PRNGKey(0)
+    return jax.vmap(lambda s, i: jax.random.fold_in(jax.random.fold_in(base, s), i))(seeds_B, sample_index_B)
+
+
+def generate(graphdef, params, tokens_BP, lengths_B, max_new_B, temperature_B, top_p_B, top_k_B, seeds_B,
+             sample_index_B, stops_BNL, stop_lens_BN, *, new_tokens: int, prompt_logprobs: bool = False):
+    """Prefill + decode. Returns a dict: tokens [B, N] int32 and logprobs [B, N] fp32 (valid up to count),
+    count [B] (tokens generated), stopped [B] (ended on a stop sequence), and with prompt_logprobs, prompt_logprobs
+    [B, P] (at padded index i: log p(token i | before), meaningful from the row's second prompt token)."""
+    model = nnx.merge(graphdef, params)
+    B, P = tokens_BP.shape
+    N = new_tokens
+    S = P + N
+    pad = P - lengths_B
+    idx = jnp.arange(P)[None]
+    segments = (idx >= pad[:, None]).astype(jnp.int32)
+    positions = jnp.maximum(idx - pad[:, None], 0)
+    logits, updates = model.cached_forward(tokens_BP, positions, segments, None, all_logits=prompt_logprobs)
+    out = {}
+    if prompt_logprobs:
+        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+        scored = jnp.take_along_axis(logp, tokens_BP[:, 1:, None], axis=-1)[..., 0]
+        out["prompt_logprobs"] = jnp.pad(scored, ((0, 0), (1, 0)))
+        logits = logits[:, -1]
+    caches = cache_from_prefill(updates, S)
+    keys = row_keys(seeds_B, sample_index_B)
+    L = stops_BNL.shape[-1]
+
+    state = dict(
+        t=jnp.zeros((), jnp.int32), caches=caches, logits=logits,
+        tokens=jnp.full((B, N), -1, jnp.int32), logprobs=jnp.zeros((B, N), jnp.float32),
+        count=jnp.zeros((B,), jnp.int32), stopped=jnp.zeros((B,), bool), done=max_new_B <= 0,
+        recent=jnp.full((B, max(L, 1)), -1, jnp.int32),
+    )
+
+    def running(s):
+        return (s["t"] < N) & ~jnp.all(s["done"])
+
+    def step(s):
+        t = s["t"]
+        live = ~s["done"]
+        step_keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(keys)
+        tok, lp = choose_tokens(s["logits"], temperature_B, top_p_B, top_k_B, step_keys)
+        recent = jnp.concatenate([s["recent"][:, 1:], tok[:, None]], axis=1)
+        hit = stop_hits(recent[:, -L:], stops_BNL, stop_lens_BN) & live if L else jnp.zeros((B,), bool)
+        count = s["count"] + live
+        done = s["done"] | hit | (count >= max_new_B)
+        # the next logits: token t sits at cache index P + t; this row's valid entries are pad_b .. P + t - 1
+        cache_idx = jnp.arange(S)[None]
+        cache_valid = (cache_idx >= pad[:, None]) & (cache_idx < P + t)
+        logits, updates = model.cached_forward(tok[:, None], (P + t - pad)[:, None], None, s["caches"], cache_valid)
+        return dict(
+            t=t + 1, caches=write_cache(s["caches"], updates, P + t), logits=logits,
+            tokens=s["tokens"].at[:, t].set(jnp.where(live, tok, -1)),
+            logprobs=s["logprobs"].at[:, t].set(jnp.where(live, lp, 0.0)),
+            count=count, stopped=s["stopped"] | hit, done=done, recent=recent,
+        )
+
+    s = jax.lax.while_loop(running, step, state)
+    out.update(tokens=s["tokens"], logprobs=s["logprobs"], count=s["count"], stopped=s["stopped"])
+    return out

@@ -1,0 +1,171 @@
+"""`Sampler`: batched sampling from a Qwen-family model with a KV cache (see `sampling.decode` for the layout).
+
+The host side: requests -> padded, bucketed arrays (prompt length, new tokens and batch rounded up to powers of two
+so that a handful of compiled programs serve every request), one compiled prefill + decode loop per bucket, and
+the results cut back to each sequence.
+"""
+
+from __future__ import annotations
+
+import functools
+import secrets
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from xorl_jax.parallel.rules import batch_sharding, data_parallel_size, param_shardings, use_mesh
+from xorl_jax.sampling.decode import generate
+from xorl_jax.sampling.types import SampledSequence, SampleResult, SamplingParams
+
+MIN_BUCKET = 16
+
+
+def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
+    """The smallest power of two >= max(n, minimum)."""
+    n = max(int(n), minimum, 1)
+    return 1 << (n - 1).bit_length()
+
+
+class Sampler:
+    """Sampler(model) or Sampler(graphdef, params); optional mesh and sharding rules (as training's: parameters
+    placed by their logical axes, rows split over the data axes).
+
+    eos_token_ids: the stop tokens when a request's `stop` is None. tokenizer: needed only for string stops.
+    max_batch: rows per compiled call (more are run in several calls)."""
+
+    def __init__(self, model_or_graphdef, params=None, *, mesh=None, rules=None, eos_token_ids: Sequence[int] = (),
+                 tokenizer=None, max_batch: int = 64):
+        if params is None:
+            graphdef, params = nnx.split(model_or_graphdef)
+        else:
+            graphdef = model_or_graphdef
+        self.graphdef = graphdef
+        self.mesh, self.rules = mesh, rules
+        self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
+        self.tokenizer = tokenizer
+        self.rows_multiple = data_parallel_size(mesh) if mesh is not None else 1
+        self.max_batch = max(bucket(max_batch, 1), self.rows_multiple)
+        self.params = self._place(params)
+        self._compiled = jax.jit(functools.partial(generate, graphdef),
+                                 static_argnames=("new_tokens", "prompt_logprobs"))
+
+    def _place(self, params):
+        if self.mesh is None:
+            return params
+        shardings = param_shardings(nnx.merge(self.graphdef, params), self.mesh, self.rules)
+        return jax.device_put(params, shardings)
+
+    def set_params(self, params) -> None:
+        """New weights of the same structure (e.g. after training steps); no recompilation."""
+        self.params = self._place(params)
+
+    # ------------------------------------------------------------------------------------------------ requests
+    def _stop_sequences(self, stop) -> tuple[list[list[int]], list[str]]:
+        """(token sequences the device matches, strings the host also matches in the decoded text)."""
+        if stop is None:
+            return [[t] for t in self.eos_token_ids], []
+        if isinstance(stop, str):
+            stop = [stop]
+        seqs, strings = [], []
+        for s in stop:
+            if isinstance(s, str):
+                if self.tokenizer is None:
+                    raise ValueError(f"stop string {s!r} needs a tokenizer: give the Sampler one, or stop on token ids")
+                if not s:
+                    raise ValueError("sampling_params.stop: empty stop string")
+                strings.append(s)
+                seqs.append(list(self.tokenizer.encode(s, add_special_tokens=False)))
+            elif isinstance(s, (int, np.integer)):
+                seqs.append([int(s)])
+            else:
+                seq = [int(t) for t in s]
+                if not seq:
+                    raise ValueError("sampling_params.stop: empty stop token sequence")
+                seqs.append(seq)
+        return seqs, strings
+
+    def sample(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
+               num_samples: int = 1, *, prompt_logprobs: bool = False) -> list[SampleResult]:
+        """`num_samples` sequences for each prompt (token ids); `params` one for all prompts or one per prompt.
+        Returns one SampleResult per prompt."""
+        prompts = [[int(t) for t in p] for p in prompts]
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {i} is empty: give at least one token")
+        rows = []  # (prompt index, sample index, seed, stop sequences, stop strings)
+        for i, sp in enumerate(params):
+            seed = sp.seed if sp.seed is not None else secrets.randbits(32)
+            seqs, strings = self._stop_sequences(sp.stop)
+            rows += [(i, j, seed, seqs, strings) for j in range(num_samples)]
+        results = [SampleResult(sequences=[None] * num_samples) for _ in prompts]
+        for start in range(0, len(rows), self.max_batch):
+            chunk = rows[start:start + self.max_batch]
+            out = self._run(prompts, params, chunk, prompt_logprobs)
+            for r, (i, j, _, _, strings) in enumerate(chunk):
+                n = int(out["count"][r])
+                seq = SampledSequence(tokens=out["tokens"][r, :n].tolist(), logprobs=out["logprobs"][r, :n].tolist(),
+                                      stop_reason="stop" if out["stopped"][r] else "length")
+                results[i].sequences[j] = self._cut_at_strings(seq, strings)
+                if prompt_logprobs and j == 0:
+                    P, n_prompt = out["prompt_logprobs"].shape[1], len(prompts[i])
+                    lp = out["prompt_logprobs"][r, P - n_prompt:].tolist()
+                    results[i].prompt_logprobs = [None] + lp[1:]
+        return results
+
+    def _cut_at_strings(self, seq: SampledSequence, strings: list[str]) -> SampledSequence:
+        """A stop string can be spelled by other tokens than its own encoding: end at the first token whose text
+        completes one (that token kept, as for token stops)."""
+        if not strings:
+            return seq
+        for n in range(1, len(seq.tokens) + 1):
+            text = self.tokenizer.decode(seq.tokens[:n])
+            if any(s in text for s in strings):
+                return SampledSequence(seq.tokens[:n], seq.logprobs[:n], "stop")
+        return seq
+
+    def _run(self, prompts, params, chunk, prompt_logprobs: bool) -> dict:
+        n_rows = len(chunk)
+        B = max(bucket(n_rows, 1), self.rows_multiple)
+        B = -(-B // self.rows_multiple) * self.rows_multiple
+        P = bucket(max(len(prompts[i]) for i, *_ in chunk))
+        N = bucket(max(params[i].max_tokens for i, *_ in chunk))
+        NS = max([1] + [len(seqs) for *_, seqs, _ in chunk])
+        L = max([1] + [len(s) for *_, seqs, _ in chunk for s in seqs])
+        tokens = np.zeros((B, P), np.int32)
+        lengths = np.ones((B,), np.int32)
+        max_new = np.zeros((B,), np.int32)  # padding rows: done before the first step
+        temperature = np.zeros((B,), np.float32)
+        top_p = np.ones((B,), np.float32)
+        top_k = np.full((B,), -1, np.int32)
+        seeds = np.zeros((B,), np.uint32)
+        sample_index = np.zeros((B,), np.uint32)
+        stops = np.full((B, NS, L), -2, np.int32)
+        stop_lens = np.zeros((B, NS), np.int32)
+        for r, (i, j, seed, seqs, _) in enumerate(chunk):
+            p, sp = prompts[i], params[i]
+            tokens[r, P - len(p):] = p
+            lengths[r] = len(p)
+            max_new[r] = sp.max_tokens
+            temperature[r], top_p[r], top_k[r] = sp.temperature, sp.top_p, sp.top_k
+            seeds[r], sample_index[r] = seed % (1 << 32), j
+            for s, seq in enumerate(seqs):
+                stops[r, s, L - len(seq):] = seq
+                stop_lens[r, s] = len(seq)
+        args = (tokens, lengths, max_new, temperature, top_p, top_k, seeds, sample_index, stops, stop_lens)
+        if self.mesh is not None:
+            rows = batch_sharding(self.mesh)
+            args = tuple(jax.device_put(a, rows) for a in args)
+            with use_mesh(self.mesh, self.rules):
+                out = self._compiled(self.params, *args, new_tokens=N, prompt_logprobs=prompt_logprobs)
+        else:
+            out = self._compiled(self.params, *args, new_tokens=N, prompt_logprobs=prompt_logprobs)
+        return {k: np.asarray(jax.device_get(v)) for k, v in out.items()}
