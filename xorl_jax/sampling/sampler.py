@@ -7,12 +7,10 @@ the results cut back to each sequence.
 
 from __future__ import annotations
 
-import functools
 import secrets
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -20,13 +18,18 @@ from xorl_jax.parallel.rules import batch_sharding, data_parallel_size, param_sh
 from xorl_jax.sampling.decode import generate
 from xorl_jax.sampling.types import SampledSequence, SampleResult, SamplingParams
 
-MIN_BUCKET = 16
+MIN_BUCKET = 16  # prompt and new-token lengths
+MIN_ROWS = 8  # decoding reads the weights once per step for all rows: a few idle rows cost ~nothing
+MIN_STOPS = 4  # stop sequences per row, and tokens per stop sequence
 
 
 def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
     """The smallest power of two >= max(n, minimum)."""
     n = max(int(n), minimum, 1)
     return 1 << (n - 1).bit_length()
+
+# One jit for every Sampler: samplers of the same model (graphdef) and shapes share compiled programs.
+_compiled = jax.jit(generate, static_argnums=0, static_argnames=("new_tokens", "prompt_logprobs"))
 
 
 class Sampler:
@@ -49,8 +52,6 @@ class Sampler:
         self.rows_multiple = data_parallel_size(mesh) if mesh is not None else 1
         self.max_batch = max(bucket(max_batch, 1), self.rows_multiple)
         self.params = self._place(params)
-        self._compiled = jax.jit(functools.partial(generate, graphdef),
-                                 static_argnames=("new_tokens", "prompt_logprobs"))
 
     def _place(self, params):
         if self.mesh is None:
@@ -134,12 +135,12 @@ class Sampler:
 
     def _run(self, prompts, params, chunk, prompt_logprobs: bool) -> dict:
         n_rows = len(chunk)
-        B = max(bucket(n_rows, 1), self.rows_multiple)
+        B = max(bucket(n_rows, MIN_ROWS), self.rows_multiple)
         B = -(-B // self.rows_multiple) * self.rows_multiple
         P = bucket(max(len(prompts[i]) for i, *_ in chunk))
         N = bucket(max(params[i].max_tokens for i, *_ in chunk))
-        NS = max([1] + [len(seqs) for *_, seqs, _ in chunk])
-        L = max([1] + [len(s) for *_, seqs, _ in chunk for s in seqs])
+        NS = bucket(max(len(seqs) for *_, seqs, _ in chunk), MIN_STOPS)
+        L = bucket(max([1] + [len(s) for *_, seqs, _ in chunk for s in seqs]), MIN_STOPS)
         tokens = np.zeros((B, P), np.int32)
         lengths = np.ones((B,), np.int32)
         max_new = np.zeros((B,), np.int32)  # padding rows: done before the first step
@@ -165,7 +166,7 @@ class Sampler:
             rows = batch_sharding(self.mesh)
             args = tuple(jax.device_put(a, rows) for a in args)
             with use_mesh(self.mesh, self.rules):
-                out = self._compiled(self.params, *args, new_tokens=N, prompt_logprobs=prompt_logprobs)
+                out = _compiled(self.graphdef, self.params, *args, new_tokens=N, prompt_logprobs=prompt_logprobs)
         else:
-            out = self._compiled(self.params, *args, new_tokens=N, prompt_logprobs=prompt_logprobs)
+            out = _compiled(self.graphdef, self.params, *args, new_tokens=N, prompt_logprobs=prompt_logprobs)
         return {k: np.asarray(jax.device_get(v)) for k, v in out.items()}
