@@ -104,3 +104,21 @@ def test_target_logprobs():
     want = np.take_along_axis(ref, tgt[..., None], -1)[..., 0]
     np.testing.assert_allclose(np.asarray(rl_losses.target_logprobs(jnp.asarray(logits), jnp.asarray(tgt))), want,
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", rl_losses.LOSS_NAMES)
+def test_loss_chosen_at_run_time_equals_static(name):
+    """One compiled program serves every loss (the server's): same values and gradients as the static choice."""
+    lp, x = _batch(2)
+    cfg = rl_losses.resolved_config(name, None)
+    inputs = {k: jnp.asarray(v) for k, v in x.items()}
+    full = dict(inputs, clip_low_threshold=jnp.full(lp.shape, cfg.get("clip_low_threshold", 0.0)),
+                clip_high_threshold=jnp.full(lp.shape, cfg.get("clip_high_threshold", 1.0)),
+                beta=jnp.float32(cfg.get("beta", 0.0)))
+    index = jnp.int32(rl_losses.LOSS_NAMES.index(name))
+    f_static = lambda l: rl_losses.loss_sum(name, l, inputs, cfg)  # noqa: E731
+    f_any = jax.jit(lambda l, i: jnp.sum(rl_losses.token_objective_by_index(i, l, full)))
+    v1, g1 = jax.value_and_grad(f_static)(jnp.asarray(lp))
+    v2, g2 = jax.value_and_grad(f_any)(jnp.asarray(lp), index)
+    np.testing.assert_allclose(float(v2), float(v1), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(g2), np.asarray(g1), rtol=1e-6, atol=1e-7)

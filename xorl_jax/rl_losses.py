@@ -89,6 +89,27 @@ def token_objective(loss_fn: str, lp, inputs: dict, config: dict[str, float]):
     return jnp.where(mask != 0, -obj * mask, 0.0)
 
 
+def token_objective_by_index(loss_index, lp, inputs: dict):
+    """token_objective with the loss chosen at run time (`loss_index` into LOSS_NAMES, a traced int), so one
+    compiled program serves every loss. `inputs` holds all of mask, weights, logprobs, advantages,
+    clip_low_threshold, clip_high_threshold (per token: the config's values broadcast where a request gives none)
+    and beta (a scalar)."""
+    mask = inputs["mask"].astype(lp.dtype)
+    w, q, adv = inputs["weights"], inputs["logprobs"], inputs["advantages"]
+    ratio = jnp.exp(lp - q)
+    clipped = jnp.clip(ratio, inputs["clip_low_threshold"], inputs["clip_high_threshold"])
+    objectives = [
+        w * lp,  # cross_entropy
+        ratio * adv,  # importance_sampling
+        jnp.minimum(ratio * adv, clipped * adv),  # ppo
+        jax.lax.stop_gradient(clipped) * lp * adv,  # cispo
+        lp * adv - 0.5 * inputs["beta"] * jnp.square(lp - q),  # dro
+    ]
+    obj = jnp.select([loss_index == i for i in range(len(objectives))], objectives)
+    mask = jnp.where(loss_index == 0, mask, mask * w)  # cross_entropy has w in its objective already
+    return jnp.where(mask != 0, -obj * mask, 0.0)
+
+
 def loss_sum(loss_fn: str, lp, inputs: dict, config: dict[str, float]):
     return jnp.sum(token_objective(loss_fn, lp, inputs, config))
 

@@ -111,12 +111,12 @@ def sampling_params(body: dict) -> dict:
     if not 0 < out["top_p"] <= 1:
         raise HTTPError(400, "sampling_params.top_p: must be in (0, 1]")
     stop = out["stop"]
-    if isinstance(stop, str) or (isinstance(stop, list) and any(isinstance(s, str) for s in stop)):
-        raise HTTPError(400, "sampling_params.stop: string stop sequences are not served; give token ids")
+    if isinstance(stop, str):
+        stop = out["stop"] = [stop]
     if stop is not None and not (isinstance(stop, list) and all(
-            (isinstance(s, int) and not isinstance(s, bool)) or (isinstance(s, list) and s and all(
-                isinstance(t, int) for t in s)) for s in stop)):
-        raise HTTPError(400, "sampling_params.stop: expected a list of token ids (or of token-id lists)")
+            (isinstance(s, int) and not isinstance(s, bool)) or (isinstance(s, str) and s) or (
+                isinstance(s, list) and s and all(isinstance(t, int) for t in s)) for s in stop)):
+        raise HTTPError(400, "sampling_params.stop: expected strings, token ids or token-id lists")
     return out
 
 

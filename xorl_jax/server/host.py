@@ -99,7 +99,9 @@ class ModelHost:
                                    config_path=cfg.model.config_path)
         self.graphdef, self.base = nnx.split(model)
         self.model_config = model_config
-        self.stop_ids = _stop_ids(hf_config, cfg.model.tokenizer_path or cfg.model.model_path or cfg.model.config_path)
+        self.tokenizer = _tokenizer(cfg.model.tokenizer_path or cfg.model.model_path or cfg.model.config_path)
+        self.stop_ids = _stop_ids(hf_config, self.tokenizer)
+        self._sampler = None
         self.vocab_size = int(model_config.vocab_size)
         self.lora_mode = bool(cfg.lora.enable_lora)
         source = cfg.model.model_path or cfg.model.config_path
@@ -111,6 +113,9 @@ class ModelHost:
         self.models: dict[str, TrainedModel] = {}
         self.sampling_sessions: dict[str, dict] = {}
         self._programs: dict = {}
+        self._opt_init = jax.jit(_optimizer().init)
+        # one device: adapters are made in place (a mesh makes init_lora compile a placement per adapter pair)
+        self._lora_mesh = (mesh, rules) if mesh.size > 1 else (None, None)
         self._sample_counter = 0
         self._replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
@@ -159,15 +164,15 @@ class ModelHost:
                             bool(lc.get("train_unembed", True)), int(seed if seed is not None else len(self.models)))
             targets, _ = self._lora_targets(spec)
             with rules_lib.use_mesh(self.mesh, self.rules):
-                trainable = lora_lib.init_lora(self.base, targets, spec.rank, seed=spec.seed, mesh=self.mesh,
-                                               rules=self.rules)
+                trainable = lora_lib.init_lora(self.base, targets, spec.rank, seed=spec.seed,
+                                               mesh=self._lora_mesh[0], rules=self._lora_mesh[1])
         else:
             others = [m for m in self.models if m != model_id]
             if others:
                 raise UserError(f"base_model: this server trains all weights of one model and holds {others[0]} "
                                 "already (LoRA mode serves several: lora.enable_lora)")
             spec, trainable = None, self.base
-        opt_state = jax.jit(_optimizer().init)(trainable)
+        opt_state = self._opt_init(trainable)
         self.models[model_id] = TrainedModel(model_id, spec, trainable, opt_state,
                                              user_metadata=dict(user_metadata or {}))
         log.info("created model %s (%s)", model_id, f"LoRA rank {spec.rank}" if spec else "all weights")
@@ -184,8 +189,9 @@ class ModelHost:
         self.models.pop(model_id, None)
 
     # ------------------------------------------------------------------------------------- the programs
-    def _program(self, m: TrainedModel, kind: str, loss_fn: str = ""):
-        key = (m.lora, kind, loss_fn)
+    def _program(self, m: TrainedModel, kind: str):
+        # tenants whose adapters differ only in their seed share programs
+        key = (dataclasses.replace(m.lora, seed=0) if m.lora else None, kind)
         fn = self._programs.get(key)
         if fn is not None:
             return fn
@@ -205,17 +211,18 @@ class ModelHost:
                                 preferred_element_type=jnp.float32)
             return rl_losses.target_logprobs(logits, batch["targets"])
 
-        def loss(trainable, frozen, batch, config):
+        def loss(trainable, frozen, batch, loss_index):
+            # one program for every loss: the loss is a run-time index (rl_losses.token_objective_by_index)
             lp = logprobs(trainable, frozen, batch)
-            return rl_losses.loss_sum(loss_fn, lp, batch, config), lp
+            return jnp.sum(rl_losses.token_objective_by_index(loss_index, lp, batch)), lp
 
         if kind == "forward":
-            def run(trainable, frozen, batch, config):
-                return loss(trainable, frozen, batch, config)
+            def run(trainable, frozen, batch, loss_index):
+                return loss(trainable, frozen, batch, loss_index)
             fn = jax.jit(run)
         elif kind == "forward_backward":
-            def run(trainable, frozen, grads, batch, config):
-                (value, lp), g = jax.value_and_grad(loss, has_aux=True)(trainable, frozen, batch, config)
+            def run(trainable, frozen, grads, batch, loss_index):
+                (value, lp), g = jax.value_and_grad(loss, has_aux=True)(trainable, frozen, batch, loss_index)
                 g = g if grads is None else jax.tree.map(jnp.add, grads, g)
                 return value, lp, g
             fn = jax.jit(run, donate_argnums=(2,))
@@ -273,31 +280,28 @@ class ModelHost:
             lengths.append(n)
         return lengths
 
-    def batch(self, data: list[dict], loss_fn: str) -> tuple[dict, list[int]]:
-        """Datums -> padded device arrays {tokens, positions, segments, targets, mask, <float inputs>} and each
-        datum's length."""
+    def batch(self, data: list[dict], loss_fn: str, config: dict[str, float]) -> tuple[dict, list[int]]:
+        """Datums -> padded device arrays: tokens, positions, segments, targets, mask, and every loss input
+        (weights, logprobs, advantages, clip thresholds per token, beta), those a request leaves out at their
+        defaults (weights 1; thresholds and beta from the resolved loss config), so every loss has one layout."""
         lengths = self.check_data(data, loss_fn)
-        need = rl_losses.REQUIRED_INPUTS[loss_fn]
         B, T = _bucket(len(data), 1), _bucket(max(lengths), 16)
+        defaults = {"weights": 1.0, "logprobs": 0.0, "advantages": 0.0,
+                    "clip_low_threshold": config.get("clip_low_threshold", 0.0),
+                    "clip_high_threshold": config.get("clip_high_threshold", 1.0)}
         arrays = {"tokens": np.zeros((B, T), np.int32), "targets": np.zeros((B, T), np.int32),
-                  "mask": np.zeros((B, T), np.float32)}
-        present = {k for d in data for k in d["loss_fn_inputs"]} - {"target_tokens"}
-        for k in present | ({"weights"} if "weights" in need else set()):
-            default = {"weights": 1.0}.get(k, 0.0)  # a datum without weights counts every token
-            if k in ("clip_low_threshold", "clip_high_threshold"):
-                default = rl_losses.CONFIG_DEFAULTS[loss_fn][k]
-            arrays[k] = np.full((B, T), default, np.float32)
+                  "mask": np.zeros((B, T), np.float32),
+                  **{k: np.full((B, T), v, np.float32) for k, v in defaults.items()}}
         for i, (d, n) in enumerate(zip(data, lengths)):
             arrays["tokens"][i, :n] = d["model_input"]
             arrays["targets"][i, :n] = d["loss_fn_inputs"]["target_tokens"]
             arrays["mask"][i, :n] = 1
-            for k in present:
+            for k in defaults:
                 if k in d["loss_fn_inputs"]:
                     arrays[k][i, :n] = d["loss_fn_inputs"][k]
-            if "weights" in arrays and "weights" not in d["loss_fn_inputs"]:
-                arrays["weights"][i, n:] = 0
         arrays["positions"] = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy()
         arrays["segments"] = np.ones((B, T), np.int32)  # causal: real tokens never see the padding after them
+        arrays["beta"] = np.float32(config.get("beta", 0.0))
         return {k: jax.device_put(v, self._replicated) for k, v in arrays.items()}, lengths
 
     # ---------------------------------------------------------------------------------------- training
@@ -310,15 +314,15 @@ class ModelHost:
                 rl_losses.LOSS_NAMES else {}
         except ValueError as e:
             raise UserError(str(e)) from None
-        batch, lengths = self.batch(request["data"], loss_fn)
-        cfg = {k: jnp.float32(v) for k, v in config.items()}
+        batch, lengths = self.batch(request["data"], loss_fn, config)
+        index = jnp.int32(rl_losses.LOSS_NAMES.index(loss_fn))
         with rules_lib.use_mesh(self.mesh, self.rules):
             if request["forward_only"]:
-                value, lp = self._program(m, "forward", loss_fn)(m.trainable, self._frozen(m), batch, cfg)
+                value, lp = self._program(m, "forward")(m.trainable, self._frozen(m), batch, index)
             else:
                 grads, m.grads = m.grads, None  # donated: on a failure the model keeps no stale reference
-                value, lp, m.grads = self._program(m, "forward_backward", loss_fn)(
-                    m.trainable, self._frozen(m), grads, batch, cfg)
+                value, lp, m.grads = self._program(m, "forward_backward")(
+                    m.trainable, self._frozen(m), grads, batch, index)
                 m.pending += 1
         lp = np.asarray(jax.device_get(lp))
         m.last_request = time.time()
@@ -408,7 +412,7 @@ class ModelHost:
         m.trainable = trainable
         if m.lora is None:
             self.base = trainable
-        m.opt_state = opt_state if optimizer else jax.jit(_optimizer().init)(trainable)
+        m.opt_state = opt_state if optimizer else self._opt_init(trainable)
         m.grads, m.pending = None, 0
         m.step = int(meta.get("step", 0)) if optimizer else m.step
         return {"type": "load_weights", "path": path, "model_id": model_id}
@@ -439,7 +443,8 @@ class ModelHost:
             probe = TrainedModel("<load>", spec, None, None)
             if spec is not None:
                 targets, _ = self._lora_targets(spec)
-                probe.trainable = lora_lib.init_lora(self.base, targets, spec.rank, mesh=self.mesh, rules=self.rules)
+                probe.trainable = lora_lib.init_lora(self.base, targets, spec.rank, mesh=self._lora_mesh[0],
+                                                     rules=self._lora_mesh[1])
             else:
                 probe.trainable = jax.tree.map(lambda x: x, self.base)
             probe.trainable, _, _ = self._read(path, probe, False, "model_path")
@@ -460,12 +465,14 @@ class ModelHost:
         if seed is None:
             self._sample_counter += 1
             seed = self._sample_counter  # the same on every process (they execute the same requests in order)
-        with rules_lib.use_mesh(self.mesh, self.rules):
-            seqs = sampling.sample(self.graphdef, s["params"], prompt, num_samples, params, seed=int(seed),
-                                   eos_ids=self.stop_ids)
-            plp = None
-            if prompt_logprobs:
-                plp = sampling.prompt_logprobs(self.graphdef, s["params"], prompt, self.compute_dtype)
+        if self._sampler is None:
+            self._sampler = sampling.SessionSampler(self.graphdef, s["params"], mesh=self.mesh, rules=self.rules,
+                                                    eos_token_ids=self.stop_ids, tokenizer=self.tokenizer)
+        try:
+            seqs, plp = self._sampler.sample(s["params"], prompt, num_samples, params, seed=int(seed),
+                                             prompt_logprobs=prompt_logprobs)
+        except ValueError as e:  # a stop sequence the sampler cannot use
+            raise UserError(str(e)) from None
         return wire.encode_sample_response(seqs, plp)
 
 
@@ -478,17 +485,23 @@ def _flat_state(opt_state) -> dict:
     return {f"{i:05d}": leaf for i, leaf in enumerate(jax.tree.leaves(opt_state))}
 
 
-def _stop_ids(hf_config: dict, tokenizer_dir: str | None) -> list[int]:
-    """Sampling's default stop tokens: config.json's eos_token_id and the tokenizer's end of turn (<|im_end|>)."""
-    ids = hf_config.get("eos_token_id")
-    ids = [ids] if isinstance(ids, int) else list(ids or [])
+def _tokenizer(path: str | None):
+    """The model's tokenizer (string stop sequences, end-of-turn token), or None when it has no tokenizer files."""
     try:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - a model without tokenizer files still trains and samples on token ids
+        log.info("no tokenizer at %s (%s): stop sequences must be token ids", path, type(e).__name__)
+        return None
+
+
+def _stop_ids(hf_config: dict, tok) -> list[int]:
+    """Sampling's default stop tokens: config.json's eos_token_id and the tokenizer's end of turn (<|im_end|>)."""
+    ids = hf_config.get("eos_token_id")
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tok is not None:
         for t in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")):
             if isinstance(t, int) and t >= 0 and t != tok.unk_token_id:
                 ids.append(t)
-    except Exception as e:  # noqa: BLE001 - a model without tokenizer files samples to max_tokens or eos
-        log.info("no tokenizer at %s (%s): sampling stops at eos_token_id only", tokenizer_dir, type(e).__name__)
     return sorted(set(ids))
