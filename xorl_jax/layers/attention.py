@@ -82,7 +82,7 @@ class Attention(nnx.Module):
         """Attention for sampling; returns (output [B,T,D], (k, v) [B,T,K,d]: the new tokens' cache entries).
 
         cache None (prefill): the tokens attend causally within their segment, as __call__ (same kernel).
-        cache (k_cache, v_cache) [B,S,K,d] (decode): the tokens attend to the cached entries where cache_valid
+        cache (k_cache, v_cache) [B,K,S,d] (decode): the tokens attend to the cached entries where cache_valid
         [B,S] holds and causally to each other."""
         q, gate, k, v = self._qkv(x_BTD, cos, sin)
         if cache is None:
@@ -96,26 +96,27 @@ class Attention(nnx.Module):
 
 
 class KVEntries(NamedTuple):
-    """An attention layer's keys and values [B, T, K, d] (new tokens' entries, or the whole cache [B, S, K, d])."""
+    """An attention layer's keys and values: new tokens' entries [B, T, K, d], or a whole cache [B, K, S, d] (each kv
+    head's entries contiguous, the layout the decode products read without a transpose)."""
 
     k: jax.Array
     v: jax.Array
 
 
-def attention_with_cache(q_BTHd, k_BTKd, v_BTKd, k_cache_BSKd, v_cache_BSKd, cache_valid_BS, *, scale=None):
+def attention_with_cache(q_BTHd, k_BTKd, v_BTKd, k_cache_BKSd, v_cache_BKSd, cache_valid_BS, *, scale=None):
     """New tokens' attention over cached keys (where `cache_valid_BS`) and, causally, over themselves: one softmax
     over both, with the numerics of `kernels.attention.attention_reference` (fp32 scores, probabilities in v's
     dtype). Decoding is memory bound (T = 1 reads the whole cache), so plain XLA products serve."""
     B, T, H, d = q_BTHd.shape
-    K, S = k_BTKd.shape[2], k_cache_BSKd.shape[1]
+    K, S = k_BTKd.shape[2], k_cache_BKSd.shape[2]
     scale = d**-0.5 if scale is None else scale
     q = q_BTHd.reshape(B, T, K, H // K, d)
-    old = jnp.einsum("btkgd,bskd->bkgts", q, k_cache_BSKd.astype(q.dtype), preferred_element_type=jnp.float32)
+    old = jnp.einsum("btkgd,bksd->bkgts", q, k_cache_BKSd.astype(q.dtype), preferred_element_type=jnp.float32)
     new = jnp.einsum("btkgd,bskd->bkgts", q, k_BTKd, preferred_element_type=jnp.float32)
     low = jnp.finfo(jnp.float32).min
     old = jnp.where(cache_valid_BS[:, None, None, None, :], old * scale, low)
     new = jnp.where(jnp.tril(jnp.ones((T, T), bool)), new * scale, low)
     probs = jax.nn.softmax(jnp.concatenate([old, new], axis=-1), axis=-1).astype(v_BTKd.dtype)
-    out = (jnp.einsum("bkgts,bskd->btkgd", probs[..., :S], v_cache_BSKd.astype(v_BTKd.dtype))
+    out = (jnp.einsum("bkgts,bksd->btkgd", probs[..., :S], v_cache_BKSd.astype(v_BTKd.dtype))
            + jnp.einsum("bkgts,bskd->btkgd", probs[..., S:], v_BTKd))
     return out.reshape(B, T, H, d)

@@ -4,8 +4,8 @@ over the cache, ending early once every row has stopped.
 Layout. Prompts are left-padded to a bucket P (row b has pad_b = P - len_b pad tokens, segment 0), so every row's
 next token goes to the same cache index and the prefill's last position is every row's last prompt token. Positions
 are exact: token i of a prompt has position i, the j-th new token position len_b + j. The cache holds S = P + N
-entries (N the new-token bucket): attention layers keep k, v [repeats, B, S, K, d], written at index P + t for
-step t; Gated DeltaNet layers keep their recurrent state and conv window (`layers.gdn.DeltaNetState`), replaced
+entries (N the new-token bucket): attention layers keep k, v [repeats, B, K, S, d], written at index P + t for
+step t (the loop carries the buffers and XLA updates them in place); Gated DeltaNet layers keep their recurrent state and conv window (`layers.gdn.DeltaNetState`), replaced
 each step. Pad tokens never count: attention masks cache index < pad_b, and the DeltaNet state restarts at a row's
 first token (its segment starts there).
 """
@@ -20,7 +20,12 @@ from xorl_jax.layers.attention import KVEntries
 from xorl_jax.models.common import constrain
 from xorl_jax.sampling.choose import choose_tokens, stop_hits
 
-_KV_NAMES = (None, "batch", None, "kv_heads", None)  # [repeats, B, S, K, d]
+_KV_NAMES = (None, "batch", "kv_heads", None, None)  # [repeats, B, K, S, d]
+
+
+def _heads_major(x):
+    """New entries [repeats, B, T, K, d] -> [repeats, B, K, T, d], the cache layout."""
+    return jnp.swapaxes(x, 2, 3)
 
 
 def cache_from_prefill(updates, length: int):
@@ -31,8 +36,8 @@ def cache_from_prefill(updates, length: int):
         if isinstance(entry, KVEntries):
             def grow(x):
                 R, B, P, K, d = x.shape
-                buf = constrain(jnp.zeros((R, B, length, K, d), x.dtype), _KV_NAMES)
-                return constrain(jax.lax.dynamic_update_slice(buf, x, (0, 0, 0, 0, 0)), _KV_NAMES)
+                buf = constrain(jnp.zeros((R, B, K, length, d), x.dtype), _KV_NAMES)
+                return constrain(jax.lax.dynamic_update_slice(buf, _heads_major(x), (0, 0, 0, 0, 0)), _KV_NAMES)
             return KVEntries(grow(entry.k), grow(entry.v))
         return entry
 
@@ -44,8 +49,8 @@ def write_cache(caches, updates, index):
 
     def one(cache, entry):
         if isinstance(cache, KVEntries):
-            put = lambda buf, x: constrain(jax.lax.dynamic_update_slice(buf, x.astype(buf.dtype),  # noqa: E731
-                                                                        (0, 0, index, 0, 0)), _KV_NAMES)
+            put = lambda buf, x: constrain(jax.lax.dynamic_update_slice(  # noqa: E731
+                buf, _heads_major(x).astype(buf.dtype), (0, 0, 0, index, 0)), _KV_NAMES)
             return KVEntries(put(cache.k, entry.k), put(cache.v, entry.v))
         return entry
 
