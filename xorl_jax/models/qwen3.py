@@ -303,7 +303,7 @@ def causal_lm_cached(model, input_ids, positions, segment_ids, caches, cache_val
     cos, sin = rope_cos_sin(positions, rotary_dim or cfg.head_dim, cfg.rope_theta, dt)
     stats = jnp.zeros((2, cfg.num_experts or 1), jnp.float32)
     packed = caches is None and segment_ids is not None and opts.attn_implementation == "cudnn"
-    attn_layout = packed_layout(segment_ids) if packed else None
+    attn_layout = packed_layout(segment_ids) if packed else None  # a prompt row: padding, then the prompt
     (h, _), updates = model.layers.cached(
         (h, stats), caches, cos=cos, sin=sin, segment_ids=segment_ids, valid=valid, cache_valid=cache_valid,
         attn_layout=attn_layout)

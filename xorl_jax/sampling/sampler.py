@@ -162,11 +162,21 @@ class Sampler:
                 stops[r, s, L - len(seq):] = seq
                 stop_lens[r, s] = len(seq)
         args = (tokens, lengths, max_new, temperature, top_p, top_k, seeds, sample_index, stops, stop_lens)
-        if self.mesh is not None:
-            rows = batch_sharding(self.mesh)
-            args = tuple(jax.device_put(a, rows) for a in args)
-            with use_mesh(self.mesh, self.rules):
-                out = _compiled(self.graphdef, self.params, *args, new_tokens=N, prompt_logprobs=prompt_logprobs)
-        else:
+        if self.mesh is None:
             out = _compiled(self.graphdef, self.params, *args, new_tokens=N, prompt_logprobs=prompt_logprobs)
-        return {k: np.asarray(jax.device_get(v)) for k, v in out.items()}
+            return {k: np.asarray(v) for k, v in out.items()}
+        # Every process holds the whole request (it follows the same calls): each places its own devices' rows.
+        rows = batch_sharding(self.mesh)
+        args = tuple(jax.make_array_from_callback(a.shape, rows, lambda index, a=a: a[index]) for a in args)
+        with use_mesh(self.mesh, self.rules):
+            out = _compiled(self.graphdef, self.params, *args, new_tokens=N, prompt_logprobs=prompt_logprobs)
+        return {k: _to_host(v) for k, v in out.items()}
+
+
+def _to_host(x) -> np.ndarray:
+    """The whole array on this host, also when its rows live on other processes' devices."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
