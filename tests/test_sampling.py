@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from xorl_jax.models.common import ModelOptions
 from xorl_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeForCausalLM
 from xorl_jax.models.qwen3_5 import Qwen3_5Config, Qwen3_5ForCausalLM
 from xorl_jax.parallel.mesh import build_mesh
@@ -27,7 +28,8 @@ FAMILIES = {
         intermediate_size=96)),
     "qwen3_moe": (Qwen3MoeForCausalLM, Qwen3Config(
         vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        intermediate_size=96, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True)),
+        intermediate_size=96, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True),
+        ModelOptions(scan_layers=False)),  # one family decodes with its layers unrolled
     "qwen3_5": (Qwen3_5ForCausalLM, Qwen3_5Config(
         vocab_size=V, hidden_size=48, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
         layer_types=("linear_attention", "full_attention") * 2, intermediate_size=64, partial_rotary_factor=0.5,
@@ -35,10 +37,10 @@ FAMILIES = {
 }
 
 
-def random_model(cls, cfg, seed):
+def random_model(cls, cfg, options=ModelOptions(), *, seed):
     """The model's structure (traced, not run: eager init is slow on a busy CPU) with random numpy weights; 1-D
     (norm) weights near 1."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0))))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: cls(cfg, options, rngs=nnx.Rngs(0))))
     rng = np.random.default_rng(seed)
 
     flat = nnx.to_flat_state(state)

@@ -185,11 +185,11 @@ class LayerStack(nnx.Module):
             carry, _ = step(carry, xs)
         return carry
 
-    def cached(self, carry, caches, **ctx):
+    def cached(self, carry, caches, *, scan: bool = True, **ctx):
         """Sampling's pass: carry -> (carry, updates). Each layer is called as `layer.cached(carry, cache, **ctx) ->
         (carry, update)` with its slice of `caches`: a tuple over the pattern of pytrees stacked [repeats, ...]
         (None: prefill, no cache yet). `updates` is stacked the same way (the new tokens' entries). No remat, no
-        layer transform: nothing is differentiated here."""
+        layer transform: nothing is differentiated here. `scan=False` unrolls the groups as `__call__` does."""
         graphdef, state = nnx.split(self.groups)
         period = len(self.pattern)
         caches = (None,) * period if caches is None else tuple(caches)
@@ -202,7 +202,13 @@ class LayerStack(nnx.Module):
                 updates.append(update)
             return carry, tuple(updates)
 
-        return jax.lax.scan(step, carry, (state, caches))
+        if scan:
+            return jax.lax.scan(step, carry, (state, caches))
+        outs = []
+        for xs in unstack_layers((state, caches), self.repeats):
+            carry, out = step(carry, xs)
+            outs.append(out)
+        return carry, jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
 
 def unstack_layers(tree, n: int) -> list:

@@ -305,8 +305,8 @@ def causal_lm_cached(model, input_ids, positions, segment_ids, caches, cache_val
     packed = caches is None and segment_ids is not None and opts.attn_implementation == "cudnn"
     attn_layout = packed_layout(segment_ids) if packed else None  # a prompt row: padding, then the prompt
     (h, _), updates = model.layers.cached(
-        (h, stats), caches, cos=cos, sin=sin, segment_ids=segment_ids, valid=valid, cache_valid=cache_valid,
-        attn_layout=attn_layout)
+        (h, stats), caches, scan=opts.scan_layers, cos=cos, sin=sin, segment_ids=segment_ids, valid=valid,
+        cache_valid=cache_valid, attn_layout=attn_layout)
     h = model.norm(h if all_logits else h[:, -1:])
     logits = jnp.einsum("btd,dv->btv", h, model.head_weight(dt), preferred_element_type=jnp.float32)
     return (logits if all_logits else logits[:, 0]), updates
