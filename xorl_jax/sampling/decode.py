@@ -63,26 +63,31 @@ def row_keys(seeds_B, sample_index_B):
     return jax.vmap(lambda s, i: jax.random.fold_in(jax.random.fold_in(base, s), i))(seeds_B, sample_index_B)
 
 
-def generate(graphdef, params, tokens_BP, lengths_B, max_new_B, temperature_B, top_p_B, top_k_B, seeds_B,
-             sample_index_B, stops_BNL, stop_lens_BN, *, new_tokens: int, prompt_logprobs: bool = False):
-    """Prefill + decode. Returns a dict: tokens [B, N] int32 and logprobs [B, N] fp32 (valid up to count),
-    count [B] (tokens generated), stopped [B] (ended on a stop sequence), and with prompt_logprobs, prompt_logprobs
-    [B, P] (at padded index i: log p(token i | before), meaningful from the row's second prompt token)."""
+def generate(graphdef, params, tokens_UP, lengths_U, prompt_of_B, max_new_B, temperature_B, top_p_B, top_k_B,
+             seeds_B, sample_index_B, stops_BNL, stop_lens_BN, *, new_tokens: int, prompt_logprobs: bool = False):
+    """Prefill of the U distinct prompts, then decoding of the B rows; row b continues prompt `prompt_of_B[b]`
+    (its samples share one prefill). Returns a dict: tokens [B, N] int32 and logprobs [B, N] fp32 (valid up to
+    count), count [B] (tokens generated), stopped [B] (ended on a stop sequence), and with prompt_logprobs,
+    prompt_logprobs [U, P] (at padded index i: log p(token i | before), meaningful from the prompt's second token)."""
     model = nnx.merge(graphdef, params)
-    B, P = tokens_BP.shape
+    U, P = tokens_UP.shape
+    B = prompt_of_B.shape[0]
     N = new_tokens
     S = P + N
-    pad = P - lengths_B
+    pad_U = P - lengths_U
     idx = jnp.arange(P)[None]
-    segments = (idx >= pad[:, None]).astype(jnp.int32)
-    positions = jnp.maximum(idx - pad[:, None], 0)
-    logits, updates = model.cached_forward(tokens_BP, positions, segments, None, all_logits=prompt_logprobs)
+    segments = (idx >= pad_U[:, None]).astype(jnp.int32)
+    positions = jnp.maximum(idx - pad_U[:, None], 0)
+    logits, updates = model.cached_forward(tokens_UP, positions, segments, None, all_logits=prompt_logprobs)
     out = {}
     if prompt_logprobs:
         logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-        scored = jnp.take_along_axis(logp, tokens_BP[:, 1:, None], axis=-1)[..., 0]
+        scored = jnp.take_along_axis(logp, tokens_UP[:, 1:, None], axis=-1)[..., 0]
         out["prompt_logprobs"] = jnp.pad(scored, ((0, 0), (1, 0)))
         logits = logits[:, -1]
+    pad = pad_U[prompt_of_B]
+    logits = logits[prompt_of_B]
+    updates = jax.tree.map(lambda x: jnp.take(x, prompt_of_B, axis=1), updates)  # [repeats, U, ...] -> [repeats, B, ...]
     caches = cache_from_prefill(updates, S)
     keys = row_keys(seeds_B, sample_index_B)
     L = stops_BNL.shape[-1]

@@ -133,16 +133,25 @@ class Sampler:
                 return SampledSequence(seq.tokens[:n], seq.logprobs[:n], "stop")
         return seq
 
+    def _rows(self, n: int) -> int:
+        """Rows of a compiled call for n rows: a power of two (at least MIN_ROWS) and a multiple of the data axes."""
+        n = max(bucket(n, MIN_ROWS), self.rows_multiple)
+        return -(-n // self.rows_multiple) * self.rows_multiple
+
     def _run(self, prompts, params, chunk, prompt_logprobs: bool) -> dict:
-        n_rows = len(chunk)
-        B = max(bucket(n_rows, MIN_ROWS), self.rows_multiple)
-        B = -(-B // self.rows_multiple) * self.rows_multiple
-        P = bucket(max(len(prompts[i]) for i, *_ in chunk))
+        distinct = sorted({i for i, *_ in chunk})  # prompts prefilled once, whatever their samples
+        slot = {i: u for u, i in enumerate(distinct)}
+        U, B = self._rows(len(distinct)), self._rows(len(chunk))
+        P = bucket(max(len(prompts[i]) for i in distinct))
         N = bucket(max(params[i].max_tokens for i, *_ in chunk))
         NS = bucket(max(len(seqs) for *_, seqs, _ in chunk), MIN_STOPS)
         L = bucket(max([1] + [len(s) for *_, seqs, _ in chunk for s in seqs]), MIN_STOPS)
-        tokens = np.zeros((B, P), np.int32)
-        lengths = np.ones((B,), np.int32)
+        tokens = np.zeros((U, P), np.int32)
+        lengths = np.ones((U,), np.int32)
+        for i, u in slot.items():
+            tokens[u, P - len(prompts[i]):] = prompts[i]
+            lengths[u] = len(prompts[i])
+        prompt_of = np.zeros((B,), np.int32)
         max_new = np.zeros((B,), np.int32)  # padding rows: done before the first step
         temperature = np.zeros((B,), np.float32)
         top_p = np.ones((B,), np.float32)
@@ -152,25 +161,28 @@ class Sampler:
         stops = np.full((B, NS, L), -2, np.int32)
         stop_lens = np.zeros((B, NS), np.int32)
         for r, (i, j, seed, seqs, _) in enumerate(chunk):
-            p, sp = prompts[i], params[i]
-            tokens[r, P - len(p):] = p
-            lengths[r] = len(p)
+            sp = params[i]
+            prompt_of[r] = slot[i]
             max_new[r] = sp.max_tokens
             temperature[r], top_p[r], top_k[r] = sp.temperature, sp.top_p, sp.top_k
             seeds[r], sample_index[r] = seed % (1 << 32), j
             for s, seq in enumerate(seqs):
                 stops[r, s, L - len(seq):] = seq
                 stop_lens[r, s] = len(seq)
-        args = (tokens, lengths, max_new, temperature, top_p, top_k, seeds, sample_index, stops, stop_lens)
+        args = (tokens, lengths, prompt_of, max_new, temperature, top_p, top_k, seeds, sample_index, stops, stop_lens)
         if self.mesh is None:
             out = _compiled(self.graphdef, self.params, *args, new_tokens=N, prompt_logprobs=prompt_logprobs)
-            return {k: np.asarray(v) for k, v in out.items()}
-        # Every process holds the whole request (it follows the same calls): each places its own devices' rows.
-        rows = batch_sharding(self.mesh)
-        args = tuple(jax.make_array_from_callback(a.shape, rows, lambda index, a=a: a[index]) for a in args)
-        with use_mesh(self.mesh, self.rules):
-            out = _compiled(self.graphdef, self.params, *args, new_tokens=N, prompt_logprobs=prompt_logprobs)
-        return {k: _to_host(v) for k, v in out.items()}
+            out = {k: np.asarray(v) for k, v in out.items()}
+        else:
+            # Every process holds the whole request (it follows the same calls): each places its own devices' rows.
+            rows = batch_sharding(self.mesh)
+            args = tuple(jax.make_array_from_callback(a.shape, rows, lambda index, a=a: a[index]) for a in args)
+            with use_mesh(self.mesh, self.rules):
+                out = _compiled(self.graphdef, self.params, *args, new_tokens=N, prompt_logprobs=prompt_logprobs)
+            out = {k: _to_host(v) for k, v in out.items()}
+        if prompt_logprobs:  # per row, as the other outputs
+            out["prompt_logprobs"] = out["prompt_logprobs"][prompt_of]
+        return out
 
 
 def _to_host(x) -> np.ndarray:
