@@ -302,7 +302,7 @@ def test_malformed_requests_get_4xx_naming_the_field(env):
     tc = s.client().create_lora_training_client(base_model="hf", rank=4).result()
     bad = types.Datum(model_input=types.ModelInput.from_ints([5, 6, 7]),
                       loss_fn_inputs={"target_tokens": np.array([6, 7], np.int64), "weights": np.ones(2, np.float32)})
-    with pytest.raises(Exception, match=r"data\[0\].loss_fn_inputs.target_tokens: shape \[2\], expected \[3\]"):
+    with pytest.raises(Exception, match=r"data\[0\].loss_fn_inputs.(target_tokens|weights): shape \[2\], expected \[3\]"):
         tc.forward([bad], "cross_entropy").result()
     assert s.raw("GET", "/api/v1/healthz")[0] == 200  # still serving
 

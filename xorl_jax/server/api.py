@@ -405,16 +405,17 @@ class Endpoints:
     @route("GET", "/api/v1/samplers/([^/]+)")
     def get_sampler(svc, body, sampler_id):
         s = svc.host.sampling_sessions.get(sampler_id)
-        if s is None:
+        path = s["model_path"] if s is not None else svc.host._closed_sessions.get(sampler_id)
+        if s is None and path is None:
             raise HTTPError(404, f"sampler_id: no sampling session {sampler_id!r} on this server")
-        return {"sampler_id": sampler_id, "base_model": svc.host.base_model, "model_path": s["model_path"]}
+        return {"sampler_id": sampler_id, "base_model": svc.host.base_model, "model_path": path}
 
     @route("POST", "/api/v1/asample")
     def asample(svc, body, *_):
         session_id = field(body, "sampling_session_id", str, None)
         if session_id is None:
             raise HTTPError(400, "sampling_session_id: missing (create a sampling session first)")
-        if session_id not in svc.host.sampling_sessions:
+        if session_id not in svc.host.sampling_sessions and session_id not in svc.host._closed_sessions:
             raise HTTPError(404, f"sampling_session_id: no sampling session {session_id!r} on this server")
         n = field(body, "num_samples", int, 1)
         if not 1 <= n <= 1024:

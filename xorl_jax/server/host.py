@@ -18,9 +18,11 @@ Semantics, as the Tinker API defines them:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
+import shutil
 import time
 
 import jax
@@ -43,6 +45,9 @@ log = logging.getLogger("xorl_jax.server")
 
 ATTN_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "g_proj", "in_proj_qkvz", "in_proj_ba",
                 "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"}
+
+
+MAX_SAMPLING_SESSIONS = 16
 
 
 class UserError(ValueError):
@@ -102,6 +107,8 @@ class ModelHost:
         self.tokenizer = _tokenizer(cfg.model.tokenizer_path or cfg.model.model_path or cfg.model.config_path)
         self.stop_ids = _stop_ids(hf_config, self.tokenizer)
         self._sampler = None
+        self._saves = 0
+        self._closed_sessions: dict[str, str] = {}
         self.vocab_size = int(model_config.vocab_size)
         self.lora_mode = bool(cfg.lora.enable_lora)
         source = cfg.model.model_path or cfg.model.config_path
@@ -111,7 +118,9 @@ class ModelHost:
         self.compute_dtype = options.compute_dtype
         self.storage = storage.Storage(os.path.join(cfg.train.output_dir, "server_checkpoints"))
         self.models: dict[str, TrainedModel] = {}
-        self.sampling_sessions: dict[str, dict] = {}
+        # sampling sessions hold full weights each: the least recently used go beyond MAX_SAMPLING_SESSIONS (one
+        # on saved weights is reopened from disk when asked again; a snapshot of live weights is gone)
+        self.sampling_sessions: collections.OrderedDict[str, dict] = collections.OrderedDict()
         self._programs: dict = {}
         self._opt_init = jax.jit(_optimizer().init)
         # one device: adapters are made in place (a mesh makes init_lora compile a placement per adapter pair)
@@ -362,7 +371,8 @@ class ModelHost:
         if os.path.exists(final) and not overwrite:
             raise UserError(f"path: {storage.tinker_path(model_id, segment, name)} exists (pass overwrite, or "
                             "another name)")
-        tmp = self.storage.temporary(final)
+        self._saves += 1
+        tmp = self.storage.temporary(final, str(self._saves))  # leftovers of an earlier run are removed at start
         with_opt = segment == "weights"
         meta = self._meta(m, storage.KINDS[segment], with_opt, user_metadata)
         try:
@@ -376,8 +386,10 @@ class ModelHost:
             raise UserError(str(e)) from None
         finally:
             if jax.process_index() == 0 and os.path.isdir(tmp):
-                import shutil
                 shutil.rmtree(tmp, ignore_errors=True)
+            if jax.process_count() > 1:  # nobody reads the save before process 0 has renamed it into place
+                from jax.experimental import multihost_utils
+                multihost_utils.sync_global_devices(f"server save {self._saves}")
         return storage.tinker_path(model_id, segment, name)
 
     def _read(self, path: str, m: TrainedModel, optimizer: bool, field: str = "path"):
@@ -452,13 +464,21 @@ class ModelHost:
         else:
             params, source = self.base, None
         self.sampling_sessions[session_id] = {"params": params, "model_path": source}
+        while len(self.sampling_sessions) > MAX_SAMPLING_SESSIONS:
+            old, meta = self.sampling_sessions.popitem(last=False)
+            if meta["model_path"] is not None:
+                self._closed_sessions[old] = meta["model_path"]
         return {"sampler_id": session_id, "base_model": self.base_model, "model_path": source}
 
     def sample(self, session_id: str, prompt: np.ndarray, num_samples: int, params: dict,
                prompt_logprobs: bool) -> bytes:
+        if session_id not in self.sampling_sessions and session_id in self._closed_sessions:
+            self.open_sampler(session_id, path=self._closed_sessions.pop(session_id))
         s = self.sampling_sessions.get(session_id)
         if s is None:
-            raise NotFound(f"sampling_session_id: no sampling session {session_id!r} on this server")
+            raise NotFound(f"sampling_session_id: no sampling session {session_id!r} on this server (or it was "
+                           f"among the least recently used beyond the {MAX_SAMPLING_SESSIONS} kept)")
+        self.sampling_sessions.move_to_end(session_id)
         if prompt.size == 0 or prompt.min() < 0 or prompt.max() >= self.vocab_size:
             raise UserError(f"prompt: token ids must be in 0..{self.vocab_size - 1} (and at least one)")
         seed = params.get("seed")

@@ -60,8 +60,10 @@ class Storage:
     def directory(self, model_id: str, segment: str, name: str) -> str:
         return os.path.join(self.root, model_id, segment, name)
 
-    def temporary(self, final: str) -> str:
-        return f"{final}{_TMP}{uuid.uuid4().hex[:8]}"
+    @staticmethod
+    def temporary(final: str, token: str) -> str:
+        """The save's temporary directory: the same name on every process (`token` comes from the request)."""
+        return f"{final}{_TMP}{token}"
 
     @staticmethod
     def publish(tmp: str, final: str, overwrite: bool) -> None:
