@@ -57,6 +57,25 @@ def write_cache(caches, updates, index):
     return tuple(one(c, e) for c, e in zip(caches, updates))
 
 
+def next_token_logprobs(h_BTD, head_DV, targets_BT, chunk: int = 128):
+    """log softmax(h @ head)[target] per position, in chunks of positions: the [B, T, V] logits of a long prompt
+    never exist at once (64 x 2048 x 152k in fp32 would be 80 GB)."""
+    B, T, D = h_BTD.shape
+    c = min(chunk, T)
+    pad = (-T) % c
+    h = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0))).reshape(B, -1, c, D)
+    t = jnp.pad(targets_BT, ((0, 0), (0, pad))).reshape(B, -1, c)
+
+    def one(xs):
+        h_c, t_c = xs
+        logits = jnp.einsum("bcd,dv->bcv", h_c, head_DV, preferred_element_type=jnp.float32)
+        picked = jnp.take_along_axis(logits, t_c[..., None], axis=-1)[..., 0]
+        return picked - jax.nn.logsumexp(logits, axis=-1)
+
+    out = jax.lax.map(one, (jnp.swapaxes(h, 0, 1), jnp.swapaxes(t, 0, 1)))  # [chunks, B, c]
+    return jnp.swapaxes(out, 0, 1).reshape(B, -1)[:, :T]
+
+
 def row_keys(seeds_B, sample_index_B):
     """Each row's PRNG key from its seed and sample index (so a sequence does not depend on its batch)."""
     base = jax.random.PRNGKey(0)
@@ -78,13 +97,15 @@ def generate(graphdef, params, tokens_UP, lengths_U, prompt_of_B, max_new_B, tem
     idx = jnp.arange(P)[None]
     segments = (idx >= pad_U[:, None]).astype(jnp.int32)
     positions = jnp.maximum(idx - pad_U[:, None], 0)
-    logits, updates = model.cached_forward(tokens_UP, positions, segments, None, all_logits=prompt_logprobs)
     out = {}
     if prompt_logprobs:
-        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-        scored = jnp.take_along_axis(logp, tokens_UP[:, 1:, None], axis=-1)[..., 0]
+        h, updates = model.cached_forward(tokens_UP, positions, segments, None, hidden=True)
+        head = model.head_weight(h.dtype)
+        scored = next_token_logprobs(h[:, :-1], head, tokens_UP[:, 1:])
         out["prompt_logprobs"] = jnp.pad(scored, ((0, 0), (1, 0)))
-        logits = logits[:, -1]
+        logits = jnp.einsum("bd,dv->bv", h[:, -1], head, preferred_element_type=jnp.float32)
+    else:
+        logits, updates = model.cached_forward(tokens_UP, positions, segments, None)
     pad = pad_U[prompt_of_B]
     logits = logits[prompt_of_B]
     updates = jax.tree.map(lambda x: jnp.take(x, prompt_of_B, axis=1), updates)  # [repeats, U, ...] -> [repeats, B, ...]
