@@ -206,3 +206,15 @@ def test_bad_requests_say_what_is_wrong():
     sampler, _ = family("qwen3")
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         sampler.sample([[1], []], SamplingParams())
+
+
+def test_a_cache_that_cannot_fit_is_refused_before_any_work(monkeypatch):
+    sampler, _ = family("qwen3")
+    # Qwen3 tiny: 2 layers x (k + v) x 2 kv heads x 16 dims x 4 bytes per row and position
+    assert sampler.cache_bytes(rows=8, length=32) == 8 * 32 * 2 * 2 * 2 * 16 * 4
+    hybrid, _ = family("qwen3_5")  # 2 attention layers per position; 2 DeltaNet states + conv windows per row
+    channels = 2 * 2 * 8 + 4 * 12
+    assert hybrid.cache_bytes(rows=1, length=10) == 10 * 2 * 2 * 2 * 16 * 4 + 2 * (4 * 8 * 12 * 4 + 3 * channels * 4)
+    monkeypatch.setattr("xorl_jax.sampling.sampler._free_device_bytes", lambda mesh: 1000)
+    with pytest.raises(ValueError, match="lower max_tokens"):
+        sampler.sample(PROMPTS, SamplingParams(max_tokens=500))

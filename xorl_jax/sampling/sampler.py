@@ -11,6 +11,7 @@ import secrets
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -52,6 +53,7 @@ class Sampler:
         self.rows_multiple = data_parallel_size(mesh) if mesh is not None else 1
         self.max_batch = max(bucket(max_batch, 1), self.rows_multiple)
         self.params = self._place(params)
+        self._per_token_bytes, self._per_row_bytes = _cache_sizes(nnx.merge(graphdef, params))
 
     def _place(self, params):
         if self.mesh is None:
@@ -133,6 +135,21 @@ class Sampler:
                 return SampledSequence(seq.tokens[:n], seq.logprobs[:n], "stop")
         return seq
 
+    def cache_bytes(self, rows: int, length: int) -> int:
+        """Bytes of the decode cache for `rows` rows of `length` positions (prompt + new tokens), all devices."""
+        return rows * (length * self._per_token_bytes + self._per_row_bytes)
+
+    def _check_memory(self, rows: int, length: int, max_tokens: int) -> None:
+        """A request whose cache cannot fit stops here, with what to change, instead of failing in the allocator."""
+        free = _free_device_bytes(self.mesh)
+        if free is None:
+            return
+        need = self.cache_bytes(rows, length) / (self.rows_multiple if self.mesh is not None else 1)
+        if need > free:
+            raise ValueError(f"sampling {rows} rows (batch bucket) of {length} positions needs a "
+                             f"{need / 2**30:.1f} GiB cache per device and {free / 2**30:.1f} GiB is free: lower "
+                             f"max_tokens ({max_tokens}), the number of samples or the prompt length")
+
     def _rows(self, n: int) -> int:
         """Rows of a compiled call for n rows: a power of two (at least MIN_ROWS) and a multiple of the data axes."""
         n = max(bucket(n, MIN_ROWS), self.rows_multiple)
@@ -146,6 +163,7 @@ class Sampler:
         N = bucket(max(params[i].max_tokens for i, *_ in chunk))
         NS = bucket(max(len(seqs) for *_, seqs, _ in chunk), MIN_STOPS)
         L = bucket(max([1] + [len(s) for *_, seqs, _ in chunk for s in seqs]), MIN_STOPS)
+        self._check_memory(B, P + N, max(params[i].max_tokens for i, *_ in chunk))
         tokens = np.zeros((U, P), np.int32)
         lengths = np.ones((U,), np.int32)
         for i, u in slot.items():
@@ -192,3 +210,32 @@ def _to_host(x) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _cache_sizes(model) -> tuple[int, int]:
+    """(bytes per row and position: attention layers' k and v; bytes per row: Gated DeltaNet states and windows)."""
+    stack = model.layers
+    dt = jnp.dtype(model.options.compute_dtype).itemsize
+    per_token = per_row = 0
+    for layer in stack.groups:
+        if hasattr(layer, "self_attn"):
+            _, _, K, d = layer.self_attn.k_proj.shape  # [repeats, D, K, d]
+            per_token += stack.repeats * 2 * K * d * dt
+        if hasattr(layer, "linear_attn"):
+            g = layer.linear_attn
+            channels, kernel = g.conv1d.shape[1:]
+            per_row += stack.repeats * (g.value_heads * g.key_dim * g.value_dim * 4 + (kernel - 1) * channels * dt)
+    return per_token, per_row
+
+
+def _free_device_bytes(mesh) -> int | None:
+    """The least free memory among the devices used (None where the platform does not say, e.g. CPU)."""
+    devices = mesh.devices.flat if mesh is not None else jax.devices()[:1]
+    free = []
+    for d in devices:
+        if d.process_index != jax.process_index():
+            continue
+        stats = d.memory_stats() or {}
+        if "bytes_limit" in stats:
+            free.append(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    return min(free) if free else None
