@@ -67,6 +67,8 @@ def main():
     p.add_argument("--loss", default="importance_sampling", choices=["importance_sampling", "ppo", "cispo"])
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="global gradient norm limit (0: none)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the training answers")
     p.add_argument("--iterations", type=int, default=30)
     p.add_argument("--prompts", type=int, default=32, help="questions per iteration")
     p.add_argument("--group", type=int, default=8, help="answers sampled per question")
@@ -83,7 +85,7 @@ def main():
     held_out = questions(0, args.eval)  # the SFT demo's eval split
     fresh = questions(4200, 20000)  # questions neither SFT nor the eval set uses
     pool = concurrent.futures.ThreadPoolExecutor(16)
-    adam = types.AdamParams(learning_rate=args.lr, beta1=0.9, beta2=0.99, eps=1e-8)
+    adam = types.AdamParams(learning_rate=args.lr, beta1=0.9, beta2=0.99, eps=1e-8, grad_clip_norm=args.grad_clip)
     t0 = time.time()
     sampler = training.save_weights_and_get_sampling_client().result()
     acc0 = accuracy(sampler, tok, held_out, pool)
@@ -92,7 +94,7 @@ def main():
     for it in range(1, args.iterations + 1):
         batch = [fresh[(it * args.prompts + i) % len(fresh)] for i in range(args.prompts)]
         prompts = [prompt_tokens(tok, q) for q, _ in batch]
-        params = types.SamplingParams(max_tokens=24, temperature=1.0, seed=args.seed * 100003 + it)
+        params = types.SamplingParams(max_tokens=24, temperature=args.temperature, seed=args.seed * 100003 + it)
         futs = [pool.submit(lambda pr=pr: sampler.sample(types.ModelInput.from_ints(pr), args.group,
                                                          params).result()) for pr in prompts]
         data, rewards = [], []

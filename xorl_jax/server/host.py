@@ -145,7 +145,8 @@ class ModelHost:
     # ------------------------------------------------------------------------------------------- models
     def _lora_targets(self, spec: LoraSpec):
         names = list(self.cfg.lora.lora_target_modules)
-        keep = [n for n in names if (n in ATTN_MODULES and spec.train_attn) or (n not in ATTN_MODULES and spec.train_mlp)]
+        keep = [n for n in names
+                if (n in ATTN_MODULES and spec.train_attn) or (n not in ATTN_MODULES and spec.train_mlp)]
         params_names = list(self.cfg.lora.lora_target_parameters) if spec.train_mlp else []
         if not keep and not params_names:
             raise UserError("lora_config: train_mlp and train_attn leave no layer to adapt on this server "
@@ -285,7 +286,8 @@ class ModelHost:
                     raise UserError(f"data[{i}].loss_fn_inputs.{k}: not finite")
             t = d["loss_fn_inputs"]["target_tokens"]
             if t.min() < 0 or t.max() >= self.vocab_size:
-                raise UserError(f"data[{i}].loss_fn_inputs.target_tokens: token ids must be in 0..{self.vocab_size - 1}")
+                raise UserError(f"data[{i}].loss_fn_inputs.target_tokens: token ids must be in "
+                                f"0..{self.vocab_size - 1}")
             lengths.append(n)
         return lengths
 
