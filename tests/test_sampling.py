@@ -152,6 +152,11 @@ class CharTokenizer:
         return "".join(chr(65 + t) for t in tokens)
 
 
+class OtherSpelling(CharTokenizer):
+    def encode(self, text, add_special_tokens=False):
+        return [-5]  # never sampled
+
+
 def test_stop_sequences_cut_where_they_match():
     sampler, _ = family("qwen3")
     free = sampler.sample(PROMPTS, SamplingParams(max_tokens=12, temperature=0, stop=[]))
@@ -184,6 +189,10 @@ def test_stop_sequences_cut_where_they_match():
     texts = Sampler(sampler.graphdef, sampler.params, tokenizer=CharTokenizer())
     text = CharTokenizer().decode(pair)
     got = texts.sample(PROMPTS[:1], SamplingParams(max_tokens=12, temperature=0, stop=text))[0].sequences[0]
+    assert (got.tokens, got.stop_reason) == (tokens[:i + 2], "stop")
+    # a string the model spells with other tokens than its encoding: the device runs on, the host cuts at its text
+    other = Sampler(sampler.graphdef, sampler.params, tokenizer=OtherSpelling())
+    got = other.sample(PROMPTS[:1], SamplingParams(max_tokens=12, temperature=0, stop=[text]))[0].sequences[0]
     assert (got.tokens, got.stop_reason) == (tokens[:i + 2], "stop")
 
 

@@ -127,13 +127,17 @@ class Sampler:
     def _cut_at_strings(self, seq: SampledSequence, strings: list[str]) -> SampledSequence:
         """A stop string can be spelled by other tokens than its own encoding: end at the first token whose text
         completes one (that token kept, as for token stops)."""
-        if not strings:
-            return seq
-        for n in range(1, len(seq.tokens) + 1):
+        def has_stop(n):
             text = self.tokenizer.decode(seq.tokens[:n])
-            if any(s in text for s in strings):
-                return SampledSequence(seq.tokens[:n], seq.logprobs[:n], "stop")
-        return seq
+            return any(s in text for s in strings)
+
+        if not strings or not has_stop(len(seq.tokens)):
+            return seq
+        lo, hi = 1, len(seq.tokens)  # the shortest prefix whose text holds a stop string (longer ones hold it too)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if has_stop(mid) else (mid + 1, hi)
+        return SampledSequence(seq.tokens[:lo], seq.logprobs[:lo], "stop")
 
     def cache_bytes(self, rows: int, length: int) -> int:
         """Bytes of the decode cache for `rows` rows of `length` positions (prompt + new tokens), all devices."""
