@@ -54,7 +54,7 @@ SHAPES = {
 }
 
 
-def random_model(hf: dict, dtype: str, seed: int = 0, scan_layers: bool = True):
+def random_model(hf: dict, dtype: str, seed: int = 0):
     """(graphdef, params) of a random model: the structure traced without running the initialisers, then each
     parameter drawn on the device in `dtype` (norm weights 1) so no fp32 copy of the whole model ever exists."""
     import jax
@@ -66,7 +66,7 @@ def random_model(hf: dict, dtype: str, seed: int = 0, scan_layers: bool = True):
 
     cls = model_class(hf)
     cfg = cls.config_class.from_hf(hf)
-    opts = ModelOptions(dtype=dtype, param_dtype=dtype, scan_layers=scan_layers)
+    opts = ModelOptions(dtype=dtype, param_dtype=dtype)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: cls(cfg, opts, rngs=nnx.Rngs(0))))
     flat = nnx.to_flat_state(state)
     key = jax.random.PRNGKey(seed)
@@ -102,7 +102,7 @@ def main(argv=None):
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--dtype", default="bfloat16", help="compute and parameter dtype")
     p.add_argument("--scan-layers", choices=("true", "false"), default="true",
-                   help="false: the decode step unrolls the layers (model.scan_layers false)")
+                   help="false: prefill and decode steps unroll the layers (Sampler(scan_layers=False))")
     p.add_argument("--repeats", type=int, default=3, help="timed calls after the compiling one (median)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
@@ -116,10 +116,10 @@ def main(argv=None):
     if args.layers:
         hf["num_hidden_layers"] = args.layers
     t0 = time.perf_counter()
-    graphdef, params, cfg = random_model(hf, args.dtype, scan_layers=args.scan_layers == "true")
+    graphdef, params, cfg = random_model(hf, args.dtype)
     jax.block_until_ready(params)
     init_s = time.perf_counter() - t0
-    sampler = Sampler(graphdef, params, max_batch=args.batch)
+    sampler = Sampler(graphdef, params, max_batch=args.batch, scan_layers=args.scan_layers == "true")
     rng = np.random.default_rng(0)
     prompts = rng.integers(0, cfg.vocab_size, (args.batch, args.prompt)).tolist()
 
@@ -138,7 +138,8 @@ def main(argv=None):
     decode_steps = args.new - 1
     decode_s = max(full - prefill, 1e-9)
     result = dict(
-        model=args.model, layers=hf["num_hidden_layers"], scan_layers=args.scan_layers, batch=args.batch, prompt=args.prompt, new=args.new,
+        model=args.model, layers=hf["num_hidden_layers"], scan_layers=args.scan_layers, batch=args.batch,
+        prompt=args.prompt, new=args.new,
         dtype=args.dtype, temperature=args.temperature, top_p=args.top_p, device=jax.devices()[0].device_kind,
         init_s=round(init_s, 2), first_call_s=round(first_s, 2), call_s=round(full, 4),
         tokens_per_s=round(args.batch * args.new / full, 1), prefill_s=round(prefill, 4),

@@ -197,12 +197,12 @@ class Qwen3ForCausalLM(nnx.Module):
         return causal_lm_forward(self, input_ids, positions, segment_ids, return_hidden, rotary_dim=None,
                                  layer_transform=layer_transform, doc_slots=doc_slots)
 
-    def cached_forward(self, input_ids, positions, segment_ids, caches, cache_valid=None, *, hidden=False):
+    def cached_forward(self, input_ids, positions, segment_ids, caches, cache_valid=None, *, hidden=False, scan=None):
         """Sampling's forward (xorl_jax.sampling): last position's logits [B, V] fp32 (hidden: every position's
         final-norm hidden states instead) and the new cache entries of every layer. caches None: prefill; else
         decode against them (see `causal_lm_cached`)."""
         return causal_lm_cached(self, input_ids, positions, segment_ids, caches, cache_valid, rotary_dim=None,
-                                hidden=hidden)
+                                hidden=hidden, scan=scan)
 
     @staticmethod
     def hf_key_map(cfg: Qwen3Config, *, expert_layout: str = "fused", root: str = "model") -> km.FamilyKeyMap:
@@ -293,11 +293,11 @@ def causal_lm_forward(model, input_ids, positions, segment_ids, return_hidden, *
 
 
 def causal_lm_cached(model, input_ids, positions, segment_ids, caches, cache_valid, *, rotary_dim,
-                     hidden=False):
+                     hidden=False, scan=None):
     """`causal_lm_forward` for sampling: each layer's `cached` reads its cache slice (a tuple over the scanned
     pattern of pytrees stacked over repeats; None = prefill) and returns the new tokens' entries, stacked the same
     way. Returns (logits [B, V] fp32 of the last position, or with `hidden` the hidden states [B, T, D] after the
-    final norm, updates)."""
+    final norm, updates). `scan`: scan the layer groups (None: as the model's `scan_layers`)."""
     cfg, opts = model.config, model.options
     dt = opts.compute_dtype
     valid = jnp.ones(input_ids.shape, bool) if segment_ids is None else segment_ids != 0
@@ -307,8 +307,8 @@ def causal_lm_cached(model, input_ids, positions, segment_ids, caches, cache_val
     packed = caches is None and segment_ids is not None and opts.attn_implementation == "cudnn"
     attn_layout = packed_layout(segment_ids) if packed else None  # a prompt row: padding, then the prompt
     (h, _), updates = model.layers.cached(
-        (h, stats), caches, scan=opts.scan_layers, cos=cos, sin=sin, segment_ids=segment_ids, valid=valid,
-        cache_valid=cache_valid, attn_layout=attn_layout)
+        (h, stats), caches, scan=opts.scan_layers if scan is None else scan, cos=cos, sin=sin,
+        segment_ids=segment_ids, valid=valid, cache_valid=cache_valid, attn_layout=attn_layout)
     if hidden:
         return model.norm(h), updates
     logits = jnp.einsum("bd,dv->bv", model.norm(h[:, -1]), model.head_weight(dt), preferred_element_type=jnp.float32)

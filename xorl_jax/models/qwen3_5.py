@@ -243,10 +243,10 @@ class Qwen3_5ForCausalLM(nnx.Module):
                                  rotary_dim=self.config.rotary_dim, layer_transform=layer_transform,
                                  doc_slots=doc_slots)
 
-    def cached_forward(self, input_ids, positions, segment_ids, caches, cache_valid=None, *, hidden=False):
+    def cached_forward(self, input_ids, positions, segment_ids, caches, cache_valid=None, *, hidden=False, scan=None):
         """Sampling's forward; see `Qwen3ForCausalLM.cached_forward`."""
         return causal_lm_cached(self, input_ids, positions, segment_ids, caches, cache_valid,
-                                rotary_dim=self.config.rotary_dim, hidden=hidden)
+                                rotary_dim=self.config.rotary_dim, hidden=hidden, scan=scan)
 
     @staticmethod
     def hf_key_map(cfg: Qwen3_5Config, *, expert_layout: str = "fused", root: str = "model") -> km.FamilyKeyMap:

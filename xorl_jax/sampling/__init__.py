@@ -1,7 +1,7 @@
 """Sampling from a Qwen-family model (Qwen3, Qwen3-MoE, Qwen3.5 hybrid): batched prefill, then decoding with a KV
 cache for attention layers and the recurrent state + conv window for Gated DeltaNet layers.
 
-    sampler = Sampler(model, mesh=mesh, rules=rules, eos_token_ids=[eos], tokenizer=tok)   # or Sampler(graphdef, params)
+    sampler = Sampler(model, mesh=mesh, rules=rules, eos_token_ids=[eos], tokenizer=tok)  # or (graphdef, params)
     results = sampler.sample(prompt_token_lists, SamplingParams(max_tokens=64, temperature=0.7, top_p=0.95,
                                                                 stop=["\\n\\n"], seed=0), num_samples=4)
     results[i].sequences[j].tokens / .logprobs / .stop_reason          # "stop" | "length"

@@ -5,9 +5,9 @@ Layout. Prompts are left-padded to a bucket P (row b has pad_b = P - len_b pad t
 next token goes to the same cache index and the prefill's last position is every row's last prompt token. Positions
 are exact: token i of a prompt has position i, the j-th new token position len_b + j. The cache holds S = P + N
 entries (N the new-token bucket): attention layers keep k, v [repeats, B, K, S, d], written at index P + t for
-step t (the loop carries the buffers and XLA updates them in place); Gated DeltaNet layers keep their recurrent state and conv window (`layers.gdn.DeltaNetState`), replaced
-each step. Pad tokens never count: attention masks cache index < pad_b, and the DeltaNet state restarts at a row's
-first token (its segment starts there).
+step t (the loop carries the buffers and XLA updates them in place); Gated DeltaNet layers keep their recurrent
+state and conv window (`layers.gdn.DeltaNetState`), replaced each step. Pad tokens never count: attention masks
+cache index < pad_b, and the DeltaNet state restarts at a row's first token (its segment starts there).
 """
 
 from __future__ import annotations
@@ -83,11 +83,14 @@ def row_keys(seeds_B, sample_index_B):
 
 
 def generate(graphdef, params, tokens_UP, lengths_U, prompt_of_B, max_new_B, temperature_B, top_p_B, top_k_B,
-             seeds_B, sample_index_B, stops_BNL, stop_lens_BN, *, new_tokens: int, prompt_logprobs: bool = False):
+             seeds_B, sample_index_B, stops_BNL, stop_lens_BN, *, new_tokens: int, prompt_logprobs: bool = False,
+             scan_layers: bool | None = None):
     """Prefill of the U distinct prompts, then decoding of the B rows; row b continues prompt `prompt_of_B[b]`
-    (its samples share one prefill). Returns a dict: tokens [B, N] int32 and logprobs [B, N] fp32 (valid up to
-    count), count [B] (tokens generated), stopped [B] (ended on a stop sequence), and with prompt_logprobs,
-    prompt_logprobs [U, P] (at padded index i: log p(token i | before), meaningful from the prompt's second token)."""
+    (its samples share one prefill); scan_layers: scan or unroll the layers (None: as the model says).
+
+    Returns a dict: tokens [B, N] int32 and logprobs [B, N] fp32 (valid up to count), count [B] (tokens generated),
+    stopped [B] (ended on a stop sequence), and with prompt_logprobs, prompt_logprobs [U, P] (at padded index i:
+    log p(token i | before), meaningful from the prompt's second token)."""
     model = nnx.merge(graphdef, params)
     U, P = tokens_UP.shape
     B = prompt_of_B.shape[0]
@@ -99,16 +102,17 @@ def generate(graphdef, params, tokens_UP, lengths_U, prompt_of_B, max_new_B, tem
     positions = jnp.maximum(idx - pad_U[:, None], 0)
     out = {}
     if prompt_logprobs:
-        h, updates = model.cached_forward(tokens_UP, positions, segments, None, hidden=True)
+        h, updates = model.cached_forward(tokens_UP, positions, segments, None, hidden=True, scan=scan_layers)
         head = model.head_weight(h.dtype)
         scored = next_token_logprobs(h[:, :-1], head, tokens_UP[:, 1:])
         out["prompt_logprobs"] = jnp.pad(scored, ((0, 0), (1, 0)))
         logits = jnp.einsum("bd,dv->bv", h[:, -1], head, preferred_element_type=jnp.float32)
     else:
-        logits, updates = model.cached_forward(tokens_UP, positions, segments, None)
+        logits, updates = model.cached_forward(tokens_UP, positions, segments, None, scan=scan_layers)
     pad = pad_U[prompt_of_B]
     logits = logits[prompt_of_B]
-    updates = jax.tree.map(lambda x: jnp.take(x, prompt_of_B, axis=1), updates)  # [repeats, U, ...] -> [repeats, B, ...]
+    # each row's prompt entries: [repeats, U, ...] -> [repeats, B, ...]
+    updates = jax.tree.map(lambda x: jnp.take(x, prompt_of_B, axis=1), updates)
     caches = cache_from_prefill(updates, S)
     keys = row_keys(seeds_B, sample_index_B)
     L = stops_BNL.shape[-1]
@@ -135,7 +139,8 @@ def generate(graphdef, params, tokens_UP, lengths_U, prompt_of_B, max_new_B, tem
         # the next logits: token t sits at cache index P + t; this row's valid entries are pad_b .. P + t - 1
         cache_idx = jnp.arange(S)[None]
         cache_valid = (cache_idx >= pad[:, None]) & (cache_idx < P + t)
-        logits, updates = model.cached_forward(tok[:, None], (P + t - pad)[:, None], None, s["caches"], cache_valid)
+        logits, updates = model.cached_forward(tok[:, None], (P + t - pad)[:, None], None, s["caches"], cache_valid,
+                                               scan=scan_layers)
         return dict(
             t=t + 1, caches=write_cache(s["caches"], updates, P + t), logits=logits,
             tokens=s["tokens"].at[:, t].set(jnp.where(live, tok, -1)),

@@ -30,7 +30,7 @@ def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
     return 1 << (n - 1).bit_length()
 
 # One jit for every Sampler: samplers of the same model (graphdef) and shapes share compiled programs.
-_compiled = jax.jit(generate, static_argnums=0, static_argnames=("new_tokens", "prompt_logprobs"))
+_compiled = jax.jit(generate, static_argnums=0, static_argnames=("new_tokens", "prompt_logprobs", "scan_layers"))
 
 
 class Sampler:
@@ -38,10 +38,12 @@ class Sampler:
     placed by their logical axes, rows split over the data axes).
 
     eos_token_ids: the stop tokens when a request's `stop` is None. tokenizer: needed only for string stops.
-    max_batch: rows per compiled call (more are run in several calls)."""
+    max_batch: rows per compiled call (more are run in several calls). scan_layers: scan the layer groups in the
+    prefill and each decode step (None: as the model's `scan_layers`; False unrolls them: longer compilation, and
+    no per-layer slicing of the stacked weights in the decode loop)."""
 
     def __init__(self, model_or_graphdef, params=None, *, mesh=None, rules=None, eos_token_ids: Sequence[int] = (),
-                 tokenizer=None, max_batch: int = 64):
+                 tokenizer=None, max_batch: int = 64, scan_layers: bool | None = None):
         if params is None:
             graphdef, params = nnx.split(model_or_graphdef)
         else:
@@ -50,6 +52,7 @@ class Sampler:
         self.mesh, self.rules = mesh, rules
         self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
         self.tokenizer = tokenizer
+        self.scan_layers = scan_layers
         self.rows_multiple = data_parallel_size(mesh) if mesh is not None else 1
         self.max_batch = max(bucket(max_batch, 1), self.rows_multiple)
         self.params = self._place(params)
@@ -193,14 +196,16 @@ class Sampler:
                 stop_lens[r, s] = len(seq)
         args = (tokens, lengths, prompt_of, max_new, temperature, top_p, top_k, seeds, sample_index, stops, stop_lens)
         if self.mesh is None:
-            out = _compiled(self.graphdef, self.params, *args, new_tokens=N, prompt_logprobs=prompt_logprobs)
+            out = _compiled(self.graphdef, self.params, *args, new_tokens=N, prompt_logprobs=prompt_logprobs,
+                            scan_layers=self.scan_layers)
             out = {k: np.asarray(v) for k, v in out.items()}
         else:
             # Every process holds the whole request (it follows the same calls): each places its own devices' rows.
             rows = batch_sharding(self.mesh)
             args = tuple(jax.make_array_from_callback(a.shape, rows, lambda index, a=a: a[index]) for a in args)
             with use_mesh(self.mesh, self.rules):
-                out = _compiled(self.graphdef, self.params, *args, new_tokens=N, prompt_logprobs=prompt_logprobs)
+                out = _compiled(self.graphdef, self.params, *args, new_tokens=N, prompt_logprobs=prompt_logprobs,
+                            scan_layers=self.scan_layers)
             out = {k: _to_host(v) for k, v in out.items()}
         if prompt_logprobs:  # per row, as the other outputs
             out["prompt_logprobs"] = out["prompt_logprobs"][prompt_of]
