@@ -227,3 +227,48 @@ def test_a_cache_that_cannot_fit_is_refused_before_any_work(monkeypatch):
     monkeypatch.setattr("xorl_jax.sampling.sampler._free_device_bytes", lambda mesh: 1000)
     with pytest.raises(ValueError, match="lower max_tokens"):
         sampler.sample(PROMPTS, SamplingParams(max_tokens=500))
+
+
+class EndsAt:
+    """The demo tokenizer with another end-of-sequence token."""
+
+    def __init__(self, tokenizer, eos):
+        self._tokenizer, self.eos_token_id = tokenizer, eos
+
+    def __call__(self, *args, **kwargs):
+        return self._tokenizer(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+def test_greedy_generate_answers_are_the_no_cache_greedy_replies():
+    from transformers import AutoTokenizer
+
+    from xorl_jax.data.demo import DEMO_DIR
+    from xorl_jax.generate import greedy_generate
+
+    tok = AutoTokenizer.from_pretrained(DEMO_DIR)
+    graphdef, params = random_model(Qwen3ForCausalLM, Qwen3Config(
+        vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, intermediate_size=96), seed=5)
+    forward = jax.jit(lambda ids: nnx.merge(graphdef, params)(ids).logits)
+    convs = [[{"role": "user", "content": q}] for q in ("What is 85 - 40?", "Compute 6 * 7.")]
+    prompts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in convs]
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    replies = [list(x) for x in ids]
+    for _ in range(6):
+        buf = np.zeros((len(ids), 64), np.int32)
+        for r, s in enumerate(replies):
+            buf[r, :len(s)] = s
+        logits = np.asarray(forward(jnp.asarray(buf)))
+        for r, s in enumerate(replies):
+            s.append(int(np.argmax(logits[r, len(s) - 1])))
+    replies = [s[len(x):] for s, x in zip(replies, ids)]
+    eos = replies[0][3]  # the first reply ends before this token's first occurrence (the token itself dropped)
+    model = nnx.merge(graphdef, params)
+    got = greedy_generate(model, EndsAt(tok, eos), convs, max_new_tokens=6)
+    stops = {eos, tok.convert_tokens_to_ids("<|im_end|>")}
+    ends = [next((i for i, t in enumerate(r) if t in stops), len(r)) for r in replies]
+    assert ends[0] <= 3
+    assert got == [tok.decode(r[:n], skip_special_tokens=True).strip() for r, n in zip(replies, ends)]
