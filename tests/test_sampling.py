@@ -272,3 +272,25 @@ def test_greedy_generate_answers_are_the_no_cache_greedy_replies():
     ends = [next((i for i, t in enumerate(r) if t in stops), len(r)) for r in replies]
     assert ends[0] <= 3
     assert got == [tok.decode(r[:n], skip_special_tokens=True).strip() for r, n in zip(replies, ends)]
+
+
+def test_draws_follow_the_tempered_truncated_distribution():
+    from xorl_jax.sampling.choose import choose_tokens
+
+    logits = jnp.asarray([2.0, 1.5, 1.0, 0.0, -1.0, -3.0], jnp.float32)
+    n = 20000
+    rows = jnp.broadcast_to(logits, (n, 6))
+    keys = jax.random.split(jax.random.PRNGKey(0), n)
+    for temperature, top_p, top_k in ((0.7, 1.0, -1), (1.3, 0.8, -1), (1.0, 1.0, 2)):
+        tokens, logprobs = jax.jit(choose_tokens)(rows, jnp.full((n,), temperature), jnp.full((n,), top_p),
+                                                  jnp.full((n,), top_k, jnp.int32), keys)
+        p = np.asarray(jax.nn.softmax(logits / temperature))
+        kept = np.argsort(-p)[: top_k if top_k > 0 else 6]
+        kept = kept[(np.cumsum(p[kept]) - p[kept]) < top_p]  # nucleus: mass of the tokens ranked above < top_p
+        want = np.zeros(6)
+        want[kept] = p[kept] / p[kept].sum()
+        freq = np.bincount(np.asarray(tokens), minlength=6) / n
+        np.testing.assert_allclose(freq, want, atol=0.015)
+        # the reported logprob is the temperature-1, untruncated one
+        np.testing.assert_allclose(np.asarray(logprobs), np.asarray(jax.nn.log_softmax(logits))[np.asarray(tokens)],
+                                   atol=1e-6)
