@@ -95,7 +95,8 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=sorted(SHAPES), default="qwen3_8b")
     p.add_argument("--layers", type=int, default=0, help="cut the depth to this many layers (0 = full)")
-    p.add_argument("--batch", type=int, default=64, help="sequences per call (rows)")
+    p.add_argument("--batch", type=int, default=64, help="sequences per call (rows): prompts x --samples")
+    p.add_argument("--samples", type=int, default=1, help="samples per prompt (they share the prompt's prefill)")
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens per row")
     p.add_argument("--new", type=int, default=128, help="new tokens per row (no stops: every row runs to this)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
@@ -121,14 +122,16 @@ def main(argv=None):
     init_s = time.perf_counter() - t0
     sampler = Sampler(graphdef, params, max_batch=args.batch, scan_layers=args.scan_layers == "true")
     rng = np.random.default_rng(0)
-    prompts = rng.integers(0, cfg.vocab_size, (args.batch, args.prompt)).tolist()
+    if args.batch % args.samples:
+        p.error(f"--batch {args.batch} is not a multiple of --samples {args.samples}")
+    prompts = rng.integers(0, cfg.vocab_size, (args.batch // args.samples, args.prompt)).tolist()
 
     def call(new: int) -> float:
         sp = SamplingParams(max_tokens=new, temperature=args.temperature, top_p=args.top_p, stop=[], seed=0)
         t = time.perf_counter()
-        out = sampler.sample(prompts, sp)
+        out = sampler.sample(prompts, sp, num_samples=args.samples)
         elapsed = time.perf_counter() - t
-        assert all(len(r.sequences[0].tokens) == new for r in out)
+        assert all(len(s.tokens) == new for r in out for s in r.sequences)
         return elapsed
 
     first_s = call(args.new)
@@ -139,7 +142,7 @@ def main(argv=None):
     decode_s = max(full - prefill, 1e-9)
     result = dict(
         model=args.model, layers=hf["num_hidden_layers"], scan_layers=args.scan_layers, batch=args.batch,
-        prompt=args.prompt, new=args.new,
+        samples=args.samples, prompt=args.prompt, new=args.new,
         dtype=args.dtype, temperature=args.temperature, top_p=args.top_p, device=jax.devices()[0].device_kind,
         init_s=round(init_s, 2), first_call_s=round(first_s, 2), call_s=round(full, 4),
         tokens_per_s=round(args.batch * args.new / full, 1), prefill_s=round(prefill, 4),
