@@ -326,7 +326,7 @@ def run_jax(args, config_path: str, overrides: list[str]) -> dict:
     print("jax: python -m xorl_jax.train " + " ".join(argv), flush=True)
     trainer = Trainer(parse_cli(argv), experiments(args))
     if args.attn_layout == "device":  # the tier picked per layer on the device, as batches without a count are
-        trainer.host_attention_layout = False
+        trainer.layout_planner = None
     probe = None
     if args.profile or args.xla_dump:  # a batch for the steps traced after the run (the loop may close its source)
         rows = next(trainer.train_iter)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from xorl_jax.kernels import attention as attn_lib
+from xorl_jax.kernels.attention import cudnn as attn_cudnn
 from xorl_jax.kernels.attention import attention, attention_reference, resolve_attn_implementation, segment_layout
 
 
@@ -114,7 +115,7 @@ def test_finer_host_sizes_fit_the_batch_and_attend_like_the_reference(monkeypatc
     assert attn_lib.segment_tiers(64) == (8, 64)  # the device-side choice keeps its two tiers
 
     monkeypatch.setattr(attn_lib, "resolve_attn_implementation", lambda name, dtype=None: "cudnn")
-    monkeypatch.setattr(attn_lib, "_cudnn_packed", _attention_from_layout)
+    monkeypatch.setattr(attn_cudnn, "_cudnn_packed", _attention_from_layout)
     q, k, v = _inputs(2, 64, 4, 2, 16, jnp.float32, seed=9)
     for seg in (seg_few, seg_many):
         slots = attn_lib.document_slots(np.asarray(seg), 64, fine)
@@ -123,6 +124,28 @@ def test_finer_host_sizes_fit_the_batch_and_attend_like_the_reference(monkeypatc
         out = attention(q, k, v, segment_ids=seg, implementation="cudnn", max_segments=64, layout=layout)
         np.testing.assert_allclose(np.asarray(out), np.asarray(attention_reference(q, k, v, segment_ids=seg)),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_host_layout_is_one_static_value_planned_from_the_count_or_the_rows():
+    """The host's AttentionLayout: from the data pipeline's document count, else from segment ids that hold every
+    row, else none (the device picks); equal layouts are one value (one compile), and its device arrays are those
+    of `packed_layout` fixed at its slot count."""
+    from types import SimpleNamespace
+
+    seg_many = _segments(2, 64, [[4] * 12, [64]])  # 13 segments counting the padding
+    planner = attn_lib.LayoutPlanner()
+    assert planner.plan(13) == planner.plan(segment_ids=np.asarray(seg_many)) == attn_lib.AttentionLayout(64)
+    assert planner.plan(3, np.asarray(seg_many)) == attn_lib.AttentionLayout(8)  # the pipeline's count first
+    assert planner.plan() is None and planner.usual() == attn_lib.AttentionLayout(8)
+    assert attn_lib.LayoutPlanner((4, 8, 16, 32)).plan(13) == attn_lib.AttentionLayout(16)
+    assert attn_lib.LayoutPlanner().plan(65).slots == attn_lib.MASKED
+    assert len({planner.plan(2), planner.plan(7), attn_lib.AttentionLayout(8)}) == 1  # hashable, one step
+    fixed, direct = attn_lib.packed_layout_for(seg_many, planner.plan(13)), attn_lib.packed_layout(seg_many, slots=64)
+    assert fixed.tiers == (64,) and fixed.counts is None
+    assert [o.tolist() for o in fixed.offsets] == [o.tolist() for o in direct.offsets]
+    assert attn_lib.packed_layout_for(seg_many, None).tiers == (8, 64)  # no host layout: the device's tiers
+    cpu = SimpleNamespace(attn_implementation="xla", dtype="bfloat16", attn_slot_sizes=None)
+    assert attn_lib.layout_planner(cpu) is None  # attention that takes no layout gets none
 
 
 def test_cudnn_refused_without_gpu():
@@ -244,7 +267,7 @@ def test_packed_cudnn_path_gives_each_device_its_own_rows_layout(monkeypatch, me
     from xorl_jax.parallel.rules import batch_sharding, rules_for, use_mesh
 
     monkeypatch.setattr(attn_lib, "resolve_attn_implementation", lambda name, dtype=None: "cudnn")
-    monkeypatch.setattr(attn_lib, "_cudnn_packed", _attention_from_layout)
+    monkeypatch.setattr(attn_cudnn, "_cudnn_packed", _attention_from_layout)
 
     def masked_standin(q, k, v, mask=None, scale=None, is_causal=True, implementation=None):
         same = mask[:, 0]  # [B, T, T] same-document mask

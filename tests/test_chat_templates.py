@@ -247,7 +247,7 @@ def test_export_serves_with_the_training_datas_own_chat_template(tmp_path, caplo
     from types import SimpleNamespace
 
     from xorl_jax.data.chat import TEMPLATE_DIR
-    from xorl_jax.trainer import Trainer
+    from xorl_jax.run_export import carry_training_chat_template
 
     def run(*specs):
         out = tmp_path / f"export{len(list(tmp_path.iterdir()))}"
@@ -255,9 +255,8 @@ def test_export_serves_with_the_training_datas_own_chat_template(tmp_path, caplo
         (out / "chat_template.jinja").write_text("source template")
         datasets = [SimpleNamespace(type="messages", chat_template=s) for s in specs]
         datasets.append(SimpleNamespace(type="tokenized", chat_template=None))
-        me = SimpleNamespace(cfg=SimpleNamespace(data=SimpleNamespace(datasets=datasets)),
-                             tokenizer=SimpleNamespace(chat_template="tokenizer template"))
-        Trainer._carry_training_chat_template(me, str(out))
+        cfg = SimpleNamespace(data=SimpleNamespace(datasets=datasets))
+        carry_training_chat_template(cfg, SimpleNamespace(chat_template="tokenizer template"), str(out))
         return (out / "chat_template.jinja").read_text(), sorted(p.name for p in out.iterdir())
 
     shipped = open(os.path.join(TEMPLATE_DIR, "chatml.jinja")).read()

@@ -76,15 +76,15 @@ def test_dry_run_plans_the_trainers_usual_attention_layout(tmp_path, monkeypatch
 
     seen = {}
 
-    def record(*args, doc_slots=None, **kwargs):
-        seen["doc_slots"] = doc_slots
+    def record(*args, attention_layout=None, **kwargs):
+        seen["slots"] = attention_layout.slots
         raise Stop
 
     monkeypatch.setattr(qwen3, "resolve_attn_implementation", lambda name, dtype=None: "cudnn")
     monkeypatch.setattr(plan, "jit_train_step", record)
     with pytest.raises(Stop):
         dry_run(demo_cfg(tmp_path))
-    assert seen == {"doc_slots": 8}
+    assert seen == {"slots": 8}
 
 
 def test_dry_run_refuses_what_a_run_would_refuse(tmp_path):

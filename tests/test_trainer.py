@@ -89,12 +89,12 @@ def test_next_step_is_dispatched_before_metrics_are_read_except_at_saves(tmp_pat
 
     trainer = make_trainer(tmp_path, save_steps=3, eval_steps=0, save_at_end=True)
     events, dispatched = [], []
-    step_fn = trainer.train_step
+    step_fn = trainer.engine.train_step
 
-    def recording_step(state, batch):
+    def recording_step(batch):
         dispatched.append(len(dispatched) + 1)
         events.append(f"d{dispatched[-1]}")
-        return step_fn(state, batch)
+        return step_fn(batch)
 
     real_get = jax.device_get
 
@@ -105,7 +105,7 @@ def test_next_step_is_dispatched_before_metrics_are_read_except_at_saves(tmp_pat
         return out
 
     real_save = trainer.save
-    monkeypatch.setattr(trainer, "train_step", recording_step)
+    monkeypatch.setattr(trainer.engine, "train_step", recording_step)
     monkeypatch.setattr(trainer, "save", lambda step, **kw: (events.append(f"S{step}"), real_save(step, **kw))[1])
     monkeypatch.setattr(trainer_lib.jax, "device_get", recording_get)
     trainer.train()
@@ -347,32 +347,34 @@ def test_host_fixed_attention_layout_reaches_the_step_one_compile_per_layout(tmp
     """With the layout fixed on the host (one process, cuDNN attention: forced here on CPU, where attention ignores
     it), each batch carries its document slot count, the step gets it at trace time and compiles once per count."""
     from xorl_jax import train_step as step_lib
-    from xorl_jax.kernels.attention import MASKED
-    from xorl_jax.train_setup import DOC_SLOTS_KEY
+    from xorl_jax.kernels.attention import MASKED, AttentionLayout, LayoutPlanner
+    from xorl_jax.train_step import LAYOUT_KEY
 
     seen = []
     forward_loss = step_lib.forward_loss
 
     def spy(*args, **kwargs):
-        seen.append(args[5] if len(args) > 5 else kwargs.get("doc_slots"))
+        layout = args[5] if len(args) > 5 else kwargs.get("attention_layout")
+        seen.append(None if layout is None else layout.slots)
         return forward_loss(*args, **kwargs)
 
     monkeypatch.setattr(step_lib, "forward_loss", spy)
     trainer = make_trainer(tmp_path, max_steps=3)
-    trainer.host_attention_layout = True
+    trainer.layout_planner = LayoutPlanner()
     batch = trainer._device_batch(next(trainer.train_iter))
-    assert batch[DOC_SLOTS_KEY] == 8  # demo rows: a few chats each
+    assert batch[LAYOUT_KEY] == AttentionLayout(8)  # demo rows: a few chats each
     state, metrics = trainer.train_step(trainer.state, batch)
     state, _ = trainer.train_step(state, trainer._device_batch(next(trainer.train_iter)))
     assert seen == [8] and np.isfinite(float(metrics["loss"]))  # traced once for two batches
-    state, _ = trainer.train_step(state, {**trainer._device_batch(next(trainer.train_iter)), DOC_SLOTS_KEY: MASKED})
-    assert seen == [8, MASKED] and sorted(trainer.train_step._steps) == [MASKED, 8]
+    state, _ = trainer.train_step(state, {**trainer._device_batch(next(trainer.train_iter)),
+                                          LAYOUT_KEY: AttentionLayout(MASKED)})
+    assert seen == [8, MASKED] and sorted(s.slots for s in trainer.train_step._steps) == [MASKED, 8]
 
     # Rows without the pipeline's count: one process counts them itself; several processes leave it to the device.
     from xorl_jax.data.pipeline import MAX_DOCUMENTS_KEY
 
     rows = next(trainer.train_iter)
     bare = {k: v for k, v in rows.items() if k != MAX_DOCUMENTS_KEY}
-    assert MAX_DOCUMENTS_KEY in rows and trainer._device_batch(bare)[DOC_SLOTS_KEY] == 8
+    assert MAX_DOCUMENTS_KEY in rows and trainer._device_batch(bare)[LAYOUT_KEY] == AttentionLayout(8)
     trainer.process_count = 2
-    assert DOC_SLOTS_KEY not in trainer._device_batch(bare)
+    assert LAYOUT_KEY not in trainer._device_batch(bare)

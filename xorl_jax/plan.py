@@ -49,7 +49,7 @@ from xorl_jax import lora as lora_lib
 from xorl_jax.autotune import peak_bytes
 from xorl_jax.config import Config, ConfigError
 from xorl_jax.data.pipeline import row_length
-from xorl_jax.kernels.attention import SMALL_SEGMENTS, slots_for
+from xorl_jax.kernels.attention import LayoutPlanner
 from xorl_jax.kernels.gdn import auto_implementation
 from xorl_jax.layers.moe import MOE_REFERENCE
 from xorl_jax.models.loading import abstract_model
@@ -341,12 +341,12 @@ def dry_run(cfg: Config, device_memory_gib: float | None = None, experiments: Ex
     # The step the trainer compiles for rows of up to SMALL_SEGMENTS documents (its usual packed attention layout;
     # larger layouts keep tensors of the same shapes), not the device-side choice among layouts, whose residuals
     # would inflate the memory estimate.
-    doc_slots = (slots_for(SMALL_SEGMENTS, sizes=abstract.options.attn_slot_sizes)
-                 if abstract.options.attn_implementation == "cudnn" else None)
+    layout = (LayoutPlanner(abstract.options.attn_slot_sizes).usual()
+              if abstract.options.attn_implementation == "cudnn" else None)
 
     def compile_step(graphdef):
         step_fn = jit_train_step(graphdef, optimizer, loss_cfg, train_state, mesh, rules, merge_fn=merge_fn,
-                                 doc_slots=doc_slots)
+                                 attention_layout=layout)
         t0 = time.perf_counter()
         compiled = step_fn.lower(train_state, batch, *extra).compile()
         return compiled, time.perf_counter() - t0

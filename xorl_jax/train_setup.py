@@ -17,7 +17,7 @@ from xorl_jax.checkpoint.hf import CheckpointError
 from xorl_jax.checkpoint.orbax import read_hf_config
 from xorl_jax.config import Config, ConfigError
 from xorl_jax.data.pipeline import row_length
-from xorl_jax.kernels.attention import MASKED, resolve_attn_implementation
+from xorl_jax.kernels.attention import AttentionLayout, resolve_attn_implementation
 from xorl_jax.kernels.gdn import auto_implementation as gdn_auto_implementation
 from xorl_jax.layers.moe import resolve_moe_implementation
 from xorl_jax.models.common import SAVED_NAMES, ModelOptions
@@ -26,7 +26,7 @@ from xorl_jax.optim import build_optimizer, build_schedule, default_decay_mask, 
 from xorl_jax.parallel import mesh as mesh_lib
 from xorl_jax.parallel import rules as rules_lib
 from xorl_jax.parallel.rules import use_mesh
-from xorl_jax.train_step import BATCH_KEYS, LossConfig, make_train_step
+from xorl_jax.train_step import BATCH_KEYS, LAYOUT_KEY, LossConfig, make_train_step
 
 log = logging.getLogger("xorl_jax")
 
@@ -201,59 +201,58 @@ def opt_state_shardings(optimizer, params, mesh):
                                  transform_non_params=lambda _: replicated, is_leaf=masked)
 
 
-def abstract_batch(cfg: Config, mesh, doc_slots: int | None = None) -> dict:
+def abstract_batch(cfg: Config, mesh, layout: AttentionLayout | None = None) -> dict:
     """A train step's batch as shapes: [accumulation, global micro-batch rows, tokens] int32 arrays sharded as the
-    trainer shards them, plus the packed attention layout (DOC_SLOTS_KEY) when `doc_slots` is given."""
+    trainer shards them, plus the packed attention layout (LAYOUT_KEY) when `layout` is given."""
     t = cfg.train
     shape = (t.gradient_accumulation_steps, t.micro_batch_size * rules_lib.data_parallel_size(mesh),
              row_length(cfg.data))  # sample_packing_sequence_len padded to pad_to_multiple_of
     sharding = rules_lib.batch_sharding(mesh, leading_axes=1)
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding) for k in BATCH_KEYS}
-    if doc_slots is not None:
-        batch[DOC_SLOTS_KEY] = doc_slots
+    if layout is not None:
+        batch[LAYOUT_KEY] = layout
     return batch
 
 
 def jit_train_step(graphdef, optimizer, loss_cfg, state, mesh, rules, *, merge_fn=None,
-                   doc_slots: int | None = None) -> MeshJit:
+                   attention_layout: AttentionLayout | None = None) -> MeshJit:
     """The jitted train step for `state` (concrete or abstract): state donated, output shardings fixed to the
-    input's so the state comes back exactly as it went in and step 2 does not compile again. `doc_slots`: the
-    packed attention layout every batch of this step fits (`kernels.attention.document_slots`), or None."""
+    input's so the state comes back exactly as it went in and step 2 does not compile again. `attention_layout`:
+    the packed attention layout every batch of this step has, or None (picked on the device)."""
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    step = make_train_step(graphdef, optimizer, loss_cfg, merge_fn=merge_fn, doc_slots=doc_slots)
+    step = make_train_step(graphdef, optimizer, loss_cfg, merge_fn=merge_fn, attention_layout=attention_layout)
     return MeshJit(jax.jit(step, donate_argnums=(0,), out_shardings=(state_shardings, replicated)), mesh, rules)
 
 
-DOC_SLOTS_KEY = "doc_slots"  # batch entry (a Python int, not an array) naming the attention layout the host chose
-
-
 class TrainSteps:
-    """The train step, jitted once per packed attention layout that batches arrive with (a batch's DOC_SLOTS_KEY
-    entry, set by the host from its segment ids; absent = the layout picked on the device). Each variant compiles
-    the first time a batch needs it; runs see one or two."""
+    """The train step, jitted once per packed attention layout that batches arrive with (a batch's LAYOUT_KEY
+    entry, planned by the host; absent = the layout picked on the device). Each variant compiles the first time a
+    batch needs it; runs see one or two."""
 
-    def __init__(self, graphdef, optimizer, loss_cfg, state, mesh, rules, *, merge_fn=None):
+    def __init__(self, graphdef, optimizer, loss_cfg, state, mesh, rules, *, merge_fn=None, frozen=None):
+        """With `merge_fn` (LoRA), `frozen` is the base every call passes after the batch (an argument: never a
+        baked-in constant, never donated)."""
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
         self._make = functools.partial(jit_train_step, graphdef, optimizer, loss_cfg, abstract, mesh, rules,
                                        merge_fn=merge_fn)
+        self._extra = () if merge_fn is None else (frozen,)
         self._steps: dict = {}
 
     def for_batch(self, batch) -> tuple[MeshJit, dict]:
         """(the step for this batch's layout, the batch's arrays)."""
-        slots = batch.get(DOC_SLOTS_KEY)
-        if slots not in self._steps:
+        layout = batch.get(LAYOUT_KEY)
+        if layout not in self._steps:
             if self._steps:  # a later variant compiles in the middle of the run: say why the step is slow
                 log.info("a batch needs the packed attention layout for %s: compiling the step for it (once)",
-                         "more than the largest slot count (explicit mask)" if slots == MASKED else
-                         f"up to {slots} documents per row")
-            self._steps[slots] = self._make(doc_slots=slots)
-        return self._steps[slots], {k: v for k, v in batch.items() if k != DOC_SLOTS_KEY}
+                         "the device's choice" if layout is None else layout.describe())
+            self._steps[layout] = self._make(attention_layout=layout)
+        return self._steps[layout], {k: v for k, v in batch.items() if k != LAYOUT_KEY}
 
-    def __call__(self, state, batch, *rest):
+    def __call__(self, state, batch):
         step, arrays = self.for_batch(batch)
-        return step(state, arrays, *rest)
+        return step(state, arrays, *self._extra)
 
-    def lower(self, state, batch, *rest):
+    def lower(self, state, batch):
         step, arrays = self.for_batch(batch)
-        return step.lower(state, arrays, *rest)
+        return step.lower(state, arrays, *self._extra)

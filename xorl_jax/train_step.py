@@ -19,6 +19,9 @@ from xorl_jax.optim import apply_updates, leaf_squared_norms
 
 IGNORE_INDEX = -100
 BATCH_KEYS = ("input_ids", "labels", "positions", "segment_ids")
+# Batch entry (not an array): the packed attention layout the host fixed for the batch
+# (kernels.attention.AttentionLayout); absent = the layout is picked on the device.
+LAYOUT_KEY = "attention_layout"
 
 
 @struct.dataclass
@@ -38,14 +41,15 @@ class LossConfig:
     logits_dtype: Any = jnp.float32  # logits are rounded through this before the softmax (model.lm_head_fp32)
 
 
-def forward_loss(graphdef, params, micro, loss_cfg: LossConfig, layer_transform=None, doc_slots=None):
+def forward_loss(graphdef, params, micro, loss_cfg: LossConfig, layer_transform=None, attention_layout=None):
     """Sum of token cross-entropies of one micro-batch, its valid-token count and its aux loss. `layer_transform`
     (models.common.LayerTransform) goes to the model call: it rewrites each layer group's parameters inside the
-    layer scan (LoRA). `doc_slots`: the attention layout fixed on the host (`kernels.attention.document_slots`)."""
+    layer scan (LoRA). `attention_layout`: the packed attention layout fixed on the host
+    (kernels.attention.AttentionLayout)."""
     model = nnx.merge(graphdef, params)
     kwargs = {} if layer_transform is None else {"layer_transform": layer_transform}
-    if doc_slots is not None:
-        kwargs["doc_slots"] = doc_slots
+    if attention_layout is not None:
+        kwargs["attention_layout"] = attention_layout
     out = model(micro["input_ids"], micro["positions"], micro["segment_ids"], return_hidden=True, **kwargs)
     head = model.head_weight(loss_cfg.compute_dtype)
     loss_sum, n_valid = chunked_cross_entropy(
@@ -56,11 +60,11 @@ def forward_loss(graphdef, params, micro, loss_cfg: LossConfig, layer_transform=
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_cfg: LossConfig, *,
-                    max_grad_norm: float | None = None, merge_fn=None, doc_slots: int | None = None):
+                    max_grad_norm: float | None = None, merge_fn=None, attention_layout=None):
     """train_step(state, batch) -> (state, metrics). Pure; jit it with shardings and donation.
 
-    `doc_slots`: the packed attention layout for every batch this step is called with (the host checked it with
-    `kernels.attention.document_slots`); None leaves the choice to the device, per step.
+    `attention_layout` (kernels.attention.AttentionLayout): the packed attention layout of every batch this step is
+    called with (the host planned it); None leaves the choice to the device, per step.
 
     With `merge_fn(trainable, frozen) -> (params, layer_transform)` (LoRA), the step is
     train_step(state, batch, frozen): `state.params` holds only the trainable tree (the only thing differentiated
@@ -75,7 +79,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_cfg:
             transform = None
             if merge_fn is not None:
                 params, transform = merge_fn(params, frozen)
-            loss_sum, n_valid, aux = forward_loss(graphdef, params, micro, loss_cfg, transform, doc_slots)
+            loss_sum, n_valid, aux = forward_loss(graphdef, params, micro, loss_cfg, transform, attention_layout)
             # Normalising each micro-batch by the count over the whole step makes accumulation exact:
             # 4 x micro-batch 1 gives the same gradient as micro-batch 4.
             objective = loss_sum / total_valid + loss_cfg.aux_loss_coef * aux / n_micro

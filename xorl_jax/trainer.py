@@ -1,4 +1,6 @@
-"""The training loop: model + data + optimizer + mesh from a Config; steps, eval, checkpoints, resume, metrics.
+"""The training loop (python -m xorl_jax.train): data, metrics, eval cadence, saves, stop signals and the run's
+summary, driving a TrainEngine (xorl_jax.engine: model, optimizer state, steps, checkpoints); exports and sample
+answers at the end (xorl_jax.run_export, xorl_jax.samples).
 
 The trainer knows no model family: everything family-specific comes through the registry and the model object
 (its config, `hf_key_map`, `head_weight`).
@@ -7,7 +9,6 @@ The trainer knows no model family: everything family-specific comes through the 
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import logging
 import math
@@ -15,38 +16,25 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from xorl_jax import lora as lora_lib
-from xorl_jax.autotune import choose_layer_settings
-from xorl_jax.checkpoint.hf import CheckpointError
-from xorl_jax.checkpoint.export import export_hf, host_array
-from xorl_jax.checkpoint.orbax import _root_for, load_model, run_source
-from xorl_jax.checkpoint.training import TrainCheckpointer, clean_temporaries, plan_resume
-from xorl_jax.config import Config, ConfigError, config_to_dict
+from xorl_jax import run_export, samples
+from xorl_jax.checkpoint.training import clean_temporaries, plan_resume
+from xorl_jax.config import Config, ConfigError
 from xorl_jax.data import build_eval_batches, build_train_iterator
-from xorl_jax.data.chat import resolve_template
 from xorl_jax.data.pipeline import MAX_DOCUMENTS_KEY, row_length
 from xorl_jax.data.prefetch import Prefetcher
-from xorl_jax.data.sources import iter_rows
-from xorl_jax.generate import greedy_generate
-from xorl_jax.kernels.attention import SMALL_SEGMENTS, document_slots, resolve_attn_implementation, slots_for
-from xorl_jax.lora import layer_merge_fn, merge_lora
+from xorl_jax.engine import TrainEngine, device_arrays
+from xorl_jax.kernels.attention import layout_planner
 from xorl_jax.metrics import (CompletionClock, MetricsLogger, estimate_memory_per_device, peak_flops_per_device,
                               peak_memory_gib)
-from xorl_jax.models.loading import abstract_model
 from xorl_jax.optim import params_with_path
 from xorl_jax.parallel import distributed
-from xorl_jax.parallel import rules as rules_lib
-from xorl_jax.parallel.rules import batch_sharding, data_parallel_size, param_shardings
+from xorl_jax.parallel.rules import data_parallel_size
 from xorl_jax.preemption import StopSignals
-from xorl_jax.preflight import check_run, disk_full_error, disk_full_message
-from xorl_jax.train_setup import (DOC_SLOTS_KEY, Experiments, MeshJit, TrainSteps, abstract_batch, backend_summary,
-                                  loss_config_for, opt_state_shardings, optimizer_for, request_determinism,
-                                  use_compilation_cache)
-from xorl_jax.train_step import TrainState, make_eval_step, stack_micro_batches
+from xorl_jax.preflight import check_run
+from xorl_jax.train_setup import Experiments, backend_summary, request_determinism, use_compilation_cache
+from xorl_jax.train_step import LAYOUT_KEY, stack_micro_batches
 
 log = logging.getLogger("xorl_jax")
 
@@ -72,10 +60,6 @@ class Preempted(TrainingStopped):
     """SIGTERM/SIGUSR1 arrived (pre-emption, time limit): a checkpoint of the last step was saved."""
 
 
-def _count_params(params) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
-
-
 class Trainer:
     def __init__(self, cfg: Config, experiments: Experiments = Experiments()):
         """experiments: benchmarks' switches (train_setup.Experiments); the default is every run's."""
@@ -96,11 +80,35 @@ class Trainer:
         self.startup_s["checks"] = time.perf_counter() - t0
         # the data before the weights: a bad row is reported before a model load, and no setting of either needs
         # the other (the mesh and the vocabulary size come from the checks)
-        for name, setup in (("data", self._setup_data), ("model", self._setup_model),
-                            ("optimizer", self._setup_optimizer), ("checkpointing", self._setup_checkpointing)):
-            t0 = time.perf_counter()
-            setup()
-            self.startup_s[name] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self._setup_data()
+        self.startup_s["data"] = time.perf_counter() - t0
+        self.engine = TrainEngine(cfg, self.inputs, total_steps=self.total_steps, experiments=experiments,
+                                  is_main=self.is_main)
+        self.startup_s.update(self.engine.startup_s)  # model, optimizer, checkpointing
+
+    # What tests, benchmarks and the loop read of the engine (the engine owns them).
+    state = property(lambda self: self.engine.state, lambda self, value: setattr(self.engine, "state", value))
+    model = property(lambda self: self.engine.model)
+    graphdef = property(lambda self: self.engine.graphdef)
+    frozen = property(lambda self: self.engine.frozen)
+    lora_targets = property(lambda self: self.engine.lora_targets)
+    param_count = property(lambda self: self.engine.param_count)
+    loss_cfg = property(lambda self: self.engine.loss_cfg)
+    optimizer = property(lambda self: self.engine.optimizer)
+    schedule = property(lambda self: self.engine.schedule)
+    checkpointer = property(lambda self: self.engine.checkpointer)
+    layer_choice = property(lambda self: self.engine.layer_choice)
+    train_step = property(lambda self: self.engine.step)  # (state, batch) -> (state, metrics), frozen base bound
+
+    @property
+    def options(self):
+        """The model options: the engine's (layer settings resolved) once it exists, the checks' before."""
+        engine = self.__dict__.get("engine")
+        return self.inputs.options if engine is None else engine.options
+
+    def full_params(self):
+        return self.engine.full_params()
 
     def _nonfinite_culprits(self, metrics) -> str:
         """'loss nan, non-finite gradients in 3 of 120 parameters: a.b.c, ...' for a skipped step's log line (a
@@ -123,57 +131,25 @@ class Trainer:
         """xorl_jax.preflight's checks of every input (output_dir, data paths, config.json, mesh, the weights'
         headers, tokenizer); keeps what they read: config, mesh, options, tokenizer, vocabulary size."""
         inputs = check_run(self.cfg, is_main=self.is_main)
-        self.hf_config, self.model_cls, self.model_config = inputs.hf_config, inputs.model_cls, inputs.model_config
-        self.options, self.mesh, self.rules = self.experiments.model_options(inputs.options), inputs.mesh, inputs.rules
+        self.inputs = dataclasses.replace(inputs, options=self.experiments.model_options(inputs.options))
+        self.hf_config, self.model_config = inputs.hf_config, inputs.model_config
+        self.mesh, self.rules = inputs.mesh, inputs.rules
         self.tokenizer, self.vocab_size = inputs.tokenizer, inputs.vocab_size
-        # as the model resolves it (set here: the data prefetch thread may shape batches before the model exists)
-        self.host_attention_layout = resolve_attn_implementation(self.options.attn_implementation,
-                                                                 self.options.dtype) == "cudnn"
-
-    def _setup_model(self):
-        cfg = self.cfg
-        init_from = cfg.train.init_from
-        log.info("model: %s", f"random init from {cfg.model.config_path or cfg.model.model_path}"
-                 if init_from == "scratch" else f"loading weights from {cfg.model.model_path}")
-        with rules_lib.use_mesh(self.mesh, self.rules):
-            if init_from == "scratch":
-                model = self._init_scratch()
-            else:
-                model = load_model(cfg.model.model_path, self.options, mesh=self.mesh, rules=self.rules,
-                                   config_path=cfg.model.config_path)
-        self.graphdef, params = nnx.split(model)
-        self.model = model
-        self.params = params
-        self.param_count = _count_params(params)
-        self.frozen = None  # LoRA: the frozen base parameters (self.state.params holds only the adapters)
-        if cfg.lora.enable_lora:
-            self.lora_targets = lora_lib.lora_targets(params, cfg.lora)
-            self.lora_scale = lora_lib.lora_scale(cfg.lora)
-            self.frozen = params
-            self.params = lora_lib.init_lora(params, self.lora_targets, cfg.lora.lora_rank, seed=cfg.train.seed,
-                                             mesh=self.mesh, rules=self.rules)
-            log.info("LoRA: %d adapter parameters on %s (base %d parameters frozen)",
-                     lora_lib.count_lora_params(self.params),
-                     ", ".join(sorted({t.hf_name for t in self.lora_targets})), self.param_count)
-        self.loss_cfg = loss_config_for(cfg, self.model_config, self.options)
         # cuDNN's packed attention layout is fixed per batch on the host (every process alike: the data pipeline
-        # counts the documents of the whole global batch) instead of being picked in every layer on the device.
-        self.host_attention_layout = model.options.attn_implementation == "cudnn"
+        # counts the documents of the whole global batch) instead of being picked in every layer on the device;
+        # set here: the data prefetch thread may shape batches before the model exists
+        self.layout_planner = layout_planner(self.inputs.options)
 
-    def _init_scratch(self):
-        abstract = abstract_model(self.model_cls, self.model_config, self.options)
-        shardings = param_shardings(abstract, self.mesh, self.rules)
-        graphdef = nnx.graphdef(abstract)
-        seed = self.cfg.train.seed
-        cls, mcfg, opts = self.model_cls, self.model_config, self.options
-
-        @jax.jit
-        def init():
-            state = nnx.state(cls(mcfg, opts, rngs=nnx.Rngs(seed)))
-            state = jax.tree.map(lambda x: x.astype(opts.param_dtype), state)
-            return jax.lax.with_sharding_constraint(state, shardings)
-
-        return nnx.merge(graphdef, init())
+    def _plan_resume(self):
+        """Which checkpoint this run starts from (checkpoint.training.plan_resume), from the files alone; then the
+        main process removes what an interrupted run left half-written."""
+        # the checks' config.json, compared with the checkpoint's before the model is built
+        plan = plan_resume(self.cfg.train.load_checkpoint_path, os.path.join(self.output_dir, "checkpoints"),
+                           hf_config=self.hf_config)
+        if self.is_main:
+            for path in clean_temporaries(self.output_dir):
+                log.info("removed %s (left half-written by an interrupted run)", path)
+        return plan
 
     def _setup_data(self):
         cfg = self.cfg
@@ -205,91 +181,15 @@ class Trainer:
         else:
             raise ConfigError("train.max_steps is not set and the dataset size is unknown; set train.max_steps")
 
-    def _setup_optimizer(self):
-        self.schedule, self.optimizer = optimizer_for(self.cfg, self.params, self.total_steps, self.experiments)
-        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        opt_state = jax.jit(self.optimizer.init, out_shardings=opt_state_shardings(self.optimizer, self.params,
-                                                                                   self.mesh))(self.params)
-        # Separate scalars: the step donates the whole state, and one buffer may not be donated twice.
-        counter = lambda: jax.device_put(jnp.zeros((), jnp.int32), replicated)  # noqa: E731
-        self.state = TrainState(step=counter(), params=self.params, opt_state=opt_state,
-                                nonfinite_streak=counter(), skipped_total=counter())
-        self.params = None  # the state owns them from here on
-        merge_fn = self._merge_fn()
-        self.layer_choice, self.train_step = self._choose_layer_settings(merge_fn)
-        self.eval_step = MeshJit(jax.jit(make_eval_step(self.graphdef, self.loss_cfg, merge_fn=merge_fn)),
-                                 self.mesh, self.rules)
-        if merge_fn is not None:  # the frozen base goes in as an argument (never a baked-in constant, never donated)
-            step_jit, eval_jit = self.train_step, self.eval_step
-            self.train_step = lambda state, batch: step_jit(state, batch, self.frozen)
-            self.eval_step = lambda params, micro: eval_jit(params, micro, self.frozen)
-
-    def _choose_layer_settings(self, merge_fn):
-        """Resolve remat_policy / scan_layers `auto` (xorl_jax.autotune): candidates compiled fastest first on this
-        mesh until one's step fits the devices. The step compiled for the choice is the one training runs (compiled
-        for the usual packed attention layout: a batch that needs another compiles its own, as always)."""
-        extra = () if merge_fn is None else (self.frozen,)
-        sizes = self.options.attn_slot_sizes
-        batch = abstract_batch(self.cfg, self.mesh,
-                               slots_for(SMALL_SEGMENTS, sizes=sizes) if self.host_attention_layout else None)
-
-        def compile_step(graphdef):
-            steps = TrainSteps(graphdef, self.optimizer, self.loss_cfg, self.state, self.mesh, self.rules,
-                               merge_fn=merge_fn)
-            return steps.lower(self.state, batch, *extra).compile(), steps
-
-        choice, planned = choose_layer_settings(self.cfg, self.model, compile_step)
-        c = choice.candidate
-        self.options = dataclasses.replace(self.options, remat_policy=c.remat_policy, scan_layers=c.scan_layers)
-        self.graphdef = nnx.graphdef(self.model)
-        if planned is not None:
-            return choice, planned[1]
-        return choice, TrainSteps(self.graphdef, self.optimizer, self.loss_cfg, self.state, self.mesh, self.rules,
-                                  merge_fn=merge_fn)
-
-    def _merge_fn(self):
-        """LoRA: (adapters, frozen base) -> (base, per-layer merge run inside the layer scan); None without LoRA."""
-        if self.frozen is None:
-            return None
-
-        return layer_merge_fn(self.lora_targets, self.lora_scale)
-
-    def full_params(self):
-        """The model's parameters as the forward pass sees them (LoRA: base + scale * A @ B, merged whole)."""
-        if self.frozen is None:
-            return self.state.params
-
-        targets, scale = self.lora_targets, self.lora_scale
-        return jax.jit(lambda lora, frozen: merge_lora(frozen, lora, targets, scale))(self.state.params, self.frozen)
-
-    def _plan_resume(self):
-        """Which checkpoint this run starts from (checkpoint.training.plan_resume), from the files alone; then the
-        main process removes what an interrupted run left half-written."""
-        # the checks' config.json, compared with the checkpoint's before the model is built
-        plan = plan_resume(self.cfg.train.load_checkpoint_path, os.path.join(self.output_dir, "checkpoints"),
-                           hf_config=self.hf_config)
-        if self.is_main:
-            for path in clean_temporaries(self.output_dir):
-                log.info("removed %s (left half-written by an interrupted run)", path)
-        return plan
-
-    def _setup_checkpointing(self):
-        self.checkpointer = TrainCheckpointer(
-            os.path.join(self.output_dir, "checkpoints"),
-            keep=self.cfg.train.save_total_limit,
-            async_save=self.cfg.train.save_async,
-        )
-
     # ----------------------------------------------------------------------------------------------- pieces
     def tokens_per_step(self) -> int:
         return self.rows_per_step * self.seq_len
 
     def _memory_estimate(self) -> float:
-        trainable = None
-        if self.frozen is not None:  # LoRA: the base is frozen (no gradients, no state)
-            trainable = _count_params(self.params)
+        # LoRA: the base is frozen (no gradients, no state)
         return estimate_memory_per_device(self.param_count, self.mesh.size, self.cfg.train,
-                                          param_dtype=self.options.param_dtype, trainable=trainable)
+                                          param_dtype=self.options.param_dtype,
+                                          trainable=self.engine.trainable_count())
 
     def summary(self) -> str:
         lines = [
@@ -313,76 +213,43 @@ class Trainer:
 
     def _device_batch(self, rows: dict):
         stacked = stack_micro_batches(rows, self.accum)
-        sharding = batch_sharding(self.mesh, leading_axes=1)
-        batch = {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in stacked.items()}
-        if self.host_attention_layout:
-            documents = rows.get(MAX_DOCUMENTS_KEY)  # the whole global batch's, from the data pipeline
-            if documents is not None:
-                batch[DOC_SLOTS_KEY] = slots_for(int(documents), sizes=self.options.attn_slot_sizes)
-            elif self.process_count == 1:  # rows from elsewhere: this process holds them all
-                batch[DOC_SLOTS_KEY] = document_slots(stacked["segment_ids"], sizes=self.options.attn_slot_sizes)
+        batch = device_arrays(stacked, self.mesh, leading_axes=1)
+        if self.layout_planner is not None:
+            # the whole global batch's document count, from the data pipeline; rows from elsewhere: counted here
+            # when this process holds them all, else the device picks
+            layout = self.layout_planner.plan(rows.get(MAX_DOCUMENTS_KEY),
+                                              stacked["segment_ids"] if self.process_count == 1 else None)
+            if layout is not None:
+                batch[LAYOUT_KEY] = layout
         return batch
 
     def evaluate(self) -> dict | None:
-        if not self.eval_batches:
-            return None
-
-        sharding = batch_sharding(self.mesh, leading_axes=0)
-        total, count = 0.0, 0
-        for rows in self.eval_batches:
-            micro = {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-                     for k, v in rows.items() if k in ("input_ids", "labels", "positions", "segment_ids")}
-            loss_sum, n = self.eval_step(self.state.params, micro)
-            total += float(loss_sum)
-            count += int(n)
-        return {"eval_loss": total / max(count, 1), "eval_tokens": count}
-
-    @contextlib.contextmanager
-    def _writing(self, what: str, path: str):
-        """A full disk (or quota, or file size limit) while writing `what` to `path` becomes one CheckpointError
-        line (exit 2) instead of a traceback; the main process first removes what was half written."""
-        try:
-            yield
-        except Exception as e:
-            full = disk_full_error(e)
-            if full is None:
-                raise
-            if self.is_main:
-                with contextlib.suppress(Exception):  # the save's other writers finish (or fail) first
-                    self.checkpointer.wait()
-                clean_temporaries(self.output_dir)
-            raise CheckpointError(disk_full_message(full, path, what, cleaned=self.is_main)) from None
-
-    def _wait_for_saves(self):
-        with self._writing("a checkpoint", self.checkpointer.directory):
-            self.checkpointer.wait()
+        return self.engine.eval_loss(self.eval_batches)
 
     def save(self, step: int, *, force: bool = False):
-        meta = {
-            "step": step,
-            "data_state": self.train_iter.get_state(),
-            "config": config_to_dict(self.cfg),
-            "hf_config": self.hf_config,
-            "source": self.export_source(),  # what an export of this checkpoint stands in for (convert to-hf)
-            "skipped_total": int(self.state.skipped_total),
-        }
-        # a save in the background reports its failure at the next save or wait: name no step then
-        what = "a checkpoint" if self.cfg.train.save_async else f"the checkpoint of step {step}"
-        with self._writing(what, self.checkpointer.directory):
-            self.checkpointer.save(step, self.state, meta, force=force)
+        self.engine.save(step, {"data_state": self.train_iter.get_state()}, force=force)
+
+    def _wait_for_saves(self):
+        self.engine.wait_for_saves()
 
     def maybe_resume(self) -> int:
         """The step this run starts after: restores the checkpoint `resume_plan` picked (state and data position)."""
         plan = self.resume_plan
-        restored = self.checkpointer.restore(plan, self.state)
+        restored = self.engine.restore(plan)
         if restored is None:
             if plan.setting == "auto":
                 log.info("no checkpoint in %s yet: starting from step 0", self.checkpointer.directory)
             return 0
-        self.state, meta, step = restored
+        meta, step = restored
         self.train_iter.set_state(meta["data_state"])
         log.info("resumed from step %d (%s)", step, os.path.join(plan.root, str(step)))
-        return int(step)
+        return step
+
+    def export_hf(self, step: int) -> str:
+        return run_export.export_run(self.engine, step)
+
+    def print_samples(self, n: int) -> list[tuple[str, str, str]]:
+        return samples.print_samples(self.engine, n)
 
     # ----------------------------------------------------------------------------------------------- loop
     def train(self) -> dict:
@@ -474,7 +341,7 @@ class Trainer:
                         break
                     rows = next(self.train_iter)
                     batch = rows if self.batches_on_device else self._device_batch(rows)
-                    self.state, metrics = self.train_step(self.state, batch)
+                    metrics = self.engine.train_step(batch)
                     pending.append((metrics, clock.watch(metrics)))
                     if len(pending) > 1:
                         read(pending.popleft())
@@ -486,7 +353,7 @@ class Trainer:
                     self.save(step, force=True)
                 self._wait_for_saves()
                 if t.save_hf_weights:
-                    with self._writing(f"the HF export of step {step}",
+                    with self.engine.writing(f"the HF export of step {step}",
                                        os.path.join(self.output_dir, f"global_step_{step}")):
                         self.export_hf(step)
                 if t.sample_eval_prompts:
@@ -508,92 +375,6 @@ class Trainer:
                "rerun with train.load_checkpoint_path=auto (the default) to resume from it")
         raise Preempted(f"{name or 'a stop signal'} received: stopped after step {step} with its checkpoint saved in "
                         f"{self.checkpointer.directory}; {how}")
-
-    def print_samples(self, n: int) -> list[tuple[str, str, str]]:
-        """Greedy answers to the first `n` held-out conversations: (question, expected, answer) triples."""
-        ds = next((d for d in self.cfg.data.eval_datasets if d.type == "messages"), None)
-        if ds is None:
-            log.info("train.sample_eval_prompts: no messages-type eval dataset to take prompts from")
-            return []
-        convs = []
-        for _, row in iter_rows(ds.path, split=ds.split, data_files=ds.data_files):
-            msgs = row.get("messages") if isinstance(row, dict) else None
-            if msgs and msgs[-1].get("role") == "assistant":
-                convs.append(msgs)
-            if len(convs) == n:
-                break
-        model = nnx.merge(self.graphdef, self.full_params())
-        template = resolve_template(ds.chat_template, self.tokenizer) if ds.chat_template else None
-        answers = greedy_generate(model, self.tokenizer, [c[:-1] for c in convs], chat_template=template,
-                                  chat_template_kwargs=ds.chat_template_kwargs)
-        out = [(c[-2]["content"], c[-1]["content"], a) for c, a in zip(convs, answers)]
-        if self.is_main:
-            print("held-out questions, greedy answers:", flush=True)
-            for q, want, got in out:
-                mark = "ok " if got == want else "   "
-                print(f"  {mark}{q!r} -> {got!r} (reference {want!r})", flush=True)
-        return out
-
-    def export_source(self) -> dict:
-        """The export source record of this run (checkpoint.orbax.run_source), kept in every checkpoint's meta so
-        that `convert to-hf` of a checkpoint writes what the run's own export writes."""
-        if getattr(self, "_export_source", None) is None:
-            m, t = self.cfg.model, self.cfg.train
-            self._export_source = run_source(m.model_path, hf_config=self.hf_config, init_from=t.init_from,
-                                             dtype=self.options.dtype, tokenizer_path=m.tokenizer_path,
-                                             config_path=m.config_path)
-        return self._export_source
-
-    def export_hf(self, step: int) -> str:
-        """`global_step_N/hf_ckpt`: a drop-in replacement of model.model_path (checkpoint.export.export_hf: tensors
-        the run did not train copied from the source, trained ones in the source's dtypes; LoRA merged), or with
-        lora.save_lora_only a PEFT adapter directory."""
-        out = os.path.join(self.output_dir, f"global_step_{step}", "hf_ckpt")
-        if self.frozen is not None and self.cfg.lora.save_lora_only:
-            return self.export_lora_adapter(step)  # every adapter, routed experts included, has a PEFT layout
-        model = nnx.merge(self.graphdef, self.full_params())
-        export_hf(model, out, source_dir_or_metadata={"hf_config": self.hf_config, "source": self.export_source()},
-                  overwrite=True)
-        if self.is_main:
-            self._carry_training_chat_template(out)
-            print(f"exported HF weights to {out}", flush=True)
-        return out
-
-    def _carry_training_chat_template(self, out: str) -> None:
-        """The model learnt the chat format of its messages datasets: where they name their own `chat_template`, the
-        export serves with that one (chat_template.jinja, which transformers, vLLM and SGLang read before
-        tokenizer_config.json's), not the source's. Several different templates: the source's stays, with a warning."""
-        specs = [d.chat_template for d in self.cfg.data.datasets if d.type == "messages"]
-        if not any(specs):
-            return
-        texts = {resolve_template(spec, self.tokenizer) for spec in specs}
-        if len(texts) > 1:
-            names = sorted({spec or "the tokenizer's own" for spec in specs})
-            log.warning("export: the messages datasets use %d different chat templates (%s); the export keeps the "
-                        "source's, put the one to serve with in %s/chat_template.jinja", len(texts),
-                        ", ".join(names), out)
-            return
-        specs = [spec for spec in specs if spec]
-        path = os.path.join(out, "chat_template.jinja")
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(texts.pop())
-        os.replace(tmp, path)
-        log.info("export: chat_template.jinja is the training data's template (%s)", specs[0])
-
-    def export_lora_adapter(self, step: int) -> str:
-        """A PEFT adapter directory (adapter_config.json + adapter_model.safetensors) for the HF base model."""
-        out = os.path.join(self.output_dir, f"global_step_{step}", "lora_adapter")
-        lo = self.cfg.lora
-        host = jax.tree.map(host_array, self.state.params)  # every process takes part in the gathers
-        if self.is_main:
-            prefix = type(self.model).hf_key_map(self.model_config, root=_root_for(self.hf_config)).layer_prefix
-            lora_lib.export_peft_adapter(
-                out, host, self.lora_targets, rank=lo.lora_rank, alpha=lo.lora_alpha,
-                period=len(self.model.layers.pattern), repeats=self.model.layers.repeats, layer_prefix=prefix,
-                base_model_name_or_path=self.cfg.model.model_path)
-            print(f"exported the LoRA adapter (PEFT) to {out}", flush=True)
-        return out
 
 
 def run(cfg: Config) -> dict:

@@ -218,8 +218,8 @@ def _pack_epoch(docs: Documents, data_cfg, seed: int, epoch: int, shuffle: bool)
     raise DataError(f"data.sample_packing_method={method!r}; use sequential or multipack")
 
 
-# Batch entry (a Python int): the most segments in any row of the global batch, which the trainer turns into the
-# packed attention layout of the step (`kernels.attention.slots_for`) on every process alike.
+# Batch entry (a Python int): the most segments in any row of the global batch, which the host turns into the
+# packed attention layout of the step (kernels.attention.LayoutPlanner) on every process alike.
 MAX_DOCUMENTS_KEY = "max_documents"
 
 

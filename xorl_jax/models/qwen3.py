@@ -18,7 +18,7 @@ from xorl_jax.layers.mlp import MLP
 from xorl_jax.layers.moe import MoE, load_balancing_loss, resolve_moe_implementation
 from xorl_jax.layers.norm import RMSNorm
 from xorl_jax.layers.rope import rope_cos_sin
-from xorl_jax.kernels.attention import packed_layout, resolve_attn_implementation
+from xorl_jax.kernels.attention import AttentionLayout, packed_layout_for, resolve_attn_implementation
 from xorl_jax.models.common import HIDDEN, LayerStack, ModelOptions, ModelOutput, constrain, rope_theta
 from xorl_jax.models import flops
 from xorl_jax.models import keymap as km
@@ -190,12 +190,12 @@ class Qwen3ForCausalLM(nnx.Module):
         return w if dtype is None else w.astype(dtype)
 
     def __call__(self, input_ids, positions=None, segment_ids=None, *, return_hidden: bool = False,
-                 layer_transform=None, doc_slots: int | None = None) -> ModelOutput:
+                 layer_transform=None, attention_layout: AttentionLayout | None = None) -> ModelOutput:
         """`layer_transform` (models.common.LayerTransform) rewrites each scanned layer group's parameters inside
-        the layer scan (LoRA merges its adapters there, one group at a time). `doc_slots` (static): the packed
-        attention layout the host chose for this batch (`kernels.attention.document_slots`)."""
+        the layer scan (LoRA merges its adapters there, one group at a time). `attention_layout` (static): the
+        packed attention layout the host planned for this batch (kernels.attention.AttentionLayout)."""
         return causal_lm_forward(self, input_ids, positions, segment_ids, return_hidden, rotary_dim=None,
-                                 layer_transform=layer_transform, doc_slots=doc_slots)
+                                 layer_transform=layer_transform, attention_layout=attention_layout)
 
     def cached_forward(self, input_ids, positions, segment_ids, caches, cache_valid=None, *, hidden=False, scan=None):
         """Sampling's forward (xorl_jax.sampling): last position's logits [B, V] fp32 (hidden: every position's
@@ -261,9 +261,9 @@ def moe_maps(num_experts: int, expert_layout: str) -> list:
 
 
 def causal_lm_forward(model, input_ids, positions, segment_ids, return_hidden, *, rotary_dim, num_experts=None,
-                      layer_transform=None, doc_slots=None):
-    """Embedding -> scanned layers -> final norm -> logits; shared by the Qwen families. doc_slots: see
-    `kernels.attention.document_slots` (None: the packed attention layout's tier is picked on the device)."""
+                      layer_transform=None, attention_layout: AttentionLayout | None = None):
+    """Embedding -> scanned layers -> final norm -> logits; shared by the Qwen families. attention_layout: see
+    kernels.attention.AttentionLayout (None: the packed attention layout's tier is picked on the device)."""
     cfg, opts = model.config, model.options
     B, T = input_ids.shape
     dt = opts.compute_dtype
@@ -276,7 +276,7 @@ def causal_lm_forward(model, input_ids, positions, segment_ids, return_hidden, *
     stats = jnp.zeros((2, E), jnp.float32)
     # The documents' attention layout once for all layers (and outside remat: not recomputed in the backward).
     packed = segment_ids is not None and opts.attn_implementation == "cudnn"
-    attn_layout = packed_layout(segment_ids, slots=doc_slots) if packed else None
+    attn_layout = packed_layout_for(segment_ids, attention_layout) if packed else None
     h, stats = model.layers(
         (h, stats), remat_policy=opts.remat_policy, layer_transform=layer_transform, scan=opts.scan_layers,
         saved_names=opts.remat_saved_names,

@@ -14,7 +14,7 @@ import dataclasses
 import numpy as np
 from flax import nnx
 
-from xorl_jax.kernels.attention import resolve_attn_implementation
+from xorl_jax.kernels.attention import AttentionLayout, resolve_attn_implementation
 from xorl_jax.layers.attention import Attention
 from xorl_jax.layers.gdn import GatedDeltaNet, resolve_gdn_implementation
 from xorl_jax.layers.linear import param
@@ -238,10 +238,10 @@ class Qwen3_5ForCausalLM(nnx.Module):
         return w if dtype is None else w.astype(dtype)
 
     def __call__(self, input_ids, positions=None, segment_ids=None, *, return_hidden: bool = False,
-                 layer_transform=None, doc_slots: int | None = None) -> ModelOutput:
+                 layer_transform=None, attention_layout: AttentionLayout | None = None) -> ModelOutput:
         return causal_lm_forward(self, input_ids, positions, segment_ids, return_hidden,
                                  rotary_dim=self.config.rotary_dim, layer_transform=layer_transform,
-                                 doc_slots=doc_slots)
+                                 attention_layout=attention_layout)
 
     def cached_forward(self, input_ids, positions, segment_ids, caches, cache_valid=None, *, hidden=False, scan=None):
         """Sampling's forward; see `Qwen3ForCausalLM.cached_forward`."""
