@@ -77,12 +77,17 @@ def main():
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--grad-clip", type=float, default=1.0, help="global gradient norm limit (0: none)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the training answers")
-    p.add_argument("--iterations", type=int, default=30)
+    p.add_argument("--iterations", type=int, default=60)
     p.add_argument("--prompts", type=int, default=32, help="questions per iteration")
-    p.add_argument("--group", type=int, default=8, help="answers sampled per question")
+    p.add_argument("--group", type=int, default=16, help="answers sampled per question")
     p.add_argument("--eval", type=int, default=200, help="held-out questions scored")
-    p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--eval-every", type=int, default=20)
     p.add_argument("--eval-samples", type=int, default=8, help="answers sampled per held-out question (temperature 1)")
+    p.add_argument("--questions", default="fresh", choices=["fresh", "sft-train"],
+                   help="RL questions: ones neither SFT nor the held-out set uses, or the SFT training questions")
+    p.add_argument("--advantages", default="centered", choices=["centered", "positive"],
+                   help="reward - the question's mean, or only its positive part (reinforce right answers, never "
+                        "push wrong ones down: steadier on a small model)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
@@ -92,7 +97,8 @@ def main():
     training = service.create_lora_training_client(base_model=base, rank=args.rank, seed=args.seed).result()
     tok = training.get_tokenizer()
     held_out = questions(0, args.eval)  # the SFT demo's eval split
-    fresh = questions(4200, 20000)  # questions neither SFT nor the eval set uses
+    # RL questions: never seen by SFT nor in the held-out set (fresh), or the SFT demo's training questions
+    fresh = questions(4200, 17000) if args.questions == "fresh" else questions(200, 4000)
     pool = concurrent.futures.ThreadPoolExecutor(16)
     adam = types.AdamParams(learning_rate=args.lr, beta1=0.9, beta2=0.99, eps=1e-8, grad_clip_norm=args.grad_clip)
     t0 = time.time()
@@ -113,6 +119,8 @@ def main():
             r = np.array([reward(tok.decode(s.tokens, skip_special_tokens=True), result) for s in seqs])
             rewards.append(r.mean())
             adv = r - r.mean()
+            if args.advantages == "positive":
+                adv = np.maximum(adv, 0.0)
             if not np.any(adv):
                 continue  # every answer alike: no signal from this question
             for s, a in zip(seqs, adv):
