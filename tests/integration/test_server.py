@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -263,6 +264,15 @@ def test_sampling_logprobs_and_tenants_and_saved_weights(env):
     np.testing.assert_allclose(c_lp, a_after, atol=1e-6)
     listed = [x.tinker_path for x in sc.create_rest_client().list_checkpoints(a.model_id).result().checkpoints]
     assert set(listed) == {path, saved}
+
+    sc.close("success").result()  # a finished session's models are dropped; their saved weights stay
+    body = json.dumps({"model_id": a.model_id}).encode()
+    for _ in range(100):
+        if env["lora"].raw("POST", "/api/v1/get_info", body)[0] == 404:
+            break
+        time.sleep(0.1)
+    assert env["lora"].raw("POST", "/api/v1/get_info", body)[0] == 404
+    assert env["lora"].raw("POST", "/api/v1/weights_info", json.dumps({"tinker_path": saved}).encode())[0] == 200
 
 
 def test_malformed_requests_get_4xx_naming_the_field(env):

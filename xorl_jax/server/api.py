@@ -214,7 +214,12 @@ class Endpoints:
 
     @route("POST", "/api/v1/sessions/([^/]+)/finish")
     def finish_session(svc, body, sid):
-        svc.session(sid)["finished"] = True
+        """A closed ServiceClient: its models and sampling sessions are dropped (their saved weights stay)."""
+        s = svc.session(sid)
+        if not s["finished"]:
+            s["finished"] = True
+            svc.submit("FinishSession", "finish_session", {"model_ids": list(s["models"]),
+                                                           "sampling_session_ids": list(s["samplers"])})
         return {}
 
     @route("GET", "/api/v1/sessions/([^/]+)")

@@ -63,4 +63,11 @@ def run(host: ModelHost, name: str, args: dict):
     if name == "unload":
         host.unload(args["model_id"])
         return {}
+    if name == "finish_session":
+        for model_id in args["model_ids"]:
+            host.unload(model_id)
+        for session_id in args["sampling_session_ids"]:
+            host.sampling_sessions.pop(session_id, None)
+            host._closed_sessions.pop(session_id, None)
+        return {}
     raise ValueError(f"unknown operation {name!r}")
