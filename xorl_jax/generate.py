@@ -1,52 +1,32 @@
-"""Greedy decoding for quick looks at a trained model (the demo's held-out answers, smoke checks).
-
-No KV cache: every new token re-runs the whole fixed-size buffer, so one compiled forward serves all steps. Fine
-for tiny models and short answers; not a serving path.
-"""
+"""Greedy answers for quick looks at a trained model (the demo's held-out answers, smoke checks), decoded with the
+KV-cache sampler (`xorl_jax.sampling`)."""
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
+from xorl_jax.sampling import Sampler, SamplingParams
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The tokens that end an assistant reply: the tokenizer's EOS and the chat template's <|im_end|>."""
+    ids = (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    return sorted({int(t) for t in ids if t is not None})
 
 
 def greedy_generate(model, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int = 24,
                     chat_template: str | None = None, chat_template_kwargs: dict | None = None) -> list[str]:
     """The assistant's greedy reply to each conversation, rendered with `chat_template` (template text; default the
-    tokenizer's) and its extra variables, as the data pipeline renders the training conversations."""
+    tokenizer's) and its extra variables, as the data pipeline renders the training conversations. The reply ends
+    before the first end-of-turn token (or after `max_new_tokens`)."""
     extra = dict(chat_template_kwargs or {})
     prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True,
                                              chat_template=chat_template, **extra) for c in conversations]
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    length = max(len(x) for x in ids) + max_new_tokens
-    buf = np.zeros((len(ids), length), np.int32)
-    for r, x in enumerate(ids):
-        buf[r, :len(x)] = x
-    cur = np.asarray([len(x) for x in ids])
-    stop = {t for t in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")) if t is not None}
-    graphdef, state = nnx.split(model)
-    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), buf.shape)
-    segments = jnp.ones(buf.shape, jnp.int32)  # causal attention: tokens never see the empty tail
-
-    @jax.jit
-    def next_tokens(state, tokens, cur):
-        logits = nnx.merge(graphdef, state)(tokens, positions, segments).logits
-        last = jnp.take_along_axis(logits, (cur - 1)[:, None, None], axis=1)[:, 0]
-        return jnp.argmax(last, axis=-1).astype(jnp.int32)
-
-    done = np.zeros(len(ids), bool)
-    out = [[] for _ in ids]
-    for _ in range(max_new_tokens):
-        tok = np.asarray(next_tokens(state, jnp.asarray(buf), jnp.asarray(cur)))
-        for r in np.nonzero(~done)[0]:
-            if int(tok[r]) in stop:
-                done[r] = True
-                continue
-            out[r].append(int(tok[r]))
-            buf[r, cur[r]] = tok[r]
-            cur[r] += 1
-        if done.all():
-            break
-    return [tokenizer.decode(x, skip_special_tokens=True).strip() for x in out]
+    stop = end_of_turn_ids(tokenizer)
+    results = Sampler(model).sample(ids, SamplingParams(max_tokens=max_new_tokens, temperature=0.0,
+                                                        stop=[[t] for t in stop]))
+    answers = []
+    for r in results:
+        seq = r.sequences[0]
+        tokens = seq.tokens[:-1] if seq.stop_reason == "stop" else seq.tokens  # the end-of-turn token itself
+        answers.append(tokenizer.decode(tokens, skip_special_tokens=True).strip())
+    return answers

@@ -42,3 +42,18 @@ def causal_conv1d_silu(x_BTC, w_CK, segment_ids=None, *, _reset_window=True):
         acc = acc + tap
     y = acc.astype(w_CK.dtype)
     return jax.nn.silu(y).astype(x_BTC.dtype)
+
+
+def causal_conv1d_silu_step(x_BTC, window_BJC, w_CK):
+    """The conv of `causal_conv1d_silu` for T new tokens continuing a sequence whose last K-1 inputs are
+    `window_BJC` (J = K-1; zeros at a sequence start). Returns (y [B,T,C], the new last K-1 inputs), with the same
+    products and summation order as the full conv, so decoding reproduces it."""
+    B, T, C = x_BTC.shape
+    K = w_CK.shape[1]
+    seq = jnp.concatenate([window_BJC.astype(x_BTC.dtype), x_BTC], axis=1)  # [B, K-1+T, C]
+    x = seq.astype(w_CK.dtype)
+    acc = jnp.zeros((B, T, C), jnp.float32)
+    for j in range(K):
+        acc = acc + (x[:, j: j + T] * w_CK[:, j]).astype(jnp.float32)
+    y = jax.nn.silu(acc.astype(w_CK.dtype)).astype(x_BTC.dtype)
+    return y, seq[:, T:]

@@ -10,15 +10,17 @@ Hk/Hv key/value heads, dk/dv key/value head dims.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from xorl_jax.kernels.gdn import gated_delta_rule
-from xorl_jax.layers.conv import causal_conv1d_silu
+from xorl_jax.layers.conv import causal_conv1d_silu, causal_conv1d_silu_step
 from xorl_jax.layers.linear import cast, param
 from xorl_jax.layers.norm import GatedRMSNorm
-from xorl_jax.parallel.rules import per_shard
+from xorl_jax.parallel.rules import current, logical_to_spec, per_shard, shard_map_compat
 
 
 GDN_IMPLEMENTATIONS = ("auto", "pallas", "chunked", "recurrent")
@@ -93,3 +95,76 @@ class GatedDeltaNet(nnx.Module):
                       )(q, k, v, g, beta, segment_ids)
         o = self.norm(o.astype(dt), z)
         return jnp.einsum("bthe,hed->btd", o, cast(self.out_proj, dt))
+
+    # ---------------------------------------------------------------------------------------- decoding (sampling)
+    def cached(self, x_BTD, cache=None, *, segment_ids=None, valid=None):
+        """The layer for sampling; returns (output [B,T,D], (state [B,Hv,dk,dv] fp32, conv window [B,Kc-1,C])):
+        what the next tokens need, the recurrent state and the last Kc-1 conv inputs.
+
+        cache None (prefill): as __call__ (padding zeroed, state and conv reset where `segment_ids` change: a
+        left-padded row starts clean at its first token). cache (state, window): the tokens continue from it."""
+        dt = self.dtype
+        B, T, _ = x_BTD.shape
+        x = x_BTD.astype(dt)
+        if valid is not None:
+            x = x * valid[..., None].astype(dt)
+        qkv = jnp.einsum("btd,dc->btc", x, cast(self.in_proj_qkv, dt))
+        w = cast(self.conv1d, dt)
+        Kc = w.shape[1]
+        if cache is None:
+            window = jnp.pad(qkv, ((0, 0), (max(Kc - 1 - T, 0), 0), (0, 0)))[:, -(Kc - 1):] if Kc > 1 else qkv[:, :0]
+            qkv = causal_conv1d_silu(qkv, w, segment_ids)
+            state = None
+        else:
+            state, window = cache
+            qkv, window = causal_conv1d_silu_step(qkv, window, w)
+        nk, nv = self.key_heads * self.key_dim, self.value_heads * self.value_dim
+        q = qkv[..., :nk].reshape(B, T, self.key_heads, self.key_dim)
+        k = qkv[..., nk : 2 * nk].reshape(B, T, self.key_heads, self.key_dim)
+        v = qkv[..., 2 * nk : 2 * nk + nv].reshape(B, T, self.value_heads, self.value_dim)
+        z = jnp.einsum("btd,dhe->bthe", x, cast(self.in_proj_z, dt))
+        beta = jax.nn.sigmoid(jnp.einsum("btd,dh->bth", x, cast(self.in_proj_b, dt)))
+        a = jnp.einsum("btd,dh->bth", x, cast(self.in_proj_a, dt))
+        g = -jnp.exp(self.A_log[...].astype(jnp.float32)) * jax.nn.softplus(
+            a.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32)
+        )
+        if state is None:
+            seg = jnp.ones((B, T), jnp.int32) if segment_ids is None else segment_ids
+            impl = self.implementation
+            o, state = _rows_per_device(
+                lambda q, k, v, g, beta, seg: gated_delta_rule(q, k, v, g, beta, segment_ids=seg, use_qk_l2norm=True,
+                                                               output_final_state=True, implementation=impl),
+                (_ROWS4, _ROWS4, _ROWS4, _ROWS3, _ROWS3, _ROWS2), (_ROWS4, _ROWS4))(q, k, v, g, beta, seg)
+        else:  # a few tokens from a carried state: the recurrence itself
+            o, state = gated_delta_rule(q, k, v, g, beta, use_qk_l2norm=True, initial_state=state,
+                                        output_final_state=True, implementation="recurrent")
+        o = self.norm(o.astype(dt), z)
+        return jnp.einsum("bthe,hed->btd", o, cast(self.out_proj, dt)), DeltaNetState(state, window)
+
+
+class DeltaNetState(NamedTuple):
+    """What a Gated DeltaNet layer carries between decoding steps."""
+
+    state: jax.Array  # [B, Hv, dk, dv] fp32 recurrent state
+    window: jax.Array  # [B, Kc-1, C] the last Kc-1 conv inputs
+
+
+def _rows_per_device(fn, in_names, out_names):
+    """`parallel.rules.per_shard` for a function of several outputs: each device runs `fn` on its own rows."""
+
+    def wrapped(*args):
+        ctx = current()
+        if ctx is None or ctx.mesh.size == 1:
+            return fn(*args)
+        spec = lambda names: logical_to_spec(names, ctx.rules.activations)  # noqa: E731
+        in_specs = tuple(spec(n) for n in in_names)
+        for a, s in zip(args, in_specs):
+            for dim, axes in zip(a.shape, s):
+                size = 1
+                for ax in ((axes,) if isinstance(axes, str) else (axes or ())):
+                    size *= ctx.mesh.shape[ax]
+                if dim % size:
+                    return fn(*args)
+        return shard_map_compat(fn, ctx.mesh, in_specs, tuple(spec(n) for n in out_names))(*args)
+
+    return wrapped

@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from xorl_jax.kernels.attention import AttentionLayout, packed_layout_for
+from xorl_jax.kernels.attention import AttentionLayout, packed_layout, packed_layout_for
 from xorl_jax.kernels.gmm import CHECKPOINT_NAME as GMM_CHECKPOINT_NAME
 from xorl_jax.layers.linear import cast
-from xorl_jax.layers.moe import EXPERT_WEIGHTS_NAME, load_balancing_loss
+from xorl_jax.layers.moe import EXPERT_WEIGHTS_NAME, MoE, load_balancing_loss
 from xorl_jax.layers.rope import rope_cos_sin
 from xorl_jax.layers.swiglu import CHECKPOINT_NAME as SWIGLU_CHECKPOINT_NAME
 from xorl_jax.parallel.expert import PADDED_CAPACITY_FACTOR
@@ -193,6 +193,31 @@ class LayerStack(nnx.Module):
             carry, _ = step(carry, xs)
         return carry
 
+    def cached(self, carry, caches, *, scan: bool = True, **ctx):
+        """Sampling's pass: carry -> (carry, updates). Each layer is called as `layer.cached(carry, cache, **ctx) ->
+        (carry, update)` with its slice of `caches`: a tuple over the pattern of pytrees stacked [repeats, ...]
+        (None: prefill, no cache yet). `updates` is stacked the same way (the new tokens' entries). No remat, no
+        layer transform: nothing is differentiated here. `scan=False` unrolls the groups as `__call__` does."""
+        graphdef, state = nnx.split(self.groups)
+        period = len(self.pattern)
+        caches = (None,) * period if caches is None else tuple(caches)
+
+        def step(carry, xs):
+            group_state, cache_slices = xs
+            updates = []
+            for layer, cache in zip(nnx.merge(graphdef, group_state), cache_slices):
+                carry, update = layer.cached(carry, cache, **ctx)
+                updates.append(update)
+            return carry, tuple(updates)
+
+        if scan:
+            return jax.lax.scan(step, carry, (state, caches))
+        outs = []
+        for xs in unstack_layers((state, caches), self.repeats):
+            carry, out = step(carry, xs)
+            outs.append(out)
+        return carry, jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+
 
 def unstack_layers(tree, n: int) -> list:
     """The `n` slices along the leading axis of every leaf, as `n` trees. `lax.split` rather than indexing: its
@@ -257,3 +282,37 @@ def causal_lm_forward(model, input_ids, positions, segment_ids, return_hidden, *
         return ModelOutput(hidden_states=h, aux_loss=aux)
     logits = jnp.einsum("btd,dv->btv", h, model.head_weight(dt), preferred_element_type=jnp.float32)
     return ModelOutput(logits=logits, aux_loss=aux)
+
+
+def causal_lm_cached(model, input_ids, positions, segment_ids, caches, cache_valid, *, rotary_dim,
+                     hidden=False, scan=None):
+    """`causal_lm_forward` for sampling: each layer's `cached` reads its cache slice (a tuple over the scanned
+    pattern of pytrees stacked over repeats; None = prefill) and returns the new tokens' entries, stacked the same
+    way. Returns (logits [B, V] fp32 of the last position, or with `hidden` the hidden states [B, T, D] after the
+    final norm, updates). `scan`: scan the layer groups (None: as the model's `scan_layers`)."""
+    cfg, opts = model.config, model.options
+    dt = opts.compute_dtype
+    valid = jnp.ones(input_ids.shape, bool) if segment_ids is None else segment_ids != 0
+    h = cast(model.embed_tokens, dt)[input_ids]
+    cos, sin = rope_cos_sin(positions, rotary_dim or cfg.head_dim, cfg.rope_theta, dt)
+    stats = jnp.zeros((2, cfg.num_experts or 1), jnp.float32)
+    packed = caches is None and segment_ids is not None and opts.attn_implementation == "cudnn"
+    attn_layout = packed_layout(segment_ids) if packed else None  # a prompt row: padding, then the prompt
+    (h, _), updates = model.layers.cached(
+        (h, stats), caches, scan=opts.scan_layers if scan is None else scan, cos=cos, sin=sin,
+        segment_ids=segment_ids, valid=valid, cache_valid=cache_valid, attn_layout=attn_layout)
+    if hidden:
+        return model.norm(h), updates
+    logits = jnp.einsum("bd,dv->bv", model.norm(h[:, -1]), model.head_weight(dt), preferred_element_type=jnp.float32)
+    return logits, updates
+
+
+def mlp_residual(layer, h, stats, valid):
+    """The second half of a decoder layer (post-attention norm, MLP or MoE, residual) for the sampling path."""
+    x = layer.post_attention_layernorm(h)
+    if isinstance(layer.mlp, MoE):
+        y, layer_stats = layer.mlp(x, valid)
+        stats = stats + layer_stats
+    else:
+        y = layer.mlp(x)
+    return h + y.astype(h.dtype), stats

@@ -17,8 +17,8 @@ from xorl_jax.layers.mlp import MLP
 from xorl_jax.layers.moe import MoE, resolve_moe_implementation
 from xorl_jax.layers.norm import RMSNorm
 from xorl_jax.kernels.attention import AttentionLayout, resolve_attn_implementation
-from xorl_jax.models.common import (HIDDEN, LayerStack, ModelOptions, ModelOutput, causal_lm_forward, constrain,
-                                    rope_theta)
+from xorl_jax.models.common import (HIDDEN, LayerStack, ModelOptions, ModelOutput, causal_lm_cached, causal_lm_forward,
+                                    constrain, mlp_residual, rope_theta)
 from xorl_jax.models import flops
 from xorl_jax.models import keymap as km
 from xorl_jax.models.keymap import attention_maps, lm_globals, mlp_maps, moe_maps
@@ -148,6 +148,14 @@ class Qwen3DecoderLayer(nnx.Module):
             y = self.mlp(x)
         return h + y.astype(h.dtype), stats
 
+    def cached(self, carry, cache, *, cos, sin, segment_ids, valid, cache_valid=None, attn_layout=None):
+        """The layer for sampling: (carry, its KV cache or None for prefill) -> (carry, new tokens' k, v)."""
+        h, stats = carry
+        h = constrain(h, HIDDEN)
+        y, update = self.self_attn.cached(self.input_layernorm(h), cos, sin, cache, segment_ids=segment_ids,
+                                          cache_valid=cache_valid, layout=attn_layout)
+        return mlp_residual(self, h + y.astype(h.dtype), stats, valid), update
+
 
 class Qwen3ForCausalLM(nnx.Module):
     """Qwen3 dense and Qwen3-MoE causal LM. Call: model(input_ids, positions, segment_ids) -> ModelOutput."""
@@ -183,6 +191,13 @@ class Qwen3ForCausalLM(nnx.Module):
         packed attention layout the host planned for this batch (kernels.attention.AttentionLayout)."""
         return causal_lm_forward(self, input_ids, positions, segment_ids, return_hidden, rotary_dim=None,
                                  layer_transform=layer_transform, attention_layout=attention_layout)
+
+    def cached_forward(self, input_ids, positions, segment_ids, caches, cache_valid=None, *, hidden=False, scan=None):
+        """Sampling's forward (xorl_jax.sampling): last position's logits [B, V] fp32 (hidden: every position's
+        final-norm hidden states instead) and the new cache entries of every layer. caches None: prefill; else
+        decode against them (see `causal_lm_cached`)."""
+        return causal_lm_cached(self, input_ids, positions, segment_ids, caches, cache_valid, rotary_dim=None,
+                                hidden=hidden, scan=scan)
 
     @staticmethod
     def hf_key_map(cfg: Qwen3Config, *, expert_layout: str = "fused", root: str = "model") -> km.FamilyKeyMap:

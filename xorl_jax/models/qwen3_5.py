@@ -23,8 +23,8 @@ from xorl_jax.layers.moe import MoE, resolve_moe_implementation
 from xorl_jax.layers.norm import RMSNorm
 from xorl_jax.models import flops
 from xorl_jax.models import keymap as km
-from xorl_jax.models.common import (HIDDEN, LayerStack, ModelOptions, ModelOutput, causal_lm_forward, constrain,
-                                    rope_theta)
+from xorl_jax.models.common import (HIDDEN, LayerStack, ModelOptions, ModelOutput, causal_lm_cached,
+                                    causal_lm_forward, constrain, mlp_residual, rope_theta)
 from xorl_jax.models.keymap import attention_maps, lm_globals, mlp_maps, moe_maps
 
 LAYER_TYPES = ("linear_attention", "full_attention")
@@ -212,6 +212,19 @@ class Qwen3_5DecoderLayer(nnx.Module):
             y = self.mlp(x)
         return h + y.astype(h.dtype), stats
 
+    def cached(self, carry, cache, *, cos, sin, segment_ids, valid, cache_valid=None, attn_layout=None):
+        """The layer for sampling: (carry, its cache or None for prefill) -> (carry, its new cache entries):
+        k, v for attention layers, the recurrent state and conv window for Gated DeltaNet layers."""
+        h, stats = carry
+        h = constrain(h, HIDDEN)
+        x = self.input_layernorm(h)
+        if hasattr(self, "linear_attn"):
+            y, update = self.linear_attn.cached(x, cache, segment_ids=segment_ids, valid=valid)
+        else:
+            y, update = self.self_attn.cached(x, cos, sin, cache, segment_ids=segment_ids, cache_valid=cache_valid,
+                                              layout=attn_layout)
+        return mlp_residual(self, h + y.astype(h.dtype), stats, valid), update
+
 
 class Qwen3_5ForCausalLM(nnx.Module):
     """Qwen3.5 (dense MLP) and, through the config, Qwen3.5-MoE. Call: model(ids, positions, segment_ids)."""
@@ -244,6 +257,11 @@ class Qwen3_5ForCausalLM(nnx.Module):
         return causal_lm_forward(self, input_ids, positions, segment_ids, return_hidden,
                                  rotary_dim=self.config.rotary_dim, layer_transform=layer_transform,
                                  attention_layout=attention_layout)
+
+    def cached_forward(self, input_ids, positions, segment_ids, caches, cache_valid=None, *, hidden=False, scan=None):
+        """Sampling's forward; see `Qwen3ForCausalLM.cached_forward`."""
+        return causal_lm_cached(self, input_ids, positions, segment_ids, caches, cache_valid,
+                                rotary_dim=self.config.rotary_dim, hidden=hidden, scan=scan)
 
     @staticmethod
     def hf_key_map(cfg: Qwen3_5Config, *, expert_layout: str = "fused", root: str = "model") -> km.FamilyKeyMap:

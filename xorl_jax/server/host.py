@@ -1,0 +1,529 @@
+"""The models a server holds and what the API does to them: forward / backward with the Tinker losses, gradient
+accumulation, AdamW steps with each request's hyperparameters, weight saves and loads, sampling snapshots.
+
+One base model is loaded at start-up. LoRA mode (`lora.enable_lora: true`): every `create_model` gets its own
+adapters and optimizer state on the shared frozen base (any number of tenants). Full-weight mode: one model, all
+weights trained.
+
+Every method here runs on the server's single worker thread (and, with several processes, on every process in
+the same order: xorl_jax.server.follow), so nothing here locks.
+
+Semantics, as the Tinker API defines them:
+- forward_backward adds the gradient of the summed loss to the model's accumulated gradient; forward only
+  computes. Both return the per-token log-probabilities of the targets.
+- optim_step applies the accumulated gradient with AdamW (torch.optim.AdamW's update: decoupled weight decay,
+  bias-corrected moments, eps outside the square root) at the request's learning rate, betas, eps and weight
+  decay, clipping the global gradient norm first when grad_clip_norm > 0; then the gradient is reset.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+import shutil
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from xorl_jax import lora as lora_lib
+from xorl_jax import rl_losses
+from xorl_jax.checkpoint.orbax import load_model, load_params, save_params
+from xorl_jax.config import Config
+from xorl_jax.models.loading import abstract_model
+from xorl_jax.parallel import rules as rules_lib
+from xorl_jax.parallel.rules import param_shardings
+from xorl_jax.server import sampling, storage, wire
+from xorl_jax.train_setup import model_and_mesh
+
+log = logging.getLogger("xorl_jax.server")
+
+ATTN_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "g_proj", "in_proj_qkvz", "in_proj_ba",
+                "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"}
+
+
+MAX_SAMPLING_SESSIONS = 16
+
+
+class UserError(ValueError):
+    """A request that cannot be served as asked (unknown model, bad shapes, ...): a 4xx / failed future naming
+    the field."""
+
+
+class NotFound(UserError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    rank: int
+    train_mlp: bool = True
+    train_attn: bool = True
+    train_unembed: bool = True
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class TrainedModel:
+    model_id: str
+    lora: LoraSpec | None
+    trainable: object
+    opt_state: object
+    grads: object = None
+    pending: int = 0  # forward_backward calls accumulated since the last optim_step
+    step: int = 0
+    user_metadata: dict = dataclasses.field(default_factory=dict)
+    last_request: float = dataclasses.field(default_factory=time.time)
+
+
+def _bucket(n: int, least: int) -> int:
+    """Next power of two >= max(n, least): few distinct shapes, so few compilations."""
+    return 1 << max(int(n) - 1, least - 1).bit_length()
+
+
+def _optimizer():
+    # torch.optim.AdamW's update with every hyperparameter a runtime value (set per optim_step request)
+    return optax.inject_hyperparams(optax.adamw)(learning_rate=1e-4, b1=0.9, b2=0.95, eps=1e-12, weight_decay=0.0)
+
+
+class ModelHost:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        hf_config, cls, model_config, options, mesh, rules = model_and_mesh(cfg)
+        self.mesh, self.rules, self.options = mesh, rules, options
+        with rules_lib.use_mesh(mesh, rules):
+            if cfg.train.init_from == "scratch":
+                model = self._init_scratch(cls, model_config, options)
+            else:
+                model = load_model(cfg.model.model_path, options, mesh=mesh, rules=rules,
+                                   config_path=cfg.model.config_path)
+        self.graphdef, self.base = nnx.split(model)
+        self.model_config = model_config
+        self.tokenizer = _tokenizer(cfg.model.tokenizer_path or cfg.model.model_path or cfg.model.config_path)
+        self.stop_ids = _stop_ids(hf_config, self.tokenizer)
+        self._sampler = None
+        self._saves = 0
+        self._closed_sessions: dict[str, str] = {}
+        self.vocab_size = int(model_config.vocab_size)
+        self.lora_mode = bool(cfg.lora.enable_lora)
+        source = cfg.model.model_path or cfg.model.config_path
+        self.base_model = str(cfg.server.get("model_name") or os.path.basename(os.path.normpath(source)))
+        self.tokenizer_id = os.path.abspath(cfg.model.tokenizer_path or source)
+        self.max_lora_rank = int(cfg.server.get("max_lora_rank") or 0) or None
+        self.compute_dtype = options.compute_dtype
+        self.storage = storage.Storage(os.path.join(cfg.train.output_dir, "server_checkpoints"))
+        self.models: dict[str, TrainedModel] = {}
+        # sampling sessions hold full weights each: the least recently used go beyond MAX_SAMPLING_SESSIONS (one
+        # on saved weights is reopened from disk when asked again; a snapshot of live weights is gone)
+        self.sampling_sessions: collections.OrderedDict[str, dict] = collections.OrderedDict()
+        self._programs: dict = {}
+        self._opt_init = jax.jit(_optimizer().init)
+        # one device: adapters are made in place (a mesh makes init_lora compile a placement per adapter pair)
+        self._lora_mesh = (mesh, rules) if mesh.size > 1 else (None, None)
+        self._sample_counter = 0
+        self._replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def _init_scratch(self, cls, model_config, options):
+        abstract = abstract_model(cls, model_config, options)
+        shardings = param_shardings(abstract, self.mesh, self.rules)
+        graphdef = nnx.graphdef(abstract)
+        seed = self.cfg.train.seed
+
+        @jax.jit
+        def init():
+            state = nnx.state(cls(model_config, options, rngs=nnx.Rngs(seed)))
+            state = jax.tree.map(lambda x: x.astype(options.param_dtype), state)
+            return jax.lax.with_sharding_constraint(state, shardings)
+
+        return nnx.merge(graphdef, init())
+
+    # ------------------------------------------------------------------------------------------- models
+    def _lora_targets(self, spec: LoraSpec):
+        names = list(self.cfg.lora.lora_target_modules)
+        keep = [n for n in names
+                if (n in ATTN_MODULES and spec.train_attn) or (n not in ATTN_MODULES and spec.train_mlp)]
+        params_names = list(self.cfg.lora.lora_target_parameters) if spec.train_mlp else []
+        if not keep and not params_names:
+            raise UserError("lora_config: train_mlp and train_attn leave no layer to adapt on this server "
+                            f"(its lora_target_modules: {', '.join(names)})")
+        lcfg = dataclasses.replace(self.cfg.lora, lora_rank=spec.rank, lora_target_modules=keep,
+                                   lora_target_parameters=params_names)
+        return lora_lib.lora_targets(self.base, lcfg), float(self.cfg.lora.lora_alpha) / spec.rank
+
+    def model(self, model_id: str, field: str = "model_id") -> TrainedModel:
+        m = self.models.get(model_id)
+        if m is None:
+            raise NotFound(f"{field}: no model {model_id!r} on this server (create it first)")
+        return m
+
+    def create_model(self, model_id: str, lora_config: dict | None, user_metadata: dict | None = None) -> dict:
+        if model_id in self.models:
+            return self.info(model_id)
+        if self.lora_mode:
+            lc = dict(lora_config or {})
+            rank = int(lc.get("rank") or self.cfg.lora.lora_rank)
+            if rank < 1 or (self.max_lora_rank and rank > self.max_lora_rank):
+                raise UserError(f"lora_config.rank: {rank} is outside 1..{self.max_lora_rank or 'any'}")
+            seed = lc.get("seed")
+            spec = LoraSpec(rank, bool(lc.get("train_mlp", True)), bool(lc.get("train_attn", True)),
+                            bool(lc.get("train_unembed", True)), int(seed if seed is not None else len(self.models)))
+            targets, _ = self._lora_targets(spec)
+            with rules_lib.use_mesh(self.mesh, self.rules):
+                trainable = lora_lib.init_lora(self.base, targets, spec.rank, seed=spec.seed,
+                                               mesh=self._lora_mesh[0], rules=self._lora_mesh[1])
+        else:
+            others = [m for m in self.models if m != model_id]
+            if others:
+                raise UserError(f"base_model: this server trains all weights of one model and holds {others[0]} "
+                                "already (LoRA mode serves several: lora.enable_lora)")
+            spec, trainable = None, self.base
+        opt_state = self._opt_init(trainable)
+        self.models[model_id] = TrainedModel(model_id, spec, trainable, opt_state,
+                                             user_metadata=dict(user_metadata or {}))
+        log.info("created model %s (%s)", model_id, f"LoRA rank {spec.rank}" if spec else "all weights")
+        return self.info(model_id)
+
+    def info(self, model_id: str) -> dict:
+        m = self.model(model_id)
+        return {"type": "get_info", "model_id": model_id, "is_lora": m.lora is not None,
+                "lora_rank": m.lora.rank if m.lora else None, "model_name": self.base_model,
+                "model_data": {"arch": self.cfg.model.config_path and "qwen3" or "qwen3",
+                               "model_name": self.base_model, "tokenizer_id": self.tokenizer_id}}
+
+    def unload(self, model_id: str) -> None:
+        self.models.pop(model_id, None)
+
+    # ------------------------------------------------------------------------------------- the programs
+    def _program(self, m: TrainedModel, kind: str):
+        # tenants whose adapters differ only in their seed share programs
+        key = (dataclasses.replace(m.lora, seed=0) if m.lora else None, kind)
+        fn = self._programs.get(key)
+        if fn is not None:
+            return fn
+        merge_fn = None
+        if m.lora is not None:
+            targets, scale = self._lora_targets(m.lora)
+            merge_fn = lora_lib.layer_merge_fn(targets, scale)
+        graphdef, dtype = self.graphdef, self.compute_dtype
+
+        def logprobs(trainable, frozen, batch):
+            params, transform = merge_fn(trainable, frozen) if merge_fn else (trainable, None)
+            model = nnx.merge(graphdef, params)
+            kwargs = {} if transform is None else {"layer_transform": transform}
+            out = model(batch["tokens"], batch["positions"], batch["segments"], return_hidden=True, **kwargs)
+            head = model.head_weight(dtype)
+            logits = jnp.einsum("btd,dv->btv", out.hidden_states.astype(dtype), head,
+                                preferred_element_type=jnp.float32)
+            return rl_losses.target_logprobs(logits, batch["targets"])
+
+        def loss(trainable, frozen, batch, loss_index):
+            # one program for every loss: the loss is a run-time index (rl_losses.token_objective_by_index)
+            lp = logprobs(trainable, frozen, batch)
+            return jnp.sum(rl_losses.token_objective_by_index(loss_index, lp, batch)), lp
+
+        if kind == "forward":
+            def run(trainable, frozen, batch, loss_index):
+                return loss(trainable, frozen, batch, loss_index)
+            fn = jax.jit(run)
+        elif kind == "forward_backward":
+            def run(trainable, frozen, grads, batch, loss_index):
+                (value, lp), g = jax.value_and_grad(loss, has_aux=True)(trainable, frozen, batch, loss_index)
+                g = g if grads is None else jax.tree.map(jnp.add, grads, g)
+                return value, lp, g
+            fn = jax.jit(run, donate_argnums=(2,))
+        elif kind == "optim_step":
+            opt = _optimizer()
+
+            def run(trainable, opt_state, grads, hp, clip):
+                norm = optax.global_norm(grads)
+                factor = jnp.where((clip > 0) & (norm > clip), clip / (norm + 1e-6), 1.0)
+                grads = jax.tree.map(lambda g: g * factor, grads)
+                opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams, **hp})
+                updates, opt_state = opt.update(grads, opt_state, trainable)
+                return optax.apply_updates(trainable, updates), opt_state, norm
+            fn = jax.jit(run, donate_argnums=(0, 1, 2))
+        elif kind == "merged":
+            fn = jax.jit(lambda trainable, frozen: lora_lib.merge_lora(frozen, trainable, targets, scale))
+        self._programs[key] = fn
+        return fn
+
+    def _frozen(self, m: TrainedModel):
+        return self.base if m.lora is not None else None
+
+    # ------------------------------------------------------------------------------------------ batches
+    def check_data(self, data: list[dict], loss_fn: str) -> list[int]:
+        """Each datum's length; UserError naming the datum and field for anything the loss cannot use. Host-only
+        (no device work): the HTTP layer runs it before queueing, so a malformed request is refused at once."""
+        if loss_fn not in rl_losses.LOSS_NAMES:
+            raise UserError(f"loss_fn: {loss_fn!r} is not served here; one of {', '.join(rl_losses.LOSS_NAMES)}")
+        if not data:
+            raise UserError("data: empty (no datums)")
+        need, may = rl_losses.REQUIRED_INPUTS[loss_fn], rl_losses.OPTIONAL_INPUTS[loss_fn]
+        lengths = []
+        for i, d in enumerate(data):
+            n = len(d["model_input"])
+            if n == 0:
+                raise UserError(f"data[{i}].model_input: empty")
+            tokens = d["model_input"]
+            if tokens.min() < 0 or tokens.max() >= self.vocab_size:
+                raise UserError(f"data[{i}].model_input: token ids must be in 0..{self.vocab_size - 1}")
+            for k in need:
+                if k not in d["loss_fn_inputs"]:
+                    raise UserError(f"data[{i}].loss_fn_inputs.{k}: missing ({loss_fn} needs {', '.join(need)})")
+            for k, v in d["loss_fn_inputs"].items():
+                if k not in need and k not in may:
+                    raise UserError(f"data[{i}].loss_fn_inputs.{k}: not an input of {loss_fn} (it takes "
+                                    f"{', '.join(need + may)})")
+                if v.shape != (n,):
+                    raise UserError(f"data[{i}].loss_fn_inputs.{k}: shape {list(v.shape)}, expected [{n}] (one value "
+                                    "per model_input token)")
+                if not np.all(np.isfinite(v)):
+                    raise UserError(f"data[{i}].loss_fn_inputs.{k}: not finite")
+            t = d["loss_fn_inputs"]["target_tokens"]
+            if t.min() < 0 or t.max() >= self.vocab_size:
+                raise UserError(f"data[{i}].loss_fn_inputs.target_tokens: token ids must be in "
+                                f"0..{self.vocab_size - 1}")
+            lengths.append(n)
+        return lengths
+
+    def batch(self, data: list[dict], loss_fn: str, config: dict[str, float]) -> tuple[dict, list[int]]:
+        """Datums -> padded device arrays: tokens, positions, segments, targets, mask, and every loss input
+        (weights, logprobs, advantages, clip thresholds per token, beta), those a request leaves out at their
+        defaults (weights 1; thresholds and beta from the resolved loss config), so every loss has one layout."""
+        lengths = self.check_data(data, loss_fn)
+        B, T = _bucket(len(data), 1), _bucket(max(lengths), 16)
+        defaults = {"weights": 1.0, "logprobs": 0.0, "advantages": 0.0,
+                    "clip_low_threshold": config.get("clip_low_threshold", 0.0),
+                    "clip_high_threshold": config.get("clip_high_threshold", 1.0)}
+        arrays = {"tokens": np.zeros((B, T), np.int32), "targets": np.zeros((B, T), np.int32),
+                  "mask": np.zeros((B, T), np.float32),
+                  **{k: np.full((B, T), v, np.float32) for k, v in defaults.items()}}
+        for i, (d, n) in enumerate(zip(data, lengths)):
+            arrays["tokens"][i, :n] = d["model_input"]
+            arrays["targets"][i, :n] = d["loss_fn_inputs"]["target_tokens"]
+            arrays["mask"][i, :n] = 1
+            for k in defaults:
+                if k in d["loss_fn_inputs"]:
+                    arrays[k][i, :n] = d["loss_fn_inputs"][k]
+        arrays["positions"] = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy()
+        arrays["segments"] = np.ones((B, T), np.int32)  # causal: real tokens never see the padding after them
+        arrays["beta"] = np.float32(config.get("beta", 0.0))
+        return {k: jax.device_put(v, self._replicated) for k, v in arrays.items()}, lengths
+
+    # ---------------------------------------------------------------------------------------- training
+    def forward_backward(self, request: dict) -> bytes:
+        """A decoded ForwardBackwardRequest (wire.decode_forward_backward) -> ForwardBackwardOutput bytes."""
+        m = self.model(request["model_id"])
+        loss_fn = request["loss_fn"]
+        try:
+            config = rl_losses.resolved_config(loss_fn, request["loss_fn_config"]) if loss_fn in \
+                rl_losses.LOSS_NAMES else {}
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        batch, lengths = self.batch(request["data"], loss_fn, config)
+        index = jnp.int32(rl_losses.LOSS_NAMES.index(loss_fn))
+        with rules_lib.use_mesh(self.mesh, self.rules):
+            if request["forward_only"]:
+                value, lp = self._program(m, "forward")(m.trainable, self._frozen(m), batch, index)
+            else:
+                grads, m.grads = m.grads, None  # donated: on a failure the model keeps no stale reference
+                value, lp, m.grads = self._program(m, "forward_backward")(
+                    m.trainable, self._frozen(m), grads, batch, index)
+                m.pending += 1
+        lp = np.asarray(jax.device_get(lp))
+        m.last_request = time.time()
+        outputs = [{"logprobs": lp[i, :n]} for i, n in enumerate(lengths)]
+        return wire.encode_forward_backward_output(outputs, {"loss:sum": float(value)})
+
+    def optim_step(self, model_id: str, adam: dict) -> dict:
+        m = self.model(model_id)
+        if m.grads is None:
+            raise UserError("optim_step: no gradient accumulated since the last step (call forward_backward first)")
+        hp = {"learning_rate": adam["learning_rate"], "b1": adam["beta1"], "b2": adam["beta2"], "eps": adam["eps"],
+              "weight_decay": adam["weight_decay"]}
+        hp = {k: jnp.asarray(v, jnp.float32) for k, v in hp.items()}
+        grads, m.grads = m.grads, None
+        with rules_lib.use_mesh(self.mesh, self.rules):
+            m.trainable, m.opt_state, norm = self._program(m, "optim_step")(
+                m.trainable, m.opt_state, grads, hp, jnp.float32(adam["grad_clip_norm"]))
+        if m.lora is None:
+            self.base = m.trainable  # full-weight mode: the one model's weights are the base (the old were donated)
+        m.step += 1
+        m.pending = 0
+        m.last_request = time.time()
+        return {"metrics": {"grad_norm:mean": float(norm), "learning_rate:mean": float(adam["learning_rate"])}}
+
+    # ------------------------------------------------------------------------------------------ weights
+    def _meta(self, m: TrainedModel, kind: str, has_optimizer: bool, user_metadata: dict | None) -> dict:
+        return {"model_id": m.model_id, "base_model": self.base_model, "kind": kind, "time": storage.now_iso(),
+                "is_lora": m.lora is not None, "lora": dataclasses.asdict(m.lora) if m.lora else None,
+                "step": m.step, "has_optimizer": has_optimizer, "user_metadata": dict(user_metadata or {})}
+
+    def save(self, model_id: str, segment: str, name: str, *, overwrite: bool = False,
+             user_metadata: dict | None = None) -> str:
+        """Write the model's weights (and, for a training save, its optimizer state) under tinker://model/seg/name:
+        to a temporary directory first, renamed into place once complete."""
+        m = self.model(model_id)
+        final = self.storage.directory(model_id, segment, name)
+        if os.path.exists(final) and not overwrite:
+            raise UserError(f"path: {storage.tinker_path(model_id, segment, name)} exists (pass overwrite, or "
+                            "another name)")
+        self._saves += 1
+        tmp = self.storage.temporary(final, str(self._saves))  # leftovers of an earlier run are removed at start
+        with_opt = segment == "weights"
+        meta = self._meta(m, storage.KINDS[segment], with_opt, user_metadata)
+        try:
+            save_params(os.path.join(tmp, "params"), _pure(m.trainable), metadata=meta)
+            if with_opt:
+                save_params(os.path.join(tmp, "optimizer"), _flat_state(m.opt_state), metadata=meta)
+            if jax.process_index() == 0:
+                storage.write_meta(tmp, meta)
+                storage.Storage.publish(tmp, final, overwrite)
+        except storage.PathError as e:
+            raise UserError(str(e)) from None
+        finally:
+            if jax.process_index() == 0 and os.path.isdir(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+            if jax.process_count() > 1:  # nobody reads the save before process 0 has renamed it into place
+                from jax.experimental import multihost_utils
+                multihost_utils.sync_global_devices(f"server save {self._saves}")
+        return storage.tinker_path(model_id, segment, name)
+
+    def _read(self, path: str, m: TrainedModel, optimizer: bool, field: str = "path"):
+        try:
+            directory, meta = self.storage.resolve(path, field)
+        except storage.PathError as e:
+            raise NotFound(str(e)) from None
+        want_lora = None if not meta.get("lora") else LoraSpec(**meta["lora"])
+        if (want_lora is None) != (m.lora is None) or (want_lora and want_lora.rank != m.lora.rank):
+            raise UserError(f"{field}: {path} holds {'LoRA rank %d' % want_lora.rank if want_lora else 'all weights'}"
+                            f", model {m.model_id} has {'LoRA rank %d' % m.lora.rank if m.lora else 'all weights'}")
+        shardings = jax.tree.map(lambda x: x.sharding, _pure(m.trainable))
+        trainable = load_params(os.path.join(directory, "params"), _pure(m.trainable), shardings)
+        if m.lora is None:
+            state = m.trainable
+            nnx.replace_by_pure_dict(state, trainable)
+            trainable = state
+        opt_state = None
+        if optimizer:
+            if not meta.get("has_optimizer"):
+                raise UserError(f"{field}: {path} holds no optimizer state (a sampler save); load it without optimizer")
+            flat = _flat_state(m.opt_state)
+            got = load_params(os.path.join(directory, "optimizer"), flat,
+                              {k: v.sharding for k, v in flat.items()})
+            leaves = [got[f"{i:05d}"] for i in range(len(got))]
+            opt_state = jax.tree.unflatten(jax.tree.structure(m.opt_state), leaves)
+        return trainable, opt_state, meta
+
+    def load(self, model_id: str, path: str, optimizer: bool) -> dict:
+        m = self.model(model_id)
+        trainable, opt_state, meta = self._read(path, m, optimizer)
+        m.trainable = trainable
+        if m.lora is None:
+            self.base = trainable
+        m.opt_state = opt_state if optimizer else self._opt_init(trainable)
+        m.grads, m.pending = None, 0
+        m.step = int(meta.get("step", 0)) if optimizer else m.step
+        return {"type": "load_weights", "path": path, "model_id": model_id}
+
+    def meta_of(self, path: str, field: str = "path") -> dict:
+        try:
+            return self.storage.resolve(path, field)[1]
+        except storage.PathError as e:
+            raise NotFound(str(e)) from None
+
+    # ----------------------------------------------------------------------------------------- sampling
+    def sampling_params_of(self, m: TrainedModel):
+        """Full parameters for sampling: the base with the model's adapters merged in (LoRA), or its weights."""
+        if m.lora is None:
+            return m.trainable
+        with rules_lib.use_mesh(self.mesh, self.rules):
+            merged = self._program(m, "merged")(m.trainable, self.base)
+        return merged
+
+    def open_sampler(self, session_id: str, *, model_id: str | None = None, path: str | None = None) -> dict:
+        """A sampling session on a snapshot of a model's current weights (model_id) or of saved weights (path;
+        None for both: the base model)."""
+        if model_id is not None:
+            params, source = self.sampling_params_of(self.model(model_id)), None
+        elif path is not None:
+            meta = self.meta_of(path, "model_path")
+            spec = LoraSpec(**meta["lora"]) if meta.get("lora") else None
+            probe = TrainedModel("<load>", spec, None, None)
+            if spec is not None:
+                targets, _ = self._lora_targets(spec)
+                probe.trainable = lora_lib.init_lora(self.base, targets, spec.rank, mesh=self._lora_mesh[0],
+                                                     rules=self._lora_mesh[1])
+            else:
+                probe.trainable = jax.tree.map(lambda x: x, self.base)
+            probe.trainable, _, _ = self._read(path, probe, False, "model_path")
+            params, source = self.sampling_params_of(probe), path
+        else:
+            params, source = self.base, None
+        self.sampling_sessions[session_id] = {"params": params, "model_path": source}
+        while len(self.sampling_sessions) > MAX_SAMPLING_SESSIONS:
+            old, meta = self.sampling_sessions.popitem(last=False)
+            if meta["model_path"] is not None:
+                self._closed_sessions[old] = meta["model_path"]
+        return {"sampler_id": session_id, "base_model": self.base_model, "model_path": source}
+
+    def sample(self, session_id: str, prompt: np.ndarray, num_samples: int, params: dict,
+               prompt_logprobs: bool) -> bytes:
+        if session_id not in self.sampling_sessions and session_id in self._closed_sessions:
+            self.open_sampler(session_id, path=self._closed_sessions.pop(session_id))
+        s = self.sampling_sessions.get(session_id)
+        if s is None:
+            raise NotFound(f"sampling_session_id: no sampling session {session_id!r} on this server (or it was "
+                           f"among the least recently used beyond the {MAX_SAMPLING_SESSIONS} kept)")
+        self.sampling_sessions.move_to_end(session_id)
+        if prompt.size == 0 or prompt.min() < 0 or prompt.max() >= self.vocab_size:
+            raise UserError(f"prompt: token ids must be in 0..{self.vocab_size - 1} (and at least one)")
+        seed = params.get("seed")
+        if seed is None:
+            self._sample_counter += 1
+            seed = self._sample_counter  # the same on every process (they execute the same requests in order)
+        if self._sampler is None:
+            self._sampler = sampling.SessionSampler(self.graphdef, s["params"], mesh=self.mesh, rules=self.rules,
+                                                    eos_token_ids=self.stop_ids, tokenizer=self.tokenizer)
+        try:
+            seqs, plp = self._sampler.sample(s["params"], prompt, num_samples, params, seed=int(seed),
+                                             prompt_logprobs=prompt_logprobs)
+        except ValueError as e:  # a stop sequence the sampler cannot use
+            raise UserError(str(e)) from None
+        return wire.encode_sample_response(seqs, plp)
+
+
+def _pure(tree):
+    return nnx.to_pure_dict(tree) if isinstance(tree, nnx.State) else tree
+
+
+def _flat_state(opt_state) -> dict:
+    """An optimizer state as {"00000": leaf, ...} (Orbax saves dicts; the structure comes from a fresh init)."""
+    return {f"{i:05d}": leaf for i, leaf in enumerate(jax.tree.leaves(opt_state))}
+
+
+def _tokenizer(path: str | None):
+    """The model's tokenizer (string stop sequences, end-of-turn token), or None when it has no tokenizer files."""
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - a model without tokenizer files still trains and samples on token ids
+        log.info("no tokenizer at %s (%s): stop sequences must be token ids", path, type(e).__name__)
+        return None
+
+
+def _stop_ids(hf_config: dict, tok) -> list[int]:
+    """Sampling's default stop tokens: config.json's eos_token_id and the tokenizer's end of turn (<|im_end|>)."""
+    ids = hf_config.get("eos_token_id")
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tok is not None:
+        for t in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")):
+            if isinstance(t, int) and t >= 0 and t != tok.unk_token_id:
+                ids.append(t)
+    return sorted(set(ids))
