@@ -104,6 +104,7 @@ class ModelHost:
                                    config_path=cfg.model.config_path)
         self.graphdef, self.base = nnx.split(model)
         self.model_config = model_config
+        self.model_type = hf_config.get("model_type")  # the checkpoint's architecture, as get_info reports it
         self.tokenizer = _tokenizer(cfg.model.tokenizer_path or cfg.model.model_path or cfg.model.config_path)
         self.stop_ids = _stop_ids(hf_config, self.tokenizer)
         self._sampler = None
@@ -192,7 +193,7 @@ class ModelHost:
         m = self.model(model_id)
         return {"type": "get_info", "model_id": model_id, "is_lora": m.lora is not None,
                 "lora_rank": m.lora.rank if m.lora else None, "model_name": self.base_model,
-                "model_data": {"arch": self.cfg.model.config_path and "qwen3" or "qwen3",
+                "model_data": {"arch": self.model_type,
                                "model_name": self.base_model, "tokenizer_id": self.tokenizer_id}}
 
     def unload(self, model_id: str) -> None:
