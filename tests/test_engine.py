@@ -13,10 +13,11 @@ from flax import nnx
 from xorl_jax.checkpoint.training import plan_resume
 from xorl_jax.config import load_config
 from xorl_jax.data.demo import DEMO_DIR
-from xorl_jax.engine import TrainEngine
+from xorl_jax.engine import TrainEngine, train_batch
+from xorl_jax.kernels.attention import AttentionLayout, LayoutPlanner
 from xorl_jax.parallel.rules import data_parallel_size
 from xorl_jax.preflight import check_run
-from xorl_jax.train_step import IGNORE_INDEX, stack_micro_batches
+from xorl_jax.train_step import IGNORE_INDEX, LAYOUT_KEY, stack_micro_batches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(ROOT, "configs", "demo_cpu.yaml")
@@ -64,7 +65,14 @@ def test_step_eval_save_restore(tmp_path):
     assert engine.eval_loss([]) is None
     with pytest.raises(ValueError, match="lora.enable_lora"):  # a new adapter needs a frozen base
         engine.new_adapter(engine.cfg.lora)
-    metrics = engine.train_step(engine.device_batch(stack_micro_batches(rows, 1)))
+    stacked = stack_micro_batches(rows, 1)
+    # cuDNN attention's layout, planned on the host (the engine's planner is None here: CPU attention takes none)
+    assert engine.layout_planner is None and LAYOUT_KEY not in engine.train_batch(stacked)
+    planned = train_batch(stacked, engine.mesh, LayoutPlanner(), documents=None)
+    assert planned[LAYOUT_KEY] == AttentionLayout(8)  # two documents a row, counted from the rows
+    assert train_batch(stacked, engine.mesh, LayoutPlanner(), documents=20)[LAYOUT_KEY] == AttentionLayout(64)
+    assert LAYOUT_KEY not in train_batch(stacked, engine.mesh, LayoutPlanner(), whole_batch=False)
+    metrics = engine.train_step(engine.train_batch(stacked))
     # the step reports the loss of the parameters it started from: the eval loss of the same rows
     np.testing.assert_allclose(float(metrics["loss"]), before["eval_loss"], rtol=1e-5)
     assert int(engine.state.step) == 1 and engine.eval_loss([rows])["eval_loss"] < before["eval_loss"]
@@ -76,7 +84,7 @@ def test_step_eval_save_restore(tmp_path):
     saved = flat(engine.state.params)
     engine.save(1, {"data_state": {"epoch": 3}})
     engine.wait_for_saves()
-    engine.train_step(engine.device_batch(stack_micro_batches(host_rows(engine, 1), 1)))
+    engine.train_step(engine.train_batch(stack_micro_batches(host_rows(engine, 1), 1)))
     assert int(engine.state.step) == 2
     plan = plan_resume("auto", os.path.join(tmp_path, "checkpoints"), hf_config=engine.hf_config)
     meta, step = engine.restore(plan)
@@ -94,7 +102,7 @@ def test_lora_adapters_share_the_frozen_base(tmp_path):
     ids = rows["input_ids"][:1]
     base_logits = nnx.merge(engine.graphdef, engine.frozen)(ids).logits
     np.testing.assert_allclose(engine.merged_model()(ids).logits, base_logits, atol=1e-6)  # B = 0: the base
-    batch = engine.device_batch(stack_micro_batches(rows, 1))
+    batch = engine.train_batch(stack_micro_batches(rows, 1))
     engine.train_step(batch)
     assert not np.allclose(engine.merged_model()(ids).logits, base_logits, atol=1e-4)
 

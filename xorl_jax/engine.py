@@ -8,7 +8,7 @@ run inputs (xorl_jax.preflight.RunInputs); no data iteration, no logging loop, n
     engine.save(step, {"data_state": ...})     # a training checkpoint (the engine adds config, counters, source)
     engine.restore(plan) -> (meta, step) | None
     engine.full_params(), engine.merged_model()  # the weights the forward pass sees (LoRA merged)
-    engine.device_batch(rows)                  # host rows ([A, B, T] arrays) -> arrays sharded over the mesh
+    engine.train_batch(rows)                   # [A, B, T] host rows -> a step's batch (sharded, attention layout)
     engine.make_steps(optimizer=o, state=s, merge_fn=f)  # the jitted step of another optimizer / adapter
 
 What the step is made of stays public for code that builds its own steps (per-token log-probabilities, a custom
@@ -52,7 +52,7 @@ from xorl_jax.parallel.rules import batch_sharding, param_shardings
 from xorl_jax.preflight import RunInputs, disk_full_error, disk_full_message
 from xorl_jax.train_setup import (Experiments, MeshJit, TrainSteps, abstract_batch, loss_config_for,
                                   opt_state_shardings, optimizer_for)
-from xorl_jax.train_step import BATCH_KEYS, TrainState, make_eval_step
+from xorl_jax.train_step import BATCH_KEYS, LAYOUT_KEY, TrainState, make_eval_step
 
 log = logging.getLogger("xorl_jax")
 
@@ -77,6 +77,19 @@ def device_arrays(rows: dict, mesh, *, leading_axes: int = 1) -> dict:
     sharding = batch_sharding(mesh, leading_axes=leading_axes)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
             for k, v in rows.items() if k in BATCH_KEYS}
+
+
+def train_batch(stacked: dict, mesh, planner=None, *, documents: int | None = None, whole_batch: bool = True) -> dict:
+    """A train step's device batch from this process's [A, B, T] host rows, with the packed attention layout the
+    host plans (`planner`: kernels.attention.LayoutPlanner, None = attention takes none) from `documents` (the most
+    segments in any row of the global batch, as the data pipeline counts them) or, when this process holds the
+    whole batch, from the rows' segment ids; else the device picks."""
+    batch = device_arrays(stacked, mesh, leading_axes=1)
+    if planner is not None:
+        layout = planner.plan(documents, stacked["segment_ids"] if whole_batch else None)
+        if layout is not None:
+            batch[LAYOUT_KEY] = layout
+    return batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,6 +232,11 @@ class TrainEngine:
     def device_batch(self, rows: dict, *, leading_axes: int = 1) -> dict:
         """device_arrays on this engine's mesh."""
         return device_arrays(rows, self.mesh, leading_axes=leading_axes)
+
+    def train_batch(self, stacked: dict, documents: int | None = None) -> dict:
+        """train_batch on this engine's mesh with its layout planner: [A, B, T] host rows -> a train step's batch."""
+        return train_batch(stacked, self.mesh, self.layout_planner, documents=documents,
+                           whole_batch=jax.process_count() == 1)
 
     # ----------------------------------------------------------------------------------------------- steps
     def train_step(self, batch: dict) -> dict:

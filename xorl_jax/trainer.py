@@ -24,7 +24,7 @@ from xorl_jax.config import Config, ConfigError
 from xorl_jax.data import build_eval_batches, build_train_iterator
 from xorl_jax.data.pipeline import MAX_DOCUMENTS_KEY, row_length
 from xorl_jax.data.prefetch import Prefetcher
-from xorl_jax.engine import TrainEngine, device_arrays
+from xorl_jax.engine import TrainEngine, train_batch
 from xorl_jax.kernels.attention import layout_planner
 from xorl_jax.metrics import (CompletionClock, MetricsLogger, estimate_memory_per_device, peak_flops_per_device,
                               peak_memory_gib)
@@ -34,7 +34,7 @@ from xorl_jax.parallel.rules import data_parallel_size
 from xorl_jax.preemption import StopSignals
 from xorl_jax.preflight import check_run
 from xorl_jax.train_setup import Experiments, backend_summary, request_determinism, use_compilation_cache
-from xorl_jax.train_step import LAYOUT_KEY, stack_micro_batches
+from xorl_jax.train_step import stack_micro_batches
 
 log = logging.getLogger("xorl_jax")
 
@@ -212,16 +212,10 @@ class Trainer:
         return "\n".join(lines)
 
     def _device_batch(self, rows: dict):
-        stacked = stack_micro_batches(rows, self.accum)
-        batch = device_arrays(stacked, self.mesh, leading_axes=1)
-        if self.layout_planner is not None:
-            # the whole global batch's document count, from the data pipeline; rows from elsewhere: counted here
-            # when this process holds them all, else the device picks
-            layout = self.layout_planner.plan(rows.get(MAX_DOCUMENTS_KEY),
-                                              stacked["segment_ids"] if self.process_count == 1 else None)
-            if layout is not None:
-                batch[LAYOUT_KEY] = layout
-        return batch
+        # the whole global batch's document count from the data pipeline; rows from elsewhere: counted here when
+        # this process holds them all
+        return train_batch(stack_micro_batches(rows, self.accum), self.mesh, self.layout_planner,
+                           documents=rows.get(MAX_DOCUMENTS_KEY), whole_batch=self.process_count == 1)
 
     def evaluate(self) -> dict | None:
         return self.engine.eval_loss(self.eval_batches)
