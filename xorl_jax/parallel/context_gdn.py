@@ -1,0 +1,192 @@
+"""Gated DeltaNet with the sequence split over devices: conv halo, Ulysses and ring, all exact.
+
+Everything here runs per device inside a shard_map whose sequence dimension is split over the context-parallel
+axes. The local sequence is made of `P` equal *pieces*, each a contiguous run of the global sequence: P = 1 for a
+contiguous split, P = 2 for the zigzag split that balances causal ring attention (ring rank r holds global pieces
+r and 2R-1-r of 2R). `piece_order` is that table; with Ulysses too, each piece is further cut into U contiguous
+sub-pieces, one per Ulysses rank (the Ulysses axis is the minor one of the sequence split).
+
+- Conv halo: a token's causal window (kernel width Kc) reaches Kc-1 tokens back, into the previous piece, which
+  lives on another rank. Every rank gathers the last Kc-1 tokens (and their segment ids) of every piece, a few
+  tokens per rank, and prepends its pieces' predecessors; the conv's own document reset then keeps a document
+  that starts at a piece's first token out of the halo. A first piece gets zeros (the single-device zero pad).
+- Ulysses: the heads are independent, so an all-to-all trades the sequence split for a head split around the
+  gated delta rule core only. The conv runs before it on the sequence split (with the halo): the halo is Kc-1
+  tokens, whereas moving the conv after the all-to-all would need the conv weights sliced per head group.
+  Key heads must split evenly over the Ulysses ranks; when only value heads do, q and k are first repeated
+  to the value heads (the core's own grouped-head expansion), which is exact and costs the wider all-to-all.
+- Ring: the gated delta rule is affine in its incoming state: over one piece S_out = A S_in + B, with A the
+  product of the per-token transitions (zero from the piece's first document start on) and B the piece's
+  zero-start final state; a token's output gains q_t^T A_t S_in (A_t: transitions up to t). One kernel call per
+  rank gets all three: the value columns are independent, so v is widened by dk zero columns and the initial
+  state is [0 | I]; the extra columns' final state is A and their outputs are Q_t = A_t^T q_t. The ranks
+  all-gather (A, B) (R*P pairs of [dk, dk] and [dk, dv] per head: fine for rings up to 8), fold them in
+  sequence order to every piece's incoming state, and add Q_t S_in to their outputs. A document starting at a
+  piece's first token zeroes that piece's incoming state.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+
+from xorl_jax.kernels.gdn import gated_delta_rule
+from xorl_jax.layers.conv import causal_conv1d_silu
+
+
+# ------------------------------------------------------------------------------------------------ layout
+def piece_order(ring: int, zigzag: bool) -> np.ndarray:
+    """[R, P] int: the global piece index of ring rank r's local piece p (P = 2 for zigzag, else 1)."""
+    r = np.arange(ring)
+    return np.stack([r, 2 * ring - 1 - r], axis=1) if zigzag else r[:, None]
+
+
+def subpiece_order(ring: int, ulysses: int, zigzag: bool) -> np.ndarray:
+    """[R*U, P] int: the global sub-piece index of the rank at linear index r*U + u (ring major, Ulysses minor)."""
+    order = piece_order(ring, zigzag)
+    return (order[:, None, :] * ulysses + np.arange(ulysses)[None, :, None]).reshape(ring * ulysses, -1)
+
+
+def split_pieces(x, pieces: int):
+    """[B, T, ...] -> [P*B, T/P, ...], piece-major: each piece becomes rows of its own."""
+    if pieces == 1:
+        return x
+    B, T = x.shape[:2]
+    x = x.reshape(B, pieces, T // pieces, *x.shape[2:])
+    return jnp.moveaxis(x, 1, 0).reshape(pieces * B, T // pieces, *x.shape[3:])
+
+
+def join_pieces(x, pieces: int):
+    """Inverse of `split_pieces`."""
+    if pieces == 1:
+        return x
+    PB, Tp = x.shape[:2]
+    x = x.reshape(pieces, PB // pieces, Tp, *x.shape[2:])
+    return jnp.moveaxis(x, 0, 1).reshape(PB // pieces, pieces * Tp, *x.shape[3:])
+
+
+def _gather_global(x_local, axes, order: np.ndarray):
+    """Per-piece values [P*B, ...] on each rank -> [G*P, B, ...] in global sequence order (G ranks of `axes`)."""
+    G, P = order.shape
+    gathered = jax.lax.all_gather(x_local, axes, tiled=False)  # [G, P*B, ...]
+    flat = gathered.reshape(G * P, x_local.shape[0] // P, *x_local.shape[1:])  # index r*P + p
+    return flat[np.argsort(order.reshape(-1))]
+
+
+def _my_pieces(axes, order: np.ndarray):
+    """[P] int32: the global indices of this rank's pieces."""
+    return jnp.asarray(order, jnp.int32)[jax.lax.axis_index(axes)]
+
+
+# ------------------------------------------------------------------------------------------------ conv halo
+def conv_with_halo(x_BTC, w_CK, segment_ids, *, axes, order: np.ndarray):
+    """`causal_conv1d_silu` on this rank's share of a sequence split over `axes` (`order` as `subpiece_order`)."""
+    G, P = order.shape
+    halo = w_CK.shape[1] - 1
+    if halo == 0 or G * P == 1:
+        return causal_conv1d_silu(x_BTC, w_CK, segment_ids)
+    xp = split_pieces(x_BTC, P)
+    if xp.shape[1] < halo:
+        raise ValueError(f"each sequence piece has {xp.shape[1]} tokens, fewer than the conv's {halo}-token halo; "
+                         "use fewer context-parallel ranks or longer rows")
+    mine = _my_pieces(axes, order)
+    prev = jnp.maximum(mine - 1, 0)
+    first = (mine == 0)[:, None, None, None]  # [P, 1, 1, 1]: the sequence's first piece reads the zero pad
+    B = x_BTC.shape[0]
+
+    def halo_of(x_local):  # [P*B, Tp, ...] -> the previous pieces' last `halo` entries, [P*B, halo, ...]
+        tails = _gather_global(x_local[:, -halo:], axes, order)[prev]  # [P, B, halo, ...]
+        return tails.reshape(P * B, halo, *x_local.shape[2:])
+
+    x_halo = jnp.where(first, 0, halo_of(xp).reshape(P, B, halo, -1)).reshape(P * B, halo, -1).astype(xp.dtype)
+    xe = jnp.concatenate([x_halo, xp], axis=1)
+    se = None
+    if segment_ids is not None:
+        sp = split_pieces(segment_ids, P)
+        se = jnp.concatenate([halo_of(sp), sp], axis=1)  # the halo's ids keep other documents out of the window
+    y = causal_conv1d_silu(xe, w_CK, se)[:, halo:]
+    return join_pieces(y, P)
+
+
+# ------------------------------------------------------------------------------------------------ ring core
+def _ring_core(q, k, v, g, beta, segment_ids, *, axis, order: np.ndarray, implementation, scale, use_qk_l2norm):
+    """The gated delta rule on piece rows [P*B, Tp, ...] whose pieces lie along ring `axis` as `order` says."""
+    R, P = order.shape
+    PB, _, Hv, V = v.shape
+    K = q.shape[-1]
+    B = PB // P
+    v_aug = jnp.concatenate([v, jnp.zeros((*v.shape[:3], K), v.dtype)], axis=-1)
+    eye = jnp.broadcast_to(jnp.eye(K, dtype=jnp.float32), (PB, Hv, K, K))
+    h0 = jnp.concatenate([jnp.zeros((PB, Hv, K, V), jnp.float32), eye], axis=-1)
+    o_aug, s_aug = gated_delta_rule(q, k, v_aug, g, beta, segment_ids=segment_ids, scale=scale,
+                                    use_qk_l2norm=use_qk_l2norm, initial_state=h0, output_final_state=True,
+                                    implementation=implementation)
+    o_zero, q_eff = o_aug[..., :V], o_aug[..., V:]  # outputs from a zero state; Q_t = A_t^T q_t
+    b_all = _gather_global(s_aug[..., :V], axis, order)  # [R*P, B, Hv, K, V]
+    a_all = _gather_global(s_aug[..., V:], axis, order)  # [R*P, B, Hv, K, K]
+    if segment_ids is not None:
+        first_all = _gather_global(segment_ids[:, 0], axis, order)  # [R*P, B]
+        last_all = _gather_global(segment_ids[:, -1], axis, order)
+    state, incoming = jnp.zeros((B, Hv, K, V), jnp.float32), []
+    for j in range(R * P):  # R*P <= 16 small matmuls: the prefix fold over pieces in sequence order
+        if j and segment_ids is not None:  # a document starting at piece j's first token takes no state
+            state = jnp.where((first_all[j] != last_all[j - 1])[:, None, None, None], 0.0, state)
+        incoming.append(state)
+        if j < R * P - 1:
+            state = jnp.einsum("bhkj,bhjv->bhkv", a_all[j], state, precision=jax.lax.Precision.HIGHEST) + b_all[j]
+    s_in = jnp.stack(incoming)[_my_pieces(axis, order)].reshape(PB, Hv, K, V)
+    fix = jnp.einsum("bthk,bhkv->bthv", q_eff.astype(jnp.float32), s_in, precision=jax.lax.Precision.HIGHEST)
+    return (o_zero.astype(jnp.float32) + fix).astype(v.dtype)
+
+
+def ring_gated_delta_rule(q, k, v, g, beta, segment_ids=None, *, axis, order: np.ndarray, implementation="auto",
+                          scale=None, use_qk_l2norm=True):
+    """o [B, T_local, Hv, dv] for this rank's share of a sequence split over ring `axis` (`order` as `piece_order`)."""
+    P = order.shape[1]
+    split = lambda x: None if x is None else split_pieces(x, P)  # noqa: E731
+    o = _ring_core(*map(split, (q, k, v, g, beta, segment_ids)), axis=axis, order=order,
+                   implementation=implementation, scale=scale, use_qk_l2norm=use_qk_l2norm)
+    return join_pieces(o, P)
+
+
+# ------------------------------------------------------------------------------------------------ Ulysses + ring
+def _seq_to_heads(x, axis):
+    return jax.lax.all_to_all(x, axis, split_axis=2, concat_axis=1, tiled=True)
+
+
+def _heads_to_seq(x, axis):
+    return jax.lax.all_to_all(x, axis, split_axis=1, concat_axis=2, tiled=True)
+
+
+def check_ulysses_heads(key_heads: int, value_heads: int, ulysses: int) -> None:
+    if ulysses > 1 and value_heads % ulysses:
+        raise ValueError(f"linear_num_value_heads {value_heads} is not divisible by ulysses_parallel_size "
+                         f"{ulysses}; pick a Ulysses size that divides it (or use ring context parallelism)")
+
+
+def context_parallel_gated_delta_rule(q, k, v, g, beta, segment_ids=None, *, ring_axis=None, ring: int = 1,
+                                      ulysses_axis=None, ulysses: int = 1, zigzag: bool = False,
+                                      implementation="auto", scale=None, use_qk_l2norm=True):
+    """The gated delta rule for this rank's share [B, T_local, H, *] of a sequence split ring-major, Ulysses-minor
+    (as `subpiece_order`); heads go over `ulysses_axis` around the core, states over `ring_axis`."""
+    Hk, Hv = q.shape[2], v.shape[2]
+    check_ulysses_heads(Hk, Hv, ulysses)
+    zigzag = zigzag and ring > 1
+    P = 2 if zigzag else 1
+    xs = [None if x is None else split_pieces(x, P) for x in (q, k, v, g, beta, segment_ids)]
+    if ulysses > 1:
+        if Hk % ulysses:  # value heads split but key heads do not: give every value head its key head
+            xs[0], xs[1] = (jnp.repeat(x, Hv // Hk, axis=2) for x in xs[:2])
+        xs[:5] = [_seq_to_heads(x, ulysses_axis) for x in xs[:5]]
+        if xs[5] is not None:
+            xs[5] = jax.lax.all_gather(xs[5], ulysses_axis, axis=1, tiled=True)
+    if ring > 1:
+        o = _ring_core(*xs, axis=ring_axis, order=piece_order(ring, zigzag), implementation=implementation,
+                       scale=scale, use_qk_l2norm=use_qk_l2norm)
+    else:
+        o = gated_delta_rule(*xs[:5], segment_ids=xs[5], scale=scale, use_qk_l2norm=use_qk_l2norm,
+                             implementation=implementation)[0]
+    if ulysses > 1:
+        o = _heads_to_seq(o, ulysses_axis)
+    return join_pieces(o, P)
