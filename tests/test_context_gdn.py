@@ -1,5 +1,5 @@
-"""Gated DeltaNet with the sequence split over fake CPU devices equals one device: ring (contiguous and zigzag
-pieces), Ulysses, both, and the conv halo; forward and gradients, with packed documents."""
+"""Gated DeltaNet with the sequence split over fake CPU devices equals one device: ring (in the ring order of
+parallel/context.py), Ulysses, both, and the conv halo; forward and gradients, with packed documents."""
 
 import numpy as np
 import jax
@@ -39,18 +39,18 @@ def inputs(seed, hk=HK):
     return q, k, v, g, beta
 
 
-def layout(ring, ulysses, zigzag):
+def layout(ring, ulysses):
     """Token permutation: position i of the laid-out sequence holds global token perm[i]; devices hold equal
     consecutive runs of it in linear (ring-major) order."""
-    order = cg.subpiece_order(ring, ulysses, zigzag)
+    order = cg.device_pieces(ring, ulysses)
     size = T // order.size
     return np.concatenate([np.arange(s * size, (s + 1) * size) for s in order.reshape(-1)])
 
 
-def run_split(fn, args, ring, ulysses, zigzag):
+def run_split(fn, args, ring, ulysses, ):
     """fn(*local shards) under shard_map over a (ring, ulysses) mesh; global inputs/outputs in natural order."""
     mesh = Mesh(np.asarray(jax.devices()[:ring * ulysses]).reshape(ring, ulysses), ("ring", "ulysses"))
-    perm = layout(ring, ulysses, zigzag)
+    perm = layout(ring, ulysses)
     inv = np.argsort(perm)
     spec = P(None, ("ring", "ulysses"))
     sharded = shard_map_compat(fn, mesh, tuple(spec for _ in args), spec)
@@ -61,64 +61,63 @@ def reference(q, k, v, g, beta, seg):
     return gated_delta_rule_chunked(q, k, v, g, beta, segment_ids=seg, chunk_size=16)[0]
 
 
-def split_gdn(ring, ulysses, zigzag):
+def split_gdn(ring, ulysses):
     def core(q, k, v, g, beta, seg):
         return cg.context_parallel_gated_delta_rule(q, k, v, g, beta, seg, ring_axis="ring", ring=ring,
-                                                    ulysses_axis="ulysses", ulysses=ulysses, zigzag=zigzag,
+                                                    ulysses_axis="ulysses", ulysses=ulysses,
                                                     implementation="chunked")
 
-    return jax.jit(lambda *a: run_split(core, a, ring, ulysses, zigzag))
+    return jax.jit(lambda *a: run_split(core, a, ring, ulysses))
 
 
-@pytest.mark.parametrize("ring,ulysses,zigzag,hk", [
-    (2, 1, False, HK), (4, 1, False, HK), (4, 1, True, HK),  # ring
-    (1, 2, False, HK), (1, 4, False, HK),  # Ulysses; 4 ranks do not split 2 key heads: q, k repeated
-    (2, 2, True, HK),  # both
+@pytest.mark.parametrize("ring,ulysses", [
+    (2, 1), (4, 1),  # ring
+    (1, 2), (1, 4),  # Ulysses; 4 ranks do not split 2 key heads: q, k repeated
+    (2, 2),  # both
 ])
-def test_split_gdn_matches_one_device(ring, ulysses, zigzag, hk):
-    q, k, v, g, beta = inputs(1, hk)
+def test_split_gdn_matches_one_device(ring, ulysses):
+    q, k, v, g, beta = inputs(1)
     seg = segments()
     want = jax.jit(reference)(q, k, v, g, beta, seg)
-    got = split_gdn(ring, ulysses, zigzag)(q, k, v, g, beta, seg)
+    got = split_gdn(ring, ulysses)(q, k, v, g, beta, seg)
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
     if ring == 2 and ulysses == 1:  # the incoming state matters: without the ring's correction outputs differ
         alone = jax.jit(lambda *a: run_split(
             lambda *x: cg.gated_delta_rule(*x[:5], segment_ids=x[5], implementation="chunked")[0],
-            a, ring, 1, False))(q, k, v, g, beta, seg)
+            a, ring, 1))(q, k, v, g, beta, seg)
         assert np.abs(np.asarray(alone) - np.asarray(want))[:2].max() > 1e-2
 
 
-@pytest.mark.parametrize("ring,ulysses,zigzag", [(2, 1, False), (2, 2, True)])
-def test_split_gdn_gradients(ring, ulysses, zigzag):
+@pytest.mark.parametrize("ring,ulysses", [(2, 1), (2, 2)])
+def test_split_gdn_gradients(ring, ulysses):
     q, k, v, g, beta = inputs(2)
     seg = segments()
     r = jax.random.normal(jax.random.key(9), (B, T, HV, DV))
-    split = split_gdn(ring, ulysses, zigzag)
+    split = split_gdn(ring, ulysses)
     grads = lambda fn: jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a, seg) * r), argnums=range(5)))(q, k, v, g, beta)
     for name, got, want in zip("q k v g beta".split(), grads(split), grads(reference)):
         np.testing.assert_allclose(got, want, atol=5e-5, rtol=5e-5, err_msg=name)
 
 
-@pytest.mark.parametrize("ring,ulysses,zigzag", [(4, 1, False), (2, 2, True), (4, 2, True)])
+@pytest.mark.parametrize("ring,ulysses", [(1, 4), (4, 1), (2, 2), (2, 4)])
 @pytest.mark.parametrize("packed", [True, False])
-def test_conv_halo_matches_one_device(ring, ulysses, zigzag, packed):
+def test_conv_halo_matches_one_device(ring, ulysses, packed):
     C, Kc = 6, 4
     x = jax.random.normal(jax.random.key(3), (B, T, C))
     w = jax.random.normal(jax.random.key(4), (C, Kc))
     seg = segments() if packed else None
-    want = causal_conv1d_silu(x, w, seg)
-    order = cg.subpiece_order(ring, ulysses, zigzag)
+    want = jax.jit(causal_conv1d_silu)(x, w, seg)
+    order = cg.device_pieces(ring, ulysses)
 
     def conv(x, *seg):
         return cg.conv_with_halo(x, w, seg[0] if seg else None, axes=("ring", "ulysses"), order=order)
 
     args = (x, seg) if packed else (x,)
-    got = jax.jit(lambda *a: run_split(conv, a, ring, ulysses, zigzag))(*args)
+    got = jax.jit(lambda *a: run_split(conv, a, ring, ulysses))(*args)
     np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-6)
     r = jax.random.normal(jax.random.key(5), want.shape)
     g_want = jax.grad(lambda x: jnp.sum(causal_conv1d_silu(x, w, seg) * r))(x)
-    g_got = jax.jit(jax.grad(lambda x: jnp.sum(run_split(conv, (x, seg) if packed else (x,), ring, ulysses,
-                                                                  zigzag) * r)))(x)
+    g_got = jax.jit(jax.grad(lambda x: jnp.sum(run_split(conv, (x, seg) if packed else (x,), ring, ulysses) * r)))(x)
     np.testing.assert_allclose(g_got, g_want, atol=1e-6, rtol=1e-6)
 
 

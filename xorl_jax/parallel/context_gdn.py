@@ -1,28 +1,29 @@
 """Gated DeltaNet with the sequence split over devices: conv halo, Ulysses and ring, all exact.
 
 Everything here runs per device inside a shard_map whose sequence dimension is split over the context-parallel
-axes. The local sequence is made of `P` equal *pieces*, each a contiguous run of the global sequence: P = 1 for a
-contiguous split, P = 2 for the zigzag split that balances causal ring attention (ring rank r holds global pieces
-r and 2R-1-r of 2R). `piece_order` is that table; with Ulysses too, each piece is further cut into U contiguous
-sub-pieces, one per Ulysses rank (the Ulysses axis is the minor one of the sequence split).
+axes in the layout of `parallel/context.py`: with ring R > 1 the sequence is in ring order (2R chunks, ring rank
+r holds chunks r and 2R-1-r, which balances causal attention), and each ring block is cut into U equal runs over
+the Ulysses ranks. A device thus holds `P` *pieces*, each a contiguous run of the original sequence (P = 2 with a
+ring, else 1); `piece_order` and `device_pieces` are those tables.
 
 - Conv halo: a token's causal window (kernel width Kc) reaches Kc-1 tokens back, into the previous piece, which
-  lives on another rank. Every rank gathers the last Kc-1 tokens (and their segment ids) of every piece, a few
-  tokens per rank, and prepends its pieces' predecessors; the conv's own document reset then keeps a document
-  that starts at a piece's first token out of the halo. A first piece gets zeros (the single-device zero pad).
+  lives on another device (or is the device's own other piece). Every device gathers the last Kc-1 tokens (and
+  their segment ids) of every piece, a few tokens each, and prepends its pieces' predecessors; the conv's own
+  document reset then keeps a document that starts at a piece's first token out of the halo. The sequence's
+  first piece gets zeros (the single-device zero pad).
 - Ulysses: the heads are independent, so an all-to-all trades the sequence split for a head split around the
   gated delta rule core only. The conv runs before it on the sequence split (with the halo): the halo is Kc-1
   tokens, whereas moving the conv after the all-to-all would need the conv weights sliced per head group.
-  Key heads must split evenly over the Ulysses ranks; when only value heads do, q and k are first repeated
-  to the value heads (the core's own grouped-head expansion), which is exact and costs the wider all-to-all.
+  Value heads must split evenly over the Ulysses ranks; when key heads do not, q and k are first repeated to the
+  value heads (the core's own grouped-head expansion): exact, at the cost of a wider all-to-all.
 - Ring: the gated delta rule is affine in its incoming state: over one piece S_out = A S_in + B, with A the
   product of the per-token transitions (zero from the piece's first document start on) and B the piece's
   zero-start final state; a token's output gains q_t^T A_t S_in (A_t: transitions up to t). One kernel call per
-  rank gets all three: the value columns are independent, so v is widened by dk zero columns and the initial
-  state is [0 | I]; the extra columns' final state is A and their outputs are Q_t = A_t^T q_t. The ranks
-  all-gather (A, B) (R*P pairs of [dk, dk] and [dk, dv] per head: fine for rings up to 8), fold them in
-  sequence order to every piece's incoming state, and add Q_t S_in to their outputs. A document starting at a
-  piece's first token zeroes that piece's incoming state.
+  device gets all three: the value columns are independent, so v is widened by dk zero columns and the initial
+  state is [0 | I]; the extra columns' final state is A and their outputs are Q_t = A_t^T q_t. The ring ranks
+  all-gather (A, B) (2R pairs of [dk, dk] and [dk, dv] per head: fine for rings up to 8), fold them in sequence
+  order into every piece's incoming state, and add Q_t S_in to their outputs. A document starting at a piece's
+  first token zeroes that piece's incoming state.
 """
 
 from __future__ import annotations
@@ -36,16 +37,21 @@ from xorl_jax.layers.conv import causal_conv1d_silu
 
 
 # ------------------------------------------------------------------------------------------------ layout
-def piece_order(ring: int, zigzag: bool) -> np.ndarray:
-    """[R, P] int: the global piece index of ring rank r's local piece p (P = 2 for zigzag, else 1)."""
+def piece_order(ring: int) -> np.ndarray:
+    """[R, P] int: the global chunk index of ring rank r's local piece p after the Ulysses all-to-all (the ring
+    order of `parallel/context.py`: with R > 1, 2R chunks and rank r holds chunks r and 2R-1-r; else one piece)."""
     r = np.arange(ring)
-    return np.stack([r, 2 * ring - 1 - r], axis=1) if zigzag else r[:, None]
+    return np.stack([r, 2 * ring - 1 - r], axis=1) if ring > 1 else r[:, None]
 
 
-def subpiece_order(ring: int, ulysses: int, zigzag: bool) -> np.ndarray:
-    """[R*U, P] int: the global sub-piece index of the rank at linear index r*U + u (ring major, Ulysses minor)."""
-    order = piece_order(ring, zigzag)
-    return (order[:, None, :] * ulysses + np.arange(ulysses)[None, :, None]).reshape(ring * ulysses, -1)
+def device_pieces(ring: int, ulysses: int) -> np.ndarray:
+    """[R*U, P] int: the global index (in units of T / (R*U*P) tokens) of each piece a device holds between layers,
+    for the device at linear index r*U + u: its ring block (the pieces of `piece_order`) is cut into U equal runs,
+    one per Ulysses rank, so with R > 1 a device holds units 2u and 2u+1 of its block's 2U."""
+    order = piece_order(ring)
+    P = order.shape[1]
+    units = order[:, :, None] * ulysses + np.arange(ulysses)  # [R, P, U]: the block's units in ring order
+    return units.reshape(ring, P * ulysses).reshape(ring * ulysses, P)
 
 
 def split_pieces(x, pieces: int):
@@ -81,7 +87,7 @@ def _my_pieces(axes, order: np.ndarray):
 
 # ------------------------------------------------------------------------------------------------ conv halo
 def conv_with_halo(x_BTC, w_CK, segment_ids, *, axes, order: np.ndarray):
-    """`causal_conv1d_silu` on this rank's share of a sequence split over `axes` (`order` as `subpiece_order`)."""
+    """`causal_conv1d_silu` on this rank's share of a sequence split over `axes` (`order` as `device_pieces`)."""
     G, P = order.shape
     halo = w_CK.shape[1] - 1
     if halo == 0 or G * P == 1:
@@ -92,15 +98,14 @@ def conv_with_halo(x_BTC, w_CK, segment_ids, *, axes, order: np.ndarray):
                          "use fewer context-parallel ranks or longer rows")
     mine = _my_pieces(axes, order)
     prev = jnp.maximum(mine - 1, 0)
-    first = (mine == 0)[:, None, None, None]  # [P, 1, 1, 1]: the sequence's first piece reads the zero pad
     B = x_BTC.shape[0]
 
-    def halo_of(x_local):  # [P*B, Tp, ...] -> the previous pieces' last `halo` entries, [P*B, halo, ...]
+    def halo_of(x_local):  # the previous pieces' last `halo` entries: [P*B, Tp, ...] -> [P*B, halo, ...]
         tails = _gather_global(x_local[:, -halo:], axes, order)[prev]  # [P, B, halo, ...]
         return tails.reshape(P * B, halo, *x_local.shape[2:])
 
-    x_halo = jnp.where(first, 0, halo_of(xp).reshape(P, B, halo, -1)).reshape(P * B, halo, -1).astype(xp.dtype)
-    xe = jnp.concatenate([x_halo, xp], axis=1)
+    first = jnp.repeat(mine == 0, B)[:, None, None]  # the sequence's first piece reads the zero pad
+    xe = jnp.concatenate([jnp.where(first, jnp.zeros((), xp.dtype), halo_of(xp)), xp], axis=1)
     se = None
     if segment_ids is not None:
         sp = split_pieces(segment_ids, P)
@@ -166,27 +171,23 @@ def check_ulysses_heads(key_heads: int, value_heads: int, ulysses: int) -> None:
 
 
 def context_parallel_gated_delta_rule(q, k, v, g, beta, segment_ids=None, *, ring_axis=None, ring: int = 1,
-                                      ulysses_axis=None, ulysses: int = 1, zigzag: bool = False,
-                                      implementation="auto", scale=None, use_qk_l2norm=True):
-    """The gated delta rule for this rank's share [B, T_local, H, *] of a sequence split ring-major, Ulysses-minor
-    (as `subpiece_order`); heads go over `ulysses_axis` around the core, states over `ring_axis`."""
+                                      ulysses_axis=None, ulysses: int = 1, implementation="auto", scale=None,
+                                      use_qk_l2norm=True):
+    """The gated delta rule for this device's share [B, T_local, H, *] of a sequence laid out as `device_pieces`
+    says; heads go over `ulysses_axis` around the core, states over `ring_axis`."""
     Hk, Hv = q.shape[2], v.shape[2]
     check_ulysses_heads(Hk, Hv, ulysses)
-    zigzag = zigzag and ring > 1
-    P = 2 if zigzag else 1
-    xs = [None if x is None else split_pieces(x, P) for x in (q, k, v, g, beta, segment_ids)]
-    if ulysses > 1:
+    xs = [q, k, v, g, beta, segment_ids]
+    if ulysses > 1:  # this device's run of the ring block -> the whole block, 1/U of the heads
         if Hk % ulysses:  # value heads split but key heads do not: give every value head its key head
             xs[0], xs[1] = (jnp.repeat(x, Hv // Hk, axis=2) for x in xs[:2])
         xs[:5] = [_seq_to_heads(x, ulysses_axis) for x in xs[:5]]
-        if xs[5] is not None:
-            xs[5] = jax.lax.all_gather(xs[5], ulysses_axis, axis=1, tiled=True)
+        if segment_ids is not None:
+            xs[5] = jax.lax.all_gather(segment_ids, ulysses_axis, axis=1, tiled=True)
     if ring > 1:
-        o = _ring_core(*xs, axis=ring_axis, order=piece_order(ring, zigzag), implementation=implementation,
-                       scale=scale, use_qk_l2norm=use_qk_l2norm)
+        o = ring_gated_delta_rule(*xs, axis=ring_axis, order=piece_order(ring), implementation=implementation,
+                                  scale=scale, use_qk_l2norm=use_qk_l2norm)
     else:
         o = gated_delta_rule(*xs[:5], segment_ids=xs[5], scale=scale, use_qk_l2norm=use_qk_l2norm,
                              implementation=implementation)[0]
-    if ulysses > 1:
-        o = _heads_to_seq(o, ulysses_axis)
-    return join_pieces(o, P)
+    return _heads_to_seq(o, ulysses_axis) if ulysses > 1 else o
