@@ -1,15 +1,21 @@
 """The device mesh, built from xorl's parallel-size fields.
 
 Mesh axes, outermost first: `data` (replicas, HSDP's replicate dimension), `fsdp` (parameter shards that are
-not expert groups), `expert` (expert-parallel ranks), `tensor` (tensor-parallel ranks).
+not expert groups), `ring` (ring-attention ranks), `expert` (expert-parallel ranks), `ulysses` (Ulysses ranks),
+`tensor` (tensor-parallel ranks).
+
+Context parallelism (`ring`, `ulysses`) splits each row's tokens; as in xorl its ranks come on top of the
+data-parallel ones (world = replicate x shard x ring x ulysses x tensor) and the rows of a step are split over
+data x fsdp x expert only. Parameters shard over the context ranks as well (xorl's default cp_fsdp_mode "all").
 
 xorl's `data_parallel_shard_size` counts every FSDP rank, expert ranks included: the expert axis is carved out of
 the FSDP group (dense parameters shard over `fsdp` x `expert`; expert weights put experts on `expert` and shard
 the rest over `fsdp`). So with 8 devices, `data_parallel_shard_size: 8, expert_parallel_size: 4` gives
 mesh {data: 1, fsdp: 2, expert: 4, tensor: 1}.
 
-Device order keeps `tensor` and `expert` (the innermost axes, which carry the most traffic) inside one process
-(one node), and spreads `data` then `fsdp` across processes.
+Device order keeps `tensor`, `ulysses` and `expert` (the innermost axes: all-to-alls and per-layer collectives)
+inside one process (one node), and spreads `data`, then `fsdp`, then `ring` (neighbour-to-neighbour transfers that
+overlap compute) across processes.
 """
 
 from __future__ import annotations
@@ -22,9 +28,10 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh
 
-AXES = ("data", "fsdp", "expert", "tensor")
+AXES = ("data", "fsdp", "ring", "expert", "ulysses", "tensor")
 SIZE_FIELDS = ("data_parallel_replicate_size", "data_parallel_shard_size", "expert_parallel_size",
-               "tensor_parallel_size")
+               "tensor_parallel_size", "ringattn_parallel_size", "ulysses_parallel_size")
+_OUTER = (0, 1, 2)  # data, fsdp, ring: the axes that may span processes
 
 
 class MeshError(ValueError):
@@ -45,8 +52,23 @@ def _parse_size(name: str, value) -> int | None:
 
 
 def resolve_sizes(num_devices: int, *, data_parallel_replicate_size=1, data_parallel_shard_size=-1,
-                  expert_parallel_size=1, tensor_parallel_size=1) -> dict[str, int]:
-    """{mesh axis: size} from xorl's fields; at most one field may be -1/'auto' and takes what the others leave."""
+                  expert_parallel_size=1, tensor_parallel_size=1, ringattn_parallel_size=1,
+                  ulysses_parallel_size=1) -> dict[str, int]:
+    """{mesh axis: size} from xorl's fields; at most one field may be -1/'auto' and takes what the others leave
+    (the context-parallel sizes are always explicit)."""
+    context = {}
+    for name, value in (("ringattn_parallel_size", ringattn_parallel_size),
+                        ("ulysses_parallel_size", ulysses_parallel_size)):
+        size = _parse_size(name, value)
+        if size is None:
+            raise MeshError(f"train.{name} must be a positive integer, got {value!r}")
+        context[name] = size
+    cp = context["ringattn_parallel_size"] * context["ulysses_parallel_size"]
+    if num_devices % cp:
+        raise MeshError(f"train.ringattn_parallel_size {context['ringattn_parallel_size']} x "
+                        f"train.ulysses_parallel_size {context['ulysses_parallel_size']} = {cp} does not divide the "
+                        f"{num_devices} device(s)")
+    num_devices //= cp
     raw = dict(data_parallel_replicate_size=data_parallel_replicate_size,
                data_parallel_shard_size=data_parallel_shard_size,
                expert_parallel_size=expert_parallel_size, tensor_parallel_size=tensor_parallel_size)
@@ -72,13 +94,15 @@ def resolve_sizes(num_devices: int, *, data_parallel_replicate_size=1, data_para
         else:
             tp = fill
     if rep * shard * tp != num_devices:
+        cp_note = f" ({num_devices * cp} / {cp} context-parallel ranks)" if cp > 1 else ""
         raise MeshError(f"train.data_parallel_replicate_size {rep} x train.data_parallel_shard_size {shard} x "
                         f"train.tensor_parallel_size {tp} = {rep * shard * tp}, but the run has {num_devices} "
-                        f"device(s); make the product equal the device count (or set one size to -1)")
+                        f"device(s){cp_note}; make the product equal the device count (or set one size to -1)")
     if shard % ep:
         raise MeshError(f"train.expert_parallel_size {ep} must divide train.data_parallel_shard_size {shard} "
                         f"(expert ranks are carved out of the FSDP group)")
-    return {"data": rep, "fsdp": shard // ep, "expert": ep, "tensor": tp}
+    return {"data": rep, "fsdp": shard // ep, "ring": context["ringattn_parallel_size"], "expert": ep,
+            "ulysses": context["ulysses_parallel_size"], "tensor": tp}
 
 
 def check_model_fits(sizes: dict[str, int], model_config: Any) -> None:
@@ -107,15 +131,16 @@ def _device_array(shape: tuple[int, ...], devices) -> np.ndarray:
             mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
     # Several processes: processes (nodes) go on the outer axes, data first then fsdp.
     per_proc = len(devices) // n_proc
-    dcn = [1, 1, 1, 1]
+    dcn = [1] * len(shape)
     left = n_proc
-    for i in (0, 1):  # data, fsdp
+    for i in _OUTER:  # data, fsdp, ring
         g = math.gcd(shape[i], left)
         dcn[i], left = g, left // g
     if left != 1:
-        raise MeshError(f"{n_proc} processes cannot be laid over data x fsdp = {shape[0]} x {shape[1]} with expert "
-                        f"and tensor groups inside one process ({per_proc} devices each); "
-                        f"make expert_parallel_size x tensor_parallel_size divide {per_proc}")
+        raise MeshError(f"{n_proc} processes cannot be laid over data x fsdp x ring = {shape[0]} x {shape[1]} x "
+                        f"{shape[2]} with expert, ulysses and tensor groups inside one process ({per_proc} devices "
+                        f"each); make expert_parallel_size x ulysses_parallel_size x tensor_parallel_size divide "
+                        f"{per_proc}")
     ici = [s // d for s, d in zip(shape, dcn)]
     return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices, process_is_granule=True,
                                                 allow_split_physical_axes=True)

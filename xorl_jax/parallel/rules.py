@@ -29,6 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp", "expert")  # mesh axes that split the batch
+SEQ_AXES = ("ring", "ulysses")  # mesh axes that split the sequence (context parallelism; parallel/context.py)
 
 MeshAxes = Any  # None | str | tuple[str, ...]
 
@@ -42,11 +43,13 @@ class Rules:
     name: str = "custom"
 
 
-_FSDP_PARAMS = {"embed": ("fsdp", "expert")}
+# Parameters shard over the context-parallel axes too (xorl's cp_fsdp_mode "all"): those ranks hold the same rows.
+_FSDP_PARAMS = {"embed": ("fsdp", "expert") + SEQ_AXES}
 _TP_PARAMS = {"vocab": "tensor", "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "expert_mlp": "tensor",
               "gdn_heads": "tensor"}
 _EP_PARAMS = {"expert": "expert"}
-_ACTIVATIONS = {"batch": BATCH_AXES, "seq": None, "embed": None}
+# "tokens": a flattened [B * T] token dimension, split as B (batch axes) then T (sequence axes) are.
+_ACTIVATIONS = {"batch": BATCH_AXES, "seq": SEQ_AXES, "tokens": BATCH_AXES + SEQ_AXES, "embed": None}
 _TP_ACTIVATIONS = {"heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor"}
 
 
@@ -192,6 +195,16 @@ def use_mesh(mesh: Mesh, rules: Rules | str | None = None):
         _CONTEXT.reset(token)
 
 
+@contextlib.contextmanager
+def without_mesh():
+    """Trace code as if outside `use_mesh` (inside a shard_map body: local kernels, no constraints)."""
+    token = _CONTEXT.set(None)
+    try:
+        yield
+    finally:
+        _CONTEXT.reset(token)
+
+
 def current() -> ParallelContext | None:
     return _CONTEXT.get()
 
@@ -240,9 +253,19 @@ def data_parallel_size(mesh: Mesh) -> int:
     return int(np.prod([mesh.shape.get(a, 1) for a in BATCH_AXES]))
 
 
+def context_parallel_size(mesh: Mesh) -> int:
+    """How many ways each row's tokens are split (ring x ulysses)."""
+    return int(np.prod([mesh.shape.get(a, 1) for a in SEQ_AXES]))
+
+
+def _axes_entry(mesh: Mesh, names) -> MeshAxes:
+    axes = tuple(a for a in names if mesh.shape.get(a, 1) > 1)
+    return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
 def batch_sharding(mesh: Mesh, leading_axes: int = 0) -> NamedSharding:
     """Sharding of a [..., B, T] batch array: `leading_axes` unsplit dimensions (e.g. accumulation), then B
-    split over data x fsdp x expert, the rest replicated."""
-    axes = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
-    batch = None if not axes else axes[0] if len(axes) == 1 else axes
-    return NamedSharding(mesh, P(*([None] * leading_axes), batch))
+    split over data x fsdp x expert and T over the context-parallel axes (ring x ulysses)."""
+    seq = _axes_entry(mesh, SEQ_AXES)
+    return NamedSharding(mesh, P(*([None] * leading_axes), _axes_entry(mesh, BATCH_AXES),
+                                 *([seq] if seq is not None else [])))
