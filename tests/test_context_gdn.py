@@ -72,7 +72,7 @@ def split_gdn(ring, ulysses):
 
 @pytest.mark.parametrize("ring,ulysses", [
     (2, 1), (4, 1),  # ring
-    (1, 2), (1, 4),  # Ulysses; 4 ranks do not split 2 key heads: q, k repeated
+    (1, 4),  # Ulysses; 4 ranks do not split 2 key heads: q, k repeated (2 ranks split them: the next case)
     (2, 2),  # both
 ])
 def test_split_gdn_matches_one_device(ring, ulysses):
@@ -88,7 +88,7 @@ def test_split_gdn_matches_one_device(ring, ulysses):
         assert np.abs(np.asarray(alone) - np.asarray(want))[:2].max() > 1e-2
 
 
-@pytest.mark.parametrize("ring,ulysses", [(2, 1), (2, 2)])
+@pytest.mark.parametrize("ring,ulysses", [(4, 1)])  # with Ulysses too: test_gdn_layer_split_matches_one_device
 def test_split_gdn_gradients(ring, ulysses):
     q, k, v, g, beta = inputs(2)
     seg = segments()
@@ -99,8 +99,7 @@ def test_split_gdn_gradients(ring, ulysses):
         np.testing.assert_allclose(got, want, atol=5e-5, rtol=5e-5, err_msg=name)
 
 
-@pytest.mark.parametrize("ring,ulysses", [(1, 4), (4, 1), (2, 2), (2, 4)])
-@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("ring,ulysses,packed", [(1, 4, True), (4, 1, True), (2, 4, True), (2, 2, False)])
 def test_conv_halo_matches_one_device(ring, ulysses, packed):
     C, Kc = 6, 4
     x = jax.random.normal(jax.random.key(3), (B, T, C))
@@ -121,6 +120,48 @@ def test_conv_halo_matches_one_device(ring, ulysses, packed):
     np.testing.assert_allclose(g_got, g_want, atol=1e-6, rtol=1e-6)
 
 
+def test_layout_is_the_ring_order():
+    """device_pieces describes what the context-parallel contract lays out: consecutive runs of the ring order."""
+    from xorl_jax.parallel.context import to_ring_order
+
+    for ring, ulysses in [(1, 4), (2, 1), (4, 1), (2, 2), (2, 4)]:
+        np.testing.assert_array_equal(layout(ring, ulysses), to_ring_order(jnp.arange(T)[None], ring=ring)[0])
+
+
 def test_ulysses_heads_must_divide():
-    with pytest.raises(ValueError, match="linear_num_value_heads 6 is not divisible by ulysses_parallel_size 4"):
-        cg.check_ulysses_heads(2, 6, 4)
+    assert cg.gdn_ulysses_problem(6, 4) == ("linear_num_value_heads 6 is not divisible by ulysses_parallel_size 4; "
+                                            "pick a Ulysses size that divides it (or use ringattn_parallel_size)")
+    assert cg.gdn_ulysses_problem(4, 4) is None
+
+
+@pytest.mark.parametrize("ring,ulysses", [(2, 2)])
+def test_gdn_layer_split_matches_one_device(ring, ulysses):
+    """The Qwen3.5 GatedDeltaNet layer under a mesh with ring/ulysses axes, fed the ring order, equals one device:
+    outputs and parameter gradients."""
+    from flax import nnx
+
+    from xorl_jax.layers.gdn import GatedDeltaNet
+    from xorl_jax.parallel import context as cp
+    from xorl_jax.parallel.mesh import make_mesh
+    from xorl_jax.parallel.rules import use_mesh
+
+    layer = GatedDeltaNet(hidden=16, key_heads=HK, value_heads=HV, key_dim=DK, value_dim=DV, conv_kernel=4, eps=1e-6,
+                          implementation="chunked", rngs=nnx.Rngs(0))
+    graph, params = nnx.split(layer)
+    x = jax.random.normal(jax.random.key(6), (B, T, 16))
+    seg = segments()
+    r = jax.random.normal(jax.random.key(7), (B, T, 16))
+    loss = lambda p, x, seg: jnp.sum(nnx.merge(graph, p)(x, seg) * r)  # noqa: E731
+    want_y = jax.jit(lambda p, x, seg: nnx.merge(graph, p)(x, seg))(params, x, seg)
+    want_g = jax.jit(jax.grad(loss))(params, x, seg)
+    mesh = make_mesh({"data": 1, "fsdp": 1, "ring": ring, "expert": 1, "ulysses": ulysses, "tensor": 1},
+                     jax.devices()[:ring * ulysses])
+    with use_mesh(mesh):
+        to_ring = lambda a: cp.to_ring_order(a, ring=ring)  # noqa: E731
+        got_y = jax.jit(lambda p, x, seg: cp.from_ring_order(nnx.merge(graph, p)(to_ring(x), to_ring(seg)),
+                                                             ring=ring))(params, x, seg)
+        got_g = jax.jit(jax.grad(lambda p, x, seg: jnp.sum(nnx.merge(graph, p)(to_ring(x), to_ring(seg))
+                                                           * to_ring(r))))(params, x, seg)
+    np.testing.assert_allclose(got_y, want_y, atol=2e-5, rtol=2e-5)
+    for (path, a), (_, b) in zip(nnx.to_flat_state(got_g), nnx.to_flat_state(want_g)):
+        np.testing.assert_allclose(a.get_value(), b.get_value(), atol=1e-4, rtol=1e-4, err_msg=str(path))

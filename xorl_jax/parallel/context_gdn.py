@@ -34,14 +34,14 @@ import jax.numpy as jnp
 
 from xorl_jax.kernels.gdn import gated_delta_rule
 from xorl_jax.layers.conv import causal_conv1d_silu
+from xorl_jax.parallel.context import gather_seq, heads_to_seq, ring_chunk_order, seq_to_heads
 
 
 # ------------------------------------------------------------------------------------------------ layout
 def piece_order(ring: int) -> np.ndarray:
     """[R, P] int: the global chunk index of ring rank r's local piece p after the Ulysses all-to-all (the ring
     order of `parallel/context.py`: with R > 1, 2R chunks and rank r holds chunks r and 2R-1-r; else one piece)."""
-    r = np.arange(ring)
-    return np.stack([r, 2 * ring - 1 - r], axis=1) if ring > 1 else r[:, None]
+    return ring_chunk_order(ring).reshape(ring, 2) if ring > 1 else np.zeros((1, 1), np.int64)
 
 
 def device_pieces(ring: int, ulysses: int) -> np.ndarray:
@@ -156,18 +156,13 @@ def ring_gated_delta_rule(q, k, v, g, beta, segment_ids=None, *, axis, order: np
 
 
 # ------------------------------------------------------------------------------------------------ Ulysses + ring
-def _seq_to_heads(x, axis):
-    return jax.lax.all_to_all(x, axis, split_axis=2, concat_axis=1, tiled=True)
-
-
-def _heads_to_seq(x, axis):
-    return jax.lax.all_to_all(x, axis, split_axis=1, concat_axis=2, tiled=True)
-
-
-def check_ulysses_heads(key_heads: int, value_heads: int, ulysses: int) -> None:
+def gdn_ulysses_problem(value_heads: int, ulysses: int) -> str | None:
+    """Why Gated DeltaNet heads cannot go over the Ulysses ranks (None when they can). Key heads need not divide:
+    they are repeated to the value heads when they do not."""
     if ulysses > 1 and value_heads % ulysses:
-        raise ValueError(f"linear_num_value_heads {value_heads} is not divisible by ulysses_parallel_size "
-                         f"{ulysses}; pick a Ulysses size that divides it (or use ring context parallelism)")
+        return (f"linear_num_value_heads {value_heads} is not divisible by ulysses_parallel_size {ulysses}; pick a "
+                "Ulysses size that divides it (or use ringattn_parallel_size)")
+    return None
 
 
 def context_parallel_gated_delta_rule(q, k, v, g, beta, segment_ids=None, *, ring_axis=None, ring: int = 1,
@@ -176,18 +171,20 @@ def context_parallel_gated_delta_rule(q, k, v, g, beta, segment_ids=None, *, rin
     """The gated delta rule for this device's share [B, T_local, H, *] of a sequence laid out as `device_pieces`
     says; heads go over `ulysses_axis` around the core, states over `ring_axis`."""
     Hk, Hv = q.shape[2], v.shape[2]
-    check_ulysses_heads(Hk, Hv, ulysses)
+    problem = gdn_ulysses_problem(Hv, ulysses)
+    if problem:
+        raise ValueError(problem)
     xs = [q, k, v, g, beta, segment_ids]
     if ulysses > 1:  # this device's run of the ring block -> the whole block, 1/U of the heads
         if Hk % ulysses:  # value heads split but key heads do not: give every value head its key head
             xs[0], xs[1] = (jnp.repeat(x, Hv // Hk, axis=2) for x in xs[:2])
-        xs[:5] = [_seq_to_heads(x, ulysses_axis) for x in xs[:5]]
+        xs[:5] = [seq_to_heads(x, ulysses_axis) for x in xs[:5]]
         if segment_ids is not None:
-            xs[5] = jax.lax.all_gather(segment_ids, ulysses_axis, axis=1, tiled=True)
+            xs[5] = gather_seq(segment_ids, ulysses_axis)
     if ring > 1:
         o = ring_gated_delta_rule(*xs, axis=ring_axis, order=piece_order(ring), implementation=implementation,
                                   scale=scale, use_qk_l2norm=use_qk_l2norm)
     else:
         o = gated_delta_rule(*xs[:5], segment_ids=xs[5], scale=scale, use_qk_l2norm=use_qk_l2norm,
                              implementation=implementation)[0]
-    return _heads_to_seq(o, ulysses_axis) if ulysses > 1 else o
+    return heads_to_seq(o, ulysses_axis) if ulysses > 1 else o
