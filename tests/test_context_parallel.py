@@ -1,0 +1,157 @@
+"""Context parallelism on 8 fake CPU devices equals one device: Ulysses, ring and both, with FSDP (and EP for MoE),
+through the training loss (chunked CE over global valid tokens, the model's hidden states in ring order), with
+packed documents crossing every shard boundary and a one-document row; plus the ring-attention kernel alone."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from test_parallel import assert_same_loss_and_grads
+from xorl_jax.kernels.ring_attention import ring_attention, ring_attention_reference
+from xorl_jax.models.common import ModelOptions
+from xorl_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeForCausalLM
+from xorl_jax.models.qwen3_5 import Qwen3_5Config, Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM
+from xorl_jax.parallel import context as cx
+from xorl_jax.parallel import rules as R
+from xorl_jax.parallel.mesh import MeshError, build_mesh, resolve_sizes
+from xorl_jax.train_step import IGNORE_INDEX, LossConfig, forward_loss
+
+V, B, T = 128, 4, 32
+ATTN = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+QWEN3_5 = dict(layer_types=("linear_attention", "full_attention"), linear_key_head_dim=16, linear_value_head_dim=16,
+               linear_num_key_heads=2, linear_num_value_heads=4, linear_conv_kernel_dim=4)
+MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, router_aux_loss_coef=0.01)
+FAMILIES = {
+    "qwen3": lambda: (Qwen3ForCausalLM, Qwen3Config(vocab_size=V, hidden_size=64, num_hidden_layers=2,
+                                                     intermediate_size=96, **ATTN)),
+    "qwen3_moe": lambda: (Qwen3MoeForCausalLM, Qwen3Config(vocab_size=V, hidden_size=64, num_hidden_layers=2,
+                                                            intermediate_size=96, norm_topk_prob=True, **ATTN, **MOE)),
+    "qwen3_5": lambda: (Qwen3_5ForCausalLM, Qwen3_5Config(vocab_size=V, hidden_size=64, num_hidden_layers=2,
+                                                          intermediate_size=96, **ATTN, **QWEN3_5)),
+    "qwen3_5_moe": lambda: (Qwen3_5MoeForCausalLM, Qwen3_5Config(
+        vocab_size=V, hidden_size=64, num_hidden_layers=2, intermediate_size=96, shared_expert_intermediate_size=48,
+        **ATTN, **QWEN3_5, **MOE)),
+}
+MESHES = {  # 8 devices = shard x ring x ulysses (xorl's counting: context ranks on top of the FSDP ranks)
+    "ulysses2_fsdp4": dict(data_parallel_shard_size=4, ulysses_parallel_size=2),
+    "ulysses4_fsdp2": dict(data_parallel_shard_size=2, ulysses_parallel_size=4),
+    "ring2_fsdp4": dict(data_parallel_shard_size=4, ringattn_parallel_size=2),
+    "ring4_fsdp2": dict(data_parallel_shard_size=2, ringattn_parallel_size=4),
+    "ring2_ulysses2_fsdp2": dict(data_parallel_shard_size=2, ringattn_parallel_size=2, ulysses_parallel_size=2),
+    "ring2_ulysses2_ep2": dict(data_parallel_shard_size=2, expert_parallel_size=2, ringattn_parallel_size=2,
+                               ulysses_parallel_size=2),
+}
+
+
+def packed_batch(seed=0):
+    """Row 0: documents of random lengths crossing shard boundaries, padding at the end; row 1: one document; row 2:
+    a document starting at every multiple of T/8 (every shard boundary of the layouts tested); row 3: documents of
+    one and two tokens. Positions restart per document; labels are the next token of the same document."""
+    rng = np.random.default_rng(seed)
+    seg = np.zeros((B, T), np.int32)
+    t, doc = 0, 1
+    while t < T - 3:
+        n = int(min(T - 3 - t, rng.choice([1, 3, 7, 11, 13])))
+        seg[0, t:t + n], t, doc = doc, t + n, doc + 1
+    seg[1] = 1
+    seg[2] = np.arange(T) // (T // 8) + 1
+    seg[3] = np.arange(T) * 2 // 3 + 1
+    starts = np.concatenate([np.ones((B, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+    pos = np.zeros((B, T), np.int32)
+    for b in range(B):
+        for i in range(T):
+            pos[b, i] = 0 if starts[b, i] else pos[b, i - 1] + 1
+    ids = rng.integers(0, V, (B, T)).astype(np.int32)
+    labels = np.where(np.concatenate([seg[:, 1:] == seg[:, :-1], np.zeros((B, 1), bool)], axis=1) & (seg > 0),
+                      np.roll(ids, -1, axis=1), IGNORE_INDEX).astype(np.int32)
+    return {k: jnp.asarray(v) for k, v in dict(input_ids=ids, labels=labels, positions=pos, segment_ids=seg).items()}
+
+
+def loss_and_grads(model, batch, mesh=None):
+    graphdef, state = nnx.split(model)
+    cfg = LossConfig(ce_chunk_size=16, compute_dtype=jnp.float32)
+
+    def objective(s, micro):
+        loss_sum, n_valid, aux = forward_loss(graphdef, s, micro, cfg)
+        return loss_sum / n_valid + 0.01 * aux
+
+    f = jax.jit(jax.value_and_grad(objective))
+    if mesh is None:
+        return f(state, batch)
+    with R.use_mesh(mesh):
+        state = jax.device_put(state, R.param_shardings(model, mesh))
+        batch = jax.device_put(batch, R.batch_sharding(mesh))
+        return f(state, batch)
+
+
+CASES = [
+    ("qwen3", "ulysses2_fsdp4"), ("qwen3", "ring4_fsdp2"), ("qwen3", "ring2_ulysses2_fsdp2"),
+    ("qwen3_moe", "ring2_ulysses2_ep2"), ("qwen3_moe", "ulysses4_fsdp2"),
+    ("qwen3_5", "ring2_fsdp4"), ("qwen3_5", "ulysses4_fsdp2"),
+    ("qwen3_5_moe", "ring2_ulysses2_ep2"),
+]
+
+
+@pytest.mark.parametrize("family,mesh_name", CASES)
+def test_context_parallel_loss_and_grads_equal_one_device(family, mesh_name):
+    cls, cfg = FAMILIES[family]()
+    model = cls(cfg, ModelOptions(moe_implementation="eager", gdn_implementation="chunked"), rngs=nnx.Rngs(0))
+    batch = packed_batch()
+    ref_loss, ref_grads = loss_and_grads(model, batch)
+    mesh = build_mesh(**MESHES[mesh_name], model_config=cfg)
+    loss, grads = loss_and_grads(model, batch, mesh)
+    assert_same_loss_and_grads(loss, grads, ref_loss, ref_grads)
+
+
+@pytest.mark.parametrize("ring,ulysses", [(2, 1), (4, 1), (2, 2)])
+def test_ring_attention_kernel_equals_one_device(ring, ulysses):
+    """The kernel alone, forward and gradients, GQA with packed documents, in ring order on a (ring, ulysses) mesh."""
+    mesh = build_mesh(data_parallel_shard_size=8 // (ring * ulysses), ringattn_parallel_size=ring,
+                      ulysses_parallel_size=ulysses)
+    seg = packed_batch()["segment_ids"]
+    ks = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(ks[0], (B, T, 4, 8))
+    k, v = jax.random.normal(ks[1], (B, T, 2, 8)), jax.random.normal(ks[2], (B, T, 2, 8))
+    index = jnp.arange(T, dtype=jnp.int32)
+    ref = lambda q, k, v: ring_attention_reference(q, k, v, seg, index)  # noqa: E731
+
+    def split(q, k, v):
+        def local(q, k, v, s):
+            if ulysses > 1:
+                q, k, v, s = cx.seq_to_heads(q), cx.seq_to_heads(k), cx.seq_to_heads(v), cx.gather_seq(s)
+            out = ring_attention(q, k, v, s, cx.ring_token_index(q.shape[1], ring), axis=cx.RING, ring=ring)
+            return cx.heads_to_seq(out) if ulysses > 1 else out
+
+        names = ("batch", "seq", None, None)
+        with R.use_mesh(mesh):
+            out = cx.context_shard_map(local, (names, names, names, ("batch", "seq")), names)(
+                *(cx.to_ring_order(a, ring=ring) for a in (q, k, v, seg)))
+        return cx.from_ring_order(out, ring=ring)
+
+    def loss(f):
+        return lambda *a: jnp.sum(f(*a) * jnp.cos(jnp.arange(8.0)))
+
+    np.testing.assert_allclose(np.asarray(jax.jit(split)(q, k, v)), np.asarray(ref(q, k, v)), atol=2e-5)
+    g = jax.jit(jax.grad(loss(split), argnums=(0, 1, 2)))(q, k, v)
+    g_ref = jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g, g_ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+
+
+def test_mesh_counts_context_ranks_on_top_of_fsdp():
+    assert resolve_sizes(8, data_parallel_shard_size=-1, ringattn_parallel_size=2, ulysses_parallel_size=2) == \
+        {"data": 1, "fsdp": 2, "ring": 2, "expert": 1, "ulysses": 2, "tensor": 1}
+    with pytest.raises(MeshError, match="ringattn_parallel_size 3 x train.ulysses_parallel_size 1 = 3"):
+        resolve_sizes(8, ringattn_parallel_size=3)
+    with pytest.raises(MeshError, match=r"\(8 / 2 context-parallel ranks\)"):
+        resolve_sizes(8, data_parallel_shard_size=8, ulysses_parallel_size=2)
+
+
+def test_ring_order_round_trips():
+    x = jnp.arange(2 * 16).reshape(2, 16)
+    assert cx.ring_chunk_order(4).tolist() == [0, 7, 1, 6, 2, 5, 3, 4]
+    np.testing.assert_array_equal(cx.from_ring_order(cx.to_ring_order(x, ring=4), ring=4), x)
+    assert cx.ulysses_heads_problem(4, 2, 1, 4) is None  # KV heads repeated
+    assert "3 attention heads" in cx.ulysses_heads_problem(3, 1, 1, 2)
