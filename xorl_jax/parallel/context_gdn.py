@@ -28,11 +28,13 @@ ring, else 1); `piece_order` and `device_pieces` are those tables.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import jax
 import jax.numpy as jnp
 
-from xorl_jax.kernels.gdn import gated_delta_rule
+from xorl_jax.kernels.gdn import auto_implementation, gated_delta_rule
 from xorl_jax.layers.conv import causal_conv1d_silu
 from xorl_jax.parallel.context import gather_seq, heads_to_seq, ring_chunk_order, seq_to_heads
 
@@ -115,21 +117,35 @@ def conv_with_halo(x_BTC, w_CK, segment_ids, *, axes, order: np.ndarray):
 
 
 # ------------------------------------------------------------------------------------------------ ring core
+def _zero_start_pass(q, k, v, g, beta, segment_ids, implementation, scale, use_qk_l2norm):
+    """Outputs from a zero state o [.., dv], Q_t = A_t^T q_t [.., dk], final state B [.., dk, dv] and transition
+    A [.., dk, dk]: one kernel call on v widened by dk zero columns from the initial state [0 | I]; two calls
+    where the Pallas kernel would not take the widened dv (not a power of two)."""
+    PB, _, Hv, V = v.shape
+    K = q.shape[-1]
+    kernel = functools.partial(gated_delta_rule, q, k, g=g, beta=beta, segment_ids=segment_ids, scale=scale,
+                               use_qk_l2norm=use_qk_l2norm, output_final_state=True, implementation=implementation)
+    eye = jnp.broadcast_to(jnp.eye(K, dtype=jnp.float32), (PB, Hv, K, K))
+    zeros = jnp.zeros((*v.shape[:3], K), v.dtype)
+    pallas = implementation == "pallas" or (implementation == "auto" and auto_implementation(K, V) == "pallas")
+    if pallas and (V + K) & (V + K - 1):
+        (o_zero, b_end), (q_eff, a_end) = kernel(v=v), kernel(v=zeros, initial_state=eye)
+        return o_zero, q_eff, b_end, a_end
+    h0 = jnp.concatenate([jnp.zeros((PB, Hv, K, V), jnp.float32), eye], axis=-1)
+    o, s = kernel(v=jnp.concatenate([v, zeros], axis=-1), initial_state=h0)
+    return o[..., :V], o[..., V:], s[..., :V], s[..., V:]
+
+
 def _ring_core(q, k, v, g, beta, segment_ids, *, axis, order: np.ndarray, implementation, scale, use_qk_l2norm):
     """The gated delta rule on piece rows [P*B, Tp, ...] whose pieces lie along ring `axis` as `order` says."""
     R, P = order.shape
     PB, _, Hv, V = v.shape
     K = q.shape[-1]
     B = PB // P
-    v_aug = jnp.concatenate([v, jnp.zeros((*v.shape[:3], K), v.dtype)], axis=-1)
-    eye = jnp.broadcast_to(jnp.eye(K, dtype=jnp.float32), (PB, Hv, K, K))
-    h0 = jnp.concatenate([jnp.zeros((PB, Hv, K, V), jnp.float32), eye], axis=-1)
-    o_aug, s_aug = gated_delta_rule(q, k, v_aug, g, beta, segment_ids=segment_ids, scale=scale,
-                                    use_qk_l2norm=use_qk_l2norm, initial_state=h0, output_final_state=True,
-                                    implementation=implementation)
-    o_zero, q_eff = o_aug[..., :V], o_aug[..., V:]  # outputs from a zero state; Q_t = A_t^T q_t
-    b_all = _gather_global(s_aug[..., :V], axis, order)  # [R*P, B, Hv, K, V]
-    a_all = _gather_global(s_aug[..., V:], axis, order)  # [R*P, B, Hv, K, K]
+    o_zero, q_eff, b_end, a_end = _zero_start_pass(q, k, v, g, beta, segment_ids, implementation, scale,
+                                                   use_qk_l2norm)
+    b_all = _gather_global(b_end, axis, order)  # [R*P, B, Hv, K, V]
+    a_all = _gather_global(a_end, axis, order)  # [R*P, B, Hv, K, K]
     if segment_ids is not None:
         first_all = _gather_global(segment_ids[:, 0], axis, order)  # [R*P, B]
         last_all = _gather_global(segment_ids[:, -1], axis, order)
