@@ -149,6 +149,17 @@ def ulysses_heads_problem(heads: int, kv_heads: int, tensor: int, ulysses: int) 
     return None
 
 
+def row_length_problem(tokens: int, ring: int, ulysses: int) -> str | None:
+    """Why rows of `tokens` cannot be split over these ranks (None when they can): ring order needs 2R equal chunks,
+    each ring block U equal runs."""
+    need = (2 * ring if ring > 1 else 1) * ulysses
+    if tokens % need:
+        return (f"rows of {tokens} tokens do not split into {need} equal pieces "
+                f"({'2 x ringattn_parallel_size x ' if ring > 1 else ''}ulysses_parallel_size); set "
+                f"data.pad_to_multiple_of (or data.sample_packing_sequence_len) to a multiple of {need}")
+    return None
+
+
 # ------------------------------------------------------------------------------------------------ shard_map
 def _spec(ctx, names, shape):
     spec = rules_lib.logical_to_spec(names, ctx.rules.activations, ctx.mesh)

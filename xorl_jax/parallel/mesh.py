@@ -28,6 +28,9 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh
 
+from xorl_jax.parallel.context import row_length_problem, ulysses_heads_problem
+from xorl_jax.parallel.context_gdn import gdn_ulysses_problem
+
 AXES = ("data", "fsdp", "ring", "expert", "ulysses", "tensor")
 SIZE_FIELDS = ("data_parallel_replicate_size", "data_parallel_shard_size", "expert_parallel_size",
                "tensor_parallel_size", "ringattn_parallel_size", "ulysses_parallel_size")
@@ -106,7 +109,7 @@ def resolve_sizes(num_devices: int, *, data_parallel_replicate_size=1, data_para
 
 
 def check_model_fits(sizes: dict[str, int], model_config: Any) -> None:
-    """Clear errors when experts or heads do not split evenly over the expert / tensor axes."""
+    """Clear errors when experts or heads do not split evenly over the expert / tensor / ulysses axes."""
     if model_config is None:
         return
     ep, tp = sizes.get("expert", 1), sizes.get("tensor", 1)
@@ -116,12 +119,30 @@ def check_model_fits(sizes: dict[str, int], model_config: Any) -> None:
     if ep > 1 and experts % ep:
         raise MeshError(f"num_experts {experts} (config.json) is not divisible by train.expert_parallel_size "
                         f"{ep}; pick an expert_parallel_size that divides it")
+    ulysses = sizes.get("ulysses", 1)
+    heads, kv_heads = getattr(model_config, "num_attention_heads", 0), getattr(model_config, "num_key_value_heads", 0)
+    problem = ulysses_heads_problem(heads, kv_heads or heads, tp, ulysses) if heads else None
+    if problem:
+        raise MeshError(f"config.json: {problem}; pick a ulysses_parallel_size that divides the heads, or split "
+                        f"the sequence with train.ringattn_parallel_size instead")
+    value_heads = getattr(model_config, "linear_num_value_heads", 0) or 0
+    problem = gdn_ulysses_problem(value_heads // tp if value_heads % tp == 0 else value_heads, ulysses) \
+        if value_heads else None
+    if problem:
+        raise MeshError(f"config.json: {problem}")
     if tp > 1:
         for field in ("num_attention_heads", "num_key_value_heads", "linear_num_key_heads", "linear_num_value_heads"):
             n = getattr(model_config, field, None)
             if n and n % tp:
                 raise MeshError(f"{field} {n} (config.json) is not divisible by train.tensor_parallel_size "
                                 f"{tp}; pick a tensor_parallel_size that divides it")
+
+
+def check_row_length(tokens: int, mesh: Mesh) -> None:
+    """A clear error when the data's rows cannot be split over the mesh's context-parallel ranks."""
+    problem = row_length_problem(tokens, int(mesh.shape.get("ring", 1)), int(mesh.shape.get("ulysses", 1)))
+    if problem:
+        raise MeshError(f"train.ringattn_parallel_size / ulysses_parallel_size: {problem}")
 
 
 def _device_array(shape: tuple[int, ...], devices) -> np.ndarray:
