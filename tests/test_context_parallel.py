@@ -2,6 +2,8 @@
 through the training loss (chunked CE over global valid tokens, the model's hidden states in ring order), with
 packed documents crossing every shard boundary and a one-document row; plus the ring-attention kernel alone."""
 
+from types import SimpleNamespace
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,13 +37,13 @@ FAMILIES = {
         **ATTN, **QWEN3_5, **MOE)),
 }
 MESHES = {  # 8 devices = shard x ring x ulysses (xorl's counting: context ranks on top of the FSDP ranks)
-    "ulysses2_fsdp4": dict(data_parallel_shard_size=4, ulysses_parallel_size=2),
-    "ulysses4_fsdp2": dict(data_parallel_shard_size=2, ulysses_parallel_size=4),
     "ring2_fsdp4": dict(data_parallel_shard_size=4, ringattn_parallel_size=2),
     "ring4_fsdp2": dict(data_parallel_shard_size=2, ringattn_parallel_size=4),
     "ring2_ulysses2_fsdp2": dict(data_parallel_shard_size=2, ringattn_parallel_size=2, ulysses_parallel_size=2),
     "ring2_ulysses2_ep2": dict(data_parallel_shard_size=2, expert_parallel_size=2, ringattn_parallel_size=2,
                                ulysses_parallel_size=2),
+    # xorl's counting of expert ranks: out of the context ranks too (its qwen3_30b_a3b_cp1_sp8: ulysses 8, ep 8)
+    "ulysses4_ep8": dict(data_parallel_shard_size=2, expert_parallel_size=8, ulysses_parallel_size=4),
 }
 
 
@@ -69,7 +71,7 @@ def packed_batch(seed=0):
     return {k: jnp.asarray(v) for k, v in dict(input_ids=ids, labels=labels, positions=pos, segment_ids=seg).items()}
 
 
-def loss_and_grads(model, batch, mesh=None):
+def loss_and_grads(model, batch, mesh=None, rules=None):
     graphdef, state = nnx.split(model)
     cfg = LossConfig(ce_chunk_size=16, compute_dtype=jnp.float32)
 
@@ -80,33 +82,37 @@ def loss_and_grads(model, batch, mesh=None):
     f = jax.jit(jax.value_and_grad(objective))
     if mesh is None:
         return f(state, batch)
-    with R.use_mesh(mesh):
-        state = jax.device_put(state, R.param_shardings(model, mesh))
+    with R.use_mesh(mesh, rules):
+        state = jax.device_put(state, R.param_shardings(model, mesh, rules))
         batch = jax.device_put(batch, R.batch_sharding(mesh))
         return f(state, batch)
 
 
-CASES = [
-    ("qwen3", "ulysses2_fsdp4"), ("qwen3", "ring4_fsdp2"), ("qwen3", "ring2_ulysses2_fsdp2"),
-    ("qwen3_moe", "ring2_ulysses2_ep2"), ("qwen3_moe", "ulysses4_fsdp2"),
-    ("qwen3_5", "ring2_fsdp4"), ("qwen3_5", "ulysses4_fsdp2"),
-    ("qwen3_5_moe", "ring2_ulysses2_ep2"),
-]
+# Every size once across the families (Ulysses 2 and 4, ring 2 and 4, both), each with FSDP, the MoE ones with EP
+# (over the FSDP group and, as xorl counts expert ranks, over the Ulysses ranks); one-device references shared.
+CASES = {
+    "qwen3": ("ring2_ulysses2_fsdp2", "ring4_fsdp2"),
+    "qwen3_moe": ("ulysses4_ep8",),
+    "qwen3_5": ("ring2_fsdp4",),
+    "qwen3_5_moe": ("ring2_ulysses2_ep2",),
+}
 
 
-@pytest.mark.parametrize("family,mesh_name", CASES)
-def test_context_parallel_loss_and_grads_equal_one_device(family, mesh_name):
+@pytest.mark.parametrize("family", CASES)
+def test_context_parallel_loss_and_grads_equal_one_device(family):
     cls, cfg = FAMILIES[family]()
     model = cls(cfg, ModelOptions(moe_implementation="eager", gdn_implementation="chunked"), rngs=nnx.Rngs(0))
     batch = packed_batch()
     ref_loss, ref_grads = loss_and_grads(model, batch)
-    mesh = build_mesh(**MESHES[mesh_name], model_config=cfg)
-    loss, grads = loss_and_grads(model, batch, mesh)
-    assert_same_loss_and_grads(loss, grads, ref_loss, ref_grads)
+    for mesh_name in CASES[family]:
+        sizes = MESHES[mesh_name]
+        mesh = build_mesh(**sizes, model_config=cfg)
+        rules = R.rules_for(SimpleNamespace(expert_parallel_size=sizes.get("expert_parallel_size", 1)), mesh)
+        loss, grads = loss_and_grads(model, batch, mesh, rules)
+        assert_same_loss_and_grads(loss, grads, ref_loss, ref_grads)
 
 
-@pytest.mark.parametrize("ring,ulysses", [(2, 1), (4, 1), (2, 2)])
-def test_ring_attention_kernel_equals_one_device(ring, ulysses):
+def test_ring_attention_kernel_equals_one_device(ring=2, ulysses=2):
     """The kernel alone, forward and gradients, GQA with packed documents, in ring order on a (ring, ulysses) mesh."""
     mesh = build_mesh(data_parallel_shard_size=8 // (ring * ulysses), ringattn_parallel_size=ring,
                       ulysses_parallel_size=ulysses)
@@ -147,6 +153,16 @@ def test_mesh_counts_context_ranks_on_top_of_fsdp():
         resolve_sizes(8, ringattn_parallel_size=3)
     with pytest.raises(MeshError, match=r"\(8 / 2 context-parallel ranks\)"):
         resolve_sizes(8, data_parallel_shard_size=8, ulysses_parallel_size=2)
+    # expert ranks beyond the FSDP group come out of the Ulysses ranks, then the ring ranks
+    assert resolve_sizes(8, data_parallel_shard_size=1, expert_parallel_size=8, ulysses_parallel_size=8)["expert"] == 1
+    sizes = resolve_sizes(8, data_parallel_shard_size=2, expert_parallel_size=8, ringattn_parallel_size=2,
+                          ulysses_parallel_size=2)
+    assert (sizes["fsdp"], sizes["expert"]) == (1, 2)
+    mesh = build_mesh(data_parallel_shard_size=2, expert_parallel_size=8, ringattn_parallel_size=2,
+                      ulysses_parallel_size=2)
+    assert R.rules_for(SimpleNamespace(expert_parallel_size=8), mesh).params["expert"] == ("expert", "ulysses", "ring")
+    with pytest.raises(MeshError, match="expert_parallel_size 3 must divide"):
+        resolve_sizes(8, data_parallel_shard_size=2, expert_parallel_size=3, ulysses_parallel_size=4)
 
 
 def test_ring_order_round_trips():
@@ -155,3 +171,24 @@ def test_ring_order_round_trips():
     np.testing.assert_array_equal(cx.from_ring_order(cx.to_ring_order(x, ring=4), ring=4), x)
     assert cx.ulysses_heads_problem(4, 2, 1, 4) is None  # KV heads repeated
     assert "3 attention heads" in cx.ulysses_heads_problem(3, 1, 1, 2)
+
+
+def test_block_attention_in_query_chunks_equals_one_pass():
+    """Long ring blocks run 1024 queries at a time (rematerialised): the same values and gradients as one pass."""
+    from xorl_jax.kernels.ring_attention import _block_attention, block_attention
+
+    ks = jax.random.split(jax.random.key(1), 4)
+    q, k, v = (jax.random.normal(ks[0], (2, 64, 4, 8)), jax.random.normal(ks[1], (2, 48, 2, 8)),
+               jax.random.normal(ks[2], (2, 48, 2, 8)))
+    mask = jax.random.bernoulli(ks[3], 0.5, (2, 64, 48)).at[:, :8].set(False)  # rows that see nothing
+
+    def loss(fn):
+        def f(q, k, v):
+            o, lse = fn(q, k, v)
+            return jnp.sum(o * jnp.sin(jnp.arange(8.0))) + jnp.sum(jnp.tanh(lse))
+        return jax.value_and_grad(f, argnums=(0, 1, 2))
+
+    got = jax.jit(loss(lambda *a: block_attention(*a, mask, 0.3, query_chunk=16)))(q, k, v)
+    want = jax.jit(loss(lambda *a: _block_attention(*a, mask, 0.3)))(q, k, v)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)

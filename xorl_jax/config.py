@@ -1113,9 +1113,13 @@ def validate(cfg: Config) -> Config:
                            f"devices the others leave; give the others explicit sizes")
     if isinstance(ep, int) and ep > 1 and isinstance(t.data_parallel_shard_size, int) \
             and t.data_parallel_shard_size > 0:
-        _need(t.data_parallel_shard_size % ep == 0,
+        from xorl_jax.parallel.sizes import expert_context_span  # no JAX there either
+
+        context = {"ring": t.ringattn_parallel_size, "ulysses": t.ulysses_parallel_size}
+        _need(expert_context_span(ep, t.data_parallel_shard_size, context) is not None,
               f"train.expert_parallel_size={ep} must divide train.data_parallel_shard_size="
-              f"{t.data_parallel_shard_size} (expert ranks are carved out of the FSDP group)")
+              f"{t.data_parallel_shard_size}, or be such a divisor times ulysses_parallel_size and/or "
+              f"ringattn_parallel_size (expert ranks are carved out of the FSDP group and the context ranks)")
 
     # batch and steps
     _need(t.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}")

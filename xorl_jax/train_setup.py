@@ -85,7 +85,7 @@ def model_and_mesh(cfg: Config):
         raise CheckpointError(f"{where}: {str(e).removeprefix('config.json: ')}") from None
     mesh = mesh_lib.build_mesh(cfg.train, model_config=model_config)
     mesh_lib.check_row_length(row_length(cfg.data), mesh)  # context parallelism splits every row evenly
-    return hf_config, cls, model_config, model_options(cfg), mesh, rules_lib.rules_for(cfg.train)
+    return hf_config, cls, model_config, model_options(cfg), mesh, rules_lib.rules_for(cfg.train, mesh)
 
 
 def model_options(cfg: Config) -> ModelOptions:

@@ -20,8 +20,31 @@ import jax.numpy as jnp
 NEG = -1e30  # the log-sum-exp of a row that sees nothing in a block (finite: no NaN in merges or gradients)
 
 
-def block_attention(q_bSHd, k_bSKd, v_bSKd, mask_bST, scale):
-    """(out [b, S, H, d] fp32, normalised over this block's keys; lse [b, S, H] fp32, NEG where a row sees none)."""
+QUERY_CHUNK = 1024  # queries per piece of a block: float32 scores of [b, H, 1024, keys] at a time
+
+
+def block_attention(q_bSHd, k_bSKd, v_bSKd, mask_bST, scale, query_chunk: int = QUERY_CHUNK):
+    """(out [b, S, H, d] fp32, normalised over this block's keys; lse [b, S, H] fp32, NEG where a row sees none).
+
+    Queries are independent, so a long block runs `query_chunk` of them at a time (lax.map), each piece
+    rematerialised in the backward pass: memory [b, H, query_chunk, keys] instead of [b, H, S, keys]."""
+    S = q_bSHd.shape[1]
+    if S <= query_chunk or S % query_chunk:
+        return _block_attention(q_bSHd, k_bSKd, v_bSKd, mask_bST, scale)
+    n = S // query_chunk
+
+    def piece(args):
+        q, mask = args
+        return jax.checkpoint(_block_attention, static_argnums=(4,))(q, k_bSKd, v_bSKd, mask, scale)
+
+    qs = jnp.moveaxis(q_bSHd.reshape(q_bSHd.shape[0], n, query_chunk, *q_bSHd.shape[2:]), 1, 0)
+    masks = jnp.moveaxis(mask_bST.reshape(mask_bST.shape[0], n, query_chunk, mask_bST.shape[-1]), 1, 0)
+    o, lse = jax.lax.map(piece, (qs, masks))
+    return (jnp.moveaxis(o, 0, 1).reshape(q_bSHd.shape[:3] + o.shape[-1:]),
+            jnp.moveaxis(lse, 0, 1).reshape(q_bSHd.shape[:3]))
+
+
+def _block_attention(q_bSHd, k_bSKd, v_bSKd, mask_bST, scale):
     b, S, H, d = q_bSHd.shape
     K = k_bSKd.shape[2]
     q = q_bSHd.reshape(b, S, K, H // K, d)

@@ -124,8 +124,10 @@ class MoE(nnx.Module):
             top_w = jax.lax.stop_gradient(top_w)  # the router still learns from the aux loss through `probs`
         w_gu, w_down = cast(self.gate_up_proj, dt), cast(self.down_proj, dt)
         ctx = parallel_rules.current()
-        if ctx is not None and ctx.axis_size("expert") > 1:  # expert parallelism: shard_map all-to-all path
+        expert_axes = ctx.expert_axes() if ctx is not None else ()
+        if expert_axes:  # expert parallelism (over `expert`, maybe context axes too): shard_map all-to-all path
             y = experts_ep(x, top_i, top_w.astype(dt), w_gu, w_down, mesh=ctx.mesh, implementation=self.implementation,
+                           expert_axis=expert_axes[0] if len(expert_axes) == 1 else expert_axes,
                            exchange=self.ep_exchange, capacity_factor=self.ep_capacity_factor,
                            batch_axes=parallel_rules.BATCH_AXES + parallel_rules.SEQ_AXES)
         else:

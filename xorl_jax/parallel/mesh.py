@@ -30,6 +30,7 @@ from jax.sharding import Mesh
 
 from xorl_jax.parallel.context import row_length_problem, ulysses_heads_problem
 from xorl_jax.parallel.context_gdn import gdn_ulysses_problem
+from xorl_jax.parallel.sizes import expert_context_span
 
 AXES = ("data", "fsdp", "ring", "expert", "ulysses", "tensor")
 SIZE_FIELDS = ("data_parallel_replicate_size", "data_parallel_shard_size", "expert_parallel_size",
@@ -101,18 +102,23 @@ def resolve_sizes(num_devices: int, *, data_parallel_replicate_size=1, data_para
         raise MeshError(f"train.data_parallel_replicate_size {rep} x train.data_parallel_shard_size {shard} x "
                         f"train.tensor_parallel_size {tp} = {rep * shard * tp}, but the run has {num_devices} "
                         f"device(s){cp_note}; make the product equal the device count (or set one size to -1)")
-    if shard % ep:
-        raise MeshError(f"train.expert_parallel_size {ep} must divide train.data_parallel_shard_size {shard} "
-                        f"(expert ranks are carved out of the FSDP group)")
-    return {"data": rep, "fsdp": shard // ep, "ring": context["ringattn_parallel_size"], "expert": ep,
-            "ulysses": context["ulysses_parallel_size"], "tensor": tp}
+    ring, ulysses = context["ringattn_parallel_size"], context["ulysses_parallel_size"]
+    span = expert_context_span(ep, shard, {"ring": ring, "ulysses": ulysses})
+    if span is None:
+        raise MeshError(f"train.expert_parallel_size {ep} must divide train.data_parallel_shard_size {shard}"
+                        + (f", or be such a divisor times ulysses_parallel_size {ulysses} and/or "
+                           f"ringattn_parallel_size {ring}" if ring * ulysses > 1 else "")
+                        + " (expert ranks are carved out of the FSDP group and the context-parallel ranks)")
+    expert = ep // math.prod({"ring": ring, "ulysses": ulysses}[a] for a in span)
+    return {"data": rep, "fsdp": shard // expert, "ring": ring, "expert": expert, "ulysses": ulysses, "tensor": tp}
 
 
 def check_model_fits(sizes: dict[str, int], model_config: Any) -> None:
     """Clear errors when experts or heads do not split evenly over the expert / tensor / ulysses axes."""
     if model_config is None:
         return
-    ep, tp = sizes.get("expert", 1), sizes.get("tensor", 1)
+    tp = sizes.get("tensor", 1)
+    ep = sizes.get("expert_ranks", sizes.get("expert", 1))
     experts = getattr(model_config, "num_experts", 0) or 0
     if ep > 1 and not experts:
         raise MeshError(f"train.expert_parallel_size {ep} > 1 but the model has no experts; set it to 1")
@@ -187,5 +193,6 @@ def build_mesh(train_cfg: Any = None, *, model_config: Any = None, devices=None,
     fields.update(sizes)
     devices = list(devices if devices is not None else jax.devices())
     resolved = resolve_sizes(len(devices), **fields)
-    check_model_fits(resolved, model_config)
+    ep = _parse_size("expert_parallel_size", fields.get("expert_parallel_size", 1))
+    check_model_fits({**resolved, "expert_ranks": ep or resolved["expert"]}, model_config)
     return make_mesh(resolved, devices)

@@ -28,6 +28,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from xorl_jax.parallel.sizes import expert_context_span
+
 BATCH_AXES = ("data", "fsdp", "expert")  # mesh axes that split the batch
 SEQ_AXES = ("ring", "ulysses")  # mesh axes that split the sequence (context parallelism; parallel/context.py)
 
@@ -80,9 +82,21 @@ def get_rules(rules: Rules | str | None) -> Rules:
     return PRESETS[rules]
 
 
-def rules_for(train_cfg: Any = None) -> Rules:
-    """The rules for a `train` config section: `full` (every strategy; mesh axes of size 1 cost nothing)."""
-    return get_rules(getattr(train_cfg, "sharding_preset", None))
+def rules_for(train_cfg: Any = None, mesh: Mesh | None = None) -> Rules:
+    """The rules for a `train` config section: `full` (every strategy; mesh axes of size 1 cost nothing). With the
+    run's `mesh`: experts also over the context axes when expert_parallel_size asks for more ranks than the `expert`
+    axis has (`expert_context_span`)."""
+    rules = get_rules(getattr(train_cfg, "sharding_preset", None))
+    ep = getattr(train_cfg, "expert_parallel_size", 1)
+    if mesh is None or not isinstance(ep, int) or ep <= mesh.shape.get("expert", 1):
+        return rules
+    span = expert_context_span(ep, int(mesh.shape.get("expert", 1)), mesh.shape) or ()
+    return with_expert_axes(rules, ("expert",) + span)
+
+
+def with_expert_axes(rules: Rules, axes: tuple[str, ...]) -> Rules:
+    """`rules` with the experts of expert weights spread over mesh `axes` (e.g. ("expert", "ulysses"))."""
+    return dataclasses.replace(rules, params={**rules.params, "expert": axes}, name=f"{rules.name}+experts")
 
 
 # ------------------------------------------------------------------------------------------------ specs
@@ -176,6 +190,10 @@ class ParallelContext:
 
     def axis_size(self, axis: str) -> int:
         return int(self.mesh.shape.get(axis, 1))
+
+    def expert_axes(self) -> tuple[str, ...]:
+        """The mesh axes (of size > 1) that expert weights' experts are split over: expert parallelism when any."""
+        return tuple(a for a in self.param_axes("expert") if self.axis_size(a) > 1)
 
     def param_axes(self, name: str) -> tuple[str, ...]:
         """The mesh axes that the parameters' logical axis `name` (e.g. "vocab", "embed") is split over."""
