@@ -17,7 +17,7 @@ from xorl_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeForCaus
 from xorl_jax.models.qwen3_5 import Qwen3_5Config, Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM
 from xorl_jax.parallel import context as cx
 from xorl_jax.parallel import rules as R
-from xorl_jax.parallel.mesh import MeshError, build_mesh, resolve_sizes
+from xorl_jax.parallel.mesh import MeshError, build_mesh, check_row_length, resolve_sizes
 from xorl_jax.train_step import IGNORE_INDEX, LossConfig, forward_loss
 
 V, B, T = 128, 4, 32
@@ -192,3 +192,19 @@ def test_block_attention_in_query_chunks_equals_one_pass():
     want = jax.jit(loss(lambda *a: _block_attention(*a, mask, 0.3)))(q, k, v)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_sizes_that_cannot_split_are_one_line_errors():
+    _, cfg = FAMILIES["qwen3_5"]()  # 4 query heads, 2 KV heads, 4 DeltaNet value heads
+    with pytest.raises(MeshError, match="4 attention heads per tensor rank are not divisible by "
+                                        "ulysses_parallel_size 8.*ringattn_parallel_size instead"):
+        build_mesh(data_parallel_shard_size=1, ulysses_parallel_size=8, model_config=cfg)
+    with pytest.raises(MeshError, match="linear_num_value_heads 2 is not divisible by ulysses_parallel_size 4"):
+        build_mesh(data_parallel_shard_size=2, ulysses_parallel_size=4,
+                   model_config=FAMILIES["qwen3_5"]()[1].__class__(**{**vars(cfg), "linear_num_value_heads": 2,
+                                                                       "linear_num_key_heads": 2}))
+    build_mesh(data_parallel_shard_size=2, ulysses_parallel_size=4, model_config=cfg)  # KV heads repeated: fine
+    mesh = build_mesh(data_parallel_shard_size=2, ringattn_parallel_size=2, ulysses_parallel_size=2)
+    with pytest.raises(MeshError, match="rows of 4100 tokens do not split into 8 equal pieces"):
+        check_row_length(4100, mesh)
+    check_row_length(4096, mesh)
