@@ -37,7 +37,7 @@ FAMILIES = {
         **ATTN, **QWEN3_5, **MOE)),
 }
 MESHES = {  # 8 devices = shard x ring x ulysses (xorl's counting: context ranks on top of the FSDP ranks)
-    "ring2_fsdp4": dict(data_parallel_shard_size=4, ringattn_parallel_size=2),
+    "ulysses2_tp2_fsdp2": dict(data_parallel_shard_size=2, tensor_parallel_size=2, ulysses_parallel_size=2),
     "ring4_fsdp2": dict(data_parallel_shard_size=2, ringattn_parallel_size=4),
     "ring2_ulysses2_fsdp2": dict(data_parallel_shard_size=2, ringattn_parallel_size=2, ulysses_parallel_size=2),
     "ring2_ulysses2_ep2": dict(data_parallel_shard_size=2, expert_parallel_size=2, ringattn_parallel_size=2,
@@ -88,12 +88,12 @@ def loss_and_grads(model, batch, mesh=None, rules=None):
         return f(state, batch)
 
 
-# Every size once across the families (Ulysses 2 and 4, ring 2 and 4, both), each with FSDP, the MoE ones with EP
-# (over the FSDP group and, as xorl counts expert ranks, over the Ulysses ranks); one-device references shared.
+# Every size once across the families (Ulysses 2 and 4, ring 2 and 4, both), each with FSDP, one with TP, the MoE
+# ones with EP (over the FSDP group and, as xorl counts expert ranks, over the Ulysses ranks); one reference each.
 CASES = {
-    "qwen3": ("ring2_ulysses2_fsdp2", "ring4_fsdp2"),
+    "qwen3": ("ring2_ulysses2_fsdp2", "ulysses2_tp2_fsdp2"),
     "qwen3_moe": ("ulysses4_ep8",),
-    "qwen3_5": ("ring2_fsdp4",),
+    "qwen3_5": ("ring4_fsdp2",),
     "qwen3_5_moe": ("ring2_ulysses2_ep2",),
 }
 
