@@ -174,7 +174,8 @@ class TrainConfig:
     tensor_parallel_size: int = _field(1, "size of the tensor mesh axis (Megatron-style sharding of heads, MLP "
                                           "and vocab); -1 = the devices the other sizes leave")
     expert_parallel_size: int | str = _field(1, "expert-parallel ranks for MoE models, carved out of the FSDP "
-                                                "group (must divide data_parallel_shard_size); -1 or auto = the "
+                                                "group (a divisor of data_parallel_shard_size, times the Ulysses "
+                                                "and/or ring sizes when larger, as in xorl); -1 or auto = the "
                                                 "whole FSDP group")
     ulysses_parallel_size: int = _field(1, "context parallelism, Ulysses: ranks splitting each row's tokens, "
                                            "all-to-all to a head split around attention (heads must divide); "
