@@ -230,9 +230,9 @@ def test_pytorch_values_map_to_the_equivalent_with_a_note(override, field, value
     ("--train.softmax_auxiliary_loss=true", "z-loss is not supported"),
     ("--train.lr_start=1e-6", "warmup starts from a learning rate of 0"),
     ("--train.gradient_checkpointing_method=sometimes", "not one of xorl's"),
-    ("--train.ulysses_parallel_size=2", "context and pipeline parallelism are not supported yet; set it to 1"),
-    ("--train.ringattn_parallel_size=2", "set it to 1"),
-    ("--train.pipeline_parallel_size=4", "set it to 1"),
+    ("--train.ulysses_parallel_size=0", "must be an integer >= 1"),
+    ("--train.ringattn_parallel_size=-1", "must be an integer >= 1"),
+    ("--train.pipeline_parallel_size=4", "pipeline parallelism is not supported yet; set it to 1"),
 ])
 def test_what_has_no_equivalent_says_what_to_use(override, needle):
     key = override[2:].split("=")[0]

@@ -448,12 +448,13 @@ def test_xorl_dataset_keys(tmp_path):
     assert [e.path for e in eval_sets] == ["e.jsonl"]
 
 
-def test_context_parallel_sizes_are_one_line_errors(tmp_path):
-    for size in ("ulysses_parallel_size: 8", "ringattn_parallel_size: 2", "pipeline_parallel_size: 2"):
-        text = LOCAL_DENSE.replace("ulysses_parallel_size: 1", size)
-        with pytest.raises(ConfigError) as info:
-            _load(text, tmp_path)
-        assert f"train.{size.replace(': ', '=')}" in str(info.value) and "set it to 1" in str(info.value)
+def test_context_parallel_sizes_are_read_pipeline_is_a_one_line_error(tmp_path):
+    t = _load(LOCAL_DENSE.replace("ulysses_parallel_size: 1", "ulysses_parallel_size: 4"), tmp_path,
+              "--train.ringattn_parallel_size=2").train
+    assert (t.ulysses_parallel_size, t.ringattn_parallel_size) == (4, 2)
+    with pytest.raises(ConfigError) as info:
+        _load(LOCAL_DENSE.replace("ulysses_parallel_size: 1", "pipeline_parallel_size: 2"), tmp_path)
+    assert "train.pipeline_parallel_size=2" in str(info.value) and "set it to 1" in str(info.value)
 
 
 def test_no_model_path_means_random_init_as_in_xorl():

@@ -174,10 +174,15 @@ class TrainConfig:
     tensor_parallel_size: int = _field(1, "size of the tensor mesh axis (Megatron-style sharding of heads, MLP "
                                           "and vocab); -1 = the devices the other sizes leave")
     expert_parallel_size: int | str = _field(1, "expert-parallel ranks for MoE models, carved out of the FSDP "
-                                                "group (must divide data_parallel_shard_size); -1 or auto = the "
+                                                "group (a divisor of data_parallel_shard_size, times the Ulysses "
+                                                "and/or ring sizes when larger, as in xorl); -1 or auto = the "
                                                 "whole FSDP group")
-    ulysses_parallel_size: int = _field(1, "sequence parallelism: only 1 is supported")
-    ringattn_parallel_size: int = _field(1, "ring attention: only 1 is supported")
+    ulysses_parallel_size: int = _field(1, "context parallelism, Ulysses: ranks splitting each row's tokens, "
+                                           "all-to-all to a head split around attention (heads must divide); "
+                                           "on top of the data-parallel ranks, as in xorl")
+    ringattn_parallel_size: int = _field(1, "context parallelism, ring attention: ranks splitting each row's "
+                                            "tokens, keys and values passed around the ring (any head count); "
+                                            "may be combined with Ulysses")
     pipeline_parallel_size: int = _field(1, "pipeline parallelism: only 1 is supported")
     # batch and length of the run
     micro_batch_size: int = _field(1, "packed rows per data-parallel rank per micro-batch")
@@ -523,8 +528,7 @@ NO_EFFECT_KEYS: dict[str, str] = {
     "train.pp_seq_len_bucket_size": _PP,
     "train.pp_variable_seq_lengths": _PP,
     "train.reshard_after_forward": "XLA gathers each layer's parameters where it uses them",
-    "train.cp_fsdp_mode": "context parallelism is not available yet (train.ulysses_parallel_size and "
-                          "train.ringattn_parallel_size must be 1)",
+    "train.cp_fsdp_mode": "parameters always shard over the context-parallel ranks too (xorl's default `all`)",
     "train.fsdp_sharded_lm_head_loss": "the output head is sharded and the loss chunked (train.ce_chunk_size)",
     "train.fsdp_sharded_lm_head_loss_num_chunks": "the output head is sharded and the loss chunked "
                                                   "(train.ce_chunk_size)",
@@ -730,8 +734,11 @@ XORL_FIELD_NOTES: dict[str, str] = {
     "data.datasets[].path": "a local file or directory, a HF dataset saved to disk, a HF hub id or `dummy`; remote "
                             "filesystems (s3://, gs://, https://) are not read here",
     "train.max_grad_norm": "a value <= 0 means no clipping, as in xorl",
-    "train.ulysses_parallel_size": "must be 1 for now (context parallelism is not supported yet)",
-    "train.ringattn_parallel_size": "must be 1 for now (context parallelism is not supported yet)",
+    "train.ulysses_parallel_size": "same meaning: context-parallel ranks on top of data_parallel_shard_size "
+                                   "(world = replicate x shard x ring x ulysses x tensor); attention and Gated "
+                                   "DeltaNet heads must divide it (KV heads are repeated when fewer)",
+    "train.ringattn_parallel_size": "same meaning, zigzag load balancing as in xorl; also for Gated DeltaNet "
+                                    "layers, which xorl refuses under ring",
     "train.pipeline_parallel_size": "must be 1 for now (pipeline parallelism is not supported yet)",
     "train.load_checkpoint_path": "xorl: null, a fresh start unless a path (or `auto`) is given; here "
                                   f"`{TrainConfig.load_checkpoint_path}`"
@@ -1041,14 +1048,15 @@ def _need(ok: bool, message: str):
 
 
 def config_sizes(t: TrainConfig) -> dict[str, int | str]:
-    """The four mesh sizes as the mesh builder reads them, after data_parallel_mode is applied."""
+    """The mesh sizes as the mesh builder reads them, after data_parallel_mode is applied."""
     shard, replicate = t.data_parallel_shard_size, t.data_parallel_replicate_size
     if t.data_parallel_mode == "ddp" and shard == -1:
         shard, replicate = 1, (-1 if replicate == 1 else replicate)
     elif t.data_parallel_mode == "none":
         shard, replicate = 1, 1
     return {"data_parallel_replicate_size": replicate, "data_parallel_shard_size": shard,
-            "expert_parallel_size": t.expert_parallel_size, "tensor_parallel_size": t.tensor_parallel_size}
+            "expert_parallel_size": t.expert_parallel_size, "tensor_parallel_size": t.tensor_parallel_size,
+            "ringattn_parallel_size": t.ringattn_parallel_size, "ulysses_parallel_size": t.ulysses_parallel_size}
 
 
 def _apply_data_parallel_mode(t: TrainConfig):
@@ -1081,10 +1089,12 @@ def validate(cfg: Config) -> Config:
           f"data.dataloader_prefetch_factor must be >= 1, got {d.dataloader_prefetch_factor}")
 
     # parallelism
-    for name in ("ulysses_parallel_size", "ringattn_parallel_size", "pipeline_parallel_size"):
+    _need(t.pipeline_parallel_size == 1, f"train.pipeline_parallel_size={t.pipeline_parallel_size}: pipeline "
+                                         f"parallelism is not supported yet; set it to 1 (and give its devices to "
+                                         f"data, context, expert or tensor parallelism)")
+    for name in ("ulysses_parallel_size", "ringattn_parallel_size"):
         value = getattr(t, name)
-        _need(value == 1, f"train.{name}={value}: context and pipeline parallelism are not supported yet; set it "
-                          f"to 1 (and give its devices to data, expert or tensor parallelism)")
+        _need(isinstance(value, int) and value >= 1, f"train.{name} must be an integer >= 1, got {value!r}")
     for name in ("data_parallel_shard_size", "data_parallel_replicate_size", "tensor_parallel_size"):
         value = getattr(t, name)
         _need(value == -1 or value >= 1, f"train.{name} must be -1 (fill) or >= 1, got {value}")
@@ -1104,9 +1114,13 @@ def validate(cfg: Config) -> Config:
                            f"devices the others leave; give the others explicit sizes")
     if isinstance(ep, int) and ep > 1 and isinstance(t.data_parallel_shard_size, int) \
             and t.data_parallel_shard_size > 0:
-        _need(t.data_parallel_shard_size % ep == 0,
+        from xorl_jax.parallel.sizes import expert_context_span  # no JAX there either
+
+        context = {"ring": t.ringattn_parallel_size, "ulysses": t.ulysses_parallel_size}
+        _need(expert_context_span(ep, t.data_parallel_shard_size, context) is not None,
               f"train.expert_parallel_size={ep} must divide train.data_parallel_shard_size="
-              f"{t.data_parallel_shard_size} (expert ranks are carved out of the FSDP group)")
+              f"{t.data_parallel_shard_size}, or be such a divisor times ulysses_parallel_size and/or "
+              f"ringattn_parallel_size (expert ranks are carved out of the FSDP group and the context ranks)")
 
     # batch and steps
     _need(t.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}")

@@ -67,7 +67,8 @@ def _mesh(args):
         expert_parallel_size=args.expert_parallel_size,
         tensor_parallel_size=args.tensor_parallel_size,
     )
-    return mesh_lib.build_mesh(train), rules_lib.rules_for(train)
+    mesh = mesh_lib.build_mesh(train)
+    return mesh, rules_lib.rules_for(train, mesh)
 
 
 def main(argv=None) -> int:

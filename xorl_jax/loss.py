@@ -261,7 +261,7 @@ def _on_devices(plan: _TokenPlan, h_ND, w_DV, labels_N, valid_N, with_grads: boo
     ctx = current()
     if ctx is None or ctx.mesh.size == 1:
         return run(h_ND, w_DV, labels_N, valid_N)
-    rows = logical_to_spec(("batch", None), ctx.rules.activations, ctx.mesh, h_ND.shape)
+    rows = logical_to_spec(("tokens", None), ctx.rules.activations, ctx.mesh, h_ND.shape)
     axes = rows[0]
     if axes is None:
         return run(h_ND, w_DV, labels_N, valid_N)

@@ -51,6 +51,7 @@ from xorl_jax.config import Config, ConfigError
 from xorl_jax.data.pipeline import row_length
 from xorl_jax.kernels.attention import LayoutPlanner
 from xorl_jax.kernels.gdn import auto_implementation
+from xorl_jax.kernels.ring_attention import QUERY_CHUNK
 from xorl_jax.layers.moe import MOE_REFERENCE
 from xorl_jax.models.loading import abstract_model
 from xorl_jax.optim import params_with_path
@@ -250,6 +251,18 @@ def plan_backends(options, model_config, platform: str):
 
 
 # ------------------------------------------------------------------------------------------------ memory estimate
+def ring_block_bytes(model_config, mesh_shape, rows: int, seq: int) -> int:
+    """Ring attention's working set on one device, beyond `estimate_activation_bytes`: each ring step is the jnp
+    reference on a ring block (S = seq / R tokens) a query chunk at a time, whose float32 scores, probabilities and
+    their gradient (3 x [rows, heads / U, chunk, S]) live while one layer's backward runs; 0 without a ring."""
+    ring, ulysses = int(mesh_shape.get("ring", 1)), int(mesh_shape.get("ulysses", 1))
+    if ring == 1:
+        return 0
+    heads = int(getattr(model_config, "num_attention_heads", 0)) // max(1, ulysses * int(mesh_shape.get("tensor", 1)))
+    block = seq // ring
+    return 3 * rows * max(1, heads) * min(block, QUERY_CHUNK) * block * 4
+
+
 def estimate_activation_bytes(cfg: Config, model_config, options, tokens: int) -> int:
     """Rough bytes one device keeps for a micro-batch of `tokens` beyond its parameters, gradients and optimizer state,
     for a GPU run (the fused kernels keep no [T, T] scores): the activations each layer saves under the remat policy
@@ -355,13 +368,15 @@ def dry_run(cfg: Config, device_memory_gib: float | None = None, experiments: Ex
     if limit is None:
         limit = autotune.planning_limit(device_memory_gib)
     opt_bytes = sum(_shard_bytes(x) for x in jax.tree.leaves(opt_state))
-    micro_tokens = t.micro_batch_size * seq
+    # tokens one device holds: its rows, each split over the context-parallel ranks (ring x ulysses)
+    micro_tokens = t.micro_batch_size * seq // rules_lib.context_parallel_size(mesh)
+    ring_bytes = ring_block_bytes(mcfg, mesh.shape, t.micro_batch_size, seq)
     # parameters (LoRA: frozen base and adapters), gradients (LoRA: adapters), optimizer state: PlanReport.state_bytes
     state_bytes = base_bytes + (base_bytes if trainable_bytes is None else 2 * trainable_bytes) + opt_bytes
 
     def estimate(cand):  # PlanReport.estimated_peak of a candidate's layer settings
         opts = dataclasses.replace(abstract.options, remat_policy=cand.remat_policy, scan_layers=cand.scan_layers)
-        return state_bytes + estimate_activation_bytes(cfg, mcfg, opts, micro_tokens) + merge_bytes
+        return state_bytes + estimate_activation_bytes(cfg, mcfg, opts, micro_tokens) + ring_bytes + merge_bytes
 
     # Off a GPU the compiled program keeps what the GPU kernels do not (the attention reference its [T, T] scores:
     # Qwen3 1.7B at 4 x 4096, dots_attention_saveable unrolled, planned 180 GiB on fake CPU devices and 51.2 GiB on an
@@ -379,7 +394,7 @@ def dry_run(cfg: Config, device_memory_gib: float | None = None, experiments: Ex
         largest_param_shard=(path, biggest), compile_s=compile_s, memory=memory,
         flops_per_token=float(mcfg.flops_per_token(seq)), collectives=_collectives(compiled.as_text()),
         layers=layers, backends=backends, lora=lora_line, trainable_bytes_per_device=trainable_bytes,
-        activation_bytes=estimate_activation_bytes(cfg, mcfg, abstract.options, micro_tokens),
+        activation_bytes=estimate_activation_bytes(cfg, mcfg, abstract.options, micro_tokens) + ring_bytes,
         lora_merge_bytes=merge_bytes, remat_policy=abstract.options.remat_policy, micro_tokens=micro_tokens,
         limit=limit,
     )

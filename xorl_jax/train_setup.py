@@ -84,7 +84,8 @@ def model_and_mesh(cfg: Config):
         where = source if os.path.isfile(source) else os.path.join(source, "config.json")
         raise CheckpointError(f"{where}: {str(e).removeprefix('config.json: ')}") from None
     mesh = mesh_lib.build_mesh(cfg.train, model_config=model_config)
-    return hf_config, cls, model_config, model_options(cfg), mesh, rules_lib.rules_for(cfg.train)
+    mesh_lib.check_row_length(row_length(cfg.data), mesh)  # context parallelism splits every row evenly
+    return hf_config, cls, model_config, model_options(cfg), mesh, rules_lib.rules_for(cfg.train, mesh)
 
 
 def model_options(cfg: Config) -> ModelOptions:

@@ -15,6 +15,7 @@ import optax
 from flax import nnx, struct
 
 from xorl_jax.loss import chunked_cross_entropy
+from xorl_jax.parallel.context import to_ring_order
 from xorl_jax.optim import apply_updates, leaf_squared_norms
 
 IGNORE_INDEX = -100
@@ -53,7 +54,8 @@ def forward_loss(graphdef, params, micro, loss_cfg: LossConfig, layer_transform=
     out = model(micro["input_ids"], micro["positions"], micro["segment_ids"], return_hidden=True, **kwargs)
     head = model.head_weight(loss_cfg.compute_dtype)
     loss_sum, n_valid = chunked_cross_entropy(
-        out.hidden_states, head, micro["labels"], chunk_size=loss_cfg.ce_chunk_size, ignore_index=IGNORE_INDEX,
+        # hidden states come in the model's token order: ring order under ring attention (parallel/context.py)
+        out.hidden_states, head, to_ring_order(micro["labels"]), chunk_size=loss_cfg.ce_chunk_size, ignore_index=IGNORE_INDEX,
         logits_dtype=loss_cfg.logits_dtype,
     )
     return loss_sum, n_valid, out.aux_loss

@@ -66,3 +66,198 @@ def test_xorl_yamls_dry_run_as_they_are(tmp_path, tiny_qwen3):
     assert "a flat config (xorl's server format) read into sections" in stderr
     kept = [line for line in stderr.splitlines() if "kept for the server mode" in line]
     assert len(kept) == 1 and "worker_connection_timeout" in kept[0] and "enable_packing" in kept[0]
+
+
+# xorl's context-parallel examples (examples/local/dummy/configs/full/), as they are
+XORL_SP4_128K = """
+## Full-weight training: Qwen3-8B, SP=4, 128K packing
+model:
+  model_path: Qwen/Qwen3-8B
+  attn_implementation: flash_attention_3
+
+data:
+  datasets:
+    - path: dummy
+      type: tokenized
+      max_seq_len: 8000
+  select_columns: [input_ids, labels]
+  dataset_prepared_path: last_prepared_dataset
+  sample_packing_method: sequential
+  sample_packing_sequence_len: 128000
+  dataloader_num_workers: 4
+  dataloader_prefetch_factor: 2
+  dataloader_pin_memory: true
+
+train:
+  output_dir: outputs/Qwen3-8B-sp4-full-128k
+  data_parallel_mode: fsdp2
+  ulysses_parallel_size: 4
+  data_parallel_replicate_size: 1
+  data_parallel_shard_size: 1
+  expert_parallel_size: 1
+
+  num_train_epochs: 5
+
+  micro_batch_size: 1
+  gradient_accumulation_steps: 1
+
+  optimizer: adamw
+  lr: 1.0e-5
+  lr_warmup_ratio: 0.005
+  lr_decay_style: cosine
+  lr_decay_ratio: 1.0
+  weight_decay: 0.01
+
+  max_grad_norm: 1.0
+  enable_mixed_precision: true
+  enable_gradient_checkpointing: true
+  enable_full_shard: true
+  enable_activation_offload: false
+  init_device: meta
+  load_weights_mode: broadcast
+  enable_full_determinism: false
+  empty_cache_steps: 500
+  ckpt_manager: dcp
+  save_steps: 1000
+  save_hf_weights: false
+  use_wandb: false
+"""
+
+XORL_CP2_SP4 = """
+## Hybrid balanced: cp=2, sp=4, dp=1
+model:
+  model_path: Qwen/Qwen3-8B
+  attn_implementation: flash_attention_3
+
+data:
+  datasets:
+    - path: dummy
+      type: tokenized
+      max_seq_len: 8193
+  select_columns: [input_ids, labels]
+  dataset_prepared_path: last_prepared_dataset
+  sample_packing_method: sequential
+  sample_packing_sequence_len: 64000
+  dataloader_num_workers: 4
+  dataloader_prefetch_factor: 2
+  dataloader_pin_memory: true
+
+train:
+  output_dir: outputs/Qwen3-8B-cp2-sp4-bench
+  data_parallel_mode: fsdp2
+  ulysses_parallel_size: 4
+  ringattn_parallel_size: 2
+  data_parallel_replicate_size: 1
+  data_parallel_shard_size: 1
+  expert_parallel_size: 1
+
+  num_train_epochs: 5
+  max_steps: 20
+
+  micro_batch_size: 1
+  gradient_accumulation_steps: 1
+
+  optimizer: adamw
+  lr: 1.0e-3
+  lr_warmup_ratio: 0.001
+  lr_decay_style: cosine
+  lr_decay_ratio: 1.0
+  weight_decay: 0.01
+
+  max_grad_norm: 5.0
+  enable_mixed_precision: true
+  enable_gradient_checkpointing: true
+  enable_full_shard: true
+  enable_activation_offload: false
+  init_device: meta
+  load_weights_mode: grouped
+  enable_full_determinism: false
+  empty_cache_steps: 500
+  ckpt_manager: dcp
+  save_steps: 1000
+  save_hf_weights: false
+
+  use_wandb: false
+"""
+
+XORL_MOE_SP8 = """
+## MoE + Pure Ulysses: ep=8, cp=1, sp=8, dp=1
+model:
+  model_path: Qwen/Qwen3-30B-A3B
+  attn_implementation: flash_attention_3
+  moe_implementation: triton
+
+data:
+  datasets:
+    - path: dummy
+      type: tokenized
+      max_seq_len: 16001
+  select_columns: [input_ids, labels]
+  dataset_prepared_path: last_prepared_dataset
+  sample_packing_method: sequential
+  sample_packing_sequence_len: 128000
+  dataloader_num_workers: 4
+  dataloader_prefetch_factor: 2
+  dataloader_pin_memory: true
+
+train:
+  output_dir: outputs/Qwen3-30B-A3B-cp1-sp8-bench
+  data_parallel_mode: fsdp2
+  ulysses_parallel_size: 8
+  ringattn_parallel_size: 1
+  expert_parallel_size: 8
+  data_parallel_replicate_size: 1
+  data_parallel_shard_size: 1
+
+  num_train_epochs: 5
+  max_steps: 20
+
+  micro_batch_size: 1
+  gradient_accumulation_steps: 1
+  empty_cache_steps: 100
+
+  optimizer: adamw
+  lr: 1.0e-5
+  lr_warmup_ratio: 0.005
+  lr_decay_style: cosine
+  lr_decay_ratio: 1.0
+  weight_decay: 0.01
+
+  max_grad_norm: 1.0
+  enable_mixed_precision: true
+  enable_gradient_checkpointing: true
+  enable_full_shard: true
+  enable_activation_offload: false
+  init_device: meta
+  load_weights_mode: all_ranks
+  enable_full_determinism: false
+
+  ckpt_manager: dcp
+  save_steps: 1000
+  save_hf_weights: false
+
+  use_wandb: false
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen3_moe(tmp_path_factory):
+    """A tiny Qwen3-MoE with 8 query heads (Ulysses 8) and 8 experts (expert parallel 8)."""
+    path = tmp_path_factory.mktemp("tiny_qwen3_moe")
+    transformers.Qwen3MoeConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=8, num_key_value_heads=2, head_dim=8, num_experts=8,
+                                num_experts_per_tok=2, moe_intermediate_size=32,
+                                max_position_embeddings=4096).save_pretrained(path)
+    return str(path)
+
+
+def test_xorl_context_parallel_yamls_dry_run_as_they_are(tmp_path, tiny_qwen3, tiny_qwen3_moe):
+    """Ulysses 4 at 128k tokens, ring 2 x Ulysses 4 at 64k, and Ulysses 8 with the experts over the same 8 ranks (as
+    xorl counts them): the context ranks on top of data_parallel_shard_size 1."""
+    dense = _dry_runs(tmp_path, tiny_qwen3, [("sp4", XORL_SP4_128K, 4), ("cp2_sp4", XORL_CP2_SP4, 8)])
+    moe = _dry_runs(tmp_path, tiny_qwen3_moe, [("moe_sp8", XORL_MOE_SP8, 8)])
+    assert "'fsdp': 1, 'ring': 1, 'expert': 1, 'ulysses': 4" in dense["sp4"][0]
+    assert "128,000 tokens/step" in dense["sp4"][0] and "all-to-all" in dense["sp4"][0]
+    assert "'ring': 2, 'expert': 1, 'ulysses': 4" in dense["cp2_sp4"][0] and "64,000 tokens/step" in dense["cp2_sp4"][0]
+    assert "collective-permute" in dense["cp2_sp4"][0]  # keys and values around the ring
+    assert "'ulysses': 8" in moe["moe_sp8"][0] and "128,000 tokens/step" in moe["moe_sp8"][0]

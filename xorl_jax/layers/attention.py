@@ -17,6 +17,8 @@ from xorl_jax.kernels.attention import attention
 from xorl_jax.layers.linear import cast, param
 from xorl_jax.layers.norm import RMSNorm
 from xorl_jax.layers.rope import apply_rope
+from xorl_jax.parallel.context import context_parallel
+from xorl_jax.parallel.context_attention import context_attention
 
 
 class Attention(nnx.Module):
@@ -60,7 +62,10 @@ class Attention(nnx.Module):
         # Norm first, RoPE second (the order Qwen3 uses; the parity tests catch a swap).
         q = apply_rope(self.q_norm(q), cos, sin)
         k = apply_rope(self.k_norm(k), cos, sin)
-        out = attention(q, k, v, segment_ids=segment_ids, implementation=self.implementation, layout=layout)
+        if context_parallel().active:  # the sequence is split over devices: Ulysses and/or ring attention
+            out = context_attention(q, k, v, segment_ids=segment_ids, implementation=self.implementation)
+        else:
+            out = attention(q, k, v, segment_ids=segment_ids, implementation=self.implementation, layout=layout)
         if gate is not None:
             out = out * jax.nn.sigmoid(gate)
         return jnp.einsum("bthe,hed->btd", out.astype(dt), cast(self.o_proj, dt))

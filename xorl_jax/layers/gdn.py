@@ -6,6 +6,9 @@ o = gated delta rule(q, k, v, g, beta) with the state reset at document starts; 
 out_proj. Value head h reads key head h // (Hv / Hk).
 Shapes: B batch, T tokens, D hidden, C conv channels (2*Hk*dk + Hv*dv), Kc conv width,
 Hk/Hv key/value heads, dk/dv key/value head dims.
+
+Under context parallelism (ring and/or Ulysses axes of the mesh, see parallel/context.py) T is split over devices:
+the conv takes its halo from the previous piece and the recurrence runs as parallel/context_gdn.py describes.
 """
 
 from __future__ import annotations
@@ -20,11 +23,14 @@ from xorl_jax.kernels.gdn import gated_delta_rule
 from xorl_jax.layers.conv import causal_conv1d_silu, causal_conv1d_silu_step
 from xorl_jax.layers.linear import cast, param
 from xorl_jax.layers.norm import GatedRMSNorm
+from xorl_jax.parallel import context as cp
+from xorl_jax.parallel.context_gdn import context_parallel_gated_delta_rule, conv_with_halo, device_pieces
 from xorl_jax.parallel.rules import current, logical_to_spec, per_shard, shard_map_compat
 
 
 GDN_IMPLEMENTATIONS = ("auto", "pallas", "chunked", "recurrent")
 _ROWS2, _ROWS3, _ROWS4 = ("batch", None), ("batch", None, None), ("batch", None, None, None)
+_SEQ2, _SEQ3, _SEQ4 = ("batch", "seq"), ("batch", "seq", None), ("batch", "seq", None, None)
 
 
 def resolve_gdn_implementation(name: str) -> str:
@@ -72,8 +78,12 @@ class GatedDeltaNet(nnx.Module):
         x = x_BTD.astype(dt)
         if valid is not None:  # padding contributes nothing (as HF's padding mask does)
             x = x * valid[..., None].astype(dt)
+        split = cp.context_parallel()
         qkv = jnp.einsum("btd,dc->btc", x, cast(self.in_proj_qkv, dt))
-        qkv = causal_conv1d_silu(qkv, cast(self.conv1d, dt), segment_ids)
+        if split.active:
+            qkv = _conv_split(qkv, cast(self.conv1d, dt), segment_ids, split)
+        else:
+            qkv = causal_conv1d_silu(qkv, cast(self.conv1d, dt), segment_ids)
         nk, nv = self.key_heads * self.key_dim, self.value_heads * self.value_dim
         q = qkv[..., :nk].reshape(B, T, self.key_heads, self.key_dim)
         k = qkv[..., nk : 2 * nk].reshape(B, T, self.key_heads, self.key_dim)
@@ -87,6 +97,10 @@ class GatedDeltaNet(nnx.Module):
         if segment_ids is None:
             segment_ids = jnp.ones((B, T), jnp.int32)
         impl = self.implementation
+        if split.active:
+            o = _core_split(q, k, v, g, beta, segment_ids, split, impl)
+            o = self.norm(o.astype(dt), z)
+            return jnp.einsum("bthe,hed->btd", o, cast(self.out_proj, dt))
         # Rows are independent: each device runs the recurrence on its own rows, so the kernel is never
         # gathered and the chunk loop holds no collectives.
         o = per_shard(lambda q, k, v, g, beta, seg: gated_delta_rule(q, k, v, g, beta, segment_ids=seg,
@@ -168,3 +182,21 @@ def _rows_per_device(fn, in_names, out_names):
         return shard_map_compat(fn, ctx.mesh, in_specs, tuple(spec(n) for n in out_names))(*args)
 
     return wrapped
+
+def _conv_split(qkv, w, segment_ids, split):
+    """The causal conv on a sequence split over the context axes: each piece takes its predecessor's tail."""
+    order = device_pieces(split.ring, split.ulysses)
+    axes = tuple(a for a, n in zip(cp.CONTEXT_AXES, (split.ring, split.ulysses)) if n > 1)
+    conv = lambda x, w, *seg: conv_with_halo(x, w, seg[0] if seg else None, axes=axes, order=order)  # noqa: E731
+    if segment_ids is None:
+        return cp.context_shard_map(conv, (_SEQ3, None), _SEQ3)(qkv, w)
+    return cp.context_shard_map(conv, (_SEQ3, None, _SEQ2), _SEQ3)(qkv, w, segment_ids)
+
+
+def _core_split(q, k, v, g, beta, segment_ids, split, implementation):
+    """The gated delta rule on a sequence split over the context axes (heads over Ulysses, state over the ring)."""
+    core = lambda *a: context_parallel_gated_delta_rule(  # noqa: E731
+        *a, ring_axis=cp.RING, ring=split.ring, ulysses_axis=cp.ULYSSES, ulysses=split.ulysses,
+        use_qk_l2norm=True, implementation=implementation)
+    return cp.context_shard_map(core, (_SEQ4, _SEQ4, _SEQ4, _SEQ3, _SEQ3, _SEQ2), _SEQ4)(
+        q, k, v, g, beta, segment_ids)

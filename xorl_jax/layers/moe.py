@@ -87,7 +87,7 @@ def _local_experts(implementation: str, ctx, top_k: int, hidden: int):
     fn = in_token_chunks(fn, top_k, hidden)
     if ctx is None or ctx.axis_size("tensor") > 1:
         return fn
-    tokens = ("batch", None)
+    tokens = ("tokens", None)  # [B * T] tokens: rows over the batch axes, each row's over the context axes
     return parallel_rules.per_shard(fn, in_names=(tokens, tokens, tokens, None, None), out_names=tokens)
 
 
@@ -139,9 +139,12 @@ class MoE(nnx.Module):
             top_w = jax.lax.stop_gradient(top_w)  # the router still learns from the aux loss through `probs`
         w_gu, w_down = _compute_weights(self.gate_up_proj, dt), _compute_weights(self.down_proj, dt)
         ctx = parallel_rules.current()
-        if ctx is not None and ctx.axis_size("expert") > 1:  # expert parallelism: shard_map all-to-all path
+        expert_axes = ctx.expert_axes() if ctx is not None else ()
+        if expert_axes:  # expert parallelism (over `expert`, maybe context axes too): shard_map all-to-all path
             y = experts_ep(x, top_i, top_w.astype(dt), w_gu, w_down, mesh=ctx.mesh, implementation=self.implementation,
-                           exchange=self.ep_exchange, capacity_factor=self.ep_capacity_factor)
+                           expert_axis=expert_axes[0] if len(expert_axes) == 1 else expert_axes,
+                           exchange=self.ep_exchange, capacity_factor=self.ep_capacity_factor,
+                           batch_axes=parallel_rules.BATCH_AXES + parallel_rules.SEQ_AXES)
         else:
             y = _local_experts(self.implementation, ctx, self.top_k, D)(x, top_i, top_w.astype(dt), w_gu, w_down)
         if self.has_shared_expert:

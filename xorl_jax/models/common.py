@@ -17,6 +17,7 @@ from xorl_jax.layers.linear import cast
 from xorl_jax.layers.moe import EXPERT_WEIGHTS_NAME, MoE, load_balancing_loss
 from xorl_jax.layers.rope import rope_cos_sin
 from xorl_jax.layers.swiglu import CHECKPOINT_NAME as SWIGLU_CHECKPOINT_NAME
+from xorl_jax.parallel.context import context_parallel, from_ring_order, to_ring_order
 from xorl_jax.parallel.expert import PADDED_CAPACITY_FACTOR
 from xorl_jax.parallel.rules import constrain as constrain_by_rules
 
@@ -261,13 +262,17 @@ def causal_lm_forward(model, input_ids, positions, segment_ids, return_hidden, *
     dt = opts.compute_dtype
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    cp = context_parallel()
+    if cp.ring > 1:  # ring attention's load balance: the layers run on the sequence in ring order (parallel/context)
+        input_ids, positions = to_ring_order(input_ids), to_ring_order(positions)
+        segment_ids = None if segment_ids is None else to_ring_order(segment_ids)
     valid = jnp.ones((B, T), bool) if segment_ids is None else segment_ids != 0
     h = cast(model.embed_tokens, dt)[input_ids]
     cos, sin = rope_cos_sin(positions, rotary_dim or cfg.head_dim, cfg.rope_theta, dt)
     E = (num_experts if num_experts is not None else cfg.num_experts) or 1
     stats = jnp.zeros((2, E), jnp.float32)
     # The documents' attention layout once for all layers (and outside remat: not recomputed in the backward).
-    packed = segment_ids is not None and opts.attn_implementation == "cudnn"
+    packed = segment_ids is not None and opts.attn_implementation == "cudnn" and not cp.active
     attn_layout = packed_layout_for(segment_ids, attention_layout) if packed else None
     h, stats = model.layers(
         (h, stats), remat_policy=opts.remat_policy, layer_transform=layer_transform, scan=opts.scan_layers,
@@ -278,10 +283,10 @@ def causal_lm_forward(model, input_ids, positions, segment_ids, return_hidden, *
     aux = jnp.zeros((), jnp.float32)
     if model.num_moe_layers:
         aux = load_balancing_loss(stats, model.num_moe_layers, jnp.sum(valid))
-    if return_hidden:
+    if return_hidden:  # in ring order under ring attention: the loss takes its labels through to_ring_order
         return ModelOutput(hidden_states=h, aux_loss=aux)
     logits = jnp.einsum("btd,dv->btv", h, model.head_weight(dt), preferred_element_type=jnp.float32)
-    return ModelOutput(logits=logits, aux_loss=aux)
+    return ModelOutput(logits=from_ring_order(logits) if cp.ring > 1 else logits, aux_loss=aux)
 
 
 def causal_lm_cached(model, input_ids, positions, segment_ids, caches, cache_valid, *, rotary_dim,

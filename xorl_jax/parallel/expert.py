@@ -21,6 +21,7 @@ R expert ranks, C = N*k copies per device.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -150,7 +151,7 @@ def experts_ep(x_ND, top_i, top_w, w_gate_up_EDCF, w_down_EFD, *, mesh, implemen
     capacity_factor: the padded exchange's buffer rows per destination over the balanced share;
     max_copy_elements: token copies x hidden per device in one pass of the experts (`in_token_chunks`)."""
     E, D, _, F = w_gate_up_EDCF.shape
-    R = mesh.shape[expert_axis]
+    R = math.prod(mesh.shape[a] for a in ((expert_axis,) if isinstance(expert_axis, str) else expert_axis))
     if E % R:
         raise ValueError(f"num_experts {E} is not divisible by the expert axis size {R}; change expert_parallel_size")
     tp = mesh.shape.get(tensor_axis, 1) if tensor_axis else 1

@@ -28,7 +28,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from xorl_jax.parallel.sizes import expert_context_span
+
 BATCH_AXES = ("data", "fsdp", "expert")  # mesh axes that split the batch
+SEQ_AXES = ("ring", "ulysses")  # mesh axes that split the sequence (context parallelism; parallel/context.py)
 
 MeshAxes = Any  # None | str | tuple[str, ...]
 
@@ -42,11 +45,13 @@ class Rules:
     name: str = "custom"
 
 
-_FSDP_PARAMS = {"embed": ("fsdp", "expert")}
+# Parameters shard over the context-parallel axes too (xorl's cp_fsdp_mode "all"): those ranks hold the same rows.
+_FSDP_PARAMS = {"embed": ("fsdp", "expert") + SEQ_AXES}
 _TP_PARAMS = {"vocab": "tensor", "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "expert_mlp": "tensor",
               "gdn_heads": "tensor"}
 _EP_PARAMS = {"expert": "expert"}
-_ACTIVATIONS = {"batch": BATCH_AXES, "seq": None, "embed": None}
+# "tokens": a flattened [B * T] token dimension, split as B (batch axes) then T (sequence axes) are.
+_ACTIVATIONS = {"batch": BATCH_AXES, "seq": SEQ_AXES, "tokens": BATCH_AXES + SEQ_AXES, "embed": None}
 _TP_ACTIVATIONS = {"heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor"}
 
 
@@ -77,9 +82,21 @@ def get_rules(rules: Rules | str | None) -> Rules:
     return PRESETS[rules]
 
 
-def rules_for(train_cfg: Any = None) -> Rules:
-    """The rules for a `train` config section: `full` (every strategy; mesh axes of size 1 cost nothing)."""
-    return get_rules(getattr(train_cfg, "sharding_preset", None))
+def rules_for(train_cfg: Any = None, mesh: Mesh | None = None) -> Rules:
+    """The rules for a `train` config section: `full` (every strategy; mesh axes of size 1 cost nothing). With the
+    run's `mesh`: experts also over the context axes when expert_parallel_size asks for more ranks than the `expert`
+    axis has (`expert_context_span`)."""
+    rules = get_rules(getattr(train_cfg, "sharding_preset", None))
+    ep = getattr(train_cfg, "expert_parallel_size", 1)
+    if mesh is None or not isinstance(ep, int) or ep <= mesh.shape.get("expert", 1):
+        return rules
+    span = expert_context_span(ep, int(mesh.shape.get("expert", 1)), mesh.shape) or ()
+    return with_expert_axes(rules, ("expert",) + span)
+
+
+def with_expert_axes(rules: Rules, axes: tuple[str, ...]) -> Rules:
+    """`rules` with the experts of expert weights spread over mesh `axes` (e.g. ("expert", "ulysses"))."""
+    return dataclasses.replace(rules, params={**rules.params, "expert": axes}, name=f"{rules.name}+experts")
 
 
 # ------------------------------------------------------------------------------------------------ specs
@@ -174,6 +191,10 @@ class ParallelContext:
     def axis_size(self, axis: str) -> int:
         return int(self.mesh.shape.get(axis, 1))
 
+    def expert_axes(self) -> tuple[str, ...]:
+        """The mesh axes (of size > 1) that expert weights' experts are split over: expert parallelism when any."""
+        return tuple(a for a in self.param_axes("expert") if self.axis_size(a) > 1)
+
     def param_axes(self, name: str) -> tuple[str, ...]:
         """The mesh axes that the parameters' logical axis `name` (e.g. "vocab", "embed") is split over."""
         return _as_tuple(self.rules.params.get(name))
@@ -186,6 +207,16 @@ _CONTEXT: contextvars.ContextVar[ParallelContext | None] = contextvars.ContextVa
 def use_mesh(mesh: Mesh, rules: Rules | str | None = None):
     """Run (trace) model code under `mesh` and `rules`: enables `constrain` and the expert-parallel MoE path."""
     token = _CONTEXT.set(ParallelContext(mesh, get_rules(rules)))
+    try:
+        yield
+    finally:
+        _CONTEXT.reset(token)
+
+
+@contextlib.contextmanager
+def without_mesh():
+    """Trace code as if outside `use_mesh` (inside a shard_map body: local kernels, no constraints)."""
+    token = _CONTEXT.set(None)
     try:
         yield
     finally:
@@ -240,9 +271,19 @@ def data_parallel_size(mesh: Mesh) -> int:
     return int(np.prod([mesh.shape.get(a, 1) for a in BATCH_AXES]))
 
 
+def context_parallel_size(mesh: Mesh) -> int:
+    """How many ways each row's tokens are split (ring x ulysses)."""
+    return int(np.prod([mesh.shape.get(a, 1) for a in SEQ_AXES]))
+
+
+def _axes_entry(mesh: Mesh, names) -> MeshAxes:
+    axes = tuple(a for a in names if mesh.shape.get(a, 1) > 1)
+    return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
 def batch_sharding(mesh: Mesh, leading_axes: int = 0) -> NamedSharding:
     """Sharding of a [..., B, T] batch array: `leading_axes` unsplit dimensions (e.g. accumulation), then B
-    split over data x fsdp x expert, the rest replicated."""
-    axes = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
-    batch = None if not axes else axes[0] if len(axes) == 1 else axes
-    return NamedSharding(mesh, P(*([None] * leading_axes), batch))
+    split over data x fsdp x expert and T over the context-parallel axes (ring x ulysses)."""
+    seq = _axes_entry(mesh, SEQ_AXES)
+    return NamedSharding(mesh, P(*([None] * leading_axes), _axes_entry(mesh, BATCH_AXES),
+                                 *([seq] if seq is not None else [])))
