@@ -29,7 +29,8 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from xorl_jax.kernels.gdn.pallas import FUSED_LAUNCH, LAUNCH, gated_delta_rule_pallas
+from xorl_jax.kernels.gdn.pallas import FUSED_LAUNCH, LAUNCH
+from xorl_jax.kernels.gdn.pallas_entry import gated_delta_rule_pallas
 from xorl_jax.kernels.gdn.reference import gated_delta_rule_chunked
 
 HK, HV, DK, DV = 16, 32, 128, 128

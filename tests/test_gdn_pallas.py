@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 from xorl_jax.kernels.gdn import gated_delta_rule
-from xorl_jax.kernels.gdn.pallas import gated_delta_rule_pallas
+from xorl_jax.kernels.gdn.pallas_entry import gated_delta_rule_pallas
 from xorl_jax.kernels.gdn.reference import gated_delta_rule_chunked, gated_delta_rule_recurrent
 
 from test_gdn import make_inputs, random_segments

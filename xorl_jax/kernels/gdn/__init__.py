@@ -8,7 +8,8 @@ run-to-run equality; see tests/test_gdn_pallas.py and docs/PERFORMANCE.md).
 
 from __future__ import annotations
 
-from xorl_jax.kernels.gdn.pallas import CHECKPOINT_NAME, gated_delta_rule_pallas
+from xorl_jax.kernels.gdn.pallas import CHECKPOINT_NAME
+from xorl_jax.kernels.gdn.pallas_entry import gated_delta_rule_pallas
 from xorl_jax.kernels.gdn.reference import gated_delta_rule_chunked, gated_delta_rule_recurrent
 
 IMPLEMENTATIONS = ("auto", "pallas", "chunked", "recurrent")

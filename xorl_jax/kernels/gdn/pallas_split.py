@@ -29,13 +29,9 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 
+from xorl_jax.kernels.gdn import pallas as P  # the fused layout's shared helpers and launch settings
+
 F32 = jnp.float32
-
-
-def _p():
-    from xorl_jax.kernels.gdn import pallas as P  # shared helpers; imported late (pallas.py dispatches here)
-
-    return P
 
 
 def document_runs(carry, B, N, C, has_documents: bool):
@@ -74,7 +70,6 @@ def _gate(gam_ref, carry_ref, n, C):
 
 def _intra_fwd_kernel(q_ref, k_ref, v_ref, gam_ref, beta_ref, doc_ref, carry_ref, u_ref, w_ref, a_ref, *, C,
                       inverse_dtype):
-    P = _p()
     dd = u_ref.dtype
     k = k_ref[...]
     beta = beta_ref[...].astype(F32)
@@ -89,7 +84,6 @@ def _intra_fwd_kernel(q_ref, k_ref, v_ref, gam_ref, beta_ref, doc_ref, carry_ref
 
 
 def _intra_fwd(qn, kn, v, gam, beta, doc, carry, *, C, interpret, launch):
-    P = _p()
     B, Tp, Hk, K = kn.shape
     H, V = v.shape[2], v.shape[3]
     dd = v.dtype
@@ -179,11 +173,10 @@ def _state_fwd_kernel(u_ref, w_ref, k_ref, gam_ref, doc_ref, ed_ref, first_ref, 
 
 
 def _dot(a, b, trans_a=False, trans_b=False, dtype=None):
-    return _p()._dot(a, b, trans_a=trans_a, trans_b=trans_b, dtype=dtype)
+    return P._dot(a, b, trans_a=trans_a, trans_b=trans_b, dtype=dtype)
 
 
 def _state_fwd(u, w, kn, gam, doc, ed, first, nxt, h0, *, C, interpret, launch):
-    P = _p()
     B, H, Tp, K = w.shape
     V, N, R, G = u.shape[-1], Tp // C, first.shape[1], H // kn.shape[2]
     BV = min(V, launch.block_v_fwd)
@@ -221,7 +214,6 @@ def _chunk_specs(B, Tp, Hk, H, K, V, C):
 
 
 def _out_kernel(q_ref, k_ref, gam_ref, doc_ref, carry_ref, h_ref, vn_ref, o_ref, *, C):
-    P = _p()
     dd = vn_ref.dtype
     q, k = q_ref[...], k_ref[...]
     _, decay, sc, _, _, _ = P._chunk_terms(gam_ref, doc_ref, carry_ref, C)
@@ -231,7 +223,6 @@ def _out_kernel(q_ref, k_ref, gam_ref, doc_ref, carry_ref, h_ref, vn_ref, o_ref,
 
 
 def _out_fwd(qn, kn, gam, doc, carry, h, vn, out_dtype, *, C, interpret, launch):
-    P = _p()
     B, Tp, Hk, K = qn.shape
     H, V = vn.shape[1], vn.shape[3]
     s = _chunk_specs(B, Tp, Hk, H, K, V, C)
@@ -253,7 +244,6 @@ def _out_fwd(qn, kn, gam, doc, carry, h, vn, out_dtype, *, C, interpret, launch)
 
 
 def _dvl_kernel(q_ref, k_ref, gam_ref, doc_ref, carry_ref, do_ref, dvl_ref, *, C):
-    P = _p()
     dd = do_ref.dtype
     _, decay, _, _, _, _ = P._chunk_terms(gam_ref, doc_ref, carry_ref, C)
     Pm = (_dot(q_ref[...], k_ref[...], trans_b=True, dtype=dd) * decay).astype(dd)
@@ -261,7 +251,6 @@ def _dvl_kernel(q_ref, k_ref, gam_ref, doc_ref, carry_ref, do_ref, dvl_ref, *, C
 
 
 def _dvl(qn, kn, gam, doc, carry, do, *, C, interpret, launch):
-    P = _p()
     B, Tp, Hk, K = qn.shape
     H, V = do.shape[2], do.shape[3]
     s = _chunk_specs(B, Tp, Hk, H, K, V, C)
@@ -335,7 +324,6 @@ def _state_bwd_kernel(dvl_ref, do_ref, q_ref, k_ref, w_ref, gam_ref, doc_ref, ca
 
 
 def _state_bwd(dvl, do, qn, kn, w, gam, doc, carry, ed, first, nxt, dst, *, C, interpret, launch):
-    P = _p()
     B, H, Tp, K = w.shape
     V, N, R, G = dvl.shape[-1], Tp // C, first.shape[1], H // kn.shape[2]
     BV = min(V, launch.block_v_bwd)
@@ -361,7 +349,6 @@ def _state_bwd(dvl, do, qn, kn, w, gam, doc, carry, ed, first, nxt, dst, *, C, i
 
 def _state_grads(do, dvn, vn, h, dh, *, C, interpret, launch):
     """The fused layout's per-chunk cotangent kernel, reading do in the token-major layout the output has."""
-    P = _p()
     B, Tp, H, V = do.shape
     N, K = Tp // C, h.shape[3]
     dd = vn.dtype
@@ -387,7 +374,6 @@ def _intra_bwd_stages(q_ref, k_ref, v_ref, gam_ref, beta_ref, doc_ref, carry_ref
                       dq_ref, dk_ref, dv_ref, dgam_ref, dbeta_ref, C):
     """`pallas._intra_bwd_kernel`'s math in stages (u, then w, then L, P, qd, ke), each finishing with what it
     owns, so at most a few [C, K] fp32 tiles are live at once; q, k, v stay bf16 until a stage needs them."""
-    P = _p()
     dd = q_ref.dtype
     beta = beta_ref[...].astype(F32)
     _, decay, sc, te, row, col = P._chunk_terms(gam_ref, doc_ref, carry_ref, C)
@@ -474,7 +460,6 @@ def _intra_bwd_folded_kernel(q_ref, k_ref, v_ref, gam_ref, beta_ref, doc_ref, ca
 
 def _intra_bwd_folded(qn, kn, v, gam, beta, doc, carry, X, du, do, vn, h, dh, *, C, interpret, launch):
     """dq, dk, dv, dgam, dbeta and ded [B, H, N, K] (row sums of the end-decay cotangent) in one launch."""
-    P = _p()
     B, Tp, Hk, K = qn.shape
     H, V = v.shape[2], v.shape[3]
     keyed, by_head, per_token_head, per_token, chunk_out = P._intra_specs(B, Tp, Hk, H, K, V, C)
@@ -496,7 +481,6 @@ def _intra_bwd_folded(qn, kn, v, gam, beta, doc, carry, X, du, do, vn, h, dh, *,
 
 
 def _intra_bwd(qn, kn, v, gam, beta, doc, carry, X, du, dw, dP, dqd, dke, *, C, interpret, launch):
-    P = _p()
     if not launch.intra_bwd_staged:
         return P._intra_bwd_call(qn, kn, v, gam, beta, doc, carry, X, du, dw, dP, dqd, dke, C=C,
                                  interpret=interpret, launch=launch)
@@ -523,7 +507,7 @@ def _intra_bwd(qn, kn, v, gam, beta, doc, carry, X, du, dw, dP, dqd, dke, *, C, 
 
 
 def _named(outputs):
-    return [checkpoint_name(x, _p().CHECKPOINT_NAME) for x in outputs]
+    return [checkpoint_name(x, P.CHECKPOINT_NAME) for x in outputs]
 
 
 def _forward(qn, kn, v, gam, beta, doc, carry, ed, first, nxt, h0, C, interpret, launch):
@@ -549,7 +533,6 @@ def _split_fwd(qn, kn, v, gam, beta, doc, carry, ed, first, nxt, h0, C, interpre
 
 
 def _split_bwd(C, interpret, launch, res, cts):
-    P = _p()
     qn, kn, v, gam, beta, doc, carry, ed, first, nxt, w, X, h, vn = res
     do, dst = cts
     kw = dict(C=C, interpret=interpret, launch=launch)
