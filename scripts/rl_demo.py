@@ -121,7 +121,7 @@ def main():
     p.add_argument("--loss", default="importance_sampling", choices=["importance_sampling", "ppo", "cispo"])
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--adam-eps", type=float, default=1e-8)
+    p.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW epsilon")
     p.add_argument("--grad-clip", type=float, default=1.0, help="global gradient norm limit (0: none)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the training answers")
     p.add_argument("--iterations", type=int, default=60)
