@@ -37,6 +37,14 @@ FAMILIES = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _full_precision_matmuls():
+    """fp32 products in full precision on every backend: a GPU's default rounds fp32 matmul inputs to TF32, and the
+    cached decode and the full forward (other shapes) round differently (logprobs ~1e-3 apart on an H100)."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 def random_model(cls, cfg, options=ModelOptions(), *, seed):
     """The model's structure (traced, not run: eager init is slow on a busy CPU) with random numpy weights; 1-D
     (norm) weights near 1."""
