@@ -72,6 +72,23 @@ class GatedDeltaNet(nnx.Module):
         self.norm = GatedRMSNorm(value_dim, eps, rngs=rngs)
         self.out_proj = param(rngs, (value_heads, value_dim, hidden), ("gdn_heads", "head_dim", "embed"))
 
+    def _heads(self, x, qkv):
+        """The core's inputs from the layer input `x` [B,T,D] and the convolved q|k|v channels: q, k [B,T,Hk,dk],
+        v [B,T,Hv,dv], the output gate z, beta, and the log decay g (fp32)."""
+        dt = self.dtype
+        B, T, _ = x.shape
+        nk, nv = self.key_heads * self.key_dim, self.value_heads * self.value_dim
+        q = qkv[..., :nk].reshape(B, T, self.key_heads, self.key_dim)
+        k = qkv[..., nk : 2 * nk].reshape(B, T, self.key_heads, self.key_dim)
+        v = qkv[..., 2 * nk : 2 * nk + nv].reshape(B, T, self.value_heads, self.value_dim)
+        z = jnp.einsum("btd,dhe->bthe", x, cast(self.in_proj_z, dt))
+        beta = jax.nn.sigmoid(jnp.einsum("btd,dh->bth", x, cast(self.in_proj_b, dt)))
+        a = jnp.einsum("btd,dh->bth", x, cast(self.in_proj_a, dt))
+        g = -jnp.exp(self.A_log[...].astype(jnp.float32)) * jax.nn.softplus(
+            a.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32)
+        )
+        return q, k, v, z, beta, g
+
     def __call__(self, x_BTD, segment_ids=None, valid=None):
         dt = self.dtype
         B, T, _ = x_BTD.shape
@@ -84,16 +101,7 @@ class GatedDeltaNet(nnx.Module):
             qkv = _conv_split(qkv, cast(self.conv1d, dt), segment_ids, split)
         else:
             qkv = causal_conv1d_silu(qkv, cast(self.conv1d, dt), segment_ids)
-        nk, nv = self.key_heads * self.key_dim, self.value_heads * self.value_dim
-        q = qkv[..., :nk].reshape(B, T, self.key_heads, self.key_dim)
-        k = qkv[..., nk : 2 * nk].reshape(B, T, self.key_heads, self.key_dim)
-        v = qkv[..., 2 * nk : 2 * nk + nv].reshape(B, T, self.value_heads, self.value_dim)
-        z = jnp.einsum("btd,dhe->bthe", x, cast(self.in_proj_z, dt))
-        beta = jax.nn.sigmoid(jnp.einsum("btd,dh->bth", x, cast(self.in_proj_b, dt)))
-        a = jnp.einsum("btd,dh->bth", x, cast(self.in_proj_a, dt))
-        g = -jnp.exp(self.A_log[...].astype(jnp.float32)) * jax.nn.softplus(
-            a.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32)
-        )
+        q, k, v, z, beta, g = self._heads(x, qkv)
         if segment_ids is None:
             segment_ids = jnp.ones((B, T), jnp.int32)
         impl = self.implementation
@@ -132,16 +140,7 @@ class GatedDeltaNet(nnx.Module):
         else:
             state, window = cache
             qkv, window = causal_conv1d_silu_step(qkv, window, w)
-        nk, nv = self.key_heads * self.key_dim, self.value_heads * self.value_dim
-        q = qkv[..., :nk].reshape(B, T, self.key_heads, self.key_dim)
-        k = qkv[..., nk : 2 * nk].reshape(B, T, self.key_heads, self.key_dim)
-        v = qkv[..., 2 * nk : 2 * nk + nv].reshape(B, T, self.value_heads, self.value_dim)
-        z = jnp.einsum("btd,dhe->bthe", x, cast(self.in_proj_z, dt))
-        beta = jax.nn.sigmoid(jnp.einsum("btd,dh->bth", x, cast(self.in_proj_b, dt)))
-        a = jnp.einsum("btd,dh->bth", x, cast(self.in_proj_a, dt))
-        g = -jnp.exp(self.A_log[...].astype(jnp.float32)) * jax.nn.softplus(
-            a.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32)
-        )
+        q, k, v, z, beta, g = self._heads(x, qkv)
         if state is None:
             seg = jnp.ones((B, T), jnp.int32) if segment_ids is None else segment_ids
             impl = self.implementation

@@ -313,7 +313,8 @@ def causal_lm_cached(model, input_ids, positions, segment_ids, caches, cache_val
 
 
 def mlp_residual(layer, h, stats, valid):
-    """The second half of a decoder layer (post-attention norm, MLP or MoE, residual) for the sampling path."""
+    """The second half of a decoder layer (post-attention norm, MLP or MoE, residual), shared by the families' layers
+    and their sampling paths."""
     x = layer.post_attention_layernorm(h)
     if isinstance(layer.mlp, MoE):
         y, layer_stats = layer.mlp(x, valid)

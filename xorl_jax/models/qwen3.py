@@ -139,14 +139,7 @@ class Qwen3DecoderLayer(nnx.Module):
         h, stats = carry
         h = constrain(h, HIDDEN)
         y = self.self_attn(self.input_layernorm(h), cos, sin, segment_ids, attn_layout)
-        h = constrain(h + y.astype(h.dtype), HIDDEN)
-        x = self.post_attention_layernorm(h)
-        if isinstance(self.mlp, MoE):
-            y, layer_stats = self.mlp(x, valid)
-            stats = stats + layer_stats
-        else:
-            y = self.mlp(x)
-        return h + y.astype(h.dtype), stats
+        return mlp_residual(self, constrain(h + y.astype(h.dtype), HIDDEN), stats, valid)
 
     def cached(self, carry, cache, *, cos, sin, segment_ids, valid, cache_valid=None, attn_layout=None):
         """The layer for sampling: (carry, its KV cache or None for prefill) -> (carry, new tokens' k, v)."""

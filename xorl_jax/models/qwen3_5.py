@@ -203,14 +203,7 @@ class Qwen3_5DecoderLayer(nnx.Module):
             y = self.linear_attn(x, segment_ids, valid)
         else:
             y = self.self_attn(x, cos, sin, segment_ids, attn_layout)
-        h = constrain(h + y.astype(h.dtype), HIDDEN)
-        x = self.post_attention_layernorm(h)
-        if isinstance(self.mlp, MoE):
-            y, layer_stats = self.mlp(x, valid)
-            stats = stats + layer_stats
-        else:
-            y = self.mlp(x)
-        return h + y.astype(h.dtype), stats
+        return mlp_residual(self, constrain(h + y.astype(h.dtype), HIDDEN), stats, valid)
 
     def cached(self, carry, cache, *, cos, sin, segment_ids, valid, cache_valid=None, attn_layout=None):
         """The layer for sampling: (carry, its cache or None for prefill) -> (carry, its new cache entries):
