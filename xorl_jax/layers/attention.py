@@ -52,16 +52,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BTD, cos, sin, segment_ids=None, layout=None):
         dt = self.dtype
-        x = x_BTD.astype(dt)
-        q = jnp.einsum("btd,dhe->bthe", x, cast(self.q_proj, dt))
-        gate = None
-        if self.gated:
-            q, gate = q[..., : self.head_dim], q[..., self.head_dim :]
-        k = jnp.einsum("btd,dke->btke", x, cast(self.k_proj, dt))
-        v = jnp.einsum("btd,dke->btke", x, cast(self.v_proj, dt))
-        # Norm first, RoPE second (the order Qwen3 uses; the parity tests catch a swap).
-        q = apply_rope(self.q_norm(q), cos, sin)
-        k = apply_rope(self.k_norm(k), cos, sin)
+        q, gate, k, v = self._qkv(x_BTD, cos, sin)
         if context_parallel().active:  # the sequence is split over devices: Ulysses and/or ring attention
             out = context_attention(q, k, v, segment_ids=segment_ids, implementation=self.implementation)
         else:
@@ -70,9 +61,9 @@ class Attention(nnx.Module):
             out = out * jax.nn.sigmoid(gate)
         return jnp.einsum("bthe,hed->btd", out.astype(dt), cast(self.o_proj, dt))
 
-    # ---------------------------------------------------------------------------------------- decoding (sampling)
     def _qkv(self, x_BTD, cos, sin):
-        """q (normed, rotated), the output gate (None unless gated), k (normed, rotated), v: as __call__ makes them."""
+        """q (normed, rotated), the output gate (None unless gated), k (normed, rotated), v: for training and
+        sampling alike."""
         dt = self.dtype
         x = x_BTD.astype(dt)
         q = jnp.einsum("btd,dhe->bthe", x, cast(self.q_proj, dt))
@@ -81,6 +72,7 @@ class Attention(nnx.Module):
             q, gate = q[..., : self.head_dim], q[..., self.head_dim :]
         k = jnp.einsum("btd,dke->btke", x, cast(self.k_proj, dt))
         v = jnp.einsum("btd,dke->btke", x, cast(self.v_proj, dt))
+        # Norm first, RoPE second (the order Qwen3 uses; the parity tests catch a swap).
         return apply_rope(self.q_norm(q), cos, sin), gate, apply_rope(self.k_norm(k), cos, sin), v
 
     def cached(self, x_BTD, cos, sin, cache=None, *, segment_ids=None, cache_valid=None, layout=None):
