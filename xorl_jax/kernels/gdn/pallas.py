@@ -462,12 +462,14 @@ def _intra_fwd_call(qn, kn, v, gam, beta, doc, carry, *, C, interpret, launch=FU
     )(qn, kn, v, gam, beta, doc, carry)
 
 
-def _intra_bwd_call(qn, kn, v, gam, beta, doc, carry, X, du, dw, dP, dqd, dke, *, C, interpret, launch=FUSED_LAUNCH):
+def _intra_bwd_call(qn, kn, v, gam, beta, doc, carry, X, du, dw, dP, dqd, dke, *, C, interpret, launch=FUSED_LAUNCH,
+                    kernel=None, name="gdn_intra_bwd"):
+    """The intra-chunk backward launch; `kernel` another kernel of the same blocks (the split layout's staged one)."""
     B, Tp, Hk, K = qn.shape
     H, V = v.shape[2], v.shape[3]
     keyed, by_head, per_token_head, per_token, chunk_out = _intra_specs(B, Tp, Hk, H, K, V, C)
     return pl.pallas_call(
-        functools.partial(_intra_bwd_kernel, C=C),
+        functools.partial(kernel or _intra_bwd_kernel, C=C),
         out_shape=[jax.ShapeDtypeStruct((B, Tp, H, K), F32), jax.ShapeDtypeStruct((B, Tp, H, K), F32),
                    jax.ShapeDtypeStruct((B, Tp, H, V), F32), jax.ShapeDtypeStruct((B, Tp, H), F32),
                    jax.ShapeDtypeStruct((B, Tp, H), F32)],
@@ -477,7 +479,7 @@ def _intra_bwd_call(qn, kn, v, gam, beta, doc, carry, X, du, dw, dP, dqd, dke, *
         out_specs=[by_head(K), by_head(K), by_head(V), per_token_head, per_token_head],
         interpret=interpret,
         compiler_params=None if interpret else _compiler_params(launch, "intra_bwd"),
-        name="gdn_intra_bwd",
+        name=name,
     )(qn, kn, v, gam, beta, doc, carry, X, du, dw, dP, dqd, dke)
 
 

@@ -481,25 +481,9 @@ def _intra_bwd_folded(qn, kn, v, gam, beta, doc, carry, X, du, do, vn, h, dh, *,
 
 
 def _intra_bwd(qn, kn, v, gam, beta, doc, carry, X, du, dw, dP, dqd, dke, *, C, interpret, launch):
-    if not launch.intra_bwd_staged:
-        return P._intra_bwd_call(qn, kn, v, gam, beta, doc, carry, X, du, dw, dP, dqd, dke, C=C,
-                                 interpret=interpret, launch=launch)
-    B, Tp, Hk, K = qn.shape
-    H, V = v.shape[2], v.shape[3]
-    keyed, by_head, per_token_head, per_token, chunk_out = P._intra_specs(B, Tp, Hk, H, K, V, C)
-    return pl.pallas_call(
-        functools.partial(_intra_bwd_staged_kernel, C=C),
-        out_shape=[jax.ShapeDtypeStruct((B, Tp, H, K), F32), jax.ShapeDtypeStruct((B, Tp, H, K), F32),
-                   jax.ShapeDtypeStruct((B, Tp, H, V), F32), jax.ShapeDtypeStruct((B, Tp, H), F32),
-                   jax.ShapeDtypeStruct((B, Tp, H), F32)],
-        grid=(B, Tp // C, H),
-        in_specs=[keyed, keyed, by_head(V), per_token_head, per_token_head, per_token, per_token, chunk_out(C),
-                  chunk_out(V), chunk_out(K), chunk_out(C), chunk_out(K), chunk_out(K)],
-        out_specs=[by_head(K), by_head(K), by_head(V), per_token_head, per_token_head],
-        interpret=interpret,
-        compiler_params=None if interpret else P._compiler_params(launch, "intra_bwd"),
-        name="gdn_split_intra_bwd",
-    )(qn, kn, v, gam, beta, doc, carry, X, du, dw, dP, dqd, dke)
+    staged = dict(kernel=_intra_bwd_staged_kernel, name="gdn_split_intra_bwd") if launch.intra_bwd_staged else {}
+    return P._intra_bwd_call(qn, kn, v, gam, beta, doc, carry, X, du, dw, dP, dqd, dke, C=C, interpret=interpret,
+                             launch=launch, **staged)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
