@@ -46,9 +46,9 @@ from xorl_jax.checkpoint.training import ResumePlan, TrainCheckpointer, clean_te
 from xorl_jax.config import Config, config_to_dict
 from xorl_jax.kernels.attention import layout_planner
 from xorl_jax.lora import layer_merge_fn, merge_lora
-from xorl_jax.models.loading import abstract_model
+from xorl_jax.models.loading import random_model
 from xorl_jax.parallel import rules as rules_lib
-from xorl_jax.parallel.rules import batch_sharding, param_shardings
+from xorl_jax.parallel.rules import batch_sharding
 from xorl_jax.preflight import RunInputs, disk_full_error, disk_full_message
 from xorl_jax.train_setup import (Experiments, MeshJit, TrainSteps, abstract_batch, loss_config_for,
                                   opt_state_shardings, optimizer_for)
@@ -129,7 +129,8 @@ class TrainEngine:
                  if init_from == "scratch" else f"loading weights from {cfg.model.model_path}")
         with rules_lib.use_mesh(self.mesh, self.rules):
             if init_from == "scratch":
-                model = self._init_scratch()
+                model = random_model(self.model_cls, self.model_config, self.options, mesh=self.mesh,
+                                     rules=self.rules, seed=self.cfg.train.seed)
             else:
                 model = load_model(cfg.model.model_path, self.options, mesh=self.mesh, rules=self.rules,
                                    config_path=cfg.model.config_path)
@@ -150,21 +151,6 @@ class TrainEngine:
         self.loss_cfg = loss_config_for(cfg, self.model_config, self.options)
         # cuDNN attention: each batch's packed layout is planned on the host (None: attention takes no layout)
         self.layout_planner = layout_planner(self.options)
-
-    def _init_scratch(self):
-        abstract = abstract_model(self.model_cls, self.model_config, self.options)
-        shardings = param_shardings(abstract, self.mesh, self.rules)
-        graphdef = nnx.graphdef(abstract)
-        seed = self.cfg.train.seed
-        cls, mcfg, opts = self.model_cls, self.model_config, self.options
-
-        @jax.jit
-        def init():
-            state = nnx.state(cls(mcfg, opts, rngs=nnx.Rngs(seed)))
-            state = jax.tree.map(lambda x: x.astype(opts.param_dtype), state)
-            return jax.lax.with_sharding_constraint(state, shardings)
-
-        return nnx.merge(graphdef, init())
 
     def _setup_optimizer(self):
         params, self._initial_params = self._initial_params, None  # the state owns them from here on

@@ -12,6 +12,7 @@ from flax import nnx
 from xorl_jax.errors import CheckpointError
 from xorl_jax.models import registry
 from xorl_jax.models.common import ModelOptions
+from xorl_jax.parallel.rules import param_shardings
 
 
 def build_config(hf_config: dict):
@@ -26,6 +27,21 @@ def build_config(hf_config: dict):
 def abstract_model(cls, cfg, options: ModelOptions):
     """The model with shapes only (no memory, no random init): weights are filled in afterwards."""
     return nnx.eval_shape(lambda: cls(cfg, options, rngs=nnx.Rngs(0)))
+
+
+def random_model(cls, cfg, options: ModelOptions, *, mesh, rules, seed: int):
+    """A randomly initialised model (`train.init_from: scratch`), each parameter made in `options.param_dtype` directly
+    in its shards on `mesh` (one jitted init: no full copy on one device)."""
+    abstract = abstract_model(cls, cfg, options)
+    shardings = param_shardings(abstract, mesh, rules)
+
+    @jax.jit
+    def init():
+        state = nnx.state(cls(cfg, options, rngs=nnx.Rngs(seed)))
+        state = jax.tree.map(lambda x: x.astype(options.param_dtype), state)
+        return jax.lax.with_sharding_constraint(state, shardings)
+
+    return nnx.merge(nnx.graphdef(abstract), init())
 
 
 def detect_layout(keys) -> tuple[str, str]:

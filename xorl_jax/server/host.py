@@ -35,9 +35,8 @@ from xorl_jax import lora as lora_lib
 from xorl_jax import rl_losses
 from xorl_jax.checkpoint.orbax import load_model, load_params, save_params
 from xorl_jax.config import Config
-from xorl_jax.models.loading import abstract_model
+from xorl_jax.models.loading import random_model
 from xorl_jax.parallel import rules as rules_lib
-from xorl_jax.parallel.rules import param_shardings
 from xorl_jax.server import sampling, storage, wire
 from xorl_jax.train_setup import model_and_mesh
 
@@ -98,7 +97,7 @@ class ModelHost:
         self.mesh, self.rules, self.options = mesh, rules, options
         with rules_lib.use_mesh(mesh, rules):
             if cfg.train.init_from == "scratch":
-                model = self._init_scratch(cls, model_config, options)
+                model = random_model(cls, model_config, options, mesh=mesh, rules=rules, seed=cfg.train.seed)
             else:
                 model = load_model(cfg.model.model_path, options, mesh=mesh, rules=rules,
                                    config_path=cfg.model.config_path)
@@ -128,20 +127,6 @@ class ModelHost:
         self._lora_mesh = (mesh, rules) if mesh.size > 1 else (None, None)
         self._sample_counter = 0
         self._replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-    def _init_scratch(self, cls, model_config, options):
-        abstract = abstract_model(cls, model_config, options)
-        shardings = param_shardings(abstract, self.mesh, self.rules)
-        graphdef = nnx.graphdef(abstract)
-        seed = self.cfg.train.seed
-
-        @jax.jit
-        def init():
-            state = nnx.state(cls(model_config, options, rngs=nnx.Rngs(seed)))
-            state = jax.tree.map(lambda x: x.astype(options.param_dtype), state)
-            return jax.lax.with_sharding_constraint(state, shardings)
-
-        return nnx.merge(graphdef, init())
 
     # ------------------------------------------------------------------------------------------- models
     def _lora_targets(self, spec: LoraSpec):
