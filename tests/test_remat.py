@@ -74,3 +74,60 @@ def test_dots_attention_policy_keeps_the_grouped_matmuls_and_the_swiglu_activati
     kept = saved(checkpoint_policy("dots_attention_saveable"))
     assert "named 'grouped_matmul'" in kept and "named 'mlp_activation'" in kept
     assert "named" not in saved(jax.checkpoint_policies.nothing_saveable)
+
+
+def _saved_residuals(opts, layer_transform=None):
+    """What the backward of the tiny dense Qwen3's loss keeps, as print_saved_residuals describes it."""
+    import contextlib
+    import io
+
+    graphdef, state = nnx.split(Qwen3ForCausalLM(CFG, opts, rngs=nnx.Rngs(0)))
+    ids = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, CFG.vocab_size)
+
+    def loss(state):
+        out = nnx.merge(graphdef, state)(ids, layer_transform=layer_transform)
+        return jnp.sum(out.logits.astype(jnp.float32))
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        jax.ad_checkpoint.print_saved_residuals(loss, state)
+    return out.getvalue()
+
+
+def test_weights_cast_to_the_compute_dtype_are_kept_only_where_a_cast_happens():
+    """fp32 parameters with bf16 compute: `dots_attention_saveable` keeps each projection's and MLP weight's bf16
+    cast (q, k, v, o, gate_up, down: 6 per layer, unrolled so the names show), so the backward reads neither the fp32
+    weights nor a copy of their slices. fp32 compute casts nothing, and a layer transform (LoRA's merge) would make the
+    kept casts a merged weight-sized copy per layer: nothing named is kept in either."""
+    from xorl_jax.layers.linear import WEIGHTS_NAME
+    from xorl_jax.models.common import LayerTransform
+
+    named = f"named '{WEIGHTS_NAME}'"
+    bf16 = ModelOptions(remat_policy="dots_attention_saveable", dtype="bfloat16", scan_layers=False)
+    assert _saved_residuals(bf16).count(named) == 6 * CFG.num_hidden_layers
+    assert named not in _saved_residuals(dataclasses.replace(bf16, dtype="float32"))
+    identity = LayerTransform(lambda group_state, extra: group_state, jnp.zeros((CFG.num_hidden_layers, 1)))
+    assert named not in _saved_residuals(bf16, identity)
+
+
+def test_keeping_the_weight_casts_changes_no_gradient():
+    """Keeping the bf16 casts instead of recomputing them in the backward gives the same gradients (bf16 compute,
+    unrolled layers, where the measured step keeps them)."""
+    from xorl_jax.layers.linear import WEIGHTS_NAME
+    from xorl_jax.models.common import SAVED_NAMES
+
+    def grads(names):
+        opts = ModelOptions(remat_policy="dots_attention_saveable", dtype="bfloat16", scan_layers=False,
+                            attn_implementation="xla", remat_saved_names=names)
+        model = Qwen3ForCausalLM(CFG, opts, rngs=nnx.Rngs(0))
+        ids = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, CFG.vocab_size)
+
+        def loss(m):
+            return jnp.mean(jax.nn.logsumexp(m(ids).logits.astype(jnp.float32), -1))
+
+        return jax.tree.leaves(nnx.state(nnx.grad(loss)(model)))
+
+    without = tuple(n for n in SAVED_NAMES if n != WEIGHTS_NAME)
+    assert WEIGHTS_NAME in SAVED_NAMES
+    for got, ref in zip(grads(SAVED_NAMES), grads(without)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))

@@ -9,6 +9,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+# The name of a weight cast to the compute dtype (fp32 parameters, bf16 compute), so a remat policy can keep it for
+# the backward: recomputing the cast there rereads the fp32 weight, and with unrolled layers makes XLA copy each
+# layer's fp32 slice of the stacked parameters out so the backward can read it. Kept, it costs 2 bytes per parameter
+# of the layer until the backward has used it. Whether `dots_attention_saveable` keeps it: models.common.SAVED_NAMES.
+WEIGHTS_NAME = "compute_weights"
 
 
 def param(rngs: nnx.Rngs, shape, axes, *, std: float = 0.02, init: str = "normal", dtype=jnp.float32) -> nnx.Param:
@@ -25,6 +32,11 @@ def param(rngs: nnx.Rngs, shape, axes, *, std: float = 0.02, init: str = "normal
     return nnx.Param(value, axes=tuple(axes))
 
 
-def cast(w: nnx.Param, dtype) -> jax.Array:
-    """Parameter value in the compute dtype (params stay fp32; compute casts at use)."""
-    return w[...].astype(dtype)
+def cast(w: nnx.Param, dtype, name: str = WEIGHTS_NAME) -> jax.Array:
+    """Parameter value in the compute dtype (params stay fp32; compute casts at use), named `name` for the remat
+    policy only where a cast happens: a weight already in the compute dtype would be saved as a second copy of itself
+    for nothing. Outside a remat region the name changes nothing."""
+    value = w[...]
+    if value.dtype == jnp.dtype(dtype):
+        return value
+    return checkpoint_name(value.astype(dtype), name)

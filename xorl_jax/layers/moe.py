@@ -20,7 +20,6 @@ import logging
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.ad_checkpoint import checkpoint_name
 
 from xorl_jax.kernels.gmm import _cached_unavailable_reason, triton_available
 from xorl_jax.layers.experts import experts_dense, experts_sorted, in_token_chunks, route
@@ -39,10 +38,8 @@ EXPERT_WEIGHTS_NAME = "expert_weights"
 
 
 def _compute_weights(w: nnx.Param, dtype) -> jax.Array:
-    """Expert weights in the compute dtype, named for the remat policy only where a cast happens: weights already in
-    the compute dtype would be saved as a second copy of themselves for nothing."""
-    value = cast(w, dtype)
-    return value if w[...].dtype == value.dtype else checkpoint_name(value, EXPERT_WEIGHTS_NAME)
+    """Expert weights in the compute dtype, named for the remat policy (only where a cast happens: `linear.cast`)."""
+    return cast(w, dtype, EXPERT_WEIGHTS_NAME)
 # Not a config value: the sorted path with the grouped GEMM's jnp reference (kernels.gmm), which the dry run plans in
 # place of triton on CPU (XLA:CPU's ragged_dot, `native`, expands into one dense product per expert).
 MOE_REFERENCE = "reference"

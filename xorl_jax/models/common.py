@@ -13,7 +13,7 @@ from flax import nnx, struct
 
 from xorl_jax.kernels.attention import AttentionLayout, packed_layout, packed_layout_for
 from xorl_jax.kernels.gmm import CHECKPOINT_NAME as GMM_CHECKPOINT_NAME
-from xorl_jax.layers.linear import cast
+from xorl_jax.layers.linear import WEIGHTS_NAME, cast
 from xorl_jax.layers.moe import EXPERT_WEIGHTS_NAME, MoE, load_balancing_loss
 from xorl_jax.layers.rope import rope_cos_sin
 from xorl_jax.layers.swiglu import CHECKPOINT_NAME as SWIGLU_CHECKPOINT_NAME
@@ -29,8 +29,11 @@ REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_attention_saveable", "d
 # Gated DeltaNet kernels name their forward products too (`kernels.gdn.CHECKPOINT_NAME`, for `bench_train.py
 # --remat-keep-names`) but are not kept: on the Qwen3.5-35B-A3B cut (one H200) keeping them cost 1.1 GiB and no time
 # (118.3 vs 117.5 ms). The expert weights cast to the compute dtype (`layers.moe.EXPERT_WEIGHTS_NAME`) are kept too:
-# 116 vs 125 ms on the Qwen3-30B-A3B cut with fp32 parameters (one H100), and less peak memory.
-SAVED_NAMES = (GMM_CHECKPOINT_NAME, SWIGLU_CHECKPOINT_NAME, EXPERT_WEIGHTS_NAME)
+# 116 vs 125 ms on the Qwen3-30B-A3B cut with fp32 parameters (one H100), and less peak memory. So are the other
+# weights' casts (`layers.linear.WEIGHTS_NAME`: projections, dense MLPs), docs/PERFORMANCE.md.
+SAVED_NAMES = (GMM_CHECKPOINT_NAME, SWIGLU_CHECKPOINT_NAME, EXPERT_WEIGHTS_NAME, WEIGHTS_NAME)
+# Weight casts: under a layer transform (LoRA) they are casts of the merged weights, a weight-sized copy per layer.
+WEIGHT_CAST_NAMES = (EXPERT_WEIGHTS_NAME, WEIGHTS_NAME)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,8 +168,8 @@ class LayerStack(nnx.Module):
         own buffers, where a scan zero-fills stacked buffers and copies every layer's residuals into them."""
         graphdef, state = nnx.split(self.groups)
         fn, extra = layer_transform if layer_transform is not None else (None, None)
-        if fn is not None:  # transformed (e.g. LoRA-merged) expert weights kept would be a weight-sized copy per layer
-            saved_names = tuple(n for n in saved_names if n != EXPERT_WEIGHTS_NAME)
+        if fn is not None:  # transformed (e.g. LoRA-merged) weights kept would be a weight-sized copy per layer
+            saved_names = tuple(n for n in saved_names if n not in WEIGHT_CAST_NAMES)
 
         def step(carry, xs):
             group_state, extra_slice = xs
