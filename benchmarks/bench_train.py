@@ -392,8 +392,9 @@ def run_hf(args, cfg: dict, batch: int, seq: int, checkpointing: bool) -> dict:
     model = None
     for experts in (("grouped_mm",) if "num_experts" in cfg else ()) + (None,):
         try:  # transformers >= 5 picks a fused experts kernel by name; older versions take no such argument
-            model = transformers.AutoModelForCausalLM.from_config(
-                hf, **kwargs, **({"experts_implementation": experts} if experts else {}))
+            with torch.device("cuda"):  # random init on the GPU, not on the host and then copied (same step)
+                model = transformers.AutoModelForCausalLM.from_config(
+                    hf, **kwargs, **({"experts_implementation": experts} if experts else {}))
             break
         except (TypeError, ValueError):
             continue
