@@ -516,9 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attn-layout", default="host", choices=("host", "device"), help="the packed attention layout "
                    "fixed per batch on the host (what the trainer does) or picked per layer on the device")
     p.add_argument("--remat-keep-names", default=None, help="experiment: the named values dots_attention_saveable "
-                   "keeps, comma-separated, or none (default: models.common.SAVED_NAMES; "
-                   "grouped_matmul,mlp_activation,expert_weights also keeps the MoE experts' weights cast to the "
-                   "compute dtype)")
+                   "keeps, comma-separated, or none (default: models.common.SAVED_NAMES, the weights' casts to the "
+                   "compute dtype, expert_weights and compute_weights, kept with unrolled layers only; "
+                   "grouped_matmul,mlp_activation,expert_weights keeps the dense weights' casts no longer)")
     p.add_argument("--attn-sizes", default=None, help="experiment: comma-separated slot counts the host may fix the "
                    "packed cuDNN attention layout at (default: kernels.attention.segment_tiers, 8 and 64)")
     p.add_argument("--moe", default=None, help="model.moe_implementation")

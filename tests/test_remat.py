@@ -110,6 +110,18 @@ def test_weights_cast_to_the_compute_dtype_are_kept_only_where_a_cast_happens():
     assert named not in _saved_residuals(bf16, identity)
 
 
+def test_weight_casts_are_not_kept_in_a_scan():
+    """Scanned, the kept casts would stack into a bf16 copy of every layer's weights (the scan's residual outputs,
+    unnamed): q_proj's [layers, 32, 4, 8] is kept with the weight casts named and not without."""
+    from xorl_jax.models.common import SAVED_NAMES, WEIGHT_CAST_NAMES, weight_casts_kept
+
+    q_proj = f"bf16[{CFG.num_hidden_layers},32,4,8]"
+    scanned = ModelOptions(remat_policy="dots_attention_saveable", dtype="bfloat16", scan_layers=True)
+    assert q_proj not in _saved_residuals(scanned)
+    assert not set(weight_casts_kept(SAVED_NAMES, scan=True, transformed=False)) & set(WEIGHT_CAST_NAMES)
+    assert weight_casts_kept(SAVED_NAMES, scan=False, transformed=False) == SAVED_NAMES
+
+
 def test_keeping_the_weight_casts_changes_no_gradient():
     """Keeping the bf16 casts instead of recomputing them in the backward gives the same gradients (bf16 compute,
     unrolled layers, where the measured step keeps them)."""

@@ -14,7 +14,8 @@ from jax.ad_checkpoint import checkpoint_name
 # The name of a weight cast to the compute dtype (fp32 parameters, bf16 compute), so a remat policy can keep it for
 # the backward: recomputing the cast there rereads the fp32 weight, and with unrolled layers makes XLA copy each
 # layer's fp32 slice of the stacked parameters out so the backward can read it. Kept, it costs 2 bytes per parameter
-# of the layer until the backward has used it. Whether `dots_attention_saveable` keeps it: models.common.SAVED_NAMES.
+# of the layer until the backward has used it. Whether `dots_attention_saveable` keeps it: models.common.SAVED_NAMES
+# and weight_casts_kept (unrolled layers, no layer transform).
 WEIGHTS_NAME = "compute_weights"
 
 

@@ -33,7 +33,8 @@ MOE_IMPLEMENTATIONS = ("auto", "triton", "native", "eager")
 # the fp32 -> bf16 cast there rereads the fp32 weights, and makes XLA copy every layer's fp32 slice of the stacked
 # parameters so the backward can read it (on the Qwen3-30B-A3B cut with fp32 parameters, one H100: 4.8 ms of casts
 # and 6.5 ms of copies in a 128 ms step; 116 ms with them kept, docs/PERFORMANCE.md). Kept, they cost 2 bytes per
-# local expert parameter per layer. `dots_attention_saveable` keeps them (models.common.SAVED_NAMES), except under a layer transform.
+# local expert parameter per layer. `dots_attention_saveable` keeps them (models.common.SAVED_NAMES) with unrolled
+# layers and no layer transform (models.common.weight_casts_kept).
 EXPERT_WEIGHTS_NAME = "expert_weights"
 
 

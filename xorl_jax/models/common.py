@@ -30,10 +30,21 @@ REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_attention_saveable", "d
 # --remat-keep-names`) but are not kept: on the Qwen3.5-35B-A3B cut (one H200) keeping them cost 1.1 GiB and no time
 # (118.3 vs 117.5 ms). The expert weights cast to the compute dtype (`layers.moe.EXPERT_WEIGHTS_NAME`) are kept too:
 # 116 vs 125 ms on the Qwen3-30B-A3B cut with fp32 parameters (one H100), and less peak memory. So are the other
-# weights' casts (`layers.linear.WEIGHTS_NAME`: projections, dense MLPs), docs/PERFORMANCE.md.
+# weights' casts (`layers.linear.WEIGHTS_NAME`: projections, dense MLPs; Qwen3 1.7B: 404.6 vs 406.3 ms, 0.36 GiB
+# less), docs/PERFORMANCE.md. Both with unrolled layers only: `weight_casts_kept`.
 SAVED_NAMES = (GMM_CHECKPOINT_NAME, SWIGLU_CHECKPOINT_NAME, EXPERT_WEIGHTS_NAME, WEIGHTS_NAME)
-# Weight casts: under a layer transform (LoRA) they are casts of the merged weights, a weight-sized copy per layer.
 WEIGHT_CAST_NAMES = (EXPERT_WEIGHTS_NAME, WEIGHTS_NAME)
+
+
+def weight_casts_kept(saved_names: Sequence[str], *, scan: bool, transformed: bool) -> tuple[str, ...]:
+    """`saved_names` without the weight casts (WEIGHT_CAST_NAMES) where keeping them costs memory and saves little:
+    in a scan (each layer's weights are sliced inside the loop, so there are no per-layer fp32 copies for the kept
+    casts to remove, and the kept casts stack into 2 bytes per parameter of every layer: 6.0 GiB for the Qwen3.5 cut's
+    experts) and under a layer transform (casts of LoRA-merged weights: a weight-sized copy per layer). Unrolled, the
+    kept casts replace the copies of the fp32 slices that the backward's recast would read: less memory and time."""
+    if scan or transformed:
+        return tuple(n for n in saved_names if n not in WEIGHT_CAST_NAMES)
+    return tuple(saved_names)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,14 +173,15 @@ class LayerStack(nnx.Module):
 
         With `layer_transform`, each step runs its layers on `fn(step's parameters, step's slice of extra)`. Under
         remat the transformed parameters are rebuilt in the backward pass rather than kept for every layer.
+        `saved_names` (dots_attention_saveable's) keep the weights' compute-dtype casts only unrolled and
+        untransformed (`weight_casts_kept`).
 
         `scan=False` unrolls the loop: the same step traced once per layer group on its slice of the stacked
         parameters. Compilation grows with depth, but what the backward keeps of each layer lives in that layer's
         own buffers, where a scan zero-fills stacked buffers and copies every layer's residuals into them."""
         graphdef, state = nnx.split(self.groups)
         fn, extra = layer_transform if layer_transform is not None else (None, None)
-        if fn is not None:  # transformed (e.g. LoRA-merged) weights kept would be a weight-sized copy per layer
-            saved_names = tuple(n for n in saved_names if n not in WEIGHT_CAST_NAMES)
+        saved_names = weight_casts_kept(saved_names, scan=scan, transformed=fn is not None)
 
         def step(carry, xs):
             group_state, extra_slice = xs
