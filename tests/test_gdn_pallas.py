@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 from xorl_jax.kernels.gdn import gated_delta_rule
+from xorl_jax.kernels.gdn.pallas import Launch
 from xorl_jax.kernels.gdn.pallas_entry import gated_delta_rule_pallas
 from xorl_jax.kernels.gdn.reference import gated_delta_rule_chunked, gated_delta_rule_recurrent
 
@@ -74,7 +75,6 @@ def test_interpret_split_document_runs_match_recurrence():
     assert list(np.asarray(first[0])) == want + [T // C] * (T // C - len(want))
     assert list(np.asarray(nxt[0, : len(want)])) == want[1:] + [T // C]
     pallas = lambda *a, **kw: gated_delta_rule_pallas(*a, chunk_size=C, interpret=True, kernels="split", **kw)
-    from xorl_jax.kernels.gdn.pallas import Launch
 
     for segments, launch in ((seg, Launch()), (seg, Launch(skip_empty_runs=True)), (None, Launch())):
         o_p, s_p = jax.jit(lambda *a: pallas(*a[:5], segment_ids=segments, initial_state=a[5], launch=launch,
@@ -160,7 +160,8 @@ def _gpu_case(dtype_name):
     (jnp.bfloat16, dict(kernels="split")),
     (jnp.bfloat16, dict(kernels="fused", intra="pallas", state_grads="pallas")),
     (jnp.bfloat16, dict(kernels="fused", intra="xla", state_grads="xla")),
-], ids=["split-f32", "split-bf16", "fused-bf16", "fused-xla-bf16"])
+    (jnp.float32, dict(kernels="split", launch=Launch(fold_state_grads=True, skip_empty_runs=True))),
+], ids=["split-f32", "split-bf16", "fused-bf16", "fused-xla-bf16", "split-fold-next-f32"])
 def test_gpu_matches_fp32_reference_and_is_deterministic(dtype, layout):
     (q, k, v, g, beta, h0), seg, (o_r, s_r, g_r) = _gpu_case(jnp.dtype(dtype).name)
     pallas = lambda *a, **kw: gated_delta_rule_pallas(*a, interpret=False, **layout, **kw)
