@@ -51,8 +51,10 @@ IMPLS = {
     "split-bf16inv": _pallas(launch=dict(inverse_dtype="bfloat16")),
     "split-bv64": _pallas(launch=dict(block_v_fwd=64, block_v_bwd=64)),
     "split-bv16": _pallas(launch=dict(block_v_fwd=16, block_v_bwd=16)),
-    "split-fold": _pallas(launch=dict(fold_state_grads=True)),
-    "split-next": _pallas(launch=dict(fold_state_grads=True, skip_empty_runs=True)),  # the options not yet timed
+    "split-noskip": _pallas(launch=dict(skip_empty_runs=False)),  # the default before 2026-12-06 (afternoon)
+    "split-fold": _pallas(launch=dict(fold_state_grads=True, skip_empty_runs=False)),
+    "split-next": _pallas(launch=dict(fold_state_grads=True, skip_empty_runs=True)),
+    "split-dotgrads": _pallas(launch=dict(intra_bwd_grads="dot")),
     "fused": _pallas("fused", intra="pallas", state_grads="pallas"),
     "fused-xla-intra": _pallas("fused", intra="xla", state_grads="pallas"),
     "fused-xla-sg": _pallas("fused", intra="pallas", state_grads="xla"),

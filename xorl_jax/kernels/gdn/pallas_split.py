@@ -383,7 +383,7 @@ def _intra_bwd_stages(q_ref, k_ref, v_ref, gam_ref, beta_ref, doc_ref, carry_ref
     U = _dot(Xd, (beta[:, None] * v.astype(F32)).astype(dd))
     dbv = _dot(Xd, du_ref[...], trans_a=True)
     dL = _dot(dbv.astype(dd), U.astype(dd), trans_b=True)
-    dv_ref[...] = beta[:, None] * dbv
+    dv_ref[...] = (beta[:, None] * dbv).astype(dv_ref.dtype)
     dbeta = jnp.sum(dbv * v.astype(F32), axis=1)
     # w = X (beta sc k):  d(beta sc k) = X^T dw;  dL = -strictlower(d(beta v) u^T + d(beta sc k) w^T)
     k = k_ref[...]
@@ -409,11 +409,11 @@ def _intra_bwd_stages(q_ref, k_ref, v_ref, gam_ref, beta_ref, doc_ref, carry_ref
     dk = dk + _dot(dqk, q, trans_a=True)
     # qd = q * sc
     dqd = cts.dqd().astype(F32)
-    dq_ref[...] = _dot(dqk, k) + dqd * sc[:, None]
+    dq_ref[...] = (_dot(dqk, k) + dqd * sc[:, None]).astype(dq_ref.dtype)
     dsc = dsc + jnp.sum(dqd * q.astype(F32), axis=1)
     # ke = k * te
     dke = cts.dke().astype(F32)
-    dk_ref[...] = dk + dke * te[:, None]
+    dk_ref[...] = (dk + dke * te[:, None]).astype(dk_ref.dtype)
     dte_te = jnp.sum(dke * k32, axis=1) * te
     idx = jax.lax.broadcasted_iota(jnp.int32, (C,), 0)
     dgam_ref[...] = (jnp.sum(dgamma_mat, axis=1) - jnp.sum(dgamma_mat, axis=0) + dsc * sc - dte_te
@@ -464,10 +464,11 @@ def _intra_bwd_folded(qn, kn, v, gam, beta, doc, carry, X, du, do, vn, h, dh, *,
     H, V = v.shape[2], v.shape[3]
     keyed, by_head, per_token_head, per_token, chunk_out = P._intra_specs(B, Tp, Hk, H, K, V, C)
     state = pl.BlockSpec((None, None, None, K, V), lambda b, n, h: (b, h, n, 0, 0))
+    gd = _grads_dtype(launch, qn.dtype)
     return pl.pallas_call(
         functools.partial(_intra_bwd_folded_kernel, C=C),
-        out_shape=[jax.ShapeDtypeStruct((B, Tp, H, K), F32), jax.ShapeDtypeStruct((B, Tp, H, K), F32),
-                   jax.ShapeDtypeStruct((B, Tp, H, V), F32), jax.ShapeDtypeStruct((B, Tp, H), F32),
+        out_shape=[jax.ShapeDtypeStruct((B, Tp, H, K), gd), jax.ShapeDtypeStruct((B, Tp, H, K), gd),
+                   jax.ShapeDtypeStruct((B, Tp, H, V), gd), jax.ShapeDtypeStruct((B, Tp, H), F32),
                    jax.ShapeDtypeStruct((B, Tp, H), F32), jax.ShapeDtypeStruct((B, H, Tp // C, K), F32)],
         grid=(B, Tp // C, H),
         in_specs=[keyed, keyed, by_head(V), per_token_head, per_token_head, per_token, per_token, chunk_out(C),
@@ -480,10 +481,17 @@ def _intra_bwd_folded(qn, kn, v, gam, beta, doc, carry, X, du, do, vn, h, dh, *,
     )(qn, kn, v, gam, beta, doc, carry, X, du, do, vn, h, dh)
 
 
+def _grads_dtype(launch, dd):
+    """dtype of the intra backward's dq, dk, dv (Launch.intra_bwd_grads)."""
+    if launch.intra_bwd_grads not in ("float32", "dot"):
+        raise ValueError(f"Launch.intra_bwd_grads must be 'float32' or 'dot', got {launch.intra_bwd_grads!r}")
+    return F32 if launch.intra_bwd_grads == "float32" else dd
+
+
 def _intra_bwd(qn, kn, v, gam, beta, doc, carry, X, du, dw, dP, dqd, dke, *, C, interpret, launch):
     staged = dict(kernel=_intra_bwd_staged_kernel, name="gdn_split_intra_bwd") if launch.intra_bwd_staged else {}
     return P._intra_bwd_call(qn, kn, v, gam, beta, doc, carry, X, du, dw, dP, dqd, dke, C=C, interpret=interpret,
-                             launch=launch, **staged)
+                             launch=launch, grads_dtype=_grads_dtype(launch, qn.dtype), **staged)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -532,7 +540,7 @@ def _split_bwd(C, interpret, launch, res, cts):
     B, Tp, Hk, K = qn.shape
     G = v.shape[2] // Hk
     if G > 1:  # value heads of one group share the key head
-        dq, dk = (x.reshape(B, Tp, Hk, G, K).sum(axis=3) for x in (dq, dk))
+        dq, dk = (x.reshape(B, Tp, Hk, G, K).sum(axis=3, dtype=F32) for x in (dq, dk))
     return (dq.astype(qn.dtype), dk.astype(kn.dtype), dv.astype(v.dtype), dgam, dbeta.astype(beta.dtype), None, None,
             ded.sum(-1).astype(ed.dtype), None, None, ds0)
 
