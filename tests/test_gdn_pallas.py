@@ -84,11 +84,11 @@ def test_interpret_split_document_runs_match_recurrence():
         np.testing.assert_allclose(o_p, o_r, atol=2e-5, rtol=2e-5)
         np.testing.assert_allclose(s_p, s_r, atol=2e-5, rtol=2e-5)
     # the backward with the options off by default (the default backward: the tests above and below)
-    options = Launch(skip_empty_runs=False, fold_state_grads=True)
-    g_p = _loss_grads(lambda *a, **kw: pallas(*a, launch=options, **kw), q, k, v, g, beta, h0, seg)
     g_r = _loss_grads(lambda *a, **kw: gated_delta_rule_chunked(*a, chunk_size=C, **kw), q, k, v, g, beta, h0, seg)
-    for name, a, b in zip("q k v g beta h0".split(), g_p, g_r):
-        np.testing.assert_allclose(a, b, atol=5e-5, rtol=5e-5, err_msg=name)
+    for options in (Launch(skip_empty_runs=False, fold_state_grads=True), Launch(intra_bwd_grouped=True)):
+        g_p = _loss_grads(lambda *a, **kw: pallas(*a, launch=options, **kw), q, k, v, g, beta, h0, seg)
+        for name, a, b in zip("q k v g beta h0".split(), g_p, g_r):
+            np.testing.assert_allclose(a, b, atol=5e-5, rtol=5e-5, err_msg=f"{options}: {name}")
 
 
 @pytest.mark.parametrize("intra", ["split", "pallas"])
@@ -161,7 +161,8 @@ def _gpu_case(dtype_name):
     (jnp.bfloat16, dict(kernels="fused", intra="pallas", state_grads="pallas")),
     (jnp.bfloat16, dict(kernels="fused", intra="xla", state_grads="xla")),
     (jnp.bfloat16, dict(kernels="split", launch=Launch(intra_bwd_grads="dot"))),
-], ids=["split-f32", "split-bf16", "fused-bf16", "fused-xla-bf16", "split-dotgrads-bf16"])
+    (jnp.bfloat16, dict(kernels="split", launch=Launch(intra_bwd_grouped=True))),
+], ids=["split-f32", "split-bf16", "fused-bf16", "fused-xla-bf16", "split-dotgrads-bf16", "split-grouped-bf16"])
 def test_gpu_matches_fp32_reference_and_is_deterministic(dtype, layout):
     (q, k, v, g, beta, h0), seg, (o_r, s_r, g_r) = _gpu_case(jnp.dtype(dtype).name)
     pallas = lambda *a, **kw: gated_delta_rule_pallas(*a, interpret=False, **layout, **kw)
@@ -218,8 +219,9 @@ def test_interpret_state_grads_kernel_matches_einsums():
 
 
 @pytest.mark.parametrize("layout", [dict(kernels="split"), dict(kernels="split", launch=Launch(intra_bwd_grads="dot")),
+                                    dict(kernels="split", launch=Launch(intra_bwd_grouped=True)),
                                     dict(kernels="fused", intra="pallas", state_grads="xla")],
-                         ids=["split", "split-dotgrads", "fused-xla-state-grads"])
+                         ids=["split", "split-dotgrads", "split-grouped", "fused-xla-state-grads"])
 def test_interpret_bf16_close_to_fp32_reference(layout):
     """bf16 inputs take bf16 products in every kernel: gradients stay within bf16 rounding of the fp32 reference."""
     B, T, Hk, Hv, K, V, C = 1, 40, 1, 2, 16, 16, 16
