@@ -161,8 +161,10 @@ def _gpu_case(dtype_name):
     (jnp.bfloat16, dict(kernels="fused", intra="pallas", state_grads="pallas")),
     (jnp.bfloat16, dict(kernels="fused", intra="xla", state_grads="xla")),
     (jnp.bfloat16, dict(kernels="split", launch=Launch(intra_bwd_grads="dot"))),
+    (jnp.float32, dict(kernels="split", launch=Launch(intra_bwd_grouped=True))),
     (jnp.bfloat16, dict(kernels="split", launch=Launch(intra_bwd_grouped=True))),
-], ids=["split-f32", "split-bf16", "fused-bf16", "fused-xla-bf16", "split-dotgrads-bf16", "split-grouped-bf16"])
+], ids=["split-f32", "split-bf16", "fused-bf16", "fused-xla-bf16", "split-dotgrads-bf16", "split-grouped-f32",
+        "split-grouped-bf16"])
 def test_gpu_matches_fp32_reference_and_is_deterministic(dtype, layout):
     (q, k, v, g, beta, h0), seg, (o_r, s_r, g_r) = _gpu_case(jnp.dtype(dtype).name)
     pallas = lambda *a, **kw: gated_delta_rule_pallas(*a, interpret=False, **layout, **kw)
