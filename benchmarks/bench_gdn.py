@@ -55,12 +55,12 @@ IMPLS = {
     "split-bf16inv": _pallas(launch=dict(inverse_dtype="bfloat16")),
     "split-bv64": _pallas(launch=dict(block_v_fwd=64, block_v_bwd=64)),
     "split-bv16": _pallas(launch=dict(block_v_fwd=16, block_v_bwd=16)),
-    "split-noskip": _pallas(launch=dict(skip_empty_runs=False)),  # the default before 2026-12-06 (afternoon)
+    # the defaults before 2026-12-06 (afternoon): empty run slots computed, fp32 intra-backward gradients
+    "split-before": _pallas(launch=dict(skip_empty_runs=False, intra_bwd_grads="float32")),
+    "split-noskip": _pallas(launch=dict(skip_empty_runs=False)),
+    "split-f32grads": _pallas(launch=dict(intra_bwd_grads="float32")),
     "split-fold": _pallas(launch=dict(fold_state_grads=True, skip_empty_runs=False)),
     "split-next": _pallas(launch=dict(fold_state_grads=True, skip_empty_runs=True)),
-    "split-dotgrads": _pallas(launch=dict(intra_bwd_grads="dot")),
-    "split-grouped": _pallas(launch=dict(intra_bwd_grouped=True)),
-    "split-grouped-w4": _pallas(launch=dict(intra_bwd_grouped=True, intra_bwd=(4, 1))),
     "fused": _pallas("fused", intra="pallas", state_grads="pallas"),
     "fused-xla-intra": _pallas("fused", intra="xla", state_grads="pallas"),
     "fused-xla-sg": _pallas("fused", intra="pallas", state_grads="xla"),
@@ -293,7 +293,6 @@ def split_kernel_cases(B, T, seg, q, k, v, g, beta, do, launch=LAUNCH):
         "state_grads": (S._state_grads, (do_d, dvn, vn, h, dh)),
         "intra_bwd": (S._intra_bwd, (*intra_in, X, dvn, dw, dP, dqd, dke)),
         "intra_bwd_folded": (S._intra_bwd_folded, (*intra_in, X, dvn, do_d, vn, h, dh)),
-        "intra_bwd_grouped": (S._intra_bwd_grouped, (*intra_in, X, dvn, dw, dP, dqd, dke)),
     }
 
 

@@ -85,10 +85,10 @@ def test_interpret_split_document_runs_match_recurrence():
         np.testing.assert_allclose(s_p, s_r, atol=2e-5, rtol=2e-5)
     # the backward with the options off by default (the default backward: the tests above and below)
     g_r = _loss_grads(lambda *a, **kw: gated_delta_rule_chunked(*a, chunk_size=C, **kw), q, k, v, g, beta, h0, seg)
-    for options in (Launch(skip_empty_runs=False, fold_state_grads=True), Launch(intra_bwd_grouped=True)):
-        g_p = _loss_grads(lambda *a, **kw: pallas(*a, launch=options, **kw), q, k, v, g, beta, h0, seg)
-        for name, a, b in zip("q k v g beta h0".split(), g_p, g_r):
-            np.testing.assert_allclose(a, b, atol=5e-5, rtol=5e-5, err_msg=f"{options}: {name}")
+    options = Launch(skip_empty_runs=False, fold_state_grads=True)
+    g_p = _loss_grads(lambda *a, **kw: pallas(*a, launch=options, **kw), q, k, v, g, beta, h0, seg)
+    for name, a, b in zip("q k v g beta h0".split(), g_p, g_r):
+        np.testing.assert_allclose(a, b, atol=5e-5, rtol=5e-5, err_msg=name)
 
 
 @pytest.mark.parametrize("intra", ["split", "pallas"])
@@ -160,11 +160,8 @@ def _gpu_case(dtype_name):
     (jnp.bfloat16, dict(kernels="split")),
     (jnp.bfloat16, dict(kernels="fused", intra="pallas", state_grads="pallas")),
     (jnp.bfloat16, dict(kernels="fused", intra="xla", state_grads="xla")),
-    (jnp.bfloat16, dict(kernels="split", launch=Launch(intra_bwd_grads="dot"))),
-    (jnp.float32, dict(kernels="split", launch=Launch(intra_bwd_grouped=True))),
-    (jnp.bfloat16, dict(kernels="split", launch=Launch(intra_bwd_grouped=True))),
-], ids=["split-f32", "split-bf16", "fused-bf16", "fused-xla-bf16", "split-dotgrads-bf16", "split-grouped-f32",
-        "split-grouped-bf16"])
+    (jnp.bfloat16, dict(kernels="split", launch=Launch(intra_bwd_grads="float32", skip_empty_runs=False))),
+], ids=["split-f32", "split-bf16", "fused-bf16", "fused-xla-bf16", "split-before-bf16"])
 def test_gpu_matches_fp32_reference_and_is_deterministic(dtype, layout):
     (q, k, v, g, beta, h0), seg, (o_r, s_r, g_r) = _gpu_case(jnp.dtype(dtype).name)
     pallas = lambda *a, **kw: gated_delta_rule_pallas(*a, interpret=False, **layout, **kw)
@@ -220,10 +217,10 @@ def test_interpret_state_grads_kernel_matches_einsums():
     np.testing.assert_allclose(ded.sum(-1), want[4], rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("layout", [dict(kernels="split"), dict(kernels="split", launch=Launch(intra_bwd_grads="dot")),
-                                    dict(kernels="split", launch=Launch(intra_bwd_grouped=True)),
+@pytest.mark.parametrize("layout", [dict(kernels="split"),
+                                    dict(kernels="split", launch=Launch(intra_bwd_grads="float32")),
                                     dict(kernels="fused", intra="pallas", state_grads="xla")],
-                         ids=["split", "split-dotgrads", "split-grouped", "fused-xla-state-grads"])
+                         ids=["split", "split-f32grads", "fused-xla-state-grads"])
 def test_interpret_bf16_close_to_fp32_reference(layout):
     """bf16 inputs take bf16 products in every kernel: gradients stay within bf16 rounding of the fp32 reference."""
     B, T, Hk, Hv, K, V, C = 1, 40, 1, 2, 16, 16, 16

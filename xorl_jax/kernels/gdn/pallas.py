@@ -150,13 +150,10 @@ class Launch:
     # Split path: the intra backward that orders its products to keep fewer [C, K] fp32 tiles live (False: the fused
     # layout's `_intra_bwd_kernel`).
     intra_bwd_staged: bool = True
-    # Split path: dtype of the intra backward's dq, dk, dv: "float32", or "dot" (the products' dtype, bf16 for bf16
-    # inputs: half the bytes written, and read back by the key-head sum and the casts after it).
-    intra_bwd_grads: str = "float32"
-    # Split path, unfolded backward: one intra-backward program per chunk and key head runs the staged math of the
-    # key head's value heads in turn (q, k read once; dq, dk summed in the kernel and written once in the inputs'
-    # dtype, no key-head sum after it; intra_bwd_grads then does not apply).
-    intra_bwd_grouped: bool = False
+    # Split path: dtype of the intra backward's dq, dk, dv: "dot" (the products' dtype, bf16 for bf16 inputs: half
+    # the bytes written, and read back by the key-head sum, which adds in fp32) or "float32" (the earlier default,
+    # measured 10-14% slower fwd+bwd on an H100, docs/PERFORMANCE.md).
+    intra_bwd_grads: str = "dot"
 
 
 # What the model runs: the split kernels' fastest settings of `benchmarks/bench_gdn.py --tune all` (H100, B1 T8192,

@@ -451,69 +451,6 @@ def _intra_bwd_staged_kernel(q_ref, k_ref, v_ref, gam_ref, beta_ref, doc_ref, ca
     dk_ref[...] = dk.astype(dk_ref.dtype)
 
 
-class _HeadView:
-    """Value head g of a block that holds G heads along `axis`, indexed like a one-head block. Indices compose into
-    one index per load or store (the Triton lowering takes a single indexer)."""
-
-    def __init__(self, ref, g, axis):
-        self.ref, self.g, self.axis = ref, g, axis
-        self.dtype = ref.dtype
-
-    def _index(self, idx):
-        idx = () if idx is Ellipsis else idx if isinstance(idx, tuple) else (idx,)
-        full = list(idx) + [slice(None)] * (len(self.ref.shape) - 1 - len(idx))
-        full.insert(self.axis, self.g)
-        return tuple(full)
-
-    def __getitem__(self, idx):
-        return self.ref[self._index(idx)]
-
-    def __setitem__(self, idx, value):
-        self.ref[self._index(idx)] = value
-
-
-def _intra_bwd_grouped_kernel(q_ref, k_ref, v_ref, gam_ref, beta_ref, doc_ref, carry_ref, a_ref,
-                              du_ref, dw_ref, dp_ref, dqd_ref, dke_ref,
-                              dq_ref, dk_ref, dv_ref, dgam_ref, dbeta_ref, *, C, G):
-    """The staged intra backward of the G value heads that share one key head: q, k read once per chunk, dq and dk
-    summed over the heads here and written once, in the key-head layout and the inputs' dtype."""
-    dq = dk = None
-    for g in range(G):
-        tok, hm = (lambda r: _HeadView(r, g, 1)), (lambda r: _HeadView(r, g, 0))  # token-major, head-major blocks
-        cts = _Cotangents.read(hm(dw_ref), hm(dp_ref), hm(dqd_ref), hm(dke_ref))
-        dq_g, dk_g = _intra_bwd_stages(q_ref, k_ref, tok(v_ref), tok(gam_ref), tok(beta_ref), doc_ref, carry_ref,
-                                       hm(a_ref), hm(du_ref), cts, tok(dv_ref), tok(dgam_ref), tok(dbeta_ref), C)
-        dq, dk = (dq_g, dk_g) if g == 0 else (dq + dq_g, dk + dk_g)
-    dq_ref[...] = dq.astype(dq_ref.dtype)
-    dk_ref[...] = dk.astype(dk_ref.dtype)
-
-
-def _intra_bwd_grouped(qn, kn, v, gam, beta, doc, carry, X, du, dw, dP, dqd, dke, *, C, interpret, launch):
-    """dq, dk [B, Tp, Hk, K] (summed over each key head's value heads), dv [B, Tp, H, V] in the inputs' dtypes,
-    dgam, dbeta [B, Tp, H] fp32; grid (B, N, Hk)."""
-    B, Tp, Hk, K = qn.shape
-    H, V = v.shape[2], v.shape[3]
-    G = H // Hk
-    keyed = pl.BlockSpec((None, C, None, K), lambda b, n, hk: (b, n, hk, 0))
-    tok = lambda X_: pl.BlockSpec((None, C, G, X_), lambda b, n, hk: (b, n, hk, 0))  # noqa: E731
-    tok_head = pl.BlockSpec((None, C, G), lambda b, n, hk: (b, n, hk))
-    per_token = pl.BlockSpec((None, C), lambda b, n, hk: (b, n))
-    hm = lambda X_: pl.BlockSpec((None, G, C, X_), lambda b, n, hk: (b, hk, n, 0))  # noqa: E731
-    return pl.pallas_call(
-        functools.partial(_intra_bwd_grouped_kernel, C=C, G=G),
-        out_shape=[jax.ShapeDtypeStruct((B, Tp, Hk, K), qn.dtype), jax.ShapeDtypeStruct((B, Tp, Hk, K), kn.dtype),
-                   jax.ShapeDtypeStruct((B, Tp, H, V), v.dtype), jax.ShapeDtypeStruct((B, Tp, H), F32),
-                   jax.ShapeDtypeStruct((B, Tp, H), F32)],
-        grid=(B, Tp // C, Hk),
-        in_specs=[keyed, keyed, tok(V), tok_head, tok_head, per_token, per_token, hm(C), hm(V), hm(K), hm(C), hm(K),
-                  hm(K)],
-        out_specs=[keyed, keyed, tok(V), tok_head, tok_head],
-        interpret=interpret,
-        compiler_params=None if interpret else P._compiler_params(launch, "intra_bwd"),
-        name="gdn_split_intra_bwd_grouped",
-    )(qn, kn, v, gam, beta, doc, carry, X, du, dw, dP, dqd, dke)
-
-
 def _intra_bwd_folded_kernel(q_ref, k_ref, v_ref, gam_ref, beta_ref, doc_ref, carry_ref, a_ref,
                              du_ref, do_ref, vn_ref, h_ref, dh_ref,
                              dq_ref, dk_ref, dv_ref, dgam_ref, dbeta_ref, ded_ref, *, C):
@@ -604,11 +541,10 @@ def _split_bwd(C, interpret, launch, res, cts):
                                                          **kw)
     else:
         dw, dqd, dP, dke, ded = _state_grads(do, dvn, vn, h, dh, **kw)
-        intra_bwd = _intra_bwd_grouped if launch.intra_bwd_grouped else _intra_bwd
-        dq, dk, dv, dgam, dbeta = intra_bwd(qn, kn, v, gam, beta, doc, carry, X, dvn, dw, dP, dqd, dke, **kw)
+        dq, dk, dv, dgam, dbeta = _intra_bwd(qn, kn, v, gam, beta, doc, carry, X, dvn, dw, dP, dqd, dke, **kw)
     B, Tp, Hk, K = qn.shape
     G = v.shape[2] // Hk
-    if G > 1 and dq.shape[2] != Hk:  # value heads of one group share the key head (summed here unless grouped)
+    if G > 1:  # value heads of one group share the key head
         dq, dk = (x.reshape(B, Tp, Hk, G, K).sum(axis=3, dtype=F32) for x in (dq, dk))
     return (dq.astype(qn.dtype), dk.astype(kn.dtype), dv.astype(v.dtype), dgam, dbeta.astype(beta.dtype), None, None,
             ded.sum(-1).astype(ed.dtype), None, None, ds0)
