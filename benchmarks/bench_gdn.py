@@ -11,6 +11,8 @@ only, `--fla-bypass-guard` (default on) flips that version flag. Its backward va
 Usage: PYTHONPATH=. python benchmarks/bench_gdn.py [--iters 20] [--no-fla] [--no-reference] [--skip-check]
            [--impls split,fused,jnp] [--check split] [--breakdown] [--breakdown-fused] [--tune all|state_fwd,...]
            [--hlo-summary] [--dump-hlo DIR]
+FLA's first call of a shape autotunes its Triton kernels: 125 s for the packed shape on an H100 (2026-12-06), and the
+B4 T4096 shape needs its own (over 65 s more), so a run with FLA at both shapes wants about 5 minutes.
 Two processes can share one GPU call (FLA's autotuning takes minutes at its first call of a shape): each compiles
 (and FLA autotunes) every shape first, touches --ready-file, waits for --wait-for, then times; --json writes the rows
 and --fla-from reads another process's FLA rows into the ratio columns.
