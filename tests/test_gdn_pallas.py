@@ -270,3 +270,28 @@ def test_launch_settings_reach_every_kernel():
     split_kernels = ("intra_fwd", "state_fwd", "out_fwd", "dvl", "state_bwd", "state_grads", "intra_bwd")
     assert split == {f"gdn_split_{kernel}": getattr(launch, kernel) for kernel in split_kernels}, split
     assert LAUNCH == Launch() and LAUNCH.state_fwd == (4, 1) and LAUNCH.intra_bwd == (8, 1)
+
+
+@pytest.mark.parametrize("launch", [dict(), dict(fold_state_grads=True, skip_empty_runs=False)],
+                         ids=["defaults", "folded"])
+def test_split_kernels_lower_to_triton_here(launch):
+    """The split path's forward and backward lower to Triton for CUDA on any machine (Pallas's Triton lowering runs on
+    the host; only the GPU compile needs a GPU), so a kernel the lowering rejects fails here, not on a GPU."""
+    from xorl_jax.kernels.gdn.pallas import Launch
+
+    B, T, Hk, Hv, K, V = 1, 200, 2, 4, 64, 64
+    q, k, v, g, beta, _ = make_inputs(41, B, T, Hk, Hv, K, V, jnp.bfloat16)
+    seg = jnp.asarray(np.concatenate([np.full(70, 1), np.full(130, 2)])[None], jnp.int32)
+
+    def fwd_bwd(q, k, v, g, beta):
+        fn = lambda *a: gated_delta_rule_pallas(*a, segment_ids=seg, interpret=False, launch=Launch(**launch))[0]
+        o, vjp = jax.vjp(fn, q, k, v, g, beta)
+        return o, vjp(o)
+
+    triton = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+    exported = jax.export.export(jax.jit(fwd_bwd), platforms=["cuda"], disabled_checks=[triton])(q, k, v, g, beta)
+    text = exported.mlir_module()
+    kernels = ["intra_fwd", "state_fwd", "out_fwd", "dvl", "state_bwd"]
+    kernels += ["intra_bwd_folded"] if launch else ["state_grads", "intra_bwd"]
+    for name in kernels:
+        assert f'name = "gdn_split_{name}"' in text, name
