@@ -374,7 +374,7 @@ def _intra_bwd_stages(q_ref, k_ref, v_ref, gam_ref, beta_ref, doc_ref, carry_ref
                       dv_ref, dgam_ref, dbeta_ref, C):
     """`pallas._intra_bwd_kernel`'s math in stages (u, then w, then L, P, qd, ke), each finishing with what it
     owns, so at most a few [C, K] fp32 tiles are live at once; q, k, v stay bf16 until a stage needs them. Stores
-    dv, dgam, dbeta and returns dq, dk (fp32) for the caller to store or sum over the value heads of a key head."""
+    dv, dgam, dbeta and returns dq, dk (fp32) for the caller to store."""
     dd = q_ref.dtype
     beta = beta_ref[...].astype(F32)
     _, decay, sc, te, row, col = P._chunk_terms(gam_ref, doc_ref, carry_ref, C)
