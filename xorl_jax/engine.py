@@ -13,14 +13,15 @@ come from `new_adapter` / `new_state` and train through `request_steps`.
     engine.train_batch(rows)                   # [A, B, T] host rows -> a step's batch (sharded, attention layout)
     engine.make_steps(optimizer=o, state=s, merge_fn=f)  # the jitted step of another optimizer / adapter
     engine.request_steps(adapter)              # forward / forward_backward / update with per-call loss and Adam
+    engine.merger(adapter)(params)             # an adapter's parameters merged into the frozen base
 
-What the step is made of stays public for code that builds its own steps (per-token log-probabilities, a custom
-loss with gradients accumulated over calls, per-request optimizer settings):
+What the steps are made of stays public for code that builds its own:
 - `graphdef` (nnx) with `state.params` (or `full_params()`) makes the model: `nnx.merge(graphdef, params)`;
 - `mesh`, `rules`: trace under `rules_lib.use_mesh(mesh, rules)` (or wrap the jitted function in MeshJit);
 - LoRA: `frozen` is the base, `state.params` the adapters, `merge_fn(adapters, frozen) -> (params, layer_transform)`
   the merge the steps run (pass `layer_transform` to the model call); `new_adapter(lora_cfg, seed)` makes another
-  adapter over the same frozen base, and `new_state(params, optimizer)` the TrainState an optimizer starts it with;
+  adapter over the same frozen base, and `new_state(params, optimizer)` the TrainState an optimizer starts it with
+  (the server: one per tenant, `state` stays None);
 - `loss_cfg` (train_step.LossConfig), `optimizer` / `schedule` (optax), `options` (models.common.ModelOptions);
 - `layout_planner` (kernels.attention.LayoutPlanner, None unless attention is cuDNN): the AttentionLayout of a batch
   (`layout_planner.plan(documents, segment_ids)`), put under train_step.LAYOUT_KEY of a train batch or passed to the
@@ -246,7 +247,9 @@ class TrainEngine:
             forward(params, batch, loss_index) -> (loss sum, logprobs)
             forward_backward(params, grads, batch, loss_index) -> (loss sum, logprobs, grads)  (grads donated)
             update(state, grads, hyperparams, clip) -> (state, grad norm)  (state and grads donated)
-        Each call makes new programs (each compiles on first use): keep them for every adapter of one shape."""
+        `update` takes the optimizer's hyperparameters per call: it needs the serving engine's optimizer
+        (optim.adamw_per_request). Each call makes new programs (each compiles on first use): keep them for every
+        adapter of one shape."""
         merge_fn = self.merge_fn if adapter is None else adapter.merge_fn
         steps = make_request_steps(self.graphdef, self.optimizer, self.loss_cfg, merge_fn=merge_fn)
 

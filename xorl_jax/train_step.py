@@ -20,7 +20,7 @@ from flax import nnx, struct
 
 from xorl_jax import rl_losses
 from xorl_jax.loss import chunked_cross_entropy
-from xorl_jax.optim import apply_updates, leaf_squared_norms
+from xorl_jax.optim import apply_updates, global_grad_norm, leaf_squared_norms
 from xorl_jax.parallel.context import to_ring_order
 
 IGNORE_INDEX = -100
@@ -209,7 +209,7 @@ def make_request_steps(graphdef, optimizer: optax.GradientTransformation, loss_c
         return value, lp, (g if grads is None else jax.tree.map(jnp.add, grads, g))
 
     def update(state: TrainState, grads, hyperparams: dict, clip):
-        norm = optax.global_norm(grads)
+        norm = global_grad_norm(grads)
         factor = jnp.where((clip > 0) & (norm > clip), clip / (norm + 1e-6), 1.0)
         grads = jax.tree.map(lambda g: g * factor, grads)
         opt_state = state.opt_state._replace(hyperparams={**state.opt_state.hyperparams, **hyperparams})

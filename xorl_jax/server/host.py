@@ -365,7 +365,10 @@ class ModelHost:
 
     # ----------------------------------------------------------------------------------------- sampling
     def sampling_params_of(self, m: TrainedModel):
-        """Full parameters for sampling: the base with the model's adapters merged in (LoRA), or its weights."""
+        """Full parameters for sampling, a snapshot: the base with the model's adapters merged in (LoRA), or a copy
+        of its weights (the next optim_step donates the live ones)."""
+        if m.lora is None:
+            return jax.tree.map(jnp.copy, m.state.params)
         return self._programs_of(m.lora, m.adapter)[1](m.state.params)
 
     def open_sampler(self, session_id: str, *, model_id: str | None = None, path: str | None = None) -> dict:
@@ -381,8 +384,9 @@ class ModelHost:
             template = adapter.params if spec is not None else jax.tree.map(lambda x: x, self.engine.state.params)
             params, _, _ = self._read(path, "<load>", spec, template, field="model_path")
             params, source = self._programs_of(spec, adapter)[1](params), path
-        else:  # LoRA: the frozen base; all weights: the one model's as they are now
-            params, source = (self.engine.frozen if self.lora_mode else self.engine.state.params), None
+        else:  # LoRA: the frozen base; all weights: a copy of the one model's as they are now
+            params = self.engine.frozen if self.lora_mode else jax.tree.map(jnp.copy, self.engine.state.params)
+            source = None
         self.sampling_sessions[session_id] = {"params": params, "model_path": source}
         while len(self.sampling_sessions) > MAX_SAMPLING_SESSIONS:
             old, meta = self.sampling_sessions.popitem(last=False)
