@@ -47,17 +47,29 @@ class LossConfig:
     logits_dtype: Any = jnp.float32  # logits are rounded through this before the softmax (model.lm_head_fp32)
 
 
-def forward_loss(graphdef, params, micro, loss_cfg: LossConfig, layer_transform=None, attention_layout=None):
-    """Sum of token cross-entropies of one micro-batch, its valid-token count and its aux loss. `layer_transform`
-    (models.common.LayerTransform) goes to the model call: it rewrites each layer group's parameters inside the
-    layer scan (LoRA). `attention_layout`: the packed attention layout fixed on the host
-    (kernels.attention.AttentionLayout)."""
+def merged(merge_fn, params, frozen):
+    """(the parameters the model runs on, the layer transform for its call): merge_fn(params, frozen) with LoRA,
+    else (params, None)."""
+    return (params, None) if merge_fn is None else merge_fn(params, frozen)
+
+
+def run_model(graphdef, params, batch, compute_dtype, layer_transform=None, attention_layout=None):
+    """(the model's output with its last hidden states, its output head in `compute_dtype`) on a batch's input_ids,
+    positions and segment_ids. `layer_transform` (models.common.LayerTransform) goes to the model call: it rewrites
+    each layer group's parameters inside the layer scan (LoRA). `attention_layout`: the packed attention layout
+    fixed on the host (kernels.attention.AttentionLayout)."""
     model = nnx.merge(graphdef, params)
     kwargs = {} if layer_transform is None else {"layer_transform": layer_transform}
     if attention_layout is not None:
         kwargs["attention_layout"] = attention_layout
-    out = model(micro["input_ids"], micro["positions"], micro["segment_ids"], return_hidden=True, **kwargs)
-    head = model.head_weight(loss_cfg.compute_dtype)
+    out = model(batch["input_ids"], batch["positions"], batch["segment_ids"], return_hidden=True, **kwargs)
+    return out, model.head_weight(compute_dtype)
+
+
+def forward_loss(graphdef, params, micro, loss_cfg: LossConfig, layer_transform=None, attention_layout=None):
+    """Sum of token cross-entropies of one micro-batch, its valid-token count and its aux loss (run_model's
+    arguments)."""
+    out, head = run_model(graphdef, params, micro, loss_cfg.compute_dtype, layer_transform, attention_layout)
     loss_sum, n_valid = chunked_cross_entropy(
         # hidden states come in the model's token order: ring order under ring attention (parallel/context.py)
         out.hidden_states, head, to_ring_order(micro["labels"]), chunk_size=loss_cfg.ce_chunk_size, ignore_index=IGNORE_INDEX,
@@ -83,9 +95,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_cfg:
         total_valid = jnp.maximum(jnp.sum(batch["labels"] != IGNORE_INDEX), 1).astype(jnp.float32)
 
         def micro_objective(params, micro):
-            transform = None
-            if merge_fn is not None:
-                params, transform = merge_fn(params, frozen)
+            params, transform = merged(merge_fn, params, frozen)
             loss_sum, n_valid, aux = forward_loss(graphdef, params, micro, loss_cfg, transform, attention_layout)
             # Normalising each micro-batch by the count over the whole step makes accumulation exact:
             # 4 x micro-batch 1 gives the same gradient as micro-batch 4.
@@ -151,9 +161,7 @@ def make_eval_step(graphdef, loss_cfg: LossConfig, *, merge_fn=None):
     eval_step(trainable, micro, frozen))."""
 
     def eval_step(params, micro, frozen=None):
-        transform = None
-        if merge_fn is not None:
-            params, transform = merge_fn(params, frozen)
+        params, transform = merged(merge_fn, params, frozen)
         loss_sum, n_valid, _ = forward_loss(graphdef, params, micro, loss_cfg, transform)
         return loss_sum, n_valid
 
@@ -169,10 +177,7 @@ def stack_micro_batches(rows: dict, n_micro: int) -> dict:
 def token_logprobs(graphdef, params, batch, compute_dtype, layer_transform=None):
     """[B, T] log-probabilities the model gives batch["targets"] at each position of batch["input_ids"] (with
     "positions" and "segment_ids"), from the whole [B, T, V] logits in fp32 (no chunking)."""
-    model = nnx.merge(graphdef, params)
-    kwargs = {} if layer_transform is None else {"layer_transform": layer_transform}
-    out = model(batch["input_ids"], batch["positions"], batch["segment_ids"], return_hidden=True, **kwargs)
-    head = model.head_weight(compute_dtype)
+    out, head = run_model(graphdef, params, batch, compute_dtype, layer_transform)
     logits = jnp.einsum("btd,dv->btv", out.hidden_states.astype(compute_dtype), head,
                         preferred_element_type=jnp.float32)
     return rl_losses.target_logprobs(logits, batch["targets"])
@@ -198,9 +203,7 @@ def make_request_steps(graphdef, optimizer: optax.GradientTransformation, loss_c
     With `merge_fn` (LoRA), params is the adapter tree and frozen the base, as in make_train_step."""
 
     def loss(params, batch, loss_index, frozen=None):
-        transform = None
-        if merge_fn is not None:
-            params, transform = merge_fn(params, frozen)
+        params, transform = merged(merge_fn, params, frozen)
         lp = token_logprobs(graphdef, params, batch, loss_cfg.compute_dtype, transform)
         return jnp.sum(rl_losses.token_objective_by_index(loss_index, lp, batch)), lp
 
