@@ -116,10 +116,10 @@ class TrainEngine:
         `total_steps`, compiles the train step (resolving `auto` layer settings) and opens the checkpoint directory.
         `inputs.options` is used as given (apply Experiments before). `startup_s`: seconds of each part.
 
-        `serving` (the server): the optimizer is optim.adamw_per_request (no schedule), LoRA makes no adapter of
-        the config's own (`state` is None: tenants make theirs) and full-weight training starts `state` on the
-        loaded weights; layer settings stay as the options give them (no train step is compiled at start) and no
-        training checkpoint directory is opened (the server saves its own way)."""
+        `serving` (the server; `total_steps` unused): the optimizer is optim.adamw_per_request (no schedule), LoRA
+        makes no adapter of the config's own (`state` is None: tenants make theirs) and full-weight training starts
+        `state` on the loaded weights; layer settings stay as the options give them (no train step is compiled at
+        start) and no training checkpoint directory is opened (the server saves its own way)."""
         self.cfg, self.inputs, self.experiments, self.is_main = cfg, inputs, experiments, is_main
         self.serving = serving
         self.hf_config, self.model_cls, self.model_config = inputs.hf_config, inputs.model_cls, inputs.model_config
@@ -155,9 +155,8 @@ class TrainEngine:
         self.lora_targets, self.lora_scale, self.merge_fn = None, None, None
         self._initial_params = params
         if cfg.lora.enable_lora:
-            self.frozen = params
-            self._initial_params = None
-        if cfg.lora.enable_lora and not self.serving:
+            self.frozen, self._initial_params = params, None
+        if cfg.lora.enable_lora and not self.serving:  # (the server's tenants make their own adapters)
             adapter = self.new_adapter(cfg.lora, seed=cfg.train.seed)
             self.lora_targets, self.lora_scale, self.merge_fn = adapter.targets, adapter.scale, adapter.merge_fn
             self._initial_params = adapter.params
@@ -178,7 +177,7 @@ class TrainEngine:
             self.schedule, self.optimizer = optimizer_for(self.cfg, params, self.total_steps)
             self.state = self.new_state(params, self.optimizer)
             self.layer_choice, self.step = self._choose_layer_settings()
-        self.eval_step = self._bind_frozen(
+        self.eval_step = None if self.state is None else self._bind_frozen(
             MeshJit(jax.jit(make_eval_step(self.graphdef, self.loss_cfg, merge_fn=self.merge_fn)),
                     self.mesh, self.rules))
 

@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +39,7 @@ from xorl_jax.config import Config
 from xorl_jax.engine import Adapter, TrainEngine
 from xorl_jax.preflight import check_run
 from xorl_jax.server import sampling, storage, wire
-from xorl_jax.train_step import TrainState
+from xorl_jax.train_step import RequestSteps, TrainState
 
 log = logging.getLogger("xorl_jax.server")
 
@@ -173,15 +174,19 @@ class ModelHost:
             params, m.state, self.engine.state = m.state.params, None, None  # (the old state freed first)
             self.engine.state = self.engine.new_state(params, self.engine.optimizer)
 
+    def _weights(self):
+        """The whole model's parameters: the frozen base (LoRA) or the one model's weights."""
+        return self.engine.frozen if self.lora_mode else self.engine.state.params
+
     def _set_state(self, m: TrainedModel, state: TrainState) -> None:
         m.state = state
         if m.lora is None:  # full weights: the model's state is the engine's
             self.engine.state = state
 
     # ------------------------------------------------------------------------------------- the programs
-    def _programs_of(self, lora: LoraSpec | None, adapter: Adapter | None):
-        """(the engine's request steps, its full merge) for a model of this shape: tenants whose adapters differ
-        only in their seed share them (and their compiled programs)."""
+    def _programs_of(self, lora: LoraSpec | None, adapter: Adapter | None) -> tuple[RequestSteps, Callable]:
+        """(the engine's request steps, its merge of the adapters into the base) for a model of this shape: tenants
+        whose adapters differ only in their seed share them (and their compiled programs)."""
         key = dataclasses.replace(lora, seed=0) if lora else None
         if key not in self._programs:
             self._programs[key] = self.engine.request_steps(adapter), self.engine.merger(adapter)
@@ -369,7 +374,8 @@ class ModelHost:
         of its weights (the next optim_step donates the live ones)."""
         if m.lora is None:
             return jax.tree.map(jnp.copy, m.state.params)
-        return self._programs_of(m.lora, m.adapter)[1](m.state.params)
+        _, merge = self._programs_of(m.lora, m.adapter)
+        return merge(m.state.params)
 
     def open_sampler(self, session_id: str, *, model_id: str | None = None, path: str | None = None) -> dict:
         """A sampling session on a snapshot of a model's current weights (model_id) or of saved weights (path;
@@ -379,14 +385,18 @@ class ModelHost:
         elif path is not None:
             meta = self.meta_of(path, "model_path")
             spec = LoraSpec(**meta["lora"]) if meta.get("lora") else None
-            adapter = self._adapter(spec) if spec is not None else None
-            # the structure to read into: a new adapter, or a copy of the weights' tree (filled, not the model's)
-            template = adapter.params if spec is not None else jax.tree.map(lambda x: x, self.engine.state.params)
-            params, _, _ = self._read(path, "<load>", spec, template, field="model_path")
-            params, source = self._programs_of(spec, adapter)[1](params), path
+            if spec is not None:  # read into a new adapter's tree, then merged into the base
+                adapter = self._adapter(spec)
+                lora, _, _ = self._read(path, "<load>", spec, adapter.params, field="model_path")
+                _, merge = self._programs_of(spec, adapter)
+                params = merge(lora)
+            else:  # read into a copy of the weights' tree (filled in place: not the model's own)
+                params, _, _ = self._read(path, "<load>", None, jax.tree.map(lambda x: x, self._weights()),
+                                          field="model_path")
+            source = path
         else:  # LoRA: the frozen base; all weights: a copy of the one model's as they are now
-            params = self.engine.frozen if self.lora_mode else jax.tree.map(jnp.copy, self.engine.state.params)
-            source = None
+            weights = self._weights()
+            params, source = (weights if self.lora_mode else jax.tree.map(jnp.copy, weights)), None
         self.sampling_sessions[session_id] = {"params": params, "model_path": source}
         while len(self.sampling_sessions) > MAX_SAMPLING_SESSIONS:
             old, meta = self.sampling_sessions.popitem(last=False)
