@@ -11,6 +11,11 @@ only, `--fla-bypass-guard` (default on) flips that version flag. Its backward va
 Usage: PYTHONPATH=. python benchmarks/bench_gdn.py [--iters 20] [--no-fla] [--no-reference] [--skip-check]
            [--impls split,fused,jnp] [--check split] [--breakdown] [--breakdown-fused] [--tune all|state_fwd,...]
            [--hlo-summary] [--dump-hlo DIR]
+FLA's first call of a shape autotunes its Triton kernels: 125 s for the packed shape on an H100 (2026-12-06), and the
+B4 T4096 shape needs its own (over 65 s more), so a run with FLA at both shapes wants about 5 minutes.
+Two processes can share one GPU call (FLA's autotuning takes minutes at its first call of a shape): each compiles
+(and FLA autotunes) every shape first, touches --ready-file, waits for --wait-for, then times; --json writes the rows
+and --fla-from reads another process's FLA rows into the ratio columns.
 --breakdown times each kernel of the split path (the default); --breakdown-fused each kernel and custom_vjp backward
 of the fused path; --tune times the named split kernels under several launch settings; --hlo-summary lists the
 kernels XLA emits for each fwd+bwd program (fusions, GEMM calls, copies).
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import os
 import statistics
 import time
@@ -51,8 +57,12 @@ IMPLS = {
     "split-bf16inv": _pallas(launch=dict(inverse_dtype="bfloat16")),
     "split-bv64": _pallas(launch=dict(block_v_fwd=64, block_v_bwd=64)),
     "split-bv16": _pallas(launch=dict(block_v_fwd=16, block_v_bwd=16)),
-    "split-fold": _pallas(launch=dict(fold_state_grads=True)),
-    "split-next": _pallas(launch=dict(fold_state_grads=True, skip_empty_runs=True)),  # the options not yet timed
+    # the defaults before 2026-12-06 (afternoon): empty run slots computed, fp32 intra-backward gradients
+    "split-before": _pallas(launch=dict(skip_empty_runs=False, intra_bwd_grads="float32")),
+    "split-noskip": _pallas(launch=dict(skip_empty_runs=False)),
+    "split-f32grads": _pallas(launch=dict(intra_bwd_grads="float32")),
+    "split-fold": _pallas(launch=dict(fold_state_grads=True, skip_empty_runs=False)),
+    "split-next": _pallas(launch=dict(fold_state_grads=True, skip_empty_runs=True)),
     "fused": _pallas("fused", intra="pallas", state_grads="pallas"),
     "fused-xla-intra": _pallas("fused", intra="xla", state_grads="pallas"),
     "fused-xla-sg": _pallas("fused", intra="pallas", state_grads="xla"),
@@ -109,11 +119,26 @@ def time_torch(step, iters):
     return statistics.median(times)
 
 
-def jax_peak_gib(fn, args):
-    m = fn.lower(*args).compile().memory_analysis()
+def compiled_peak_gib(compiled):
+    m = compiled.memory_analysis()
     if m is None:
         return float("nan")
     return (m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes) / GIB
+
+
+def precompile(impls, seg, args):
+    """{name: (compiled fwd, compiled fwd+bwd)} for each JAX path, compiled side by side in threads (Triton and XLA
+    compile on the host's cores; the timings that follow then run one at a time)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [(name, i, fn, args[:5] if i == 0 else args) for name, impl in impls.items()
+            for i, fn in enumerate(jax_fns(impl, seg))]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        done = list(pool.map(lambda j: j[2].lower(*j[3]).compile(), jobs))
+    out = {}
+    for (name, i, _, _), exe in zip(jobs, done):
+        out.setdefault(name, [None, None])[i] = exe
+    return out
 
 
 def jax_fns(impl, seg):
@@ -145,8 +170,8 @@ def _reference(seg, q, k, v, g, beta, do):
     return _REFERENCE[key]
 
 
-def check(B, T, seg, q, k, v, g, beta, do, impl):
-    pallas_fwd, pallas_fb = jax_fns(impl, seg)
+def check(B, T, seg, q, k, v, g, beta, do, impl, compiled=None):
+    pallas_fwd, pallas_fb = compiled if compiled is not None else jax_fns(impl, seg)
     o_ref, g_ref = _reference(seg, q, k, v, g, beta, do)
     o1, o2 = pallas_fwd(q, k, v, g, beta), pallas_fwd(q, k, v, g, beta)
     g1, g2 = pallas_fb(q, k, v, g, beta, do), pallas_fb(q, k, v, g, beta, do)
@@ -157,15 +182,16 @@ def check(B, T, seg, q, k, v, g, beta, do, impl):
     return errs, same, finite
 
 
-def fla_bench(B, T, cu, q, k, v, g, beta, do, iters):
+def fla_prepare(B, T, cu, q, k, v, g, beta, do):
+    """FLA's fwd and fwd+bwd as torch closures, each called once (the first calls run FLA's Triton autotuning for the
+    shape's keys: kept out of the timings)."""
     import torch
-    import triton
     import fla.ops.common.chunk_o as fla_chunk_o
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
     fla_chunk_o.TRITON_ABOVE_3_7_1 = True  # bypass the Hopper guard: timing only, values not trusted on Triton 3.6
     dev = "cuda"
-    t = lambda x: torch.from_numpy(np.array(x.astype(jnp.float32))).to(dev)
+    t = lambda x: torch.from_numpy(np.array(x.astype(jnp.float32))).to(dev)  # noqa: E731
     tq, tk, tv, tdo = (t(x).to(torch.bfloat16) for x in (q, k, v, do))
     tg, tb = t(g), t(beta).to(torch.bfloat16)
     cu_t = None if cu is None else torch.from_numpy(cu).to(dev)
@@ -183,14 +209,27 @@ def fla_bench(B, T, cu, q, k, v, g, beta, do, iters):
         for x in leaves:
             x.grad = None
 
+    t0 = time.perf_counter()
+    fwd()
+    fwd_bwd()
+    torch.cuda.synchronize()
+    print(f"[fla B{B} T{T}] first fwd and fwd+bwd (autotuning) {time.perf_counter() - t0:.1f} s", flush=True)
+    return fwd, fwd_bwd
+
+
+def fla_time(fns, iters):
+    """Median fwd, fwd+bwd milliseconds (CUDA events, triton.testing.do_bench) and the fwd+bwd's peak GiB."""
+    import torch
+    import triton
+
+    fwd, fwd_bwd = fns
     f = triton.testing.do_bench(fwd, warmup=25, rep=max(iters, 20) * 5, return_mode="median")
     fb = triton.testing.do_bench(fwd_bwd, warmup=25, rep=max(iters, 20) * 10, return_mode="median")
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     fwd_bwd()
     torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() / GIB
-    return f, fb, peak
+    return f, fb, torch.cuda.max_memory_allocated() / GIB
 
 
 def kernel_cases(B, T, seg, q, k, v, g, beta, do):
@@ -259,14 +298,25 @@ def split_kernel_cases(B, T, seg, q, k, v, g, beta, do, launch=LAUNCH):
     }
 
 
-def split_breakdown(B, T, seg, q, k, v, g, beta, do, iters):
-    """Each kernel of the split path alone (forward kernels, then backward kernels)."""
+def split_breakdown_prepare(B, T, seg, q, k, v, g, beta, do):
+    """Each kernel of the split path alone, compiled (side by side): {name: (compiled, its arguments)}."""
+    from concurrent.futures import ThreadPoolExecutor
+
     cases = split_kernel_cases(B, T, seg, q, k, v, g, beta, do)
-    t = {name: time_jax(jax.jit(functools.partial(f, C=64, interpret=INTERPRET, launch=LAUNCH)), fargs, iters)
-         for name, (f, fargs) in cases.items()}
+    jitted = {name: (jax.jit(functools.partial(f, C=64, interpret=INTERPRET, launch=LAUNCH)), fargs)
+              for name, (f, fargs) in cases.items()}
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        compiled = dict(zip(jitted, pool.map(lambda jf: jf[0].lower(*jf[1]).compile(), jitted.values())))
+    return {name: (compiled[name], fargs) for name, (_, fargs) in jitted.items()}
+
+
+def split_breakdown(B, T, cases, iters):
+    """Times each kernel of the split path alone (forward kernels, then backward kernels, then the alternatives)."""
+    t = {name: time_jax(exe, fargs, iters) for name, (exe, fargs) in cases.items()}
     fwd = sum(t[n] for n in ("intra_fwd", "state_fwd", "out_fwd"))
+    default = fwd + sum(t[n] for n in ("dvl", "state_bwd", "state_grads", "intra_bwd"))
     print(f"[breakdown split B{B} T{T}] " + " | ".join(f"{n} {x:.3f}" for n, x in t.items())
-          + f" | fwd kernels {fwd:.3f} ms, all {sum(t.values()):.3f} ms", flush=True)
+          + f" | fwd kernels {fwd:.3f} ms, the default path's kernels {default:.3f} ms", flush=True)
 
 
 TUNE_OPTIONS = {  # per split kernel: launch overrides tried, each against the defaults
@@ -395,14 +445,32 @@ def hlo_summary(label, fn, args, top=25):
               f"{cost.get('bytes accessed', float('nan')) / 2**30:.2f} GiB accessed (custom calls not counted)")
 
 
-def run_fla(res, label, B, T, cu, q, k, v, g, beta, do, iters):
+def run_fla(res, label, fns, iters):
+    if fns is None:
+        return
     try:
-        res["fla"] = fla_bench(B, T, cu, q, k, v, g, beta, do, iters)
+        res["fla"] = fla_time(fns, iters)
     except Exception as e:  # noqa: BLE001 - report and go on with the JAX numbers
         print(f"[fla {label}] failed: {type(e).__name__}: {e}")
         return
     f, fb, peak = res["fla"]
     print(f"[time {label}] fla: fwd {f:.3f} ms, fwd+bwd {fb:.3f} ms, peak {peak:.2f} GiB", flush=True)
+
+
+def prepare_fla(label, B, T, cu, q, k, v, g, beta, do):
+    try:
+        return fla_prepare(B, T, cu, q, k, v, g, beta, do)
+    except Exception as e:  # noqa: BLE001
+        print(f"[fla {label}] failed: {type(e).__name__}: {e}")
+        return None
+
+
+def wait_for(path):
+    """Blocks until `path` exists (another process on the GPU says it is done), then returns."""
+    t0 = time.perf_counter()
+    while not os.path.exists(path):
+        time.sleep(0.2)
+    print(f"[gate] {path} after {time.perf_counter() - t0:.1f} s", flush=True)
 
 
 def main():
@@ -424,60 +492,91 @@ def main():
     ap.add_argument("--hlo-summary", action="store_true",
                     help="print the kernels of each optimized fwd+bwd program (largest outputs first)")
     ap.add_argument("--dump-hlo", metavar="DIR", help="XLA dump of the fwd+bwd programs (text HLO, every pass)")
+    ap.add_argument("--ready-file", help="touched once every program is compiled and FLA autotuned (before timing)")
+    ap.add_argument("--wait-for", help="time nothing until this file exists (another process is using the GPU)")
+    ap.add_argument("--done-file", help="touched once the timings are done (before the check)")
+    ap.add_argument("--json", help="write the timing rows here")
+    ap.add_argument("--fla-from", help="a --json file of another process's FLA rows, for the ratio columns")
     args = ap.parse_args()
     if args.dump_hlo:  # read when the backend starts, which is below
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={args.dump_hlo}"
                                    " --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*fwd_bwd.*").strip()
     print("device:", jax.devices()[0].device_kind, "| jax", jax.__version__)
     shapes = {"packed": (1, 8192, [1500, 3000, 2500, 1192]), "batch": (4, 4096, None)}
-    rows = []
+    wanted = args.impls.split(",")
+    run_fla_here = not args.no_fla
+    # Phase 1, every shape: inputs, the JAX programs compiled, FLA's autotuning calls (no timing yet).
+    prepared = []
     for name in args.shapes.split(","):
         B, T, docs = shapes[name]
         seg, cu = segments_for(B, T, docs)
         q, k, v, g, beta, do = make_inputs(B, T)
         label = f"B{B} T{T}" + (f" {len(docs)} docs" if docs else "")
-        res = {}
         impls = dict(IMPLS)
         impls |= {} if args.no_reference else {"jnp": gated_delta_rule_chunked}
-        wanted = args.impls.split(",")
         if args.tune and name == args.shapes.split(",")[0]:
             best = split_tune(B, T, seg, q, k, v, g, beta, do, args.iters,
                               list(TUNE_OPTIONS) if args.tune == "all" else args.tune.split(","))
             print(f"[tune] fastest settings: {dataclasses.replace(LAUNCH, **best)}", flush=True)
             IMPLS["split-tuned"] = _pallas(launch=best)
         impls |= {n: IMPLS[n] for n in ("split-tuned",) if n in IMPLS}
+        t0 = time.perf_counter()
+        compiled = precompile({n: impls[n] for n in wanted if n in impls}, seg, (q, k, v, g, beta, do))
+        cases = split_breakdown_prepare(B, T, seg, q, k, v, g, beta, do) if args.breakdown else None
+        print(f"[compile {label}] {time.perf_counter() - t0:.1f} s", flush=True)
+        fla_fns = prepare_fla(label, B, T, cu, q, k, v, g, beta, do) if run_fla_here else None
+        prepared.append((name, B, T, seg, label, (q, k, v, g, beta, do), impls, compiled, cases, fla_fns))
+    if args.ready_file:
+        open(args.ready_file, "w").close()
+    if args.wait_for:
+        wait_for(args.wait_for)
+    # Phase 2: the timings, one at a time.
+    rows = []
+    for name, B, T, seg, label, (q, k, v, g, beta, do), impls, compiled, cases, fla_fns in prepared:
+        res = {}
         for impl_name, impl in ((n, impls.get(n)) for n in wanted if n in impls or n == "fla"):
             if impl_name == "fla":
-                if not args.no_fla:
-                    run_fla(res, label, B, T, cu, q, k, v, g, beta, do, args.iters)
+                run_fla(res, label, fla_fns, args.iters)
                 continue
-            fwd, fb = jax_fns(impl, seg)
+            fwd, fb = compiled[impl_name]
             if args.hlo_summary and impl_name != "jnp":
-                hlo_summary(f"{label} {impl_name}", fb, (q, k, v, g, beta, do))
+                hlo_summary(f"{label} {impl_name}", jax_fns(impl, seg)[1], (q, k, v, g, beta, do))
             res[impl_name] = (time_jax(fwd, (q, k, v, g, beta), args.iters),
                               time_jax(fb, (q, k, v, g, beta, do), args.iters),
-                              jax_peak_gib(fb, (q, k, v, g, beta, do)))
+                              compiled_peak_gib(fb))
             print(f"[time {label}] {impl_name}: fwd {res[impl_name][0]:.3f} ms, fwd+bwd {res[impl_name][1]:.3f} ms, "
                   f"peak {res[impl_name][2]:.2f} GiB", flush=True)
-        if not args.no_fla and "fla" not in wanted:
-            run_fla(res, label, B, T, cu, q, k, v, g, beta, do, args.iters)
+        if "fla" not in wanted:
+            run_fla(res, label, fla_fns, args.iters)
         for impl_name, (f, fb, peak) in res.items():
             rows.append((label, impl_name, f, fb, peak))
-        checked = not args.skip_check and name in args.check_shapes.split(",")
-        for impl_name in args.check.split(",") if checked else []:
-            errs, same, finite = check(B, T, seg, q, k, v, g, beta, do, impls[impl_name])
-            print(f"[check {label} {impl_name}] rel err vs fp32 reference: "
-                  + " ".join(f"{n} {e:.2e}" for n, e in errs.items()) + f" | deterministic {same} | finite {finite}",
-                  flush=True)
-        if args.breakdown:
-            split_breakdown(B, T, seg, q, k, v, g, beta, do, args.iters)
+        if cases is not None:
+            split_breakdown(B, T, cases, args.iters)
         if args.breakdown_fused:
             breakdown(B, T, seg, q, k, v, g, beta, do, args.iters, res.get("fused", (None, None))[1])
-    print(f"\n{'shape':<20}{'impl':<14}{'fwd ms':>9}{'f+b ms':>9}{'peak GiB':>10}{'fwd/FLA':>9}{'f+b/FLA':>9}")
+    if args.json:
+        with open(args.json + ".tmp", "w") as f:
+            json.dump(rows, f)
+        os.replace(args.json + ".tmp", args.json)
+    if args.done_file:
+        open(args.done_file, "w").close()
+    if args.fla_from and os.path.exists(args.fla_from):  # FLA timed by another process in the same call
+        with open(args.fla_from) as f:
+            rows += [tuple(r) for r in json.load(f) if r[1] == "fla"]
+    print(f"\n{'shape':<20}{'impl':<16}{'fwd ms':>9}{'f+b ms':>9}{'peak GiB':>10}{'fwd/FLA':>9}{'f+b/FLA':>9}")
     for label, impl_name, f, fb, peak in rows:
         fla = next((r for r in rows if r[0] == label and r[1] == "fla"), None)
         ratios = f"{f / fla[2]:9.2f}{fb / fla[3]:9.2f}" if fla else ""
-        print(f"{label:<20}{impl_name:<14}{f:9.3f}{fb:9.3f}{peak:10.2f}{ratios}")
+        print(f"{label:<20}{impl_name:<16}{f:9.3f}{fb:9.3f}{peak:10.2f}{ratios}")
+    # Phase 3: correctness against the fp32 reference (after the timings and the table: it compiles and runs the
+    # reference).
+    for name, B, T, seg, label, (q, k, v, g, beta, do), impls, compiled, _, _ in prepared:
+        checked = not args.skip_check and name in args.check_shapes.split(",")
+        for impl_name in args.check.split(",") if checked else []:
+            errs, same, finite = check(B, T, seg, q, k, v, g, beta, do, impls[impl_name], compiled.get(impl_name))
+            print(f"[check {label} {impl_name}] rel err vs fp32 reference: "
+                  + " ".join(f"{n} {e:.2e}" for n, e in errs.items()) + f" | deterministic {same} | finite {finite}",
+                  flush=True)
 
 
 if __name__ == "__main__":

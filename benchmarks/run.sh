@@ -72,8 +72,10 @@ case "$1" in
   kernels)
     run attention python3 benchmarks/bench_attention.py --batch 4 --heads 16 --kv-heads 8 --docs 4 \
         --max-segments 4,8,16,32,64 --no-xla
-    run gdn python3 benchmarks/bench_gdn.py --iters 10 --shapes packed --skip-check --no-reference \
-        --impls pallas,pallas+sg,pal+xla+sg --breakdown
+    # FLA autotunes at its first call of each shape (about 2 minutes on an H100): the packed shape only here; both
+    # shapes (about 5 minutes): bench_gdn.py --shapes packed,batch --impls fla,split --no-reference --skip-check
+    run gdn python3 benchmarks/bench_gdn.py --iters 10 --shapes packed --no-reference \
+        --impls fla,split,split-before --breakdown --check split
     run gmm python3 benchmarks/bench_gmm.py --rows 32768
     run loss python3 benchmarks/bench_loss.py --tokens 16384 --hidden 2048
     ;;

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 from xorl_jax.kernels.gdn import gated_delta_rule
+from xorl_jax.kernels.gdn.pallas import Launch
 from xorl_jax.kernels.gdn.pallas_entry import gated_delta_rule_pallas
 from xorl_jax.kernels.gdn.reference import gated_delta_rule_chunked, gated_delta_rule_recurrent
 
@@ -57,8 +58,8 @@ def test_interpret_matches_reference_forward_and_grads(shape, kernels):
 def test_interpret_split_document_runs_match_recurrence():
     """The split state passes run each document run as its own program. Documents of one token at the row start, a
     start on a chunk's first token, two starts in one chunk and a start in the last chunk give the recurrence's
-    outputs, final state and (against the chunked form) gradients, also with empty run slots skipped and the state
-    grads folded into the intra backward; a row without documents runs as one run."""
+    outputs, final state and (against the chunked form) gradients, also with empty run slots computing their clamped
+    peel and the state grads folded into the intra backward; a row without documents runs as one run."""
     from xorl_jax.kernels.gdn.pallas_split import document_runs
 
     T, C, docs = 80, 16, [1, 1, 14, 20, 3, 25, 16]
@@ -74,19 +75,18 @@ def test_interpret_split_document_runs_match_recurrence():
     assert list(np.asarray(first[0])) == want + [T // C] * (T // C - len(want))
     assert list(np.asarray(nxt[0, : len(want)])) == want[1:] + [T // C]
     pallas = lambda *a, **kw: gated_delta_rule_pallas(*a, chunk_size=C, interpret=True, kernels="split", **kw)
-    from xorl_jax.kernels.gdn.pallas import Launch
 
-    for segments, launch in ((seg, Launch()), (seg, Launch(skip_empty_runs=True)), (None, Launch())):
+    for segments, launch in ((seg, Launch()), (seg, Launch(skip_empty_runs=False)), (None, Launch())):
         o_p, s_p = jax.jit(lambda *a: pallas(*a[:5], segment_ids=segments, initial_state=a[5], launch=launch,
                                              output_final_state=True))(q, k, v, g, beta, h0)
         o_r, s_r = gated_delta_rule_recurrent(q, k, v, g, beta, segment_ids=segments, initial_state=h0,
                                               output_final_state=True)
         np.testing.assert_allclose(o_p, o_r, atol=2e-5, rtol=2e-5)
         np.testing.assert_allclose(s_p, s_r, atol=2e-5, rtol=2e-5)
-    # the backward with the options not yet on by default (the default backward: the tests above and below)
-    options = Launch(skip_empty_runs=True, fold_state_grads=True)
-    g_p = _loss_grads(lambda *a, **kw: pallas(*a, launch=options, **kw), q, k, v, g, beta, h0, seg)
+    # the backward with the options off by default (the default backward: the tests above and below)
     g_r = _loss_grads(lambda *a, **kw: gated_delta_rule_chunked(*a, chunk_size=C, **kw), q, k, v, g, beta, h0, seg)
+    options = Launch(skip_empty_runs=False, fold_state_grads=True)
+    g_p = _loss_grads(lambda *a, **kw: pallas(*a, launch=options, **kw), q, k, v, g, beta, h0, seg)
     for name, a, b in zip("q k v g beta h0".split(), g_p, g_r):
         np.testing.assert_allclose(a, b, atol=5e-5, rtol=5e-5, err_msg=name)
 
@@ -160,7 +160,8 @@ def _gpu_case(dtype_name):
     (jnp.bfloat16, dict(kernels="split")),
     (jnp.bfloat16, dict(kernels="fused", intra="pallas", state_grads="pallas")),
     (jnp.bfloat16, dict(kernels="fused", intra="xla", state_grads="xla")),
-], ids=["split-f32", "split-bf16", "fused-bf16", "fused-xla-bf16"])
+    (jnp.bfloat16, dict(kernels="split", launch=Launch(intra_bwd_grads="float32", skip_empty_runs=False))),
+], ids=["split-f32", "split-bf16", "fused-bf16", "fused-xla-bf16", "split-before-bf16"])
 def test_gpu_matches_fp32_reference_and_is_deterministic(dtype, layout):
     (q, k, v, g, beta, h0), seg, (o_r, s_r, g_r) = _gpu_case(jnp.dtype(dtype).name)
     pallas = lambda *a, **kw: gated_delta_rule_pallas(*a, interpret=False, **layout, **kw)
@@ -216,8 +217,10 @@ def test_interpret_state_grads_kernel_matches_einsums():
     np.testing.assert_allclose(ded.sum(-1), want[4], rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("layout", [dict(kernels="split"), dict(kernels="fused", intra="pallas", state_grads="xla")],
-                         ids=["split", "fused-xla-state-grads"])
+@pytest.mark.parametrize("layout", [dict(kernels="split"),
+                                    dict(kernels="split", launch=Launch(intra_bwd_grads="float32")),
+                                    dict(kernels="fused", intra="pallas", state_grads="xla")],
+                         ids=["split", "split-f32grads", "fused-xla-state-grads"])
 def test_interpret_bf16_close_to_fp32_reference(layout):
     """bf16 inputs take bf16 products in every kernel: gradients stay within bf16 rounding of the fp32 reference."""
     B, T, Hk, Hv, K, V, C = 1, 40, 1, 2, 16, 16, 16
@@ -267,3 +270,28 @@ def test_launch_settings_reach_every_kernel():
     split_kernels = ("intra_fwd", "state_fwd", "out_fwd", "dvl", "state_bwd", "state_grads", "intra_bwd")
     assert split == {f"gdn_split_{kernel}": getattr(launch, kernel) for kernel in split_kernels}, split
     assert LAUNCH == Launch() and LAUNCH.state_fwd == (4, 1) and LAUNCH.intra_bwd == (8, 1)
+
+
+@pytest.mark.parametrize("launch", [dict(), dict(fold_state_grads=True, skip_empty_runs=False)],
+                         ids=["defaults", "folded"])
+def test_split_kernels_lower_to_triton_here(launch):
+    """The split path's forward and backward lower to Triton for CUDA on any machine (Pallas's Triton lowering runs on
+    the host; only the GPU compile needs a GPU), so a kernel the lowering rejects fails here, not on a GPU."""
+    from xorl_jax.kernels.gdn.pallas import Launch
+
+    B, T, Hk, Hv, K, V = 1, 200, 2, 4, 64, 64
+    q, k, v, g, beta, _ = make_inputs(41, B, T, Hk, Hv, K, V, jnp.bfloat16)
+    seg = jnp.asarray(np.concatenate([np.full(70, 1), np.full(130, 2)])[None], jnp.int32)
+
+    def fwd_bwd(q, k, v, g, beta):
+        fn = lambda *a: gated_delta_rule_pallas(*a, segment_ids=seg, interpret=False, launch=Launch(**launch))[0]
+        o, vjp = jax.vjp(fn, q, k, v, g, beta)
+        return o, vjp(o)
+
+    triton = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+    exported = jax.export.export(jax.jit(fwd_bwd), platforms=["cuda"], disabled_checks=[triton])(q, k, v, g, beta)
+    text = exported.mlir_module()
+    kernels = ["intra_fwd", "state_fwd", "out_fwd", "dvl", "state_bwd"]
+    kernels += ["intra_bwd_folded"] if launch else ["state_grads", "intra_bwd"]
+    for name in kernels:
+        assert f'name = "gdn_split_{name}"' in text, name

@@ -1,6 +1,8 @@
 """The training engine: one model, its optimizer state and the compiled steps, built from a Config and the checked
 run inputs (xorl_jax.preflight.RunInputs); no data iteration, no logging loop, no printing. The CLI loop
-(xorl_jax.trainer) drives it, and so can a server.
+(xorl_jax.trainer) drives it, and so does the Tinker-compatible server (xorl_jax.server.host), with
+`serving=True`: the optimizer is AdamW with each request's hyperparameters, and each tenant's adapter and state
+come from `new_adapter` / `new_state` and train through `request_steps`.
 
     engine = TrainEngine(cfg, inputs, total_steps=100)
     metrics = engine.train_step(batch)         # one optimizer step on a device batch; metrics stay on the device
@@ -10,14 +12,16 @@ run inputs (xorl_jax.preflight.RunInputs); no data iteration, no logging loop, n
     engine.full_params(), engine.merged_model()  # the weights the forward pass sees (LoRA merged)
     engine.train_batch(rows)                   # [A, B, T] host rows -> a step's batch (sharded, attention layout)
     engine.make_steps(optimizer=o, state=s, merge_fn=f)  # the jitted step of another optimizer / adapter
+    engine.request_steps(adapter)              # forward / forward_backward / update with per-call loss and Adam
+    engine.merger(adapter)(params)             # an adapter's parameters merged into the frozen base
 
-What the step is made of stays public for code that builds its own steps (per-token log-probabilities, a custom
-loss with gradients accumulated over calls, per-request optimizer settings):
+What the steps are made of stays public for code that builds its own:
 - `graphdef` (nnx) with `state.params` (or `full_params()`) makes the model: `nnx.merge(graphdef, params)`;
 - `mesh`, `rules`: trace under `rules_lib.use_mesh(mesh, rules)` (or wrap the jitted function in MeshJit);
 - LoRA: `frozen` is the base, `state.params` the adapters, `merge_fn(adapters, frozen) -> (params, layer_transform)`
   the merge the steps run (pass `layer_transform` to the model call); `new_adapter(lora_cfg, seed)` makes another
-  adapter over the same frozen base, and `new_state(params, optimizer)` the TrainState an optimizer starts it with;
+  adapter over the same frozen base, and `new_state(params, optimizer)` the TrainState an optimizer starts it with
+  (the server: one per tenant, `state` stays None);
 - `loss_cfg` (train_step.LossConfig), `optimizer` / `schedule` (optax), `options` (models.common.ModelOptions);
 - `layout_planner` (kernels.attention.LayoutPlanner, None unless attention is cuDNN): the AttentionLayout of a batch
   (`layout_planner.plan(documents, segment_ids)`), put under train_step.LAYOUT_KEY of a train batch or passed to the
@@ -47,12 +51,14 @@ from xorl_jax.config import Config, config_to_dict
 from xorl_jax.kernels.attention import layout_planner
 from xorl_jax.lora import layer_merge_fn, merge_lora
 from xorl_jax.models.loading import random_model
+from xorl_jax.optim import adamw_per_request
 from xorl_jax.parallel import rules as rules_lib
 from xorl_jax.parallel.rules import batch_sharding
 from xorl_jax.preflight import RunInputs, disk_full_error, disk_full_message
 from xorl_jax.train_setup import (Experiments, MeshJit, TrainSteps, abstract_batch, loss_config_for,
                                   opt_state_shardings, optimizer_for)
-from xorl_jax.train_step import BATCH_KEYS, LAYOUT_KEY, TrainState, make_eval_step
+from xorl_jax.train_step import (BATCH_KEYS, LAYOUT_KEY, RequestSteps, TrainState, make_eval_step,
+                                 make_request_steps)
 
 log = logging.getLogger("xorl_jax")
 
@@ -61,13 +67,15 @@ def count_params(params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
-def new_state(params, optimizer, mesh) -> TrainState:
-    """A fresh TrainState for `params` (trainable only): optimizer state sharded as the parameters, zero counters."""
+def new_state(params, optimizer, mesh, *, step: int = 0, opt_state=None) -> TrainState:
+    """A TrainState for `params` (trainable only) at optimizer step `step`: `opt_state` (one read back from a save)
+    or a fresh one sharded as the parameters; no skipped steps."""
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    opt_state = jax.jit(optimizer.init, out_shardings=opt_state_shardings(optimizer, params, mesh))(params)
+    if opt_state is None:
+        opt_state = jax.jit(optimizer.init, out_shardings=opt_state_shardings(optimizer, params, mesh))(params)
     # Separate scalars: the step donates the whole state, and one buffer may not be donated twice.
-    counter = lambda: jax.device_put(jnp.zeros((), jnp.int32), replicated)  # noqa: E731
-    return TrainState(step=counter(), params=params, opt_state=opt_state, nonfinite_streak=counter(),
+    counter = lambda value=0: jax.device_put(jnp.asarray(value, jnp.int32), replicated)  # noqa: E731
+    return TrainState(step=counter(step), params=params, opt_state=opt_state, nonfinite_streak=counter(),
                       skipped_total=counter())
 
 
@@ -102,12 +110,18 @@ class Adapter:
 
 
 class TrainEngine:
-    def __init__(self, cfg: Config, inputs: RunInputs, *, total_steps: int, experiments: Experiments = Experiments(),
-                 is_main: bool = True):
+    def __init__(self, cfg: Config, inputs: RunInputs, *, total_steps: int = 0,
+                 experiments: Experiments = Experiments(), is_main: bool = True, serving: bool = False):
         """Loads (or initialises) the model, adds the LoRA adapters the config asks for, builds the optimizer for
         `total_steps`, compiles the train step (resolving `auto` layer settings) and opens the checkpoint directory.
-        `inputs.options` is used as given (apply Experiments before). `startup_s`: seconds of each part."""
+        `inputs.options` is used as given (apply Experiments before). `startup_s`: seconds of each part.
+
+        `serving` (the server; `total_steps` unused): the optimizer is optim.adamw_per_request (no schedule), LoRA
+        makes no adapter of the config's own (`state` is None: tenants make theirs) and full-weight training starts
+        `state` on the loaded weights; layer settings stay as the options give them (no train step is compiled at
+        start) and no training checkpoint directory is opened (the server saves its own way)."""
         self.cfg, self.inputs, self.experiments, self.is_main = cfg, inputs, experiments, is_main
+        self.serving = serving
         self.hf_config, self.model_cls, self.model_config = inputs.hf_config, inputs.model_cls, inputs.model_config
         self.options, self.mesh, self.rules = inputs.options, inputs.mesh, inputs.rules
         self.tokenizer = inputs.tokenizer
@@ -141,7 +155,8 @@ class TrainEngine:
         self.lora_targets, self.lora_scale, self.merge_fn = None, None, None
         self._initial_params = params
         if cfg.lora.enable_lora:
-            self.frozen = params
+            self.frozen, self._initial_params = params, None
+        if cfg.lora.enable_lora and not self.serving:  # (the server's tenants make their own adapters)
             adapter = self.new_adapter(cfg.lora, seed=cfg.train.seed)
             self.lora_targets, self.lora_scale, self.merge_fn = adapter.targets, adapter.scale, adapter.merge_fn
             self._initial_params = adapter.params
@@ -154,16 +169,21 @@ class TrainEngine:
 
     def _setup_optimizer(self):
         params, self._initial_params = self._initial_params, None  # the state owns them from here on
-        self.schedule, self.optimizer = optimizer_for(self.cfg, params, self.total_steps)
-        self.state = self.new_state(params, self.optimizer)
-        self.layer_choice, self.step = self._choose_layer_settings()
-        self.eval_step = self._bind_frozen(
+        if self.serving:
+            self.schedule, self.optimizer = None, adamw_per_request()
+            self.state = None if params is None else self.new_state(params, self.optimizer)
+            self.layer_choice, self.step = None, None
+        else:
+            self.schedule, self.optimizer = optimizer_for(self.cfg, params, self.total_steps)
+            self.state = self.new_state(params, self.optimizer)
+            self.layer_choice, self.step = self._choose_layer_settings()
+        self.eval_step = None if self.state is None else self._bind_frozen(
             MeshJit(jax.jit(make_eval_step(self.graphdef, self.loss_cfg, merge_fn=self.merge_fn)),
                     self.mesh, self.rules))
 
     def _bind_frozen(self, fn):
         """LoRA: the frozen base goes in as the last argument (never a baked-in constant, never donated)."""
-        if self.frozen is None:
+        if self.merge_fn is None:
             return fn
         return lambda *args: fn(*args, self.frozen)
 
@@ -186,6 +206,9 @@ class TrainEngine:
         return choice, self.make_steps(self.graphdef)
 
     def _setup_checkpointing(self):
+        if self.serving:
+            self.checkpointer = None
+            return
         self.checkpointer = TrainCheckpointer(
             os.path.join(self.output_dir, "checkpoints"),
             keep=self.cfg.train.save_total_limit,
@@ -200,9 +223,10 @@ class TrainEngine:
         return TrainSteps(graphdef or self.graphdef, optimizer or self.optimizer, self.loss_cfg, state or self.state,
                           self.mesh, self.rules, merge_fn=merge_fn, frozen=self.frozen if merge_fn else None)
 
-    def new_state(self, params, optimizer) -> TrainState:
-        """A fresh TrainState of `params` (the trainable tree) for `optimizer`, on this engine's mesh."""
-        return new_state(params, optimizer, self.mesh)
+    def new_state(self, params, optimizer, *, step: int = 0, opt_state=None) -> TrainState:
+        """A TrainState of `params` (the trainable tree) for `optimizer` on this engine's mesh, at `step`: with
+        `opt_state` (read back from a save) or a fresh one."""
+        return new_state(params, optimizer, self.mesh, step=step, opt_state=opt_state)
 
     def new_adapter(self, lora_cfg, seed: int = 0) -> Adapter:
         """A LoRA adapter (config.LoraConfig fields: rank, alpha, target modules / parameters) over the frozen base,
@@ -211,9 +235,39 @@ class TrainEngine:
             raise ValueError("new_adapter needs an engine built with lora.enable_lora (a frozen base)")
         targets = lora_lib.lora_targets(self.frozen, lora_cfg)
         scale = lora_lib.lora_scale(lora_cfg)
-        params = lora_lib.init_lora(self.frozen, targets, lora_cfg.lora_rank, seed=seed, mesh=self.mesh,
-                                    rules=self.rules)
+        # one device: made in place (placing them on a mesh compiles a placement per adapter pair, per adapter)
+        mesh, rules = (self.mesh, self.rules) if self.mesh.size > 1 else (None, None)
+        params = lora_lib.init_lora(self.frozen, targets, lora_cfg.lora_rank, seed=seed, mesh=mesh, rules=rules)
         return Adapter(targets=targets, scale=scale, params=params, merge_fn=layer_merge_fn(targets, scale))
+
+    def request_steps(self, adapter: Adapter | None = None) -> RequestSteps:
+        """The Tinker API's steps (train_step.make_request_steps) of this engine's model, or of `adapter` over its
+        frozen base, jitted under the mesh with the frozen base bound:
+            forward(params, batch, loss_index) -> (loss sum, logprobs)
+            forward_backward(params, grads, batch, loss_index) -> (loss sum, logprobs, grads)  (grads donated)
+            update(state, grads, hyperparams, clip) -> (state, grad norm)  (state and grads donated)
+        `update` takes the optimizer's hyperparameters per call: it needs the serving engine's optimizer
+        (optim.adamw_per_request). Each call makes new programs (each compiles on first use): keep them for every
+        adapter of one shape."""
+        merge_fn = self.merge_fn if adapter is None else adapter.merge_fn
+        steps = make_request_steps(self.graphdef, self.optimizer, self.loss_cfg, merge_fn=merge_fn)
+
+        def jitted(fn, donate=()):
+            fn = MeshJit(jax.jit(fn, donate_argnums=donate), self.mesh, self.rules)
+            return fn if merge_fn is None else (lambda *args: fn(*args, self.frozen))
+
+        update = MeshJit(jax.jit(steps.update, donate_argnums=(0, 1)), self.mesh, self.rules)
+        return RequestSteps(forward=jitted(steps.forward), forward_backward=jitted(steps.forward_backward, (1,)),
+                            update=update)
+
+    def merger(self, adapter: Adapter | None = None) -> Callable:
+        """params -> the parameters the forward pass sees, jitted: LoRA (this engine's adapter, or `adapter`) merged
+        whole into the frozen base (base + scale * A @ B); full-weight training's params as they are."""
+        if self.frozen is None:
+            return lambda params: params
+        targets, scale = (self.lora_targets, self.lora_scale) if adapter is None else (adapter.targets, adapter.scale)
+        merge = MeshJit(jax.jit(lambda lora, frozen: merge_lora(frozen, lora, targets, scale)), self.mesh, self.rules)
+        return lambda params: merge(params, self.frozen)
 
     def device_batch(self, rows: dict, *, leading_axes: int = 1) -> dict:
         """device_arrays on this engine's mesh."""
@@ -245,11 +299,7 @@ class TrainEngine:
 
     def full_params(self):
         """The model's parameters as the forward pass sees them (LoRA: base + scale * A @ B, merged whole)."""
-        if self.frozen is None:
-            return self.state.params
-
-        targets, scale = self.lora_targets, self.lora_scale
-        return jax.jit(lambda lora, frozen: merge_lora(frozen, lora, targets, scale))(self.state.params, self.frozen)
+        return self.merger()(self.state.params)
 
     def merged_model(self):
         """The nnx model with the trained weights (LoRA merged): for generation and export."""

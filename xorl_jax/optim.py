@@ -460,3 +460,11 @@ def build_optimizer(*, schedule: optax.Schedule | float, weight_decay: float = 0
         return tx
     labels = jax.tree.map(lambda m: "trainable" if bool(m) else "frozen", trainable_mask)
     return optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def adamw_per_request() -> optax.GradientTransformation:
+    """torch.optim.AdamW's update (decoupled weight decay, bias-corrected moments, eps outside the square root) with
+    every hyperparameter a run-time value in its state (optax.inject_hyperparams): the server's optim_step sets
+    learning_rate, b1, b2, eps and weight_decay per request (train_step.make_request_steps). The values here only
+    fill the state until the first request."""
+    return optax.inject_hyperparams(optax.adamw)(learning_rate=1e-4, b1=0.9, b2=0.95, eps=1e-12, weight_decay=0.0)

@@ -150,16 +150,18 @@ def check_weights(cfg: Config, model_cls, model_config) -> None:
     reader.check_float(keymap.skipped_prefixes)
 
 
-def check_run(cfg: Config, *, is_main: bool = True) -> RunInputs:
-    """Every check above, cheapest first; returns what they read. See the module docstring."""
+def check_run(cfg: Config, *, is_main: bool = True, need_data: bool = True) -> RunInputs:
+    """Every check above, cheapest first; returns what they read. See the module docstring. Without `need_data`
+    (the server: its data come with the requests) no dataset is checked and no tokenizer loaded."""
     if is_main:
         check_output_dir(cfg.train.output_dir)
-    check_datasets(cfg.data)
+    if need_data:
+        check_datasets(cfg.data)
     hf_config, cls, model_config, options, mesh, rules = model_and_mesh(cfg)
     if cfg.train.init_from != "scratch":
         check_weights(cfg, cls, model_config)
     vocab_size = int(model_config.vocab_size)
-    tokenizer = tokenizer_for(cfg, vocab_size)
+    tokenizer = tokenizer_for(cfg, vocab_size) if need_data else None
     return RunInputs(hf_config=hf_config, model_cls=cls, model_config=model_config, options=options, mesh=mesh,
                      rules=rules, tokenizer=tokenizer, vocab_size=vocab_size)
 

@@ -2,21 +2,26 @@
 cross-entropy normalised by the global count of valid label tokens, MoE aux loss, skip-on-non-finite updates.
 
 Batch arrays have shape [A, B, T]: A micro-batches of B rows (the global micro-batch) of T tokens.
+
+The Tinker API's steps (make_request_steps, for the server) split the same work across calls instead: a
+forward / backward of any loss of xorl_jax.rl_losses on a [B, T] batch, gradients accumulated over calls, then an
+AdamW step with the request's hyperparameters.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from xorl_jax import rl_losses
 from xorl_jax.loss import chunked_cross_entropy
+from xorl_jax.optim import apply_updates, global_grad_norm, leaf_squared_norms
 from xorl_jax.parallel.context import to_ring_order
-from xorl_jax.optim import apply_updates, leaf_squared_norms
 
 IGNORE_INDEX = -100
 BATCH_KEYS = ("input_ids", "labels", "positions", "segment_ids")
@@ -42,17 +47,29 @@ class LossConfig:
     logits_dtype: Any = jnp.float32  # logits are rounded through this before the softmax (model.lm_head_fp32)
 
 
-def forward_loss(graphdef, params, micro, loss_cfg: LossConfig, layer_transform=None, attention_layout=None):
-    """Sum of token cross-entropies of one micro-batch, its valid-token count and its aux loss. `layer_transform`
-    (models.common.LayerTransform) goes to the model call: it rewrites each layer group's parameters inside the
-    layer scan (LoRA). `attention_layout`: the packed attention layout fixed on the host
-    (kernels.attention.AttentionLayout)."""
+def merged(merge_fn, params, frozen):
+    """(the parameters the model runs on, the layer transform for its call): merge_fn(params, frozen) with LoRA,
+    else (params, None)."""
+    return (params, None) if merge_fn is None else merge_fn(params, frozen)
+
+
+def run_model(graphdef, params, batch, compute_dtype, layer_transform=None, attention_layout=None):
+    """(the model's output with its last hidden states, its output head in `compute_dtype`) on a batch's input_ids,
+    positions and segment_ids. `layer_transform` (models.common.LayerTransform) goes to the model call: it rewrites
+    each layer group's parameters inside the layer scan (LoRA). `attention_layout`: the packed attention layout
+    fixed on the host (kernels.attention.AttentionLayout)."""
     model = nnx.merge(graphdef, params)
     kwargs = {} if layer_transform is None else {"layer_transform": layer_transform}
     if attention_layout is not None:
         kwargs["attention_layout"] = attention_layout
-    out = model(micro["input_ids"], micro["positions"], micro["segment_ids"], return_hidden=True, **kwargs)
-    head = model.head_weight(loss_cfg.compute_dtype)
+    out = model(batch["input_ids"], batch["positions"], batch["segment_ids"], return_hidden=True, **kwargs)
+    return out, model.head_weight(compute_dtype)
+
+
+def forward_loss(graphdef, params, micro, loss_cfg: LossConfig, layer_transform=None, attention_layout=None):
+    """Sum of token cross-entropies of one micro-batch, its valid-token count and its aux loss (run_model's
+    arguments)."""
+    out, head = run_model(graphdef, params, micro, loss_cfg.compute_dtype, layer_transform, attention_layout)
     loss_sum, n_valid = chunked_cross_entropy(
         # hidden states come in the model's token order: ring order under ring attention (parallel/context.py)
         out.hidden_states, head, to_ring_order(micro["labels"]), chunk_size=loss_cfg.ce_chunk_size, ignore_index=IGNORE_INDEX,
@@ -78,9 +95,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_cfg:
         total_valid = jnp.maximum(jnp.sum(batch["labels"] != IGNORE_INDEX), 1).astype(jnp.float32)
 
         def micro_objective(params, micro):
-            transform = None
-            if merge_fn is not None:
-                params, transform = merge_fn(params, frozen)
+            params, transform = merged(merge_fn, params, frozen)
             loss_sum, n_valid, aux = forward_loss(graphdef, params, micro, loss_cfg, transform, attention_layout)
             # Normalising each micro-batch by the count over the whole step makes accumulation exact:
             # 4 x micro-batch 1 gives the same gradient as micro-batch 4.
@@ -146,9 +161,7 @@ def make_eval_step(graphdef, loss_cfg: LossConfig, *, merge_fn=None):
     eval_step(trainable, micro, frozen))."""
 
     def eval_step(params, micro, frozen=None):
-        transform = None
-        if merge_fn is not None:
-            params, transform = merge_fn(params, frozen)
+        params, transform = merged(merge_fn, params, frozen)
         loss_sum, n_valid, _ = forward_loss(graphdef, params, micro, loss_cfg, transform)
         return loss_sum, n_valid
 
@@ -158,3 +171,53 @@ def make_eval_step(graphdef, loss_cfg: LossConfig, *, merge_fn=None):
 def stack_micro_batches(rows: dict, n_micro: int) -> dict:
     """[A*B, T] host arrays -> [A, B, T] (micro-batch major)."""
     return {k: v.reshape(n_micro, v.shape[0] // n_micro, *v.shape[1:]) for k, v in rows.items() if k in BATCH_KEYS}
+
+
+# ------------------------------------------------------------------------------------- the Tinker API's steps
+def token_logprobs(graphdef, params, batch, compute_dtype, layer_transform=None):
+    """[B, T] log-probabilities the model gives batch["targets"] at each position of batch["input_ids"] (with
+    "positions" and "segment_ids"), from the whole [B, T, V] logits in fp32 (no chunking)."""
+    out, head = run_model(graphdef, params, batch, compute_dtype, layer_transform)
+    logits = jnp.einsum("btd,dv->btv", out.hidden_states.astype(compute_dtype), head,
+                        preferred_element_type=jnp.float32)
+    return rl_losses.target_logprobs(logits, batch["targets"])
+
+
+class RequestSteps(NamedTuple):
+    forward: Callable
+    forward_backward: Callable
+    update: Callable
+
+
+def make_request_steps(graphdef, optimizer: optax.GradientTransformation, loss_cfg: LossConfig, *,
+                       merge_fn=None) -> RequestSteps:
+    """The Tinker API's steps, pure (jit them), with the loss and the optimizer's hyperparameters run-time values,
+    so one compile serves every request of a shape:
+    - forward(params, batch, loss_index, frozen=None) -> (summed loss, [B, T] log-probabilities of the targets);
+      the loss is rl_losses.LOSS_NAMES[loss_index] (token_objective_by_index: the batch holds every loss input);
+    - forward_backward(params, grads, batch, loss_index, frozen=None) -> (summed loss, log-probabilities,
+      grads + the loss's gradient); grads None starts an accumulation;
+    - update(state, grads, hyperparams, clip) -> (state, global gradient norm): one step of `optimizer` (an
+      optax.inject_hyperparams one, optim.adamw_per_request: `hyperparams` replaces its values), the gradients
+      scaled to norm `clip` first when clip > 0 and their norm is larger.
+    With `merge_fn` (LoRA), params is the adapter tree and frozen the base, as in make_train_step."""
+
+    def loss(params, batch, loss_index, frozen=None):
+        params, transform = merged(merge_fn, params, frozen)
+        lp = token_logprobs(graphdef, params, batch, loss_cfg.compute_dtype, transform)
+        return jnp.sum(rl_losses.token_objective_by_index(loss_index, lp, batch)), lp
+
+    def forward_backward(params, grads, batch, loss_index, frozen=None):
+        (value, lp), g = jax.value_and_grad(loss, has_aux=True)(params, batch, loss_index, frozen)
+        return value, lp, (g if grads is None else jax.tree.map(jnp.add, grads, g))
+
+    def update(state: TrainState, grads, hyperparams: dict, clip):
+        norm = global_grad_norm(grads)
+        factor = jnp.where((clip > 0) & (norm > clip), clip / (norm + 1e-6), 1.0)
+        grads = jax.tree.map(lambda g: g * factor, grads)
+        opt_state = state.opt_state._replace(hyperparams={**state.opt_state.hyperparams, **hyperparams})
+        updates, opt_state = optimizer.update(grads, opt_state, state.params)
+        return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                             opt_state=opt_state), norm
+
+    return RequestSteps(forward=loss, forward_backward=forward_backward, update=update)

@@ -77,10 +77,13 @@ def main(argv=None) -> int:
     from xorl_jax.server.futures import FutureStore, Worker
     from xorl_jax.server.host import ModelHost
 
+    from xorl_jax.errors import CheckpointError
+    from xorl_jax.parallel.mesh import MeshError
+
     distributed.initialize()
     try:
-        host = ModelHost(cfg)
-    except (ConfigError, OSError) as e:
+        host = ModelHost(cfg)  # its checks (xorl_jax.preflight) name a bad output_dir, config.json, mesh or weights
+    except (ConfigError, CheckpointError, MeshError, OSError) as e:
         return _fail(str(e))
     removed = host.storage.clean_temporaries()
     if removed:

@@ -1,9 +1,11 @@
 """The models a server holds and what the API does to them: forward / backward with the Tinker losses, gradient
 accumulation, AdamW steps with each request's hyperparameters, weight saves and loads, sampling snapshots.
 
-One base model is loaded at start-up. LoRA mode (`lora.enable_lora: true`): every `create_model` gets its own
-adapters and optimizer state on the shared frozen base (any number of tenants). Full-weight mode: one model, all
-weights trained.
+The model, its frozen base, the adapters, the optimizer states and the steps come from the trainer's engine
+(xorl_jax.engine.TrainEngine, built with `serving=True`), loaded once at start-up. LoRA mode
+(`lora.enable_lora: true`): every `create_model` gets its own adapters and optimizer state on the shared frozen base
+(engine.new_adapter, engine.new_state; any number of tenants). Full-weight mode: one model, all weights trained: the
+engine's own state. What this module adds: the tenants, request checks and batches, saves and sampling sessions.
 
 Every method here runs on the server's single worker thread (and, with several processes, on every process in
 the same order: xorl_jax.server.follow), so nothing here locks.
@@ -24,21 +26,20 @@ import logging
 import os
 import shutil
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
-from xorl_jax import lora as lora_lib
 from xorl_jax import rl_losses
-from xorl_jax.checkpoint.orbax import load_model, load_params, save_params
+from xorl_jax.checkpoint.orbax import load_params, save_params
 from xorl_jax.config import Config
-from xorl_jax.models.loading import random_model
-from xorl_jax.parallel import rules as rules_lib
+from xorl_jax.engine import Adapter, TrainEngine
+from xorl_jax.preflight import check_run
 from xorl_jax.server import sampling, storage, wire
-from xorl_jax.train_setup import model_and_mesh
+from xorl_jax.train_step import RequestSteps, TrainState
 
 log = logging.getLogger("xorl_jax.server")
 
@@ -71,13 +72,16 @@ class LoraSpec:
 class TrainedModel:
     model_id: str
     lora: LoraSpec | None
-    trainable: object
-    opt_state: object
+    adapter: Adapter | None  # LoRA: its targets, scale and merge (its parameters live in `state`)
+    state: TrainState  # the trained parameters (LoRA: the adapters) and their AdamW state; step: optim_steps
     grads: object = None
     pending: int = 0  # forward_backward calls accumulated since the last optim_step
-    step: int = 0
     user_metadata: dict = dataclasses.field(default_factory=dict)
     last_request: float = dataclasses.field(default_factory=time.time)
+
+    @property
+    def step(self) -> int:
+        return int(self.state.step)
 
 
 def _bucket(n: int, least: int) -> int:
@@ -85,51 +89,37 @@ def _bucket(n: int, least: int) -> int:
     return 1 << max(int(n) - 1, least - 1).bit_length()
 
 
-def _optimizer():
-    # torch.optim.AdamW's update with every hyperparameter a runtime value (set per optim_step request)
-    return optax.inject_hyperparams(optax.adamw)(learning_rate=1e-4, b1=0.9, b2=0.95, eps=1e-12, weight_decay=0.0)
-
-
 class ModelHost:
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        hf_config, cls, model_config, options, mesh, rules = model_and_mesh(cfg)
-        self.mesh, self.rules, self.options = mesh, rules, options
-        with rules_lib.use_mesh(mesh, rules):
-            if cfg.train.init_from == "scratch":
-                model = random_model(cls, model_config, options, mesh=mesh, rules=rules, seed=cfg.train.seed)
-            else:
-                model = load_model(cfg.model.model_path, options, mesh=mesh, rules=rules,
-                                   config_path=cfg.model.config_path)
-        self.graphdef, self.base = nnx.split(model)
-        self.model_config = model_config
+        is_main = jax.process_index() == 0
+        inputs = check_run(cfg, is_main=is_main, need_data=False)
+        self.engine = TrainEngine(cfg, inputs, is_main=is_main, serving=True)
+        hf_config = inputs.hf_config
         self.model_type = hf_config.get("model_type")  # the checkpoint's architecture, as get_info reports it
         self.tokenizer = _tokenizer(cfg.model.tokenizer_path or cfg.model.model_path or cfg.model.config_path)
         self.stop_ids = _stop_ids(hf_config, self.tokenizer)
         self._sampler = None
         self._saves = 0
         self._closed_sessions: dict[str, str] = {}
-        self.vocab_size = int(model_config.vocab_size)
+        self.vocab_size = inputs.vocab_size
         self.lora_mode = bool(cfg.lora.enable_lora)
         source = cfg.model.model_path or cfg.model.config_path
         self.base_model = str(cfg.server.get("model_name") or os.path.basename(os.path.normpath(source)))
         self.tokenizer_id = os.path.abspath(cfg.model.tokenizer_path or source)
         self.max_lora_rank = int(cfg.server.get("max_lora_rank") or 0) or None
-        self.compute_dtype = options.compute_dtype
         self.storage = storage.Storage(os.path.join(cfg.train.output_dir, "server_checkpoints"))
         self.models: dict[str, TrainedModel] = {}
         # sampling sessions hold full weights each: the least recently used go beyond MAX_SAMPLING_SESSIONS (one
         # on saved weights is reopened from disk when asked again; a snapshot of live weights is gone)
         self.sampling_sessions: collections.OrderedDict[str, dict] = collections.OrderedDict()
         self._programs: dict = {}
-        self._opt_init = jax.jit(_optimizer().init)
-        # one device: adapters are made in place (a mesh makes init_lora compile a placement per adapter pair)
-        self._lora_mesh = (mesh, rules) if mesh.size > 1 else (None, None)
         self._sample_counter = 0
-        self._replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        self._replicated = jax.sharding.NamedSharding(self.engine.mesh, jax.sharding.PartitionSpec())
 
     # ------------------------------------------------------------------------------------------- models
-    def _lora_targets(self, spec: LoraSpec):
+    def _adapter(self, spec: LoraSpec) -> Adapter:
+        """A new adapter over the engine's frozen base: the server's target modules that `spec` trains."""
         names = list(self.cfg.lora.lora_target_modules)
         keep = [n for n in names
                 if (n in ATTN_MODULES and spec.train_attn) or (n not in ATTN_MODULES and spec.train_mlp)]
@@ -139,7 +129,7 @@ class ModelHost:
                             f"(its lora_target_modules: {', '.join(names)})")
         lcfg = dataclasses.replace(self.cfg.lora, lora_rank=spec.rank, lora_target_modules=keep,
                                    lora_target_parameters=params_names)
-        return lora_lib.lora_targets(self.base, lcfg), float(self.cfg.lora.lora_alpha) / spec.rank
+        return self.engine.new_adapter(lcfg, seed=spec.seed)
 
     def model(self, model_id: str, field: str = "model_id") -> TrainedModel:
         m = self.models.get(model_id)
@@ -158,19 +148,16 @@ class ModelHost:
             seed = lc.get("seed")
             spec = LoraSpec(rank, bool(lc.get("train_mlp", True)), bool(lc.get("train_attn", True)),
                             bool(lc.get("train_unembed", True)), int(seed if seed is not None else len(self.models)))
-            targets, _ = self._lora_targets(spec)
-            with rules_lib.use_mesh(self.mesh, self.rules):
-                trainable = lora_lib.init_lora(self.base, targets, spec.rank, seed=spec.seed,
-                                               mesh=self._lora_mesh[0], rules=self._lora_mesh[1])
+            adapter = self._adapter(spec)
+            state = self.engine.new_state(adapter.params, self.engine.optimizer)
+            adapter = dataclasses.replace(adapter, params=None)  # the state holds (and trains) them
         else:
             others = [m for m in self.models if m != model_id]
             if others:
                 raise UserError(f"base_model: this server trains all weights of one model and holds {others[0]} "
                                 "already (LoRA mode serves several: lora.enable_lora)")
-            spec, trainable = None, self.base
-        opt_state = self._opt_init(trainable)
-        self.models[model_id] = TrainedModel(model_id, spec, trainable, opt_state,
-                                             user_metadata=dict(user_metadata or {}))
+            spec, adapter, state = None, None, self.engine.state
+        self.models[model_id] = TrainedModel(model_id, spec, adapter, state, user_metadata=dict(user_metadata or {}))
         log.info("created model %s (%s)", model_id, f"LoRA rank {spec.rank}" if spec else "all weights")
         return self.info(model_id)
 
@@ -182,64 +169,28 @@ class ModelHost:
                                "model_name": self.base_model, "tokenizer_id": self.tokenizer_id}}
 
     def unload(self, model_id: str) -> None:
-        self.models.pop(model_id, None)
+        m = self.models.pop(model_id, None)
+        if m is not None and m.lora is None:  # the weights stay; a model created on them starts a new optimizer
+            params, m.state, self.engine.state = m.state.params, None, None  # (the old state freed first)
+            self.engine.state = self.engine.new_state(params, self.engine.optimizer)
+
+    def _weights(self):
+        """The whole model's parameters: the frozen base (LoRA) or the one model's weights."""
+        return self.engine.frozen if self.lora_mode else self.engine.state.params
+
+    def _set_state(self, m: TrainedModel, state: TrainState) -> None:
+        m.state = state
+        if m.lora is None:  # full weights: the model's state is the engine's
+            self.engine.state = state
 
     # ------------------------------------------------------------------------------------- the programs
-    def _program(self, m: TrainedModel, kind: str):
-        # tenants whose adapters differ only in their seed share programs
-        key = (dataclasses.replace(m.lora, seed=0) if m.lora else None, kind)
-        fn = self._programs.get(key)
-        if fn is not None:
-            return fn
-        merge_fn = None
-        if m.lora is not None:
-            targets, scale = self._lora_targets(m.lora)
-            merge_fn = lora_lib.layer_merge_fn(targets, scale)
-        graphdef, dtype = self.graphdef, self.compute_dtype
-
-        def logprobs(trainable, frozen, batch):
-            params, transform = merge_fn(trainable, frozen) if merge_fn else (trainable, None)
-            model = nnx.merge(graphdef, params)
-            kwargs = {} if transform is None else {"layer_transform": transform}
-            out = model(batch["tokens"], batch["positions"], batch["segments"], return_hidden=True, **kwargs)
-            head = model.head_weight(dtype)
-            logits = jnp.einsum("btd,dv->btv", out.hidden_states.astype(dtype), head,
-                                preferred_element_type=jnp.float32)
-            return rl_losses.target_logprobs(logits, batch["targets"])
-
-        def loss(trainable, frozen, batch, loss_index):
-            # one program for every loss: the loss is a run-time index (rl_losses.token_objective_by_index)
-            lp = logprobs(trainable, frozen, batch)
-            return jnp.sum(rl_losses.token_objective_by_index(loss_index, lp, batch)), lp
-
-        if kind == "forward":
-            def run(trainable, frozen, batch, loss_index):
-                return loss(trainable, frozen, batch, loss_index)
-            fn = jax.jit(run)
-        elif kind == "forward_backward":
-            def run(trainable, frozen, grads, batch, loss_index):
-                (value, lp), g = jax.value_and_grad(loss, has_aux=True)(trainable, frozen, batch, loss_index)
-                g = g if grads is None else jax.tree.map(jnp.add, grads, g)
-                return value, lp, g
-            fn = jax.jit(run, donate_argnums=(2,))
-        elif kind == "optim_step":
-            opt = _optimizer()
-
-            def run(trainable, opt_state, grads, hp, clip):
-                norm = optax.global_norm(grads)
-                factor = jnp.where((clip > 0) & (norm > clip), clip / (norm + 1e-6), 1.0)
-                grads = jax.tree.map(lambda g: g * factor, grads)
-                opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams, **hp})
-                updates, opt_state = opt.update(grads, opt_state, trainable)
-                return optax.apply_updates(trainable, updates), opt_state, norm
-            fn = jax.jit(run, donate_argnums=(0, 1, 2))
-        elif kind == "merged":
-            fn = jax.jit(lambda trainable, frozen: lora_lib.merge_lora(frozen, trainable, targets, scale))
-        self._programs[key] = fn
-        return fn
-
-    def _frozen(self, m: TrainedModel):
-        return self.base if m.lora is not None else None
+    def _programs_of(self, lora: LoraSpec | None, adapter: Adapter | None) -> tuple[RequestSteps, Callable]:
+        """(the engine's request steps, its merge of the adapters into the base) for a model of this shape: tenants
+        whose adapters differ only in their seed share them (and their compiled programs)."""
+        key = dataclasses.replace(lora, seed=0) if lora else None
+        if key not in self._programs:
+            self._programs[key] = self.engine.request_steps(adapter), self.engine.merger(adapter)
+        return self._programs[key]
 
     # ------------------------------------------------------------------------------------------ batches
     def check_data(self, data: list[dict], loss_fn: str) -> list[int]:
@@ -278,7 +229,7 @@ class ModelHost:
         return lengths
 
     def batch(self, data: list[dict], loss_fn: str, config: dict[str, float]) -> tuple[dict, list[int]]:
-        """Datums -> padded device arrays: tokens, positions, segments, targets, mask, and every loss input
+        """Datums -> padded device arrays: input_ids, positions, segment_ids, targets, mask, and every loss input
         (weights, logprobs, advantages, clip thresholds per token, beta), those a request leaves out at their
         defaults (weights 1; thresholds and beta from the resolved loss config), so every loss has one layout."""
         lengths = self.check_data(data, loss_fn)
@@ -286,18 +237,18 @@ class ModelHost:
         defaults = {"weights": 1.0, "logprobs": 0.0, "advantages": 0.0,
                     "clip_low_threshold": config.get("clip_low_threshold", 0.0),
                     "clip_high_threshold": config.get("clip_high_threshold", 1.0)}
-        arrays = {"tokens": np.zeros((B, T), np.int32), "targets": np.zeros((B, T), np.int32),
+        arrays = {"input_ids": np.zeros((B, T), np.int32), "targets": np.zeros((B, T), np.int32),
                   "mask": np.zeros((B, T), np.float32),
                   **{k: np.full((B, T), v, np.float32) for k, v in defaults.items()}}
         for i, (d, n) in enumerate(zip(data, lengths)):
-            arrays["tokens"][i, :n] = d["model_input"]
+            arrays["input_ids"][i, :n] = d["model_input"]
             arrays["targets"][i, :n] = d["loss_fn_inputs"]["target_tokens"]
             arrays["mask"][i, :n] = 1
             for k in defaults:
                 if k in d["loss_fn_inputs"]:
                     arrays[k][i, :n] = d["loss_fn_inputs"][k]
         arrays["positions"] = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy()
-        arrays["segments"] = np.ones((B, T), np.int32)  # causal: real tokens never see the padding after them
+        arrays["segment_ids"] = np.ones((B, T), np.int32)  # causal: real tokens never see the padding after them
         arrays["beta"] = np.float32(config.get("beta", 0.0))
         return {k: jax.device_put(v, self._replicated) for k, v in arrays.items()}, lengths
 
@@ -313,14 +264,13 @@ class ModelHost:
             raise UserError(str(e)) from None
         batch, lengths = self.batch(request["data"], loss_fn, config)
         index = jnp.int32(rl_losses.LOSS_NAMES.index(loss_fn))
-        with rules_lib.use_mesh(self.mesh, self.rules):
-            if request["forward_only"]:
-                value, lp = self._program(m, "forward")(m.trainable, self._frozen(m), batch, index)
-            else:
-                grads, m.grads = m.grads, None  # donated: on a failure the model keeps no stale reference
-                value, lp, m.grads = self._program(m, "forward_backward")(
-                    m.trainable, self._frozen(m), grads, batch, index)
-                m.pending += 1
+        steps, _ = self._programs_of(m.lora, m.adapter)
+        if request["forward_only"]:
+            value, lp = steps.forward(m.state.params, batch, index)
+        else:
+            grads, m.grads = m.grads, None  # donated: on a failure the model keeps no stale reference
+            value, lp, m.grads = steps.forward_backward(m.state.params, grads, batch, index)
+            m.pending += 1
         lp = np.asarray(jax.device_get(lp))
         m.last_request = time.time()
         outputs = [{"logprobs": lp[i, :n]} for i, n in enumerate(lengths)]
@@ -334,12 +284,9 @@ class ModelHost:
               "weight_decay": adam["weight_decay"]}
         hp = {k: jnp.asarray(v, jnp.float32) for k, v in hp.items()}
         grads, m.grads = m.grads, None
-        with rules_lib.use_mesh(self.mesh, self.rules):
-            m.trainable, m.opt_state, norm = self._program(m, "optim_step")(
-                m.trainable, m.opt_state, grads, hp, jnp.float32(adam["grad_clip_norm"]))
-        if m.lora is None:
-            self.base = m.trainable  # full-weight mode: the one model's weights are the base (the old were donated)
-        m.step += 1
+        steps, _ = self._programs_of(m.lora, m.adapter)
+        state, norm = steps.update(m.state, grads, hp, jnp.float32(adam["grad_clip_norm"]))
+        self._set_state(m, state)  # the old state was donated
         m.pending = 0
         m.last_request = time.time()
         return {"metrics": {"grad_norm:mean": float(norm), "learning_rate:mean": float(adam["learning_rate"])}}
@@ -364,9 +311,9 @@ class ModelHost:
         with_opt = segment == "weights"
         meta = self._meta(m, storage.KINDS[segment], with_opt, user_metadata)
         try:
-            save_params(os.path.join(tmp, "params"), _pure(m.trainable), metadata=meta)
+            save_params(os.path.join(tmp, "params"), _pure(m.state.params), metadata=meta)
             if with_opt:
-                save_params(os.path.join(tmp, "optimizer"), _flat_state(m.opt_state), metadata=meta)
+                save_params(os.path.join(tmp, "optimizer"), _flat_state(m.state.opt_state), metadata=meta)
             if jax.process_index() == 0:
                 storage.write_meta(tmp, meta)
                 storage.Storage.publish(tmp, final, overwrite)
@@ -380,41 +327,39 @@ class ModelHost:
                 multihost_utils.sync_global_devices(f"server save {self._saves}")
         return storage.tinker_path(model_id, segment, name)
 
-    def _read(self, path: str, m: TrainedModel, optimizer: bool, field: str = "path"):
+    def _read(self, path: str, model_id: str, lora: LoraSpec | None, params, opt_state=None, field: str = "path"):
+        """(params, optimizer state or None, meta) of the save at `path`, read into the structure and shardings
+        of `params` and, when given, of `opt_state` (a full-weight `params` is an nnx.State: filled in place)."""
         try:
             directory, meta = self.storage.resolve(path, field)
         except storage.PathError as e:
             raise NotFound(str(e)) from None
         want_lora = None if not meta.get("lora") else LoraSpec(**meta["lora"])
-        if (want_lora is None) != (m.lora is None) or (want_lora and want_lora.rank != m.lora.rank):
+        if (want_lora is None) != (lora is None) or (want_lora and want_lora.rank != lora.rank):
             raise UserError(f"{field}: {path} holds {'LoRA rank %d' % want_lora.rank if want_lora else 'all weights'}"
-                            f", model {m.model_id} has {'LoRA rank %d' % m.lora.rank if m.lora else 'all weights'}")
-        shardings = jax.tree.map(lambda x: x.sharding, _pure(m.trainable))
-        trainable = load_params(os.path.join(directory, "params"), _pure(m.trainable), shardings)
-        if m.lora is None:
-            state = m.trainable
-            nnx.replace_by_pure_dict(state, trainable)
-            trainable = state
-        opt_state = None
-        if optimizer:
+                            f", model {model_id} has {'LoRA rank %d' % lora.rank if lora else 'all weights'}")
+        shardings = jax.tree.map(lambda x: x.sharding, _pure(params))
+        loaded = load_params(os.path.join(directory, "params"), _pure(params), shardings)
+        if lora is None:
+            nnx.replace_by_pure_dict(params, loaded)
+            loaded = params
+        if opt_state is not None:
             if not meta.get("has_optimizer"):
                 raise UserError(f"{field}: {path} holds no optimizer state (a sampler save); load it without optimizer")
-            flat = _flat_state(m.opt_state)
+            flat = _flat_state(opt_state)
             got = load_params(os.path.join(directory, "optimizer"), flat,
                               {k: v.sharding for k, v in flat.items()})
             leaves = [got[f"{i:05d}"] for i in range(len(got))]
-            opt_state = jax.tree.unflatten(jax.tree.structure(m.opt_state), leaves)
-        return trainable, opt_state, meta
+            opt_state = jax.tree.unflatten(jax.tree.structure(opt_state), leaves)
+        return loaded, opt_state, meta
 
     def load(self, model_id: str, path: str, optimizer: bool) -> dict:
         m = self.model(model_id)
-        trainable, opt_state, meta = self._read(path, m, optimizer)
-        m.trainable = trainable
-        if m.lora is None:
-            self.base = trainable
-        m.opt_state = opt_state if optimizer else self._opt_init(trainable)
+        params, opt_state, meta = self._read(path, model_id, m.lora, m.state.params,
+                                             m.state.opt_state if optimizer else None)
+        step = int(meta.get("step", 0)) if optimizer else m.step
+        self._set_state(m, self.engine.new_state(params, self.engine.optimizer, step=step, opt_state=opt_state))
         m.grads, m.pending = None, 0
-        m.step = int(meta.get("step", 0)) if optimizer else m.step
         return {"type": "load_weights", "path": path, "model_id": model_id}
 
     def meta_of(self, path: str, field: str = "path") -> dict:
@@ -425,12 +370,12 @@ class ModelHost:
 
     # ----------------------------------------------------------------------------------------- sampling
     def sampling_params_of(self, m: TrainedModel):
-        """Full parameters for sampling: the base with the model's adapters merged in (LoRA), or its weights."""
+        """Full parameters for sampling, a snapshot: the base with the model's adapters merged in (LoRA), or a copy
+        of its weights (the next optim_step donates the live ones)."""
         if m.lora is None:
-            return m.trainable
-        with rules_lib.use_mesh(self.mesh, self.rules):
-            merged = self._program(m, "merged")(m.trainable, self.base)
-        return merged
+            return jax.tree.map(jnp.copy, m.state.params)
+        _, merge = self._programs_of(m.lora, m.adapter)
+        return merge(m.state.params)
 
     def open_sampler(self, session_id: str, *, model_id: str | None = None, path: str | None = None) -> dict:
         """A sampling session on a snapshot of a model's current weights (model_id) or of saved weights (path;
@@ -440,17 +385,18 @@ class ModelHost:
         elif path is not None:
             meta = self.meta_of(path, "model_path")
             spec = LoraSpec(**meta["lora"]) if meta.get("lora") else None
-            probe = TrainedModel("<load>", spec, None, None)
-            if spec is not None:
-                targets, _ = self._lora_targets(spec)
-                probe.trainable = lora_lib.init_lora(self.base, targets, spec.rank, mesh=self._lora_mesh[0],
-                                                     rules=self._lora_mesh[1])
-            else:
-                probe.trainable = jax.tree.map(lambda x: x, self.base)
-            probe.trainable, _, _ = self._read(path, probe, False, "model_path")
-            params, source = self.sampling_params_of(probe), path
-        else:
-            params, source = self.base, None
+            if spec is not None:  # read into a new adapter's tree, then merged into the base
+                adapter = self._adapter(spec)
+                lora, _, _ = self._read(path, "<load>", spec, adapter.params, field="model_path")
+                _, merge = self._programs_of(spec, adapter)
+                params = merge(lora)
+            else:  # read into a copy of the weights' tree (filled in place: not the model's own)
+                params, _, _ = self._read(path, "<load>", None, jax.tree.map(lambda x: x, self._weights()),
+                                          field="model_path")
+            source = path
+        else:  # LoRA: the frozen base; all weights: a copy of the one model's as they are now
+            weights = self._weights()
+            params, source = (weights if self.lora_mode else jax.tree.map(jnp.copy, weights)), None
         self.sampling_sessions[session_id] = {"params": params, "model_path": source}
         while len(self.sampling_sessions) > MAX_SAMPLING_SESSIONS:
             old, meta = self.sampling_sessions.popitem(last=False)
@@ -474,7 +420,8 @@ class ModelHost:
             self._sample_counter += 1
             seed = self._sample_counter  # the same on every process (they execute the same requests in order)
         if self._sampler is None:
-            self._sampler = sampling.SessionSampler(self.graphdef, s["params"], mesh=self.mesh, rules=self.rules,
+            e = self.engine
+            self._sampler = sampling.SessionSampler(e.graphdef, s["params"], mesh=e.mesh, rules=e.rules,
                                                     eos_token_ids=self.stop_ids, tokenizer=self.tokenizer)
         try:
             seqs, plp = self._sampler.sample(s["params"], prompt, num_samples, params, seed=int(seed),

@@ -141,14 +141,19 @@ class Launch:
     prefetch_fwd: bool = True
     prefetch_bwd: bool = False
     # Split state passes: run slots past a row's last run return at once (False: they compute a clamped peel and
-    # store nothing). Not yet timed on a GPU, so off.
-    skip_empty_runs: bool = False
+    # store nothing).
+    skip_empty_runs: bool = True
     # Split backward: the per-chunk cotangent products (dw, dP, dqd, dke) inside the intra backward, one launch and
-    # no round trip of those four through HBM (its launch settings are intra_bwd's). Not yet timed on a GPU, so off.
+    # no round trip of those four through HBM (its launch settings are intra_bwd's). Measured slower and larger on an
+    # H100 (docs/PERFORMANCE.md), so off.
     fold_state_grads: bool = False
     # Split path: the intra backward that orders its products to keep fewer [C, K] fp32 tiles live (False: the fused
     # layout's `_intra_bwd_kernel`).
     intra_bwd_staged: bool = True
+    # Split path: dtype of the intra backward's dq, dk, dv: "dot" (the products' dtype, bf16 for bf16 inputs: half
+    # the bytes written, and read back by the key-head sum, which adds in fp32) or "float32" (the earlier default,
+    # measured 10-14% slower fwd+bwd on an H100, docs/PERFORMANCE.md).
+    intra_bwd_grads: str = "dot"
 
 
 # What the model runs: the split kernels' fastest settings of `benchmarks/bench_gdn.py --tune all` (H100, B1 T8192,
@@ -427,9 +432,9 @@ def _intra_bwd_kernel(q_ref, k_ref, v_ref, gam_ref, beta_ref, doc_ref, carry_ref
     idx = jax.lax.broadcasted_iota(jnp.int32, (C,), 0)
     dgam = (jnp.sum(dgamma_mat, axis=1) - jnp.sum(dgamma_mat, axis=0) + dsc * sc - dte_te
             + jnp.where(idx == C - 1, jnp.sum(dte_te), 0.0))
-    dq_ref[...] = dq
-    dk_ref[...] = dk
-    dv_ref[...] = dv
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
     dgam_ref[...] = dgam
     dbeta_ref[...] = dbeta
 
@@ -463,15 +468,16 @@ def _intra_fwd_call(qn, kn, v, gam, beta, doc, carry, *, C, interpret, launch=FU
 
 
 def _intra_bwd_call(qn, kn, v, gam, beta, doc, carry, X, du, dw, dP, dqd, dke, *, C, interpret, launch=FUSED_LAUNCH,
-                    kernel=None, name="gdn_intra_bwd"):
-    """The intra-chunk backward launch; `kernel` another kernel of the same blocks (the split layout's staged one)."""
+                    kernel=None, name="gdn_intra_bwd", grads_dtype=F32):
+    """The intra-chunk backward launch; `kernel` another kernel of the same blocks (the split layout's staged one).
+    dq, dk, dv come out in `grads_dtype`, dgam and dbeta in fp32."""
     B, Tp, Hk, K = qn.shape
     H, V = v.shape[2], v.shape[3]
     keyed, by_head, per_token_head, per_token, chunk_out = _intra_specs(B, Tp, Hk, H, K, V, C)
     return pl.pallas_call(
         functools.partial(kernel or _intra_bwd_kernel, C=C),
-        out_shape=[jax.ShapeDtypeStruct((B, Tp, H, K), F32), jax.ShapeDtypeStruct((B, Tp, H, K), F32),
-                   jax.ShapeDtypeStruct((B, Tp, H, V), F32), jax.ShapeDtypeStruct((B, Tp, H), F32),
+        out_shape=[jax.ShapeDtypeStruct((B, Tp, H, K), grads_dtype), jax.ShapeDtypeStruct((B, Tp, H, K), grads_dtype),
+                   jax.ShapeDtypeStruct((B, Tp, H, V), grads_dtype), jax.ShapeDtypeStruct((B, Tp, H), F32),
                    jax.ShapeDtypeStruct((B, Tp, H), F32)],
         grid=(B, Tp // C, H),
         in_specs=[keyed, keyed, by_head(V), per_token_head, per_token_head, per_token, per_token, chunk_out(C),

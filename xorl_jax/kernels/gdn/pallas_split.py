@@ -371,9 +371,10 @@ def _state_grads(do, dvn, vn, h, dh, *, C, interpret, launch):
 
 
 def _intra_bwd_stages(q_ref, k_ref, v_ref, gam_ref, beta_ref, doc_ref, carry_ref, a_ref, du_ref, cts,
-                      dq_ref, dk_ref, dv_ref, dgam_ref, dbeta_ref, C):
+                      dv_ref, dgam_ref, dbeta_ref, C):
     """`pallas._intra_bwd_kernel`'s math in stages (u, then w, then L, P, qd, ke), each finishing with what it
-    owns, so at most a few [C, K] fp32 tiles are live at once; q, k, v stay bf16 until a stage needs them."""
+    owns, so at most a few [C, K] fp32 tiles are live at once; q, k, v stay bf16 until a stage needs them. Stores
+    dv, dgam, dbeta and returns dq, dk (fp32) for the caller to store."""
     dd = q_ref.dtype
     beta = beta_ref[...].astype(F32)
     _, decay, sc, te, row, col = P._chunk_terms(gam_ref, doc_ref, carry_ref, C)
@@ -383,7 +384,7 @@ def _intra_bwd_stages(q_ref, k_ref, v_ref, gam_ref, beta_ref, doc_ref, carry_ref
     U = _dot(Xd, (beta[:, None] * v.astype(F32)).astype(dd))
     dbv = _dot(Xd, du_ref[...], trans_a=True)
     dL = _dot(dbv.astype(dd), U.astype(dd), trans_b=True)
-    dv_ref[...] = beta[:, None] * dbv
+    dv_ref[...] = (beta[:, None] * dbv).astype(dv_ref.dtype)
     dbeta = jnp.sum(dbv * v.astype(F32), axis=1)
     # w = X (beta sc k):  d(beta sc k) = X^T dw;  dL = -strictlower(d(beta v) u^T + d(beta sc k) w^T)
     k = k_ref[...]
@@ -409,16 +410,17 @@ def _intra_bwd_stages(q_ref, k_ref, v_ref, gam_ref, beta_ref, doc_ref, carry_ref
     dk = dk + _dot(dqk, q, trans_a=True)
     # qd = q * sc
     dqd = cts.dqd().astype(F32)
-    dq_ref[...] = _dot(dqk, k) + dqd * sc[:, None]
+    dq = _dot(dqk, k) + dqd * sc[:, None]
     dsc = dsc + jnp.sum(dqd * q.astype(F32), axis=1)
     # ke = k * te
     dke = cts.dke().astype(F32)
-    dk_ref[...] = dk + dke * te[:, None]
+    dk = dk + dke * te[:, None]
     dte_te = jnp.sum(dke * k32, axis=1) * te
     idx = jax.lax.broadcasted_iota(jnp.int32, (C,), 0)
     dgam_ref[...] = (jnp.sum(dgamma_mat, axis=1) - jnp.sum(dgamma_mat, axis=0) + dsc * sc - dte_te
                      + jnp.where(idx == C - 1, jnp.sum(dte_te), 0.0))
     dbeta_ref[...] = dbeta
+    return dq, dk
 
 
 class _Cotangents:
@@ -443,9 +445,10 @@ class _Cotangents:
 def _intra_bwd_staged_kernel(q_ref, k_ref, v_ref, gam_ref, beta_ref, doc_ref, carry_ref, a_ref,
                              du_ref, dw_ref, dp_ref, dqd_ref, dke_ref,
                              dq_ref, dk_ref, dv_ref, dgam_ref, dbeta_ref, *, C):
-    _intra_bwd_stages(q_ref, k_ref, v_ref, gam_ref, beta_ref, doc_ref, carry_ref, a_ref, du_ref,
-                      _Cotangents.read(dw_ref, dp_ref, dqd_ref, dke_ref), dq_ref, dk_ref, dv_ref, dgam_ref,
-                      dbeta_ref, C)
+    dq, dk = _intra_bwd_stages(q_ref, k_ref, v_ref, gam_ref, beta_ref, doc_ref, carry_ref, a_ref, du_ref,
+                               _Cotangents.read(dw_ref, dp_ref, dqd_ref, dke_ref), dv_ref, dgam_ref, dbeta_ref, C)
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+    dk_ref[...] = dk.astype(dk_ref.dtype)
 
 
 def _intra_bwd_folded_kernel(q_ref, k_ref, v_ref, gam_ref, beta_ref, doc_ref, carry_ref, a_ref,
@@ -453,8 +456,10 @@ def _intra_bwd_folded_kernel(q_ref, k_ref, v_ref, gam_ref, beta_ref, doc_ref, ca
                              dq_ref, dk_ref, dv_ref, dgam_ref, dbeta_ref, ded_ref, *, C):
     """The staged intra backward with the per-chunk cotangent products done in place (no dw, dP, dqd, dke in HBM)."""
     cts = _Cotangents.computed(du_ref, do_ref, vn_ref, h_ref, dh_ref, q_ref.dtype)
-    _intra_bwd_stages(q_ref, k_ref, v_ref, gam_ref, beta_ref, doc_ref, carry_ref, a_ref, du_ref, cts,
-                      dq_ref, dk_ref, dv_ref, dgam_ref, dbeta_ref, C)
+    dq, dk = _intra_bwd_stages(q_ref, k_ref, v_ref, gam_ref, beta_ref, doc_ref, carry_ref, a_ref, du_ref, cts,
+                               dv_ref, dgam_ref, dbeta_ref, C)
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+    dk_ref[...] = dk.astype(dk_ref.dtype)
     ded_ref[...] = jnp.sum(h_ref[...].astype(F32) * dh_ref[...].astype(F32), axis=1)  # row sums
 
 
@@ -464,10 +469,11 @@ def _intra_bwd_folded(qn, kn, v, gam, beta, doc, carry, X, du, do, vn, h, dh, *,
     H, V = v.shape[2], v.shape[3]
     keyed, by_head, per_token_head, per_token, chunk_out = P._intra_specs(B, Tp, Hk, H, K, V, C)
     state = pl.BlockSpec((None, None, None, K, V), lambda b, n, h: (b, h, n, 0, 0))
+    gd = _grads_dtype(launch, qn.dtype)
     return pl.pallas_call(
         functools.partial(_intra_bwd_folded_kernel, C=C),
-        out_shape=[jax.ShapeDtypeStruct((B, Tp, H, K), F32), jax.ShapeDtypeStruct((B, Tp, H, K), F32),
-                   jax.ShapeDtypeStruct((B, Tp, H, V), F32), jax.ShapeDtypeStruct((B, Tp, H), F32),
+        out_shape=[jax.ShapeDtypeStruct((B, Tp, H, K), gd), jax.ShapeDtypeStruct((B, Tp, H, K), gd),
+                   jax.ShapeDtypeStruct((B, Tp, H, V), gd), jax.ShapeDtypeStruct((B, Tp, H), F32),
                    jax.ShapeDtypeStruct((B, Tp, H), F32), jax.ShapeDtypeStruct((B, H, Tp // C, K), F32)],
         grid=(B, Tp // C, H),
         in_specs=[keyed, keyed, by_head(V), per_token_head, per_token_head, per_token, per_token, chunk_out(C),
@@ -480,10 +486,17 @@ def _intra_bwd_folded(qn, kn, v, gam, beta, doc, carry, X, du, do, vn, h, dh, *,
     )(qn, kn, v, gam, beta, doc, carry, X, du, do, vn, h, dh)
 
 
+def _grads_dtype(launch, dd):
+    """dtype of the intra backward's dq, dk, dv (Launch.intra_bwd_grads)."""
+    if launch.intra_bwd_grads not in ("float32", "dot"):
+        raise ValueError(f"Launch.intra_bwd_grads must be 'float32' or 'dot', got {launch.intra_bwd_grads!r}")
+    return F32 if launch.intra_bwd_grads == "float32" else dd
+
+
 def _intra_bwd(qn, kn, v, gam, beta, doc, carry, X, du, dw, dP, dqd, dke, *, C, interpret, launch):
     staged = dict(kernel=_intra_bwd_staged_kernel, name="gdn_split_intra_bwd") if launch.intra_bwd_staged else {}
     return P._intra_bwd_call(qn, kn, v, gam, beta, doc, carry, X, du, dw, dP, dqd, dke, C=C, interpret=interpret,
-                             launch=launch, **staged)
+                             launch=launch, grads_dtype=_grads_dtype(launch, qn.dtype), **staged)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -532,7 +545,7 @@ def _split_bwd(C, interpret, launch, res, cts):
     B, Tp, Hk, K = qn.shape
     G = v.shape[2] // Hk
     if G > 1:  # value heads of one group share the key head
-        dq, dk = (x.reshape(B, Tp, Hk, G, K).sum(axis=3) for x in (dq, dk))
+        dq, dk = (x.reshape(B, Tp, Hk, G, K).sum(axis=3, dtype=F32) for x in (dq, dk))
     return (dq.astype(qn.dtype), dk.astype(kn.dtype), dv.astype(v.dtype), dgam, dbeta.astype(beta.dtype), None, None,
             ded.sum(-1).astype(ed.dtype), None, None, ds0)
 
