@@ -1,20 +1,22 @@
 """RL on the CPU demo model through the Tinker API: sample arithmetic answers, reward exact results, train with
-importance sampling (or PPO), and watch held-out exact-match accuracy.
+importance sampling (or PPO), and watch held-out exact-match accuracy rise.
 
     python -m xorl_jax.train --config configs/demo_cpu.yaml                  # SFT: outputs/demo_cpu/.../hf_ckpt
     python -m xorl_jax.server --config configs/demo_rl_server.yaml &         # serves that model on 127.0.0.1:8000
     python scripts/rl_demo.py                                                # this client (the tinker SDK)
 
-Each iteration: save the current weights for sampling, draw `--group` answers to each of `--prompts` fresh
-questions (never seen in SFT or in the held-out set) at temperature 1, reward 1 for the exact result, advantage =
-reward - the question's mean reward, one forward_backward with the chosen loss over every answer's tokens (sampled
-logprobs as the loss's `logprobs`, the advantage on each answer token), one optim_step. Held-out accuracy on the
-demo's 200 eval questions (the first `--eval` of them): exact results of the greedy answer, and of `--eval-samples`
-answers sampled at temperature 1 (the RL objective's own measure, with 8x the answers: less noise).
+Questions: one family (`--family`; default add-round: a + b with a or b a multiple of 10, whose units digit is the
+other operand's) among those the SFT demo never saw; the first `--eval` are held out (only ever scored), the rest
+are the RL questions. Each iteration: save the current weights for sampling, draw `--group` answers to each of
+`--prompts` RL questions at temperature 1, reward 1 for the exact result, advantage = reward - the question's mean
+reward, one forward_backward with the chosen loss over every answer's tokens (sampled logprobs as the loss's
+`logprobs`, the advantage on each answer token), one optim_step. Every `--eval-every` iterations: held-out exact
+match of the greedy answer, and of `--eval-samples` answers per question sampled at temperature 1 (the RL
+objective's own measure), each with its standard error over questions.
 
-`--family add-round` trains and scores on one family instead (a + b, a or b a multiple of 10): the first `--eval`
-such questions after the SFT demo's 4200 are held out, the other ~1200 are the RL questions. `--reward digits` or
-`close` trains on partial credit (held-out accuracy still counts exact results only).
+`--family all` or `add` widen the questions (their gains are slower: the SFT model has to learn the arithmetic
+itself there, not a rule it half knows); `--reward digits` or `close` trains on partial credit (held-out accuracy
+still counts exact results only).
 """
 
 from __future__ import annotations
@@ -34,36 +36,35 @@ except ImportError:
     sys.exit("this demo drives the server with the tinker SDK: pip install tinker")
 
 
-def questions(start: int, n: int, seed: int = 0):
-    """(question, exact result) of the demo's arithmetic questions start..start+n in its fixed order (the SFT
-    data uses the first 4200: 200 eval, 4000 train)."""
-    from xorl_jax.data.demo import _ASK, _OPS, _all_questions
-
-    items = _all_questions(seed)[start:start + n]
-    rng = np.random.default_rng(start)
-    return [(_ASK[int(rng.integers(3))].format(a=a, op=op, b=b), _OPS[op](a, b)) for a, op, b in items]
-
-
-# RL task families: which questions the loop trains and scores on. The SFT model puts its greedy result within 9
-# of the truth ~90% of the time but its units digit is right only at chance (~10%); on "round" additions (one
-# operand a multiple of 10) the units digit is the other operand's, a rule right samples show (it was not learned
-# in the runs so far: README, "Online RL").
+# RL task families: which questions the loop trains and scores on. The demo tokenizer writes each digit as a token
+# of its own, so a rule over digits is one rule for every question: on add-round the SFT model gets the tens right
+# more often than the units digit, which is a copy of the other operand's, and RL on fresh questions teaches the
+# copy (README, "Online RL"). On add / all the exact answers depend on carries it is still learning.
 FAMILIES = {
     "all": lambda a, op, b: True,
+    "add": lambda a, op, b: op == "+",
     "add-round": lambda a, op, b: op == "+" and (a % 10 == 0 or b % 10 == 0),
 }
+SFT_QUESTIONS = 4200  # the SFT demo's 200 eval + 4000 training questions come first in the fixed order
 
 
-def family_questions(family: str, n_held_out: int):
-    """(held-out, RL training) questions of `family` among those the SFT demo never used (its first 4200):
-    the first `n_held_out` are only ever scored, the rest are the RL loop's."""
+def questions(family: str, start: int, stop: int | None = None):
+    """(question, exact result) of the demo's arithmetic questions start..stop in its fixed order that belong to
+    `family`, each in one of the demo's phrasings."""
     from xorl_jax.data.demo import _ASK, _OPS, _all_questions
 
     keep = FAMILIES[family]
-    rng = np.random.default_rng(4200)
-    items = [(_ASK[int(rng.integers(3))].format(a=a, op=op, b=b), _OPS[op](a, b))
-             for a, op, b in _all_questions(0)[4200:] if keep(a, op, b)]
-    return items[:n_held_out], items[n_held_out:]
+    rng = np.random.default_rng(start)
+    items = [(a, op, b, int(rng.integers(3))) for a, op, b in _all_questions(0)[start:stop]]
+    return [(_ASK[k].format(a=a, op=op, b=b), _OPS[op](a, b)) for a, op, b, k in items if keep(a, op, b)]
+
+
+def family_questions(family: str, n_held_out: int, rl_questions: str = "fresh"):
+    """(held-out, RL training) questions of `family`. Held out: the first `n_held_out` that the SFT demo never
+    used. RL: the rest of those (fresh), or the SFT demo's training questions (sft-train)."""
+    unseen = questions(family, SFT_QUESTIONS)
+    held_out = unseen[:n_held_out]
+    return held_out, (unseen[n_held_out:] if rl_questions == "fresh" else questions(family, 200, SFT_QUESTIONS))
 
 
 def answer(text: str) -> int | None:
@@ -97,8 +98,9 @@ def prompt_tokens(tok, question: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
-def accuracy(sampler, tok, items, pool, samples: int) -> tuple[float, float]:
-    """(greedy exact match, exact match of `samples` answers per question at temperature 1) on `items`."""
+def accuracy(sampler, tok, items, pool, samples: int) -> tuple[float, float, float, float]:
+    """(greedy exact match, its standard error, exact match of `samples` answers per question at temperature 1,
+    its standard error) on `items`; standard errors over questions (a question's sampled answers are one unit)."""
     greedy = types.SamplingParams(max_tokens=24, temperature=0.0)
     sampled = types.SamplingParams(max_tokens=24, temperature=1.0, seed=12345)
 
@@ -107,10 +109,15 @@ def accuracy(sampler, tok, items, pool, samples: int) -> tuple[float, float]:
         g = sampler.sample(prompt, 1, greedy).result().sequences[0]
         s = sampler.sample(prompt, samples, sampled).result().sequences if samples else []
         text = lambda x: tok.decode(x.tokens, skip_special_tokens=True)  # noqa: E731
-        return reward(text(g), r), [reward(text(x), r) for x in s]
+        return reward(text(g), r), (np.mean([reward(text(x), r) for x in s]) if s else 0.0)
 
-    scores = list(pool.map(lambda item: score(*item), items))
-    return float(np.mean([g for g, _ in scores])), float(np.mean([x for _, s in scores for x in s] or [0.0]))
+    scores = np.array(list(pool.map(lambda item: score(*item), items)), np.float64).reshape(-1, 2)
+    se = scores.std(axis=0) / np.sqrt(max(len(scores) - 1, 1))
+    return float(scores[:, 0].mean()), float(se[0]), float(scores[:, 1].mean()), float(se[1])
+
+
+def accuracy_text(acc) -> str:
+    return f"greedy {acc[0]:.1%} +- {acc[1]:.1%}, sampled {acc[2]:.1%} +- {acc[3]:.1%}"
 
 
 def main():
@@ -120,24 +127,24 @@ def main():
     p.add_argument("--base-model", default=None, help="default: the server's model")
     p.add_argument("--loss", default="importance_sampling", choices=["importance_sampling", "ppo", "cispo"])
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW epsilon")
     p.add_argument("--grad-clip", type=float, default=1.0, help="global gradient norm limit (0: none)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the training answers")
-    p.add_argument("--iterations", type=int, default=60)
-    p.add_argument("--prompts", type=int, default=32, help="questions per iteration")
-    p.add_argument("--group", type=int, default=16, help="answers sampled per question")
-    p.add_argument("--eval", type=int, default=200, help="held-out questions scored")
-    p.add_argument("--eval-every", type=int, default=20)
-    p.add_argument("--eval-samples", type=int, default=8, help="answers sampled per held-out question (temperature 1)")
+    p.add_argument("--iterations", type=int, default=40)
+    p.add_argument("--prompts", type=int, default=64, help="questions per iteration")
+    p.add_argument("--group", type=int, default=8, help="answers sampled per question")
+    p.add_argument("--eval", type=int, default=300, help="held-out questions scored")
+    p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--eval-samples", type=int, default=4, help="answers sampled per held-out question (temperature 1)")
     p.add_argument("--questions", default="fresh", choices=["fresh", "sft-train"],
                    help="RL questions: ones neither SFT nor the held-out set uses, or the SFT training questions")
     p.add_argument("--advantages", default="centered", choices=["centered", "positive"],
                    help="reward - the question's mean, or only its positive part (reinforce right answers, never "
                         "push wrong ones down: steadier on a small model)")
-    p.add_argument("--family", default="all", choices=sorted(FAMILIES),
+    p.add_argument("--family", default="add-round", choices=sorted(FAMILIES),
                    help="question family of the RL questions and the held-out ones (add-round: a + b with a or b "
-                        "a multiple of 10; all: every question, the SFT demo's eval split held out)")
+                        "a multiple of 10; add: every a + b; all: every question)")
     p.add_argument("--reward", default="exact", choices=["exact", "digits", "close"],
                    help="training reward (held-out accuracy always counts exact results): see training_reward")
     p.add_argument("--seed", type=int, default=0)
@@ -148,19 +155,15 @@ def main():
         .get_server_capabilities().result().supported_models[0].model_name
     training = service.create_lora_training_client(base_model=base, rank=args.rank, seed=args.seed).result()
     tok = training.get_tokenizer()
-    if args.family == "all":
-        held_out = questions(0, args.eval)  # the SFT demo's eval split
-    # RL questions: never seen by SFT nor in the held-out set (fresh), or the SFT demo's training questions
-        fresh = questions(4200, 17000) if args.questions == "fresh" else questions(200, 4000)
-    else:
-        held_out, fresh = family_questions(args.family, args.eval)
+    # held-out and RL questions: never seen by SFT (or RL on the SFT demo's training questions: --questions sft-train)
+    held_out, fresh = family_questions(args.family, args.eval, args.questions)
     pool = concurrent.futures.ThreadPoolExecutor(16)
     adam = types.AdamParams(learning_rate=args.lr, beta1=0.9, beta2=0.99, eps=args.adam_eps, grad_clip_norm=args.grad_clip)
     t0 = time.time()
     sampler = training.save_weights_and_get_sampling_client().result()
     acc0 = accuracy(sampler, tok, held_out, pool, args.eval_samples)
-    print(f"iteration 0: held-out exact match greedy {acc0[0]:.1%}, sampled {acc0[1]:.1%} "
-          f"({time.time() - t0:.0f} s)", flush=True)
+    print(f"iteration 0: held-out exact match {accuracy_text(acc0)} ({len(held_out)} {args.family} questions, "
+          f"{time.time() - t0:.0f} s)", flush=True)
     history = [(0, acc0)]
     for it in range(1, args.iterations + 1):
         batch = [fresh[(it * args.prompts + i) % len(fresh)] for i in range(args.prompts)]
@@ -197,10 +200,11 @@ def main():
         if it % args.eval_every == 0 or it == args.iterations:
             acc = accuracy(sampler, tok, held_out, pool, args.eval_samples)
             history.append((it, acc))
-            line += f", held-out exact match greedy {acc[0]:.1%}, sampled {acc[1]:.1%}"
+            line += f", held-out exact match {accuracy_text(acc)}"
         print(f"{line} ({time.time() - t0:.0f} s)", flush=True)
     print("held-out exact match (greedy / sampled at temperature 1): "
-          + ", ".join(f"{g:.1%} / {s:.1%} (iteration {i})" for i, (g, s) in history))
+          + ", ".join(f"{a[0]:.1%} / {a[2]:.1%} (iteration {i})" for i, a in history)
+          + f"; standard errors at the end {history[-1][1][1]:.1%} / {history[-1][1][3]:.1%}")
     return 0
 
 

@@ -50,8 +50,8 @@ def inputs(tmp_path_factory):
             shutil.copy(os.path.join(DEMO_DIR, f), path)
         return path
 
-    p = {"tmp": tmp, "hf": checkpoint("hf", 768),  # the demo tokenizer's 694 tokens fit
-         "small_vocab": checkpoint("small_vocab", 288), "no_tokenizer": checkpoint("no_tokenizer", 768, False)}
+    p = {"tmp": tmp, "hf": checkpoint("hf", 768),  # the demo tokenizer's 290 tokens fit
+         "small_vocab": checkpoint("small_vocab", 256), "no_tokenizer": checkpoint("no_tokenizer", 768, False)}
     p["llama"] = str(tmp / "llama")  # config.json of a family xorl_jax does not train
     shutil.copytree(p["hf"], p["llama"])
     with open(os.path.join(p["llama"], "config.json")) as f:
@@ -73,7 +73,7 @@ def inputs(tmp_path_factory):
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         return str(path)
 
-    ids = [rng.integers(3, 694, 40).tolist() for _ in range(64)]
+    ids = [rng.integers(3, 290, 40).tolist() for _ in range(64)]
     p["tokenized"] = jsonl("tokenized.jsonl", [{"input_ids": x, "labels": x} for x in ids])
     bad_label = [dict(r) for r in ({"input_ids": x, "labels": x} for x in ids[:6])]
     bad_label[3]["labels"] = bad_label[3]["labels"][:-1] + [768]  # line 4: one label past the vocabulary
@@ -270,7 +270,7 @@ def test_text_data_without_tokenizer_files(run_main, inputs, tmp_path):
 
 def test_tokenizer_larger_than_the_vocabulary(run_main, inputs, tmp_path):
     code, err = run_main(overrides(tmp_path, inputs["small_vocab"], inputs["text"], kind="text"))
-    assert_one_error(code, err, inputs["small_vocab"], "694 tokens", "vocab_size 288")
+    assert_one_error(code, err, inputs["small_vocab"], "290 tokens", "vocab_size 256")
 
 
 @pytest.mark.parametrize("name,needles", [

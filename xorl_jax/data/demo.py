@@ -53,13 +53,19 @@ def write_jsonl(rows, path):
     os.replace(tmp, path)
 
 
-def train_tokenizer(texts, vocab_size: int = 768):
-    """Byte-level BPE over `texts` with the ChatML special tokens, as a transformers fast tokenizer."""
+def train_tokenizer(texts, vocab_size: int = 768, split_digits: bool = True):
+    """Byte-level BPE over `texts` with the ChatML special tokens, as a transformers fast tokenizer.
+
+    split_digits: every digit is a token of its own, as in Qwen's tokenizer (its pre-tokenizer isolates each \\p{N}).
+    Without it BPE learns whole numbers as single tokens, and a model must memorise each result as one symbol
+    instead of computing it digit by digit."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
