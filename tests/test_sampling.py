@@ -204,9 +204,13 @@ def test_stop_sequences_cut_where_they_match():
     assert (got.tokens, got.stop_reason) == (tokens[:i + 2], "stop")
 
 
-def test_two_devices_give_the_one_device_tokens():
+@pytest.mark.parametrize("sizes", [{"data_parallel_shard_size": 2},
+                                   # a context-parallel training mesh (xorl's server configs have Ulysses 4-8):
+                                   # the sampler splits rows only
+                                   {"data_parallel_shard_size": 1, "ulysses_parallel_size": 2}])
+def test_two_devices_give_the_one_device_tokens(sizes):
     sampler, _ = family("qwen3_5")
-    mesh = build_mesh(devices=jax.devices()[:2], data_parallel_shard_size=2)
+    mesh = build_mesh(devices=jax.devices()[:2], **sizes)
     sharded = Sampler(sampler.graphdef, sampler.params, mesh=mesh)
     params = SamplingParams(max_tokens=9, temperature=0.9, stop=[], seed=5)
     one, two = sampler.sample(PROMPTS, params), sharded.sample(PROMPTS, params)

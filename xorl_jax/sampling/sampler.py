@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from xorl_jax.parallel.rules import batch_sharding, data_parallel_size, param_shardings, use_mesh
 from xorl_jax.sampling.decode import generate
@@ -201,7 +202,9 @@ class Sampler:
             out = {k: np.asarray(v) for k, v in out.items()}
         else:
             # Every process holds the whole request (it follows the same calls): each places its own devices' rows.
-            rows = batch_sharding(self.mesh)
+            # the rows over the data axes, nothing else split (a context-parallel mesh's sequence axes would not
+            # fit the 1-D per-row arguments: they only split training's rows of tokens)
+            rows = NamedSharding(self.mesh, PartitionSpec(batch_sharding(self.mesh).spec[0]))
             args = tuple(jax.make_array_from_callback(a.shape, rows, lambda index, a=a: a[index]) for a in args)
             with use_mesh(self.mesh, self.rules):
                 out = _compiled(self.graphdef, self.params, *args, new_tokens=N, prompt_logprobs=prompt_logprobs,

@@ -4,7 +4,7 @@ training keys a Tinker request sets instead (one line each at start-up); the set
 
 from __future__ import annotations
 
-from xorl_jax.config import Config, ConfigError
+from xorl_jax.config import SERVER_KEYS_USED, Config, ConfigError
 
 # xorl server keys (config.SERVER_KEYS) that mean something here, and what
 USED_SERVER_KEYS: dict[str, str] = {
@@ -12,6 +12,7 @@ USED_SERVER_KEYS: dict[str, str] = {
     "max_lora_rank": "largest LoRA rank a create_model may ask",
     "log_level": "the server's log level",
 }
+assert set(USED_SERVER_KEYS) == SERVER_KEYS_USED
 
 # training keys whose role each request takes over (Tinker's optim_step carries AdamParams; data come with requests)
 REQUEST_SET = ("train.lr", "train.adam_beta1", "train.adam_beta2", "train.adam_epsilon", "train.weight_decay",
