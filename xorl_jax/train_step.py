@@ -21,7 +21,7 @@ from flax import nnx, struct
 from xorl_jax import rl_losses
 from xorl_jax.loss import chunked_cross_entropy, chunked_target_logprobs
 from xorl_jax.optim import apply_updates, global_grad_norm, leaf_squared_norms
-from xorl_jax.parallel.context import to_ring_order
+from xorl_jax.parallel.context import from_ring_order, to_ring_order
 
 IGNORE_INDEX = -100
 BATCH_KEYS = ("input_ids", "labels", "positions", "segment_ids")
@@ -180,8 +180,11 @@ def token_logprobs(graphdef, params, batch, loss_cfg: LossConfig, layer_transfor
     tokens of logits at once, rounded through loss_cfg.logits_dtype): the [B, T, V] logits never exist at once, in
     the forward or the backward."""
     out, head = run_model(graphdef, params, batch, loss_cfg.compute_dtype, layer_transform)
-    return chunked_target_logprobs(out.hidden_states, head, batch["targets"], chunk_size=loss_cfg.ce_chunk_size,
-                                   logits_dtype=loss_cfg.logits_dtype)
+    # hidden states come in the model's token order (ring order under ring attention): so do the targets, and the
+    # logprobs go back to the batch's order
+    lp = chunked_target_logprobs(out.hidden_states, head, to_ring_order(batch["targets"]),
+                                 chunk_size=loss_cfg.ce_chunk_size, logits_dtype=loss_cfg.logits_dtype)
+    return from_ring_order(lp)
 
 
 class RequestSteps(NamedTuple):
