@@ -97,9 +97,9 @@ def _qwen3_5_host(tmp, model_dir, name, **sizes) -> ModelHost:
 
 def test_context_parallel_meshes_give_the_one_mesh_logprobs(tmp_path):
     """Ring attention's token order and Gated DeltaNet's conv halo over context-parallel pieces: a request's
-    per-token logprobs on a ring 2 x Ulysses 2 mesh equal those of a plain FSDP mesh (rows shorter than the
-    pieces' halo are padded, the targets follow the model's token order and the logprobs come back in the
-    request's)."""
+    per-token logprobs on a ring 2 x Ulysses 2 x FSDP 2 mesh equal those of a plain FSDP mesh (rows shorter than the
+    pieces' halo are padded, as is a batch of fewer rows than the data-parallel axes split; the targets follow the
+    model's token order and the logprobs come back in the request's)."""
     import torch
     from transformers import AutoModelForCausalLM, Qwen3_5TextConfig
 
@@ -120,12 +120,16 @@ def test_context_parallel_meshes_give_the_one_mesh_logprobs(tmp_path):
     def logprobs(host):
         host.create_model("m", None)
         steps, _ = host._programs_of(None, None)
-        batch, lengths = host.batch(data, "cross_entropy", {})
-        _, lp = steps.forward(host.models["m"].state.params, batch, jax.numpy.int32(0))
-        return np.asarray(jax.device_get(lp))[:, :max(lengths)], batch["input_ids"].shape[1]
+        out = []
+        for datums in (data, data[1:]):  # one datum: its row padded to the mesh's 2 data-parallel rows
+            batch, lengths = host.batch(datums, "cross_entropy", {})
+            _, lp = steps.forward(host.models["m"].state.params, batch, jax.numpy.int32(0))
+            out.append((np.asarray(jax.device_get(lp))[:len(datums), :max(lengths)], batch["input_ids"].shape))
+        return out
 
-    plain, _ = logprobs(_qwen3_5_host(tmp_path, model_dir, "plain", data_parallel_shard_size=-1))
-    split, width = logprobs(_qwen3_5_host(tmp_path, model_dir, "split", data_parallel_shard_size=2,
-                                          ringattn_parallel_size=2, ulysses_parallel_size=2))
-    assert width == 32  # 8 pieces of at least the conv's 3-token halo
-    np.testing.assert_allclose(split, plain, atol=2e-5)
+    plain = logprobs(_qwen3_5_host(tmp_path, model_dir, "plain", data_parallel_shard_size=-1))
+    split = logprobs(_qwen3_5_host(tmp_path, model_dir, "split", data_parallel_shard_size=2,
+                                   ringattn_parallel_size=2, ulysses_parallel_size=2))
+    assert [shape for _, shape in split] == [(2, 32), (2, 32)]  # 8 pieces of at least the conv's 3-token halo
+    for (got, _), (want, _) in zip(split, plain):
+        np.testing.assert_allclose(got, want, atol=2e-5)
