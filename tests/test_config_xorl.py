@@ -553,3 +553,19 @@ def test_tokenized_labels_shift_as_xorl_detects():
     assert hf.tolist() == [6, 7, 8, -100]
     pre = tokenized_doc({"input_ids": ids, "labels": [-100, 7, 8, -100]}, None)[1]  # already next-token targets
     assert pre.tolist() == [-100, 7, 8, -100]
+
+
+def test_a_named_kernel_this_machine_lacks_is_one_line(tmp_path):
+    """xorl's `moe_implementation: triton` (its server LoRA configs) off an NVIDIA GPU: refused before the model is
+    built, naming the key and the values that run here (not a traceback from inside the model)."""
+    import types
+
+    from xorl_jax.kernels.gmm import triton_available
+    from xorl_jax.preflight import check_kernels
+
+    if triton_available():
+        pytest.skip("the Triton grouped GEMM runs on this machine")
+    cfg = _load(SERVER_MOE_LORA, tmp_path)
+    with pytest.raises(ConfigError, match="model.moe_implementation triton: .*set model.moe_implementation to auto"):
+        check_kernels(cfg, types.SimpleNamespace(num_experts=8))
+    check_kernels(cfg, types.SimpleNamespace(num_experts=0))  # a dense model runs no grouped GEMM

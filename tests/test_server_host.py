@@ -85,3 +85,51 @@ def test_host_trains_the_engine_state(tmp_path):
     assert host.models["m"].state is host.engine.state and host.models["m"].step == 0
     for k, v in _flat(host.engine.state.params).items():
         np.testing.assert_array_equal(v, trained[k], err_msg=k)
+
+
+def _qwen3_5_host(tmp, model_dir, name, **sizes) -> ModelHost:
+    cfg = load_config(os.path.join(ROOT, "configs", "demo_cpu.yaml"),
+                      [f"--model.model_path={model_dir}", f"--model.config_path={model_dir}", "--train.init_from=auto",
+                       "--model.dtype=float32", "--model.param_dtype=float32",
+                       f"--train.output_dir={tmp / name}"] + [f"--train.{k}={v}" for k, v in sizes.items()])
+    return ModelHost(cfg)
+
+
+def test_context_parallel_meshes_give_the_one_mesh_logprobs(tmp_path):
+    """Ring attention's token order and Gated DeltaNet's conv halo over context-parallel pieces: a request's
+    per-token logprobs on a ring 2 x Ulysses 2 x FSDP 2 mesh equal those of a plain FSDP mesh (rows shorter than the
+    pieces' halo are padded, as is a batch of fewer rows than the data-parallel axes split; the targets follow the
+    model's token order and the logprobs come back in the request's)."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen3_5TextConfig
+
+    torch.manual_seed(0)
+    model_dir = tmp_path / "qwen3_5"
+    AutoModelForCausalLM.from_config(Qwen3_5TextConfig(
+        vocab_size=96, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, intermediate_size=64, linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=12,
+        linear_num_key_heads=2, linear_num_value_heads=4, full_attention_interval=2, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+    )).save_pretrained(model_dir)
+    rng = np.random.default_rng(0)
+    data = []
+    for n in (5, 11):
+        t = rng.integers(3, 96, n + 1)
+        data.append({"model_input": t[:-1], "loss_fn_inputs": {"target_tokens": t[1:], "weights": np.ones(n, np.float32)}})
+
+    def logprobs(host):
+        host.create_model("m", None)
+        steps, _ = host._programs_of(None, None)
+        out = []
+        for datums in (data, data[1:]):  # one datum: its row padded to the mesh's 2 data-parallel rows
+            batch, lengths = host.batch(datums, "cross_entropy", {})
+            _, lp = steps.forward(host.models["m"].state.params, batch, jax.numpy.int32(0))
+            out.append((np.asarray(jax.device_get(lp))[:len(datums), :max(lengths)], batch["input_ids"].shape))
+        return out
+
+    plain = logprobs(_qwen3_5_host(tmp_path, model_dir, "plain", data_parallel_shard_size=-1))
+    split = logprobs(_qwen3_5_host(tmp_path, model_dir, "split", data_parallel_shard_size=2,
+                                   ringattn_parallel_size=2, ulysses_parallel_size=2))
+    assert [shape for _, shape in split] == [(2, 32), (2, 32)]  # 8 pieces of at least the conv's 3-token halo
+    for (got, _), (want, _) in zip(split, plain):
+        np.testing.assert_allclose(got, want, atol=2e-5)

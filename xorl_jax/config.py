@@ -682,6 +682,10 @@ SERVER_KEYS: dict[str, str] = {
     "receiver_kv_cache_dtype": "KV-cache dtype expected of the inference engine",
 }
 
+# The server keys `python -m xorl_jax.server` reads (xorl_jax.server.settings); the others have no effect there
+# (xorl's worker processes, packing, routing replay and inference weight sync have no counterpart here).
+SERVER_KEYS_USED = frozenset({"model_name", "max_lora_rank", "log_level"})
+
 # Defaults of xorl's training server that differ from its local trainer's; a flat config that omits the key gets
 # the server's (as xorl's server would). data_parallel_shard_size and _replicate_size both 1 (the server's
 # defaults) mean all devices there.
@@ -1439,7 +1443,9 @@ def _xorl_key_text(key: str) -> str:
     if key in RENAMED_KEYS:
         return f"becomes {RENAMED_KEYS[key][0]}"
     if section == "server":
-        return f"server mode: {SERVER_KEYS[name]}"
+        if name in SERVER_KEYS_USED:
+            return f"server mode: {SERVER_KEYS[name]}"
+        return f"no effect (xorl's server: {SERVER_KEYS[name]})"
     parts = ["same field"]
     parts += [f"`{value}` refused: {why}" for value, why in PYTORCH_VALUES.get(key, {}).items()]
     mapped = XORL_VALUES.get(key, {})

@@ -367,3 +367,114 @@ def cross_entropy_reference(hidden, head_w, labels, *, ignore_index: int = -100,
     valid = labels != ignore_index
     picked = jnp.take_along_axis(logp, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
     return -jnp.sum(jnp.where(valid, picked, 0.0)), jnp.sum(valid).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------- per-token target log-probabilities
+@dataclasses.dataclass(frozen=True)
+class _LogprobPlan:
+    positions: int  # positions of every row per chunk (a chunk is [B, positions] tokens)
+    logits_dtype: str
+    soft_cap: float | None
+
+
+def _time_chunks(x, n: int, length: int):
+    """[B, T, ...] -> [C, B, n, ...] (T padded with zeros to C * n): a scan over position chunks that keeps every
+    row of the batch (and so the batch axis's sharding) in each chunk."""
+    pad = -length % n
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape(x.shape[0], -1, n, *x.shape[2:]), 1, 0)
+
+
+def _time_unchunk(x, length: int):
+    """Inverse of _time_chunks: [C, B, n, ...] -> [B, T, ...]."""
+    x = jnp.moveaxis(x, 0, 1)
+    return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :length]
+
+
+def _chunk_target_logits(plan: _LogprobPlan, h, w, targets):
+    """(target logits - log-sum-exp, log-sum-exp, the chunk's capped logits' tanh or None, logits) of one chunk."""
+    z, t = _head_logits(h, w, plan.logits_dtype, plan.soft_cap)
+    lse = _logsumexp_rows(z)
+    picked = jnp.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
+    return picked - lse, lse, t, z
+
+
+def _lp_forward(plan: _LogprobPlan, h_BTD, w_DV, targets_BT):
+    dt = _matmul_dtype(h_BTD, w_DV)
+    T = h_BTD.shape[1]
+    w = w_DV.astype(dt)
+
+    def body(_, xs):
+        h, targets = xs
+        lp, lse, _, _ = _chunk_target_logits(plan, h.astype(dt), w, targets)
+        return None, (lp, lse)
+
+    xs = (_time_chunks(h_BTD, plan.positions, T), _time_chunks(targets_BT, plan.positions, T))
+    _, (lp, lse) = jax.lax.scan(body, None, xs)
+    return _time_unchunk(lp, T), _time_unchunk(lse, T)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _target_logprobs(plan: _LogprobPlan, h_BTD, w_DV, targets_BT):
+    return _lp_forward(plan, h_BTD, w_DV, targets_BT)[0]
+
+
+def _target_logprobs_fwd(plan, h_BTD, w_DV, targets_BT):
+    # symbolic zeros: a head nothing differentiates (frozen under LoRA) gets no gradient matmul and no [D, V] sum
+    h, w, targets = h_BTD.value, w_DV.value, targets_BT.value
+    lp, lse = _lp_forward(plan, h, w, targets)
+    return lp, (h, w, targets, lse, jnp.zeros(()) if w_DV.perturbed else None)
+
+
+def _target_logprobs_bwd(plan, residuals, g_BT):
+    """Each chunk's logits again (nothing [T, V] was kept): d lp / d z = onehot(target) - softmax(z), scaled by the
+    chunk's cotangents, then through the head matmul to dh and (when the head is differentiated) dW."""
+    h_BTD, w_DV, targets_BT, lse_BT, with_dw = residuals
+    if isinstance(g_BT, jax.custom_derivatives.SymbolicZero):
+        return None, None, None
+    dt = _matmul_dtype(h_BTD, w_DV)
+    T, V = h_BTD.shape[1], w_DV.shape[1]
+    w = w_DV.astype(dt)
+
+    def body(dw, xs):
+        h, targets, lse, g = xs
+        h = h.astype(dt)
+        z, t = _head_logits(h, w, plan.logits_dtype, plan.soft_cap)
+        hit = jnp.arange(V) == targets[..., None]
+        dz = g.astype(jnp.float32)[..., None] * (hit.astype(jnp.float32) - jnp.exp(z - lse[..., None]))
+        if t is not None:
+            dz = dz * (1.0 - t * t)
+        dz = dz.astype(dt)
+        dh = jnp.einsum("bnv,dv->bnd", dz, w, preferred_element_type=jnp.float32).astype(h_BTD.dtype)
+        if with_dw is not None:
+            dw = dw + jnp.einsum("bnd,bnv->dv", h, dz, preferred_element_type=jnp.float32)
+        return dw, dh
+
+    chunks = lambda x: _time_chunks(x, plan.positions, T)  # noqa: E731
+    dw0 = jnp.zeros(w_DV.shape if with_dw is not None else (), jnp.float32)
+    dw, dh = jax.lax.scan(body, dw0, (chunks(h_BTD), chunks(targets_BT), chunks(lse_BT), chunks(g_BT)))
+    return _time_unchunk(dh, T), (dw.astype(w_DV.dtype) if with_dw is not None else None), None
+
+
+_target_logprobs.defvjp(_target_logprobs_fwd, _target_logprobs_bwd, symbolic_zeros=True)
+
+
+def chunked_target_logprobs(hidden, head_w, targets, *, chunk_size: int = 2048, logits_dtype=jnp.float32,
+                            soft_cap: float | None = None):
+    """log softmax(hidden @ head_w)[target] per position, fp32, without the [B, T, V] logits: hidden [B, T, D],
+    head_w [D, V], targets [B, T] integer ids in [0, V) -> [B, T].
+
+    Position chunks of every row (about `chunk_size` tokens of logits at once, as the training loss's token chunks;
+    the head's logits computed, rounded through `logits_dtype` and soft-capped as there); the backward recomputes
+    each chunk's logits from the saved log-sum-exp rather than keeping them, so differentiating it (the per-token
+    RL losses) adds a few [chunk, V] fp32 buffers and, for a differentiated head, its fp32 [D, V] gradient."""
+    if hidden.ndim != 3 or targets.shape != hidden.shape[:2]:
+        raise ValueError(f"hidden must be [B, T, D] and targets [B, T], got {hidden.shape} and {targets.shape}")
+    if head_w.ndim != 2 or head_w.shape[0] != hidden.shape[-1]:
+        raise ValueError(f"head_w must be [D={hidden.shape[-1]}, V], got shape {head_w.shape}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    B, T = targets.shape
+    positions = max(1, min(T, chunk_size // max(B, 1)))
+    plan = _LogprobPlan(positions, jnp.dtype(logits_dtype).name, soft_cap)
+    return _target_logprobs(plan, hidden, head_w, targets.astype(jnp.int32))

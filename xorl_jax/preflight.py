@@ -3,11 +3,11 @@ tokenized, a step compiled), so a wrong path or a mismatched file costs the user
 
 `check_run(cfg)` checks, in order: the output directory (a directory, writable), every dataset path (exists, has
 readable data files, or is a reachable hub id), config.json (present, a supported model_type), the mesh (the
-parallel sizes fit the devices, the heads and experts split over them), the weights in model.model_path (HF
-safetensors headers: every tensor floating point; an Orbax directory: its index and metadata readable), and the
-tokenizer (present where messages or text data needs one, no larger than the model's vocab_size). Each failure is a
-ConfigError, CheckpointError, DataError or MeshError whose one line names the culprit and what to do; the CLI prints
-it and exits 2. Checks of the rows themselves (token and label ids below vocab_size, malformed rows) happen while
+parallel sizes fit the devices, the heads and experts split over them), the kernels the config names (they run on
+this machine), the weights in model.model_path (HF safetensors headers: every tensor floating point; an Orbax
+directory: its index and metadata readable), and the tokenizer (present where messages or text data needs one, no
+larger than the model's vocab_size). Each failure is a ConfigError, CheckpointError, DataError or MeshError whose
+one line names the culprit and what to do; the CLI prints it and exits 2. Checks of the rows themselves (token and label ids below vocab_size, malformed rows) happen while
 the data is tokenized, which the trainer does before it loads the weights.
 """
 
@@ -133,6 +133,17 @@ def check_orbax_dir(path: str) -> None:
                                   "or copy it again")
 
 
+def check_kernels(cfg: Config, model_config) -> None:
+    """A kernel the config names explicitly runs on this machine (`auto` picks one that does)."""
+    from xorl_jax.kernels.gmm import _cached_unavailable_reason
+
+    if getattr(model_config, "num_experts", 0) and cfg.model.moe_implementation == "triton":
+        reason = _cached_unavailable_reason()
+        if reason is not None:
+            raise ConfigError(f"model.moe_implementation triton: the Triton grouped GEMM cannot run here ({reason}); "
+                              "set model.moe_implementation to auto (Triton where it runs, else XLA) or native")
+
+
 def check_weights(cfg: Config, model_cls, model_config) -> None:
     """model.model_path holds weights the model can load: safetensors headers (every loaded tensor a float) or
     an Orbax directory's metadata. Reads headers and small JSON files only."""
@@ -158,6 +169,7 @@ def check_run(cfg: Config, *, is_main: bool = True, need_data: bool = True) -> R
     if need_data:
         check_datasets(cfg.data)
     hf_config, cls, model_config, options, mesh, rules = model_and_mesh(cfg)
+    check_kernels(cfg, model_config)
     if cfg.train.init_from != "scratch":
         check_weights(cfg, cls, model_config)
     vocab_size = int(model_config.vocab_size)

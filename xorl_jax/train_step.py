@@ -19,9 +19,9 @@ import optax
 from flax import nnx, struct
 
 from xorl_jax import rl_losses
-from xorl_jax.loss import chunked_cross_entropy
+from xorl_jax.loss import chunked_cross_entropy, chunked_target_logprobs
 from xorl_jax.optim import apply_updates, global_grad_norm, leaf_squared_norms
-from xorl_jax.parallel.context import to_ring_order
+from xorl_jax.parallel.context import from_ring_order, to_ring_order
 
 IGNORE_INDEX = -100
 BATCH_KEYS = ("input_ids", "labels", "positions", "segment_ids")
@@ -174,13 +174,17 @@ def stack_micro_batches(rows: dict, n_micro: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------- the Tinker API's steps
-def token_logprobs(graphdef, params, batch, compute_dtype, layer_transform=None):
+def token_logprobs(graphdef, params, batch, loss_cfg: LossConfig, layer_transform=None):
     """[B, T] log-probabilities the model gives batch["targets"] at each position of batch["input_ids"] (with
-    "positions" and "segment_ids"), from the whole [B, T, V] logits in fp32 (no chunking)."""
-    out, head = run_model(graphdef, params, batch, compute_dtype, layer_transform)
-    logits = jnp.einsum("btd,dv->btv", out.hidden_states.astype(compute_dtype), head,
-                        preferred_element_type=jnp.float32)
-    return rl_losses.target_logprobs(logits, batch["targets"])
+    "positions" and "segment_ids"), in fp32, in chunks of positions as the training loss (loss_cfg.ce_chunk_size
+    tokens of logits at once, rounded through loss_cfg.logits_dtype): the [B, T, V] logits never exist at once, in
+    the forward or the backward."""
+    out, head = run_model(graphdef, params, batch, loss_cfg.compute_dtype, layer_transform)
+    # hidden states come in the model's token order (ring order under ring attention): so do the targets, and the
+    # logprobs go back to the batch's order
+    lp = chunked_target_logprobs(out.hidden_states, head, to_ring_order(batch["targets"]),
+                                 chunk_size=loss_cfg.ce_chunk_size, logits_dtype=loss_cfg.logits_dtype)
+    return from_ring_order(lp)
 
 
 class RequestSteps(NamedTuple):
@@ -204,7 +208,7 @@ def make_request_steps(graphdef, optimizer: optax.GradientTransformation, loss_c
 
     def loss(params, batch, loss_index, frozen=None):
         params, transform = merged(merge_fn, params, frozen)
-        lp = token_logprobs(graphdef, params, batch, loss_cfg.compute_dtype, transform)
+        lp = token_logprobs(graphdef, params, batch, loss_cfg, transform)
         return jnp.sum(rl_losses.token_objective_by_index(loss_index, lp, batch)), lp
 
     def forward_backward(params, grads, batch, loss_index, frozen=None):

@@ -11,98 +11,37 @@ the server keeps serving; a non-local bind without an API key is refused."""
 import http.client
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
 import pytest
-import torch
 
 tinker = pytest.importorskip("tinker")
+from server_utils import ROOT, V, Server, datum, hf_logprobs, tiny_hf  # noqa: E402
 from tinker import types  # noqa: E402
-from transformers import AutoModelForCausalLM, Qwen3Config  # noqa: E402
 
 from xorl_jax.data.demo import DEMO_DIR  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-V = 768
 KEY = "tml-test-key-0123456789"
 
 
-def _tiny_hf(path):
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(Qwen3Config(
-        vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        intermediate_size=96, tie_word_embeddings=False, eos_token_id=2))
-    model.save_pretrained(path)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(os.path.join(DEMO_DIR, f), path)
-    return model
-
-
-class Server:
-    def __init__(self, tmp, name, lora: bool, api_key: str | None):
-        cfg = os.path.join(tmp, f"{name}.yaml")
-        with open(cfg, "w") as f:
-            f.write(f"model:\n  model_path: {tmp}/hf\n  dtype: float32\n  param_dtype: float32\n"
-                    f"train:\n  output_dir: {tmp}/{name}\n"
-                    + ("lora:\n  enable_lora: true\n  lora_rank: 4\n  lora_alpha: 8\n" if lora else ""))
-        env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-        env.pop("XORL_JAX_API_KEY", None)
-        if api_key:
-            env["XORL_JAX_API_KEY"] = api_key
-        self.proc = subprocess.Popen([sys.executable, "-m", "xorl_jax.server", "--config", cfg, "--port", "0",
-                                      "--max-request-mb", "1"], env=env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, cwd=tmp)
-        self.lines, self.port = [], None
-        self.ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-        self.key = api_key or "tml-no-key-needed-here"
-
-    def _read(self):
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            m = re.search(r"server ready on http://127\.0\.0\.1:(\d+)", line)
-            if m:
-                self.port = int(m.group(1))
-                self.ready.set()
-        self.ready.set()
-
-    def wait(self):
-        assert self.ready.wait(180), "server did not start"
-        assert self.port, "server exited:\n" + "".join(self.lines[-30:])
-        self.url = f"http://127.0.0.1:{self.port}"
-        return self
-
-    def client(self):
-        return tinker.ServiceClient(base_url=self.url, api_key=self.key)
-
-    def raw(self, method, path, body=b"", headers=None):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        h = {"X-API-Key": self.key, "Content-Type": "application/json", **(headers or {})}
-        conn.request(method, path, body=body, headers=h)
-        r = conn.getresponse()
-        data = r.read()
-        conn.close()
-        return r.status, (json.loads(data) if data and r.getheader("Content-Type") == "application/json" else data)
-
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+def _server(tmp, name, lora: bool, api_key: str | None) -> Server:
+    cfg = os.path.join(tmp, f"{name}.yaml")
+    with open(cfg, "w") as f:
+        f.write(f"model:\n  model_path: {tmp}/hf\n  dtype: float32\n  param_dtype: float32\n"
+                f"train:\n  output_dir: {tmp}/{name}\n"
+                + ("lora:\n  enable_lora: true\n  lora_rank: 4\n  lora_alpha: 8\n" if lora else ""))
+    return Server(cfg, tmp, api_key, args=("--max-request-mb", "1"))
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("server"))
-    hf = _tiny_hf(os.path.join(tmp, "hf"))
-    servers = {"lora": Server(tmp, "lora", True, KEY), "full": Server(tmp, "full", False, None)}
+    hf = tiny_hf(os.path.join(tmp, "hf"))
+    servers = {"lora": _server(tmp, "lora", True, KEY), "full": _server(tmp, "full", False, None)}
     try:
         for s in servers.values():
             s.wait()
@@ -117,19 +56,6 @@ def full_model(env):
     """The full-weight server's one model (it holds one)."""
     sc = env["full"].client()
     return sc, sc.create_lora_training_client(base_model="hf", rank=4).result()  # rank ignored: all weights
-
-
-def _datum(tokens, **inputs):
-    return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
-                       loss_fn_inputs={"target_tokens": np.asarray(tokens[1:], np.int64),
-                                       **{k: np.asarray(v, np.float32) for k, v in inputs.items()}})
-
-
-def _hf_logprobs(hf, tokens):
-    with torch.no_grad():
-        logits = hf(torch.tensor([tokens[:-1]])).logits[0].double()
-    lp = torch.log_softmax(logits, -1)
-    return lp[torch.arange(len(tokens) - 1), torch.tensor(tokens[1:])].numpy()
 
 
 def _formula(loss, lp, q, adv, w, cfg):
@@ -151,8 +77,8 @@ def test_losses_match_hf_logprobs_and_formulas(env):
     rng = np.random.default_rng(0)
     seqs = [rng.integers(3, V, n).tolist() for n in (9, 14, 6)]
     tc = env["lora"].client().create_lora_training_client(base_model="hf", rank=4).result()
-    hf_lp = [_hf_logprobs(env["hf"], s) for s in seqs]
-    ce = tc.forward([_datum(s, weights=np.ones(len(s) - 1)) for s in seqs], "cross_entropy").result()
+    hf_lp = [hf_logprobs(env["hf"], s) for s in seqs]
+    ce = tc.forward([datum(s, weights=np.ones(len(s) - 1)) for s in seqs], "cross_entropy").result()
     for lp, out in zip(hf_lp, ce.loss_fn_outputs):  # LoRA B starts at 0: the base model's logprobs
         np.testing.assert_allclose(out["logprobs"].to_numpy(), lp, atol=2e-4)
     for loss, cfg in (("cross_entropy", {}), ("importance_sampling", {}), ("ppo", {}),
@@ -164,9 +90,9 @@ def test_losses_match_hf_logprobs_and_formulas(env):
             q = lp + rng.normal(0, 0.3, n)
             adv, w = rng.normal(0, 1, n), (rng.random(n) > 0.3).astype(np.float64)
             if loss == "cross_entropy":
-                data.append(_datum(s, weights=w))
+                data.append(datum(s, weights=w))
             else:
-                data.append(_datum(s, logprobs=q, advantages=adv))
+                data.append(datum(s, logprobs=q, advantages=adv))
                 w = np.ones(n)
             want += _formula(loss, lp, q.astype(np.float32), adv.astype(np.float32), w, cfg)
         got = tc.forward_backward(data, loss, cfg or None).result().metrics["loss:sum"]
@@ -186,7 +112,7 @@ def test_cross_entropy_equals_trainer_loss(env, full_model):
     s = rng.integers(3, V, 12).tolist()
     w = (rng.random(11) > 0.4).astype(np.float32)
     _, tc = full_model
-    batch = [_datum(s, weights=w)] + [_datum(s, weights=np.zeros(11))] * 3  # the batch size the other tests use
+    batch = [datum(s, weights=w)] + [datum(s, weights=np.zeros(11))] * 3  # the batch size the other tests use
     got = tc.forward(batch, "cross_entropy").result().metrics["loss:sum"]
     model = load_model(os.path.join(env["tmp"], "hf"), ModelOptions(dtype="float32", param_dtype="float32"))
     graphdef, params = nnx.split(model)
@@ -199,9 +125,9 @@ def test_cross_entropy_equals_trainer_loss(env, full_model):
 
 def test_accumulate_then_step_equals_one_step_and_state_round_trip(env, full_model):
     rng = np.random.default_rng(2)
-    d1 = [_datum(rng.integers(3, V, 10).tolist(), weights=np.ones(9)) for _ in range(2)]
-    d2 = [_datum(rng.integers(3, V, 7).tolist(), weights=np.ones(6)) for _ in range(2)]
-    probe = [_datum(rng.integers(3, V, 8).tolist(), weights=np.ones(7)) for _ in range(4)]
+    d1 = [datum(rng.integers(3, V, 10).tolist(), weights=np.ones(9)) for _ in range(2)]
+    d2 = [datum(rng.integers(3, V, 7).tolist(), weights=np.ones(6)) for _ in range(2)]
+    probe = [datum(rng.integers(3, V, 8).tolist(), weights=np.ones(7)) for _ in range(4)]
     sc, tc = full_model
     assert not tc.get_info().is_lora
     start = tc.save_state("start").result().path
@@ -231,9 +157,9 @@ def test_sampling_logprobs_and_tenants_and_saved_weights(env):
     a = sc.create_lora_training_client(base_model="hf", rank=4, seed=5).result()
     b = sc.create_lora_training_client(base_model="hf", rank=4, seed=5).result()
     rng = np.random.default_rng(3)
-    probe = [_datum(rng.integers(3, V, 9).tolist(), weights=np.ones(8)) for _ in range(4)]
+    probe = [datum(rng.integers(3, V, 9).tolist(), weights=np.ones(8)) for _ in range(4)]
     b_before = b.forward(probe, "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
-    train = [_datum(rng.integers(3, V, 12).tolist(), weights=np.ones(11)) for _ in range(4)]
+    train = [datum(rng.integers(3, V, 12).tolist(), weights=np.ones(11)) for _ in range(4)]
     for _ in range(3):
         a.forward_backward(train, "cross_entropy").result()
         a.optim_step(types.AdamParams(learning_rate=2e-2)).result()
@@ -248,7 +174,7 @@ def test_sampling_logprobs_and_tenants_and_saved_weights(env):
                          types.SamplingParams(max_tokens=6, temperature=1.0, seed=11, stop=[])).result()
     assert len(res.sequences) == 3 and all(len(s.tokens) == 6 and s.stop_reason == "length" for s in res.sequences)
     fulls = [prompt + list(s.tokens) for s in res.sequences]
-    fwd = a.forward([_datum(f, weights=np.ones(len(f) - 1)) for f in fulls], "cross_entropy").result()
+    fwd = a.forward([datum(f, weights=np.ones(len(f) - 1)) for f in fulls], "cross_entropy").result()
     for s, out in zip(res.sequences, fwd.loss_fn_outputs):
         np.testing.assert_allclose(s.logprobs, out["logprobs"].to_numpy()[len(prompt) - 1:], atol=2e-4)
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from xorl_jax.layers.attention import KVEntries
+from xorl_jax.loss import chunked_target_logprobs
 from xorl_jax.models.common import constrain
 from xorl_jax.sampling.choose import choose_tokens, stop_hits
 
@@ -58,22 +59,10 @@ def write_cache(caches, updates, index):
 
 
 def next_token_logprobs(h_BTD, head_DV, targets_BT, chunk: int = 128):
-    """log softmax(h @ head)[target] per position, in chunks of positions: the [B, T, V] logits of a long prompt
-    never exist at once (64 x 2048 x 152k in fp32 would be 80 GB)."""
-    B, T, D = h_BTD.shape
-    c = min(chunk, T)
-    pad = (-T) % c
-    h = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0))).reshape(B, -1, c, D)
-    t = jnp.pad(targets_BT, ((0, 0), (0, pad))).reshape(B, -1, c)
-
-    def one(xs):
-        h_c, t_c = xs
-        logits = jnp.einsum("bcd,dv->bcv", h_c, head_DV, preferred_element_type=jnp.float32)
-        picked = jnp.take_along_axis(logits, t_c[..., None], axis=-1)[..., 0]
-        return picked - jax.nn.logsumexp(logits, axis=-1)
-
-    out = jax.lax.map(one, (jnp.swapaxes(h, 0, 1), jnp.swapaxes(t, 0, 1)))  # [chunks, B, c]
-    return jnp.swapaxes(out, 0, 1).reshape(B, -1)[:, :T]
+    """log softmax(h @ head)[target] per position, in chunks of `chunk` positions of every row (the training
+    requests' loss.chunked_target_logprobs): the [B, T, V] logits of a long prompt never exist at once (64 x 2048 x
+    152k in fp32 would be 80 GB)."""
+    return chunked_target_logprobs(h_BTD, head_DV, targets_BT, chunk_size=chunk * h_BTD.shape[0])
 
 
 def row_keys(seeds_B, sample_index_B):

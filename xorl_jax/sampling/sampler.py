@@ -14,8 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
-from xorl_jax.parallel.rules import batch_sharding, data_parallel_size, param_shardings, use_mesh
+from xorl_jax.parallel.rules import (batch_sharding, context_parallel_size, data_parallel_size, param_shardings,
+                                    use_mesh)
 from xorl_jax.sampling.decode import generate
 from xorl_jax.sampling.types import SampledSequence, SampleResult, SamplingParams
 
@@ -53,7 +55,10 @@ class Sampler:
         self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
         self.tokenizer = tokenizer
         self.scan_layers = scan_layers
-        self.rows_multiple = data_parallel_size(mesh) if mesh is not None else 1
+        # rows split over the data axes; on a context-parallel mesh, a multiple of those times its sequence axes, so
+        # that a decode step's one token per row still splits over every axis the experts take tokens from
+        self.rows_split = data_parallel_size(mesh) if mesh is not None else 1
+        self.rows_multiple = self.rows_split * (context_parallel_size(mesh) if mesh is not None else 1)
         self.max_batch = max(bucket(max_batch, 1), self.rows_multiple)
         self.params = self._place(params)
         self._per_token_bytes, self._per_row_bytes = _cache_sizes(nnx.merge(graphdef, params))
@@ -151,7 +156,7 @@ class Sampler:
         free = _free_device_bytes(self.mesh)
         if free is None:
             return
-        need = self.cache_bytes(rows, length) / (self.rows_multiple if self.mesh is not None else 1)
+        need = self.cache_bytes(rows, length) / self.rows_split
         if need > free:
             raise ValueError(f"sampling {rows} rows (batch bucket) of {length} positions needs a "
                              f"{need / 2**30:.1f} GiB cache per device and {free / 2**30:.1f} GiB is free: lower "
@@ -201,7 +206,9 @@ class Sampler:
             out = {k: np.asarray(v) for k, v in out.items()}
         else:
             # Every process holds the whole request (it follows the same calls): each places its own devices' rows.
-            rows = batch_sharding(self.mesh)
+            # the rows over the data axes, nothing else split (a context-parallel mesh's sequence axes would not
+            # fit the 1-D per-row arguments: they only split training's rows of tokens)
+            rows = NamedSharding(self.mesh, PartitionSpec(batch_sharding(self.mesh).spec[0]))
             args = tuple(jax.make_array_from_callback(a.shape, rows, lambda index, a=a: a[index]) for a in args)
             with use_mesh(self.mesh, self.rules):
                 out = _compiled(self.graphdef, self.params, *args, new_tokens=N, prompt_logprobs=prompt_logprobs,

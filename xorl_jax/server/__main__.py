@@ -61,13 +61,17 @@ def main(argv=None) -> int:
     api_key = _api_key(args)
     try:
         from xorl_jax.config import check_runnable, load_config
+        from xorl_jax.server import settings
 
         cfg = check_runnable(load_config(args.config, overrides), need_data=False)
+        settings.check(cfg)
     except ConfigError as e:
         return _fail(str(e))
     level = str(cfg.server.get("log_level") or "").upper()
     if level in ("DEBUG", "INFO", "WARNING", "ERROR"):
         logging.getLogger("xorl_jax").setLevel(level)
+    for line in settings.report(cfg):
+        log.info("config: %s", line)
 
     import jax
 

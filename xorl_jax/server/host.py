@@ -37,6 +37,7 @@ from xorl_jax import rl_losses
 from xorl_jax.checkpoint.orbax import load_params, save_params
 from xorl_jax.config import Config
 from xorl_jax.engine import Adapter, TrainEngine
+from xorl_jax.parallel.rules import data_parallel_size
 from xorl_jax.preflight import check_run
 from xorl_jax.server import sampling, storage, wire
 from xorl_jax.train_step import RequestSteps, TrainState
@@ -116,6 +117,7 @@ class ModelHost:
         self._programs: dict = {}
         self._sample_counter = 0
         self._replicated = jax.sharding.NamedSharding(self.engine.mesh, jax.sharding.PartitionSpec())
+        self._multiples = _batch_multiples(self.engine.mesh, self.engine.model_config)
 
     # ------------------------------------------------------------------------------------------- models
     def _adapter(self, spec: LoraSpec) -> Adapter:
@@ -233,7 +235,9 @@ class ModelHost:
         (weights, logprobs, advantages, clip thresholds per token, beta), those a request leaves out at their
         defaults (weights 1; thresholds and beta from the resolved loss config), so every loss has one layout."""
         lengths = self.check_data(data, loss_fn)
-        B, T = _bucket(len(data), 1), _bucket(max(lengths), 16)
+        rows, pieces, least = self._multiples
+        B, T = _bucket(len(data), 1), _bucket(max(lengths), max(16, least))
+        B, T = -(-B // rows) * rows, -(-T // pieces) * pieces
         defaults = {"weights": 1.0, "logprobs": 0.0, "advantages": 0.0,
                     "clip_low_threshold": config.get("clip_low_threshold", 0.0),
                     "clip_high_threshold": config.get("clip_high_threshold", 1.0)}
@@ -429,6 +433,16 @@ class ModelHost:
         except ValueError as e:  # a stop sequence the sampler cannot use
             raise UserError(str(e)) from None
         return wire.encode_sample_response(seqs, plp)
+
+
+def _batch_multiples(mesh, model_config) -> tuple[int, int, int]:
+    """(rows: a multiple of the mesh's data-parallel size, tokens: a multiple of the pieces a context-parallel mesh
+    splits each row into, the fewest tokens a row may have: every piece holds at least one token and, for Gated
+    DeltaNet layers, the short convolution's halo). Padding rows and tokens are masked out of every loss."""
+    ring, ulysses = int(mesh.shape.get("ring", 1)), int(mesh.shape.get("ulysses", 1))
+    pieces = (2 * ring if ring > 1 else 1) * ulysses
+    halo = int(getattr(model_config, "linear_conv_kernel_dim", 0) or 0) - 1
+    return data_parallel_size(mesh), pieces, pieces * max(halo, 1)
 
 
 def _pure(tree):
