@@ -65,7 +65,7 @@ class LoraSpec:
     rank: int
     train_mlp: bool = True
     train_attn: bool = True
-    train_unembed: bool = True
+    train_unembed: bool = False  # the LM head is never adapted here (create_model logs a request for it)
     seed: int = 0
 
 
@@ -148,8 +148,14 @@ class ModelHost:
             if rank < 1 or (self.max_lora_rank and rank > self.max_lora_rank):
                 raise UserError(f"lora_config.rank: {rank} is outside 1..{self.max_lora_rank or 'any'}")
             seed = lc.get("seed")
+            if lc.get("train_unembed", True):
+                # the SDK asks for it by default; the LM head has no adapter here, so the model records false
+                # (weights_info and saves say what was trained) and the log says so once per model
+                log.warning("create_model %s: lora_config.train_unembed is true but this server does not adapt "
+                            "the LM head; it trains the attention/MLP adapters only (recorded as "
+                            "train_unembed=false)", model_id)
             spec = LoraSpec(rank, bool(lc.get("train_mlp", True)), bool(lc.get("train_attn", True)),
-                            bool(lc.get("train_unembed", True)), int(seed if seed is not None else len(self.models)))
+                            False, int(seed if seed is not None else len(self.models)))
             adapter = self._adapter(spec)
             state = self.engine.new_state(adapter.params, self.engine.optimizer)
             adapter = dataclasses.replace(adapter, params=None)  # the state holds (and trains) them
