@@ -134,7 +134,9 @@ def test_datasets_from_an_override():
 @pytest.mark.parametrize("argv, needle", [
     (["train.lr=1"], "overrides look like --section.key=value"),
     (["--train.lr"], "--train.lr needs a value"),
-    (["--lr=1"], "must name section.key"),
+    (["--lr=1"], "unknown option --lr; did you mean --train.lr?"),  # a key without its section
+    (["--max-steps", "2"], "unknown option --max-steps; did you mean --train.max_steps?"),
+    (["--dryrun", "--train.lr=1"], "unknown option --dryrun; overrides look like"),  # never --dryrun's "value"
     (["--data.datasets.0.path=x"], "must name section.key"),
 ])
 def test_malformed_overrides(argv, needle):

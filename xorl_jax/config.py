@@ -1264,6 +1264,14 @@ def _parse_value(section: str, name: str, text: str):
     return value
 
 
+def _suggest_override(name: str) -> str:
+    """'; did you mean --train.lr?' for a key given without its section, else how an override is written."""
+    owners = [s for s, cls in SECTIONS.items() if name.replace("-", "_") in _hints(cls)]
+    if len(owners) == 1:
+        return f"; did you mean --{owners[0]}.{name.replace('-', '_')}?"
+    return "; overrides look like --section.key=value (every key: docs/CONFIG.md)"
+
+
 def _parse_overrides(overrides) -> list[tuple[str, str, Any]]:
     out = []
     args = list(overrides)
@@ -1273,11 +1281,13 @@ def _parse_overrides(overrides) -> list[tuple[str, str, Any]]:
         if not isinstance(arg, str) or not arg.startswith("--"):
             raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.key=value")
         body = arg[2:]
+        dotted = body.split("=", 1)[0]
+        if "." not in dotted:  # an option this parser does not know (a flag typo), not a key lacking its value
+            raise ConfigError(f"unknown option --{dotted}{_suggest_override(dotted)}")
         if "=" in body:
-            dotted, text = body.split("=", 1)
+            text = body.split("=", 1)[1]
             i += 1
         else:
-            dotted = body
             if i + 1 >= len(args):
                 raise ConfigError(f"--{dotted} needs a value: --{dotted}=VALUE or --{dotted} VALUE")
             text = args[i + 1]

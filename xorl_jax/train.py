@@ -14,6 +14,7 @@ stopped by Ctrl-C (SIGINT; complete checkpoints stay, nothing half-written looks
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import sys
@@ -81,6 +82,9 @@ def _quiet_library_logs():
         sys.unraisablehook = _drop_closed_loop_noise(sys.unraisablehook)
 
 
+_FLAGS = ("--dry-run", "--fake-devices", "--device-memory-gib")
+
+
 def _dry_run_flags(argv: list[str]) -> tuple[list[str], bool, int, float | None]:
     """Split --dry-run, --fake-devices N and --device-memory-gib G off the config arguments."""
     from xorl_jax.config import ConfigError
@@ -88,6 +92,11 @@ def _dry_run_flags(argv: list[str]) -> tuple[list[str], bool, int, float | None]
     rest, dry, fake, memory = [], False, 0, None
     it = iter(argv)
     for arg in it:
+        name = arg.split("=", 1)[0]
+        if name.startswith("--") and "." not in name and name not in (*_FLAGS, "--config"):
+            close = difflib.get_close_matches(name, _FLAGS, n=1, cutoff=0.7)
+            if close:  # a misspelt flag of this CLI, not a config override
+                raise ConfigError(f"unknown option {name}; did you mean {close[0]}?")
         if arg == "--dry-run":
             dry = True
         elif arg == "--fake-devices" or arg.startswith("--fake-devices="):
@@ -137,6 +146,9 @@ def _main(argv, run_info: dict) -> int:
     from xorl_jax.config import ConfigError, parse_cli
 
     argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(__doc__.strip() + "\n\nEvery config key, its type, default and meaning: docs/CONFIG.md.")
+        return 0
     try:
         argv, dry, fake_devices, device_memory_gib = _dry_run_flags(argv)
         if fake_devices:  # before JAX initialises its backends

@@ -246,6 +246,19 @@ def run_main(capsys, caplog):
     return run
 
 
+def test_help_and_misspelt_flags(run_main, capsys):
+    """--help is the usage (exit 0, every flag named); a misspelt flag is named with the nearest one, never taken
+    for a config key waiting for its value."""
+    assert main(["--help"]) == 0
+    usage = capsys.readouterr().out
+    assert all(flag in usage for flag in ("--config", "--dry-run", "--fake-devices", "--device-memory-gib"))
+    demo = os.path.join(ROOT, "configs", "demo_cpu.yaml")
+    code, err = run_main(["--config", demo, "--dryrun", "--fake-devices", "8"])
+    assert_one_error(code, err, "unknown option --dryrun; did you mean --dry-run?")
+    code, err = run_main(["--config", demo, "--max_steps=2"])
+    assert_one_error(code, err, "unknown option --max_steps; did you mean --train.max_steps?")
+
+
 def test_output_dir_that_is_a_file(run_main, inputs):
     code, err = run_main(overrides(inputs["a_file"], inputs["hf"], inputs["tokenized"]))
     assert_one_error(code, err, "train.output_dir", inputs["a_file"], "is a file")
