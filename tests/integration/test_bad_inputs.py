@@ -295,6 +295,34 @@ def test_token_ids_past_the_vocabulary_name_the_row(run_main, inputs, tmp_path, 
     assert_one_error(code, err, inputs[name] + needles[0], *needles[1:])
 
 
+def test_rows_that_would_train_something_else_are_refused(run_main, inputs, tmp_path):
+    """Rows read under another meaning: a token id 1.5 (would be 1), chat rows under type text, a turn the
+    template drops (Qwen3's drops a 'human' turn: its answer would be trained without the question); and data
+    that yields nothing says why."""
+    def jsonl(name, *rows):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(tmp_path / name)
+
+    chat = {"messages": [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4."}]}
+    human = {"messages": [{"role": "human", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4."}]}
+    cases = [  # (data, type, extra dataset keys, extra overrides, needles)
+        (jsonl("float.jsonl", {"input_ids": [5, 1.5, 7]}), "tokenized", "", {},
+         [":1:", "'input_ids' must be a list of integers, got 1.5"]),
+        (jsonl("chat.jsonl", chat), "text", "", {},
+         [":1:", "needs the column 'text'", "set this dataset's type: messages"]),
+        (jsonl("human.jsonl", human), "messages", ", chat_template: qwen3", {},
+         [":1:", "message 0 (human)", "leaves its content out"]),
+        (jsonl("empty.jsonl"), "tokenized", "", {}, ["no documents read", "the files hold no rows"]),
+        (jsonl("all_bad.jsonl", {"x": 1}, {"x": 2}), "text", "", {"data.skip_bad_rows": True},
+         ["no documents read", "all 2 rows were bad and skipped"]),
+    ]
+    for k, (data, kind, keys, extra, needles) in enumerate(cases):
+        args = overrides(tmp_path / f"run{k}", inputs["hf"], data, kind, **extra)
+        args = [a.replace(f"type: {kind}}}]", f"type: {kind}{keys}}}]") for a in args]
+        code, err = run_main(args)
+        assert_one_error(code, err, *needles)
+
+
 @pytest.fixture(scope="module")
 def orbax_dir(inputs):
     from xorl_jax.checkpoint.orbax import convert_hf_to_orbax

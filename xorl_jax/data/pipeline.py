@@ -91,8 +91,12 @@ class Documents:
             self._tokenize(dataset_cfgs, tokenizer, data_cfg, seed, capacity, vocab_size)
         if not self.ids:
             dropped = getattr(self, "docs_dropped", 0)
+            read, skipped = getattr(self, "rows_read", 0), getattr(self, "rows_skipped", 0)
             why = (f" ({dropped} longer than their max_seq_len were dropped: data.long_sequence_policy drop; "
-                   f"raise max_seq_len or use truncate or split)" if dropped else "")
+                   f"raise max_seq_len or use truncate or split)" if dropped else
+                   f" (all {read} rows were bad and skipped: data.skip_bad_rows; set it false to see the first "
+                   f"one's error)" if read and skipped >= read else
+                   " (the files hold no rows); point data.datasets at files with rows" if not read else "")
             raise DataError(f"no documents read from {[_get(d, 'path') for d in dataset_cfgs]}{why}")
         if cached is None and _get(data_cfg, "dataset_prepared_path"):
             cache.save(path, self.ids, self.targets, {k: getattr(self, k) for k in cache.STATS})
