@@ -253,3 +253,26 @@ def test_segment_count_of_a_row_counts_padding_only_when_there_is_some():
     for members in ([0, 1], [0, 2], [], [1]):
         seg = build_row([(batcher.docs.ids[i], batcher.docs.targets[i]) for i in members], 8)["segment_ids"]
         assert batcher._segments(members) == 1 + int(np.sum(seg[1:] != seg[:-1])), members
+
+
+def test_a_training_step_as_model_path_reads_with_its_runs_tokenizer(tmp_path):
+    """A step directory holds no tokenizer files (docs/LORA.md: a LoRA step works as model.model_path): chat data
+    is tokenized with the tokenizer its run recorded (the first recorded directory that still holds one); one that
+    is gone stays an error naming model.tokenizer_path."""
+    from xorl_jax.config import load_config
+    from xorl_jax.preflight import tokenizer_for
+
+    step = tmp_path / "checkpoints" / "2"
+    (step / "params").mkdir(parents=True)
+    (step / "meta").mkdir()
+
+    def record(side_dirs):
+        (step / "meta" / "metadata").write_text(json.dumps(
+            {"step": 2, "hf_config": {"model_type": "qwen3_moe"}, "source": {"side_dirs": side_dirs}}))
+
+    cfg = load_config(None, [f"--model.model_path={step}", "--data.datasets=[{path: a.jsonl, type: messages}]"])
+    record([str(tmp_path / "gone"), DEMO_DIR])
+    assert tokenizer_for(cfg, 768).name_or_path == DEMO_DIR
+    record([str(tmp_path / "gone")])
+    with pytest.raises(DataError, match="holds no tokenizer files.*model.tokenizer_path"):
+        tokenizer_for(cfg, 768)
