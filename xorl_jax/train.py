@@ -6,8 +6,8 @@ no training; full fine-tuning and LoRA; see xorl_jax/plan.py) and says whether i
 jnp references, and the plan says so); --device-memory-gib G plans `auto` layer settings and the memory verdict for
 GPUs of G GiB (default on CPU: an 80 GiB H100).
 
-Exit codes: 0 done, 2 bad config or input, or no space left to write a checkpoint or export (one line on stderr says
-what and where), 1 the run stopped on purpose (e.g. too many non-finite steps; the last good checkpoint is intact),
+Exit codes: 0 done, 2 bad config or input, no space left to write a checkpoint or export, or a step larger than the
+device's memory (one line on stderr says what and where), 1 the run stopped on purpose (e.g. too many non-finite steps; the last good checkpoint is intact),
 75 stopped by SIGTERM/SIGUSR1 with a checkpoint of the last step saved (requeue and the same command resumes), 130
 stopped by Ctrl-C (SIGINT; complete checkpoints stay, nothing half-written looks complete).
 """
@@ -186,15 +186,31 @@ def _main(argv, run_info: dict) -> int:
     except TrainingStopped as e:
         print(f"stopped: {e}", file=sys.stderr)
         return 1
-    except Exception as e:  # a full disk anywhere else (metrics, logs): one line as well; anything else: raised
-        from xorl_jax.preflight import disk_full_error, disk_full_message
+    except Exception as e:  # a full disk anywhere else (metrics, logs), or device memory: one line as well;
+        from xorl_jax.preflight import disk_full_error, disk_full_message  # anything else: raised
 
         full = disk_full_error(e)
-        if full is None:
+        if full is not None:
+            print(f"error: {disk_full_message(full, cfg.train.output_dir)}", file=sys.stderr)
+            return 2
+        oom = _out_of_memory(e)
+        if oom is None:
             raise
-        print(f"error: {disk_full_message(full, cfg.train.output_dir)}", file=sys.stderr)
+        print(f"error: {oom}", file=sys.stderr)
         return 2
     return 0
+
+
+def _out_of_memory(exc: BaseException) -> str | None:
+    """One line for XLA running out of device (or host, on CPU) memory while compiling or running a step: the
+    config asks for more than the device holds; None for any other error."""
+    text = str(exc)
+    if "RESOURCE_EXHAUSTED" not in text or "memory" not in text.lower():
+        return None
+    first = next((line.strip() for line in text.splitlines() if "RESOURCE_EXHAUSTED" in line), text.strip())
+    return (f"out of memory ({first[:200]}); the step needs more than the device holds: lower "
+            "train.micro_batch_size or data.sample_packing_sequence_len, or set train.remat_policy: full "
+            "(--dry-run prints the memory the step plans per device)")
 
 
 if __name__ == "__main__":

@@ -259,6 +259,22 @@ def test_help_and_misspelt_flags(run_main, capsys):
     assert_one_error(code, err, "unknown option --max_steps; did you mean --train.max_steps?")
 
 
+def test_out_of_device_memory_is_one_line(run_main, inputs, tmp_path, monkeypatch):
+    """XLA's RESOURCE_EXHAUSTED while the step compiles or runs (a config larger than the device: here the error a
+    32k-token row of the jnp attention met on a CPU) is one line with what to lower, not a traceback."""
+    import jax
+
+    import xorl_jax.trainer
+
+    def run(cfg):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 74947890392 bytes.")
+
+    monkeypatch.setattr(xorl_jax.trainer, "run", run)
+    code, err = run_main(overrides(tmp_path, inputs["hf"], inputs["tokenized"]))
+    assert_one_error(code, err, "out of memory (RESOURCE_EXHAUSTED: Out of memory allocating 74947890392 bytes.)",
+                     "train.micro_batch_size", "--dry-run")
+
+
 def test_output_dir_that_is_a_file(run_main, inputs):
     code, err = run_main(overrides(inputs["a_file"], inputs["hf"], inputs["tokenized"]))
     assert_one_error(code, err, "train.output_dir", inputs["a_file"], "is a file")
