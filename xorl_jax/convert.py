@@ -206,10 +206,15 @@ def _convert(args) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command (`python -m xorl_jax.convert`, the `xorl-jax-convert` script): main, then the process's exit."""
     code = main()
     if code == EXIT_INTERRUPTED:  # Orbax's writer threads may still run; the interpreter's teardown under them can
         sys.stdout.flush()        # abort the process: leave now, the unfinished output is already removed
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
+
+
+if __name__ == "__main__":
+    cli()

@@ -213,7 +213,8 @@ def _out_of_memory(exc: BaseException) -> str | None:
             "(--dry-run prints the memory the step plans per device)")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command (`python -m xorl_jax.train`, the `xorl-jax-train` script): main, then the process's exit."""
     code = main()
     if code == EXIT_INTERRUPTED:
         # A save may still be running in background threads (Orbax, tensorstore); the interpreter's teardown under
@@ -222,3 +223,7 @@ if __name__ == "__main__":
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
+
+
+if __name__ == "__main__":
+    cli()
