@@ -10,7 +10,7 @@ import time
 from xorl_jax.data.text_corpus import default_roots, make_text_corpus
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output directory (train.jsonl, eval.jsonl, tokenizer files)")
     parser.add_argument("--vocab", type=int, default=32768, help="tokenizer vocabulary size")
     parser.add_argument("--stdlib-only", action="store_true", help="standard library only (smaller, ~1.6 MB)")

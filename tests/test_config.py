@@ -134,7 +134,9 @@ def test_datasets_from_an_override():
 @pytest.mark.parametrize("argv, needle", [
     (["train.lr=1"], "overrides look like --section.key=value"),
     (["--train.lr"], "--train.lr needs a value"),
-    (["--lr=1"], "must name section.key"),
+    (["--lr=1"], "unknown option --lr; did you mean --train.lr?"),  # a key without its section
+    (["--max-steps", "2"], "unknown option --max-steps; did you mean --train.max_steps?"),
+    (["--dryrun", "--train.lr=1"], "unknown option --dryrun; overrides look like"),  # never --dryrun's "value"
     (["--data.datasets.0.path=x"], "must name section.key"),
 ])
 def test_malformed_overrides(argv, needle):
@@ -182,6 +184,11 @@ def test_bad_section_shapes(tmp_path):
         load_config(_write(tmp_path, "train:\n  lr: [1\n"))
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(str(tmp_path / "missing.yaml"))
+    # a section or key given twice: YAML keeps the last, which would drop train.max_steps silently
+    with pytest.raises(ConfigError, match=r"c\.yaml line 4: .*'train' is given twice"):
+        load_config(_write(tmp_path, "train:\n  max_steps: 7\n  lr: 1.0e-5\ntrain:\n  lr: 2.0e-5\n"))
+    with pytest.raises(ConfigError, match=r"c\.yaml line 3: .*'lr' is given twice"):
+        load_config(_write(tmp_path, "train:\n  lr: 1.0e-5\n  lr: 2.0e-5\n"))
 
 
 @pytest.mark.parametrize("override, needle", [

@@ -5,8 +5,10 @@ checkpoint's vision and MTP tensors are carried; the export dtype rule. Journeys
 steps: tests/integration/test_export_journey.py.
 """
 
+import errno
 import json
 import os
+import signal
 
 import jax
 import ml_dtypes
@@ -528,3 +530,43 @@ def test_bf16_checkpoint_loads_as_fp32_params(tmp_path):
     for path, var in from_orbax.items():
         assert var[...].dtype == np.float32, path
         np.testing.assert_array_equal(np.asarray(var[...]), np.asarray(from_hf[path][...]))
+
+
+def test_cli_names_its_flags_and_stops_cleanly_on_ctrl_c_or_a_full_disk(tmp_path, capsys, monkeypatch):
+    """The shared loaders and mesh name config keys; the CLI's line names its own flags. Ctrl-C is one line (exit
+    130) and a full disk one error line (exit 2), each leaving neither the output nor a temporary sibling."""
+    _, src = make_hf(tmp_path, "qwen3", dtype=torch.float32)
+    out = str(tmp_path / "out")
+    capsys.readouterr()
+    code, err = _run_cli(["to-orbax", "--model-path", src, "--output", out, "--expert-parallel-size", "3"], capsys)
+    assert code == 2 and "--expert-parallel-size 3 must divide --data-parallel-shard-size" in err, err
+    assert "train." not in err and "\n" not in err, err
+    os.makedirs(tmp_path / "no_config")
+    code, err = _run_cli(["to-orbax", "--model-path", str(tmp_path / "no_config"), "--output", out], capsys)
+    assert code == 2 and "set --model-path to" in err and "model.model_path" not in err, err
+
+    real, calls = convert_ops.make_array, []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(convert_ops, "make_array", interrupted)
+    handler = signal.getsignal(signal.SIGINT)
+    code, err = _run_cli(["to-orbax", "--model-path", src, "--output", out, "--no-mesh"], capsys)
+    assert code == 130 and err == f"stopped: interrupted (Ctrl-C); {out} is not written, the unfinished conversion " \
+                                  "was removed", err
+    assert signal.getsignal(signal.SIGINT) is handler  # main() leaves the caller's handler in place
+
+    def full_disk(*a, **k):  # how tensorstore reports a full disk through Orbax
+        raise ValueError("OUT_OF_RANGE: Error writing local file: Failed to write 64823 bytes to file 4: "
+                         f"{os.strerror(errno.ENOSPC)} [os_error_code='28']")
+
+    monkeypatch.setattr(convert_ops, "make_array", full_disk)
+    code, err = _run_cli(["to-orbax", "--model-path", src, "--output", out, "--no-mesh"], capsys)
+    assert code == 2 and err.startswith(f"error: {os.strerror(errno.ENOSPC)} while writing the conversion to {out}")
+    assert "--output" in err and "\n" not in err, err
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".out") or n == "out"] == []
+    assert [n for n in os.listdir(tmp_path) if "incomplete" in n] == []

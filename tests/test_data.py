@@ -284,3 +284,26 @@ def test_shipped_demo_assets_are_what_make_assets_writes(tmp_path):
     fresh, shipped = (json.load(open(p)) for p in (tmp_path / "tokenizer.json", f"{DEMO_DIR}/tokenizer.json"))
     for key in ("pre_tokenizer", "decoder", "model", "added_tokens"):
         assert fresh[key] == shipped[key], key
+
+
+def test_a_training_step_as_model_path_reads_with_its_runs_tokenizer(tmp_path):
+    """A step directory holds no tokenizer files (docs/LORA.md: a LoRA step works as model.model_path): chat data
+    is tokenized with the tokenizer its run recorded (the first recorded directory that still holds one); one that
+    is gone stays an error naming model.tokenizer_path."""
+    from xorl_jax.config import load_config
+    from xorl_jax.preflight import tokenizer_for
+
+    step = tmp_path / "checkpoints" / "2"
+    (step / "params").mkdir(parents=True)
+    (step / "meta").mkdir()
+
+    def record(side_dirs):
+        (step / "meta" / "metadata").write_text(json.dumps(
+            {"step": 2, "hf_config": {"model_type": "qwen3_moe"}, "source": {"side_dirs": side_dirs}}))
+
+    cfg = load_config(None, [f"--model.model_path={step}", "--data.datasets=[{path: a.jsonl, type: messages}]"])
+    record([str(tmp_path / "gone"), DEMO_DIR])
+    assert tokenizer_for(cfg, 768).name_or_path == DEMO_DIR
+    record([str(tmp_path / "gone")])
+    with pytest.raises(DataError, match="holds no tokenizer files.*model.tokenizer_path"):
+        tokenizer_for(cfg, 768)

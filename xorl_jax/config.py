@@ -1231,13 +1231,33 @@ def _warn_no_effect(cfg: Config):
                     "TensorBoard (train.use_tensorboard)")
 
 
+class _NoDuplicateKeys(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error: the plain loader keeps the
+    last, so a second `train:` section would silently drop every key of the first."""
+
+
+def _unique_mapping(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if isinstance(key, str) and key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"'{key}' is given twice in one mapping (the second would replace the first); merge them",
+                key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_NoDuplicateKeys.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def load_config(path: str | None, overrides: list[str] | tuple = ()) -> Config:
     """Config from a YAML file (None = all defaults) plus `--section.key=value` / `--section.key value` overrides."""
     raw = None
     if path is not None:
         try:
             with open(path, encoding="utf-8") as f:
-                raw = yaml.safe_load(f)
+                raw = yaml.load(f, Loader=_NoDuplicateKeys)  # noqa: S506 - a SafeLoader subclass
         except OSError as e:
             raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
         except yaml.YAMLError as e:
@@ -1268,6 +1288,14 @@ def _parse_value(section: str, name: str, text: str):
     return value
 
 
+def _suggest_override(name: str) -> str:
+    """'; did you mean --train.lr?' for a key given without its section, else how an override is written."""
+    owners = [s for s, cls in SECTIONS.items() if name.replace("-", "_") in _hints(cls)]
+    if len(owners) == 1:
+        return f"; did you mean --{owners[0]}.{name.replace('-', '_')}?"
+    return "; overrides look like --section.key=value (every key: docs/CONFIG.md)"
+
+
 def _parse_overrides(overrides) -> list[tuple[str, str, Any]]:
     out = []
     args = list(overrides)
@@ -1277,11 +1305,13 @@ def _parse_overrides(overrides) -> list[tuple[str, str, Any]]:
         if not isinstance(arg, str) or not arg.startswith("--"):
             raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.key=value")
         body = arg[2:]
+        dotted = body.split("=", 1)[0]
+        if "." not in dotted:  # an option this parser does not know (a flag typo), not a key lacking its value
+            raise ConfigError(f"unknown option --{dotted}{_suggest_override(dotted)}")
         if "=" in body:
-            dotted, text = body.split("=", 1)
+            text = body.split("=", 1)[1]
             i += 1
         else:
-            dotted = body
             if i + 1 >= len(args):
                 raise ConfigError(f"--{dotted} needs a value: --{dotted}=VALUE or --{dotted} VALUE")
             text = args[i + 1]
@@ -1375,8 +1405,8 @@ def render_config_reference() -> str:
         "Override any key on the command line with `--section.key=value` or `--section.key value`; the value is",
         "read as YAML (`--train.lr=2e-5`, `--train.save_hf_weights=true`,",
         "`--lora.lora_target_modules=[q_proj,v_proj]`, `--data.datasets='[{path: a.jsonl, type: messages}]'`).",
-        "Unknown keys, wrong types, values out of range and impossible combinations are errors with one line",
-        "naming the key; a training run (`python -m xorl_jax.train`) also needs `model.model_path` (or",
+        "Unknown keys, keys given twice, wrong types, values out of range and impossible combinations are errors",
+        "with one line naming the key; a training run (`python -m xorl_jax.train`) also needs `model.model_path` (or",
         "`model.config_path` with `train.init_from: scratch`) and at least one entry in `data.datasets`.",
         "",
     ]

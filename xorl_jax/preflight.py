@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import logging
 import os
 import tempfile
 from typing import Any
@@ -81,6 +82,24 @@ def needs_tokenizer(data_cfg) -> bool:
                for ds in list(data_cfg.datasets or []) + list(data_cfg.eval_datasets or []))
 
 
+def _recorded_tokenizer_dir(model_path: str) -> str | None:
+    """For a training step directory (which holds no tokenizer files), the first directory its run's source record
+    took the tokenizer from that still holds one; None otherwise (an HF or Orbax directory has its own)."""
+    from xorl_jax.checkpoint.orbax import read_metadata
+    from xorl_jax.data.pipeline import VOCABULARY_FILES
+
+    def has_vocabulary(d):
+        return bool(d) and any(os.path.isfile(os.path.join(d, n)) for n in VOCABULARY_FILES)
+
+    if has_vocabulary(model_path) or not is_orbax_model_dir(model_path):
+        return None
+    try:
+        side_dirs = (read_metadata(model_path).get("source") or {}).get("side_dirs") or []
+    except (CheckpointError, OSError, ValueError):
+        return None
+    return next((d for d in side_dirs if os.path.isdir(str(d)) and has_vocabulary(str(d))), None)
+
+
 def tokenizer_for(cfg: Config, vocab_size: int):
     """The run's tokenizer, or None where only tokenized rows are read; its size checked against vocab_size."""
     m = cfg.model
@@ -88,6 +107,12 @@ def tokenizer_for(cfg: Config, vocab_size: int):
         return None
     path = m.tokenizer_path or m.model_path
     key = "model.tokenizer_path" if m.tokenizer_path else "model.model_path; model.tokenizer_path is null"
+    if not m.tokenizer_path and path:
+        recorded = _recorded_tokenizer_dir(path)
+        if recorded:
+            path, key = recorded, f"the tokenizer of the run that wrote {m.model_path}; model.tokenizer_path is null"
+            logging.getLogger(__name__).info(f"tokenizer: {recorded}, the one the run that wrote {m.model_path} "
+                                             "used (model.tokenizer_path sets another)")
     if not path:
         kinds = sorted({ds.type for ds in list(cfg.data.datasets) + list(cfg.data.eval_datasets)} &
                        set(TOKENIZER_DATA_TYPES))

@@ -6,14 +6,15 @@ no training; full fine-tuning and LoRA; see xorl_jax/plan.py) and says whether i
 jnp references, and the plan says so); --device-memory-gib G plans `auto` layer settings and the memory verdict for
 GPUs of G GiB (default on CPU: an 80 GiB H100).
 
-Exit codes: 0 done, 2 bad config or input, or no space left to write a checkpoint or export (one line on stderr says
-what and where), 1 the run stopped on purpose (e.g. too many non-finite steps; the last good checkpoint is intact),
+Exit codes: 0 done, 2 bad config or input, no space left to write a checkpoint or export, or a step larger than the
+device's memory (one line on stderr says what and where), 1 the run stopped on purpose (e.g. too many non-finite steps; the last good checkpoint is intact),
 75 stopped by SIGTERM/SIGUSR1 with a checkpoint of the last step saved (requeue and the same command resumes), 130
 stopped by Ctrl-C (SIGINT; complete checkpoints stay, nothing half-written looks complete).
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import sys
@@ -81,6 +82,9 @@ def _quiet_library_logs():
         sys.unraisablehook = _drop_closed_loop_noise(sys.unraisablehook)
 
 
+_FLAGS = ("--dry-run", "--fake-devices", "--device-memory-gib")
+
+
 def _dry_run_flags(argv: list[str]) -> tuple[list[str], bool, int, float | None]:
     """Split --dry-run, --fake-devices N and --device-memory-gib G off the config arguments."""
     from xorl_jax.config import ConfigError
@@ -88,6 +92,11 @@ def _dry_run_flags(argv: list[str]) -> tuple[list[str], bool, int, float | None]
     rest, dry, fake, memory = [], False, 0, None
     it = iter(argv)
     for arg in it:
+        name = arg.split("=", 1)[0]
+        if name.startswith("--") and "." not in name and name not in (*_FLAGS, "--config"):
+            close = difflib.get_close_matches(name, _FLAGS, n=1, cutoff=0.7)
+            if close:  # a misspelt flag of this CLI, not a config override
+                raise ConfigError(f"unknown option {name}; did you mean {close[0]}?")
         if arg == "--dry-run":
             dry = True
         elif arg == "--fake-devices" or arg.startswith("--fake-devices="):
@@ -137,6 +146,9 @@ def _main(argv, run_info: dict) -> int:
     from xorl_jax.config import ConfigError, parse_cli
 
     argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(__doc__.strip() + "\n\nEvery config key, its type, default and meaning: docs/CONFIG.md.")
+        return 0
     try:
         argv, dry, fake_devices, device_memory_gib = _dry_run_flags(argv)
         if fake_devices:  # before JAX initialises its backends
@@ -174,18 +186,35 @@ def _main(argv, run_info: dict) -> int:
     except TrainingStopped as e:
         print(f"stopped: {e}", file=sys.stderr)
         return 1
-    except Exception as e:  # a full disk anywhere else (metrics, logs): one line as well; anything else: raised
-        from xorl_jax.preflight import disk_full_error, disk_full_message
+    except Exception as e:  # a full disk anywhere else (metrics, logs), or device memory: one line as well;
+        from xorl_jax.preflight import disk_full_error, disk_full_message  # anything else: raised
 
         full = disk_full_error(e)
-        if full is None:
+        if full is not None:
+            print(f"error: {disk_full_message(full, cfg.train.output_dir)}", file=sys.stderr)
+            return 2
+        oom = _out_of_memory(e)
+        if oom is None:
             raise
-        print(f"error: {disk_full_message(full, cfg.train.output_dir)}", file=sys.stderr)
+        print(f"error: {oom}", file=sys.stderr)
         return 2
     return 0
 
 
-if __name__ == "__main__":
+def _out_of_memory(exc: BaseException) -> str | None:
+    """One line for XLA running out of device (or host, on CPU) memory while compiling or running a step: the
+    config asks for more than the device holds; None for any other error."""
+    text = str(exc)
+    if "RESOURCE_EXHAUSTED" not in text or "memory" not in text.lower():
+        return None
+    first = next((line.strip() for line in text.splitlines() if "RESOURCE_EXHAUSTED" in line), text.strip())
+    return (f"out of memory ({first[:200]}); the step needs more than the device holds: lower "
+            "train.micro_batch_size or data.sample_packing_sequence_len, or set train.remat_policy: full "
+            "(--dry-run prints the memory the step plans per device)")
+
+
+def cli() -> None:
+    """The command (`python -m xorl_jax.train`, the `xorl-jax-train` script): main, then the process's exit."""
     code = main()
     if code == EXIT_INTERRUPTED:
         # A save may still be running in background threads (Orbax, tensorstore); the interpreter's teardown under
@@ -194,3 +223,7 @@ if __name__ == "__main__":
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
+
+
+if __name__ == "__main__":
+    cli()

@@ -246,6 +246,35 @@ def run_main(capsys, caplog):
     return run
 
 
+def test_help_and_misspelt_flags(run_main, capsys):
+    """--help is the usage (exit 0, every flag named); a misspelt flag is named with the nearest one, never taken
+    for a config key waiting for its value."""
+    assert main(["--help"]) == 0
+    usage = capsys.readouterr().out
+    assert all(flag in usage for flag in ("--config", "--dry-run", "--fake-devices", "--device-memory-gib"))
+    demo = os.path.join(ROOT, "configs", "demo_cpu.yaml")
+    code, err = run_main(["--config", demo, "--dryrun", "--fake-devices", "8"])
+    assert_one_error(code, err, "unknown option --dryrun; did you mean --dry-run?")
+    code, err = run_main(["--config", demo, "--max_steps=2"])
+    assert_one_error(code, err, "unknown option --max_steps; did you mean --train.max_steps?")
+
+
+def test_out_of_device_memory_is_one_line(run_main, inputs, tmp_path, monkeypatch):
+    """XLA's RESOURCE_EXHAUSTED while the step compiles or runs (a config larger than the device: here the error a
+    32k-token row of the jnp attention met on a CPU) is one line with what to lower, not a traceback."""
+    import jax
+
+    import xorl_jax.trainer
+
+    def run(cfg):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 74947890392 bytes.")
+
+    monkeypatch.setattr(xorl_jax.trainer, "run", run)
+    code, err = run_main(overrides(tmp_path, inputs["hf"], inputs["tokenized"]))
+    assert_one_error(code, err, "out of memory (RESOURCE_EXHAUSTED: Out of memory allocating 74947890392 bytes.)",
+                     "train.micro_batch_size", "--dry-run")
+
+
 def test_output_dir_that_is_a_file(run_main, inputs):
     code, err = run_main(overrides(inputs["a_file"], inputs["hf"], inputs["tokenized"]))
     assert_one_error(code, err, "train.output_dir", inputs["a_file"], "is a file")
@@ -280,6 +309,34 @@ def test_tokenizer_larger_than_the_vocabulary(run_main, inputs, tmp_path):
 def test_token_ids_past_the_vocabulary_name_the_row(run_main, inputs, tmp_path, name, needles):
     code, err = run_main(overrides(tmp_path, inputs["hf"], inputs[name]))
     assert_one_error(code, err, inputs[name] + needles[0], *needles[1:])
+
+
+def test_rows_that_would_train_something_else_are_refused(run_main, inputs, tmp_path):
+    """Rows read under another meaning: a token id 1.5 (would be 1), chat rows under type text, a turn the
+    template drops (Qwen3's drops a 'human' turn: its answer would be trained without the question); and data
+    that yields nothing says why."""
+    def jsonl(name, *rows):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(tmp_path / name)
+
+    chat = {"messages": [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4."}]}
+    human = {"messages": [{"role": "human", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4."}]}
+    cases = [  # (data, type, extra dataset keys, extra overrides, needles)
+        (jsonl("float.jsonl", {"input_ids": [5, 1.5, 7]}), "tokenized", "", {},
+         [":1:", "'input_ids' must be a list of integers, got 1.5"]),
+        (jsonl("chat.jsonl", chat), "text", "", {},
+         [":1:", "needs the column 'text'", "set this dataset's type: messages"]),
+        (jsonl("human.jsonl", human), "messages", ", chat_template: qwen3", {},
+         [":1:", "message 0 (human)", "leaves its content out"]),
+        (jsonl("empty.jsonl"), "tokenized", "", {}, ["no documents read", "the files hold no rows"]),
+        (jsonl("all_bad.jsonl", {"x": 1}, {"x": 2}), "text", "", {"data.skip_bad_rows": True},
+         ["no documents read", "all 2 rows were bad and skipped"]),
+    ]
+    for k, (data, kind, keys, extra, needles) in enumerate(cases):
+        args = overrides(tmp_path / f"run{k}", inputs["hf"], data, kind, **extra)
+        args = [a.replace(f"type: {kind}}}]", f"type: {kind}{keys}}}]") for a in args]
+        code, err = run_main(args)
+        assert_one_error(code, err, *needles)
 
 
 @pytest.fixture(scope="module")

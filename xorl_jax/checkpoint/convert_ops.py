@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import time
 import uuid
 
 import numpy as np
@@ -204,6 +205,16 @@ def temp_dir_for(output: str) -> str:
     tmp = os.path.join(parent, f".{name}.incomplete-{uuid.uuid4().hex[:8]}")
     os.makedirs(tmp)
     return tmp
+
+
+def remove_unfinished(tmp: str, attempts: int = 20) -> None:
+    """Remove a failed output's temporary directory for good: after an error or Ctrl-C, writer threads (Orbax's,
+    tensorstore's) can still create a file or directory in it for a moment, so remove until it stays gone."""
+    for _ in range(attempts):
+        shutil.rmtree(tmp, ignore_errors=True)
+        time.sleep(0.05)
+        if not os.path.exists(tmp):
+            return
 
 
 def commit_dir(tmp: str, output: str) -> None:

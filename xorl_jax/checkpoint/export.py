@@ -118,9 +118,7 @@ def export_hf(model, output_dir, *, source_dir_or_metadata, dtype=None, expert_l
         _barrier("export_hf_done")
     except BaseException:
         if main and os.path.isdir(tmp):
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
+            ops.remove_unfinished(tmp)
         raise
     return output_dir
 

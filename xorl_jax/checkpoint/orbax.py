@@ -599,6 +599,7 @@ def convert_hf_to_orbax(model_path, output, *, dtype=None, mesh=None, rules=None
     main = jax.process_index() == 0
     tmp = ops.temp_dir_for(output) if main else None
     tmp = _broadcast_path(tmp)
+    ckptr = None
     try:
         params_dir = os.path.join(tmp, PARAMS_DIR)
         if main:
@@ -648,10 +649,13 @@ def convert_hf_to_orbax(model_path, output, *, dtype=None, mesh=None, rules=None
         _barrier("convert_hf_to_orbax_done")
         return read_metadata(output)
     except BaseException:
+        if ckptr is not None:  # a save cut off (Ctrl-C) may go on in Orbax's threads: let them stop writing first,
+            try:               # or they recreate the temporary directory after it is removed
+                ckptr.close()
+            except BaseException:  # their own failure (the interrupted save) is not news
+                pass
         if main and tmp and os.path.isdir(tmp):
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
+            ops.remove_unfinished(tmp)
         raise
 
 

@@ -234,6 +234,7 @@ class ChatFormat:
                 raise DataError(f"assistant turn {n} (message {i}) starts inside the previous turn's text; the "
                                 f"template's turns cannot be told apart")
             spans.append((start, end))
+        self._check_context_rendered(messages, full)
         enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
         ids = np.asarray(enc["input_ids"], np.int64)
         starts = np.asarray([s for s, _ in enc["offset_mapping"]], np.int64)
@@ -241,6 +242,17 @@ class ChatFormat:
         for s, e in spans:
             mask |= (starts >= s) & (starts < e)
         return ids, mask
+
+    @staticmethod
+    def _check_context_rendered(messages, full: str) -> None:
+        """A template drops the turns of roles it does not know (Qwen3's drops 'human', 'developer', ...): the
+        assistant turns would be trained without what they answer. Every turn's text must be in the conversation."""
+        for k, m in enumerate(messages):
+            text = m["content"].strip() if m["role"] != "assistant" else ""
+            if text and text not in full:
+                raise DataError(f"message {k} ({m['role']}): the chat template leaves its content out of the "
+                                f"conversation (a role it does not render?); use the roles it renders (Qwen's: "
+                                f"system, user, assistant, tool)")
 
     def _span(self, messages, tools, full: str, i: int, n: int) -> tuple[int, int]:
         what = f"assistant turn {n} (message {i})"

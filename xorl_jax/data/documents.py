@@ -8,13 +8,30 @@ from xorl_jax.data.sources import DataError
 from xorl_jax.data.targets import IGNORE, shift_targets
 
 
+_COLUMN_OF = {"tokenized": "input_ids", "messages": "messages", "text": "text"}
+
+
+def _missing_column(row: dict, kind: str) -> DataError:
+    """The row lacks its type's column: name it, and the type the row looks like when it has another's column."""
+    other = next((k for k, col in _COLUMN_OF.items() if k != kind and row.get(col) is not None), None)
+    hint = f"; the row has '{_COLUMN_OF[other]}': set this dataset's type: {other}" if other else ""
+    columns = ", ".join(map(repr, list(row)[:8])) or "none"
+    return DataError(f"a {kind} row needs the column '{_COLUMN_OF[kind]}' (its columns: {columns}){hint}")
+
+
 def _int_list(value, name: str) -> np.ndarray:
     if value is None or isinstance(value, (str, bytes)):
         raise DataError(f"column {name!r} must be a list of token ids")
     try:
-        arr = np.asarray(value, dtype=np.int64)
+        given = np.asarray(value)
+        with np.errstate(invalid="ignore"):  # NaN or inf: refused below
+            arr = given.astype(np.int64, copy=False)
     except (TypeError, ValueError):
         raise DataError(f"column {name!r} must be a list of integers") from None
+    if given.size and given.dtype.kind not in "iu" and (given.dtype.kind != "f" or np.any(arr != given)):
+        # 1.5 would be read as 1, "7" or true as 7 or 1: not the token the row names
+        bad = next((v for v in given.ravel().tolist() if not isinstance(v, float) or not v.is_integer()), None)
+        raise DataError(f"column {name!r} must be a list of integers, got {bad!r}")
     if arr.ndim != 1:
         raise DataError(f"column {name!r} must be a flat list of token ids, got shape {arr.shape}")
     return arr
@@ -32,7 +49,9 @@ def _labels_are_shifted(ids: np.ndarray, labels: np.ndarray) -> bool:
 
 
 def tokenized_doc(row: dict, vocab_size: int | None):
-    ids = _int_list(row.get("input_ids"), "input_ids")
+    if row.get("input_ids") is None:
+        raise _missing_column(row, "tokenized")
+    ids = _int_list(row["input_ids"], "input_ids")
     if len(ids) == 0:
         raise DataError("column 'input_ids' is empty")
     if "labels" in row and row["labels"] is not None:
@@ -56,6 +75,8 @@ def text_of(row) -> str:
     if not isinstance(row, dict):
         raise DataError(f"row must be a JSON object, got {type(row).__name__}")
     text = row.get("text")
+    if text is None:
+        raise _missing_column(row, "text")
     if not isinstance(text, str) or not text:
         raise DataError("column 'text' must be a non-empty string")
     return text
@@ -81,6 +102,8 @@ def messages_doc(row: dict, tokenizer, chat=None):
     """A conversation rendered with the chat template; trainable = each assistant turn's text and its end-of-turn
     token (see xorl_jax.data.chat and docs/DATA.md). `chat`: the dataset's ChatFormat (template, its variables,
     which turns); None = the tokenizer's template, every assistant turn."""
+    if row.get("messages") is None:
+        raise _missing_column(row, "messages")
     return (chat or ChatFormat(tokenizer)).document(row)
 
 

@@ -70,12 +70,13 @@ class Documents:
     """All documents of a list of dataset entries, tokenized, with long ones cut to their max length."""
 
     def __init__(self, dataset_cfgs, tokenizer, data_cfg, *, seed: int = 0, vocab_size: int | None = None,
-                 text_batch: int = TEXT_BATCH):
+                 text_batch: int = TEXT_BATCH, key: str = "data.datasets"):
         """`vocab_size`: the model's (token and label ids must be below it); None = the tokenizer's size.
-        `text_batch`: text rows per tokenizer call (the documents are the same for any)."""
+        `text_batch`: text rows per tokenizer call (the documents are the same for any). `key`: the config key of
+        `dataset_cfgs`, for the error messages."""
         self.text_batch = text_batch
         if not dataset_cfgs:
-            raise DataError("data.datasets is empty; add at least one {path, type} entry")
+            raise DataError(f"{key} is empty; add at least one {{path, type}} entry")
         capacity = int(_get(data_cfg, "sample_packing_sequence_len"))
         cached = None
         if _get(data_cfg, "dataset_prepared_path"):
@@ -91,8 +92,12 @@ class Documents:
             self._tokenize(dataset_cfgs, tokenizer, data_cfg, seed, capacity, vocab_size)
         if not self.ids:
             dropped = getattr(self, "docs_dropped", 0)
+            read, skipped = getattr(self, "rows_read", 0), getattr(self, "rows_skipped", 0)
             why = (f" ({dropped} longer than their max_seq_len were dropped: data.long_sequence_policy drop; "
-                   f"raise max_seq_len or use truncate or split)" if dropped else "")
+                   f"raise max_seq_len or use truncate or split)" if dropped else
+                   f" (all {read} rows were bad and skipped: data.skip_bad_rows; set it false to see the first "
+                   f"one's error)" if read and skipped >= read else
+                   f" (the files hold no rows); point {key} at files with rows" if not read else "")
             raise DataError(f"no documents read from {[_get(d, 'path') for d in dataset_cfgs]}{why}")
         if cached is None and _get(data_cfg, "dataset_prepared_path"):
             cache.save(path, self.ids, self.targets, {k: getattr(self, k) for k in cache.STATS})
@@ -329,7 +334,8 @@ def build_train_iterator(data_cfg, tokenizer, *, global_batch_size, process_inde
 def build_eval_batches(data_cfg, tokenizer, *, global_batch_size, process_index=0, process_count=1,
                        vocab_size=None) -> list:
     """All eval documents once, in file order, packed the same way as training (no shuffle)."""
-    docs = Documents(_get(data_cfg, "eval_datasets"), tokenizer, data_cfg, seed=0, vocab_size=vocab_size)
+    docs = Documents(_get(data_cfg, "eval_datasets"), tokenizer, data_cfg, seed=0, vocab_size=vocab_size,
+                     key="data.eval_datasets")
     rows = _pack_epoch(docs, data_cfg, 0, 0, shuffle=False)
     batcher = _Batcher(docs, data_cfg, global_batch_size, process_index, process_count)
     return [batcher.batch(rows, b) for b in range(batcher.batches_in(rows))]

@@ -33,6 +33,9 @@ def _load(target: str) -> type[CausalLM]:
 def model_class(hf_config: dict) -> type[CausalLM]:
     """The model class for a HF config dict; CheckpointError (an input error) for a model_type not in the table."""
     model_type = hf_config.get("model_type")
+    if model_type is None:
+        raise CheckpointError("config.json has no model_type (not a model's config.json?); point model.model_path (or "
+                              "model.config_path) at the directory of a Qwen3-family checkpoint")
     if model_type not in MODEL_TYPES:
         raise CheckpointError(
             f"config.json: model_type {model_type!r} is not supported (supported: {', '.join(sorted(MODEL_TYPES))}); "

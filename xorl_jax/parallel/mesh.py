@@ -71,7 +71,7 @@ def resolve_sizes(num_devices: int, *, data_parallel_replicate_size=1, data_para
     if num_devices % cp:
         raise MeshError(f"train.ringattn_parallel_size {context['ringattn_parallel_size']} x "
                         f"train.ulysses_parallel_size {context['ulysses_parallel_size']} = {cp} does not divide the "
-                        f"{num_devices} device(s)")
+                        f"{num_devices} device(s); run on a multiple of {cp} devices or lower these sizes")
     num_devices //= cp
     raw = dict(data_parallel_replicate_size=data_parallel_replicate_size,
                data_parallel_shard_size=data_parallel_shard_size,
@@ -105,10 +105,12 @@ def resolve_sizes(num_devices: int, *, data_parallel_replicate_size=1, data_para
     ring, ulysses = context["ringattn_parallel_size"], context["ulysses_parallel_size"]
     span = expert_context_span(ep, shard, {"ring": ring, "ulysses": ulysses})
     if span is None:
-        raise MeshError(f"train.expert_parallel_size {ep} must divide train.data_parallel_shard_size {shard}"
+        filled = f" (-1: what {num_devices} device(s) leave)" if auto == ["data_parallel_shard_size"] else ""
+        raise MeshError(f"train.expert_parallel_size {ep} must divide train.data_parallel_shard_size {shard}{filled}"
                         + (f", or be such a divisor times ulysses_parallel_size {ulysses} and/or "
                            f"ringattn_parallel_size {ring}" if ring * ulysses > 1 else "")
-                        + " (expert ranks are carved out of the FSDP group and the context-parallel ranks)")
+                        + " (expert ranks are carved out of the FSDP group and the context-parallel ranks); lower "
+                        "train.expert_parallel_size or run on more devices")
     expert = ep // math.prod({"ring": ring, "ulysses": ulysses}[a] for a in span)
     return {"data": rep, "fsdp": shard // expert, "ring": ring, "expert": expert, "ulysses": ulysses, "tensor": tp}
 
