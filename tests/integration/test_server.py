@@ -247,13 +247,19 @@ def test_malformed_requests_get_4xx_naming_the_field(env):
     assert s.raw("GET", "/api/v1/healthz")[0] == 200  # still serving
 
 
-def test_non_local_bind_needs_api_key(env):
+def test_non_local_bind_needs_api_key_and_a_free_port(env):
     cfg = os.path.join(env["tmp"], "full.yaml")
     e = dict(os.environ, PYTHONPATH=ROOT)
     e.pop("XORL_JAX_API_KEY", None)
     r = subprocess.run([sys.executable, "-m", "xorl_jax.server", "--config", cfg, "--host", "0.0.0.0"], env=e,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "API key" in r.stderr
+    # a port that cannot be listened on is one line before the model loads: out of range, or taken
+    for port in ("99999", str(env["lora"].port)):
+        r = subprocess.run([sys.executable, "-m", "xorl_jax.server", "--config", cfg, "--port", port], env=e,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error:") and port in r.stderr, \
+            r.stderr[-2000:]
 
 
 def test_rl_demo_script_runs_against_the_server(env):

@@ -19,7 +19,9 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m xorl_jax.server", description=__doc__.split("\n\n")[1])
+    p = argparse.ArgumentParser(prog="python -m xorl_jax.server", description=__doc__.split("\n\n")[1],
+                                epilog="Any config key can be overridden as for training: --section.key=value "
+                                       "(e.g. --train.output_dir=out/rl --lora.lora_rank=32).")
     p.add_argument("--config", required=True, help="YAML config (sectioned, or xorl's flat server format)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
@@ -47,6 +49,29 @@ def _api_key(args) -> str | None:
     return key
 
 
+def _check_port(host: str, port: int) -> None:
+    """The address is free and valid before minutes of model loading, not after (a race with another process
+    taking it meanwhile still gets the one-line error at bind time)."""
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise SystemExit(_fail(f"--port {port}: a TCP port is 0..65535 (0: any free port)"))
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise SystemExit(_fail(f"--host {host}: {e.strerror or e}"))
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise SystemExit(_fail(f"cannot listen on {host}:{port}: {e.strerror or e} (another server there? "
+                                   "pick another --port)"))
+
+
 def _fail(msg: str) -> int:
     print(f"error: {msg}", file=sys.stderr)
     return 2
@@ -59,6 +84,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("xorl_jax.server")
     api_key = _api_key(args)
+    _check_port(args.host, args.port)
     try:
         from xorl_jax.config import check_runnable, load_config
         from xorl_jax.server import settings
