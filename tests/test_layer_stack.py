@@ -26,9 +26,9 @@ def _loss_and_grads(make, scan, remat, ids):
         logp = jax.nn.log_softmax(out.logits)
         return -jnp.mean(jnp.take_along_axis(logp, jnp.roll(ids, -1, 1)[..., None], -1)) + 0.01 * out.aux_loss
 
-    fn = jax.jit(jax.value_and_grad(loss))
-    value, grads = fn(state)
-    return value, grads, fn.lower(state).compile().as_text()
+    compiled = jax.jit(jax.value_and_grad(loss)).lower(state).compile()  # one compilation, run and read
+    value, grads = compiled(state)
+    return value, grads, compiled.as_text()
 
 
 def _dense(opts):
