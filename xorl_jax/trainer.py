@@ -13,7 +13,6 @@ import dataclasses
 import logging
 import math
 import os
-import sys
 import time
 
 import jax
@@ -355,10 +354,7 @@ class Trainer:
                     self.print_samples(t.sample_eval_prompts)
             finally:
                 clock.close()
-                # On Ctrl-C a save is not waited for: the interrupt may have landed inside Orbax's own save call,
-                # and waiting on it then can hang; the cut-off save stays a temporary directory no resume takes
-                if not isinstance(sys.exc_info()[1], KeyboardInterrupt):
-                    self._wait_for_saves()
+                self._wait_for_saves()
                 logger.close()
                 if hasattr(self.train_iter, "close"):
                     self.train_iter.close()

@@ -110,15 +110,21 @@ def assert_one_error(code, err, *needles, before_model=True):
 
 
 # -------------------------------------------------------------------------------------- real subprocesses
-def launch(args, file_size_limit=None):
+def launch(args, file_size_limit=None, ctrl_c=False):
     """`python -m xorl_jax.train ARGS` on one CPU device, as on a laptop. `file_size_limit`: bytes one file may
     grow to (RLIMIT_FSIZE); a write past it fails as on a full disk (EFBIG; Python ignores SIGXFSZ), the way a
-    quota or a full volume stops a real run part way through a file."""
+    quota or a full volume stops a real run part way through a file. `ctrl_c`: SIGINT acts as a terminal's Ctrl-C
+    even when the test run was started in the background of a script (a shell starts such jobs with SIGINT
+    ignored, every child inherits that, and Python then installs no KeyboardInterrupt handler)."""
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
     cmd = [sys.executable, "-m", "xorl_jax.train", *args]
-    if file_size_limit:  # set in the child itself (no fork hook in this multithreaded process)
-        cmd = [sys.executable, "-c", "import resource, runpy, sys; "
-               f"resource.setrlimit(resource.RLIMIT_FSIZE, ({file_size_limit}, {file_size_limit})); "
+    setup = []  # set in the child itself (no fork hook in this multithreaded process)
+    if file_size_limit:
+        setup.append(f"resource.setrlimit(resource.RLIMIT_FSIZE, ({file_size_limit}, {file_size_limit}))")
+    if ctrl_c:
+        setup.append("signal.signal(signal.SIGINT, signal.default_int_handler)")
+    if setup:
+        cmd = [sys.executable, "-c", "import resource, runpy, signal, sys; " + "; ".join(setup) + "; "
                "sys.argv = ['xorl_jax.train', *sys.argv[1:]]; runpy.run_module('xorl_jax.train', run_name='__main__')",
                *args]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -214,7 +220,7 @@ def test_full_disk_during_checkpoint_and_export(inputs, tmp_path):
 def test_ctrl_c_stops_with_one_line(inputs, tmp_path):
     out = tmp_path / "run"
     proc = launch(overrides(out, inputs["hf"], inputs["tokenized"],
-                            **{"train.max_steps": 100000, "train.save_steps": 2}))
+                            **{"train.max_steps": 100000, "train.save_steps": 2}), ctrl_c=True)
     metrics, deadline = out / "metrics.jsonl", time.time() + 180
     while time.time() < deadline and proc.poll() is None:
         if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
